@@ -1,0 +1,217 @@
+"""VLLMEngine: runs WindowPlans on vLLM's AsyncLLM (engine core in its own process).
+
+One plan is one vLLM request whose prompt is ``[placeholder × N | anchor | new tokens]``. The EM
+connector (``connector.py``, in the engine-core process) injects the N planned tokens' K/V, captures
+the new tokens' K/V into the session's KV log and writes the step's query summary to a result file;
+this side reads surprise from ``prompt_logprobs`` and streams generated tokens. Concurrent calls from
+different sessions are batched by vLLM.
+
+Settings that matter (see research/vllm-cpu/REPORT.md): prefix caching is off (placeholder prompts
+must never hit a cache); ``prompt_logprobs`` needs ``skip_reading_prefix_cache=False`` (otherwise
+vLLM silently ignores the connector's claim) and ``detokenize=False`` (vLLM's detokenizer crashes on
+the placeholder entries); entries of injected positions are garbage and are never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+from emserve.retrieval.kvlog import KVLog
+from emserve.retrieval.plan import Anchor, WindowPlan
+from emserve.server.engine.base import (
+    Engine,
+    EngineError,
+    ModelInfo,
+    SamplingSpec,
+    StepOptions,
+    StepResult,
+    TokenDelta,
+)
+from emserve.server.engine.config import EngineConfig
+
+CONNECTOR_MODULE = "emserve.server.engine.connector"
+PLACEHOLDER_TOKEN = 0
+
+
+def _prepare_env(config: EngineConfig) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+
+
+class VLLMEngine(Engine):
+    def __init__(self, config: EngineConfig) -> None:
+        _prepare_env(config)
+        from transformers import AutoConfig
+        from vllm import AsyncEngineArgs
+        from vllm.config import KVTransferConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        hf = AutoConfig.from_pretrained(config.model)
+        native = int(getattr(hf, "max_position_embeddings", 0) or 0) or 8192
+        max_len = config.max_model_len or native
+        self.info = ModelInfo.from_hf_config(
+            name=Path(config.model).name,
+            path=config.model,
+            config=hf,
+            dtype=config.dtype,
+            max_model_len=max_len,
+        )
+        self.log_dtype = config.log_dtype
+        self.config = config
+        self._scratch = Path(config.scratch_dir or tempfile.mkdtemp(prefix="emserve-engine-"))
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        self._readers: dict[str, KVLog] = {}
+        args = AsyncEngineArgs(
+            model=config.model,
+            dtype=config.dtype,
+            max_model_len=max_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens or max_len,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=False,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
+            disable_log_stats=True,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="EMConnector",
+                kv_connector_module_path=CONNECTOR_MODULE,
+                kv_role="kv_both",
+                kv_connector_extra_config={"log_dtype": config.log_dtype},
+            ),
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._closed = False
+
+    # ------------------------------------------------------------------ helpers
+    def _anchor_token(self, anchor: Anchor) -> int:
+        r = self._readers.get(anchor.log)
+        if r is None:
+            r = self._readers[anchor.log] = KVLog.open(anchor.log)
+        return int(r.tokens(anchor.index, anchor.index + 1)[0])
+
+    def _sampling_params(
+        self, plan: WindowPlan, sampling: SamplingSpec | None, options: StepOptions, result_path: Path
+    ) -> object:
+        from vllm import SamplingParams
+
+        gen = sampling is not None and sampling.max_tokens > 0
+        s = sampling or SamplingSpec()
+        if gen and s.stop and options.surprise:
+            raise EngineError("stop strings need detokenization, which cannot be combined with surprise")
+        em = dict(plan.to_wire())
+        em["result_path"] = str(result_path)
+        em["want_queries"] = options.queries
+        return SamplingParams(
+            max_tokens=s.max_tokens if gen else 1,
+            temperature=s.temperature if gen else 0.0,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=s.seed,
+            stop=list(s.stop) if gen else None,
+            stop_token_ids=list(s.stop_token_ids) if gen else None,
+            ignore_eos=s.ignore_eos if gen else True,
+            prompt_logprobs=0 if options.surprise else None,
+            skip_reading_prefix_cache=False,
+            detokenize=bool(gen and s.stop),
+            extra_args={"kv_transfer_params": {"em": em}},
+        )
+
+    # ------------------------------------------------------------------ Engine API
+    async def stream(
+        self,
+        plan: WindowPlan,
+        sampling: SamplingSpec | None = None,
+        options: StepOptions = StepOptions(),
+    ) -> AsyncIterator[TokenDelta | StepResult]:
+        from vllm.inputs import TokensPrompt
+
+        if self._closed:
+            raise EngineError("engine is closed")
+        self.check_plan(plan, options)
+        t0 = time.perf_counter()
+        rid = plan.request_id or f"em-{uuid.uuid4().hex}"
+        n = plan.num_injected
+        anchor = [self._anchor_token(plan.anchor)] if plan.anchor is not None else []
+        prompt = [PLACEHOLDER_TOKEN] * n + anchor + list(plan.new_token_ids)
+        first_new = n + len(anchor)
+        result_path = self._scratch / f"{rid}.npz"
+        params = self._sampling_params(plan, sampling, options, result_path)
+        gen = sampling is not None and sampling.max_tokens > 0
+        sent = 0
+        final = None
+        t_first = None
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=rid):
+                final = out
+                if gen:
+                    toks = out.outputs[0].token_ids
+                    if len(toks) > sent:
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        yield TokenDelta(tuple(toks[sent:]))
+                        sent = len(toks)
+            if final is None:
+                raise EngineError(f"vLLM returned no output for request {rid}")
+            surprise = np.zeros(0, np.float32)
+            if options.surprise:
+                surprise = self._surprise(final.prompt_logprobs, prompt, first_new)
+            try:
+                with np.load(result_path) as res:
+                    log_offset = int(res["log_offset"])
+                    queries = np.array(res["queries"]) if "queries" in res.files else None
+            except FileNotFoundError:
+                raise EngineError(f"engine core wrote no step result for request {rid}") from None
+            out0 = final.outputs[0]
+            t_end = time.perf_counter()
+            timings = {"total_s": t_end - t0}
+            if t_first is not None:
+                timings["first_token_s"] = t_first - t0
+            yield StepResult(
+                request_id=rid,
+                log_offset=log_offset if plan.capture_log else None,
+                surprise=surprise,
+                queries=queries if options.queries else None,
+                output_token_ids=list(out0.token_ids) if gen else [],
+                finish_reason=out0.finish_reason if gen else None,
+                num_injected=n,
+                timings=timings,
+            )
+        except (asyncio.CancelledError, GeneratorExit):
+            await self.llm.abort(rid)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                result_path.unlink()
+
+    def _surprise(self, prompt_logprobs: list | None, prompt: list[int], first_new: int) -> np.ndarray:
+        if prompt_logprobs is None:
+            raise EngineError("vLLM returned no prompt logprobs")
+        out = np.empty(len(prompt) - first_new, np.float32)
+        for j, i in enumerate(range(first_new, len(prompt))):
+            if i == 0:
+                out[j] = self.info.uninformed_surprise
+                continue
+            entry = prompt_logprobs[i]
+            lp = None if entry is None else entry.get(prompt[i])
+            if lp is None or not np.isfinite(lp.logprob):
+                raise EngineError(f"no logprob for prompt position {i}")
+            out[j] = -lp.logprob
+        return out
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.llm.shutdown()
+            for r in self._readers.values():
+                r.close()
