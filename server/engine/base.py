@@ -106,6 +106,7 @@ class StepResult:
     surprise: np.ndarray  # float32 [C]; empty when not requested
     queries: np.ndarray | None  # float32 [num_layers, num_heads, head_dim]; None when not requested
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # log p of each generated token
     finish_reason: str | None = None
     num_injected: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -127,7 +128,9 @@ class Engine(ABC):
     def check_plan(self, plan: WindowPlan, options: StepOptions) -> None:
         plan.check_layers(self.info.num_layers)
         if plan.window_len + 1 > self.info.max_model_len:
-            raise PlanError(f"window of {plan.window_len} tokens exceeds max_model_len {self.info.max_model_len}")
+            raise PlanError(
+                f"window of {plan.window_len} tokens exceeds max_model_len {self.info.max_model_len}"
+            )
         if options.surprise and plan.anchor is None and plan.num_injected > 0:
             raise PlanError("surprise of the first new token needs an anchor when segments are injected")
         bad = [t for t in plan.new_token_ids if not 0 <= t < self.info.vocab_size]

@@ -33,9 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from emserve.retrieval.kvlog import KVLayout, KVLog
-from emserve.retrieval.plan import WindowPlan
-from emserve.server.engine.rope import RopeSpec
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -43,6 +40,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
+
+from emserve.retrieval.kvlog import KVLayout, KVLog
+from emserve.retrieval.plan import WindowPlan
+from emserve.server.engine.rope import RopeSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

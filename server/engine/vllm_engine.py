@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import Anchor, WindowPlan
 from emserve.server.engine.base import (
@@ -122,6 +123,7 @@ class VLLMEngine(Engine):
             stop_token_ids=list(s.stop_token_ids) if gen else None,
             ignore_eos=s.ignore_eos if gen else True,
             prompt_logprobs=0 if options.surprise else None,
+            logprobs=0 if gen else None,
             skip_reading_prefix_cache=False,
             detokenize=bool(gen and s.stop),
             extra_args={"kv_transfer_params": {"em": em}},
@@ -183,6 +185,7 @@ class VLLMEngine(Engine):
                 surprise=surprise,
                 queries=queries if options.queries else None,
                 output_token_ids=list(out0.token_ids) if gen else [],
+                output_logprobs=_sampled_logprobs(out0) if gen else [],
                 finish_reason=out0.finish_reason if gen else None,
                 num_injected=n,
                 timings=timings,
@@ -215,3 +218,10 @@ class VLLMEngine(Engine):
             self.llm.shutdown()
             for r in self._readers.values():
                 r.close()
+
+
+def _sampled_logprobs(completion: object) -> list[float]:
+    out: list[float] = []
+    for tok, entry in zip(completion.token_ids, completion.logprobs or [], strict=False):  # type: ignore[attr-defined]
+        out.append(float(entry[tok].logprob))
+    return out

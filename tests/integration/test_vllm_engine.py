@@ -1,0 +1,232 @@
+"""The vLLM engine (real AsyncLLM, engine core in its own process) against the HF reference engine.
+
+Tiny random-weight models, fp32 end to end, so the comparison is tight (the REPORT measured 6e-7).
+The real-model acceptance checks live in ``test_vllm_engine_real.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emserve.retrieval.kvlog import KVLog
+from emserve.retrieval.plan import Anchor, Segment, WindowPlan
+from emserve.server.engine.base import SamplingSpec, StepOptions
+from emserve.server.engine.config import EngineConfig
+
+vllm = pytest.importorskip("vllm")
+
+from emserve.server.engine.reference import ReferenceEngine  # noqa: E402
+from emserve.server.engine.vllm_engine import VLLMEngine  # noqa: E402
+
+TOL = 1e-4  # fp32 tiny model: logits agree to ~1e-6; keep headroom for summation order
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def engines(
+    tiny_model_dir: Path, loop: asyncio.AbstractEventLoop
+) -> Iterator[tuple[VLLMEngine, ReferenceEngine]]:
+    cfg = EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048, kv_cache_gib=1
+    )
+    v = VLLMEngine(cfg)
+    r = ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048)
+    yield v, r
+    loop.run_until_complete(v.close())
+    loop.run_until_complete(r.close())
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _ingest(loop: asyncio.AbstractEventLoop, eng: VLLMEngine, log: str, ids: list[int], chunk: int) -> None:
+    """Stream ``ids`` into ``log`` in chunks, each chunk attending to everything before it."""
+    off = 0
+    while off < len(ids):
+        new = ids[off : off + chunk]
+        plan = (
+            WindowPlan.build(new, capture_log=log)
+            if off == 0
+            else WindowPlan.build(
+                new, [Segment(log, 0, off - 1)], anchor=Anchor(log, off - 1), capture_log=log
+            )
+        )
+        loop.run_until_complete(eng.step(plan))
+        off += len(new)
+
+
+def test_plain_step_equals_oracle(engines, loop, tmp_path: Path) -> None:
+    v, r = engines
+    ids = _ids(120, 1)
+    rv = loop.run_until_complete(v.step(WindowPlan.build(ids, capture_log=str(tmp_path / "v"))))
+    rr = r.run(WindowPlan.build(ids, capture_log=str(tmp_path / "r")))
+    assert rv.log_offset == 0 and rr.log_offset == 0
+    np.testing.assert_allclose(rv.surprise, rr.surprise, atol=TOL)
+    assert rv.surprise[0] == pytest.approx(np.log(v.info.vocab_size))
+    np.testing.assert_allclose(rv.queries, rr.queries, atol=TOL)
+    lv, lr = KVLog.open(tmp_path / "v"), KVLog.open(tmp_path / "r")
+    assert np.array_equal(lv.tokens(), np.asarray(ids)) and np.array_equal(lv.positions(), np.arange(120))
+    for layer in range(v.info.num_layers):
+        torch.testing.assert_close(lv.keys(layer, 0, 120), lr.keys(layer, 0, 120), atol=TOL, rtol=0)
+        torch.testing.assert_close(lv.values(layer, 0, 120), lr.values(layer, 0, 120), atol=TOL, rtol=0)
+
+
+def test_chunked_ingest_is_exact(engines, loop, tmp_path: Path) -> None:
+    """Injecting every earlier token and computing the next chunk equals one full forward."""
+    v, _ = engines
+    ids = _ids(300, 2)
+    _ingest(loop, v, str(tmp_path / "chunked"), ids, chunk=64)
+    full = loop.run_until_complete(v.step(WindowPlan.build(ids, capture_log=str(tmp_path / "full"))))
+    a, b = KVLog.open(tmp_path / "chunked"), KVLog.open(tmp_path / "full")
+    assert len(a) == len(b) == 300
+    for layer in range(v.info.num_layers):
+        torch.testing.assert_close(a.keys(layer, 0, 300), b.keys(layer, 0, 300), atol=TOL, rtol=0)
+    assert full.surprise.shape == (300,)
+
+
+def test_non_prefix_window_with_rerotation_matches_oracle(engines, loop, tmp_path: Path) -> None:
+    v, r = engines
+    log = str(tmp_path / "src")
+    ids = _ids(600, 3)
+    _ingest(loop, v, log, ids, chunk=200)
+    # [4 sink | two non-adjacent earlier ranges | local | anchor | 24 new], every range re-rotated
+    segs = [Segment(log, 0, 4), Segment(log, 90, 150), Segment(log, 300, 340), Segment(log, 500, 579)]
+    plan = WindowPlan.build(_ids(24, 4), segs, anchor=Anchor(log, 579))
+    spec = SamplingSpec(max_tokens=12, ignore_eos=True)
+    rv = loop.run_until_complete(v.step(plan, spec))
+    rr = r.run(plan, spec)
+    assert rv.num_injected == 4 + 60 + 40 + 79
+    assert rv.output_token_ids == rr.output_token_ids
+    np.testing.assert_allclose(rv.output_logprobs, rr.output_logprobs, atol=TOL)
+    np.testing.assert_allclose(rv.surprise, rr.surprise, atol=TOL)
+    np.testing.assert_allclose(rv.queries, rr.queries, atol=TOL)
+    # and the result really depends on what was injected (not a no-op)
+    other = WindowPlan.build(plan.new_token_ids, [Segment(log, 0, 183)], anchor=Anchor(log, 579))
+    assert np.abs(loop.run_until_complete(v.step(other)).surprise - rv.surprise).max() > 1e-3
+
+
+def test_per_layer_segments_match_oracle(engines, loop, tmp_path: Path) -> None:
+    v, r = engines
+    log = str(tmp_path / "src")
+    _ingest(loop, v, log, _ids(400, 5), chunk=400)
+    per_layer = [[Segment(log, 0, 4), Segment(log, 50, 110)], [Segment(log, 0, 4), Segment(log, 200, 260)]]
+    plan = WindowPlan.build(
+        _ids(16, 6), layer_segments=per_layer, anchor=Anchor(log, 399), capture_log=str(tmp_path / "cap_v")
+    )
+    plan_r = WindowPlan.build(
+        plan.new_token_ids,
+        layer_segments=per_layer,
+        anchor=Anchor(log, 399),
+        capture_log=str(tmp_path / "cap_r"),
+    )
+    spec = SamplingSpec(max_tokens=8, ignore_eos=True)
+    rv = loop.run_until_complete(v.step(plan, spec))
+    rr = r.run(plan_r, spec)
+    assert rv.output_token_ids == rr.output_token_ids
+    np.testing.assert_allclose(rv.surprise, rr.surprise, atol=TOL)
+    cv, cr = KVLog.open(tmp_path / "cap_v"), KVLog.open(tmp_path / "cap_r")
+    assert np.array_equal(cv.positions(), np.arange(65, 81))  # window positions of the new tokens
+    for layer in range(2):
+        torch.testing.assert_close(cv.keys(layer, 0, 16), cr.keys(layer, 0, 16), atol=TOL, rtol=0)
+        torch.testing.assert_close(cv.values(layer, 0, 16), cr.values(layer, 0, 16), atol=TOL, rtol=0)
+
+
+def test_concurrent_sessions_batch_without_crosstalk(engines, loop, tmp_path: Path) -> None:
+    v, _ = engines
+    logs = [str(tmp_path / f"s{i}") for i in range(3)]
+    streams = [_ids(150, 10 + i) for i in range(3)]
+
+    async def ingest(log: str, ids: list[int]) -> list[np.ndarray]:
+        out = []
+        for off in range(0, 150, 50):
+            new = ids[off : off + 50]
+            plan = (
+                WindowPlan.build(new, capture_log=log)
+                if off == 0
+                else WindowPlan.build(
+                    new, [Segment(log, 0, off - 1)], anchor=Anchor(log, off - 1), capture_log=log
+                )
+            )
+            out.append((await v.step(plan)).surprise)
+        return out
+
+    async def all_at_once() -> list[list[np.ndarray]]:
+        return list(await asyncio.gather(*(ingest(lg, s) for lg, s in zip(logs, streams, strict=True))))
+
+    together = loop.run_until_complete(all_at_once())
+    alone = loop.run_until_complete(ingest(str(tmp_path / "alone"), streams[1]))
+    for a, b in zip(together[1], alone, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL)
+    ka, kb = KVLog.open(logs[1]), KVLog.open(tmp_path / "alone")
+    torch.testing.assert_close(ka.keys(1, 0, 150), kb.keys(1, 0, 150), atol=TOL, rtol=0)
+
+
+def test_placeholder_prompts_never_hit_a_stale_cache(engines, loop, tmp_path: Path) -> None:
+    """Same placeholder prompt, different injected content → different results (no prefix reuse)."""
+    v, _ = engines
+    log = str(tmp_path / "src")
+    _ingest(loop, v, log, _ids(300, 7), chunk=300)
+    new = _ids(8, 8)
+    a = loop.run_until_complete(
+        v.step(WindowPlan.build(new, [Segment(log, 0, 100)], anchor=Anchor(log, 299)))
+    )
+    b = loop.run_until_complete(
+        v.step(WindowPlan.build(new, [Segment(log, 150, 251)], anchor=Anchor(log, 299)))
+    )
+    a2 = loop.run_until_complete(
+        v.step(WindowPlan.build(new, [Segment(log, 0, 100)], anchor=Anchor(log, 299)))
+    )
+    assert np.abs(a.surprise - b.surprise).max() > 1e-3
+    np.testing.assert_allclose(a.surprise, a2.surprise, atol=1e-6)
+
+
+def test_generation_streams_and_can_be_cancelled(engines, loop, tmp_path: Path) -> None:
+    v, _ = engines
+
+    async def first_deltas() -> int:
+        n = 0
+        agen = v.stream(
+            WindowPlan.build(_ids(10, 9)),
+            SamplingSpec(max_tokens=500, ignore_eos=True),
+            StepOptions(surprise=False, queries=False),
+        )
+        async for item in agen:
+            n += 1
+            if n == 3:
+                break
+        await agen.aclose()
+        return n
+
+    assert loop.run_until_complete(first_deltas()) == 3
+    # the engine is still healthy afterwards
+    r = loop.run_until_complete(
+        v.step(WindowPlan.build(_ids(10, 9)), SamplingSpec(max_tokens=4, ignore_eos=True))
+    )
+    assert len(r.output_token_ids) == 4
+
+
+def test_plan_errors_are_clear(engines, loop, tmp_path: Path) -> None:
+    from emserve.retrieval.errors import PlanError
+
+    v, _ = engines
+    log = str(tmp_path / "src")
+    _ingest(loop, v, log, _ids(50, 11), chunk=50)
+    with pytest.raises(PlanError, match="anchor"):
+        loop.run_until_complete(v.step(WindowPlan.build([5], [Segment(log, 0, 10)])))
+    with pytest.raises(PlanError, match="vocabulary"):
+        loop.run_until_complete(v.step(WindowPlan.build([10**6])))
+    with pytest.raises(PlanError, match="max_model_len"):
+        loop.run_until_complete(v.step(WindowPlan.build(_ids(2100, 12))))
