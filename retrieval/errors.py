@@ -11,3 +11,15 @@ class PlanError(EmserveError, ValueError):
 
 class LogError(EmserveError):
     """A KV log is missing, inconsistent with the model, or read out of range."""
+
+
+class ConfigError(EmserveError, ValueError):
+    """A configuration value is out of range or inconsistent with another one."""
+
+
+class EventTableError(EmserveError):
+    """An event table is missing, inconsistent with its log, or used out of range."""
+
+
+class IndexStoreError(EmserveError):
+    """A persisted similarity index cannot be opened or does not match its event table."""

@@ -1,0 +1,289 @@
+"""The event table: every closed event of a session, with its representative vectors.
+
+Contract
+--------
+* An **event** is a token range ``[start, end)`` of the session's KV log. Ids are dense
+  ``0 .. n-1`` in temporal order (``end[i] <= start[i+1]``). Closed events are immutable.
+* One **writer** per table (the session's server-side store). Readers in the same process share the
+  object; other processes may open the directory read-only and :meth:`EventTable.refresh`.
+* Files (raw, little-endian), in the session directory next to the KV log::
+
+      events.json            {"version", "num_layers", "dim"}   written once, atomically
+      events.i64             int64 [n, 2]                      (start, end) per event
+      reps_LLL.f32           float32 [capacity, dim]           representative of each event, layer LLL
+
+* Commit protocol: :meth:`EventTable.append` writes the representatives of every layer first, then
+  the ``(start, end)`` records. The committed count is ``size(events.i64) // 16``. Representative
+  files are preallocated by doubling (``capacity >= n``), so readers map them once per growth, not
+  once per append; rows at or beyond ``n`` are garbage and never read.
+* Crash recovery (open for writing): a torn record (file size not a multiple of 16), a record that
+  breaks the ordering invariant, or a record whose representatives are not all on disk ends the table
+  there; everything after it is truncated. The table reopens without any rebuild.
+* Resident memory: the ``(start, end)`` arrays (16 bytes per event). Representatives stay in the
+  memory-mapped files (page cache), read per query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from emserve.retrieval.errors import EventTableError
+
+HEADER_FILE = "events.json"
+RECORDS_FILE = "events.i64"
+FORMAT_VERSION = 1
+_RECORD = 16  # two int64
+_MIN_CAPACITY = 64
+
+
+def _reps_file(layer: int) -> str:
+    return f"reps_{layer:03d}.f32"
+
+
+class EventTable:
+    """Closed events of one session. Not thread-safe for writing; one writer."""
+
+    def __init__(self, path: str | os.PathLike[str], num_layers: int, dim: int, *, writable: bool,
+                 fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.num_layers = num_layers
+        self.dim = dim
+        self.writable = writable
+        self.fsync = fsync
+        self._n = 0
+        self._bounds = np.zeros((0, 2), np.int64)  # [capacity, 2], rows < n valid
+        self._maps: list[np.memmap | None] = [None] * num_layers
+        self._map_rows: list[int] = [0] * num_layers
+        self._fds: dict[str, int] = {}
+        self._capacity = 0
+        if writable:
+            self._recover()
+        self.refresh()
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
+               fsync: bool = False) -> EventTable:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        if (p / HEADER_FILE).exists():
+            raise EventTableError(f"an event table already exists at {p}")
+        if num_layers <= 0 or dim <= 0:
+            raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}")
+        tmp = p / (HEADER_FILE + ".tmp")
+        tmp.write_text(json.dumps({"version": FORMAT_VERSION, "num_layers": num_layers, "dim": dim}))
+        os.replace(tmp, p / HEADER_FILE)
+        return cls(p, num_layers, dim, writable=True, fsync=fsync)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = False, fsync: bool = False) -> EventTable:
+        p = Path(path)
+        try:
+            head = json.loads((p / HEADER_FILE).read_text())
+        except FileNotFoundError:
+            raise EventTableError(f"no event table at {p}") from None
+        if head.get("version") != FORMAT_VERSION:
+            raise EventTableError(
+                f"event table at {p} has format {head.get('version')}, need {FORMAT_VERSION}"
+            )
+        return cls(p, int(head["num_layers"]), int(head["dim"]), writable=writable, fsync=fsync)
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
+                       fsync: bool = False) -> EventTable:
+        p = Path(path)
+        if (p / HEADER_FILE).exists():
+            table = cls.open(p, writable=True, fsync=fsync)
+            if (table.num_layers, table.dim) != (num_layers, dim):
+                table.close()
+                raise EventTableError(
+                    f"event table at {p} has {table.num_layers} layers x dim {table.dim}, "
+                    f"need {num_layers} x {dim}"
+                )
+            return table
+        return cls.create(p, num_layers, dim, fsync=fsync)
+
+    @property
+    def _row_bytes(self) -> int:
+        return self.dim * 4
+
+    def _valid_prefix(self, bounds: np.ndarray) -> int:
+        """Length of the longest prefix of records that satisfies the table invariants."""
+        n = bounds.shape[0]
+        if n == 0:
+            return 0
+        ok = (bounds[:, 0] >= 0) & (bounds[:, 0] < bounds[:, 1])
+        ok[1:] &= bounds[1:, 0] >= bounds[:-1, 1]
+        bad = np.flatnonzero(~ok)
+        return int(bad[0]) if bad.size else n
+
+    def _recover(self) -> None:
+        rec = self.path / RECORDS_FILE
+        size = rec.stat().st_size if rec.exists() else 0
+        raw = np.fromfile(rec, dtype="<i8", count=(size // _RECORD) * 2) if size else np.zeros(0, np.int64)
+        n = self._valid_prefix(raw.reshape(-1, 2))
+        for layer in range(self.num_layers):
+            f = self.path / _reps_file(layer)
+            n = min(n, (f.stat().st_size if f.exists() else 0) // self._row_bytes)
+        fd = os.open(rec, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, n * _RECORD)
+        os.lseek(fd, 0, os.SEEK_END)
+        self._fds[RECORDS_FILE] = fd
+        self._capacity = max(_MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())
+        for layer in range(self.num_layers):
+            name = _reps_file(layer)
+            fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(fd).st_size < self._capacity * self._row_bytes:
+                os.ftruncate(fd, self._capacity * self._row_bytes)
+            self._fds[name] = fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._maps = [None] * self.num_layers
+        self._map_rows = [0] * self.num_layers
+
+    def __enter__(self) -> EventTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ length / bounds
+    def __len__(self) -> int:
+        return self._n
+
+    def refresh(self) -> int:
+        """Re-read the committed records (readers; the writer is always current). Returns ``n``."""
+        rec = self.path / RECORDS_FILE
+        size = rec.stat().st_size if rec.exists() else 0
+        n = size // _RECORD
+        if n != self._n or self._bounds.shape[0] < n:
+            raw = np.fromfile(rec, dtype="<i8", count=n * 2).reshape(-1, 2) if n else np.zeros((0, 2), "<i8")
+            n = min(n, self._valid_prefix(raw))
+            self._bounds = np.array(raw[:n], dtype=np.int64)
+            self._n = n
+        return self._n
+
+    @property
+    def starts(self) -> np.ndarray:
+        """int64 [n] (a view; do not modify)."""
+        return self._bounds[: self._n, 0]
+
+    @property
+    def ends(self) -> np.ndarray:
+        """int64 [n] (a view; do not modify)."""
+        return self._bounds[: self._n, 1]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64 [n]: tokens per event."""
+        return self.ends - self.starts
+
+    def bounds(self, event_id: int) -> tuple[int, int]:
+        if not 0 <= event_id < self._n:
+            raise EventTableError(f"event {event_id} outside table of {self._n} events")
+        s, e = self._bounds[event_id]
+        return int(s), int(e)
+
+    @property
+    def end_offset(self) -> int:
+        """End of the last event (0 when empty)."""
+        return int(self._bounds[self._n - 1, 1]) if self._n else 0
+
+    def count_ending_by(self, offset: int) -> int:
+        """Number of events with ``end <= offset`` (a prefix of the table, ids ``0 .. m-1``)."""
+        return int(np.searchsorted(self.ends, offset, side="right"))
+
+    # ------------------------------------------------------------------ append (writer)
+    def append(self, bounds: Sequence[tuple[int, int]] | np.ndarray, reps: np.ndarray) -> int:
+        """Append E events: ``bounds [E, 2]`` (start, end) and ``reps [E, num_layers, dim]``.
+
+        Returns the id of the first appended event.
+        """
+        if not self.writable:
+            raise EventTableError(f"event table at {self.path} is open read-only")
+        b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+        e = b.shape[0]
+        r = np.asarray(reps, dtype=np.float32)
+        if r.shape != (e, self.num_layers, self.dim):
+            raise EventTableError(f"reps must be [{e}, {self.num_layers}, {self.dim}], got {r.shape}")
+        if e == 0:
+            return self._n
+        prev_end = self.end_offset
+        if self._valid_prefix(b) != e or b[0, 0] < prev_end:
+            raise EventTableError(f"events must be non-empty, ordered and after {prev_end}: {b.tolist()}")
+        if not np.isfinite(r).all():
+            raise EventTableError("representatives contain NaN or inf")
+        first = self._n
+        self._reserve(first + e)
+        for layer in range(self.num_layers):
+            data = np.ascontiguousarray(r[:, layer, :]).astype("<f4", copy=False)
+            os.pwrite(self._fds[_reps_file(layer)], data.tobytes(), first * self._row_bytes)
+        if self.fsync:
+            for layer in range(self.num_layers):
+                os.fsync(self._fds[_reps_file(layer)])
+        fd = self._fds[RECORDS_FILE]
+        view = memoryview(b.astype("<i8").tobytes())
+        while view:
+            view = view[os.write(fd, view):]
+        if self.fsync:
+            os.fsync(fd)
+        if self._bounds.shape[0] < first + e:
+            grown = np.zeros((max(_MIN_CAPACITY, 2 * (first + e)), 2), np.int64)
+            grown[:first] = self._bounds[:first]
+            self._bounds = grown
+        self._bounds[first:first + e] = b
+        self._n = first + e
+        return first
+
+    def _reserve(self, n: int) -> None:
+        if n <= self._capacity:
+            return
+        cap = self._capacity
+        while cap < n:
+            cap *= 2
+        for layer in range(self.num_layers):
+            os.ftruncate(self._fds[_reps_file(layer)], cap * self._row_bytes)
+        self._capacity = cap
+
+    def truncate(self, n: int) -> None:
+        """Drop events ``n ..`` (used when the KV log turned out shorter than the table after a crash)."""
+        if not self.writable:
+            raise EventTableError(f"event table at {self.path} is open read-only")
+        if not 0 <= n <= self._n:
+            raise EventTableError(f"cannot truncate {self._n} events to {n}")
+        os.ftruncate(self._fds[RECORDS_FILE], n * _RECORD)
+        os.lseek(self._fds[RECORDS_FILE], 0, os.SEEK_END)
+        self._n = n
+
+    # ------------------------------------------------------------------ representatives (read)
+    def reps(self, layer: int) -> np.ndarray:
+        """float32 ``[n, dim]`` read-only view of layer ``layer``'s representatives (memory-mapped)."""
+        n = self._n
+        if n == 0:
+            return np.zeros((0, self.dim), np.float32)
+        m = self._maps[layer]
+        if m is None or self._map_rows[layer] < n:
+            path = self.path / _reps_file(layer)
+            rows = os.stat(path).st_size // self._row_bytes
+            if rows < n:
+                raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
+            m = np.memmap(path, dtype="<f4", mode="r", shape=(rows, self.dim))
+            self._maps[layer], self._map_rows[layer] = m, rows
+        return np.asarray(m[:n])
+
+    def reps_of(self, layer: int, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """float32 ``[len(ids), dim]`` copy of some events' representatives of one layer."""
+        return self.reps(layer)[np.asarray(ids, dtype=np.int64)]
+
+    def disk_bytes(self) -> int:
+        names = [HEADER_FILE, RECORDS_FILE] + [_reps_file(i) for i in range(self.num_layers)]
+        # allocated blocks, not apparent size: representative files are preallocated sparsely
+        return sum((self.path / n).stat().st_blocks * 512 for n in names if (self.path / n).exists())

@@ -1,0 +1,250 @@
+"""Similarity search over event representatives: one HNSW index per layer, exact search when small.
+
+Contract
+--------
+* The :class:`~emserve.retrieval.events.EventTable` is the truth; the index is derived from it.
+  Labels are event ids. Every layer's HNSW index (hnswlib, space ``"ip"``, dim
+  ``num_heads * head_dim``) holds events ``0 .. count-1``; :meth:`EventIndex.sync` adds the events
+  the table has and the index lacks (after appends, and on open: a saved index that is behind its
+  table is caught up; one that is ahead of it, or unreadable, is rebuilt from the table).
+* HNSW indexes are grown **eagerly**, event by event (capacity doubles with ``resize_index``), even
+  below the exact-search threshold: the cost per event stays flat, and crossing the threshold never
+  stalls a step with a bulk build.
+* Search: below ``exact_threshold`` events, exact (``reps @ q`` over the memory-mapped table, then
+  ``argpartition``); at or above, HNSW with ``ef`` (``max(ef, k)`` in effect). Scores are inner
+  products ``q . rep``; results are sorted best first (ties: lower id first, exact path only).
+* Persistence, next to the log: ``index_LLL.hnsw`` (hnswlib ``save_index``, written to a temporary
+  file and renamed) and ``index.json``. hnswlib does not persist ``ef``: it is set after every load.
+  Saves happen on :meth:`EventIndex.save` (checkpoint / close) and automatically once the unsaved
+  events reach ``max(save_min_events, save_fraction * saved)`` (geometric: O(1) amortised bytes
+  written per event; at most that many events are re-added after a crash).
+* Threads: one writer per session (adds, saves). Readers may search from other threads: a lock
+  serialises add / resize / save against queries (hnswlib's ``add_items`` is not safe against a
+  concurrent ``knn_query``, and ``resize_index`` is safe against nothing).
+* Resident memory: the hnswlib graphs and their vector copies (about ``4*dim + 8*M + 16`` bytes
+  per event per layer); the exact path reads the table's memory-mapped representatives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from emserve.retrieval.errors import ConfigError, IndexStoreError
+from emserve.retrieval.events import EventTable
+
+META_FILE = "index.json"
+FORMAT_VERSION = 1
+_ADD_CHUNK = 4096
+
+
+def _index_file(layer: int) -> str:
+    return f"index_{layer:03d}.hnsw"
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Parameters of the per-layer similarity indexes."""
+
+    m: int = 16
+    """HNSW graph degree (hnswlib ``M``). Applies to new indexes; a loaded index keeps its own."""
+    ef_construction: int = 200
+    """HNSW build-time beam width. Applies to new indexes."""
+    ef: int = 64
+    """HNSW query-time beam width (set after every load: hnswlib does not persist it)."""
+    exact_threshold: int = 2048
+    """Below this many events, search is exact (numpy matmul + argpartition)."""
+    save_min_events: int = 256
+    """Auto-save once at least this many events are unsaved ..."""
+    save_fraction: float = 0.25
+    """... and the unsaved events are at least this fraction of the saved ones."""
+    num_threads: int = 1
+    """hnswlib threads for adds (queries are single-vector, single-thread)."""
+    initial_capacity: int = 1024
+    """Initial hnswlib capacity (events); doubles as needed."""
+    seed: int = 100
+    """hnswlib random seed (level assignment)."""
+
+    def __post_init__(self) -> None:
+        if self.m < 2 or self.ef_construction < 1 or self.ef < 1:
+            raise ConfigError(f"need m >= 2, ef_construction >= 1, ef >= 1; got {self}")
+        if self.exact_threshold < 0 or self.save_min_events < 1 or self.save_fraction < 0:
+            raise ConfigError(
+                f"need exact_threshold >= 0, save_min_events >= 1, save_fraction >= 0; got {self}"
+            )
+        if self.num_threads < 1 or self.initial_capacity < 1:
+            raise ConfigError(f"need num_threads >= 1, initial_capacity >= 1; got {self}")
+
+
+def exact_topk(reps: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``reps [n, dim]`` by ``reps @ query``: (ids int64, scores float32), best first."""
+    n = reps.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    scores = reps @ query
+    part = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+    order = part[np.lexsort((part, -scores[part]))]
+    return order.astype(np.int64), scores[order].astype(np.float32)
+
+
+class EventIndex:
+    """Per-layer similarity search over one session's event table."""
+
+    def __init__(self, path: str | os.PathLike[str], table: EventTable, params: IndexParams, *,
+                 writable: bool = True) -> None:
+        self.path = Path(path)
+        self.table = table
+        self.params = params
+        self.writable = writable
+        self.num_layers = table.num_layers
+        self.dim = table.dim
+        self._lock = threading.Lock()
+        self._saved = 0
+        self.rebuilt_layers: list[int] = []
+        self._hnsw = [self._load_layer(layer) for layer in range(self.num_layers)]
+        self._saved = min(ix.get_current_count() for ix in self._hnsw)
+        if writable:
+            self.sync()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], table: EventTable, params: IndexParams | None = None, *,
+             writable: bool = True) -> EventIndex:
+        """Load the saved indexes next to ``table`` (or start new ones) and catch up with the table."""
+        return cls(path, table, params or IndexParams(), writable=writable)
+
+    # ------------------------------------------------------------------ load / build
+    def _new_layer(self, capacity: int) -> hnswlib.Index:
+        ix = hnswlib.Index(space="ip", dim=self.dim)
+        ix.init_index(max_elements=max(capacity, 1), ef_construction=self.params.ef_construction,
+                      M=self.params.m, random_seed=self.params.seed)
+        ix.set_ef(self.params.ef)
+        return ix
+
+    def _load_layer(self, layer: int) -> hnswlib.Index:
+        f = self.path / _index_file(layer)
+        n = len(self.table)
+        capacity = max(self.params.initial_capacity, 2 * n)
+        meta = self._read_meta()
+        if f.exists() and meta is not None and meta.get("dim") == self.dim:
+            ix = hnswlib.Index(space="ip", dim=self.dim)
+            try:
+                ix.load_index(str(f), max_elements=capacity)
+            except RuntimeError:
+                ix = None
+            if ix is not None:
+                count = ix.get_current_count()
+                labels = np.asarray(ix.get_ids_list(), dtype=np.int64)
+                if count <= n and labels.size == count and (count == 0 or int(labels.max()) == count - 1):
+                    ix.set_ef(self.params.ef)
+                    return ix
+        if not self.writable and n > 0:
+            raise IndexStoreError(f"index of layer {layer} at {self.path} is missing or ahead of its table")
+        if n > 0:
+            self.rebuilt_layers.append(layer)
+        return self._new_layer(capacity)
+
+    def _read_meta(self) -> dict[str, object] | None:
+        try:
+            meta: dict[str, object] = json.loads((self.path / META_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return meta if meta.get("version") == FORMAT_VERSION else None
+
+    # ------------------------------------------------------------------ add (writer)
+    @property
+    def count(self) -> int:
+        """Events present in every layer's HNSW index."""
+        return min(ix.get_current_count() for ix in self._hnsw)
+
+    def sync(self, *, autosave: bool = True) -> int:
+        """Add every event of the table that an index lacks. Returns how many events were added."""
+        if not self.writable:
+            raise IndexStoreError(f"index at {self.path} is open read-only")
+        n = len(self.table)
+        added = 0
+        with self._lock:
+            for layer, ix in enumerate(self._hnsw):
+                have = ix.get_current_count()
+                if have >= n:
+                    continue
+                if ix.get_max_elements() < n:
+                    ix.resize_index(max(2 * ix.get_max_elements(), n))
+                reps = self.table.reps(layer)
+                for lo in range(have, n, _ADD_CHUNK):
+                    hi = min(n, lo + _ADD_CHUNK)
+                    ix.add_items(np.ascontiguousarray(reps[lo:hi]), np.arange(lo, hi),
+                                 num_threads=self.params.num_threads)
+                added = max(added, n - have)
+        if autosave and added:
+            pending = self.count - self._saved
+            if pending >= max(self.params.save_min_events, self.params.save_fraction * self._saved):
+                self.save()
+        return added
+
+    def save(self) -> None:
+        """Write every layer's index (atomic per file), then ``index.json``."""
+        if not self.writable:
+            raise IndexStoreError(f"index at {self.path} is open read-only")
+        with self._lock:
+            for layer, ix in enumerate(self._hnsw):
+                f = self.path / _index_file(layer)
+                tmp = f.with_name(f.name + ".tmp")
+                ix.save_index(str(tmp))
+                os.replace(tmp, f)
+            counts = [ix.get_current_count() for ix in self._hnsw]
+            meta = {"version": FORMAT_VERSION, "dim": self.dim, "num_layers": self.num_layers,
+                    "counts": counts, "params": asdict(self.params)}
+            tmp = self.path / (META_FILE + ".tmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, self.path / META_FILE)
+            self._saved = min(counts)
+
+    def close(self, *, save: bool = True) -> None:
+        if save and self.writable and self.count != self._saved:
+            self.save()
+
+    # ------------------------------------------------------------------ search (readers)
+    def uses_exact(self, n: int | None = None) -> bool:
+        return (len(self.table) if n is None else n) < self.params.exact_threshold
+
+    def search(self, layer: int, query: np.ndarray, k: int, *, exact: bool | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` events of ``layer`` for ``query [dim]``: (ids int64, scores float32), best first.
+
+        ``exact``: force the exact (True) or HNSW (False) path; None picks by ``exact_threshold``.
+        """
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim)
+        n = len(self.table)
+        use_exact = self.uses_exact(n) if exact is None else exact
+        if use_exact:
+            return exact_topk(self.table.reps(layer), q, k)
+        with self._lock:
+            ix = self._hnsw[layer]
+            k = min(k, ix.get_current_count())
+            if k <= 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            labels, dist = ix.knn_query(q[None, :], k=k)
+        return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
+
+    def scores(self, layer: int, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact ``q . rep`` of the given events of ``layer`` (float32)."""
+        if len(ids) == 0:
+            return np.zeros(0, np.float32)
+        q = np.asarray(query, dtype=np.float32).reshape(self.dim)
+        return (self.table.reps_of(layer, ids) @ q).astype(np.float32)
+
+    @property
+    def ef(self) -> list[int]:
+        """The ``ef`` in effect in each layer's HNSW index."""
+        return [int(ix.ef) for ix in self._hnsw]
+
+    def disk_bytes(self) -> int:
+        names = [META_FILE] + [_index_file(i) for i in range(self.num_layers)]
+        return sum((self.path / n).stat().st_size for n in names if (self.path / n).exists())

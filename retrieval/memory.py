@@ -1,0 +1,84 @@
+"""A session's episodic memory (server side): event table + indexes over its KV log, and the planner.
+
+Contract
+--------
+* Owned by the server process, one object per open session, one writer thread (the session's
+  step loop). It reads the KV log (written by the engine) and writes, in the same directory, the
+  event table and the index files; it never writes the log.
+* :meth:`EpisodicMemory.close_events` is called for events that have left the local window, in
+  temporal order: their representatives are computed from the log's keys, appended to the table
+  (the commit point), then added to the indexes.
+* Opening checks that the log, the table and the indexes agree: events that end beyond the log (a
+  log tail lost in a crash) are dropped, indexes behind the table are caught up, indexes ahead of it
+  are rebuilt.
+* Resident memory: the table's bounds, the HNSW graphs, the contiguity buffers, and for one call of
+  :meth:`close_events` the de-rotated keys of the events being closed. KV stays in the log's files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex
+from emserve.retrieval.kvlog import KVLog
+from emserve.retrieval.planner import RetrievalConfig, WindowPlanner
+from emserve.retrieval.representatives import RotateFn, event_representatives
+from emserve.retrieval.retriever import Retriever
+
+
+class EpisodicMemory:
+    """Event table, indexes, retriever and planner of one session whose KV log is ``log``."""
+
+    def __init__(self, log: KVLog, config: RetrievalConfig, *, num_heads: int, rotate: RotateFn,
+                 path: str | os.PathLike[str] | None = None, fsync: bool = False) -> None:
+        self.log = log
+        self.config = config
+        self.num_heads = num_heads
+        self.rotate = rotate
+        self.path = Path(path) if path is not None else log.path
+        dim = num_heads * log.layout.head_dim
+        self.table = EventTable.open_or_create(self.path, log.layout.num_layers, dim, fsync=fsync)
+        log.refresh()
+        if self.table.end_offset > len(log):
+            self.table.truncate(self.table.count_ending_by(len(log)))
+        self.index = EventIndex.open(self.path, self.table, config.index_params())
+        self.retriever = Retriever(
+            self.index,
+            per_layer=config.per_layer,
+            use_contiguity_buffer=config.use_contiguity_buffer,
+            contiguity_buffer_size=config.contiguity_buffer_size,
+        )
+        self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
+
+    def close_events(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        token_scores: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[int]:
+        """Close events ``[start, end)`` (temporal order, after the last closed one). Returns their ids."""
+        if not ranges:
+            return []
+        reps = event_representatives(
+            self.log, ranges, num_heads=self.num_heads, rotate=self.rotate,
+            repr_topk=self.config.repr_topk, token_scores=token_scores, proxy=self.config.repr_proxy,
+        )
+        first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
+        self.index.sync()
+        return list(range(first, first + len(ranges)))
+
+    def checkpoint(self) -> None:
+        """Persist the indexes now (the table is always persisted)."""
+        self.index.save()
+
+    def disk_bytes(self) -> int:
+        return self.table.disk_bytes() + self.index.disk_bytes()
+
+    def close(self) -> None:
+        self.index.close()
+        self.table.close()

@@ -1,0 +1,235 @@
+"""The window planner: turns a session's log, events and a step's queries into a WindowPlan.
+
+A step over new tokens at log offset ``o`` (the log holds tokens ``0 .. o-1``) sees, per layer::
+
+    [ sink | retrieved events | remainder + local | anchor ] + new tokens
+      [0, n_init)                [r, o-1)            o-1
+
+* **sink**: the first ``n_init`` tokens of the stream (never part of an event);
+* **retrieved events**: chosen per layer by the :class:`~emserve.retrieval.retriever.Retriever`
+  within the memory budget, in temporal order;
+* **remainder**: tokens after the last retrievable event and before the local window (not yet
+  closed into an event); always included;
+* **local window**: ``[o - n_local, o - 1)``, the ``n_local`` tokens before the new ones minus the
+  last, which is the **anchor** (recomputed, so the first new token gets a surprise value).
+
+An event is retrievable when it ends at or before the local window's start. When
+``o - n_local <= n_init`` the sink and the local window meet and the window is simply
+``[0, o-1) | anchor``: no memory yet. At ``o == 0`` the window is the new tokens alone.
+
+**Positions.** Window positions are ``0 .. window_len-1`` and always satisfy
+``window_len + reserve + 1 <= max_window`` (``reserve``: tokens the caller will generate in the same
+request; the ``+1`` matches the engine's own check). The memory budget of a step is
+``min(n_mem, room)`` where ``room`` is what the sink, remainder, local window, anchor, new tokens and
+reserve leave of ``max_window``: with ``exc_block_size``-sized steps and a remainder no longer than
+the slack of the configuration it is ``n_mem``; a longer remainder is taken out of the budget (as in
+EM-LLM, where it always is). A step that cannot fit even with no memory raises ``PlanError``.
+
+The planner reads only the event table and the index (never KV); the plan names log ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from emserve.retrieval.errors import ConfigError, PlanError
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import IndexParams
+from emserve.retrieval.plan import Anchor, Segment, WindowPlan
+from emserve.retrieval.representatives import REPR_PROXIES
+from emserve.retrieval.retriever import RetrievalResult, Retriever
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalConfig:
+    """Retrieval and window settings of a session (EM-LLM's names where they mean the same)."""
+
+    n_init: int = 128
+    """Sink tokens: the first ``n_init`` tokens of the stream, in every window."""
+    n_local: int = 4096
+    """Local window: the ``n_local`` tokens just before the new tokens (the last one is the anchor)."""
+    n_mem: int = 2048
+    """Memory budget: retrieved event tokens per layer per step (never exceeded)."""
+    exc_block_size: int = 512
+    """Tokens computed per step (the chunk size of ingestion and of re-planning while generating)."""
+    repr_topk: int = 4
+    """Keys averaged per head into an event's representative."""
+    repr_proxy: Literal["mean", "central"] = "mean"
+    """Representative when attention scores are not available (see ``representatives``)."""
+    use_contiguity_buffer: bool = True
+    """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
+    contiguity_buffer_size: float = 0.3
+    """Share of the budget for the contiguity buffer (``< 1``: fraction; ``>= 1``: tokens)."""
+    per_layer: bool = True
+    """Retrieve per layer (EM-LLM); False: one list for all layers, scored by the sum over layers."""
+    max_window: int = 8192
+    """The model's native context: every window position stays below it."""
+    hnsw_m: int = 16
+    """HNSW graph degree (hnswlib ``M``)."""
+    hnsw_ef_construction: int = 200
+    """HNSW build beam width."""
+    hnsw_ef: int = 64
+    """HNSW query beam width."""
+    exact_search_threshold: int = 2048
+    """Below this many events, search is exact."""
+    index_save_min_events: int = 256
+    """Auto-save the indexes after at least this many new events ..."""
+    index_save_fraction: float = 0.25
+    """... that are also at least this fraction of the saved ones."""
+    index_threads: int = 1
+    """hnswlib threads for adds."""
+
+    def __post_init__(self) -> None:
+        if self.n_init < 0 or self.n_local < 1 or self.n_mem < 0 or self.exc_block_size < 1:
+            raise ConfigError("need n_init >= 0, n_local >= 1, n_mem >= 0, exc_block_size >= 1")
+        if self.repr_topk < 1:
+            raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
+        if self.repr_proxy not in REPR_PROXIES:
+            raise ConfigError(f"repr_proxy must be one of {REPR_PROXIES}, got {self.repr_proxy!r}")
+        if not self.contiguity_buffer_size >= 0:
+            raise ConfigError(f"contiguity_buffer_size must be >= 0, got {self.contiguity_buffer_size}")
+        need = self.n_init + self.n_mem + self.n_local + self.exc_block_size + 1
+        if need > self.max_window:
+            raise ConfigError(
+                f"n_init + n_mem + n_local + exc_block_size + 1 = {need} exceeds max_window {self.max_window}"
+            )
+        self.index_params()  # validates the index fields
+
+    def index_params(self) -> IndexParams:
+        return IndexParams(
+            m=self.hnsw_m,
+            ef_construction=self.hnsw_ef_construction,
+            ef=self.hnsw_ef,
+            exact_threshold=self.exact_search_threshold,
+            save_min_events=self.index_save_min_events,
+            save_fraction=self.index_save_fraction,
+            num_threads=self.index_threads,
+        )
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """The fixed parts of a step's window (log ranges), before retrieval."""
+
+    offset: int
+    sink: tuple[int, int]
+    remainder: tuple[int, int]
+    local: tuple[int, int]
+    anchor: int | None
+    num_events: int
+    budget: int
+
+    @property
+    def fixed_tokens(self) -> int:
+        """Window tokens other than retrieved events and new tokens."""
+        parts = (self.sink, self.remainder, self.local)
+        return sum(e - s for s, e in parts) + (self.anchor is not None)
+
+
+def _merge(ranges: Sequence[tuple[int, int]], log: str) -> tuple[Segment, ...]:
+    """Segments for ranges in window order, adjacent ones merged, empty ones dropped."""
+    out: list[list[int]] = []
+    for s, e in ranges:
+        if e <= s:
+            continue
+        if out and out[-1][1] == s:
+            out[-1][1] = e
+        else:
+            out.append([s, e])
+    return tuple(Segment(log, s, e) for s, e in out)
+
+
+class WindowPlanner:
+    """Plans the steps of one session (server side). Not thread-safe: one stepping thread per session."""
+
+    def __init__(self, config: RetrievalConfig, log: str, table: EventTable, retriever: Retriever) -> None:
+        self.config = config
+        self.log = log
+        self.table = table
+        self.retriever = retriever
+        self.last_retrieval: RetrievalResult | None = None
+
+    def layout(self, offset: int, num_new: int, *, reserve: int = 0) -> WindowLayout:
+        """Where sink, remainder, local window and anchor lie for a step at ``offset``; the memory budget."""
+        cfg = self.config
+        if offset < 0 or num_new < 1 or reserve < 0:
+            raise PlanError(
+                f"need offset >= 0, num_new >= 1, reserve >= 0; got {offset}, {num_new}, {reserve}"
+            )
+        limit = cfg.max_window - 1 - reserve - num_new
+        if offset == 0:
+            layout = WindowLayout(0, (0, 0), (0, 0), (0, 0), None, 0, 0)
+        else:
+            local_start = max(0, offset - cfg.n_local)
+            if local_start <= cfg.n_init:
+                layout = WindowLayout(offset, (0, 0), (0, 0), (0, offset - 1), offset - 1, 0, 0)
+            else:
+                m = self.table.count_ending_by(local_start)
+                first_start = int(self.table.starts[0]) if m else cfg.n_init
+                if first_start < cfg.n_init:
+                    raise PlanError(f"event 0 starts at {first_start}, inside the sink [0, {cfg.n_init})")
+                rem_start = max(cfg.n_init, int(self.table.ends[m - 1])) if m else cfg.n_init
+                base = WindowLayout(offset, (0, cfg.n_init), (rem_start, local_start),
+                                    (local_start, offset - 1), offset - 1, m, 0)
+                budget = min(cfg.n_mem, limit - base.fixed_tokens) if m else 0
+                layout = WindowLayout(offset, base.sink, base.remainder, base.local, base.anchor, m,
+                                      max(budget, 0))
+        if layout.fixed_tokens > limit:
+            raise PlanError(
+                f"step at offset {offset} with {num_new} new tokens (+{reserve} reserved) needs "
+                f"{layout.fixed_tokens + num_new + reserve + 1} window positions, "
+                f"max_window is {cfg.max_window}"
+            )
+        return layout
+
+    def plan_step(
+        self,
+        offset: int,
+        new_token_ids: Sequence[int],
+        queries: np.ndarray | None,
+        *,
+        reserve: int = 0,
+        request_id: str | None = None,
+    ) -> WindowPlan:
+        """The step's plan: [sink | retrieved | remainder + local | anchor] + new tokens, captured to the log.
+
+        ``queries``: the step's per-layer query summaries (``StepResult.queries`` of a probe, or of
+        the previous step); may be None when nothing must be selected (everything fits).
+        The retrieval is kept in :attr:`last_retrieval`.
+        """
+        lay = self.layout(offset, len(new_token_ids), reserve=reserve)
+        fixed_head = [lay.sink]
+        fixed_tail = [lay.remainder, lay.local]
+        anchor = None if lay.anchor is None else Anchor(self.log, lay.anchor)
+        segments: tuple[Segment, ...] = _merge(fixed_head + fixed_tail, self.log)
+        layer_segments = None
+        self.last_retrieval = None
+        if lay.num_events and lay.budget:
+            res = self.retriever.retrieve(queries, lay.budget, num_events=lay.num_events)
+            self.last_retrieval = res
+            first = res.layers[0].ranges
+            if res.shared or all(sel.ranges == first for sel in res.layers[1:]):
+                segments = _merge(fixed_head + first + fixed_tail, self.log)
+            else:
+                layer_segments = [
+                    _merge(fixed_head + sel.ranges + fixed_tail, self.log) for sel in res.layers
+                ]
+                segments = ()
+        plan = WindowPlan.build(new_token_ids, segments, layer_segments=layer_segments, anchor=anchor,
+                                capture_log=self.log, request_id=request_id)
+        assert plan.window_len + reserve + 1 <= self.config.max_window, "window exceeds max_window"
+        return plan
+
+    def probe_plan(self, offset: int, new_token_ids: Sequence[int], *,
+                   request_id: str | None = None) -> WindowPlan:
+        """The new tokens over [sink | local | anchor] only, not captured: run it for the step's queries."""
+        lay = self.layout(offset, len(new_token_ids))
+        anchor = None if lay.anchor is None else Anchor(self.log, lay.anchor)
+        plan = WindowPlan.build(new_token_ids, _merge([lay.sink, lay.local], self.log), anchor=anchor,
+                                request_id=request_id)
+        assert plan.window_len + 1 <= self.config.max_window, "window exceeds max_window"
+        return plan

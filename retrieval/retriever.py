@@ -1,0 +1,278 @@
+"""Retrieval: which events enter the attention window at a step, per layer, within a token budget.
+
+Per layer ``l`` (EM-LLM retrieves per layer), with the step's query summary ``q[l]`` (mean pre-RoPE
+query, concatenated over heads; score ``q[l] . rep[l]``) and a budget of ``B`` tokens:
+
+* **All fits.** When the retrievable events hold ``<= B`` tokens, every layer takes all of them
+  (source ``"similarity"``). The contiguity buffers are not touched.
+* Otherwise every layer fills **exactly** ``B`` tokens (the engine needs equal per-layer window
+  lengths):
+
+  1. *similarity*: events in rank order while they fit in ``k_s = B - k_c`` tokens; the walk stops
+     at the first event that does not fit (EM-LLM stops there too, keeping it when that is the
+     nearer fit; here it goes to step 3 instead, so the budget is never exceeded);
+  2. *contiguity*: the layer's :class:`~emserve.retrieval.buffers.ContiguityBuffer` is updated with
+     the similarity hits and contributes at most ``k_c = int(contiguity_buffer_size * B + 1)``
+     tokens (``k_c = 0`` when the buffer is off);
+  3. *top-up*: the rank walk resumes where step 1 stopped, skipping events already taken, until the
+     budget is full; the last event taken is **truncated to a prefix** ``[start, start + r)`` when
+     only ``r`` tokens are left. (Deviation from EM-LLM, whose nearest-fit rule lets totals differ
+     per layer and exceed the cap. Also, a contiguity share left unused returns to similarity.)
+
+  Candidates come from :meth:`EventIndex.search` (exact below the threshold, HNSW above), asked
+  for enough events to cover ``B + k_c`` tokens (doubling when a walk runs short).
+* Selected events are returned in temporal order with exact scores ``q . rep``.
+
+``per_layer=False`` selects one list for all layers: an event's score is the **sum over layers** of
+its per-layer scores, ``sum_l q[l] . rep[l]`` (the inner product in the concatenated space of all
+layers), candidates being the union of every layer's top-k (exact over all events below the
+threshold); one contiguity buffer is shared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+
+from emserve.retrieval.buffers import ContiguityBuffer, contiguity_tokens
+from emserve.retrieval.errors import PlanError
+from emserve.retrieval.index import EventIndex, exact_topk
+
+Source = Literal["similarity", "contiguity"]
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedEvent:
+    """Event ``id`` placed in the window as tokens ``[start, end)`` of the log.
+
+    ``end`` is before the event's own end when the event was truncated to fit the budget.
+    """
+
+    id: int
+    start: int
+    end: int
+    score: float
+    source: Source
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSelection:
+    """One layer's retrieved events, in temporal order."""
+
+    events: tuple[SelectedEvent, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.end - e.start for e in self.events)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(e.start, e.end) for e in self.events]
+
+    @property
+    def ids(self) -> list[int]:
+        return [e.id for e in self.events]
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """A step's retrieval. ``layers[l]`` for every layer (the same object for all when shared)."""
+
+    layers: tuple[LayerSelection, ...]
+    budget: int
+    num_events: int
+    memory_tokens: int
+    shared: bool
+    exact: bool
+
+    @property
+    def tokens(self) -> int:
+        """Retrieved tokens per layer (equal for every layer)."""
+        return self.layers[0].tokens if self.layers else 0
+
+
+def select_ranked(
+    ranked: np.ndarray,
+    sizes: np.ndarray,
+    num_events: int,
+    budget: int,
+    kc: int,
+    buffer: ContiguityBuffer | None,
+) -> list[tuple[int, int, Source]]:
+    """Steps 1-3 of the module docstring over a ranked candidate list.
+
+    Returns ``(event id, tokens taken, source)`` in selection order; tokens taken are the event's
+    size except for a truncated last event. Candidates ``>= num_events`` are skipped.
+    """
+    ranked = ranked[ranked < num_events]
+    ks = budget - kc
+    used = 0
+    i = 0
+    similar: list[int] = []
+    while i < ranked.shape[0]:
+        c = int(ranked[i])
+        size = int(sizes[c])
+        if used + size > ks:
+            break
+        similar.append(c)
+        used += size
+        i += 1
+    out: list[tuple[int, int, Source]] = [(c, int(sizes[c]), "similarity") for c in similar]
+    chosen = set(similar)
+    if buffer is not None and kc > 0:
+        buffer.update(similar, sizes, num_events, kc)
+        for c in buffer.select(chosen, sizes, num_events, kc):
+            out.append((c, int(sizes[c]), "contiguity"))
+            chosen.add(c)
+            used += int(sizes[c])
+    while used < budget and i < ranked.shape[0]:
+        c = int(ranked[i])
+        i += 1
+        if c in chosen:
+            continue
+        take = min(int(sizes[c]), budget - used)
+        out.append((c, take, "similarity"))
+        chosen.add(c)
+        used += take
+    return out
+
+
+class Retriever:
+    """Per-session retrieval state (the contiguity buffers) over an :class:`EventIndex`."""
+
+    def __init__(
+        self,
+        index: EventIndex,
+        *,
+        per_layer: bool = True,
+        use_contiguity_buffer: bool = True,
+        contiguity_buffer_size: float = 0.3,
+    ) -> None:
+        self.index = index
+        self.table = index.table
+        self.per_layer = per_layer
+        self.use_contiguity_buffer = use_contiguity_buffer
+        self.contiguity_buffer_size = contiguity_buffer_size
+        nbuf = index.num_layers if per_layer else 1
+        self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
+
+    def reset_buffers(self) -> None:
+        for b in self.buffers:
+            b.clear()
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 3:
+            q = q.reshape(q.shape[0], -1)
+        if q.shape != (self.index.num_layers, self.index.dim):
+            raise PlanError(f"queries must be [{self.index.num_layers}, {self.index.dim}] "
+                            f"(or [layers, heads, head_dim]), got {np.shape(queries)}")
+        return q
+
+    def retrieve(self, queries: np.ndarray | None, budget: int, *,
+                 num_events: int | None = None) -> RetrievalResult:
+        """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
+
+        ``queries``: float32 ``[num_layers, num_heads*head_dim]`` or ``[num_layers, num_heads, head_dim]``
+        (``StepResult.queries``). May be None only when everything fits (scores are then NaN).
+        """
+        n_layers = self.index.num_layers
+        n = len(self.table)
+        m = n if num_events is None else num_events
+        if not 0 <= m <= n:
+            raise PlanError(f"num_events {m} outside table of {n} events")
+        budget = max(0, int(budget))
+        sizes = self.table.sizes
+        starts = self.table.starts
+        memory = int(sizes[:m].sum())
+        # exact also when the HNSW indexes lag the table (a reader in another process)
+        exact = self.index.uses_exact(n) or self.index.count < n
+        q = None if queries is None else self._queries(queries)
+
+        def build(picks: list[tuple[int, int, Source]], layer: int | None) -> LayerSelection:
+            ids = np.array(sorted(p[0] for p in picks), np.int64)
+            if q is None:
+                scores = np.full(ids.shape[0], np.nan, np.float32)
+            elif layer is None:
+                scores = sum((self.index.scores(lay, q[lay], ids) for lay in range(n_layers)),
+                             np.zeros(ids.shape[0], np.float32))
+            else:
+                scores = self.index.scores(layer, q[layer], ids)
+            by_id = {p[0]: p for p in picks}
+            events = []
+            for j, c in enumerate(ids.tolist()):
+                _, take, source = by_id[c]
+                s = int(starts[c])
+                events.append(SelectedEvent(c, s, s + take, float(scores[j]), source, take < int(sizes[c])))
+            return LayerSelection(tuple(events))
+
+        if m == 0 or budget == 0:
+            empty = LayerSelection(())
+            return RetrievalResult((empty,) * n_layers, budget, m, memory, not self.per_layer, exact)
+        if memory <= budget:
+            everything: list[tuple[int, int, Source]] = [(c, int(sizes[c]), "similarity") for c in range(m)]
+            if self.per_layer:
+                layers = tuple(build(everything, lay) for lay in range(n_layers))
+            else:
+                layers = (build(everything, None),) * n_layers
+            return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
+        if q is None:
+            raise PlanError("retrieval needs the step's queries when the memory exceeds the budget")
+
+        kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer else 0
+        need = budget + kc
+        k = min(n, (n - m) + 16 + math.ceil(1.5 * need * m / max(memory, 1)))
+        if self.per_layer:
+            sel = []
+            for lay in range(n_layers):
+                ranked = self._ranked(partial(self._search, lay, q[lay], exact=exact), k, n, m, sizes, need)
+                buf = self.buffers[lay] if kc else None
+                sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
+            layers = tuple(sel)
+        else:
+            ranked = self._ranked(lambda kk: self._search_shared(q, kk, exact), k, n, m, sizes, need)
+            shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
+            layers = (shared,) * n_layers
+        assert all(sel.tokens == budget for sel in layers), "every layer must fill the budget exactly"
+        return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
+
+    # ------------------------------------------------------------------ candidates
+    @staticmethod
+    def _ranked(search: Callable[[int], np.ndarray], k: int, n: int, m: int, sizes: np.ndarray,
+                need: int) -> np.ndarray:
+        """Ask ``search(k)`` for more candidates until they cover ``need`` tokens (or all events)."""
+        while True:
+            ids = search(k)
+            valid = ids[ids < m]
+            if k >= n or int(sizes[valid].sum()) >= need:
+                return ids
+            k = min(n, 2 * k)
+
+    def _search(self, layer: int, query: np.ndarray, k: int, *, exact: bool) -> np.ndarray:
+        if not exact:
+            try:
+                return self.index.search(layer, query, k, exact=False)[0]
+            except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
+                pass
+        return self.index.search(layer, query, k, exact=True)[0]
+
+    def _search_shared(self, q: np.ndarray, k: int, exact: bool) -> np.ndarray:
+        n_layers = self.index.num_layers
+        if exact:
+            total = sum((self.table.reps(lay) @ q[lay] for lay in range(n_layers)),
+                        np.zeros(len(self.table), np.float32))
+            return exact_topk(total[:, None], np.ones(1, np.float32), k)[0]
+        per_layer = [self._search(lay, q[lay], k, exact=False) for lay in range(n_layers)]
+        cand = np.unique(np.concatenate(per_layer))
+        total = sum((self.index.scores(lay, q[lay], cand) for lay in range(n_layers)),
+                    np.zeros(cand.shape[0], np.float32))
+        return cand[np.lexsort((cand, -total))]

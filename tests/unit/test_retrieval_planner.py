@@ -1,0 +1,227 @@
+"""Window planner: config validation, stream start, layout, positions inside max_window, memory glue."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from emserve.retrieval.errors import ConfigError, PlanError
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex, IndexParams
+from emserve.retrieval.kvlog import TOKENS_FILE, KVLayout, KVLog
+from emserve.retrieval.memory import EpisodicMemory
+from emserve.retrieval.planner import RetrievalConfig, WindowPlanner
+from emserve.retrieval.retriever import Retriever
+from emserve.server.engine.rope import RopeSpec
+
+L, D, LOG = 2, 8, "/sessions/s1"
+FIRST = 64  # events tile [FIRST, ...)
+
+
+def small(**kw) -> RetrievalConfig:
+    # 64 positions of slack for the remainder (events here are up to 64 tokens)
+    base = dict(n_init=16, n_local=64, n_mem=48, exc_block_size=16, max_window=16 + 48 + 64 + 16 + 1 + 64)
+    base.update(kw)
+    return RetrievalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory):
+    """400 events of 1..64 tokens tiling [FIRST, ~13k), random representatives, exact search."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 65, 400)
+    starts = FIRST + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    table = EventTable.create(tmp_path_factory.mktemp("ev"), L, D)
+    table.append(np.stack([starts, starts + sizes], 1), rng.standard_normal((400, L, D)).astype(np.float32))
+    return EventIndex.open(table.path, table, IndexParams(exact_threshold=10**6))
+
+
+def planner(index: EventIndex, cfg: RetrievalConfig) -> WindowPlanner:
+    r = Retriever(index, per_layer=cfg.per_layer, use_contiguity_buffer=cfg.use_contiguity_buffer,
+                  contiguity_buffer_size=cfg.contiguity_buffer_size)
+    return WindowPlanner(cfg, LOG, index.table, r)
+
+
+def test_config_defaults_and_validation():
+    cfg = RetrievalConfig()
+    assert (cfg.n_init, cfg.n_local, cfg.n_mem) == (128, 4096, 2048)
+    assert (cfg.exc_block_size, cfg.repr_topk) == (512, 4)
+    assert cfg.contiguity_buffer_size == 0.3 and cfg.use_contiguity_buffer and cfg.per_layer
+    assert cfg.index_params().m == 16 and cfg.index_params().ef == 64
+    with pytest.raises(ConfigError):
+        RetrievalConfig(max_window=4096)  # 128 + 2048 + 4096 + 512 + 1 > 4096
+    for bad in (dict(n_local=0), dict(repr_topk=0), dict(repr_proxy="max"), dict(contiguity_buffer_size=-1),
+                dict(hnsw_m=1), dict(hnsw_ef=0), dict(exc_block_size=0)):
+        with pytest.raises(ConfigError):
+            dataclasses.replace(cfg, **bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_mem = 1  # type: ignore[misc]
+
+
+def test_stream_start(events):
+    p = planner(events, small())
+    plan = p.plan_step(0, [5, 6, 7], None)
+    assert plan.segments == () and plan.anchor is None and plan.capture_log == LOG and plan.window_len == 3
+    probe = p.probe_plan(0, [5, 6, 7])
+    assert probe.capture_log is None and probe.segments == () and probe.anchor is None
+    plan = p.plan_step(1, [9], None)
+    assert plan.segments == () and plan.anchor is not None and plan.anchor.index == 0
+    # offset <= n_init + n_local: the whole history is sink + local, no memory yet
+    for offset in (2, 50, 16 + 64):
+        plan = p.plan_step(offset, [1, 2], None)
+        assert [(s.start, s.end) for s in plan.segments] == [(0, offset - 1)]
+        assert plan.anchor is not None and plan.anchor.index == offset - 1 and p.last_retrieval is None
+        assert p.probe_plan(offset, [1, 2]).segments == plan.segments
+
+
+def test_steady_state_layout(events):
+    cfg = small(use_contiguity_buffer=False)
+    p = planner(events, cfg)
+    table = events.table
+    offset = 3000
+    local_start = offset - cfg.n_local
+    m = table.count_ending_by(local_start)
+    rem_start = int(table.ends[m - 1])
+    q = np.random.default_rng(1).standard_normal((L, D)).astype(np.float32)
+    plan = p.plan_step(offset, list(range(10)), q, request_id="r")
+    res = p.last_retrieval
+    assert res is not None and res.num_events == m and res.tokens == cfg.n_mem
+    assert plan.layer_segments is not None and plan.request_id == "r"
+    for layer, segs in enumerate(plan.layer_segments):
+        assert (segs[0].start, segs[0].end) == (0, 16) or segs[0].start == 0  # sink (maybe merged)
+        assert segs[-1].end == offset - 1 and segs[-1].start <= rem_start  # remainder + local, merged
+        covered = sum(len(s) for s in segs)
+        assert covered == 16 + cfg.n_mem + (offset - 1 - rem_start)
+        retrieved = set()
+        for e in res.layers[layer].events:
+            retrieved.update(range(e.start, e.end))
+        in_segs = set().union(*[set(range(s.start, s.end)) for s in segs])
+        assert retrieved <= in_segs
+    assert plan.window_len == 16 + cfg.n_mem + (offset - 1 - rem_start) + 1 + 10
+    probe = p.probe_plan(offset, list(range(10)))
+    assert [(s.start, s.end) for s in probe.segments] == [(0, 16), (local_start, offset - 1)]
+    assert probe.anchor == plan.anchor and probe.capture_log is None
+
+
+def test_shared_selection_uses_one_segment_list(events):
+    p = planner(events, small(per_layer=False))
+    q = np.random.default_rng(2).standard_normal((L, D)).astype(np.float32)
+    plan = p.plan_step(3000, [1], q)
+    assert plan.layer_segments is None and plan.num_injected > 16 + 48
+
+
+def test_long_remainder_shrinks_the_budget_and_then_refuses(events):
+    cfg = small()
+    p = planner(events, cfg)
+    end = events.table.end_offset
+    q = np.zeros((L, D), np.float32)
+    # last event ends at `end`; the remainder is [end, offset - n_local): 64 + 10 tokens here, 10 more
+    # than the slack of the configuration
+    plan = p.plan_step(end + cfg.n_local + 74, [1] * 16, q)
+    assert p.last_retrieval is not None and p.last_retrieval.budget == cfg.n_mem - 10
+    assert plan.window_len + 1 == cfg.max_window
+    with pytest.raises(PlanError):
+        p.plan_step(end + cfg.n_local + 64 + cfg.n_mem + 1, [1] * 16, q)
+    with pytest.raises(PlanError):
+        p.plan_step(10, [1] * 16, q, reserve=cfg.max_window)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_init=st.integers(0, FIRST),
+    n_local=st.integers(1, 600),
+    n_mem=st.integers(0, 600),
+    exc=st.integers(1, 128),
+    slack=st.integers(0, 200),
+    offset=st.integers(0, 16000),
+    extra_new=st.integers(-127, 40),
+    reserve=st.integers(0, 64),
+    per_layer=st.booleans(),
+    contiguity=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_plan_positions_always_inside_max_window(
+    events, n_init, n_local, n_mem, exc, slack, offset, extra_new, reserve, per_layer, contiguity, seed
+):
+    max_window = n_init + n_mem + n_local + exc + 1 + slack
+    cfg = RetrievalConfig(n_init=n_init, n_local=n_local, n_mem=n_mem, exc_block_size=exc,
+                          max_window=max_window, per_layer=per_layer, use_contiguity_buffer=contiguity)
+    p = planner(events, cfg)
+    c = max(1, exc + extra_new)
+    q = np.random.default_rng(seed).standard_normal((L, D)).astype(np.float32)
+    table = events.table
+    local_start = max(0, offset - n_local)
+    if offset == 0:
+        fixed = 0
+    elif local_start <= n_init:
+        fixed = offset
+    else:
+        m = table.count_ending_by(local_start)
+        rem_start = max(n_init, int(table.ends[m - 1])) if m else n_init
+        fixed = n_init + (offset - rem_start)
+    if fixed + c + reserve + 1 > max_window:
+        event("refused: does not fit")
+        with pytest.raises(PlanError):
+            p.plan_step(offset, [1] * c, q, reserve=reserve)
+        return
+    plan = p.plan_step(offset, [1] * c, q, reserve=reserve)
+    assert plan.window_len + reserve + 1 <= max_window
+    res = p.last_retrieval
+    mem = 0 if res is None else res.tokens
+    event("no memory" if res is None else ("budget filled" if mem == n_mem else "budget partly filled"))
+    assert plan.window_len == fixed + mem + c
+    if res is not None:
+        memory = int(table.sizes[: res.num_events].sum())
+        assert mem == min(memory, n_mem, max_window - 1 - reserve - fixed - c)
+    for segs in plan.layer_segments or (plan.segments,):
+        assert sum(len(s) for s in segs) == plan.num_injected
+        bounds = [(s.start, s.end) for s in segs]
+        assert all(a[1] < b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # increasing, merged
+        assert not bounds or (bounds[0][0] >= 0 and bounds[-1][1] <= max(offset - 1, 0))
+        assert not bounds or n_init == 0 or bounds[0][0] == 0  # the sink comes first
+    if offset:
+        assert plan.anchor is not None and plan.anchor.index == offset - 1
+    probe = p.probe_plan(offset, [1] * c)
+    assert probe.window_len + 1 <= max_window and probe.capture_log is None
+
+
+def _rope() -> RopeSpec:
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 4, 2, dtype=torch.float64) / 4))
+    return RopeSpec(inv_freq=inv, rot_dim=4, head_dim=4)
+
+
+def test_episodic_memory_end_to_end_and_reopen(tmp_path):
+    layout = KVLayout(2, 1, 4, "float32")
+    log = KVLog.create(tmp_path, layout)
+    g = torch.Generator().manual_seed(0)
+    n = 1200
+    keys = [torch.randn(n, 1, 4, generator=g) for _ in range(2)]
+    log.append(np.arange(n) % 50, np.arange(n), keys, keys)
+    cfg = small(index_save_min_events=10**6)
+    mem = EpisodicMemory(log, cfg, num_heads=2, rotate=_rope().rotate)
+    bounds = [(s, min(s + 37, 1100)) for s in range(16, 1100, 37)]
+    assert mem.close_events(bounds[:10]) == list(range(10))
+    assert mem.close_events(bounds[10:]) == list(range(10, len(bounds)))
+    assert mem.table.reps(0).shape == (len(bounds), 8)
+    q = torch.randn(2, 2, 4, generator=g).numpy()
+    plan = mem.planner.plan_step(n, [1, 2, 3], q)
+    assert plan.layer_segments is not None and plan.window_len + 1 <= cfg.max_window
+    mem.close()  # saves the indexes
+
+    mem2 = EpisodicMemory(KVLog.open(tmp_path, writable=True), cfg, num_heads=2, rotate=_rope().rotate)
+    assert len(mem2.table) == len(bounds) and mem2.index.rebuilt_layers == []
+    assert mem2.planner.plan_step(n, [1, 2, 3], q).layer_segments == plan.layer_segments
+    assert mem2.disk_bytes() > 0
+    mem2.close()
+
+    # the log lost its tail in a crash: events beyond it are dropped, indexes rebuilt from the table
+    with open(tmp_path / TOKENS_FILE, "r+b") as f:
+        f.truncate(500 * 4)
+    mem3 = EpisodicMemory(KVLog.open(tmp_path, writable=True), cfg, num_heads=2, rotate=_rope().rotate)
+    assert mem3.table.end_offset <= 500 and len(mem3.table) == mem3.table.count_ending_by(500)
+    assert mem3.index.count == len(mem3.table) and mem3.index.rebuilt_layers == [0, 1]

@@ -1,0 +1,98 @@
+"""Representatives: de-rotation from the log, GQA expansion, attention top-k and the proxies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emserve.retrieval.errors import EventTableError
+from emserve.retrieval.kvlog import KVLayout, KVLog
+from emserve.retrieval.representatives import event_representatives, representatives_from_keys
+from emserve.server.engine.rope import RopeSpec
+
+L, HKV, H, HD = 2, 2, 4, 8
+
+
+def _rope() -> RopeSpec:
+    inv = 1.0 / (10000.0 ** (torch.arange(0, HD, 2, dtype=torch.float64) / HD))
+    return RopeSpec(inv_freq=inv, rot_dim=HD, head_dim=HD)
+
+
+def test_derotates_log_keys_to_position_zero(tmp_path):
+    rope = _rope()
+    g = torch.Generator().manual_seed(0)
+    t = 40
+    k0 = torch.randn(t, L, HKV, HD, generator=g)  # pre-RoPE keys
+    positions = torch.randint(0, 5000, (t,), generator=g)  # window positions: arbitrary, not monotonic
+    log = KVLog.create(tmp_path, KVLayout(L, HKV, HD, "float32"))
+    post = [rope.rotate(k0[:, layer], positions) for layer in range(L)]
+    log.append(np.arange(t), positions.numpy(), post, [torch.zeros(t, HKV, HD)] * L)
+    ranges = [(0, 7), (7, 8), (10, 40)]
+    for proxy in ("mean", "central"):
+        got = event_representatives(log, ranges, num_heads=H, rotate=rope.rotate, proxy=proxy)
+        assert got.shape == (3, L, H * HD) and got.dtype == np.float32
+        for i, (s, e) in enumerate(ranges):
+            want = representatives_from_keys(k0[s:e], H, proxy=proxy)
+            np.testing.assert_allclose(got[i], want, atol=2e-5)
+    # attention scores per event
+    scores = [torch.rand(L, H, e - s, generator=g) for s, e in ranges]
+    got = event_representatives(log, ranges, num_heads=H, rotate=rope.rotate, token_scores=scores)
+    want = representatives_from_keys(k0[10:40], H, token_scores=scores[2])
+    np.testing.assert_allclose(got[2], want, atol=2e-5)
+
+
+def test_mean_proxy_expands_kv_heads_to_query_heads():
+    keys = torch.randn(5, L, HKV, HD)
+    rep = representatives_from_keys(keys, H, proxy="mean").reshape(L, H, HD)
+    for h in range(H):
+        np.testing.assert_allclose(rep[:, h], keys[:, :, h // (H // HKV)].mean(0).numpy(), atol=1e-6)
+
+
+def test_token_scores_pick_topk_keys_per_query_head():
+    keys = torch.randn(4, 1, HKV, HD)
+    scores = torch.zeros(1, H, 4)
+    scores[0, 0, [1, 3]] = 1.0  # head 0 (kv 0) attended tokens 1 and 3
+    scores[0, 1, [0, 2]] = 1.0  # head 1 (kv 0) tokens 0 and 2
+    scores[0, 2, [2]] = 1.0  # head 2 (kv 1): token 2 and one of the ties (not checked)
+    scores[0, 3, :] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    rep = representatives_from_keys(keys, H, repr_topk=2, token_scores=scores).reshape(H, HD)
+    np.testing.assert_allclose(rep[0], keys[[1, 3], 0, 0].mean(0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(rep[1], keys[[0, 2], 0, 0].mean(0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(rep[3], keys[[2, 3], 0, 1].mean(0).numpy(), atol=1e-6)
+    # fewer tokens than repr_topk: all of them
+    one = representatives_from_keys(keys[:1], H, repr_topk=4, token_scores=scores[..., :1])
+    np.testing.assert_allclose(one.reshape(H, HD)[1], keys[0, 0, 0].numpy(), atol=1e-6)
+
+
+def test_central_proxy_ignores_outliers():
+    base = torch.tensor([1.0, 0.0])
+    k = torch.stack([base, base + torch.tensor([0, 0.1]), base - torch.tensor([0, 0.1]),
+                     torch.tensor([-1.0, 1.0]), base * 2])  # [5, 2]; token 3 is the outlier
+    keys = k[:, None, None, :].expand(5, 1, 1, 2).contiguous()
+    rep = representatives_from_keys(keys, 1, repr_topk=3, proxy="central")
+    mean = k.mean(0)
+    cos = (k @ mean) / (k.norm(dim=-1) * mean.norm())
+    top = cos.topk(3).indices
+    assert 3 not in top.tolist()
+    np.testing.assert_allclose(rep[0], k[top].mean(0).numpy(), atol=1e-6)
+
+
+def test_score_is_sum_over_heads():
+    keys = torch.randn(6, L, HKV, HD)
+    rep = representatives_from_keys(keys, H)
+    q = np.random.default_rng(0).standard_normal((L, H, HD)).astype(np.float32)
+    per_head = np.einsum("lhd,lhd->l", q, rep.reshape(L, H, HD))
+    np.testing.assert_allclose(per_head, np.einsum("ld,ld->l", q.reshape(L, -1), rep), rtol=1e-5)
+
+
+def test_bad_inputs():
+    keys = torch.randn(3, L, HKV, HD)
+    with pytest.raises(EventTableError):
+        representatives_from_keys(keys, 3)  # not a multiple of kv heads
+    with pytest.raises(EventTableError):
+        representatives_from_keys(keys, H, token_scores=torch.zeros(L, H, 4))
+    with pytest.raises(EventTableError):
+        representatives_from_keys(keys, H, proxy="median")  # type: ignore[arg-type]
+    with pytest.raises(EventTableError):
+        representatives_from_keys(keys[:0], H)

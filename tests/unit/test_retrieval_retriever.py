@@ -1,0 +1,168 @@
+"""Retrieval: exact budget per layer, temporal order, rank-order greedy fill with truncation, buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emserve.retrieval.buffers import contiguity_tokens
+from emserve.retrieval.errors import PlanError
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex, IndexParams
+from emserve.retrieval.retriever import Retriever
+
+L, D, N = 3, 16, 300
+
+
+@pytest.fixture(scope="module")
+def indexes(tmp_path_factory):
+    """The same 300 events (1..40 tokens, gaps allowed) behind an exact and an HNSW index."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 41, N)
+    starts = 128 + np.concatenate([[0], np.cumsum(sizes + rng.integers(0, 2, N))[:-1]])
+    bounds = np.stack([starts, starts + sizes], 1)
+    reps = rng.standard_normal((N, L, D)).astype(np.float32)
+    out = {}
+    for name, threshold in (("exact", 10**6), ("hnsw", 0)):
+        path = tmp_path_factory.mktemp(name)
+        table = EventTable.create(path, L, D)
+        table.append(bounds, reps)
+        out[name] = EventIndex.open(path, table, IndexParams(exact_threshold=threshold))
+    return out
+
+
+def one_layer_index(tmp_path, sizes, scores_order):
+    """One layer, events of ``sizes``; query ``ones`` ranks events in ``scores_order`` (best first)."""
+    n = len(sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + 100
+    table = EventTable.create(tmp_path, 1, 1)
+    reps = np.zeros((n, 1, 1), np.float32)
+    for rank, event in enumerate(scores_order):
+        reps[event, 0, 0] = n - rank
+    table.append(np.stack([starts, starts + np.asarray(sizes)], 1), reps)
+    return EventIndex.open(tmp_path, table, IndexParams())
+
+
+def test_greedy_rank_order_truncates_last_event(tmp_path):
+    ix = one_layer_index(tmp_path, [10] * 5, [2, 0, 4, 1, 3])
+    r = Retriever(ix, use_contiguity_buffer=False)
+    res = r.retrieve(np.ones((1, 1), np.float32), 25)
+    sel = res.layers[0]
+    assert sel.ids == [0, 2, 4]  # temporal order
+    assert sel.ranges == [(100, 110), (120, 130), (140, 145)]  # event 4 truncated to a 5-token prefix
+    assert [e.truncated for e in sel.events] == [False, False, True]
+    assert [e.score for e in sel.events] == [4.0, 5.0, 3.0]
+    assert res.tokens == 25 and res.memory_tokens == 50
+
+
+def test_contiguity_share_and_topup(tmp_path):
+    ix = one_layer_index(tmp_path, [10] * 6, [2, 0, 4, 1, 3, 5])
+    r = Retriever(ix, use_contiguity_buffer=True, contiguity_buffer_size=0.3)
+    q = np.ones((1, 1), np.float32)
+    # budget 30: k_c = int(0.3*30+1) = 10, k_s = 20 -> hits 2, 0; neighbour 3 fills k_c
+    sel = r.retrieve(q, 30).layers[0]
+    assert [(e.id, e.source) for e in sel.events] == [(0, "similarity"), (2, "similarity"), (3, "contiguity")]
+    assert r.buffers[0].ids == (3,)
+    # budget 35: k_c = 11, k_s = 24 -> hits 2, 0 (4 does not fit k_s); neighbour 3 fits k_c, 1 does not
+    # (no overshoot) -> the rest of the budget goes to the top-up in rank order: 4, truncated to 5
+    sel = r.retrieve(q, 35).layers[0]
+    assert [(e.id, e.source, len(e)) for e in sel.events] == [
+        (0, "similarity", 10), (2, "similarity", 10), (3, "contiguity", 10), (4, "similarity", 5)
+    ]
+
+
+def test_everything_fits_takes_all_and_leaves_buffers(tmp_path):
+    ix = one_layer_index(tmp_path, [10, 20, 5], [1, 0, 2])
+    r = Retriever(ix)
+    res = r.retrieve(None, 35)
+    assert res.layers[0].ids == [0, 1, 2] and res.tokens == 35
+    assert np.isnan(res.layers[0].events[0].score)
+    assert r.buffers[0].ids == ()
+    assert r.retrieve(None, 100, num_events=2).layers[0].ids == [0, 1]
+    with pytest.raises(PlanError):
+        r.retrieve(None, 34)  # must choose: needs queries
+    with pytest.raises(PlanError):
+        r.retrieve(np.ones((2, 1), np.float32), 34)  # wrong shape
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["exact", "hnsw"]),
+    per_layer=st.booleans(),
+    use_buffer=st.booleans(),
+    size=st.sampled_from([0.0, 0.1, 0.3, 0.9, 64.0]),
+    budget=st.integers(0, 4000),
+    m=st.integers(0, N),
+    seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=4),
+)
+def test_budget_exact_equal_per_layer_and_temporal_order(
+    indexes, kind, per_layer, use_buffer, size, budget, m, seeds
+):
+    ix = indexes[kind]
+    table = ix.table
+    r = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=use_buffer, contiguity_buffer_size=size)
+    memory = int(table.sizes[:m].sum())
+    kc = contiguity_tokens(budget, size) if use_buffer else 0
+    for seed in seeds:
+        q = np.random.default_rng(seed).standard_normal((L, D)).astype(np.float32)
+        res = r.retrieve(q, budget, num_events=m)
+        assert len(res.layers) == L and res.shared == (not per_layer)
+        for sel in res.layers:
+            assert sel.tokens == min(budget, memory)  # never exceeded, equal for every layer
+            ids = sel.ids
+            assert ids == sorted(set(ids)) and all(0 <= i < m for i in ids)  # temporal order, no repeats
+            if memory <= budget:
+                assert ids == list(range(m))
+            truncated = 0
+            for e in sel.events:
+                s, t = table.bounds(e.id)
+                assert e.start == s and s < e.end <= t and e.truncated == (e.end < t)
+                truncated += e.truncated
+                assert np.isfinite(e.score)
+            assert truncated <= 1
+            assert sum(len(e) for e in sel.events if e.source == "contiguity") <= kc
+        if not per_layer:
+            assert all(sel is res.layers[0] for sel in res.layers)
+
+
+def test_per_layer_selections_differ_and_shared_sums_layers(indexes):
+    ix = indexes["exact"]
+    q = np.random.default_rng(5).standard_normal((L, D)).astype(np.float32)
+    res = Retriever(ix, use_contiguity_buffer=False).retrieve(q, 300)
+    assert len({tuple(sel.ids) for sel in res.layers}) > 1
+    # per layer, the similarity picks are the top of that layer's exact ranking
+    for layer, sel in enumerate(res.layers):
+        scores = ix.table.reps(layer) @ q[layer]
+        best = int(np.argmax(scores))
+        assert best in sel.ids
+    shared = Retriever(ix, per_layer=False, use_contiguity_buffer=False).retrieve(q, 300)
+    total = sum(ix.table.reps(layer) @ q[layer] for layer in range(L))
+    assert int(np.argmax(total)) in shared.layers[0].ids
+    e = shared.layers[0].events[0]
+    assert e.score == pytest.approx(float(total[e.id]), rel=1e-5)
+    # queries as StepResult.queries: [layers, heads, head_dim]
+    same = Retriever(ix, use_contiguity_buffer=False).retrieve(q.reshape(L, 4, 4), 300)
+    assert [s.ids for s in same.layers] == [s.ids for s in res.layers]
+
+
+def test_hnsw_and_exact_agree_on_clear_winners(indexes):
+    q = np.random.default_rng(2).standard_normal((L, D)).astype(np.float32)
+    q[0] = 5 * indexes["exact"].table.reps(0)[123]  # event 123 is by far the best of layer 0
+    a = Retriever(indexes["exact"], use_contiguity_buffer=False).retrieve(q, 200)
+    b = Retriever(indexes["hnsw"], use_contiguity_buffer=False).retrieve(q, 200)
+    assert 123 in a.layers[0].ids and 123 in b.layers[0].ids
+    assert a.exact and not b.exact
+
+
+def test_buffer_state_persists_across_steps(tmp_path):
+    ix = one_layer_index(tmp_path, [10] * 40, list(range(40)))
+    r = Retriever(ix, contiguity_buffer_size=0.5)
+    reps = np.zeros((1, 1), np.float32)
+    reps[0, 0] = 1.0
+    # budget 40: k_c = 21, k_s = 19 -> one hit (event 0, score 40), neighbour 1 -> buffer (1,)
+    r.retrieve(reps, 40)
+    assert r.buffers[0].ids == (1,)
+    r.reset_buffers()
+    assert r.buffers[0].ids == ()
