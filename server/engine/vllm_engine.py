@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import tempfile
 import time
@@ -218,6 +219,10 @@ class VLLMEngine(Engine):
             self.llm.shutdown()
             for r in self._readers.values():
                 r.close()
+            # Drop AsyncLLM now: its __del__ calls shutdown() again, which fails if it only runs at
+            # interpreter teardown (module globals already gone).
+            del self.llm
+            gc.collect()
 
 
 def _sampled_logprobs(completion: object) -> list[float]:

@@ -1,0 +1,308 @@
+"""Session: one stream's memory loop — engine steps, segmentation, events, retrieval.
+
+Contract
+--------
+* Owned by the server process. One task steps a session at a time (``append`` and ``ask`` hold the
+  session's lock); different sessions step concurrently and share the engine (vLLM batches them).
+* A session is a directory::
+
+      session.json      config (segmenter + retrieval) and the segmenter state after the last step
+      log/              KV log (written by the engine), event table and indexes (written here)
+      surprise.f32      float32 surprise of every logged token (written here after each step)
+
+* Ingestion (``append``): tokens are computed in chunks of ``exc_block_size``; chunk k's window is
+  planned with the previous step's query summary (lagged queries: the chunk's own queries do not
+  exist before it runs), its surprise feeds the segmenter, and events that left the local window
+  are closed into the event table and indexes. The committed offset returned is durable in the log.
+* Questions (``ask``): a probe step (question over sink + local) yields the question's queries;
+  the real step retrieves with them and generates. The memory is unchanged by a question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emserve.retrieval.errors import EmserveError
+from emserve.retrieval.kvlog import KVLog
+from emserve.retrieval.memory import EpisodicMemory
+from emserve.retrieval.planner import RetrievalConfig
+from emserve.retrieval.retriever import RetrievalResult
+from emserve.segmenter import OnlineSegmenter, SegmenterConfig
+from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
+from emserve.server.engine.rope import RopeSpec
+
+SESSION_FILE = "session.json"
+SURPRISE_FILE = "surprise.f32"
+LOG_DIR = "log"
+
+
+class SessionError(EmserveError):
+    """A session is missing, corrupt, or used against its configuration."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Per-session memory knobs (EM-LLM names). Defaults are sized for SmolLM2-135M (8k context)."""
+
+    n_init: int = 128
+    n_local: int = 1024
+    n_mem: int = 1024
+    exc_block_size: int = 512
+    min_block_size: int = 8
+    max_block_size: int = 128
+    surprisal_threshold_gamma: float = 1.0
+    similarity_metric: str = "modularity"
+    splitter: str = "surprise"
+    repr_topk: int = 4
+    use_contiguity_buffer: bool = True
+    contiguity_buffer_size: float = 0.3
+    per_layer: bool = True
+
+    def segmenter(self) -> SegmenterConfig:
+        return SegmenterConfig(
+            n_init=self.n_init,
+            n_local=self.n_local,
+            surprisal_threshold_gamma=self.surprisal_threshold_gamma,
+            min_block_size=self.min_block_size,
+            max_block_size=self.max_block_size,
+            splitter=self.splitter,  # type: ignore[arg-type]
+            similarity_metric=self.similarity_metric,  # type: ignore[arg-type]
+        )
+
+    def retrieval(self, max_window: int) -> RetrievalConfig:
+        return RetrievalConfig(
+            n_init=self.n_init,
+            n_local=self.n_local,
+            n_mem=self.n_mem,
+            exc_block_size=self.exc_block_size,
+            repr_topk=self.repr_topk,
+            use_contiguity_buffer=self.use_contiguity_buffer,
+            contiguity_buffer_size=self.contiguity_buffer_size,
+            per_layer=self.per_layer,
+            max_window=max_window,
+        )
+
+
+@dataclass
+class AskResult:
+    token_ids: list[int]
+    finish_reason: str | None
+    retrieval: RetrievalResult | None
+    step: StepResult
+
+
+class Session:
+    """A live session. Create with :meth:`create` or reopen with :meth:`open`."""
+
+    def __init__(self, path: Path, engine: Engine, config: MemoryConfig, segmenter: OnlineSegmenter) -> None:
+        self.path = path
+        self.engine = engine
+        self.config = config
+        self.segmenter = segmenter
+        self.lock = asyncio.Lock()
+        self.log_path = str(path / LOG_DIR)
+        self._rope = RopeSpec.from_hf_config(_hf_config(engine))
+        self._memory: EpisodicMemory | None = None
+        self._log: KVLog | None = None
+        self._last_queries: np.ndarray | None = None
+        self._surprise_fd = os.open(path / SURPRISE_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self.events_closed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], engine: Engine, config: MemoryConfig | None = None
+    ) -> Session:
+        p = Path(path)
+        if (p / SESSION_FILE).exists():
+            raise SessionError(f"session already exists at {p}")
+        p.mkdir(parents=True, exist_ok=True)
+        cfg = config or MemoryConfig()
+        cfg.retrieval(engine.info.max_model_len)  # validate against the model now
+        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter()))
+        s._save_state()
+        return s
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], engine: Engine) -> Session:
+        p = Path(path)
+        try:
+            state = json.loads((p / SESSION_FILE).read_text())
+        except FileNotFoundError:
+            raise SessionError(f"no session at {p}") from None
+        cfg = MemoryConfig(**state["config"])
+        seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
+        s = cls(p, engine, cfg, seg)
+        s._recover()
+        return s
+
+    def _recover(self) -> None:
+        """Replay what the log holds beyond the saved segmenter state (a crash between the two)."""
+        n_sur = os.fstat(self._surprise_fd).st_size // 4
+        n_log = len(self.log) if (Path(self.log_path) / "layout.json").exists() else 0
+        if n_log < n_sur:
+            os.ftruncate(self._surprise_fd, n_log * 4)
+            n_sur = n_log
+        if n_log > n_sur:
+            # the engine committed tokens whose surprise never reached us: drop them from the log
+            with KVLog.open(self.log_path, writable=True) as w:
+                os.ftruncate(w._fds["tokens.i32"], n_sur * 4)  # noqa: SLF001 - commit point of the log
+            self.log.refresh()
+        seen = self.segmenter.tokens_seen
+        if seen < n_sur:
+            sur = np.fromfile(self.path / SURPRISE_FILE, dtype=np.float32)[seen:n_sur]
+            self._close(self.segmenter.feed(sur, self._keys))
+            self._save_state()
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.checkpoint()
+            self._memory.close()
+        if self._log is not None:
+            self._log.close()
+        os.close(self._surprise_fd)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def log(self) -> KVLog:
+        if self._log is None:
+            self._log = KVLog.open(self.log_path)
+        self._log.refresh()
+        return self._log
+
+    @property
+    def memory(self) -> EpisodicMemory:
+        if self._memory is None:
+            self._memory = EpisodicMemory(
+                self.log,
+                self.config.retrieval(self.engine.info.max_model_len),
+                num_heads=self.engine.info.num_heads,
+                rotate=self._rope.rotate,
+            )
+        return self._memory
+
+    @property
+    def num_tokens(self) -> int:
+        return os.fstat(self._surprise_fd).st_size // 4
+
+    def _save_state(self) -> None:
+        state = {
+            "config": dataclasses.asdict(self.config),
+            "segmenter": _to_json(self.segmenter.state_dict()),
+        }
+        tmp = self.path / (SESSION_FILE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path / SESSION_FILE)
+
+    def _keys(self, start: int, end: int) -> torch.Tensor:
+        lo, hi = self.config.segmenter().layer_range(self.engine.info.num_layers)
+        log = self.log
+        pos = torch.from_numpy(log.positions(start, end).astype(np.int64))
+        return torch.stack(
+            [self._rope.rotate(log.keys(layer, start, end).float(), -pos) for layer in range(lo, hi)]
+        )
+
+    def _close(self, events: Sequence[Any]) -> None:
+        if events:
+            self.memory.close_events([(e.start, e.end) for e in events])
+            self.events_closed += len(events)
+
+    # ------------------------------------------------------------------ ingestion
+    async def append(self, token_ids: Sequence[int]) -> int:
+        """Ingest tokens; returns the committed token offset (all of them are in the memory)."""
+        ids = [int(t) for t in token_ids]
+        async with self.lock:
+            step = self.config.exc_block_size
+            for i in range(0, len(ids), step):
+                await self._ingest_chunk(ids[i : i + step])
+            return self.num_tokens
+
+    async def _ingest_chunk(self, chunk: list[int]) -> StepResult:
+        offset = self.num_tokens
+        if offset == 0:
+            from emserve.retrieval.plan import WindowPlan
+
+            plan = WindowPlan.build(chunk, capture_log=self.log_path)
+        else:
+            plan = self.memory.planner.plan_step(offset, chunk, self._last_queries)
+        res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
+        if res.log_offset != offset:
+            raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
+        os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
+        self._last_queries = res.queries
+        self._close(self.segmenter.feed(res.surprise, self._keys))
+        self._save_state()
+        return res
+
+    # ------------------------------------------------------------------ questions
+    async def ask_stream(
+        self, question_ids: Sequence[int], sampling: SamplingSpec
+    ) -> AsyncIterator[TokenDelta | AskResult]:
+        """Answer against the memory without changing it: yields TokenDeltas, then an AskResult."""
+        q = [int(t) for t in question_ids]
+        async with self.lock:
+            offset = self.num_tokens
+            retrieval = None
+            if offset == 0:
+                from emserve.retrieval.plan import WindowPlan
+
+                plan = WindowPlan.build(q)
+            else:
+                planner = self.memory.planner
+                probe = await self.engine.step(
+                    planner.probe_plan(offset, q), options=StepOptions(surprise=False)
+                )
+                plan = planner.plan_step(offset, q, probe.queries, reserve=sampling.max_tokens)
+                plan = dataclasses.replace(plan, capture_log=None)
+                retrieval = planner.last_retrieval
+            async for item in self.engine.stream(plan, sampling, StepOptions(surprise=False, queries=False)):
+                if isinstance(item, StepResult):
+                    yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item)
+                else:
+                    yield item
+
+    async def ask(self, question_ids: Sequence[int], sampling: SamplingSpec) -> AskResult:
+        result = None
+        async for item in self.ask_stream(question_ids, sampling):
+            if isinstance(item, AskResult):
+                result = item
+        assert result is not None
+        return result
+
+
+def _hf_config(engine: Engine) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(engine.info.path)
+
+
+def _to_json(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _from_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v) for v in obj]
+    return obj
