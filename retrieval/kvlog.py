@@ -235,7 +235,7 @@ class KVLog:
         t = t.detach().to("cpu", self.layout.torch_dtype).contiguous()
         if self.layout.dtype == "bfloat16":
             t = t.view(torch.int16)
-        return memoryview(t.numpy()).cast("B")
+        return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
 
     def _write(self, name: str, data: bytes | memoryview) -> None:
         fd = self._fds[name]
@@ -289,9 +289,7 @@ class KVLog:
     def values(self, layer: int, start: int, end: int) -> torch.Tensor:
         return self._rows(_vfile(layer), start, end)
 
-    def gather(
-        self, layer: int, ranges: Sequence[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather(self, layer: int, ranges: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenated keys, values and stored positions (int64) of several ranges (copies)."""
         ks = [self.keys(layer, s, e) for s, e in ranges]
         vs = [self.values(layer, s, e) for s, e in ranges]

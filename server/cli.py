@@ -83,7 +83,7 @@ def _demo(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         answer = await session.ask(question, SamplingSpec(max_tokens=12, stop_token_ids=()))
         text_out = tok.decode(answer.token_ids)
-        print(f"question   {tok.decode(question).strip()!r}")
+        print(f"question   {str(tok.decode(question)).strip()!r}")
         print(f"answer     {text_out!r}  ({time.perf_counter() - t1:.2f} s)")
         ok = key in text_out
         print(f"correct    {ok}")

@@ -128,9 +128,7 @@ class Engine(ABC):
     def check_plan(self, plan: WindowPlan, options: StepOptions) -> None:
         plan.check_layers(self.info.num_layers)
         if plan.window_len + 1 > self.info.max_model_len:
-            raise PlanError(
-                f"window of {plan.window_len} tokens exceeds max_model_len {self.info.max_model_len}"
-            )
+            raise PlanError(f"window of {plan.window_len} tokens exceeds max_model_len {self.info.max_model_len}")
         if options.surprise and plan.anchor is None and plan.num_injected > 0:
             raise PlanError("surprise of the first new token needs an anchor when segments are injected")
         bad = [t for t in plan.new_token_ids if not 0 <= t < self.info.vocab_size]

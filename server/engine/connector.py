@@ -149,9 +149,8 @@ class EMConnector(KVConnectorBase_V1):
         self.num_heads = int(hf.num_attention_heads)
         self.num_kv_heads = int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
         self.head_dim = self.rope.head_dim
-        self.log_dtype = (vllm_config.kv_transfer_config.kv_connector_extra_config or {}).get(
-            "log_dtype", "bfloat16"
-        )
+        ktc = vllm_config.kv_transfer_config
+        self.log_dtype = ((ktc.kv_connector_extra_config if ktc else None) or {}).get("log_dtype", "bfloat16")
         # scheduler half
         self._reqs: dict[str, _ReqState] = {}
         self._pending_load: set[str] = set()
@@ -163,9 +162,7 @@ class EMConnector(KVConnectorBase_V1):
         self._inv_cache: tuple[int, int, torch.Tensor] | None = None
 
     # ================================================================ scheduler half
-    def get_num_new_matched_tokens(
-        self, request: Request, num_computed_tokens: int
-    ) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         em = plan_of(request.kv_transfer_params)
         if em is None:
             return 0, False
@@ -316,16 +313,12 @@ class EMConnector(KVConnectorBase_V1):
                 segs = ld.layer_segments[li] if ld.layer_segments is not None else ld.segments
                 k, v = self._gather(segs, li)
                 dt = kv_cache.dtype
-                impl.do_kv_cache_update(
-                    layer, k.to(dt).contiguous(), v.to(dt).contiguous(), kv_cache, ld.slots
-                )
+                impl.do_kv_cache_update(layer, k.to(dt).contiguous(), v.to(dt).contiguous(), kv_cache, ld.slots)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
 
-    def save_kv_layer(
-        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
-    ) -> None:
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return
 
     def capture(
@@ -419,9 +412,7 @@ def install_capture(impl: Any, connector: EMConnector, layer_name: str) -> None:
         return
     inner = impl.forward
 
-    def forward(
-        layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kw: Any
-    ) -> Any:
+    def forward(layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kw: Any) -> Any:
         connector.capture(layer_name, query, key, value)
         return inner(layer, query, key, value, *args, **kw)
 

@@ -117,17 +117,13 @@ class ReferenceEngine(Engine):
         ).eval()
         self.model.requires_grad_(False)
         self.layers = _decoder_layers(self.model)
-        info = ModelInfo.from_hf_config(
-            name or Path(model_path).name, str(model_path), config, dtype, max_len
-        )
+        info = ModelInfo.from_hf_config(name or Path(model_path).name, str(model_path), config, dtype, max_len)
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         gen_eos_ids = (gen_eos,) if isinstance(gen_eos, int) else tuple(gen_eos or ())
         extra_eos = tuple(int(t) for t in gen_eos_ids if int(t) not in info.eos_token_ids)
         self.info = replace(info, eos_token_ids=info.eos_token_ids + extra_eos)
         if len(self.layers) != self.info.num_layers:
-            raise UnsupportedModelError(
-                f"found {len(self.layers)} decoder layers, config says {self.info.num_layers}"
-            )
+            raise UnsupportedModelError(f"found {len(self.layers)} decoder layers, config says {self.info.num_layers}")
         self.log_dtype = log_dtype
         self.kv_layout = self.info.kv_layout(log_dtype)  # validates log_dtype
         self.attn_implementation = attn_implementation
@@ -268,10 +264,7 @@ class ReferenceEngine(Engine):
         if options.queries:
             window_pos = torch.arange(first_new, first_new + n_new)
             q_mean = np.stack(
-                [
-                    self.rope.rotate(queries[i].float(), -window_pos).mean(0).numpy()
-                    for i in range(self.info.num_layers)
-                ]
+                [self.rope.rotate(queries[i].float(), -window_pos).mean(0).numpy() for i in range(self.info.num_layers)]
             ).astype(np.float32)
         t3 = time.perf_counter()
 

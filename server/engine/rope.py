@@ -59,9 +59,7 @@ class RopeSpec:
                 f"supported: {EXACT_ROPE_TYPES}"
             )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        partial = float(
-            params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-        )
+        partial = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0)
         rot_dim = int(head_dim * partial)
         if rope_type == "default":
             base = float(params["rope_theta"])

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ class VLLMEngine(Engine):
 
     def _sampling_params(
         self, plan: WindowPlan, sampling: SamplingSpec | None, options: StepOptions, result_path: Path
-    ) -> object:
+    ) -> Any:
         from vllm import SamplingParams
 
         gen = sampling is not None and sampling.max_tokens > 0
@@ -198,7 +199,7 @@ class VLLMEngine(Engine):
             with contextlib.suppress(FileNotFoundError):
                 result_path.unlink()
 
-    def _surprise(self, prompt_logprobs: list | None, prompt: list[int], first_new: int) -> np.ndarray:
+    def _surprise(self, prompt_logprobs: Any, prompt: list[int], first_new: int) -> np.ndarray:
         if prompt_logprobs is None:
             raise EngineError("vLLM returned no prompt logprobs")
         out = np.empty(len(prompt) - first_new, np.float32)

@@ -35,9 +35,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture(scope="module")
-def engines(
-    tiny_model_dir: Path, loop: asyncio.AbstractEventLoop
-) -> Iterator[tuple[VLLMEngine, ReferenceEngine]]:
+def engines(tiny_model_dir: Path, loop: asyncio.AbstractEventLoop) -> Iterator[tuple[VLLMEngine, ReferenceEngine]]:
     cfg = EngineConfig(
         model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048, kv_cache_gib=1
     )
@@ -60,9 +58,7 @@ def _ingest(loop: asyncio.AbstractEventLoop, eng: VLLMEngine, log: str, ids: lis
         plan = (
             WindowPlan.build(new, capture_log=log)
             if off == 0
-            else WindowPlan.build(
-                new, [Segment(log, 0, off - 1)], anchor=Anchor(log, off - 1), capture_log=log
-            )
+            else WindowPlan.build(new, [Segment(log, 0, off - 1)], anchor=Anchor(log, off - 1), capture_log=log)
         )
         loop.run_until_complete(eng.step(plan))
         off += len(new)
@@ -156,9 +152,7 @@ def test_concurrent_sessions_batch_without_crosstalk(engines, loop, tmp_path: Pa
             plan = (
                 WindowPlan.build(new, capture_log=log)
                 if off == 0
-                else WindowPlan.build(
-                    new, [Segment(log, 0, off - 1)], anchor=Anchor(log, off - 1), capture_log=log
-                )
+                else WindowPlan.build(new, [Segment(log, 0, off - 1)], anchor=Anchor(log, off - 1), capture_log=log)
             )
             out.append((await v.step(plan)).surprise)
         return out
@@ -180,15 +174,9 @@ def test_placeholder_prompts_never_hit_a_stale_cache(engines, loop, tmp_path: Pa
     log = str(tmp_path / "src")
     _ingest(loop, v, log, _ids(300, 7), chunk=300)
     new = _ids(8, 8)
-    a = loop.run_until_complete(
-        v.step(WindowPlan.build(new, [Segment(log, 0, 100)], anchor=Anchor(log, 299)))
-    )
-    b = loop.run_until_complete(
-        v.step(WindowPlan.build(new, [Segment(log, 150, 251)], anchor=Anchor(log, 299)))
-    )
-    a2 = loop.run_until_complete(
-        v.step(WindowPlan.build(new, [Segment(log, 0, 100)], anchor=Anchor(log, 299)))
-    )
+    a = loop.run_until_complete(v.step(WindowPlan.build(new, [Segment(log, 0, 100)], anchor=Anchor(log, 299))))
+    b = loop.run_until_complete(v.step(WindowPlan.build(new, [Segment(log, 150, 251)], anchor=Anchor(log, 299))))
+    a2 = loop.run_until_complete(v.step(WindowPlan.build(new, [Segment(log, 0, 100)], anchor=Anchor(log, 299))))
     assert np.abs(a.surprise - b.surprise).max() > 1e-3
     np.testing.assert_allclose(a.surprise, a2.surprise, atol=1e-6)
 
@@ -203,7 +191,7 @@ def test_generation_streams_and_can_be_cancelled(engines, loop, tmp_path: Path) 
             SamplingSpec(max_tokens=500, ignore_eos=True),
             StepOptions(surprise=False, queries=False),
         )
-        async for item in agen:
+        async for _item in agen:
             n += 1
             if n == 3:
                 break
@@ -212,9 +200,7 @@ def test_generation_streams_and_can_be_cancelled(engines, loop, tmp_path: Path) 
 
     assert loop.run_until_complete(first_deltas()) == 3
     # the engine is still healthy afterwards
-    r = loop.run_until_complete(
-        v.step(WindowPlan.build(_ids(10, 9)), SamplingSpec(max_tokens=4, ignore_eos=True))
-    )
+    r = loop.run_until_complete(v.step(WindowPlan.build(_ids(10, 9)), SamplingSpec(max_tokens=4, ignore_eos=True)))
     assert len(r.output_token_ids) == 4
 
 

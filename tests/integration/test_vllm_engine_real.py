@@ -128,13 +128,20 @@ def test_plain_run_equals_vanilla_vllm(model_dir, text_ids, loop) -> None:
     prompt = text_ids[:600]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     vanilla = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(model=str(model_dir), dtype="float32", max_model_len=4096, enforce_eager=True,
-                        enable_prefix_caching=False, disable_log_stats=True)
+        AsyncEngineArgs(
+            model=str(model_dir),
+            dtype="float32",
+            max_model_len=4096,
+            enforce_eager=True,
+            enable_prefix_caching=False,
+            disable_log_stats=True,
+        )
     )
 
     async def run_vanilla():
-        sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0,
-                            detokenize=False)
+        sp = SamplingParams(
+            max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0, detokenize=False
+        )
         final = None
         async for out in vanilla.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id="vanilla"):
             final = out
