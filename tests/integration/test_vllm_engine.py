@@ -216,3 +216,25 @@ def test_plan_errors_are_clear(engines, loop, tmp_path: Path) -> None:
         loop.run_until_complete(v.step(WindowPlan.build([10**6])))
     with pytest.raises(PlanError, match="max_model_len"):
         loop.run_until_complete(v.step(WindowPlan.build(_ids(2100, 12))))
+
+
+def test_qwen2_family_matches_oracle(tiny_qwen_dir: Path, loop, tmp_path: Path) -> None:
+    """Second model family: q/k/v biases, rope_theta 1e6."""
+    cfg = EngineConfig(
+        model=str(tiny_qwen_dir), dtype="float32", log_dtype="float32", max_model_len=1024, kv_cache_gib=1
+    )
+    v = VLLMEngine(cfg)
+    r = ReferenceEngine(str(tiny_qwen_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
+    try:
+        log = str(tmp_path / "src")
+        _ingest(loop, v, log, _ids(300, 20), chunk=150)
+        plan = WindowPlan.build(_ids(16, 21), [Segment(log, 0, 4), Segment(log, 100, 160)], anchor=Anchor(log, 299))
+        spec = SamplingSpec(max_tokens=8, ignore_eos=True)
+        rv = loop.run_until_complete(v.step(plan, spec))
+        rr = r.run(plan, spec)
+        assert rv.output_token_ids == rr.output_token_ids
+        np.testing.assert_allclose(rv.surprise, rr.surprise, atol=TOL)
+        np.testing.assert_allclose(rv.queries, rr.queries, atol=TOL)
+    finally:
+        loop.run_until_complete(v.close())
+        loop.run_until_complete(r.close())
