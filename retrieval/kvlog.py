@@ -104,12 +104,13 @@ class KVLog:
         self.writable = writable
         self.fsync = fsync
         self._n = 0
+        self._appended = 0  # committed length after this writer's last append (detects outside truncation)
         self._maps: dict[str, np.memmap] = {}
         self._map_len: dict[str, int] = {}
         self._fds: dict[str, int] = {}
         if writable:
             self._recover()
-        self.refresh()
+        self._appended = self.refresh()
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -156,6 +157,10 @@ class KVLog:
 
     def _recover(self) -> None:
         """Truncate every file to the longest prefix that all files hold completely."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._maps.clear()
         sizes = {}
         for name in self._files():
             f = self.path / name
@@ -213,6 +218,9 @@ class KVLog:
                 f"append needs {self.layout.num_layers} layers of [C={c}, H, D] and C positions; got "
                 f"{len(keys)} key / {len(values)} value layers and positions {pos.shape}"
             )
+        if self.refresh() != self._appended:
+            self._recover()  # another writer truncated the log (session recovery): start from its end
+            self.refresh()
         start = self._n
         want = (c, *self.layout.row_shape)
         for layer in range(self.layout.num_layers):
@@ -228,8 +236,19 @@ class KVLog:
         self._write(TOKENS_FILE, tok.tobytes())
         if self.fsync:
             os.fsync(self._fds[TOKENS_FILE])
-        self._n = start + c
+        self._n = self._appended = start + c
         return start
+
+    def truncate(self, n: int) -> None:
+        """Drop every token from ``n`` on (writer only; used by recovery when no step is in flight)."""
+        if not self.writable:
+            raise LogError(f"KV log at {self.path} is open read-only")
+        if not 0 <= n <= self.refresh():
+            raise LogError(f"cannot truncate a log of {self._n} tokens to {n}")
+        os.ftruncate(self._fds[TOKENS_FILE], n * 4)  # the commit point first
+        self._recover()
+        self.refresh()
+        self._appended = self._n
 
     def _to_bytes(self, t: torch.Tensor) -> bytes | memoryview:
         t = t.detach().to("cpu", self.layout.torch_dtype).contiguous()

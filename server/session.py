@@ -24,8 +24,9 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from emserve.retrieval.errors import EmserveError
+from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.planner import RetrievalConfig
@@ -43,6 +45,7 @@ from emserve.server.engine.rope import RopeSpec
 
 SESSION_FILE = "session.json"
 SURPRISE_FILE = "surprise.f32"
+QUERIES_FILE = "queries.npy"  # the last step's query summary (lagged queries for the next chunk)
 LOG_DIR = "log"
 
 
@@ -99,6 +102,22 @@ class AskResult:
     finish_reason: str | None
     retrieval: RetrievalResult | None
     step: StepResult
+    timings: dict[str, float] = field(default_factory=dict)
+    """``wait_s`` (for the session's lock), ``retrieval_s`` (probe step + retrieval + planning)."""
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """A session's size, read from its files (cheap; no engine involved)."""
+
+    num_tokens: int
+    num_events: int
+    event_tokens: int
+    disk_bytes: int
+    surprise_mean: float
+    surprise_std: float
+    surprise_min: float
+    surprise_max: float
 
 
 class Session:
@@ -115,14 +134,13 @@ class Session:
         self._memory: EpisodicMemory | None = None
         self._log: KVLog | None = None
         self._last_queries: np.ndarray | None = None
+        self._pending: list[int] = []
         self._surprise_fd = os.open(path / SURPRISE_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.events_closed = 0
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(
-        cls, path: str | os.PathLike[str], engine: Engine, config: MemoryConfig | None = None
-    ) -> Session:
+    def create(cls, path: str | os.PathLike[str], engine: Engine, config: MemoryConfig | None = None) -> Session:
         p = Path(path)
         if (p / SESSION_FILE).exists():
             raise SessionError(f"session already exists at {p}")
@@ -143,6 +161,8 @@ class Session:
         cfg = MemoryConfig(**state["config"])
         seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
         s = cls(p, engine, cfg, seg)
+        if (p / QUERIES_FILE).exists():
+            s._last_queries = np.load(p / QUERIES_FILE)
         s._recover()
         return s
 
@@ -156,7 +176,7 @@ class Session:
         if n_log > n_sur:
             # the engine committed tokens whose surprise never reached us: drop them from the log
             with KVLog.open(self.log_path, writable=True) as w:
-                os.ftruncate(w._fds["tokens.i32"], n_sur * 4)  # noqa: SLF001 - commit point of the log
+                w.truncate(n_sur)
             self.log.refresh()
         seen = self.segmenter.tokens_seen
         if seen < n_sur:
@@ -208,24 +228,79 @@ class Session:
         lo, hi = self.config.segmenter().layer_range(self.engine.info.num_layers)
         log = self.log
         pos = torch.from_numpy(log.positions(start, end).astype(np.int64))
-        return torch.stack(
-            [self._rope.rotate(log.keys(layer, start, end).float(), -pos) for layer in range(lo, hi)]
-        )
+        return torch.stack([self._rope.rotate(log.keys(layer, start, end).float(), -pos) for layer in range(lo, hi)])
 
     def _close(self, events: Sequence[Any]) -> None:
+        done = self.memory.table.end_offset if events else 0
+        events = [e for e in events if e.start >= done]  # replay after a crash: already in the table
         if events:
             self.memory.close_events([(e.start, e.end) for e in events])
             self.events_closed += len(events)
 
+    # ------------------------------------------------------------------ inspection
+    @property
+    def event_table(self) -> EventTable | None:
+        """The closed events (None before the first step: no log, no table yet)."""
+        if self.num_tokens == 0:
+            return None
+        return self.memory.table
+
+    def events(self, first: int = 0, count: int | None = None) -> np.ndarray:
+        """int64 ``[n, 2]`` (start, end) of closed events ``first .. first+count-1``, temporal order."""
+        table = self.event_table
+        if table is None:
+            return np.zeros((0, 2), np.int64)
+        n = len(table)
+        stop = n if count is None else min(n, first + count)
+        first = min(max(first, 0), n)
+        return np.stack([table.starts[first:stop], table.ends[first:stop]], axis=1).astype(np.int64)
+
+    def surprise(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """float32 surprise (nats) of committed tokens ``[start, end)``."""
+        n = self.num_tokens
+        end = n if end is None else min(end, n)
+        start = min(max(start, 0), end)
+        if end == start:
+            return np.zeros(0, np.float32)
+        return np.fromfile(self.path / SURPRISE_FILE, dtype=np.float32, count=end - start, offset=4 * start)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Token ids of committed tokens ``[start, end)``."""
+        end = min(end, self.num_tokens)
+        if end <= start:
+            return np.zeros(0, np.int32)
+        return np.asarray(self.log.tokens(start, end))
+
+    def stats(self) -> SessionStats:
+        return session_stats(self.path)
+
     # ------------------------------------------------------------------ ingestion
-    async def append(self, token_ids: Sequence[int]) -> int:
-        """Ingest tokens; returns the committed token offset (all of them are in the memory)."""
-        ids = [int(t) for t in token_ids]
+    async def append(self, token_ids: Sequence[int], *, flush: bool = False) -> int:
+        """Ingest tokens; returns the committed offset (tokens that are in the log and the memory).
+
+        Tokens are computed in chunks of ``exc_block_size`` counted from the last step, so the same
+        stream gives the same steps however it is split into calls; a tail shorter than a chunk
+        waits (uncommitted, in memory) for more tokens or for ``flush`` (``ask`` flushes too).
+        """
         async with self.lock:
-            step = self.config.exc_block_size
-            for i in range(0, len(ids), step):
-                await self._ingest_chunk(ids[i : i + step])
+            self._pending.extend(int(t) for t in token_ids)
+            await self._drain(flush)
             return self.num_tokens
+
+    async def flush(self) -> int:
+        """Compute any pending tail now. Returns the committed offset."""
+        return await self.append((), flush=True)
+
+    @property
+    def pending_tokens(self) -> int:
+        return len(self._pending)
+
+    async def _drain(self, flush: bool) -> None:
+        step = self.config.exc_block_size
+        while len(self._pending) >= step or (flush and self._pending):
+            chunk = self._pending[:step]
+            await self._ingest_chunk(chunk)
+            del self._pending[: len(chunk)]
 
     async def _ingest_chunk(self, chunk: list[int]) -> StepResult:
         offset = self.num_tokens
@@ -234,23 +309,43 @@ class Session:
 
             plan = WindowPlan.build(chunk, capture_log=self.log_path)
         else:
-            plan = self.memory.planner.plan_step(offset, chunk, self._last_queries)
+            planner = self.memory.planner
+            queries = self._last_queries
+            if queries is None:  # no previous step to lag from (e.g. a log restored without state): probe
+                probe = await self.engine.step(planner.probe_plan(offset, chunk), options=StepOptions(surprise=False))
+                queries = probe.queries
+            plan = planner.plan_step(offset, chunk, queries)
         res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
         if res.log_offset != offset:
             raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
         os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
         self._last_queries = res.queries
+        if res.queries is not None:
+            tmp = self.path / (QUERIES_FILE + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, res.queries)
+            os.replace(tmp, self.path / QUERIES_FILE)
         self._close(self.segmenter.feed(res.surprise, self._keys))
         self._save_state()
         return res
 
     # ------------------------------------------------------------------ questions
     async def ask_stream(
-        self, question_ids: Sequence[int], sampling: SamplingSpec
+        self,
+        question_ids: Sequence[int],
+        sampling: SamplingSpec,
+        *,
+        on_plan: Callable[[RetrievalResult | None, dict[str, float]], None] | None = None,
     ) -> AsyncIterator[TokenDelta | AskResult]:
-        """Answer against the memory without changing it: yields TokenDeltas, then an AskResult."""
+        """Answer against the memory without changing it: yields TokenDeltas, then an AskResult.
+
+        ``on_plan`` is called with the retrieval and the timings so far once the step is planned,
+        before the first token (a caller that stops early still learns what was retrieved).
+        """
         q = [int(t) for t in question_ids]
+        t0 = time.perf_counter()
         async with self.lock:
+            t1 = time.perf_counter()
             offset = self.num_tokens
             retrieval = None
             if offset == 0:
@@ -259,15 +354,16 @@ class Session:
                 plan = WindowPlan.build(q)
             else:
                 planner = self.memory.planner
-                probe = await self.engine.step(
-                    planner.probe_plan(offset, q), options=StepOptions(surprise=False)
-                )
+                probe = await self.engine.step(planner.probe_plan(offset, q), options=StepOptions(surprise=False))
                 plan = planner.plan_step(offset, q, probe.queries, reserve=sampling.max_tokens)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
+            timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}
+            if on_plan is not None:
+                on_plan(retrieval, timings)
             async for item in self.engine.stream(plan, sampling, StepOptions(surprise=False, queries=False)):
                 if isinstance(item, StepResult):
-                    yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item)
+                    yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings)
                 else:
                     yield item
 
@@ -278,6 +374,27 @@ class Session:
                 result = item
         assert result is not None
         return result
+
+
+def session_stats(path: str | os.PathLike[str]) -> SessionStats:
+    """Statistics of the session directory ``path`` from its files alone (open or not)."""
+    from emserve.retrieval.events import RECORDS_FILE
+
+    p = Path(path)
+    sur = p / SURPRISE_FILE
+    n = sur.stat().st_size // 4 if sur.exists() else 0
+    records = p / LOG_DIR / RECORDS_FILE
+    rows = records.stat().st_size // 16 if records.exists() else 0
+    bounds = np.fromfile(records, dtype=np.int64, count=2 * rows).reshape(-1, 2) if rows else np.zeros((0, 2))
+    disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    values = np.fromfile(sur, dtype=np.float32, count=n) if n else np.zeros(0, np.float32)
+    values = values[np.isfinite(values)]
+    if values.size:
+        mean, std = float(values.mean()), float(values.std())
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        mean = std = lo = hi = 0.0
+    return SessionStats(n, int(bounds.shape[0]), int((bounds[:, 1] - bounds[:, 0]).sum()), disk, mean, std, lo, hi)
 
 
 def _hf_config(engine: Engine) -> Any:

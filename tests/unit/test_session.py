@@ -1,0 +1,107 @@
+"""Session memory loop on the HF reference engine and a tiny model: ingest, events, ask, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emserve.retrieval.kvlog import KVLog
+from emserve.server.engine.base import SamplingSpec
+from emserve.server.engine.reference import ReferenceEngine
+from emserve.server.session import MemoryConfig, Session, SessionError
+
+CFG = MemoryConfig(n_init=16, n_local=64, n_mem=64, exc_block_size=32, min_block_size=4, max_block_size=24)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> ReferenceEngine:
+    return ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_ingest_builds_events_and_a_bounded_window(engine: ReferenceEngine, tmp_path: Path) -> None:
+    s = Session.create(tmp_path / "s", engine, CFG)
+    ids = _ids(600, 0)
+    assert asyncio.run(s.append(ids[:250])) == 224  # 7 chunks of 32; 26 tokens wait for more
+    assert s.pending_tokens == 26
+    assert asyncio.run(s.append(ids[250:])) == 576
+    assert asyncio.run(s.flush()) == 600
+    log = KVLog.open(tmp_path / "s" / "log")
+    assert len(log) == 600 and log.tokens().tolist() == ids
+    # window positions stay bounded (sink + memory + remainder + local + chunk), not growing with the stream
+    pos = log.positions()
+    assert int(pos.max()) < 300 and int(pos[300:].max()) <= int(pos[:300].max()) + CFG.max_block_size
+    table = s.memory.table
+    assert len(table) > 0
+    starts, ends = table.starts, table.ends
+    assert starts[0] == 16 and np.all(starts[1:] == ends[:-1])  # events tile the stream after the sink
+    assert ends[-1] <= 600 - CFG.n_local
+    ans = asyncio.run(s.ask(_ids(5, 1), SamplingSpec(max_tokens=4, ignore_eos=True)))
+    assert len(ans.token_ids) == 4
+    assert ans.retrieval is not None and sum(e.end - e.start for e in ans.retrieval.layers[0].events) <= CFG.n_mem
+    assert len(KVLog.open(tmp_path / "s" / "log")) == 600  # a question leaves the memory unchanged
+    s.close()
+
+
+def test_reopen_resumes_identically(engine: ReferenceEngine, tmp_path: Path) -> None:
+    ids = _ids(500, 2)
+    a = Session.create(tmp_path / "a", engine, CFG)
+    asyncio.run(a.append(ids, flush=True))
+    b = Session.create(tmp_path / "b", engine, CFG)
+    for i in range(0, 300, 50):  # another split of the same stream, interrupted by a restart
+        asyncio.run(b.append(ids[i : i + 50]))
+    b.close()  # the uncommitted tail (300 - 288 tokens) is the client's to re-send
+    b = Session.open(tmp_path / "b", engine)
+    assert b.num_tokens == 288
+    asyncio.run(b.append(ids[288:], flush=True))
+    assert len(b.memory.table) == len(a.memory.table)
+    assert np.array_equal(b.memory.table.starts, a.memory.table.starts)
+    for layer in (0, 1):
+        torch.testing.assert_close(
+            KVLog.open(tmp_path / "b" / "log").keys(layer, 0, 500),
+            KVLog.open(tmp_path / "a" / "log").keys(layer, 0, 500),
+            atol=1e-5,
+            rtol=0,
+        )
+    a.close()
+    b.close()
+
+
+def test_crash_between_log_and_surprise_is_repaired(engine: ReferenceEngine, tmp_path: Path) -> None:
+    import shutil
+
+    d = tmp_path / "s"
+    s = Session.create(d, engine, CFG)
+    assert asyncio.run(s.append(_ids(160, 3))) == 160
+    for name in ("session.json", "queries.npy"):
+        shutil.copy(d / name, tmp_path / name)
+    assert asyncio.run(s.append(_ids(32, 4))) == 192
+    s.close()
+    # crash after the engine committed the last step to the log, before the server recorded it
+    for name in ("session.json", "queries.npy"):
+        shutil.copy(tmp_path / name, d / name)
+    os.truncate(d / "surprise.f32", 160 * 4)
+    s = Session.open(d, engine)
+    assert s.num_tokens == 160 and len(s.log) == 160
+    assert asyncio.run(s.append(_ids(32, 4))) == 192  # the client re-sends from its last ack
+    ends = s.memory.table.ends
+    assert np.all(np.diff(ends) > 0) and ends[-1] <= 192 - CFG.n_local  # no duplicated events
+    s.close()
+
+
+def test_errors(engine: ReferenceEngine, tmp_path: Path) -> None:
+    with pytest.raises(SessionError, match="no session"):
+        Session.open(tmp_path / "missing", engine)
+    Session.create(tmp_path / "s", engine, CFG).close()
+    with pytest.raises(SessionError, match="already exists"):
+        Session.create(tmp_path / "s", engine, CFG)
+    with pytest.raises(ValueError, match="max_window"):
+        Session.create(tmp_path / "t", engine, MemoryConfig(n_local=4096, n_mem=4096))
