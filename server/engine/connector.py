@@ -16,9 +16,11 @@ neither talks to the emserve server except through files:
   paged cache through the attention backend's own ``do_kv_cache_update`` (layout independent),
   re-rotating keys to their window positions. During the forward, a capture shim on each attention
   layer's impl records the new tokens' post-RoPE K/V and sums their de-rotated queries (rows found
-  by slot, so chunked prefill and batching with other requests are handled). ``wait_for_save``
-  appends completed captures to the plan's ``capture_log`` and writes ``result_path``
-  (``log_offset`` and the query summary) atomically, before vLLM returns the step's outputs.
+  by slot, so chunked prefill and batching with other requests are handled); with
+  ``query_tokens = n`` in the wire plan it also keeps the de-rotated queries of the last ``n`` new
+  tokens one by one. ``wait_for_save`` appends completed captures to the plan's ``capture_log`` and
+  writes ``result_path`` (``log_offset``, the query summary and the per-token queries) atomically,
+  before vLLM returns the step's outputs.
 
 Requirements on the engine: prefix caching off (placeholder prompts must never hit a cache),
 ``kv_role="kv_both"``. The plan's token placeholders are never embedded.
@@ -110,12 +112,14 @@ class CaptureInit:
     capture_log: str | None
     result_path: str | None
     want_queries: bool
+    query_tokens: int = 0  # report the de-rotated queries of the last this-many new tokens
 
 
 @dataclass
 class EMConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     captures: list[CaptureSpec] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # requests gone: drop their partial captures
 
 
 @dataclass
@@ -125,6 +129,7 @@ class _ReqState:
     first_new: int  # prompt index of the first new token
     num_new: int
     sent_tokens: bool = False
+    captured: bool = False  # every new token was sent for capture (a preempted+resumed request recomputes)
     prompt_token_ids: list[int] = field(default_factory=list)
 
 
@@ -136,6 +141,7 @@ class _Capture:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     qsum: torch.Tensor | None = None
+    qtok: torch.Tensor | None = None  # float32 [n, L, H, D]: queries of the last n new tokens
 
 
 class EMConnector(KVConnectorBase_V1):
@@ -220,6 +226,8 @@ class EMConnector(KVConnectorBase_V1):
                     )
                 )
             n_sched = scheduler_output.num_scheduled_tokens.get(rid, 0)
+            if st.captured:
+                continue
             lo = max(num_computed, st.first_new)
             hi = min(num_computed + n_sched, st.first_new + st.num_new)
             if hi <= lo:
@@ -235,7 +243,9 @@ class EMConnector(KVConnectorBase_V1):
                     capture_log=st.em.get("capture_log"),
                     result_path=st.em.get("result_path"),
                     want_queries=bool(st.em.get("want_queries", True)),
+                    query_tokens=int(st.em.get("query_tokens", 0) or 0),
                 )
+            st.captured = hi == st.first_new + st.num_new
             meta.captures.append(
                 CaptureSpec(
                     req_id=rid,
@@ -245,6 +255,7 @@ class EMConnector(KVConnectorBase_V1):
                     first=init,
                 )
             )
+        meta.finished = list(scheduler_output.finished_req_ids)
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -272,12 +283,16 @@ class EMConnector(KVConnectorBase_V1):
         assert isinstance(connector_metadata, EMConnectorMetadata)
         self._inv_cache = None
         self._step_captures = []
+        for rid in connector_metadata.finished:
+            self._captures.pop(rid, None)
         for spec in connector_metadata.captures:
             if spec.first is not None:
                 self._captures[spec.req_id] = _Capture(
                     spec.req_id, spec.first, torch.zeros(spec.first.num_new, dtype=torch.bool)
                 )
-            self._step_captures.append((self._captures[spec.req_id], spec))
+            cap = self._captures.get(spec.req_id)
+            if cap is not None:
+                self._step_captures.append((cap, spec))
 
     def _reader(self, path: str) -> KVLog:
         r = self._readers.get(path)
@@ -344,11 +359,18 @@ class EMConnector(KVConnectorBase_V1):
                 cap.values = [torch.empty(c, kvh, hd, dtype=value.dtype) for _ in range(self.num_layers)]
                 if cap.init.want_queries:
                     cap.qsum = torch.zeros(self.num_layers, nh, hd, dtype=torch.float64)
+                    n_tok = min(cap.init.query_tokens, c)
+                    if n_tok > 0:
+                        cap.qtok = torch.zeros(n_tok, self.num_layers, nh, hd, dtype=torch.float32)
             cap.keys[li][spec.dest] = key.view(-1, kvh, hd)[rows]
             cap.values[li][spec.dest] = value.view(-1, kvh, hd)[rows]
             if cap.qsum is not None:
-                q = query.view(-1, nh, hd)[rows].float()
-                cap.qsum[li] += self.rope.rotate(q, -spec.positions).sum(0, dtype=torch.float64)
+                q = self.rope.rotate(query.view(-1, nh, hd)[rows].float(), -spec.positions)
+                cap.qsum[li] += q.sum(0, dtype=torch.float64)
+                if cap.qtok is not None:
+                    tail = spec.dest - (cap.init.num_new - cap.qtok.shape[0])  # index among the last n
+                    keep = tail >= 0
+                    cap.qtok[tail[keep], li] = q[keep]
             if li == self.num_layers - 1:
                 cap.seen[spec.dest] = True
 
@@ -384,7 +406,7 @@ class EMConnector(KVConnectorBase_V1):
             offset = w.append(init.token_ids, positions, cap.keys, cap.values)
         if init.result_path:
             q = None if cap.qsum is None else (cap.qsum / init.num_new).to(torch.float32).numpy()
-            write_result(init.result_path, offset, q)
+            write_result(init.result_path, offset, q, None if cap.qtok is None else cap.qtok.numpy())
 
     def shutdown(self) -> None:
         for w in self._writers.values():
@@ -393,12 +415,16 @@ class EMConnector(KVConnectorBase_V1):
         self._readers.clear()
 
 
-def write_result(path: str, log_offset: int, queries: np.ndarray | None) -> None:
+def write_result(
+    path: str, log_offset: int, queries: np.ndarray | None, query_tokens: np.ndarray | None = None
+) -> None:
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     arrays: dict[str, np.ndarray] = {"log_offset": np.asarray(log_offset, dtype=np.int64)}
     if queries is not None:
         arrays["queries"] = queries
+    if query_tokens is not None:
+        arrays["query_tokens"] = query_tokens
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, p)
