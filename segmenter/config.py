@@ -85,37 +85,54 @@ class SegmenterConfig:
             if not ok:
                 raise SegmenterError(f"SegmenterConfig: {msg}")
 
-        for name in ("n_init", "n_local", "surprise_warmup", "min_block_size", "max_block_size",
-                     "max_event_span", "random_seed"):
+        for name in (
+            "n_init",
+            "n_local",
+            "surprise_warmup",
+            "min_block_size",
+            "max_block_size",
+            "max_event_span",
+            "random_seed",
+        ):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an int, got {v!r}")
         need(self.n_init >= 0, f"n_init must be >= 0, got {self.n_init}")
         need(self.min_block_size >= 1, f"min_block_size must be >= 1, got {self.min_block_size}")
-        need(self.max_block_size >= 2 * self.min_block_size,
-             f"max_block_size ({self.max_block_size}) must be >= 2 * min_block_size ({self.min_block_size})")
-        need(self.max_event_span >= self.max_block_size,
-             f"max_event_span ({self.max_event_span}) must be >= max_block_size ({self.max_block_size})")
-        need(self.n_local >= self.min_block_size,
-             f"n_local ({self.n_local}) must be >= min_block_size ({self.min_block_size})")
+        need(
+            self.max_block_size >= 2 * self.min_block_size,
+            f"max_block_size ({self.max_block_size}) must be >= 2 * min_block_size ({self.min_block_size})",
+        )
+        need(
+            self.max_event_span >= self.max_block_size,
+            f"max_event_span ({self.max_event_span}) must be >= max_block_size ({self.max_block_size})",
+        )
+        need(
+            self.n_local >= self.min_block_size,
+            f"n_local ({self.n_local}) must be >= min_block_size ({self.min_block_size})",
+        )
         if self.surprise_window is not None:
             sw = self.surprise_window
-            need(isinstance(sw, int) and not isinstance(sw, bool),
-                 f"surprise_window must be an int, got {sw!r}")
-        need(2 <= self.tau <= MAX_SURPRISE_WINDOW,
-             f"surprise window must be in [2, {MAX_SURPRISE_WINDOW}], got {self.tau}")
+            need(isinstance(sw, int) and not isinstance(sw, bool), f"surprise_window must be an int, got {sw!r}")
+        need(
+            2 <= self.tau <= MAX_SURPRISE_WINDOW,
+            f"surprise window must be in [2, {MAX_SURPRISE_WINDOW}], got {self.tau}",
+        )
         need(self.surprise_warmup >= 2, f"surprise_warmup must be >= 2, got {self.surprise_warmup}")
         g = self.surprisal_threshold_gamma
-        need(isinstance(g, int | float) and math.isfinite(g),
-             f"surprisal_threshold_gamma must be finite, got {g!r}")
-        need(self.splitter in get_args(Splitter),
-             f"splitter must be one of {get_args(Splitter)}, got {self.splitter!r}")
-        need(self.similarity_metric in get_args(Metric),
-             f"similarity_metric must be one of {get_args(Metric)}, got {self.similarity_metric!r}")
+        need(isinstance(g, int | float) and math.isfinite(g), f"surprisal_threshold_gamma must be finite, got {g!r}")
+        need(
+            self.splitter in get_args(Splitter), f"splitter must be one of {get_args(Splitter)}, got {self.splitter!r}"
+        )
+        need(
+            self.similarity_metric in get_args(Metric),
+            f"similarity_metric must be one of {get_args(Metric)}, got {self.similarity_metric!r}",
+        )
         if self.refine_layers is not None:
             rl = self.refine_layers
-            need(isinstance(rl, tuple) and len(rl) == 2 and all(isinstance(x, int) for x in rl)
-                 and 0 <= rl[0] < rl[1],
-                 f"refine_layers must be (first, stop) with 0 <= first < stop, got {rl!r}")
+            need(
+                isinstance(rl, tuple) and len(rl) == 2 and all(isinstance(x, int) for x in rl) and 0 <= rl[0] < rl[1],
+                f"refine_layers must be (first, stop) with 0 <= first < stop, got {rl!r}",
+            )
         need(0 <= self.random_seed < 1 << 64, f"random_seed must be in [0, 2**64), got {self.random_seed}")
         r = self.random_rate
         need(isinstance(r, int | float) and 0.0 < r <= 1.0, f"random_rate must be in (0, 1], got {r!r}")

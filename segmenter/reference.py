@@ -45,8 +45,9 @@ def textbook_modularity(adj: npt.ArrayLike, t: int) -> float:
     return float((b[:t, :t].sum() + b[t:, t:].sum()) / two_m)
 
 
-def reference_refine_boundary(adj: npt.ArrayLike, lo: int, alpha: int, beta: int, *, min_size: int,
-                              metric: Metric) -> int:
+def reference_refine_boundary(
+    adj: npt.ArrayLike, lo: int, alpha: int, beta: int, *, min_size: int, metric: Metric
+) -> int:
     """Same contract as :func:`emserve.segmenter.refine.refine_boundary`, by direct sums."""
     if metric == "none" or beta - alpha < min_size:
         return beta
@@ -58,15 +59,15 @@ def reference_refine_boundary(adj: npt.ArrayLike, lo: int, alpha: int, beta: int
     return best_t
 
 
-def reference_refine_boundaries(adj: npt.ArrayLike, boundaries: Sequence[int], *, start: int, min_size: int,
-                                metric: Metric) -> list[int]:
+def reference_refine_boundaries(
+    adj: npt.ArrayLike, boundaries: Sequence[int], *, start: int, min_size: int, metric: Metric
+) -> list[int]:
     """Same contract as :func:`emserve.segmenter.refine.refine_boundaries`, by direct sums."""
     a = np.asarray(adj, dtype=np.float64)
     out: list[int] = []
     alpha = start
     for b in boundaries:
         lo, hi = window(alpha, int(b), floor=start, end=a.shape[0])
-        alpha = reference_refine_boundary(a[lo:hi, lo:hi], lo, alpha, int(b),
-                                          min_size=min_size, metric=metric)
+        alpha = reference_refine_boundary(a[lo:hi, lo:hi], lo, alpha, int(b), min_size=min_size, metric=metric)
         out.append(alpha)
     return out

@@ -30,7 +30,7 @@ The pipeline (all decisions are functions of token offsets, never of when a feed
    * if no raw boundary lies in ``(α, α + max_event_span]`` (known once the stream passes
      ``α + max_event_span``), one is **forced** at ``α + max_event_span``.
    * the boundary is then **refined** (``refine.py``) to ``t ∈ [α + min_block_size, β]`` on the
-     graph of window ``[max(α − h, n_init), β + h)``, ``h = (β − α) // 2`` — so refinement waits
+     graph of window ``[max(α, n_init), β + h)``, ``h = (β − α) // 2`` — so refinement waits
      until ``β + h`` tokens have been seen (at most ``max_event_span / 2`` after β) — and accepted.
      Every accepted event is therefore in ``[min_block_size, max_event_span]``.
 3. **Sizing and closing**: an accepted event ``[a, b)`` closes when ``b <= tokens_seen − n_local``
@@ -93,15 +93,20 @@ class OnlineSegmenter:
         start = self.tokens_seen
         end = start + s.size
         if cfg.splitter == "surprise":
-            raw = surprise_boundaries(self._threshold, s, window=cfg.tau, gamma=cfg.surprisal_threshold_gamma,
-                                      warmup=cfg.warmup, n_init=cfg.n_init)
+            raw = surprise_boundaries(
+                self._threshold,
+                s,
+                window=cfg.tau,
+                gamma=cfg.surprisal_threshold_gamma,
+                warmup=cfg.warmup,
+                n_init=cfg.n_init,
+            )
         else:
             self._advance_threshold(s)
             if cfg.splitter == "uniform":
                 raw = uniform_boundaries(start, end, n_init=cfg.n_init, block_size=cfg.max_block_size)
             else:
-                raw = random_boundaries(start, end, n_init=cfg.n_init, rate=cfg.random_rate,
-                                        seed=cfg.random_seed)
+                raw = random_boundaries(start, end, n_init=cfg.n_init, rate=cfg.random_rate, seed=cfg.random_seed)
         keep_from = max(cfg.n_init - start, 0)
         if keep_from < s.size:
             self._surprise = np.concatenate([self._surprise, s[keep_from:]])
@@ -148,8 +153,9 @@ class OnlineSegmenter:
         if config is not None and config != saved:
             raise SegmenterError("segmenter state was saved with a different config")
         seg = cls(saved)
-        seg._threshold = SurpriseState(seen=int(state["seen"]),
-                                       history=np.asarray(state["history"], dtype=np.int64).copy())
+        seg._threshold = SurpriseState(
+            seen=int(state["seen"]), history=np.asarray(state["history"], dtype=np.int64).copy()
+        )
         seg._raw = deque(int(b) for b in state["raw"])
         seg._starts = deque(int(b) for b in state["starts"])
         seg._surprise = np.asarray(state["surprise"], dtype=np.float64).copy()
@@ -200,10 +206,10 @@ class OnlineSegmenter:
                 assert keys is not None
                 adj = adjacency(keys(lo, hi)).cpu().numpy()
                 if adj.shape != (hi - lo, hi - lo):
-                    raise SegmenterError(
-                        f"keys({lo}, {hi}) returned {adj.shape[0]} tokens, expected {hi - lo}")
-                beta_new = refine_boundary(adj, lo, alpha, beta, min_size=cfg.min_block_size,
-                                           metric=cfg.similarity_metric)
+                    raise SegmenterError(f"keys({lo}, {hi}) returned {adj.shape[0]} tokens, expected {hi - lo}")
+                beta_new = refine_boundary(
+                    adj, lo, alpha, beta, min_size=cfg.min_block_size, metric=cfg.similarity_metric
+                )
             else:
                 beta_new = beta
             if not forced:

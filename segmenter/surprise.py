@@ -81,8 +81,7 @@ def surprise_boundaries(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _piece(state: SurpriseState, q: IntArray, window: int, gamma: float, warmup: int,
-           n_init: int) -> IntArray:
+def _piece(state: SurpriseState, q: IntArray, window: int, gamma: float, warmup: int, n_init: int) -> IntArray:
     hist = state.history
     x = np.concatenate([hist, q])
     c1 = np.zeros(x.size + 1, dtype=np.int64)

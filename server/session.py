@@ -14,8 +14,10 @@ Contract
   planned with the previous step's query summary (lagged queries: the chunk's own queries do not
   exist before it runs), its surprise feeds the segmenter, and events that left the local window
   are closed into the event table and indexes. The committed offset returned is durable in the log.
-* Questions (``ask``): a probe step (question over sink + local) yields the question's queries;
-  the real step retrieves with them and generates. The memory is unchanged by a question.
+* Questions (``ask``): a probe step (question over sink + local) yields the queries of the
+  question's last ``question_query_tokens`` tokens; the real step retrieves with them (centered on
+  the stream's mean query, fed by every ingestion step) and generates. The memory is unchanged by a
+  question.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class MemoryConfig:
     use_contiguity_buffer: bool = True
     contiguity_buffer_size: float = 0.3
     per_layer: bool = True
+    center_queries: bool = True
+    standardize_queries: bool = True
+    question_query_tokens: int = 8
+    """A question retrieves with the queries of its last this-many tokens, each centered and
+    standardized, averaged (``emserve.retrieval.queries``); 0: with its mean query summary."""
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(
@@ -92,6 +99,8 @@ class MemoryConfig:
             use_contiguity_buffer=self.use_contiguity_buffer,
             contiguity_buffer_size=self.contiguity_buffer_size,
             per_layer=self.per_layer,
+            center_queries=self.center_queries,
+            standardize_queries=self.standardize_queries,
             max_window=max_window,
         )
 
@@ -181,7 +190,7 @@ class Session:
         seen = self.segmenter.tokens_seen
         if seen < n_sur:
             sur = np.fromfile(self.path / SURPRISE_FILE, dtype=np.float32)[seen:n_sur]
-            self._close(self.segmenter.feed(sur, self._keys))
+            self._close(self.segmenter.feed(_segmenter_surprise(sur, seen), self._keys))
             self._save_state()
 
     def close(self) -> None:
@@ -225,10 +234,14 @@ class Session:
         os.replace(tmp, self.path / SESSION_FILE)
 
     def _keys(self, start: int, end: int) -> torch.Tensor:
+        """Pre-RoPE keys ``[L, T, H, D]`` of the refinement layers (one de-rotation for all layers)."""
         lo, hi = self.config.segmenter().layer_range(self.engine.info.num_layers)
         log = self.log
         pos = torch.from_numpy(log.positions(start, end).astype(np.int64))
-        return torch.stack([self._rope.rotate(log.keys(layer, start, end).float(), -pos) for layer in range(lo, hi)])
+        k = torch.stack([log.keys(layer, start, end) for layer in range(lo, hi)], dim=1).float()  # [T, L, H, D]
+        t, n_layers, h, d = k.shape
+        k = self._rope.rotate(k.view(t, n_layers * h, d), -pos).view(t, n_layers, h, d)
+        return k.transpose(0, 1)
 
     def _close(self, events: Sequence[Any]) -> None:
         done = self.memory.table.end_offset if events else 0
@@ -321,11 +334,12 @@ class Session:
         os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
         self._last_queries = res.queries
         if res.queries is not None:
+            self.memory.observe_queries(res.queries, len(chunk))
             tmp = self.path / (QUERIES_FILE + ".tmp")
             with open(tmp, "wb") as f:
                 np.save(f, res.queries)
             os.replace(tmp, self.path / QUERIES_FILE)
-        self._close(self.segmenter.feed(res.surprise, self._keys))
+        self._close(self.segmenter.feed(_segmenter_surprise(res.surprise, offset), self._keys))
         self._save_state()
         return res
 
@@ -354,8 +368,12 @@ class Session:
                 plan = WindowPlan.build(q)
             else:
                 planner = self.memory.planner
-                probe = await self.engine.step(planner.probe_plan(offset, q), options=StepOptions(surprise=False))
-                plan = planner.plan_step(offset, q, probe.queries, reserve=sampling.max_tokens)
+                n_tok = self.config.question_query_tokens
+                probe = await self.engine.step(
+                    planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
+                )
+                queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
+                plan = planner.plan_step(offset, q, queries, reserve=sampling.max_tokens)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
             timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}
@@ -395,6 +413,14 @@ def session_stats(path: str | os.PathLike[str]) -> SessionStats:
     else:
         mean = std = lo = hi = 0.0
     return SessionStats(n, int(bounds.shape[0]), int((bounds[:, 1] - bounds[:, 0]).sum()), disk, mean, std, lo, hi)
+
+
+def _segmenter_surprise(surprise: np.ndarray, offset: int) -> np.ndarray:
+    """The segmenter takes 0 for the stream's first token (the engine reports ln V: no context)."""
+    if offset == 0 and surprise.size:
+        surprise = surprise.copy()
+        surprise[0] = 0.0
+    return surprise
 
 
 def _hf_config(engine: Engine) -> Any:

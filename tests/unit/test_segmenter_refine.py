@@ -59,8 +59,7 @@ def test_prefix_sum_equals_direct_reference_exactly_on_integer_graphs(gb, min_si
 
 
 @FAST
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 60), metric=METRICS, signed=st.booleans(),
-       data=st.data())
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 60), metric=METRICS, signed=st.booleans(), data=st.data())
 def test_prefix_sum_objective_matches_direct_sums_on_float_graphs(seed, n, metric, signed, data) -> None:
     a = sym_graph(seed, n, integer=False, signed=signed)
     obj = split_objective(a, metric)
@@ -75,8 +74,9 @@ def test_prefix_sum_objective_matches_direct_sums_on_float_graphs(seed, n, metri
     t_fast = refine_boundary(a, 0, alpha, beta, min_size=min_size, metric=metric)
     t_ref = reference_refine_boundary(a, 0, alpha, beta, min_size=min_size, metric=metric)
     if t_fast != t_ref:
-        assert direct_objective(a, t_fast, metric) == pytest.approx(direct_objective(a, t_ref, metric),
-                                                                    rel=1e-9, abs=1e-12)
+        assert direct_objective(a, t_fast, metric) == pytest.approx(
+            direct_objective(a, t_ref, metric), rel=1e-9, abs=1e-12
+        )
 
 
 @FAST
@@ -97,8 +97,11 @@ def test_split_sums_small_example() -> None:
 
 
 @FAST
-@given(gb=graph_and_boundaries(integer=False), min_size=st.integers(1, 6),
-       metric=st.sampled_from(["none", "modularity", "conductance"]))
+@given(
+    gb=graph_and_boundaries(integer=False),
+    min_size=st.integers(1, 6),
+    metric=st.sampled_from(["none", "modularity", "conductance"]),
+)
 def test_refinement_keeps_count_and_stays_in_search_range(gb, min_size, metric) -> None:
     a, start, bounds = gb
     out = refine_boundaries(a, bounds, start=start, min_size=min_size, metric=metric)
@@ -138,8 +141,8 @@ def test_ties_and_undefined_scores() -> None:
 
 
 def test_window() -> None:
-    assert window(100, 140, floor=0, end=1000) == (80, 160)
-    assert window(100, 141, floor=90, end=150) == (90, 150)
+    assert window(100, 140, floor=0, end=1000) == (100, 160)  # starts at α (see refine.py: not EM-LLM's α − h)
+    assert window(100, 141, floor=110, end=150) == (110, 150)
     with pytest.raises(SegmenterError):
         refine_boundary(np.ones((5, 5)), 10, 0, 12, min_size=2, metric="modularity")
 
