@@ -15,7 +15,15 @@ from emserve.server.engine.base import SamplingSpec
 from emserve.server.engine.reference import ReferenceEngine
 from emserve.server.session import MemoryConfig, Session, SessionError
 
-CFG = MemoryConfig(n_init=16, n_local=64, n_mem=64, exc_block_size=32, min_block_size=4, max_block_size=24)
+CFG = MemoryConfig(
+    n_init=16,
+    n_local=64,
+    n_mem=64,
+    exc_block_size=32,
+    min_block_size=4,
+    max_block_size=24,
+    surprisal_threshold_gamma=1.0,
+)
 
 
 @pytest.fixture(scope="module")
