@@ -66,11 +66,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 
 from emserve.retrieval.kvlog import KVLog  # noqa: E402
-from emserve.server.session import refinement_keys  # noqa: E402
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan  # noqa: E402
 from emserve.segmenter.config import SegmenterConfig  # noqa: E402
 from emserve.segmenter.segmenter import OnlineSegmenter  # noqa: E402
 from emserve.server.corpus import load_text  # noqa: E402
+from emserve.server.session import refinement_keys  # noqa: E402
 
 CHUNK = 512
 TOLS = (1, 4, 16)
