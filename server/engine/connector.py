@@ -300,7 +300,9 @@ class EMConnector(KVConnectorBase_V1):
             r = self._readers[path] = KVLog.open(path)
         return r
 
-    def _gather(self, segs: list[list[Any]], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(
+        self, segs: list[list[Any]], layer: int, angles: dict[tuple, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ks, vs, ps = [], [], []
         for seg in WindowPlan.segments_from_wire(segs):
             k, v, p = self._reader(seg.log).gather(layer, [(seg.start, seg.end)])
@@ -308,8 +310,11 @@ class EMConnector(KVConnectorBase_V1):
             vs.append(v)
             ps.append(p)
         k, v, p = torch.cat(ks), torch.cat(vs), torch.cat(ps)
-        k = self.rope.rotate(k.float(), torch.arange(k.shape[0]) - p)
-        return k, v
+        delta = torch.arange(k.shape[0]) - p
+        key = tuple(map(tuple, segs))  # layers with the same segments share the rotation angles
+        if key not in angles:
+            angles[key] = self.rope.angles(delta)
+        return self.rope.rotate(k.float(), delta, angles[key]), v
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -318,6 +323,7 @@ class EMConnector(KVConnectorBase_V1):
             return
         for r in self._readers.values():
             r.refresh()
+        angles: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, layer in forward_context.no_compile_layers.items():
             impl = getattr(layer, "impl", None)
             kv_cache = getattr(layer, "kv_cache", None)
@@ -326,7 +332,7 @@ class EMConnector(KVConnectorBase_V1):
             li = layer_index(name)
             for ld in meta.loads:
                 segs = ld.layer_segments[li] if ld.layer_segments is not None else ld.segments
-                k, v = self._gather(segs, li)
+                k, v = self._gather(segs, li, angles)
                 dt = kv_cache.dtype
                 impl.do_kv_cache_update(layer, k.to(dt).contiguous(), v.to(dt).contiguous(), kv_cache, ld.slots)
 

@@ -72,18 +72,25 @@ class RopeSpec:
             rot_dim = 2 * inv.shape[0]
         return cls(inv_freq=inv, rot_dim=rot_dim, head_dim=int(head_dim))
 
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def angles(self, delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the rotation by ``delta [n]`` positions, ``[n, 1, rot_dim / 2]`` (angles in fp64)."""
+        ang = delta.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        return ang.cos().to(dtype)[:, None, :], ang.sin().to(dtype)[:, None, :]
+
+    def rotate(
+        self, x: torch.Tensor, delta: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Rotate ``x [n, heads, head_dim]`` by ``delta [n]`` positions (any sign). Returns x's dtype.
 
-        Computed in float32 (float64 when x is float64); the angles in float64.
+        Computed in float32 (float64 when x is float64); the angles in float64. ``angles`` (from
+        :meth:`angles` for the same ``delta``) skips recomputing them when many layers share a delta.
         """
         if x.shape[0] == 0:
             return x.clone()
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         rd = self.rot_dim
-        ang = delta.to(torch.float64)[:, None] * self.inv_freq[None, :]  # [n, rd/2]
-        cos = ang.cos().to(work)[:, None, :]
-        sin = ang.sin().to(work)[:, None, :]
+        cos, sin = angles if angles is not None else self.angles(delta, work)
+        cos, sin = cos.to(work), sin.to(work)
         xr = x[..., :rd].to(work)
         x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
