@@ -1,117 +1,392 @@
 """``emserve`` command line.
 
-    emserve demo [--tokens N] [--depth F] [--model SPEC]   the main job, end to end, on the default model
+    emserve demo [--tokens N] [--depth F] [--model SPEC]   the main job end to end: starts a server,
+                                                         streams a long text with a hidden pass key,
+                                                         asks for it, prints answer + retrieval trace
+    emserve serve [--host H] [--port P] [...]             run the gRPC server (SIGTERM: graceful stop)
+    emserve ingest FILE --session S [--finish]            stream a text file into a session (progress bar)
+    emserve ask S "question" [--trace] [--chat]           stream an answer from a session's memory
+    emserve events S [--preview N]                        the session's events (what the memory kept)
+    emserve sessions                                      list sessions
+    emserve delete S                                      delete a session
     emserve prepare [--model SPEC]                        convert/verify the model (done by ``make setup``)
 
-``demo`` streams a long public-domain text with a hidden pass key into a fresh session (engine +
-segmenter + episodic memory), asks for the key, and prints the answer and the retrieval trace: which
-events were in the attention window and why. (It runs the memory loop in-process; the gRPC server and
-client arrive with the server issue.)
+Client commands talk to ``--server`` (env ``EMSERVE_SERVER``, default 127.0.0.1:50051) with the
+bearer token ``--token`` (env ``EMSERVE_AUTH_TOKEN``) when the server requires one.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import random
+import re
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SERVER = "127.0.0.1:50051"
 
 
-def _demo(args: argparse.Namespace) -> int:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from transformers import AutoTokenizer
+# ---------------------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from emserve.server.app import serve
+    from emserve.server.config import build_config
 
+    memory: dict[str, Any] = {}
+    for item in args.memory or []:
+        key, _, value = item.partition("=")
+        memory[key.strip()] = _parse_value(value.strip())
+    config = build_config({
+        "host": args.host, "port": args.port, "sessions_dir": args.sessions_dir, "model": args.model,
+        "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
+        "max_model_len": args.max_model_len, "max_sessions": args.max_sessions,
+        "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
+        "max_session_tokens": args.max_session_tokens, "auth_token": args.auth_token, "grace_s": args.grace,
+        "memory": memory or None,
+    })
+    return serve(config)
+
+
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="listen address (EMSERVE_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port, 0 for any free one (EMSERVE_PORT; default 50051)")
+    p.add_argument("--sessions-dir", default=None, help="EMSERVE_SESSIONS_DIR; default $EMSERVE_HOME/sessions")
+    p.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
+    p.add_argument("--backend", choices=["vllm", "reference"], default=None)
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-sessions", type=int, default=None)
+    p.add_argument("--max-message-bytes", type=int, default=None)
+    p.add_argument("--max-inflight", type=int, default=None, help="ingest messages ahead of receipts")
+    p.add_argument("--max-session-tokens", type=int, default=None, help="0: unlimited")
+    p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer <token>' (EMSERVE_AUTH_TOKEN)")
+    p.add_argument("--grace", type=float, default=None, help="graceful shutdown grace period, s")
+    p.add_argument("--memory", action="append", metavar="KEY=VALUE",
+                   help="default memory setting of new sessions, e.g. --memory n_local=2048 (repeatable)")
+
+
+# ---------------------------------------------------------------------------------- client commands
+def _client(args: argparse.Namespace) -> Any:
+    from emserve.client import Client
+
+    return Client(args.server, token=args.token)
+
+
+def _fail(e: Exception) -> int:
+    print(f"emserve: {e}", file=sys.stderr)
+    return 1
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from emserve.client import ClientError, IngestProgress, split_text
+
+    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+    total_chars = len(text)
+    sent_chars = [0]
+
+    def pieces() -> Any:
+        for piece in split_text(text, args.piece_chars):
+            sent_chars[0] += len(piece)
+            yield piece
+
+    t0 = time.perf_counter()
+    start = [None]
+
+    def progress(p: IngestProgress) -> None:
+        if start[0] is None:
+            start[0] = p.committed_offset  # type: ignore[assignment]
+        dt = max(time.perf_counter() - t0, 1e-9)
+        done = p.committed_offset - (start[0] or 0)
+        pct = 100.0 * sent_chars[0] / max(total_chars, 1)
+        print(f"\r  {pct:5.1f}% of {args.file} sent  {p.committed_offset:>9} tokens committed  "
+              f"{done / dt:7.0f} tok/s  {p.num_events:>6} events", end="", file=sys.stderr, flush=True)
+
+    with _client(args) as c:
+        try:
+            try:
+                c.get_session(args.session)
+            except ClientError as e:
+                if e.code.name != "NOT_FOUND":
+                    raise
+                c.create_session(args.session)
+                print(f"created session {args.session}", file=sys.stderr)
+            res = c.ingest(args.session, pieces(), finish=args.finish, on_progress=progress)
+        except ClientError as e:
+            print(file=sys.stderr)
+            return _fail(e)
+    print(file=sys.stderr)
+    print(f"{res.session_id}: +{res.tokens} tokens in {res.seconds:.1f} s ({res.tokens / max(res.seconds, 1e-9):.0f} "
+          f"tok/s), committed offset {res.committed_offset}, {res.num_events} events"
+          + (", finished" if res.finished else "") + (f", {res.reconnects} reconnects" if res.reconnects else ""))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from emserve.client import ClientError
+
+    with _client(args) as c:
+        try:
+            stream = c.generate(args.session, args.question, max_tokens=args.max_tokens,
+                                temperature=args.temperature, stop=args.stop or (), chat_template=args.chat,
+                                trace=args.trace, remember=args.remember, preview_tokens=args.preview)
+            for piece in stream.text():
+                print(piece, end="", flush=True)
+            print()
+        except ClientError as e:
+            return _fail(e)
+    done = stream.complete
+    if done is not None:
+        t, u = done.timings, done.usage
+        print(f"[{u.completion_tokens} tokens, finish {'stop' if done.finish_reason == 1 else 'length'}, "
+              f"first token {t.first_token_s:.2f} s, "
+              f"total {t.total_s:.2f} s, memory {u.memory_tokens} tokens, window {u.window_tokens}]", file=sys.stderr)
+        if args.trace:
+            print_trace(done.trace if done.HasField("trace") else None)
+    return 0
+
+
+def print_trace(trace: Any, mark: tuple[int, int] | None = None, limit: int = 14, out: Any = None) -> None:
+    """Print a RetrievalTrace: the events in the window, temporal order (``mark``: a token range to flag)."""
+    out = out or sys.stdout
+    if trace is None or not trace.events:
+        print("retrieval  none (everything fit in the attention window)", file=out)
+        return
+    n_layers = len(trace.layers) if not trace.shared else 1
+    print(f"retrieval  {len(trace.events)} events in the window from {trace.num_events} in memory "
+          f"({trace.memory_tokens} tokens), budget {trace.budget} tokens per layer, "
+          f"{'shared list' if trace.shared else f'{n_layers} layers'}, {'exact' if trace.exact else 'HNSW'} search",
+          file=out)
+    events = list(trace.events)
+    if mark is not None:
+        hits = [e for e in events if e.start < mark[1] and e.end > mark[0]]
+        layers = max((e.layers for e in hits), default=0)
+        print(f"  the marked range [{mark[0]}, {mark[1]}) is in {len(hits)} retrieved event(s), "
+              f"selected by up to {layers} layer(s)", file=out)
+        if len(events) > limit and hits:  # show the neighbourhood of the mark
+            i = events.index(hits[0])
+            lo = max(0, min(i - limit // 2, len(events) - limit))
+            events = events[lo : lo + limit]
+    for e in events[:limit]:
+        src = f"sim {e.similarity_layers:>2} / ctg {e.contiguity_layers:>2}"
+        flag = "  <- pass key" if mark is not None and e.start < mark[1] and e.end > mark[0] else ""
+        print(f"    [{e.start:>6}, {e.end:>6})  layers {e.layers:>2} ({src})  max score {e.max_score:8.3f}  "
+              f"{e.preview.replace(chr(10), ' ')!r}{flag}", file=out)
+    if len(trace.events) > limit:
+        print(f"    ... {len(trace.events)} events in all", file=out)
+
+
+def _events(args: argparse.Namespace) -> int:
+    from emserve.client import ClientError
+
+    with _client(args) as c:
+        try:
+            s = c.get_session(args.session)
+            print(f"{s.session_id}: {s.num_tokens} tokens, {s.num_events} events ({s.event_tokens} tokens in events; "
+                  f"the rest is the sink and the local window)")
+            print(f"{'id':>6} {'start':>8} {'end':>8} {'size':>5} {'boundary':>8} {'mean':>6} {'max':>6}  preview")
+            for i, e in enumerate(c.list_events(args.session, preview=args.preview > 0, preview_tokens=args.preview)):
+                if args.limit and i >= args.limit:
+                    print(f"... ({s.num_events} in all)")
+                    break
+                print(f"{e.id:>6} {e.start:>8} {e.end:>8} {e.size:>5} {e.boundary_surprise:>8.2f} "
+                      f"{e.mean_surprise:>6.2f} {e.max_surprise:>6.2f}  {e.preview.replace(chr(10), ' ')!r}")
+        except ClientError as e:
+            return _fail(e)
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    from emserve.client import ClientError
+
+    with _client(args) as c:
+        try:
+            rows = list(c.list_sessions())
+        except ClientError as e:
+            return _fail(e)
+    print(f"{'session':<28} {'state':<9} {'tokens':>9} {'events':>7} {'disk MB':>8}  created")
+    for s in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.create_time.seconds))
+        state = "finished" if s.state == 2 else "active"
+        mb = s.disk_bytes / 1e6
+        print(f"{s.session_id:<28} {state:<9} {s.num_tokens:>9} {s.num_events:>7} {mb:>8.1f}  {created}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from emserve.client import ClientError
+
+    with _client(args) as c:
+        try:
+            c.delete_session(args.session)
+        except ClientError as e:
+            return _fail(e)
+    print(f"deleted {args.session}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- demo
+class ServerProcess:
+    """``emserve serve`` in a child process on a free loopback port; its output goes to ``log``."""
+
+    def __init__(self, sessions_dir: Path, log: Path, extra: Sequence[str] = ()) -> None:
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
+        cmd = [sys.executable, "-m", "emserve.server.app", "--host", "127.0.0.1", "--port", "0",
+               "--sessions-dir", str(sessions_dir), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self.address = ""
+        self._pump: threading.Thread | None = None
+
+    def wait_listening(self, timeout: float = 120.0) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited ({self.proc.poll()}); see {self.log_path}")
+            self._log.write(line)
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                self.address = m.group(1)
+                # keep draining the pipe into the log, or a chatty server would block on a full pipe
+                self._pump = threading.Thread(target=self._copy_output, daemon=True)
+                self._pump.start()
+                return self.address
+        raise TimeoutError(f"server did not start in {timeout:.0f} s; see {self.log_path}")
+
+    def _copy_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM (graceful shutdown), then wait; returns the exit status. Idempotent."""
+        if self._log.closed:
+            return int(self.proc.returncode)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(10)
+        elif self.proc.stdout is not None:
+            self._log.write(self.proc.stdout.read())
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def demo_document(tokens: int, depth: float, seed: int, tokenizer: Any) -> tuple[str, str, str, str]:
+    """(before, needle, after, key): ~``tokens`` tokens of public-domain text with a pass key at ``depth``."""
     from emserve.server.corpus import load_text
-    from emserve.server.engine.base import SamplingSpec
-    from emserve.server.engine.config import EngineConfig
-    from emserve.server.models import resolve_model
-    from emserve.server.session import MemoryConfig, Session
 
-    spec = resolve_model(args.model, progress=lambda m: print(f"  {m}", file=sys.stderr))
-    tok = AutoTokenizer.from_pretrained(spec.path)
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     text = load_text("big")
     start = rng.randint(0, len(text) // 2)
-    ids = tok(text[start : start + args.tokens * 6])["input_ids"][: args.tokens]
-    needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ")["input_ids"]
-    at = int(len(ids) * args.depth)
-    ids = ids[:at] + needle + ids[at:]
-    question = tok("\n\nWhat is the pass key? The pass key is")["input_ids"]
+    tokenizer.model_max_length = 1 << 30  # a long document, not a model input: no length warning
+    ids = tokenizer(text[start : start + tokens * 6], add_special_tokens=False)["input_ids"][:tokens]
+    doc = tokenizer.decode(ids)
+    cut = int(len(doc) * depth)
+    while cut < len(doc) and not doc[cut].isspace():
+        cut += 1
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+    return doc[:cut], needle, doc[cut:], key
 
-    print(f"model      {spec.name} ({spec.path})")
-    print(
-        f"document   {len(ids)} tokens of public-domain text, pass key {key} hidden at token {at} "
-        f"({100 * args.depth:.0f}% depth)"
-    )
-    if args.backend == "reference":
-        from emserve.server.engine.reference import ReferenceEngine
 
-        engine = ReferenceEngine(str(spec.path), dtype="bfloat16", log_dtype="bfloat16")
+def _demo(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from emserve.client import Client, ClientError, split_text
+    from emserve.server.models import resolve_model
+
+    spec = resolve_model(args.model, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    before, needle, after, key = demo_document(args.tokens, args.depth, args.seed, tok)
+    workdir = Path(args.session_dir or tempfile.mkdtemp(prefix="emserve-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = None
+    ok = False
+    if args.server:
+        address = args.server
     else:
-        from emserve.server.engine.vllm_engine import VLLMEngine
-
         t = time.perf_counter()
-        engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
-        print(f"engine     vLLM up in {time.perf_counter() - t:.1f} s")
+        extra = ["--model", str(spec.path), "--backend", args.backend]
+        server = ServerProcess(workdir / "sessions", workdir / "server.log", extra)
+        address = server.wait_listening()
+        print(f"server     emserve serve on {address} (log {workdir / 'server.log'})")
+    try:
+        with Client(address) as c:
+            info = c.wait_ready()
+            if server is not None:
+                print(f"           engine {info.backend} ready in {time.perf_counter() - t:.1f} s")
+            print(f"model      {info.model} ({info.model_path}), context {info.max_model_len} tokens")
+            s = c.create_session()
+            m = s.memory
+            print(f"session    {s.session_id}  (window: {m.n_init} sink + {m.n_mem} memory + {m.n_local} local, "
+                  f"chunks of {m.exc_block_size})")
+            t0 = time.perf_counter()
 
-    async def run() -> bool:
-        workdir = args.session_dir or tempfile.mkdtemp(prefix="emserve-demo-")
-        session = Session.create(workdir, engine, MemoryConfig())
-        cfg = session.config
-        print(
-            f"session    {workdir}  (window: {cfg.n_init} sink + {cfg.n_mem} memory + {cfg.n_local} local, "
-            f"chunks of {cfg.exc_block_size})"
-        )
-        t0 = time.perf_counter()
-        step = 4 * cfg.exc_block_size
-        for i in range(0, len(ids), step):
-            done = await session.append(ids[i : i + step])
-            dt = time.perf_counter() - t0
-            print(
-                f"\r  ingest   {done:>7}/{len(ids)} tokens  {done / dt:6.0f} tok/s  "
-                f"{session.events_closed:>5} events",
-                end="",
-                flush=True,
-            )
-        print()
-        t1 = time.perf_counter()
-        answer = await session.ask(question, SamplingSpec(max_tokens=12, stop_token_ids=()))
-        text_out = tok.decode(answer.token_ids)
-        print(f"question   {str(tok.decode(question)).strip()!r}")
-        print(f"answer     {text_out!r}  ({time.perf_counter() - t1:.2f} s)")
-        ok = key in text_out
-        print(f"correct    {ok}")
-        _print_trace(answer.retrieval, tok, session, at, at + len(needle))
-        session.close()
-        await engine.close()
-        return ok
+            def progress(p: Any) -> None:
+                dt = time.perf_counter() - t0
+                print(f"\r  ingest   {p.committed_offset:>7} tokens  {p.committed_offset / dt:6.0f} tok/s  "
+                      f"{p.num_events:>5} events", end="", flush=True)
 
-    ok = asyncio.run(run())
+            head = list(split_text(before, 8192))
+            landed: dict[int, tuple[int, int]] = {}
+            pieces = [*head, needle, *split_text(after, 8192)]
+            r = c.ingest(s.session_id, pieces, on_progress=progress,
+                         on_receipt=lambda i, start, end: landed.__setitem__(i, (start, end)))
+            print()
+            mark = landed[len(head)]
+            print(f"document   {r.committed_offset} tokens of public-domain text in {time.perf_counter() - t0:.1f} s; "
+                  f"pass key {key} at tokens [{mark[0]}, {mark[1]}) "
+                  f"({100 * mark[0] / max(r.committed_offset, 1):.0f}% depth); {r.num_events} events")
+            question = "\n\nWhat is the pass key? The pass key is"
+            answer = c.ask(s.session_id, question, max_tokens=12, trace=True, preview_tokens=12)
+            done = answer.complete
+            print(f"question   {question.strip()!r}")
+            print(f"answer     {answer.text!r}  (first token {done.timings.first_token_s:.2f} s, "
+                  f"total {done.timings.total_s:.2f} s)")
+            ok = key in answer.text
+            print(f"correct    {ok}")
+            print_trace(answer.trace, mark)
+            if server is not None:
+                print(f"next       emserve serve --sessions-dir {workdir / 'sessions'} &   then   "
+                      f"emserve events {s.session_id} --preview 8")
+    except (ClientError, RuntimeError, TimeoutError) as e:
+        if server is not None:
+            print(f"server log: {server.log_path}", file=sys.stderr)
+        return _fail(e)
+    finally:
+        if server is not None:
+            server.stop()
     return 0 if ok or not args.strict else 1
-
-
-def _print_trace(retrieval, tok, session, needle_start: int, needle_end: int) -> None:  # type: ignore[no-untyped-def]
-    if retrieval is None:
-        print("retrieval  none (the whole document fit in the window)")
-        return
-    layers = retrieval.layers
-    hit = sum(any(e.start < needle_end and e.end > needle_start for e in lay.events) for lay in layers)
-    print(f"retrieval  {len(layers)} layer lists; the pass key's event is in {hit} of them")
-    lay = layers[len(layers) // 2]
-    print(f"  layer {len(layers) // 2} (middle), {len(lay.events)} events in temporal order:")
-    log = session.log
-    for e in lay.events[:12]:
-        preview = tok.decode(log.tokens(e.start, min(e.end, e.start + 12))).replace("\n", " ")
-        mark = "  <- pass key" if e.start < needle_end and e.end > needle_start else ""
-        print(f"    [{e.start:>6}, {e.end:>6})  {e.source:<10} score {e.score:8.3f}  {preview!r}{mark}")
-    if len(lay.events) > 12:
-        print(f"    ... {len(lay.events) - 12} more")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -120,19 +395,66 @@ def _prepare(args: argparse.Namespace) -> int:
     return models_main(["prepare"] + (["--model", args.model] if args.model else []))
 
 
+# ---------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("EMSERVE_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="emserve", description="streaming episodic-memory inference server")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="stream a long text with a hidden fact into a session, ask about it")
+
+    d = sub.add_parser("demo", help="start a server, stream a long text with a hidden fact, ask about it")
     d.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
     d.add_argument("--tokens", type=int, default=12000, help="document length in tokens")
     d.add_argument("--depth", type=float, default=0.5, help="where the pass key is hidden (0..1)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", choices=["vllm", "reference"], default="vllm")
-    d.add_argument("--session-dir", default=None)
+    d.add_argument("--session-dir", default=None, help="work folder (sessions, server log); default: a temp dir")
+    d.add_argument("--server", default=None, help="use the server at this address instead of starting one")
     d.add_argument("--strict", action="store_true", help="exit 1 if the answer is wrong")
     d.set_defaults(fn=_demo)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    _add_serve_flags(s)
+    s.set_defaults(fn=_serve)
+
+    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--server", default=os.environ.get("EMSERVE_SERVER", DEFAULT_SERVER))
+        p.add_argument("--token", default=os.environ.get("EMSERVE_AUTH_TOKEN"))
+        return p
+
+    i = client_parser("ingest", "stream a text file into a session (created if missing)")
+    i.add_argument("file")
+    i.add_argument("--session", required=True)
+    i.add_argument("--finish", action="store_true", help="seal the session afterwards (questions only)")
+    i.add_argument("--piece-chars", type=int, default=8192, help="characters per message")
+    i.set_defaults(fn=_ingest)
+
+    a = client_parser("ask", "ask a question against a session's memory (streams the answer)")
+    a.add_argument("session")
+    a.add_argument("question")
+    a.add_argument("--max-tokens", type=int, default=64)
+    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--stop", action="append", help="stop string (repeatable)")
+    a.add_argument("--chat", action="store_true", help="wrap the question in the model's chat template")
+    a.add_argument("--trace", action="store_true", help="print the retrieval trace")
+    a.add_argument("--remember", action="store_true", help="append question and answer to the session")
+    a.add_argument("--preview", type=int, default=12, help="preview tokens per traced event")
+    a.set_defaults(fn=_ask)
+
+    e = client_parser("events", "list a session's events")
+    e.add_argument("session")
+    e.add_argument("--preview", type=int, default=0, help="preview tokens per event")
+    e.add_argument("--limit", type=int, default=0)
+    e.set_defaults(fn=_events)
+
+    ss = client_parser("sessions", "list sessions")
+    ss.set_defaults(fn=_sessions)
+
+    dl = client_parser("delete", "delete a session")
+    dl.add_argument("session")
+    dl.set_defaults(fn=_delete)
+
     p = sub.add_parser("prepare", help="convert and verify the model")
     p.add_argument("--model", default=None)
     p.set_defaults(fn=_prepare)

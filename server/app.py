@@ -1,0 +1,267 @@
+"""The server process: gRPC server (SessionService + health + reflection), engine, shutdown.
+
+    python -m emserve.server.app [serve flags]      same as ``emserve serve``
+
+Lifecycle
+---------
+1. :func:`create_server` binds the port and starts serving at once: health ``""`` (liveness) is
+   SERVING, ``readiness`` and the service name are NOT_SERVING, session calls answer UNAVAILABLE.
+2. The engine loads (model resolved and converted if needed, vLLM started) in a worker thread;
+   then readiness turns SERVING. An engine passed in (tests) makes the server ready at once.
+3. :meth:`EmserveServer.stop` (SIGTERM / SIGINT under :func:`serve`): health turns NOT_SERVING,
+   new calls are refused (UNAVAILABLE), ingest streams end after their current commit, in-flight
+   calls get ``grace_s`` to finish and are cancelled after it; every commit in flight finishes,
+   every open session is checkpointed and closed, then the engine shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
+from emserve.server.config import ServerConfig
+from emserve.server.engine.base import Engine
+from emserve.server.errors import Unauthenticated
+from emserve.server.generation import Generator
+from emserve.server.ingest import Ingestor
+from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
+from emserve.server.sessions import SessionManager
+from emserve.server.text import TextCodec
+
+logger = logging.getLogger(__name__)
+
+READINESS = "readiness"
+_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("emserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = None) -> tuple[Engine, str]:
+    """Resolve the model (converting an embedded one on first use) and start the configured engine."""
+    import dataclasses
+
+    from emserve.server.models import resolve_model
+
+    cfg = config.engine
+    spec = resolve_model(cfg.model, progress=progress)
+    if cfg.backend == "reference":
+        from emserve.server.engine.reference import ReferenceEngine
+
+        return ReferenceEngine(str(spec.path), dtype=cfg.dtype, log_dtype=cfg.log_dtype,
+                               max_model_len=cfg.max_model_len, name=spec.name), "reference"
+    from emserve.server.engine.vllm_engine import VLLMEngine
+
+    return VLLMEngine(dataclasses.replace(cfg, model=str(spec.path))), "vllm"
+
+
+class _Auth(grpc.aio.ServerInterceptor):
+    """``authorization: Bearer <token>`` on every call but health and reflection."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_METHODS):
+            return handler
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._expected):
+            return handler
+        return _denied(handler)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await abort(context, Unauthenticated("missing or wrong bearer token in the authorization metadata"))
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+
+
+class EmserveServer:
+    """One server process's gRPC server and runtime. Use :func:`create_server`."""
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self._owns_engine = engine is None
+        self.service = SessionService(
+            Limits(config.max_sessions, config.max_message_bytes, config.max_inflight_messages,
+                   config.max_session_tokens, config.memory),
+            version(),
+        )
+        self.health = health.aio.HealthServicer()
+        self.ready = asyncio.Event()
+        self.load_error: BaseException | None = None
+        self._loader: asyncio.Task[None] | None = None
+        self._stopped = False
+        size = config.max_message_bytes
+        options = [
+            ("grpc.max_send_message_length", size),
+            ("grpc.max_receive_message_length", size),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10000),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = [_Auth(config.auth_token)] if config.auth_token else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_SessionServiceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in (READINESS, SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.engine is not None:
+            await self._become_ready(self.engine, "given")
+        else:
+            self._loader = asyncio.create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            engine, backend = await asyncio.to_thread(
+                build_engine, self.config, lambda line: logger.info("model: %s", line)
+            )
+        except BaseException as e:  # noqa: BLE001 - reported through readiness and load_error
+            self.load_error = e
+            logger.exception("engine failed to load")
+            return
+        self.engine = engine
+        await self._become_ready(engine, backend)
+
+    async def _become_ready(self, engine: Engine, backend: str) -> None:
+        cfg = self.config
+        codec = await asyncio.to_thread(TextCodec, engine.info.path)
+        manager = SessionManager(cfg.sessions_dir, engine, cfg.memory, max_sessions=cfg.max_sessions,
+                                 max_open=cfg.max_open_sessions)
+        ingestor = Ingestor(manager, codec, max_inflight_messages=cfg.max_inflight_messages,
+                            max_message_bytes=cfg.max_message_bytes, max_session_tokens=cfg.max_session_tokens,
+                            draining=self.service.draining)
+        generator = Generator(manager, codec, max_session_tokens=cfg.max_session_tokens)
+        if backend == "given":
+            backend = type(engine).__name__.removesuffix("Engine").lower()
+        self.service.runtime = Runtime(manager, codec, ingestor, generator, backend)
+        for name in (READINESS, SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        logger.info("ready: %s (%s), sessions in %s", engine.info.name, backend, cfg.sessions_dir)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the engine is loaded (raises its load error, or TimeoutError)."""
+        waiter = asyncio.ensure_future(self.ready.wait())
+        tasks: list[asyncio.Future[Any]] = [waiter] + ([self._loader] if self._loader is not None else [])
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self.load_error is not None:
+            raise self.load_error
+        if not self.ready.is_set():
+            raise TimeoutError("the engine did not load in time")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown (see the module docstring). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.service.draining.set()
+        await self.server.stop(grace)
+        if self._loader is not None and not self._loader.done():
+            await asyncio.gather(self._loader, return_exceptions=True)
+        rt = self.service.runtime
+        if rt is not None:
+            await rt.manager.close_all()
+        if self._owns_engine and self.engine is not None:
+            await self.engine.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(config: ServerConfig, *, engine: Engine | None = None) -> tuple[EmserveServer, int]:
+    """Start a server for ``config`` (port 0: any free port); returns it and its bound port.
+
+    ``engine``: use this engine (tests); otherwise the configured one loads in the background.
+    """
+    server = EmserveServer(config, engine)
+    port = await server.start()
+    return server, port
+
+
+def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None) -> int:
+    """Run a server until SIGTERM / SIGINT, then shut down gracefully. Returns the exit status."""
+    say = announce or (lambda line: print(line, flush=True))
+
+    async def main() -> int:
+        server, port = await create_server(config)
+        say(f"emserve listening on {config.host}:{port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            ready = asyncio.ensure_future(server.wait_ready())
+            await asyncio.wait([ready, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if ready.done():
+                if ready.exception() is not None:
+                    say(f"emserve failed to load the engine: {ready.exception()}")
+                    await server.stop(0)
+                    return 1
+                info = server.engine.info if server.engine is not None else None
+                say(f"emserve ready: model {info.name if info else '?'}, sessions in {config.sessions_dir}")
+                await stopper
+            say("emserve shutting down")
+            await server.stop()
+            say("emserve stopped")
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from emserve.server.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

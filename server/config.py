@@ -1,0 +1,190 @@
+"""Server configuration: one frozen dataclass, built from defaults < ``EMSERVE_*`` environment < flags.
+
+Environment variables (all optional)::
+
+    EMSERVE_HOME                 models, texts and (by default) sessions; default ~/.cache/emserve
+    EMSERVE_HOST, EMSERVE_PORT   listen address (default 127.0.0.1:50051)
+    EMSERVE_SESSIONS_DIR         default $EMSERVE_HOME/sessions
+    EMSERVE_MODEL                smollm2-135m (default), qwen2.5-0.5b, or an HF folder
+    EMSERVE_BACKEND              vllm (default) | reference
+    EMSERVE_DTYPE                compute dtype (default bfloat16)
+    EMSERVE_KV_CACHE_GIB         vLLM KV cache (default 2)
+    EMSERVE_MAX_MODEL_LEN        default: the model's context
+    EMSERVE_MAX_SESSIONS         default 256
+    EMSERVE_MAX_OPEN_SESSIONS    sessions kept open in memory (LRU), default 32
+    EMSERVE_MAX_MESSAGE_BYTES    largest gRPC message, default 4 MiB
+    EMSERVE_MAX_INFLIGHT         ingest messages a client may send ahead of their receipts, default 8
+    EMSERVE_MAX_SESSION_TOKENS   0 (default): unlimited
+    EMSERVE_AUTH_TOKEN           when set, calls need ``authorization: Bearer <token>``
+    EMSERVE_GRACE_S              graceful-shutdown grace period, default 30
+    EMSERVE_MEMORY_<FIELD>       default MemoryConfig, e.g. EMSERVE_MEMORY_N_LOCAL=2048
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emserve.server.engine.config import ConfigError, EngineConfig
+from emserve.server.session import MemoryConfig
+
+ENV_PREFIX = "EMSERVE_"
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server process needs. Validated on construction."""
+
+    engine: EngineConfig
+    """The engine. ``engine.model`` may be a model spec (``smollm2-135m``); it is resolved to a
+    folder when the server starts (``emserve.server.models.resolve_model``)."""
+
+    sessions_dir: Path
+    """One subdirectory per session (a session is its directory)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    """0: any free port (tests); the bound port is returned by ``create_server``."""
+
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Default memory settings of new sessions (a CreateSession may override each field)."""
+
+    max_sessions: int = 256
+    """Sessions on disk; CreateSession beyond it fails with RESOURCE_EXHAUSTED."""
+
+    max_open_sessions: int = 32
+    """Sessions kept open (file handles, indexes in RAM); idle ones beyond it are closed (LRU)."""
+
+    max_message_bytes: int = 4 << 20
+    """Largest gRPC message either way (bigger ones: RESOURCE_EXHAUSTED)."""
+
+    max_inflight_messages: int = 8
+    """Ingest flow control: messages a client may send ahead of their receipts (advertised)."""
+
+    max_session_tokens: int = 0
+    """Longest session in tokens; 0: unlimited. Ingest beyond it: RESOURCE_EXHAUSTED."""
+
+    auth_token: str | None = None
+    """When set, every call but health and reflection needs ``authorization: Bearer <token>``."""
+
+    grace_s: float = 30.0
+    """On SIGTERM: stop accepting calls, let in-flight ones finish for this long, then cancel them
+    (committing steps always finish), checkpoint every open session and exit."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.max_sessions < 1 or self.max_open_sessions < 1:
+            raise ConfigError("max_sessions and max_open_sessions must be >= 1")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes must be >= 1024")
+        if self.max_inflight_messages < 1:
+            raise ConfigError("max_inflight_messages must be >= 1")
+        if self.max_session_tokens < 0 or self.grace_s < 0:
+            raise ConfigError("max_session_tokens and grace_s must be >= 0")
+        if self.engine.backend not in ("vllm", "reference"):
+            raise ConfigError(f"backend must be 'vllm' or 'reference', got {self.engine.backend!r}")
+        if self.engine.dtype not in ("bfloat16", "float32", "float16"):
+            raise ConfigError(f"dtype must be bfloat16, float32 or float16, got {self.engine.dtype!r}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ConfigError("auth_token must not be blank (unset it instead)")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _emserve_home(env: Mapping[str, str]) -> Path:
+    if env.get("EMSERVE_HOME"):
+        return Path(env["EMSERVE_HOME"]).expanduser()
+    from emserve.server.models import emserve_home
+
+    return emserve_home()
+
+
+def _coerce(value: str, kind: str, name: str) -> Any:
+    """Parse an environment value for a field annotated ``kind`` (a string: annotations are lazy)."""
+    optional = kind.endswith("| None")
+    base = kind.removesuffix("| None").strip()
+    if optional and value.strip().lower() in ("", "none"):
+        return None
+    try:
+        if base == "bool":
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base == "int":
+            return int(value)
+        if base == "float":
+            return float(value)
+        return value  # str, Literal[...] (validated by the dataclass that receives it)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a valid {base}") from None
+
+
+def _memory_from_env(env: Mapping[str, str], base: MemoryConfig) -> MemoryConfig:
+    changes = {}
+    for f in dataclasses.fields(MemoryConfig):
+        key = f"{ENV_PREFIX}MEMORY_{f.name.upper()}"
+        if key in env:
+            changes[f.name] = _coerce(env[key], str(f.type), key)
+    return dataclasses.replace(base, **changes)
+
+
+def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Defaults < ``EMSERVE_*`` environment < ``overrides`` (CLI flags; ``None`` values are ignored).
+
+    Override keys: the ServerConfig field names, plus the engine's ``model``, ``backend``, ``dtype``,
+    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, and ``memory`` (a dict of MemoryConfig
+    fields).
+    """
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    server_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs")
+    values: dict[str, Any] = {}
+    engine: dict[str, Any] = {"model": "smollm2-135m"}
+    for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
+                 "max_session_tokens", "auth_token", "grace_s"):
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = _coerce(env[key], str(server_fields[name].type), key)
+    if f"{ENV_PREFIX}MAX_INFLIGHT" in env:
+        values["max_inflight_messages"] = _coerce(env[f"{ENV_PREFIX}MAX_INFLIGHT"], "int", "EMSERVE_MAX_INFLIGHT")
+    if f"{ENV_PREFIX}SESSIONS_DIR" in env:
+        values["sessions_dir"] = Path(env[f"{ENV_PREFIX}SESSIONS_DIR"]).expanduser()
+    for name in engine_keys:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            engine[name] = _coerce(env[key], str(engine_fields[name].type), key)
+    memory = _memory_from_env(env, MemoryConfig())
+
+    for k, v in flags.items():
+        if k in engine_keys:
+            engine[k] = v
+        elif k == "memory":
+            memory = dataclasses.replace(memory, **dict(v))
+        elif k == "sessions_dir":
+            values[k] = Path(v).expanduser()
+        elif k in server_fields and k != "engine":
+            values[k] = v
+        else:
+            raise ConfigError(f"unknown setting {k!r}")
+    if "sessions_dir" not in values:
+        values["sessions_dir"] = _emserve_home(env) / "sessions"
+    if engine.get("backend") == "reference" and "dtype" not in engine:
+        engine["dtype"] = "float32"
+    try:
+        eng = EngineConfig(**engine)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    return ServerConfig(engine=eng, memory=memory, **values)

@@ -1,0 +1,187 @@
+"""One Generate call: a prompt answered against a session's memory (the Generate RPC minus protobuf).
+
+* The prompt is tokenized (optionally inside the model's chat template) and answered by
+  :meth:`Session.ask_stream`: a probe step gives the prompt's queries, retrieval picks the events,
+  the engine generates. Tokens stream out as :class:`Chunk` s; the last item is a :class:`Completion`.
+* Stop strings are applied here, on the decoded text, for every engine alike: the text is cut before
+  the stop string and the engine request is closed (vLLM aborts it).
+* ``remember``: the prompt and the generated tokens are appended to the session afterwards (as an
+  ingest would), holding the session's writer slot for the whole call. Otherwise the memory is
+  unchanged.
+* Cancelling the consumer closes the engine stream, which aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field
+
+from emserve.retrieval.retriever import RetrievalResult
+from emserve.server.engine.base import SamplingSpec, TokenDelta
+from emserve.server.errors import InvalidArgument, LimitExceeded
+from emserve.server.session import AskResult
+from emserve.server.sessions import Entry, SessionManager, check_session_id
+from emserve.server.text import StreamDecoder, TextCodec
+
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_PREVIEW_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    session_id: str
+    prompt: str | None = None
+    prompt_tokens: Sequence[int] | None = None
+    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(max_tokens=DEFAULT_MAX_TOKENS))
+    stop: tuple[str, ...] = ()
+    chat_template: bool = False
+    include_trace: bool = False
+    remember: bool = False
+    preview_tokens: int = DEFAULT_PREVIEW_TOKENS
+
+
+@dataclass(frozen=True)
+class Chunk:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A step's retrieval plus a text preview of every event in it."""
+
+    retrieval: RetrievalResult
+    previews: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Completion:
+    finish_reason: str  # "stop" | "length"
+    stop_string: str
+    token_ids: tuple[int, ...]
+    text: str
+    prompt_tokens: int
+    memory_tokens: int
+    window_tokens: int
+    retrieved_tokens: int
+    timings: dict[str, float]
+    trace: Trace | None
+    committed_offset: int
+
+
+class Generator:
+    def __init__(self, manager: SessionManager, codec: TextCodec, *, max_session_tokens: int = 0) -> None:
+        self.manager = manager
+        self.codec = codec
+        self.max_session_tokens = max_session_tokens
+        self.cancelled = 0  # generations whose consumer went away before the end (tests, metrics)
+
+    def _prompt_ids(self, p: GenerateParams) -> list[int]:
+        if p.prompt_tokens is not None:
+            if p.chat_template:
+                raise InvalidArgument("chat_template", "chat_template needs a text prompt, not prompt_tokens")
+            ids = [int(t) for t in p.prompt_tokens]
+            vocab = self.manager.engine.info.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgument("prompt_tokens", f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        else:
+            text = p.prompt or ""
+            ids = self.codec.chat_prompt(text) if p.chat_template else self.codec.encode(text)
+        if not ids:
+            raise InvalidArgument("prompt", "the prompt is empty")
+        return ids
+
+    def _previews(self, entry: Entry, retrieval: RetrievalResult, n: int) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for layer in retrieval.layers:
+            for e in layer.events:
+                if e.id not in out:
+                    ids = entry.session.tokens(e.start, min(e.end, e.start + n))
+                    out[e.id] = self.codec.decode(ids.tolist())
+        return out
+
+    async def run(self, p: GenerateParams) -> AsyncIterator[Chunk | Completion]:
+        sid = check_session_id(p.session_id)
+        if p.sampling.max_tokens < 1:
+            raise InvalidArgument("sampling.max_tokens", "max_tokens must be >= 1")
+        t0 = time.perf_counter()
+        prompt_ids = self._prompt_ids(p)
+        async with self.manager.lease(sid) as entry:
+            writer: AbstractAsyncContextManager[object] = (
+                self.manager.attach(entry, "a remembering Generate") if p.remember else nullcontext()
+            )
+            async with writer:
+                session = entry.session
+                memory_tokens = session.num_tokens
+                if p.remember and self.max_session_tokens:
+                    need = memory_tokens + len(prompt_ids) + p.sampling.max_tokens
+                    if need > self.max_session_tokens:
+                        raise LimitExceeded("session_tokens", f"remembering this exchange could exceed the "
+                                            f"session limit of {self.max_session_tokens} tokens",
+                                            limit=self.max_session_tokens)
+                planned: dict[str, object] = {}
+
+                def on_plan(retrieval: RetrievalResult | None, timings: dict[str, float]) -> None:
+                    planned["retrieval"] = retrieval
+                    planned["timings"] = dict(timings)
+
+                decoder = StreamDecoder(self.codec, p.stop)
+                result: AskResult | None = None
+                t_first: float | None = None
+                done = False
+                stream = session.ask_stream(prompt_ids, p.sampling, on_plan=on_plan)
+                try:
+                    async for item in stream:
+                        if isinstance(item, TokenDelta):
+                            if t_first is None:
+                                t_first = time.perf_counter()
+                            text = decoder.push(item.token_ids)
+                            yield Chunk(tuple(item.token_ids), text)
+                            if decoder.stopped is not None:
+                                break
+                        else:
+                            result = item
+                    done = True
+                finally:
+                    if not done:
+                        self.cancelled += 1
+                    await stream.aclose()
+                tail = decoder.finish()
+                if tail:
+                    yield Chunk((), tail)
+                t_end = time.perf_counter()
+                out_ids = list(decoder.ids)
+                committed = session.num_tokens
+                if p.remember:
+                    committed = await entry.run_commit(lambda: session.append(prompt_ids + out_ids, flush=True))
+                retrieval = planned.get("retrieval")
+                assert retrieval is None or isinstance(retrieval, RetrievalResult)
+                timings: dict[str, float] = dict(planned.get("timings", {}))  # type: ignore[call-overload]
+                timings["total_s"] = time.perf_counter() - t0
+                if t_first is not None:
+                    timings["first_token_s"] = t_first - t0
+                    if len(out_ids) > 1 and t_end > t_first:
+                        timings["tokens_per_s"] = (len(out_ids) - 1) / (t_end - t_first)
+                if decoder.stopped is not None:
+                    reason = "stop"
+                else:
+                    reason = "stop" if result is not None and result.finish_reason == "stop" else "length"
+                trace = None
+                if p.include_trace and retrieval is not None:
+                    trace = Trace(retrieval, self._previews(entry, retrieval, p.preview_tokens))
+                yield Completion(
+                    finish_reason=reason,
+                    stop_string=decoder.stopped or "",
+                    token_ids=tuple(out_ids),
+                    text=decoder.text,
+                    prompt_tokens=len(prompt_ids),
+                    memory_tokens=memory_tokens,
+                    window_tokens=result.step.num_injected if result is not None else 0,
+                    retrieved_tokens=retrieval.tokens if retrieval is not None else 0,
+                    timings=timings,
+                    trace=trace,
+                    committed_offset=committed,
+                )

@@ -1,0 +1,320 @@
+"""SessionManager: the server's sessions — a directory each, opened lazily, leased, closed LRU.
+
+Contract
+--------
+* Owned by the server process; all methods run on its event loop (blocking file work goes to
+  worker threads). The manager is the only code that opens, creates, closes or deletes a
+  :class:`~emserve.server.session.Session`.
+* Layout under ``root``::
+
+      <session_id>/meta.json     id, create time, state (active | finished), labels, data folder
+      <session_id>/<data>/       the Session directory (session.json, log/, surprise.f32)
+
+  The data folder has a fresh name per incarnation, so a session deleted and created again under
+  the same id never reuses a path (engines cache open log files by path). Folders without
+  ``meta.json`` (a crash during create) and names starting with "." (deletions in progress) are
+  not sessions.
+* A session is used through :meth:`lease` (opens it if needed; a leased session is never closed).
+  At most ``max_open`` idle sessions stay open; the least recently used idle ones are closed.
+* One *writer* per session (an ingest stream, or a Generate that remembers): :meth:`attach`.
+  A writer's last commit may still run after its stream is gone (commits are shielded from
+  cancellation); the next writer waits for it, so offsets never go stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from emserve.retrieval.errors import ConfigError, PlanError
+from emserve.segmenter.errors import SegmenterError
+from emserve.server.engine.base import Engine
+from emserve.server.errors import (
+    InvalidArgument,
+    LimitExceeded,
+    SessionBusy,
+    SessionExists,
+    SessionFinished,
+    SessionNotFound,
+)
+from emserve.server.session import MemoryConfig, Session, SessionStats, session_stats
+
+logger = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+META_FILE = "meta.json"
+ACTIVE, FINISHED = "active", "finished"
+_T = TypeVar("_T")
+
+
+@dataclass
+class SessionMeta:
+    session_id: str
+    create_time: float
+    data: str
+    state: str = ACTIVE
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> SessionMeta:
+        raw = json.loads((folder / META_FILE).read_text())
+        return cls(raw["session_id"], float(raw["create_time"]), raw["data"], raw.get("state", ACTIVE),
+                   dict(raw.get("labels", {})))
+
+    def write(self, folder: Path) -> None:
+        tmp = folder / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        os.replace(tmp, folder / META_FILE)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What GetSession / ListSessions report."""
+
+    session_id: str
+    create_time: float
+    finished: bool
+    labels: Mapping[str, str]
+    memory: MemoryConfig
+    stats: SessionStats
+    writer: str | None
+
+
+@dataclass
+class Entry:
+    """An open session and its server-side bookkeeping."""
+
+    meta: SessionMeta
+    folder: Path
+    session: Session
+    refs: int = 0
+    writer: str | None = None
+    commit: asyncio.Task[Any] | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def session_id(self) -> str:
+        return self.meta.session_id
+
+    @property
+    def finished(self) -> bool:
+        return self.meta.state == FINISHED
+
+    async def run_commit(self, work: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``work`` (a step that changes the session) to completion even if the caller is
+        cancelled: a cancelled caller gets CancelledError at once, the step finishes in the background
+        and the next writer waits for it (:meth:`SessionManager.attach`)."""
+        task: asyncio.Task[_T] = asyncio.ensure_future(work())
+        self.commit = task
+        return await asyncio.shield(task)
+
+    def mark_finished(self) -> None:
+        self.meta.state = FINISHED
+        self.meta.write(self.folder)
+
+
+def check_session_id(session_id: str, field_name: str = "session_id") -> str:
+    if not SESSION_ID.match(session_id or ""):
+        raise InvalidArgument(field_name, f"session id {session_id!r} must match {SESSION_ID.pattern}")
+    return session_id
+
+
+class SessionManager:
+    def __init__(self, root: str | os.PathLike[str], engine: Engine, defaults: MemoryConfig, *,
+                 max_sessions: int = 256, max_open: int = 32) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.engine = engine
+        self.defaults = defaults
+        self.max_sessions = max_sessions
+        self.max_open = max_open
+        self._open: dict[str, Entry] = {}
+        self._lock = asyncio.Lock()  # create / open / close / delete
+
+    # ------------------------------------------------------------------ lookup
+    def _folder(self, session_id: str) -> Path:
+        return self.root / check_session_id(session_id)
+
+    def _meta(self, session_id: str) -> SessionMeta:
+        folder = self._folder(session_id)
+        try:
+            return SessionMeta.read(folder)
+        except FileNotFoundError:
+            raise SessionNotFound(session_id) from None
+
+    def session_ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if SESSION_ID.match(p.name) and (p / META_FILE).exists())
+
+    def info(self, session_id: str) -> SessionInfo:
+        entry = self._open.get(session_id)
+        meta = entry.meta if entry is not None else self._meta(session_id)
+        folder = self._folder(session_id)
+        data = folder / meta.data
+        try:
+            state = json.loads((data / "session.json").read_text())
+            memory = MemoryConfig(**state["config"])
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            memory = self.defaults
+        return SessionInfo(meta.session_id, meta.create_time, meta.state == FINISHED, dict(meta.labels), memory,
+                           session_stats(data), entry.writer if entry is not None else None)
+
+    def list(self, after: str = "", limit: int = 100) -> tuple[list[SessionInfo], str]:
+        """Sessions with ids > ``after`` (at most ``limit``) and the id to continue after ("" at the end)."""
+        ids = [i for i in self.session_ids() if i > after]
+        page = ids[:limit]
+        out = []
+        for i in page:
+            with contextlib.suppress(SessionNotFound, FileNotFoundError):  # deleted meanwhile
+                out.append(self.info(i))
+        return out, (page[-1] if len(ids) > limit else "")
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    # ------------------------------------------------------------------ create / delete
+    def memory_config(self, overrides: Mapping[str, Any]) -> MemoryConfig:
+        try:
+            cfg = dataclasses.replace(self.defaults, **dict(overrides))
+            cfg.retrieval(self.engine.info.max_model_len)
+            cfg.segmenter()
+        except (ConfigError, SegmenterError, PlanError, ValueError, TypeError) as e:
+            raise InvalidArgument("memory", f"invalid memory settings: {e}") from None
+        return cfg
+
+    async def create(self, session_id: str | None, overrides: Mapping[str, Any] | None = None,
+                     labels: Mapping[str, str] | None = None) -> SessionInfo:
+        sid = check_session_id(session_id) if session_id else f"s-{uuid.uuid4().hex[:16]}"
+        cfg = self.memory_config(overrides or {})
+        async with self._lock:
+            if len(self.session_ids()) >= self.max_sessions:
+                raise LimitExceeded("sessions", f"the server holds its maximum of {self.max_sessions} sessions; "
+                                    "delete some first", limit=self.max_sessions)
+            folder = self._folder(sid)
+            if (folder / META_FILE).exists():
+                raise SessionExists(sid)
+            if folder.exists():  # a create that crashed before writing meta.json
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            folder.mkdir(parents=True)
+            meta = SessionMeta(sid, time.time(), f"data-{uuid.uuid4().hex[:8]}", ACTIVE, dict(labels or {}))
+            try:
+                session = await asyncio.to_thread(Session.create, folder / meta.data, self.engine, cfg)
+            except Exception:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            meta.write(folder)
+            self._open[sid] = Entry(meta, folder, session)
+            await self._evict(keep=sid)
+        return self.info(sid)
+
+    async def delete(self, session_id: str) -> None:
+        async with self._lock:
+            entry = self._open.get(session_id)
+            folder = self._folder(session_id)
+            meta = entry.meta if entry is not None else self._meta(session_id)
+            if entry is not None:
+                if entry.writer is not None or entry.refs > 0:
+                    raise SessionBusy(session_id, entry.writer or "a call in progress")
+                if entry.commit is not None and not entry.commit.done():
+                    raise SessionBusy(session_id, "a commit in progress")
+                await self._close(entry)
+            trash = self.root / f".deleted-{session_id}-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, trash)
+            release = getattr(self.engine, "release_log", None)
+            if release is not None:
+                release(str(folder / meta.data / "log"))
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+
+    # ------------------------------------------------------------------ leases
+    @contextlib.asynccontextmanager
+    async def lease(self, session_id: str) -> AsyncIterator[Entry]:
+        """The open session ``session_id``, kept open while the context lasts."""
+        entry = self._open.get(session_id)
+        if entry is None:
+            entry = await self._open_entry(session_id)
+        entry.refs += 1
+        entry.last_used = time.monotonic()
+        try:
+            yield entry
+        finally:
+            entry.refs -= 1
+            entry.last_used = time.monotonic()
+
+    async def _open_entry(self, session_id: str) -> Entry:
+        async with self._lock:
+            entry = self._open.get(session_id)
+            if entry is not None:
+                return entry
+            meta = self._meta(session_id)
+            folder = self._folder(session_id)
+            t0 = time.perf_counter()
+            session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine)
+            logger.info("opened session %s (%d tokens) in %.2f s", session_id, session.num_tokens,
+                        time.perf_counter() - t0)
+            entry = self._open[session_id] = Entry(meta, folder, session)
+            await self._evict(keep=session_id)
+            return entry
+
+    @contextlib.asynccontextmanager
+    async def attach(self, entry: Entry, holder: str, *, ingest: bool = True) -> AsyncIterator[Entry]:
+        """Make ``holder`` the session's only writer while the context lasts.
+
+        Raises SessionBusy when another writer holds it, SessionFinished when ``ingest`` and the
+        session is finished. Waits for the previous writer's last commit before yielding.
+        """
+        if entry.writer is not None:
+            raise SessionBusy(entry.session_id, entry.writer)
+        if ingest and entry.finished:
+            raise SessionFinished(entry.session_id)
+        entry.writer = holder
+        try:
+            if entry.commit is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(entry.commit)
+            yield entry
+        finally:
+            entry.writer = None
+
+    # ------------------------------------------------------------------ closing
+    async def _evict(self, keep: str) -> None:
+        """Close idle sessions but ``keep``, least recently used first, while more than ``max_open``
+        are open."""
+        idle = sorted((e for e in self._open.values() if e.refs == 0 and e.writer is None
+                       and e.session_id != keep and (e.commit is None or e.commit.done())),
+                      key=lambda e: e.last_used)
+        excess = len(self._open) - self.max_open
+        for entry in idle[: max(0, excess)]:
+            await self._close(entry)
+
+    async def _close(self, entry: Entry) -> None:
+        self._open.pop(entry.session_id, None)
+        await asyncio.to_thread(entry.session.close)
+
+    async def wait_commits(self) -> None:
+        """Wait for every in-flight commit (graceful shutdown)."""
+        tasks = [e.commit for e in self._open.values() if e.commit is not None and not e.commit.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close_all(self) -> None:
+        """Checkpoint and close every open session (after :meth:`wait_commits`)."""
+        await self.wait_commits()
+        async with self._lock:
+            for entry in list(self._open.values()):
+                try:
+                    await self._close(entry)
+                except Exception:  # noqa: BLE001 - close the others anyway
+                    logger.exception("closing session %s failed", entry.session_id)

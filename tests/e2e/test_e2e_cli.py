@@ -1,0 +1,99 @@
+"""End to end as a user runs it: ``emserve serve`` in its own process, the ``emserve`` CLI against it,
+health probe and reflection over the socket, SIGTERM, restart on the same sessions directory, resume.
+
+The reference engine and a tiny random model keep it fast (the real model: test_e2e_passkey.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from emserve.client import Client
+from emserve.server.cli import ServerProcess
+
+MEMORY = ["n_init=16", "n_local=64", "n_mem=64", "exc_block_size=32", "min_block_size=4", "max_block_size=24",
+          "surprisal_threshold_gamma=1.0"]
+TEXT = ("Once upon a time there was a little model that could only count to five hundred and twelve. "
+        "The quick brown fox jumps over the lazy dog. Episodic memory segments a stream of tokens into events. ") * 20
+
+
+def _start(tmp: Path, model: Path, name: str) -> ServerProcess:
+    extra = ["--backend", "reference", "--model", str(model), "--max-model-len", "1024", "--grace", "5"]
+    for m in MEMORY:
+        extra += ["--memory", m]
+    proc = ServerProcess(tmp / "sessions", tmp / f"{name}.log", extra)
+    proc.wait_listening(timeout=120)
+    return proc
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMSERVE_AUTH_TOKEN": ""}
+    env.pop("EMSERVE_AUTH_TOKEN")
+    return subprocess.run([sys.executable, "-m", "emserve.server.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    proc = _start(tmp_path, tiny_model_dir, "server1")
+    yield proc
+    proc.stop()
+
+
+def test_serve_cli_sigterm_restart_resume(tmp_path: Path, tiny_model_dir: Path, server: ServerProcess) -> None:
+    addr = server.address
+    assert addr.startswith("127.0.0.1:")
+    channel = grpc.insecure_channel(addr)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == 1  # SERVING
+    with Client(addr) as c:
+        c.wait_ready(timeout=120)
+    assert health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=10).status == 1
+    assert "emserve.v1.SessionService" in ProtoReflectionDescriptorDatabase(channel).get_services()
+    channel.close()
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT)
+    r = _cli("ingest", str(doc), "--session", "book", "--server", addr, "--piece-chars", "300")
+    assert r.returncode == 0, r.stderr
+    assert "created session book" in r.stderr and "tok/s" in r.stderr and "events" in r.stderr
+    assert "book: +" in r.stdout
+    with Client(addr) as c:
+        n = c.get_session("book").num_tokens
+        assert n > 300
+    r = _cli("ask", "book", "Once upon a time", "--server", addr, "--max-tokens", "5", "--trace")
+    assert r.returncode == 0, r.stderr
+    assert "retrieval" in r.stdout and "tokens, finish" in r.stderr
+    r = _cli("events", "book", "--server", addr, "--preview", "4", "--limit", "5")
+    assert r.returncode == 0 and f"book: {n} tokens" in r.stdout and "boundary" in r.stdout
+    r = _cli("sessions", "--server", addr)
+    assert r.returncode == 0 and "book" in r.stdout and str(n) in r.stdout
+    r = _cli("ask", "nobody", "hi", "--server", addr)
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+
+    assert server.stop() == 0  # SIGTERM: graceful
+    log = server.log_path.read_text()
+    assert "emserve shutting down" in log and "emserve stopped" in log
+
+    again = _start(tmp_path, tiny_model_dir, "server2")
+    try:
+        with Client(again.address) as c:
+            c.wait_ready(timeout=120)
+            s = c.get_session("book")
+            assert s.num_tokens == n and s.num_events > 0  # a session is its directory
+            more = c.ingest_text("book", " And then the story went on.")
+            assert more.start_offset == n and more.committed_offset > n
+            assert len(c.ask("book", "Once upon", max_tokens=3, ignore_eos=True).token_ids) == 3
+        r = _cli("delete", "book", "--server", again.address)
+        assert r.returncode == 0
+    finally:
+        assert again.stop() == 0

@@ -1,0 +1,615 @@
+"""The gRPC service over a real socket (127.0.0.1, port 0) on the HF reference engine and a tiny model.
+
+Plumbing only (random weights): sessions, every status-code path, ingest acks / resume / flow
+control, cancel and deadlines, isolation of concurrent sessions, auth, health and reflection,
+graceful shutdown and reopening. The real model and vLLM are in test_grpc_vllm.py and tests/e2e.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.rpc import error_details_pb2 as E
+from grpc_harness import ServerThread, WatchedEngine, tiny_config
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from emserve.client import Client, ClientError, pb
+from emserve.retrieval.kvlog import KVLog
+from emserve.server.engine.reference import ReferenceEngine
+
+CHUNK = 32  # exc_block_size of the tiny memory config
+
+
+@pytest.fixture(scope="module")
+def ref_engine(tiny_model_dir: Path) -> ReferenceEngine:
+    return ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
+
+
+@pytest.fixture
+def engine(ref_engine: ReferenceEngine) -> WatchedEngine:
+    return WatchedEngine(ref_engine)
+
+
+def _server(tiny_model_dir: Path, tmp_path: Path, engine: Any, **kw: Any) -> ServerThread:
+    return ServerThread(tiny_config(tiny_model_dir, tmp_path / "sessions", **kw), engine)
+
+
+@pytest.fixture
+def srv(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> Iterator[ServerThread]:
+    s = _server(tiny_model_dir, tmp_path, engine)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(srv: ServerThread) -> Iterator[Client]:
+    c = Client(srv.address, timeout=30)
+    yield c
+    c.close()
+
+
+def _ids(n: int, seed: int, lo: int = 3, hi: int = 500) -> list[int]:
+    return torch.randint(lo, hi, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _code(fn: Any, *args: Any, **kw: Any) -> ClientError:
+    """The ClientError that ``fn(*args, **kw)`` raises (generators are drained)."""
+    with pytest.raises(ClientError) as ei:
+        out = fn(*args, **kw)
+        if isinstance(out, types.GeneratorType):
+            list(out)
+    return ei.value
+
+
+def _log_tokens(srv: ServerThread, session_id: str) -> list[int]:
+    folder = srv.server.config.sessions_dir / session_id
+    data = next(p for p in folder.iterdir() if p.is_dir())
+    with KVLog.open(data / "log") as log:
+        return log.tokens().tolist()
+
+
+class RawIngest:
+    """An Ingest stream driven message by message (the generated stub, no client logic)."""
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self.session_id = session_id
+        self.q: queue.Queue[pb.IngestRequest | None] = queue.Queue()
+        self.call = client.stub.Ingest(iter(self.q.get, None))
+
+    def send(self, **kw: Any) -> None:
+        self.q.put(pb.IngestRequest(session_id=self.session_id, **kw))
+
+    def tokens(self, ids: list[int], offset: int | None = None, **kw: Any) -> None:
+        if offset is not None:
+            kw["offset"] = offset
+        self.send(tokens=pb.TokenIds(ids=ids), **kw)
+
+    def half_close(self) -> None:
+        self.q.put(None)
+
+    def next(self) -> pb.IngestResponse:
+        return next(self.call)
+
+    def rest(self) -> list[pb.IngestResponse]:
+        return list(self.call)
+
+
+# ------------------------------------------------------------------------------------------ health
+def test_health_and_reflection(srv: ServerThread, client: Client) -> None:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    for name in ("", "readiness", "emserve.v1.SessionService"):
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    services = set(db.get_services())
+    assert {"emserve.v1.SessionService", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    pool = DescriptorPool(db)
+    svc = pool.FindServiceByName("emserve.v1.SessionService")
+    assert "Ingest" in [m.name for m in svc.methods]
+    assert pool.FindMessageTypeByName("emserve.v1.IngestAck").fields_by_name["committed_offset"]
+    info = client.server_info()
+    assert info.ready and info.backend == "watched"
+    assert info.vocab_size == 512 and info.default_memory.exc_block_size == CHUNK
+
+
+def test_not_ready_until_the_engine_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    s = _server(tiny_model_dir, tmp_path, None, model=str(tmp_path / "no-such-model"))
+    try:
+        with Client(s.address) as c:
+            deadline = time.monotonic() + 30
+            while s.server.load_error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert s.server.load_error is not None
+            assert c.health("") == "SERVING"
+            assert c.health("readiness") == "NOT_SERVING"
+            assert not c.server_info().ready
+            e = _code(c.create_session, "a")
+            assert e.code == grpc.StatusCode.UNAVAILABLE and e.reason == "NOT_READY"
+            assert e.detail(E.RetryInfo).retry_delay.seconds > 0
+    finally:
+        s.stop()
+
+
+# ------------------------------------------------------------------------------------------ sessions
+def test_session_lifecycle(client: Client) -> None:
+    s = client.create_session("alpha", memory={"n_local": 48, "per_layer": False}, labels={"doc": "book"})
+    assert s.session_id == "alpha" and s.state == pb.Session.ACTIVE
+    assert s.memory.n_local == 48 and s.memory.per_layer is False and s.memory.n_init == 16
+    assert s.labels["doc"] == "book" and s.num_tokens == 0 and s.create_time.seconds > 0
+    e = _code(client.create_session, "alpha")
+    assert e.code == grpc.StatusCode.ALREADY_EXISTS and e.detail(E.ResourceInfo).resource_name == "alpha"
+    anon = client.create_session()
+    assert anon.session_id.startswith("s-")
+    for i in range(3):
+        client.create_session(f"b{i}")
+    ids = [x.session_id for x in client.list_sessions(page_size=2)]
+    assert ids == sorted(["alpha", anon.session_id, "b0", "b1", "b2"])
+    got = client.get_session("alpha")
+    assert got.memory.n_local == 48 and not got.writer_attached
+    client.delete_session("alpha")
+    assert _code(client.get_session, "alpha").code == grpc.StatusCode.NOT_FOUND
+    assert _code(client.delete_session, "alpha").code == grpc.StatusCode.NOT_FOUND
+    again = client.create_session("alpha")  # the same id again: a fresh session
+    assert again.num_tokens == 0 and again.memory.n_local == 64
+
+
+def test_delete_and_recreate_then_ingest(client: Client) -> None:
+    client.create_session("r")
+    client.ingest_tokens("r", _ids(100, 1))
+    client.delete_session("r")
+    client.create_session("r")
+    res = client.ingest_tokens("r", _ids(70, 2))
+    assert res.committed_offset == 70 and client.get_session("r").num_tokens == 70
+
+
+def test_unknown_session_is_not_found_everywhere(client: Client) -> None:
+    for call in (
+        lambda: client.get_session("ghost"),
+        lambda: client.delete_session("ghost"),
+        lambda: client.ingest_tokens("ghost", [5, 6, 7]),
+        lambda: client.ask("ghost", [5, 6], max_tokens=2),
+        lambda: list(client.list_events("ghost")),
+        lambda: client.surprise("ghost"),
+    ):
+        e = _code(call)
+        assert e.code == grpc.StatusCode.NOT_FOUND and e.reason == "SESSION_NOT_FOUND"
+        assert e.detail(E.ResourceInfo).resource_type == "emserve.v1.Session"
+
+
+# ------------------------------------------------------------------------------------------ ingest / ask
+def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
+    client.create_session("doc")
+    ids = _ids(700, 3)
+    progress: list[Any] = []
+    res = client.ingest_tokens("doc", ids, piece_tokens=90, on_progress=progress.append)
+    assert res.committed_offset == 700 and res.start_offset == 0 and res.messages == 8
+    assert [p.committed_offset for p in progress] == sorted(p.committed_offset for p in progress)
+    assert _log_tokens(srv, "doc") == ids
+    s = client.get_session("doc")
+    assert s.num_tokens == 700 and s.num_events > 0 and s.disk_bytes > 0 and s.surprise.max > s.surprise.min
+    events = list(client.list_events("doc", preview=True, preview_tokens=4, page_size=7))
+    assert len(events) == s.num_events and [e.id for e in events] == list(range(len(events)))
+    assert events[0].start == 16 and all(a.end == b.start for a, b in zip(events, events[1:], strict=False))
+    assert all(4 <= e.size <= 24 and e.size == e.end - e.start for e in events)
+    assert sum(e.size for e in events) == s.event_tokens and events[-1].end <= 700 - 64
+    curve = client.surprise("doc")
+    assert len(curve.surprise) == 700 and curve.end == 700 and not curve.max_surprise
+    assert list(curve.boundaries) == [e.start for e in events]
+    assert events[3].boundary_surprise == pytest.approx(curve.surprise[events[3].start])
+    coarse = client.surprise("doc", 100, 300, stride=64)
+    assert len(coarse.surprise) == 4 and len(coarse.max_surprise) == 4
+    assert coarse.surprise[0] == pytest.approx(float(np.mean(curve.surprise[100:164])), rel=1e-5)
+
+    ans = client.ask("doc", _ids(6, 4), max_tokens=5, ignore_eos=True, trace=True, preview_tokens=3)
+    done = ans.complete
+    assert len(ans.token_ids) == 5 and done.finish_reason == pb.LENGTH
+    assert done.usage.prompt_tokens == 6 and done.usage.memory_tokens == 700 and done.usage.retrieved_tokens == 64
+    assert done.timings.total_s > 0 and done.timings.first_token_s > 0
+    tr = ans.trace
+    assert tr is not None and tr.budget == 64 and tr.num_events == len([e for e in events if e.end <= 700 - 64])
+    assert len(tr.layers) == 2 and all(sum(e.end - e.start for e in lay.events) == 64 for lay in tr.layers)
+    bounds = {e.id: (e.start, e.end) for e in events}
+    for e in tr.events:
+        assert (e.start, bounds[e.id][0]) == (bounds[e.id][0], e.start) and e.end <= bounds[e.id][1]
+        assert e.layers == e.similarity_layers + e.contiguity_layers >= 1 and e.preview
+    assert client.get_session("doc").num_tokens == 700  # a question leaves the memory unchanged
+    assert _log_tokens(srv, "doc") == ids
+
+    conv = client.ask("doc", [9, 8, 7], max_tokens=4, ignore_eos=True, remember=True)
+    assert conv.complete.committed_offset == 707 == client.get_session("doc").num_tokens
+    assert _log_tokens(srv, "doc") == ids + [9, 8, 7] + conv.token_ids
+
+
+def test_text_ingest_matches_tokenizer(srv: ServerThread, client: Client) -> None:
+    text = "Hello world! This is a tiny tokenizer trained offline. " * 40
+    client.create_session("t")
+    res = client.ingest_text("t", text, piece_chars=100)
+    codec = srv.runtime.codec
+    assert res.committed_offset == len(codec.encode(text))
+    assert _log_tokens(srv, "t") == codec.encode(text)
+    stream = client.generate("t", "Hello world", max_tokens=6, ignore_eos=True)
+    text_out = "".join(stream.text())
+    assert stream.complete is not None and text_out == stream.complete.text
+    assert text_out == codec.decode(list(stream.complete.token_ids))
+
+
+def test_stop_strings_end_generation(client: Client, engine: WatchedEngine) -> None:
+    client.create_session("st")
+    client.ingest_tokens("st", _ids(100, 5))
+    full = client.ask("st", [5, 6, 7], max_tokens=30, ignore_eos=True)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = client.ask("st", [5, 6, 7], max_tokens=30, ignore_eos=True, stop=[stop])
+    assert cut.complete.finish_reason == pb.STOP and cut.complete.stop_string == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert len(cut.token_ids) < 30
+
+
+def test_invalid_arguments(client: Client) -> None:
+    client.create_session("v")
+    client.ingest_tokens("v", _ids(80, 6))
+
+    def bad(call: Any, field: str | None = None) -> None:
+        e = _code(call)
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e
+        if field is not None:
+            assert e.detail(E.BadRequest).field_violations[0].field == field
+
+    bad(lambda: client.create_session("../escape"), "session_id")
+    bad(lambda: client.create_session("x" * 200), "session_id")
+    bad(lambda: client.create_session("m1", memory={"n_local": 0}), "memory")
+    bad(lambda: client.create_session("m2", memory={"similarity_metric": "cosine"}), "memory")
+    bad(lambda: client.create_session("m3", memory={"n_local": 5000}), "memory")  # beyond the context
+    bad(lambda: client.ingest_tokens("v", [1, 2, 600]), "tokens")
+    bad(lambda: client.ask("v", [5, 6], top_p=2.0), "sampling")
+    bad(lambda: client.ask("v", [5, 6], max_tokens=0), "sampling.max_tokens")
+    bad(lambda: client.ask("v", ""), "prompt")
+    bad(lambda: client.ask("v", [700]), "prompt_tokens")
+    bad(lambda: client.ask("v", "hi", chat_template=True), "chat_template")
+    bad(lambda: client.ask("v", [5, 6], max_tokens=2000))  # the window cannot hold it
+    bad(lambda: client.surprise("v", 0, 81), "end")
+    bad(lambda: client._unary(client.stub.ListEvents, pb.ListEventsRequest(session_id="v", page_token="x")),
+        "page_token")
+    assert client.get_session("v").num_tokens == 80  # nothing bad got in
+
+
+def test_ingest_offset_gap_and_conflicting_resend(client: Client) -> None:
+    client.create_session("g")
+    ids = _ids(64, 7)
+    client.ingest_tokens("g", ids)
+    raw = RawIngest(client, "g")
+    raw.tokens([5, 6], offset=70)  # beyond what the server holds
+    assert raw.next().ready.committed_offset == 64
+    with pytest.raises(grpc.RpcError) as ei:
+        raw.rest()
+    e = ClientError.from_rpc(ei.value)
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.detail(E.ErrorInfo).metadata["committed_offset"] == "64"
+    raw = RawIngest(client, "g")
+    raw.tokens([ids[0] + 1, ids[1]], offset=0)  # "re-sent" data that differs from what was committed
+    raw.next()
+    with pytest.raises(grpc.RpcError) as ei:
+        raw.rest()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.get_session("g").num_tokens == 64
+
+
+# ------------------------------------------------------------------------------------------ limits
+def test_limits_are_resource_exhausted(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> None:
+    s = _server(tiny_model_dir, tmp_path, engine, max_sessions=2, max_session_tokens=100,
+                max_message_bytes=16 * 1024)
+    try:
+        with Client(s.address) as c:
+            c.create_session("a")
+            c.create_session("b")
+            e = _code(c.create_session, "c")
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.detail(E.QuotaFailure).violations[0].subject == "sessions"
+            e = _code(c.ingest_tokens, "a", _ids(150, 8), piece_tokens=40)
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.detail(E.QuotaFailure).violations[0].subject == "session_tokens"
+            assert c.get_session("a").num_tokens <= 100
+            e = _code(c.ingest, "b", ["word " * 5000])  # one 25 kB message > 16 kB
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            e = _code(c.ask, "a", [5, 6], max_tokens=60, remember=True)
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        s.stop()
+
+
+# ------------------------------------------------------------------------------------------ preconditions
+def test_finished_session_refuses_ingest(client: Client) -> None:
+    client.create_session("f")
+    res = client.ingest_tokens("f", _ids(50, 9), finish=True)
+    assert res.finished and res.committed_offset == 50
+    assert client.get_session("f").state == pb.Session.FINISHED
+    e = _code(client.ingest_tokens, "f", [5, 6])
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SESSION_FINISHED"
+    assert e.detail(E.PreconditionFailure).violations[0].type == "FINISHED"
+    e = _code(client.ask, "f", [5, 6], max_tokens=2, remember=True)
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(client.ask("f", [5, 6], max_tokens=2, ignore_eos=True).token_ids) == 2  # questions still work
+
+
+def test_busy_session_refuses_a_second_writer(client: Client) -> None:
+    client.create_session("w")
+    first = RawIngest(client, "w")
+    first.tokens(_ids(10, 10))
+    assert first.next().HasField("ready") and first.next().ack.receipt.end == 10
+    assert client.get_session("w").writer_attached
+    e = _code(client.ingest_tokens, "w", [5, 6])
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SESSION_BUSY"
+    assert e.detail(E.PreconditionFailure).violations[0].type == "BUSY"
+    assert _code(client.delete_session, "w").code == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(client.ask, "w", [5], max_tokens=1, remember=True).code == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(client.ask("w", [5], max_tokens=1, ignore_eos=True).token_ids) == 1  # a plain question is fine
+    first.half_close()
+    assert first.rest()[-1].ack.committed_offset == 10
+    assert client.ingest_tokens("w", [5, 6]).committed_offset == 12
+    client.delete_session("w")
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_resume_from_ack_without_duplication(srv: ServerThread, client: Client) -> None:
+    client.create_session("res")
+    ids = _ids(400, 11)
+    raw = RawIngest(client, "res")
+    for i in range(0, 400, 40):
+        raw.tokens(ids[i : i + 40], offset=i)
+    assert raw.next().ready.committed_offset == 0
+    committed = 0
+    while committed < 128:
+        committed = raw.next().ack.committed_offset
+    raw.call.cancel()  # the client goes away mid-stream
+    # reconnect; re-send everything from offset 0: what is committed is skipped, not duplicated
+    raw = RawIngest(client, "res")
+    for i in range(0, 400, 40):
+        raw.tokens(ids[i : i + 40], offset=i)
+    raw.half_close()
+    ready = raw.next().ready
+    assert ready.committed_offset >= committed and ready.committed_offset % CHUNK == 0
+    acks = [r.ack for r in raw.rest()]
+    receipts = [a.receipt for a in acks if a.HasField("receipt")]
+    assert [(r.start, r.end) for r in receipts] == [(i, i + 40) for i in range(0, 400, 40)]
+    assert sum(r.skipped for r in receipts) == ready.committed_offset
+    assert acks[-1].committed_offset == 400
+    assert _log_tokens(srv, "res") == ids
+    # and once more: everything is already there
+    assert client.ingest_tokens("res", []).committed_offset == 400
+    raw = RawIngest(client, "res")
+    raw.tokens(ids[360:], offset=360)
+    raw.half_close()
+    assert raw.next().ready.committed_offset == 400
+    assert raw.rest()[-1].ack.receipt.skipped == 40
+    assert _log_tokens(srv, "res") == ids
+
+
+def test_text_resume_mid_message(srv: ServerThread, client: Client) -> None:
+    codec = srv.runtime.codec
+    text = "Episodic memory segments a stream of tokens into events by surprise. " * 8
+    whole = codec.encode(text)
+    assert len(whole) > 3 * CHUNK
+    client.create_session("tx")
+    raw = RawIngest(client, "tx")
+    raw.send(text=text)
+    raw.next()
+    receipt = raw.next().ack.receipt
+    assert (receipt.start, receipt.end) == (0, len(whole))
+    while raw.next().ack.committed_offset < 2 * CHUNK:
+        pass
+    raw.call.cancel()
+    raw = RawIngest(client, "tx")
+    raw.send(text=text, offset=receipt.start)  # the whole message again, from its receipt's start
+    raw.half_close()
+    ready = raw.next().ready
+    acks = [r.ack for r in raw.rest()]
+    assert acks[0].receipt.skipped == ready.committed_offset >= 2 * CHUNK
+    assert acks[-1].committed_offset == len(whole)
+    assert _log_tokens(srv, "tx") == whole
+
+
+def test_client_ingest_reconnects_and_resumes(srv: ServerThread, client: Client) -> None:
+    """A server-side interruption mid-ingest (UNAVAILABLE): the client resumes; the text lands once."""
+    codec = srv.runtime.codec
+    text = "The quick brown fox jumps over the lazy dog. Retrieval picks similar and contiguous events. " * 30
+    pieces = list(client_split(text, 120))
+    sent = [0]
+
+    def source() -> Iterator[str]:
+        for i, p in enumerate(pieces):
+            if i == len(pieces) // 2:
+                srv.call(srv.server.service.draining.set)  # the stream ends after its current commit
+                threading.Timer(0.5, lambda: srv.call(srv.server.service.draining.clear)).start()
+            sent[0] += 1
+            yield p
+
+    client.create_session("rc")
+    res = client.ingest("rc", source(), retry_wait_s=30)
+    assert res.reconnects >= 1
+    expect = [t for p in pieces for t in codec.encode(p)]
+    assert res.committed_offset == len(expect)
+    assert _log_tokens(srv, "rc") == expect
+
+
+def client_split(text: str, n: int) -> Iterator[str]:
+    from emserve.client import split_text
+
+    return split_text(text, n)
+
+
+# ------------------------------------------------------------------------------------------ flow control
+def test_flow_control_bounds_server_buffering(srv: ServerThread, client: Client) -> None:
+    client.create_session("fc")
+    ids = _ids(60 * 50, 12)
+    raw = RawIngest(client, "fc")
+    for i in range(0, len(ids), 50):  # as fast as the client can: no waiting for receipts
+        raw.tokens(ids[i : i + 50])
+    raw.half_close()
+    out = [raw.next()] + raw.rest()
+    acks = [r.ack for r in out[1:]]
+    assert out[0].ready.max_inflight_messages == 8
+    assert len([a for a in acks if a.HasField("receipt")]) == 60 and acks[-1].committed_offset == len(ids)
+    # never more than one chunk (minus one) plus one message held uncommitted
+    assert max(a.received_offset - a.committed_offset for a in acks) <= CHUNK - 1 + 50
+    assert srv.runtime.ingestor.stats.max_pending_tokens <= CHUNK - 1 + 50
+    assert _log_tokens(srv, "fc") == ids
+
+
+# ------------------------------------------------------------------------------------------ cancel / deadline
+def test_cancel_mid_generation_aborts_the_engine_request(srv: ServerThread, client: Client,
+                                                          engine: WatchedEngine) -> None:
+    client.create_session("c")
+    client.ingest_tokens("c", _ids(200, 13))
+    engine.token_delay = 0.05
+    stream = client.generate("c", [5, 6, 7], max_tokens=200, ignore_eos=True)
+    it = iter(stream)
+    got = [next(it) for _ in range(3)]
+    assert all(r.HasField("chunk") for r in got)
+    before = engine.finished
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while srv.call(lambda: engine.aborted) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.aborted == 1 and engine.finished == before
+    assert srv.call(lambda: srv.runtime.generator.cancelled) == 1
+    engine.token_delay = 0.0
+    t0 = time.monotonic()
+    assert len(client.ask("c", [5], max_tokens=2, ignore_eos=True).token_ids) == 2  # the session is free again
+    assert time.monotonic() - t0 < 5
+
+
+def test_deadline_exceeded_aborts_generation(srv: ServerThread, client: Client, engine: WatchedEngine) -> None:
+    client.create_session("d")
+    client.ingest_tokens("d", _ids(100, 14))
+    engine.token_delay = 0.05
+    e = _code(client.ask, "d", [5, 6], max_tokens=200, ignore_eos=True, timeout=0.5)
+    assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while srv.call(lambda: engine.aborted) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.aborted == 1
+
+
+# ------------------------------------------------------------------------------------------ isolation
+def test_concurrent_sessions_have_isolated_memories(srv: ServerThread, client: Client) -> None:
+    """A ingests tokens from [3, 250) with a "fact", B from [250, 500), at the same time."""
+    fact = [7, 11, 13, 17, 19, 23, 29, 31]
+    a_ids = _ids(500, 15, 3, 250)
+    a_ids[240:240] = fact * 2
+    b_ids = _ids(500, 16, 250, 500)
+    client.create_session("A")
+    client.create_session("B")
+    spans: dict[str, tuple[float, float]] = {}
+
+    def run(sid: str, ids: list[int]) -> None:
+        with Client(srv.address) as c:
+            t0 = time.monotonic()
+            c.ingest_tokens(sid, ids, piece_tokens=40)
+            spans[sid] = (t0, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=a) for a in (("A", a_ids), ("B", b_ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    (a0, a1), (b0, b1) = spans["A"], spans["B"]
+    assert a0 < b1 and b0 < a1  # they overlapped
+    assert _log_tokens(srv, "A") == a_ids and _log_tokens(srv, "B") == b_ids
+    b_tokens = _log_tokens(srv, "B")
+    for sid, lo, hi in (("B", 250, 500), ("A", 3, 250)):
+        ans = client.ask(sid, fact, max_tokens=3, ignore_eos=True, trace=True)
+        assert ans.trace is not None and ans.trace.events
+        log = _log_tokens(srv, sid)
+        for lay in ans.trace.layers:
+            for e in lay.events:
+                assert all(lo <= t < hi for t in log[e.start : e.end]), (sid, e)
+    assert not any(b_tokens[i : i + len(fact)] == fact for i in range(len(b_tokens)))
+
+
+# ------------------------------------------------------------------------------------------ auth
+def test_auth_token(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> None:
+    s = _server(tiny_model_dir, tmp_path, engine, auth_token="s3cret")
+    try:
+        with Client(s.address) as anon, Client(s.address, token="wrong") as wrong, \
+                Client(s.address, token="s3cret") as ok:
+            assert anon.health("readiness") == "SERVING"  # probes need no token
+            assert set(ProtoReflectionDescriptorDatabase(anon.channel).get_services()) >= {"emserve.v1.SessionService"}
+            for c in (anon, wrong):
+                e = _code(c.create_session, "a")
+                assert e.code == grpc.StatusCode.UNAUTHENTICATED and e.reason == "UNAUTHENTICATED"
+                assert _code(c.ingest_tokens, "a", [5]).code == grpc.StatusCode.UNAUTHENTICATED
+                assert _code(c.ask, "a", [5]).code == grpc.StatusCode.UNAUTHENTICATED
+            ok.create_session("a")
+            assert ok.ingest_tokens("a", [5, 6, 7]).committed_offset == 3
+    finally:
+        s.stop()
+
+
+# ------------------------------------------------------------------------------------------ shutdown / reopen
+def test_graceful_shutdown_then_reopen_resumes(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> None:
+    s = _server(tiny_model_dir, tmp_path, engine)
+    ids = _ids(900, 17)
+    acked: list[int] = []
+    errors: list[ClientError] = []
+    with Client(s.address) as c:
+        c.create_session("gs")
+        c.ingest_tokens("gs", ids[:100])
+        c.ask("gs", [5], max_tokens=1)
+
+        def ingest() -> None:
+            try:
+                c.ingest_tokens("gs", ids[100:], piece_tokens=20, retries=0,
+                                on_progress=lambda p: acked.append(p.committed_offset))
+            except ClientError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=ingest)
+        t.start()
+        while not acked or acked[-1] < 300:
+            time.sleep(0.01)
+        s.stop(grace=5)  # SIGTERM path: drain, finish commits, checkpoint, close
+        t.join(30)
+    assert errors and errors[0].code == grpc.StatusCode.UNAVAILABLE and errors[0].reason == "SHUTTING_DOWN"
+    s2 = _server(tiny_model_dir, tmp_path, engine)  # the same sessions directory: "restart"
+    try:
+        with Client(s2.address) as c:
+            n = c.get_session("gs").num_tokens
+            assert n >= acked[-1] and _log_tokens(s2, "gs") == ids[:n]
+            res = c.ingest_tokens("gs", ids[n:])
+            assert res.committed_offset == 900 and _log_tokens(s2, "gs") == ids
+            assert len(c.ask("gs", [5], max_tokens=2, ignore_eos=True).token_ids) == 2
+            assert c.get_session("gs").num_events > 0
+    finally:
+        s2.stop()
+
+
+def test_idle_sessions_are_closed_lru_and_reopen(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> None:
+    s = _server(tiny_model_dir, tmp_path, engine, max_open_sessions=2)
+    try:
+        with Client(s.address) as c:
+            for i in range(4):
+                c.create_session(f"l{i}")
+                c.ingest_tokens(f"l{i}", _ids(100 + i, 20 + i))
+            assert s.call(lambda: s.runtime.manager.open_count) <= 2
+            for i in range(4):
+                assert c.get_session(f"l{i}").num_tokens == 100 + i
+                assert len(c.ask(f"l{i}", [5], max_tokens=1, ignore_eos=True).token_ids) == 1
+            assert s.call(lambda: s.runtime.manager.open_count) <= 2
+    finally:
+        s.stop()

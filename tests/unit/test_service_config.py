@@ -1,0 +1,61 @@
+"""ServerConfig: defaults < EMSERVE_* environment < flags; validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emserve.server.config import ServerConfig, build_config
+from emserve.server.engine.config import ConfigError, EngineConfig
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = build_config(env={"EMSERVE_HOME": str(tmp_path)})
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 50051)
+    assert cfg.sessions_dir == tmp_path / "sessions"
+    assert cfg.engine.model == "smollm2-135m" and cfg.engine.backend == "vllm"
+    assert cfg.auth_token is None and cfg.max_session_tokens == 0
+    assert cfg.memory.n_local == 1024
+
+
+def test_env_then_flags(tmp_path: Path) -> None:
+    env = {
+        "EMSERVE_HOME": str(tmp_path), "EMSERVE_PORT": "6000", "EMSERVE_HOST": "0.0.0.0",
+        "EMSERVE_MAX_SESSIONS": "7", "EMSERVE_AUTH_TOKEN": "s3cret", "EMSERVE_BACKEND": "reference",
+        "EMSERVE_MEMORY_N_LOCAL": "512", "EMSERVE_MEMORY_PER_LAYER": "false", "EMSERVE_MAX_INFLIGHT": "3",
+        "EMSERVE_SESSIONS_DIR": str(tmp_path / "elsewhere"), "EMSERVE_MAX_MODEL_LEN": "none",
+    }
+    cfg = build_config(env=env)
+    assert (cfg.host, cfg.port, cfg.max_sessions, cfg.auth_token) == ("0.0.0.0", 6000, 7, "s3cret")
+    assert cfg.engine.backend == "reference" and cfg.engine.dtype == "float32"  # reference defaults to fp32
+    assert cfg.memory.n_local == 512 and cfg.memory.per_layer is False
+    assert cfg.max_inflight_messages == 3 and cfg.sessions_dir == tmp_path / "elsewhere"
+    assert cfg.engine.max_model_len is None
+    cfg = build_config({"port": 0, "max_sessions": None, "memory": {"n_mem": 256}, "model": "/m"}, env=env)
+    assert cfg.port == 0 and cfg.max_sessions == 7  # None flags do not override
+    assert cfg.memory.n_mem == 256 and cfg.memory.n_local == 512 and cfg.engine.model == "/m"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env"),
+    [
+        ({"port": 70000}, {}),
+        ({"max_sessions": 0}, {}),
+        ({"auth_token": "  "}, {}),
+        ({}, {"EMSERVE_PORT": "eighty"}),
+        ({}, {"EMSERVE_MEMORY_PER_LAYER": "maybe"}),
+        ({"bogus": 1}, {}),
+        ({"backend": "tgi"}, {}),
+    ],
+)
+def test_invalid(tmp_path: Path, overrides: dict, env: dict) -> None:
+    with pytest.raises((ConfigError, ValueError)):
+        build_config(overrides, env={"EMSERVE_HOME": str(tmp_path), **env})
+
+
+def test_frozen(tmp_path: Path) -> None:
+    cfg = ServerConfig(engine=EngineConfig(model="x"), sessions_dir=tmp_path)
+    with pytest.raises(AttributeError):
+        cfg.port = 1  # type: ignore[misc]
+    assert cfg.address == "127.0.0.1:50051"

@@ -1,0 +1,87 @@
+"""Text handling of the service: seam rule (split before whitespace), streaming decode, stop strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emserve.client import split_text as client_split
+from emserve.server.text import StreamDecoder, TextCodec, split_text
+
+TEXT = ("The quick brown fox jumps over the lazy dog.  Episodic memory segments a stream of tokens\n\n"
+        "into events by surprise. Hello world! This is a tiny tokenizer trained offline. ") * 6
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_model_dir: Path) -> TextCodec:
+    return TextCodec(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("size", [16, 31, 64, 200])
+def test_split_before_whitespace_keeps_tokens(codec: TextCodec, size: int) -> None:
+    """Every word is shorter than ``size``: every cut is before whitespace, and tokens are unchanged."""
+    pieces = list(split_text(TEXT, size))
+    assert "".join(pieces) == TEXT and all(len(p) <= size for p in pieces)
+    assert all(p[0].isspace() for p in pieces[1:] if len(p) > 1 and p.strip())  # cut before whitespace
+    assert [t for p in pieces for t in codec.encode(p)] == codec.encode(TEXT)
+    assert list(client_split(TEXT, size)) == pieces
+
+
+def test_split_long_word_is_cut_anyway() -> None:
+    assert list(split_text("abcdefghij", 4)) == ["abcd", "efgh", "ij"]
+    with pytest.raises(ValueError):
+        list(split_text("x", 0))
+
+
+def test_stream_decoder_without_stop(codec: TextCodec) -> None:
+    ids = codec.encode("Hello world! This is a test.")
+    d = StreamDecoder(codec)
+    out = "".join(d.push([t]) for t in ids) + d.finish()
+    assert out == codec.decode(ids) and d.stopped is None
+
+
+def test_stream_decoder_stop_string_cut_and_held_back(codec: TextCodec) -> None:
+    ids = codec.encode("Hello world! This is a tiny test.")
+    d = StreamDecoder(codec, stop=["is a tiny", "zzz"])
+    pieces = []
+    for t in ids:
+        pieces.append(d.push([t]))
+        if d.stopped:
+            break
+    pieces.append(d.finish())
+    text = "".join(pieces)
+    assert d.stopped == "is a tiny"
+    assert text == "Hello world! This "
+    # nothing of the stop string was ever emitted, even partially
+    assert all("is a" not in p for p in pieces)
+
+
+def test_stream_decoder_holds_incomplete_utf8(codec: TextCodec) -> None:
+    ids = codec.encode("café ∑ done")
+    d = StreamDecoder(codec)
+    pieces = [d.push([t]) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + d.finish() == "café ∑ done"
+
+
+def test_chat_template_refused_without_template(codec: TextCodec) -> None:
+    from emserve.server.errors import InvalidArgument
+
+    assert not codec.has_chat_template
+    with pytest.raises(InvalidArgument):
+        codec.chat_prompt("hi")
+
+
+def test_chat_template_of_the_default_model() -> None:
+    from emserve.server.models import MARKER_FILE, emserve_home
+
+    folder = emserve_home() / "models" / "smollm2-135m"
+    if not (folder / MARKER_FILE).exists():
+        pytest.skip("the default model is not prepared (make setup)")
+    codec = TextCodec(str(folder))
+    assert codec.has_chat_template
+    ids = codec.chat_prompt("What is the pass key?")
+    text = codec.tokenizer.decode(ids)
+    assert "<|im_start|>user\nWhat is the pass key?<|im_end|>" in text and text.rstrip().endswith("assistant")
+    assert codec.decode(ids).count("What is the pass key?") == 1
