@@ -11,6 +11,8 @@ Contract
 * Opening checks that the log, the table and the indexes agree: events that end beyond the log (a
   log tail lost in a crash) are dropped, indexes behind the table are caught up, indexes ahead of it
   are rebuilt.
+* The stream's mean query (``query_mean.npz``, see ``queries``) is fed by :meth:`observe_queries`
+  after every ingestion step; retrieval centers its queries on it.
 * Resident memory: the table's bounds, the HNSW graphs, the contiguity buffers, and for one call of
   :meth:`close_events` the de-rotated keys of the events being closed. KV stays in the log's files.
 """
@@ -28,6 +30,7 @@ from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.planner import RetrievalConfig, WindowPlanner
+from emserve.retrieval.queries import QueryMean
 from emserve.retrieval.representatives import RotateFn, event_representatives
 from emserve.retrieval.retriever import Retriever
 
@@ -48,11 +51,16 @@ class EpisodicMemory:
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
         self.index = EventIndex.open(self.path, self.table, config.index_params())
+        self.query_mean = QueryMean(self.path, log.layout.num_layers, dim)
         self.retriever = Retriever(
             self.index,
             per_layer=config.per_layer,
             use_contiguity_buffer=config.use_contiguity_buffer,
             contiguity_buffer_size=config.contiguity_buffer_size,
+            query_mean=self.query_mean,
+            center_queries=config.center_queries,
+            standardize_queries=config.standardize_queries,
+            query_sample=config.query_sample,
         )
         self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
 
@@ -71,6 +79,11 @@ class EpisodicMemory:
         first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
         self.index.sync()
         return list(range(first, first + len(ranges)))
+
+    def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:
+        """Feed an ingestion step's query summary (mean over ``num_tokens`` new tokens) into the
+        stream's mean query, which retrieval centers queries on."""
+        self.query_mean.observe(summary, num_tokens)
 
     def checkpoint(self) -> None:
         """Persist the indexes now (the table is always persisted)."""

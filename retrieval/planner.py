@@ -66,6 +66,13 @@ class RetrievalConfig:
     """Share of the budget for the contiguity buffer (``< 1``: fraction; ``>= 1``: tokens)."""
     per_layer: bool = True
     """Retrieve per layer (EM-LLM); False: one list for all layers, scored by the sum over layers."""
+    center_queries: bool = True
+    """Score with queries minus the stream's mean query (``queries``: the needle is found without it
+    in a fraction of the layers only)."""
+    standardize_queries: bool = True
+    """Scale each query vector (per layer) to unit score spread over a sample of the events."""
+    query_sample: int = 256
+    """Events sampled (evenly spaced) to estimate that spread."""
     max_window: int = 8192
     """The model's native context: every window position stays below it."""
     hnsw_m: int = 16
@@ -90,6 +97,8 @@ class RetrievalConfig:
             raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
         if self.repr_proxy not in REPR_PROXIES:
             raise ConfigError(f"repr_proxy must be one of {REPR_PROXIES}, got {self.repr_proxy!r}")
+        if self.query_sample < 2:
+            raise ConfigError(f"query_sample must be >= 2, got {self.query_sample}")
         if not self.contiguity_buffer_size >= 0:
             raise ConfigError(f"contiguity_buffer_size must be >= 0, got {self.contiguity_buffer_size}")
         need = self.n_init + self.n_mem + self.n_local + self.exc_block_size + 1

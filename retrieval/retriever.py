@@ -1,7 +1,10 @@
 """Retrieval: which events enter the attention window at a step, per layer, within a token budget.
 
-Per layer ``l`` (EM-LLM retrieves per layer), with the step's query summary ``q[l]`` (mean pre-RoPE
-query, concatenated over heads; score ``q[l] . rep[l]``) and a budget of ``B`` tokens:
+Per layer ``l`` (EM-LLM retrieves per layer), with the step's retrieval vector ``q[l]`` and a budget
+of ``B`` tokens; an event scores ``q[l] . rep[l]``. ``q`` is built from the step's pre-RoPE queries
+(a mean summary, or a question's per-token queries) by :func:`~emserve.retrieval.queries.encode_queries`:
+centered on the stream's mean query and standardized on a sample of the representatives (see
+``queries`` for why: without it the passkey needle is found in a fraction of the layers only).
 
 * **All fits.** When the retrievable events hold ``<= B`` tokens, every layer takes all of them
   (source ``"similarity"``). The contiguity buffers are not touched.
@@ -42,6 +45,7 @@ import numpy as np
 from emserve.retrieval.buffers import ContiguityBuffer, contiguity_tokens
 from emserve.retrieval.errors import PlanError
 from emserve.retrieval.index import EventIndex, exact_topk
+from emserve.retrieval.queries import QueryMean, as_query_tokens, encode_queries
 
 Source = Literal["similarity", "contiguity"]
 
@@ -156,12 +160,24 @@ class Retriever:
         per_layer: bool = True,
         use_contiguity_buffer: bool = True,
         contiguity_buffer_size: float = 0.3,
+        query_mean: QueryMean | None = None,
+        center_queries: bool = False,
+        standardize_queries: bool = False,
+        query_sample: int = 256,
     ) -> None:
+        """Defaults score with the raw queries (plain inner products); sessions get centering and
+        standardization on through :class:`~emserve.retrieval.planner.RetrievalConfig`."""
         self.index = index
         self.table = index.table
         self.per_layer = per_layer
         self.use_contiguity_buffer = use_contiguity_buffer
         self.contiguity_buffer_size = contiguity_buffer_size
+        self.query_mean = query_mean
+        self.center_queries = center_queries
+        self.standardize_queries = standardize_queries
+        self.query_sample = query_sample
+        self._sample: np.ndarray | None = None
+        self._sample_n = 0
         nbuf = index.num_layers if per_layer else 1
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
 
@@ -169,21 +185,39 @@ class Retriever:
         for b in self.buffers:
             b.clear()
 
-    def _queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 3:
-            q = q.reshape(q.shape[0], -1)
-        if q.shape != (self.index.num_layers, self.index.dim):
-            raise PlanError(f"queries must be [{self.index.num_layers}, {self.index.dim}] "
-                            f"(or [layers, heads, head_dim]), got {np.shape(queries)}")
-        return q
+    def rep_sample(self) -> np.ndarray | None:
+        """Up to ``query_sample`` evenly spaced events' representatives ``[L, S, dim]`` (cached).
+
+        Resampled while the table is smaller than the sample size, then after 25% growth.
+        """
+        n = len(self.table)
+        if n < 2 or self.query_sample < 2:
+            return None
+        full = self._sample_n >= self.query_sample
+        if self._sample is None or (n != self._sample_n and (not full or n >= 1.25 * self._sample_n)):
+            ids = np.unique(np.linspace(0, n - 1, min(n, self.query_sample)).round().astype(np.int64))
+            self._sample = np.stack([self.table.reps_of(lay, ids) for lay in range(self.index.num_layers)])
+            self._sample_n = n
+        return self._sample
+
+    def encode(self, queries: np.ndarray) -> np.ndarray:
+        """The retrieval vector ``[L, dim]`` of a step's queries (see :mod:`emserve.retrieval.queries`).
+
+        ``queries``: a summary ``[L, dim]`` / ``[L, H, D]`` or query tokens ``[n, L, H, D]``.
+        """
+        tokens = as_query_tokens(queries, self.index.num_layers, self.index.dim)
+        mean = self.query_mean.mean if (self.center_queries and self.query_mean is not None) else None
+        sample = self.rep_sample() if self.standardize_queries else None
+        return encode_queries(tokens, mean=mean, rep_sample=sample)
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
                  num_events: int | None = None) -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
 
         ``queries``: float32 ``[num_layers, num_heads*head_dim]`` or ``[num_layers, num_heads, head_dim]``
-        (``StepResult.queries``). May be None only when everything fits (scores are then NaN).
+        (``StepResult.queries``), or per-token ``[n, num_layers, num_heads, head_dim]``
+        (``StepResult.query_tokens``); encoded by :meth:`encode`. May be None only when everything
+        fits (scores are then NaN). Reported scores are those of the encoded vector.
         """
         n_layers = self.index.num_layers
         n = len(self.table)
@@ -196,7 +230,7 @@ class Retriever:
         memory = int(sizes[:m].sum())
         # exact also when the HNSW indexes lag the table (a reader in another process)
         exact = self.index.uses_exact(n) or self.index.count < n
-        q = None if queries is None else self._queries(queries)
+        q = None if queries is None else self.encode(queries)
 
         def build(picks: list[tuple[int, int, Source]], layer: int | None) -> LayerSelection:
             ids = np.array(sorted(p[0] for p in picks), np.int64)

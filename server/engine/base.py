@@ -7,6 +7,8 @@ An engine executes one :class:`~emserve.retrieval.plan.WindowPlan` per call:
 * appends the new tokens' K/V (post-RoPE, at their window positions) to ``plan.capture_log``,
 * reports each new token's surprise ``−log p(token | window before it)`` (natural log), and the
   per-layer mean of the new tokens' *pre-RoPE* queries (the step's retrieval query summary),
+* optionally (``StepOptions.query_tokens = n``) the pre-RoPE queries of the last ``n`` new tokens
+  one by one (a question's per-token queries: retrieval standardizes and averages them itself),
 * optionally generates tokens after the new tokens (``SamplingSpec.max_tokens > 0``), streamed.
 
 Surprise of the very first token of a stream (no anchor and nothing injected: the token has no
@@ -97,6 +99,12 @@ class SamplingSpec:
 class StepOptions:
     surprise: bool = True
     queries: bool = True
+    query_tokens: int = 0
+    """Also report the pre-RoPE queries of the last ``query_tokens`` new tokens (needs ``queries``)."""
+
+    def __post_init__(self) -> None:
+        if self.query_tokens < 0:
+            raise PlanError("query_tokens must be >= 0")
 
 
 @dataclass
@@ -110,6 +118,9 @@ class StepResult:
     finish_reason: str | None = None
     num_injected: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    query_tokens: np.ndarray | None = None
+    """float32 ``[n, num_layers, num_heads, head_dim]``: pre-RoPE queries of the last
+    ``n = min(StepOptions.query_tokens, C)`` new tokens, in order; None when not requested."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ Contract
      logged K/V, keys re-rotated from their stored positions to window positions ``0 .. N-1``;
   2. the anchor token (id read from its log) and the new tokens run at positions ``N ..`` on top of
      that cache (HF ``DynamicCache`` + explicit ``position_ids``);
-  3. surprise, the de-rotated per-layer query mean, and the captured K/V of the new tokens (post-RoPE,
-     at their window positions) come from that forward; generation continues from the same cache.
+  3. surprise, the de-rotated per-layer query mean (and, on request, the de-rotated queries of the
+     last ``StepOptions.query_tokens`` new tokens), and the captured K/V of the new tokens
+     (post-RoPE, at their window positions) come from that forward; generation continues from the
+     same cache.
 
 Numerics: logged keys are widened to float32, re-rotated (angles in float64), then cast to the compute
 dtype once. Surprise is computed in float64 from the logits. ``attn_implementation="eager"`` is the
@@ -261,11 +263,14 @@ class ReferenceEngine(Engine):
                 surprise[0] = self.info.uninformed_surprise
                 surprise[1:] = _surprise(rows, targets)
         q_mean: np.ndarray | None = None
+        q_tok: np.ndarray | None = None
         if options.queries:
             window_pos = torch.arange(first_new, first_new + n_new)
-            q_mean = np.stack(
-                [self.rope.rotate(queries[i].float(), -window_pos).mean(0).numpy() for i in range(self.info.num_layers)]
-            ).astype(np.float32)
+            derot = [self.rope.rotate(queries[i].float(), -window_pos) for i in range(self.info.num_layers)]
+            q_mean = np.stack([q.mean(0).numpy() for q in derot]).astype(np.float32)
+            n_tok = min(options.query_tokens, n_new)
+            if n_tok > 0:
+                q_tok = torch.stack([q[n_new - n_tok :] for q in derot], 1).numpy().astype(np.float32)
         t3 = time.perf_counter()
 
         log_offset: int | None = None
@@ -283,6 +288,7 @@ class ReferenceEngine(Engine):
             log_offset=log_offset,
             surprise=surprise,
             queries=q_mean,
+            query_tokens=q_tok,
             num_injected=n_inj,
             timings={"inject_s": t1 - t0, "forward_s": t2 - t1, "outputs_s": t3 - t2, "capture_s": t4 - t3},
         )

@@ -115,6 +115,7 @@ class VLLMEngine(Engine):
         em = dict(plan.to_wire())
         em["result_path"] = str(result_path)
         em["want_queries"] = options.queries
+        em["query_tokens"] = options.query_tokens if options.queries else 0
         return SamplingParams(
             max_tokens=s.max_tokens if gen else 1,
             temperature=s.temperature if gen else 0.0,
@@ -174,6 +175,7 @@ class VLLMEngine(Engine):
                 with np.load(result_path) as res:
                     log_offset = int(res["log_offset"])
                     queries = np.array(res["queries"]) if "queries" in res.files else None
+                    qtok = np.array(res["query_tokens"]) if "query_tokens" in res.files else None
             except FileNotFoundError:
                 raise EngineError(f"engine core wrote no step result for request {rid}") from None
             out0 = final.outputs[0]
@@ -191,6 +193,7 @@ class VLLMEngine(Engine):
                 finish_reason=out0.finish_reason if gen else None,
                 num_injected=n,
                 timings=timings,
+                query_tokens=qtok if options.queries else None,
             )
         except (asyncio.CancelledError, GeneratorExit):
             await self.llm.abort(rid)

@@ -114,6 +114,25 @@ def test_non_prefix_window_with_rerotation_matches_oracle(engines, loop, tmp_pat
     assert np.abs(loop.run_until_complete(v.step(other)).surprise - rv.surprise).max() > 1e-3
 
 
+def test_query_tokens_match_oracle(engines, loop, tmp_path: Path) -> None:
+    """Per-token de-rotated queries of the last new tokens (a question's probe) equal the oracle's."""
+    v, r = engines
+    log = str(tmp_path / "src")
+    _ingest(loop, v, log, _ids(300, 7), chunk=300)
+    plan = WindowPlan.build(_ids(20, 8), [Segment(log, 0, 4), Segment(log, 150, 299)], anchor=Anchor(log, 299))
+    opts = StepOptions(surprise=False, query_tokens=6)
+    rv = loop.run_until_complete(v.step(plan, options=opts))
+    rr = r.run(plan, None, opts)
+    assert rv.query_tokens is not None and rv.query_tokens.shape == (6, v.info.num_layers, v.info.num_heads,
+                                                                      v.info.head_dim)
+    np.testing.assert_allclose(rv.query_tokens, rr.query_tokens, atol=TOL)
+    np.testing.assert_allclose(rv.queries, rr.queries, atol=TOL)
+    every = loop.run_until_complete(v.step(plan, options=StepOptions(surprise=False, query_tokens=64)))
+    assert every.query_tokens is not None and every.query_tokens.shape[0] == 20
+    np.testing.assert_allclose(every.query_tokens.mean(0), every.queries, atol=TOL)
+    assert loop.run_until_complete(v.step(plan, options=StepOptions(surprise=False))).query_tokens is None
+
+
 def test_per_layer_segments_match_oracle(engines, loop, tmp_path: Path) -> None:
     v, r = engines
     log = str(tmp_path / "src")

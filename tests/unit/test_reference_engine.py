@@ -149,6 +149,21 @@ def test_plain_run_matches_hf(engine: ReferenceEngine, tmp_path: Path) -> None:
     assert set(res.timings) >= {"inject_s", "forward_s", "capture_s", "total_s"}
 
 
+def test_query_tokens_are_the_last_tokens_pre_rope_queries(engine: ReferenceEngine) -> None:
+    ids = _stream(40, seed=11)
+    res = engine.run(WindowPlan.build(ids), None, StepOptions(surprise=False, query_tokens=6))
+    _, _, hidden = _plain_forward(engine, ids)
+    n_l, n_h, d = engine.info.num_layers, engine.info.num_heads, engine.info.head_dim
+    assert res.query_tokens is not None and res.query_tokens.dtype == np.float32
+    assert res.query_tokens.shape == (6, n_l, n_h, d)
+    for i in range(n_l):
+        np.testing.assert_allclose(res.query_tokens[:, i], _pre_rope(engine, hidden, i, "q_proj")[-6:], atol=TOL)
+    every = engine.run(WindowPlan.build(ids), None, StepOptions(surprise=False, query_tokens=100))
+    assert every.query_tokens is not None and every.query_tokens.shape[0] == 40  # capped at the new tokens
+    np.testing.assert_allclose(every.query_tokens.mean(0), every.queries, atol=TOL)
+    assert engine.run(WindowPlan.build(ids), None, StepOptions(surprise=False)).query_tokens is None
+
+
 def test_chunked_ingestion_equals_full_forward(engine: ReferenceEngine, tmp_path: Path) -> None:
     """Inject everything seen so far + recompute the last token as anchor: exact when nothing is dropped."""
     ids = _stream(200, seed=2)
