@@ -29,6 +29,7 @@ Requirements on the engine: prefix caching off (placeholder prompts must never h
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,8 +162,9 @@ class EMConnector(KVConnectorBase_V1):
         self._reqs: dict[str, _ReqState] = {}
         self._pending_load: set[str] = set()
         # worker half
-        self._readers: dict[str, KVLog] = {}
-        self._writers: dict[str, KVLog] = {}
+        # open logs, least recently used first; bounded so idle or deleted sessions' files get closed
+        self._readers: OrderedDict[str, KVLog] = OrderedDict()
+        self._writers: OrderedDict[str, KVLog] = OrderedDict()
         self._captures: dict[str, _Capture] = {}
         self._step_captures: list[tuple[_Capture, CaptureSpec]] = []
         self._inv_cache: tuple[int, int, torch.Tensor] | None = None
@@ -298,6 +300,8 @@ class EMConnector(KVConnectorBase_V1):
         r = self._readers.get(path)
         if r is None:
             r = self._readers[path] = KVLog.open(path)
+            _evict(self._readers)
+        self._readers.move_to_end(path)
         return r
 
     def _gather(
@@ -408,6 +412,8 @@ class EMConnector(KVConnectorBase_V1):
             if w is None:
                 layout = KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, self.log_dtype)
                 w = self._writers[init.capture_log] = KVLog.open_or_create(init.capture_log, layout)
+                _evict(self._writers)
+            self._writers.move_to_end(init.capture_log)
             positions = np.arange(init.first_new, init.first_new + init.num_new, dtype=np.int32)
             offset = w.append(init.token_ids, positions, cap.keys, cap.values)
         if init.result_path:
@@ -419,6 +425,15 @@ class EMConnector(KVConnectorBase_V1):
             w.close()
         self._writers.clear()
         self._readers.clear()
+
+
+MAX_OPEN_LOGS = 64
+
+
+def _evict(logs: OrderedDict[str, KVLog]) -> None:
+    while len(logs) > MAX_OPEN_LOGS:
+        _, log = logs.popitem(last=False)
+        log.close()
 
 
 def write_result(
