@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -27,6 +28,8 @@ from emserve.server.text import StreamDecoder, TextCodec
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_PREVIEW_TOKENS = 16
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,14 @@ class Generator:
                     yield Chunk((), tail)
                 t_end = time.perf_counter()
                 out_ids = list(decoder.ids)
+                if result is not None and decoder.stopped is None and len(result.token_ids) > len(out_ids):
+                    # the engine's final output is the truth; streamed deltas can trail it
+                    logger.warning("generation: %d streamed tokens, engine result has %d",
+                                   len(out_ids), len(result.token_ids))
+                    tail = decoder.push(result.token_ids[len(out_ids):]) + decoder.finish()
+                    if tail:
+                        yield Chunk(tuple(result.token_ids[len(out_ids):]), tail)
+                    out_ids = list(decoder.ids)
                 committed = session.num_tokens
                 if p.remember:
                     committed = await entry.run_commit(lambda: session.append(prompt_ids + out_ids, flush=True))
@@ -169,6 +180,8 @@ class Generator:
                     reason = "stop"
                 else:
                     reason = "stop" if result is not None and result.finish_reason == "stop" else "length"
+                    if result is not None and result.finish_reason not in ("stop", "length"):
+                        logger.warning("generation ended with engine finish reason %r", result.finish_reason)
                 trace = None
                 if p.include_trace and retrieval is not None:
                     trace = Trace(retrieval, self._previews(entry, retrieval, p.preview_tokens))
