@@ -8,9 +8,13 @@ Contract
   object; other processes may open the directory read-only and :meth:`EventTable.refresh`.
 * Files (raw, little-endian), in the session directory next to the KV log::
 
-      events.json            {"version", "num_layers", "dim"}   written once, atomically
+      events.json            {"version", "num_layers", "dim", "vectors"}   written once, atomically
       events.i64             int64 [n, 2]                      (start, end) per event
       reps_LLL.f32           float32 [capacity, dim]           representative of each event, layer LLL
+
+  A row may hold several vectors of ``vector_dim = dim // vectors`` values each (an event kept as
+  ``vectors`` separate keys, scored by the best of them; ``representatives``). ``vectors`` is
+  optional in the header (1 when absent).
 
 * Commit protocol: :meth:`EventTable.append` writes the representatives of every layer first, then
   the ``(start, end)`` records. The committed count is ``size(events.i64) // 16``. Representative
@@ -49,10 +53,13 @@ class EventTable:
     """Closed events of one session. Not thread-safe for writing; one writer."""
 
     def __init__(self, path: str | os.PathLike[str], num_layers: int, dim: int, *, writable: bool,
-                 fsync: bool = False) -> None:
+                 fsync: bool = False, vectors: int = 1) -> None:
         self.path = Path(path)
         self.num_layers = num_layers
         self.dim = dim
+        self.vectors = vectors
+        if vectors < 1 or dim % vectors:
+            raise EventTableError(f"row width {dim} is not a multiple of {vectors} vectors")
         self.writable = writable
         self.fsync = fsync
         self._n = 0
@@ -68,17 +75,18 @@ class EventTable:
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
-               fsync: bool = False) -> EventTable:
+               fsync: bool = False, vectors: int = 1) -> EventTable:
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         if (p / HEADER_FILE).exists():
             raise EventTableError(f"an event table already exists at {p}")
-        if num_layers <= 0 or dim <= 0:
-            raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}")
+        if num_layers <= 0 or dim <= 0 or vectors < 1 or dim % vectors:
+            raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}, {vectors} vectors")
         tmp = p / (HEADER_FILE + ".tmp")
-        tmp.write_text(json.dumps({"version": FORMAT_VERSION, "num_layers": num_layers, "dim": dim}))
+        head = {"version": FORMAT_VERSION, "num_layers": num_layers, "dim": dim, "vectors": vectors}
+        tmp.write_text(json.dumps(head))
         os.replace(tmp, p / HEADER_FILE)
-        return cls(p, num_layers, dim, writable=True, fsync=fsync)
+        return cls(p, num_layers, dim, writable=True, fsync=fsync, vectors=vectors)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False, fsync: bool = False) -> EventTable:
@@ -91,22 +99,28 @@ class EventTable:
             raise EventTableError(
                 f"event table at {p} has format {head.get('version')}, need {FORMAT_VERSION}"
             )
-        return cls(p, int(head["num_layers"]), int(head["dim"]), writable=writable, fsync=fsync)
+        return cls(p, int(head["num_layers"]), int(head["dim"]), writable=writable, fsync=fsync,
+                   vectors=int(head.get("vectors", 1)))
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
-                       fsync: bool = False) -> EventTable:
+                       fsync: bool = False, vectors: int = 1) -> EventTable:
         p = Path(path)
         if (p / HEADER_FILE).exists():
             table = cls.open(p, writable=True, fsync=fsync)
-            if (table.num_layers, table.dim) != (num_layers, dim):
+            if (table.num_layers, table.dim, table.vectors) != (num_layers, dim, vectors):
                 table.close()
                 raise EventTableError(
-                    f"event table at {p} has {table.num_layers} layers x dim {table.dim}, "
-                    f"need {num_layers} x {dim}"
+                    f"event table at {p} has {table.num_layers} layers x dim {table.dim} "
+                    f"({table.vectors} vectors), need {num_layers} x {dim} ({vectors} vectors)"
                 )
             return table
-        return cls.create(p, num_layers, dim, fsync=fsync)
+        return cls.create(p, num_layers, dim, fsync=fsync, vectors=vectors)
+
+    @property
+    def vector_dim(self) -> int:
+        """Values per vector (``dim // vectors``)."""
+        return self.dim // self.vectors
 
     @property
     def _row_bytes(self) -> int:

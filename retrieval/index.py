@@ -3,16 +3,19 @@
 Contract
 --------
 * The :class:`~emserve.retrieval.events.EventTable` is the truth; the index is derived from it.
-  Labels are event ids. Every layer's HNSW index (hnswlib, space ``"ip"``, dim
-  ``num_heads * head_dim``) holds events ``0 .. count-1``; :meth:`EventIndex.sync` adds the events
+  An event is ``V = table.vectors`` vectors of ``table.vector_dim`` values (``representatives``);
+  its score for a query ``q`` is ``max_j q . rep_j`` (V = 1: the plain inner product). Every layer's
+  HNSW index (hnswlib, space ``"ip"``, dim ``vector_dim``) holds the vectors of events
+  ``0 .. count-1``, vector ``j`` of event ``e`` under label ``e * V + j``; :meth:`EventIndex.sync` adds the events
   the table has and the index lacks (after appends, and on open: a saved index that is behind its
   table is caught up; one that is ahead of it, or unreadable, is rebuilt from the table).
 * HNSW indexes are grown **eagerly**, event by event (capacity doubles with ``resize_index``), even
   below the exact-search threshold: the cost per event stays flat, and crossing the threshold never
   stalls a step with a bulk build.
-* Search: below ``exact_threshold`` events, exact (``reps @ q`` over the memory-mapped table, then
-  ``argpartition``); at or above, HNSW with ``ef`` (``max(ef, k)`` in effect). Scores are inner
-  products ``q . rep``; results are sorted best first (ties: lower id first, exact path only).
+* Search: below ``exact_threshold`` events, exact (``max_j reps_j @ q`` over the memory-mapped
+  table, then ``argpartition``); at or above, HNSW with ``ef`` (``max(ef, k V)`` in effect; ``k V``
+  vectors are asked for, so at least ``k`` distinct events come back). Results are event ids sorted
+  best first (ties: lower id first, exact path only).
 * Persistence, next to the log: ``index_LLL.hnsw`` (hnswlib ``save_index``, written to a temporary
   file and renamed) and ``index.json``. hnswlib does not persist ``ef``: it is set after every load.
   Saves happen on :meth:`EventIndex.save` (checkpoint / close) and automatically once the unsaved
@@ -40,7 +43,7 @@ from emserve.retrieval.errors import ConfigError, IndexStoreError
 from emserve.retrieval.events import EventTable
 
 META_FILE = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # "vectors" in index.json is optional (1 when absent)
 _ADD_CHUNK = 4096
 
 
@@ -82,13 +85,23 @@ class IndexParams:
             raise ConfigError(f"need num_threads >= 1, initial_capacity >= 1; got {self}")
 
 
-def exact_topk(reps: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows of ``reps [n, dim]`` by ``reps @ query``: (ids int64, scores float32), best first."""
+def max_scores(reps: np.ndarray, queries: np.ndarray, vectors: int = 1) -> np.ndarray:
+    """``[m, n]``: for rows ``reps [n, vectors * d]`` and ``queries [m, d]``, ``max_j q . rep_j``."""
+    n = reps.shape[0]
+    d = queries.shape[-1]
+    s = np.asarray(reps, dtype=np.float32).reshape(n * vectors, d) @ queries.T  # [n V, m]
+    if vectors > 1:
+        s = s.reshape(n, vectors, -1).max(axis=1)
+    return np.ascontiguousarray(s.T, dtype=np.float32)
+
+
+def exact_topk(reps: np.ndarray, query: np.ndarray, k: int, *, vectors: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``reps [n, vectors * d]`` by ``max_j rep_j . query``: (ids int64, scores), best first."""
     n = reps.shape[0]
     k = min(k, n)
     if k <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    scores = reps @ query
+    scores = max_scores(reps, np.asarray(query, np.float32).reshape(1, -1), vectors)[0]
     part = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
     order = part[np.lexsort((part, -scores[part]))]
     return order.astype(np.int64), scores[order].astype(np.float32)
@@ -104,12 +117,13 @@ class EventIndex:
         self.params = params
         self.writable = writable
         self.num_layers = table.num_layers
-        self.dim = table.dim
+        self.vectors = table.vectors
+        self.dim = table.vector_dim
         self._lock = threading.Lock()
         self._saved = 0
         self.rebuilt_layers: list[int] = []
         self._hnsw = [self._load_layer(layer) for layer in range(self.num_layers)]
-        self._saved = min(ix.get_current_count() for ix in self._hnsw)
+        self._saved = self.count
         if writable:
             self.sync()
 
@@ -130,9 +144,11 @@ class EventIndex:
     def _load_layer(self, layer: int) -> hnswlib.Index:
         f = self.path / _index_file(layer)
         n = len(self.table)
-        capacity = max(self.params.initial_capacity, 2 * n)
+        v = self.vectors
+        capacity = max(self.params.initial_capacity, 2 * n) * v
         meta = self._read_meta()
-        if f.exists() and meta is not None and meta.get("dim") == self.dim:
+        if (f.exists() and meta is not None and meta.get("dim") == self.dim
+                and int(meta.get("vectors", 1)) == v):
             ix = hnswlib.Index(space="ip", dim=self.dim)
             try:
                 ix.load_index(str(f), max_elements=capacity)
@@ -141,7 +157,8 @@ class EventIndex:
             if ix is not None:
                 count = ix.get_current_count()
                 labels = np.asarray(ix.get_ids_list(), dtype=np.int64)
-                if count <= n and labels.size == count and (count == 0 or int(labels.max()) == count - 1):
+                if (count <= n * v and count % v == 0 and labels.size == count
+                        and (count == 0 or int(labels.max()) == count - 1)):
                     ix.set_ef(self.params.ef)
                     return ix
         if not self.writable and n > 0:
@@ -161,26 +178,27 @@ class EventIndex:
     @property
     def count(self) -> int:
         """Events present in every layer's HNSW index."""
-        return min(ix.get_current_count() for ix in self._hnsw)
+        return min(ix.get_current_count() for ix in self._hnsw) // self.vectors
 
     def sync(self, *, autosave: bool = True) -> int:
         """Add every event of the table that an index lacks. Returns how many events were added."""
         if not self.writable:
             raise IndexStoreError(f"index at {self.path} is open read-only")
         n = len(self.table)
+        v = self.vectors
         added = 0
         with self._lock:
             for layer, ix in enumerate(self._hnsw):
-                have = ix.get_current_count()
+                have = ix.get_current_count() // v
                 if have >= n:
                     continue
-                if ix.get_max_elements() < n:
-                    ix.resize_index(max(2 * ix.get_max_elements(), n))
+                if ix.get_max_elements() < n * v:
+                    ix.resize_index(max(2 * ix.get_max_elements(), n * v))
                 reps = self.table.reps(layer)
                 for lo in range(have, n, _ADD_CHUNK):
                     hi = min(n, lo + _ADD_CHUNK)
-                    ix.add_items(np.ascontiguousarray(reps[lo:hi]), np.arange(lo, hi),
-                                 num_threads=self.params.num_threads)
+                    ix.add_items(np.ascontiguousarray(reps[lo:hi]).reshape(-1, self.dim),
+                                 np.arange(lo * v, hi * v), num_threads=self.params.num_threads)
                 added = max(added, n - have)
         if autosave and added:
             pending = self.count - self._saved
@@ -198,9 +216,9 @@ class EventIndex:
                 tmp = f.with_name(f.name + ".tmp")
                 ix.save_index(str(tmp))
                 os.replace(tmp, f)
-            counts = [ix.get_current_count() for ix in self._hnsw]
-            meta = {"version": FORMAT_VERSION, "dim": self.dim, "num_layers": self.num_layers,
-                    "counts": counts, "params": asdict(self.params)}
+            counts = [ix.get_current_count() // self.vectors for ix in self._hnsw]
+            meta = {"version": FORMAT_VERSION, "dim": self.dim, "vectors": self.vectors,
+                    "num_layers": self.num_layers, "counts": counts, "params": asdict(self.params)}
             tmp = self.path / (META_FILE + ".tmp")
             tmp.write_text(json.dumps(meta))
             os.replace(tmp, self.path / META_FILE)
@@ -222,23 +240,33 @@ class EventIndex:
         """
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(self.dim)
         n = len(self.table)
+        v = self.vectors
         use_exact = self.uses_exact(n) if exact is None else exact
         if use_exact:
-            return exact_topk(self.table.reps(layer), q, k)
+            return exact_topk(self.table.reps(layer), q, k, vectors=v)
         with self._lock:
             ix = self._hnsw[layer]
-            k = min(k, ix.get_current_count())
-            if k <= 0:
+            kv = min(k * v, ix.get_current_count())
+            if kv <= 0:
                 return np.zeros(0, np.int64), np.zeros(0, np.float32)
-            labels, dist = ix.knn_query(q[None, :], k=k)
-        return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
+            labels, dist = ix.knn_query(q[None, :], k=kv)
+        events = labels[0].astype(np.int64) // v
+        _, first = np.unique(events, return_index=True)  # best vector of each event (sorted by distance)
+        first = np.sort(first)[:k]
+        return events[first], (1.0 - dist[0][first]).astype(np.float32)
 
     def scores(self, layer: int, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact ``q . rep`` of the given events of ``layer`` (float32)."""
-        if len(ids) == 0:
-            return np.zeros(0, np.float32)
-        q = np.asarray(query, dtype=np.float32).reshape(self.dim)
-        return (self.table.reps_of(layer, ids) @ q).astype(np.float32)
+        """Exact ``max_j q . rep_j`` of the given events of ``layer`` (float32)."""
+        q = np.asarray(query, dtype=np.float32).reshape(1, self.dim)
+        return self.scores_many(layer, q, ids)[0]
+
+    def scores_many(self, layer: int, queries: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Exact ``max_j q_i . rep_j`` for queries ``[m, dim]`` and events ``ids`` (None: all): ``[m, len]``."""
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        reps = self.table.reps(layer) if ids is None else self.table.reps_of(layer, ids)
+        if reps.shape[0] == 0:
+            return np.zeros((q.shape[0], 0), np.float32)
+        return max_scores(reps, q, self.vectors)
 
     @property
     def ef(self) -> list[int]:

@@ -26,12 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emserve.retrieval.errors import EventTableError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.planner import RetrievalConfig, WindowPlanner
 from emserve.retrieval.queries import QueryMean
-from emserve.retrieval.representatives import RotateFn, event_representatives
+from emserve.retrieval.representatives import (
+    RotateFn,
+    event_representatives,
+    heads_per_vector,
+    vectors_per_event,
+)
 from emserve.retrieval.retriever import Retriever
 
 
@@ -45,13 +51,16 @@ class EpisodicMemory:
         self.num_heads = num_heads
         self.rotate = rotate
         self.path = Path(path) if path is not None else log.path
-        dim = num_heads * log.layout.head_dim
-        self.table = EventTable.open_or_create(self.path, log.layout.num_layers, dim, fsync=fsync)
+        layout = log.layout
+        vectors = vectors_per_event(config.repr_proxy, config.repr_topk)
+        heads = heads_per_vector(config.repr_proxy, num_heads, layout.num_kv_heads)
+        dim = vectors * heads * layout.head_dim
+        self.table = EventTable.open_or_create(self.path, layout.num_layers, dim, fsync=fsync, vectors=vectors)
         log.refresh()
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
         self.index = EventIndex.open(self.path, self.table, config.index_params())
-        self.query_mean = QueryMean(self.path, log.layout.num_layers, dim)
+        self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = Retriever(
             self.index,
             per_layer=config.per_layer,
@@ -61,6 +70,9 @@ class EpisodicMemory:
             center_queries=config.center_queries,
             standardize_queries=config.standardize_queries,
             query_sample=config.query_sample,
+            score_layers=config.score_layers(layout.num_layers),
+            query_group=num_heads // heads,
+            head_dim=layout.head_dim,
         )
         self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
 
@@ -72,6 +84,9 @@ class EpisodicMemory:
         """Close events ``[start, end)`` (temporal order, after the last closed one). Returns their ids."""
         if not ranges:
             return []
+        if token_scores is not None and self.table.vectors != 1:
+            raise EventTableError("attention-based representatives need repr_proxy 'mean' or 'central' "
+                                  f"(this table stores {self.table.vectors} vectors per event)")
         reps = event_representatives(
             self.log, ranges, num_heads=self.num_heads, rotate=self.rotate,
             repr_topk=self.config.repr_topk, token_scores=token_scores, proxy=self.config.repr_proxy,

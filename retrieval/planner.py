@@ -57,15 +57,18 @@ class RetrievalConfig:
     exc_block_size: int = 512
     """Tokens computed per step (the chunk size of ingestion and of re-planning while generating)."""
     repr_topk: int = 4
-    """Keys averaged per head into an event's representative."""
-    repr_proxy: Literal["mean", "central"] = "mean"
+    """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
+    repr_proxy: Literal["topk", "mean", "central"] = "topk"
     """Representative when attention scores are not available (see ``representatives``)."""
     use_contiguity_buffer: bool = True
     """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
     contiguity_buffer_size: float = 0.3
     """Share of the budget for the contiguity buffer (``< 1``: fraction; ``>= 1``: tokens)."""
     per_layer: bool = True
-    """Retrieve per layer (EM-LLM); False: one list for all layers, scored by the sum over layers."""
+    """Retrieve per layer (EM-LLM); False: one list for all layers, scored by the sum over the
+    scoring layers (``shared_score_layers``)."""
+    shared_score_layers: float = 2 / 3
+    """A shared selection sums the scores of the first ``round(f * num_layers)`` layers (``queries``)."""
     center_queries: bool = True
     """Score with queries minus the stream's mean query (``queries``: the needle is found without it
     in a fraction of the layers only)."""
@@ -97,6 +100,8 @@ class RetrievalConfig:
             raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
         if self.repr_proxy not in REPR_PROXIES:
             raise ConfigError(f"repr_proxy must be one of {REPR_PROXIES}, got {self.repr_proxy!r}")
+        if not 0 < self.shared_score_layers <= 1:
+            raise ConfigError(f"shared_score_layers must be in (0, 1], got {self.shared_score_layers}")
         if self.query_sample < 2:
             raise ConfigError(f"query_sample must be >= 2, got {self.query_sample}")
         if not self.contiguity_buffer_size >= 0:
@@ -107,6 +112,10 @@ class RetrievalConfig:
                 f"n_init + n_mem + n_local + exc_block_size + 1 = {need} exceeds max_window {self.max_window}"
             )
         self.index_params()  # validates the index fields
+
+    def score_layers(self, num_layers: int) -> range:
+        """The layers a shared selection is scored on."""
+        return range(max(1, round(self.shared_score_layers * num_layers)))
 
     def index_params(self) -> IndexParams:
         return IndexParams(

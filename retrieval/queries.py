@@ -1,49 +1,57 @@
-"""Retrieval queries: how a step's queries become the vector that events are scored against.
+"""Retrieval queries: how a step's queries score events.
 
-An event ``e`` is scored per layer with ``q . rep_e`` (``rep_e``: the event's mean pre-RoPE key per
-head, see ``representatives``). What ``q`` is decides whether retrieval finds anything; it is built
-from the engine's pre-RoPE queries in three steps (:func:`encode_queries`):
+An event ``e`` stores per layer ``V`` vectors ``rep_e,j`` (``representatives``: by default its 4
+largest-norm pre-RoPE keys). A step brings ``n`` query vectors per layer: a question's last
+``question_query_tokens`` tokens one by one (``StepResult.query_tokens``), or the step's mean query
+summary (ingestion chunks, ``n = 1``). The score of ``e`` in layer ``l`` is::
+
+    s_l(e) = mean_i  max_j ((q_il - q̄_l) . rep_e,j) / sigma_il
 
 1. **Centering** on the stream's mean query ``q̄`` (running mean of every ingestion step's query
-   summary, weighted by tokens: :class:`QueryMean`). ``(q - q̄) . rep_e = q . rep_e - q̄ . rep_e``:
-   the second term is how much an *average* query of this stream attends to the event, so the score
-   becomes "how much more this query attends to the event than queries usually do". Without it the
-   ranking is dominated by events every query attends to whatever it asks (blank lines, chapter
-   headings, punctuation-heavy and short events, and the first ~1-2k tokens of the stream, whose
-   keys were computed at small window positions and sit closer to the common query direction).
-   Centering *keys* would change nothing (a constant per query); centering queries does.
-2. **Standardization** per query vector and layer by ``sigma = std_e((q - q̄) . rep_e)``, estimated on
-   an evenly spaced sample of the memory's representatives. Per layer it rescales all scores by one
-   constant (no effect on a single query's per-layer ranking), but it lets several query vectors
-   (tokens of a question) vote with equal weight, and it puts every layer on the same scale when the
-   selection is shared (``per_layer=False`` sums the per-layer scores).
-3. **Averaging** the standardized vectors of the step's query tokens: a question's last
-   ``question_query_tokens`` tokens one by one (``StepResult.query_tokens``), or the step's mean
-   query summary (ingestion chunks). The result is one ``[num_layers, dim]`` vector, so indexes and
-   exact search are unchanged (sum of z-scores == inner product with the summed scaled queries).
+   summary, weighted by tokens: :class:`QueryMean`). ``(q - q̄) . k = q . k - q̄ . k``: the second
+   term is how much an *average* query of this stream attends to the key, so the score becomes "how
+   much more this query attends to it than queries usually do". Without it the ranking is dominated
+   by keys every query attends to, whatever it asks: blank lines, chapter headings, punctuation, and
+   the first ~1-2k tokens of the stream (computed at small window positions). Centering *keys* would
+   change nothing (a constant per query); centering queries does.
+2. **MaxSim** over the event's vectors (late interaction): a question's tokens match single needle
+   tokens, which an average over the event would dilute (``representatives``).
+3. **Standardization** by ``sigma_il``, the spread over events of that query vector's scores,
+   estimated on an evenly spaced sample of the memory's representatives: every query token and every
+   layer votes with the same weight (no effect on one query's ranking within one layer).
+4. **Shared selection** (``per_layer=False``) ranks by ``sum_l s_l(e)`` over the *scoring layers*
+   (default: the first 2/3 of the layers; the last third ranks the needle worse than chance
+   would suggest for this model family, see the table below).
 
-Measured on SmolLM2-135M (passkey in ``big`` text, 8k tokens, depths 0.1/0.5, 6 trials; ``bench/needle.py``
-measures the full stack): with the plain mean question query, the needle's event was in the
-similarity budget in 65/180 (trial, layer) pairs and the shared ranking put it at rank 25-311 of
-~580 events; centering alone: 138/180, rank 2-38; centering + standardization of the question's
-per-token queries: 146/180, rank 2-7; the same over the last 8 question tokens: 166/180, rank 1-5
-(the tail of a completion-style prompt, "... The pass key is", is what the answer continues).
+Queries are pre-RoPE (de-rotated to distance 0) and stay so: scoring at a RoPE distance (EM-LLM
+rotates the query by ``n_local``; averaging over a distance range) helped the uncentered mean-key
+score but hurt every centered variant.
 
-Rejected after measurement (same trials): scoring at a RoPE distance instead of distance 0 (EM-LLM
-rotates the query by ``n_local``; averaging the rotation over a distance range helps the
-*uncentered* score, 65 -> 133/180, but hurts the centered one, 168 -> 105-135/180); max over an
-event's tokens instead of the mean key (worse with and without centering); max over heads, or
-z-scoring each head, instead of the sum over heads; max over question tokens instead of the mean.
+Measured (SmolLM2-135M, passkey in ``big`` text, depths 0.1/0.5/0.9, needle in memory; rank of the
+best needle event in the shared ranking, ~60 events fit the similarity budget)::
+
+    variant                                              8k (580 events)   32k (3,100 events)
+    mean key, mean question query (before)               25-311            -
+    + centering, last 8 question tokens, z-averaged      1-5               10-237
+    + MaxSim over the 4 largest-norm keys                0-5               0-200
+    + scoring layers 0-19 of 30                          0-1               0-22
+
+Per-layer selection (each layer its own ranking) found the needle in 19-27 of 30 layers at 8k but
+only 8-22 at 32k, hence shared selection is the session default. All question tokens instead of the
+last 8 ("\\n\\nWhat is the" included) ranks worse (32k: 15-189); the last 4 slightly better.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from emserve.retrieval.errors import PlanError
+from emserve.retrieval.index import max_scores
 
 QUERY_MEAN_FILE = "query_mean.npz"
 
@@ -104,23 +112,61 @@ def as_query_tokens(queries: np.ndarray, num_layers: int, dim: int) -> np.ndarra
     return q
 
 
+def fold_heads(q: np.ndarray, group: int, head_dim: int) -> np.ndarray:
+    """Sum query heads over GQA groups: ``[..., H * D] -> [..., (H / group) * D]`` (``group`` consecutive
+    query heads share a kv head), so that ``fold(q) . k_kv == q . expand(k_kv)``."""
+    if group == 1:
+        return q
+    *lead, hd = q.shape
+    if hd % (group * head_dim):
+        raise PlanError(f"query of {hd} values is not a multiple of {group} heads x {head_dim}")
+    return q.reshape(*lead, hd // (group * head_dim), group, head_dim).sum(-2).reshape(*lead, -1)
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """A step's queries, ready to score: ``tokens [n, L, d]`` (centered, GQA-folded to the table's
+    vector layout) and ``scale [n, L]`` (``1 / sigma``, ones without standardization)."""
+
+    tokens: np.ndarray
+    scale: np.ndarray
+
+    def layer_scores(self, layer: int, reps: np.ndarray, vectors: int) -> np.ndarray:
+        """``s_l`` of events with representatives ``reps [m, vectors * d]`` of ``layer``: float32 ``[m]``."""
+        s = max_scores(reps, self.tokens[:, layer], vectors)  # [n, m]
+        return (s * self.scale[:, layer, None]).mean(axis=0).astype(np.float32)
+
+
 def encode_queries(
     queries: np.ndarray,
     *,
+    num_layers: int,
+    query_dim: int,
+    group: int = 1,
+    head_dim: int = 0,
     mean: np.ndarray | None = None,
     rep_sample: np.ndarray | None = None,
-) -> np.ndarray:
-    """The retrieval vector ``[L, dim]`` of query tokens ``[n, L, dim]`` (module docstring).
+    vectors: int = 1,
+    layers: Sequence[int] | None = None,
+) -> EncodedQuery:
+    """Center, fold and standardize a step's queries (module docstring).
 
-    ``mean``: the stream's mean query ``[L, dim]`` (None: no centering). ``rep_sample``: sampled
-    representatives ``[L, S, dim]`` (None or ``S < 2``: no standardization).
+    ``queries``: see :func:`as_query_tokens` (``query_dim = num_heads * head_dim``). ``group``: query
+    heads per kv head when the table's vectors are in kv-head layout (else 1; ``head_dim`` is needed
+    when ``group > 1``). ``mean``: the stream's
+    mean query ``[L, query_dim]`` (None: no centering). ``rep_sample``: sampled representatives
+    ``[L, S, vectors * d]`` (None or ``S < 2``: no standardization); ``layers``: the layers to
+    standardize (default all; the others keep scale 1).
     """
-    q = queries.astype(np.float32, copy=True)
+    q = as_query_tokens(queries, num_layers, query_dim).copy()
     if mean is not None:
-        q -= mean[None]
+        q -= np.asarray(mean, np.float32).reshape(num_layers, query_dim)[None]
+    q = fold_heads(q, group, head_dim)
+    scale = np.ones(q.shape[:2], np.float32)
     if rep_sample is not None and rep_sample.shape[1] >= 2:
-        proj = np.einsum("lsd,nld->nls", rep_sample, q)  # [n, L, S]
-        sigma = proj.std(axis=-1)
-        ok = sigma > 1e-12 * (np.abs(proj).max(axis=-1) + 1e-30)
-        q /= np.where(ok, sigma, 1.0)[..., None]
-    return q.mean(axis=0).astype(np.float32)
+        for lay in range(num_layers) if layers is None else layers:
+            s = max_scores(rep_sample[lay], q[:, lay], vectors)  # [n, S]
+            sigma = s.std(axis=1)
+            ok = sigma > 1e-12 * (np.abs(s).max(axis=1) + 1e-30)
+            scale[:, lay] = np.where(ok, 1.0 / np.where(ok, sigma, 1.0), 1.0)
+    return EncodedQuery(np.ascontiguousarray(q, dtype=np.float32), scale)

@@ -7,14 +7,31 @@ head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. A step's query su
 of its pre-RoPE queries, concatenated over heads) then scores an event with ``q . rep`` which is
 EM-LLM's ``sum_h q_h . kbar_h``.
 
+**Default here: ``"topk"``, several vectors per event** (``repr_topk`` of them, ``vectors_per_event``):
+the keys of the event's ``repr_topk`` tokens with the largest key norm in that layer (all kv heads
+of the same token, ``num_kv_heads * head_dim`` values, *not* expanded to the query heads), kept
+*separately*; an event then scores ``max_j q . rep_j`` (late interaction, "MaxSim"; see
+``retriever``) with the query summed over each GQA group of query heads, which equals the score of
+the GQA-expanded key (``sum_h q_h . k_{h // g} = sum_kv (sum_{h in kv} q_h) . k_kv``) at a third of
+the storage for SmolLM2 (9 query heads, 3 kv heads). Events shorter than ``repr_topk`` repeat their tokens
+(the max is unchanged). Why (``bench/needle.py`` trials, SmolLM2-135M): a passkey question's
+queries match single needle tokens (" pass", " key") strongly, among tens of thousands of tokens;
+averaging an event's 8-16 keys (``"mean"``) dilutes that match below the noise of 3,000 events at
+32k tokens (needle ranks 24-237 in the shared ranking), while a max over a *fixed, small* number of
+keys per event keeps it (ranks 0-22; with every token of the event the max favours long events:
+ranks 1-43). Selecting the 4 keys by norm, by distance to the event's mean key or to the stream's
+mean key gave the same ranks within noise; norm needs no state.
+
 Keys come from the KV log post-RoPE; they are de-rotated to position 0 (``rotate(k, -positions)``)
 so that representatives and queries are both position-free. ``rotate`` is passed in (the engine's
 ``RopeSpec.rotate``), so this module imports nothing from the server.
 
 Attention received per token is not reported by our engines yet. ``token_scores`` takes it when it
-is available; otherwise a **proxy** computed from the event's own keys is used:
+is available (one averaged vector per event, as EM-LLM); otherwise a **proxy** computed from the
+event's own keys is used:
 
-* ``"mean"`` (default): the mean of all the event's keys, per kv head. It is the uniform-weight
+* ``"topk"`` (default): ``repr_topk`` separate vectors, the largest-norm keys (above).
+* ``"mean"``: the mean of all the event's keys, per kv head. It is the uniform-weight
   limit of EM-LLM's attention-weighted top-k mean, so ``q . rep`` is the event's mean attention
   logit for ``q``: a bag-of-keys summary that does not depend on the event's length and lets every
   token (a needle included) contribute.
@@ -22,7 +39,6 @@ is available; otherwise a **proxy** computed from the event's own keys is used:
   event's mean key, averaged. Keeps the norm of typical single keys (like EM-LLM's top-k) but tends
   to pick the most generic tokens of the event.
 
-Which proxy retrieves better is an empirical question (needle / passkey suite on the real model);
 ``RetrievalConfig.repr_proxy`` switches it.
 """
 
@@ -40,8 +56,19 @@ from emserve.retrieval.kvlog import KVLog
 RotateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``rotate(x [n, heads, head_dim], delta [n]) -> x`` rotated by ``delta`` positions (RopeSpec.rotate)."""
 
-ReprProxy = Literal["mean", "central"]
-REPR_PROXIES: tuple[ReprProxy, ...] = ("mean", "central")
+ReprProxy = Literal["topk", "mean", "central"]
+REPR_PROXIES: tuple[ReprProxy, ...] = ("topk", "mean", "central")
+
+
+def vectors_per_event(proxy: ReprProxy, repr_topk: int, *, token_scores: bool = False) -> int:
+    """How many vectors one event stores per layer."""
+    return repr_topk if proxy == "topk" and not token_scores else 1
+
+
+def heads_per_vector(proxy: ReprProxy, num_heads: int, num_kv_heads: int, *, token_scores: bool = False) -> int:
+    """Heads a vector is laid out for: ``num_kv_heads`` for ``"topk"`` (queries are folded over GQA
+    groups before scoring), ``num_heads`` otherwise."""
+    return num_kv_heads if proxy == "topk" and not token_scores else num_heads
 
 
 def representatives_from_keys(
@@ -50,13 +77,15 @@ def representatives_from_keys(
     *,
     repr_topk: int = 4,
     token_scores: torch.Tensor | None = None,
-    proxy: ReprProxy = "mean",
+    proxy: ReprProxy = "topk",
 ) -> np.ndarray:
     """Representative of one event from its position-free keys.
 
     ``keys``: ``[T, num_layers, num_kv_heads, head_dim]`` (pre-RoPE, any float dtype).
     ``token_scores``: ``[num_layers, num_heads, T]`` attention received per token and query head,
-    or None for the proxy. Returns float32 ``[num_layers, num_heads * head_dim]``.
+    or None for the proxy. Returns float32 ``[num_layers, V * heads * head_dim]``, ``V`` =
+    :func:`vectors_per_event`, ``heads`` = :func:`heads_per_vector` (for ``"topk"``, vector ``j`` is
+    the kv-head key of the token with the ``j``-th largest key norm, ties to the earlier token).
     """
     t, num_layers, num_kv, head_dim = keys.shape
     if t == 0:
@@ -75,6 +104,12 @@ def representatives_from_keys(
         per_head = k.repeat_interleave(group, dim=2).permute(1, 2, 0, 3)  # [L, H, T, D]
         picked = per_head.gather(2, idx[..., None].expand(num_layers, num_heads, kk, head_dim))
         rep = picked.mean(dim=2)  # [L, H, D]
+    elif proxy == "topk":
+        norms = k.reshape(t, num_layers, -1).norm(dim=-1)  # [T, L]
+        order = torch.argsort(-norms, dim=0, stable=True)[:kk]  # [k, L]
+        idx = order[torch.arange(repr_topk) % kk]  # repeat when the event is short: [repr_topk, L]
+        picked = k.gather(0, idx[..., None, None].expand(repr_topk, num_layers, num_kv, head_dim))
+        rep = picked.permute(1, 0, 2, 3)  # [L, V, Hkv, D]
     else:
         mean = k.mean(dim=0)  # [L, Hkv, D]
         if proxy == "mean":
@@ -87,7 +122,7 @@ def representatives_from_keys(
         else:
             raise EventTableError(f"unknown representative proxy {proxy!r}; use one of {REPR_PROXIES}")
         rep = kv_rep.repeat_interleave(group, dim=1)  # [L, H, D]
-    return rep.reshape(num_layers, num_heads * head_dim).numpy().astype(np.float32, copy=False)
+    return rep.reshape(num_layers, -1).numpy().astype(np.float32, copy=False)
 
 
 def event_representatives(
@@ -98,16 +133,18 @@ def event_representatives(
     rotate: RotateFn,
     repr_topk: int = 4,
     token_scores: Sequence[torch.Tensor | None] | None = None,
-    proxy: ReprProxy = "mean",
+    proxy: ReprProxy = "topk",
 ) -> np.ndarray:
-    """Representatives of several events read from a KV log: float32 ``[E, num_layers, num_heads*head_dim]``.
+    """Representatives of several events read from a KV log: float32 ``[E, num_layers, V*heads*head_dim]``.
 
     Keys of all the events are read once per layer and de-rotated in one ``rotate`` call.
     ``token_scores[i]`` (optional, per event): ``[num_layers, num_heads, T_i]``.
     """
     layout = log.layout
     e = len(ranges)
-    dim = num_heads * layout.head_dim
+    ts = token_scores is not None
+    heads = heads_per_vector(proxy, num_heads, layout.num_kv_heads, token_scores=ts)
+    dim = heads * layout.head_dim * vectors_per_event(proxy, repr_topk, token_scores=ts)
     if e == 0:
         return np.zeros((0, layout.num_layers, dim), np.float32)
     if token_scores is not None and len(token_scores) != e:

@@ -35,7 +35,7 @@ threshold); one contiguity buffer is shared.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -44,8 +44,8 @@ import numpy as np
 
 from emserve.retrieval.buffers import ContiguityBuffer, contiguity_tokens
 from emserve.retrieval.errors import PlanError
-from emserve.retrieval.index import EventIndex, exact_topk
-from emserve.retrieval.queries import QueryMean, as_query_tokens, encode_queries
+from emserve.retrieval.index import EventIndex
+from emserve.retrieval.queries import EncodedQuery, QueryMean, encode_queries
 
 Source = Literal["similarity", "contiguity"]
 
@@ -164,9 +164,17 @@ class Retriever:
         center_queries: bool = False,
         standardize_queries: bool = False,
         query_sample: int = 256,
+        score_layers: Sequence[int] | None = None,
+        query_group: int = 1,
+        head_dim: int = 0,
     ) -> None:
-        """Defaults score with the raw queries (plain inner products); sessions get centering and
-        standardization on through :class:`~emserve.retrieval.planner.RetrievalConfig`."""
+        """Defaults score with the raw queries; sessions get centering and standardization on
+        through :class:`~emserve.retrieval.planner.RetrievalConfig`.
+
+        ``score_layers``: the layers whose scores a shared selection sums (None: all).
+        ``query_group``: query heads per kv head when the table's vectors are kv-head keys (queries are
+        then summed over each group; ``head_dim`` needed), else 1.
+        """
         self.index = index
         self.table = index.table
         self.per_layer = per_layer
@@ -176,9 +184,16 @@ class Retriever:
         self.center_queries = center_queries
         self.standardize_queries = standardize_queries
         self.query_sample = query_sample
+        n_layers = index.num_layers
+        self.score_layers = tuple(range(n_layers)) if score_layers is None else tuple(int(x) for x in score_layers)
+        if not self.score_layers or not all(0 <= x < n_layers for x in self.score_layers):
+            raise PlanError(f"score_layers must be a non-empty subset of 0 .. {n_layers - 1}")
+        self.query_group = query_group
+        self.head_dim = head_dim
+        self.query_dim = index.dim * query_group
         self._sample: np.ndarray | None = None
         self._sample_n = 0
-        nbuf = index.num_layers if per_layer else 1
+        nbuf = n_layers if per_layer else 1
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
 
     def reset_buffers(self) -> None:
@@ -186,7 +201,7 @@ class Retriever:
             b.clear()
 
     def rep_sample(self) -> np.ndarray | None:
-        """Up to ``query_sample`` evenly spaced events' representatives ``[L, S, dim]`` (cached).
+        """Up to ``query_sample`` evenly spaced events' representatives ``[L, S, row]`` (cached).
 
         Resampled while the table is smaller than the sample size, then after 25% growth.
         """
@@ -200,15 +215,28 @@ class Retriever:
             self._sample_n = n
         return self._sample
 
-    def encode(self, queries: np.ndarray) -> np.ndarray:
-        """The retrieval vector ``[L, dim]`` of a step's queries (see :mod:`emserve.retrieval.queries`).
+    def encode(self, queries: np.ndarray) -> EncodedQuery:
+        """A step's queries ready to score (see :mod:`emserve.retrieval.queries`).
 
-        ``queries``: a summary ``[L, dim]`` / ``[L, H, D]`` or query tokens ``[n, L, H, D]``.
+        ``queries``: a summary ``[L, H*D]`` / ``[L, H, D]`` or query tokens ``[n, L, H, D]``.
         """
-        tokens = as_query_tokens(queries, self.index.num_layers, self.index.dim)
         mean = self.query_mean.mean if (self.center_queries and self.query_mean is not None) else None
         sample = self.rep_sample() if self.standardize_queries else None
-        return encode_queries(tokens, mean=mean, rep_sample=sample)
+        return encode_queries(
+            queries, num_layers=self.index.num_layers, query_dim=self.query_dim, group=self.query_group,
+            head_dim=self.head_dim, mean=mean, rep_sample=sample, vectors=self.index.vectors,
+            layers=None if self.per_layer else self.score_layers,
+        )
+
+    def scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
+        """Exact scores of events ``ids`` (None: all): one layer's, or (``layer=None``) the shared sum."""
+        layers = self.score_layers if layer is None else (layer,)
+        n = len(self.table) if ids is None else len(ids)
+        total = np.zeros(n, np.float32)
+        for lay in layers:
+            reps = self.table.reps(lay) if ids is None else self.table.reps_of(lay, ids)
+            total += q.layer_scores(lay, reps, self.index.vectors)
+        return total
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
                  num_events: int | None = None) -> RetrievalResult:
@@ -217,7 +245,7 @@ class Retriever:
         ``queries``: float32 ``[num_layers, num_heads*head_dim]`` or ``[num_layers, num_heads, head_dim]``
         (``StepResult.queries``), or per-token ``[n, num_layers, num_heads, head_dim]``
         (``StepResult.query_tokens``); encoded by :meth:`encode`. May be None only when everything
-        fits (scores are then NaN). Reported scores are those of the encoded vector.
+        fits (scores are then NaN). Reported scores are :meth:`scores`.
         """
         n_layers = self.index.num_layers
         n = len(self.table)
@@ -234,13 +262,7 @@ class Retriever:
 
         def build(picks: list[tuple[int, int, Source]], layer: int | None) -> LayerSelection:
             ids = np.array(sorted(p[0] for p in picks), np.int64)
-            if q is None:
-                scores = np.full(ids.shape[0], np.nan, np.float32)
-            elif layer is None:
-                scores = sum((self.index.scores(lay, q[lay], ids) for lay in range(n_layers)),
-                             np.zeros(ids.shape[0], np.float32))
-            else:
-                scores = self.index.scores(layer, q[layer], ids)
+            scores = np.full(ids.shape[0], np.nan, np.float32) if q is None else self.scores(q, layer, ids)
             by_id = {p[0]: p for p in picks}
             events = []
             for j, c in enumerate(ids.tolist()):
@@ -268,45 +290,45 @@ class Retriever:
         if self.per_layer:
             sel = []
             for lay in range(n_layers):
-                ranked = self._ranked(partial(self._search, lay, q[lay], exact=exact), k, n, m, sizes, need)
+                cand = partial(self._candidates, q, (lay,), exact=exact)
+                ranked = self._ranked(cand, q, lay, k, n, m, sizes, need)
                 buf = self.buffers[lay] if kc else None
                 sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
             layers = tuple(sel)
         else:
-            ranked = self._ranked(lambda kk: self._search_shared(q, kk, exact), k, n, m, sizes, need)
+            ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
+                                  k, n, m, sizes, need)
             shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
             layers = (shared,) * n_layers
         assert all(sel.tokens == budget for sel in layers), "every layer must fill the budget exactly"
         return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
 
     # ------------------------------------------------------------------ candidates
-    @staticmethod
-    def _ranked(search: Callable[[int], np.ndarray], k: int, n: int, m: int, sizes: np.ndarray,
-                need: int) -> np.ndarray:
-        """Ask ``search(k)`` for more candidates until they cover ``need`` tokens (or all events)."""
+    def _ranked(self, candidates: Callable[[int], np.ndarray | None], q: EncodedQuery, layer: int | None,
+                k: int, n: int, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
+        """Events ranked by exact score (ties: lower id first) among ``candidates(k)`` (None: all
+        events), asking for more candidates until those before ``m`` cover ``need`` tokens."""
         while True:
-            ids = search(k)
-            valid = ids[ids < m]
-            if k >= n or int(sizes[valid].sum()) >= need:
-                return ids
+            ids = candidates(k)
+            if ids is None:
+                scores = self.scores(q, layer)[:m]
+                return np.lexsort((np.arange(m), -scores)).astype(np.int64)
+            ids = ids[ids < m]
+            if k >= n or int(sizes[ids].sum()) >= need:
+                scores = self.scores(q, layer, ids)
+                return ids[np.lexsort((ids, -scores))]
             k = min(n, 2 * k)
 
-    def _search(self, layer: int, query: np.ndarray, k: int, *, exact: bool) -> np.ndarray:
-        if not exact:
-            try:
-                return self.index.search(layer, query, k, exact=False)[0]
-            except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
-                pass
-        return self.index.search(layer, query, k, exact=True)[0]
-
-    def _search_shared(self, q: np.ndarray, k: int, exact: bool) -> np.ndarray:
-        n_layers = self.index.num_layers
+    def _candidates(self, q: EncodedQuery, layers: Sequence[int], k: int, *, exact: bool) -> np.ndarray | None:
+        """None (score every event) on the exact path; else the union of every (layer, query token)
+        HNSW top-``k`` (the exact scores then rank them)."""
         if exact:
-            total = sum((self.table.reps(lay) @ q[lay] for lay in range(n_layers)),
-                        np.zeros(len(self.table), np.float32))
-            return exact_topk(total[:, None], np.ones(1, np.float32), k)[0]
-        per_layer = [self._search(lay, q[lay], k, exact=False) for lay in range(n_layers)]
-        cand = np.unique(np.concatenate(per_layer))
-        total = sum((self.index.scores(lay, q[lay], cand) for lay in range(n_layers)),
-                    np.zeros(cand.shape[0], np.float32))
-        return cand[np.lexsort((cand, -total))]
+            return None
+        found = []
+        for lay in layers:
+            for i in range(q.tokens.shape[0]):
+                try:
+                    found.append(self.index.search(lay, q.tokens[i, lay], k, exact=False)[0])
+                except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
+                    return None
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)

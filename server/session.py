@@ -69,14 +69,18 @@ class MemoryConfig:
     similarity_metric: str = "modularity"
     splitter: str = "surprise"
     repr_topk: int = 4
+    repr_proxy: str = "topk"
     use_contiguity_buffer: bool = True
     contiguity_buffer_size: float = 0.3
-    per_layer: bool = True
+    per_layer: bool = False
+    """False (default): one selection for all layers, scored on the first ``shared_score_layers`` of
+    them; per-layer selection found a passkey needle in far fewer layers (``emserve.retrieval.queries``)."""
+    shared_score_layers: float = 2 / 3
     center_queries: bool = True
     standardize_queries: bool = True
     question_query_tokens: int = 8
-    """A question retrieves with the queries of its last this-many tokens, each centered and
-    standardized, averaged (``emserve.retrieval.queries``); 0: with its mean query summary."""
+    """A question retrieves with the queries of its last this-many tokens, each scored on its own
+    (centered, standardized) and averaged (``emserve.retrieval.queries``); 0: its mean query summary."""
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(
@@ -96,9 +100,11 @@ class MemoryConfig:
             n_mem=self.n_mem,
             exc_block_size=self.exc_block_size,
             repr_topk=self.repr_topk,
+            repr_proxy=self.repr_proxy,  # type: ignore[arg-type]
             use_contiguity_buffer=self.use_contiguity_buffer,
             contiguity_buffer_size=self.contiguity_buffer_size,
             per_layer=self.per_layer,
+            shared_score_layers=self.shared_score_layers,
             center_queries=self.center_queries,
             standardize_queries=self.standardize_queries,
             max_window=max_window,

@@ -207,7 +207,8 @@ def test_episodic_memory_end_to_end_and_reopen(tmp_path):
     bounds = [(s, min(s + 37, 1100)) for s in range(16, 1100, 37)]
     assert mem.close_events(bounds[:10]) == list(range(10))
     assert mem.close_events(bounds[10:]) == list(range(10, len(bounds)))
-    assert mem.table.reps(0).shape == (len(bounds), 8)
+    assert mem.table.vectors == cfg.repr_topk  # "topk": separate kv-layout keys (1 kv head x 4)
+    assert mem.table.reps(0).shape == (len(bounds), cfg.repr_topk * 4)
     q = torch.randn(2, 2, 4, generator=g).numpy()
     plan = mem.planner.plan_step(n, [1, 2, 3], q)
     assert plan.layer_segments is not None and plan.window_len + 1 <= cfg.max_window

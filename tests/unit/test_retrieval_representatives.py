@@ -80,7 +80,7 @@ def test_central_proxy_ignores_outliers():
 
 def test_score_is_sum_over_heads():
     keys = torch.randn(6, L, HKV, HD)
-    rep = representatives_from_keys(keys, H)
+    rep = representatives_from_keys(keys, H, proxy="mean")
     q = np.random.default_rng(0).standard_normal((L, H, HD)).astype(np.float32)
     per_head = np.einsum("lhd,lhd->l", q, rep.reshape(L, H, HD))
     np.testing.assert_allclose(per_head, np.einsum("ld,ld->l", q.reshape(L, -1), rep), rtol=1e-5)
@@ -96,3 +96,28 @@ def test_bad_inputs():
         representatives_from_keys(keys, H, proxy="median")  # type: ignore[arg-type]
     with pytest.raises(EventTableError):
         representatives_from_keys(keys[:0], H)
+
+
+def test_topk_proxy_keeps_the_largest_norm_keys_separately_in_kv_layout():
+    keys = torch.randn(6, L, HKV, HD)
+    rep = representatives_from_keys(keys, H, repr_topk=4)  # default proxy "topk"
+    assert rep.shape == (L, 4 * HKV * HD)
+    for layer in range(L):
+        order = torch.argsort(-keys[:, layer].reshape(6, -1).norm(dim=-1), stable=True)[:4]
+        np.testing.assert_allclose(rep[layer].reshape(4, HKV, HD), keys[order, layer].numpy(), atol=1e-6)
+    # shorter than repr_topk: its keys repeat (the max over vectors is unchanged)
+    short = representatives_from_keys(keys[:2], H, repr_topk=4).reshape(L, 4, HKV * HD)
+    np.testing.assert_allclose(short[:, 2:], short[:, :2], atol=0)
+    assert {tuple(r) for r in short[0]} == {tuple(keys[i, 0].reshape(-1).numpy()) for i in range(2)}
+
+
+def test_topk_score_with_folded_query_equals_expanded_key_score():
+    from emserve.retrieval.queries import fold_heads
+
+    keys = torch.randn(5, 1, HKV, HD)
+    rep = representatives_from_keys(keys, H, repr_topk=5).reshape(5, HKV * HD)
+    q = np.random.default_rng(1).standard_normal(H * HD).astype(np.float32)
+    expanded = keys[:, 0].repeat_interleave(H // HKV, dim=1).reshape(5, -1).numpy()
+    # the same 5 tokens, in norm order: compare as sets of scores
+    np.testing.assert_allclose(np.sort(rep @ fold_heads(q, H // HKV, HD)), np.sort(expanded @ q), rtol=1e-4,
+                               atol=1e-4)
