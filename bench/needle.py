@@ -1,0 +1,218 @@
+"""Needle (passkey) check through the full stack, in-process: engine + segmenter + retrieval.
+
+Per trial (``--tokens`` N, depth d, trial t): a 5-digit passkey (seeded by (t, d)) is inserted as
+" The pass key is 71432. Remember it. 71432 is the pass key. " at token ``d * N`` of N tokens of
+``big`` text (``server/corpus.py``; the start offset is seeded by (t, d) too, so the same trial at
+another length streams the same text from the same place). The stream goes through a
+:class:`~emserve.server.session.Session` on the product engine (``VLLMEngine``, default model,
+default :class:`MemoryConfig` plus ``--mc`` overrides), chunk by chunk with lagged queries,
+segmentation and event closing; then ``ask("\\n\\nWhat is the pass key? The pass key is")`` with
+greedy ``max_tokens=8``. Recorded per trial:
+
+* ``retrieved``: some retrieved event overlaps the needle (in every layer for a shared selection;
+  ``layers``: in how many layers); ``in_local``: the needle is still in the local window / remainder
+  (no retrieval needed); ``covered``: needle tokens in the answer step's window (min over layers);
+* ``correct``: the passkey appears in the 8 generated tokens.
+
+Baseline (``--baseline-tokens``, 4096 by default): the same model with the needle inside a
+``B``-token full-attention context (the same trial's text from the same start, needle at depth d),
+plain prompt, greedy: one ``WindowPlan.build(context + question)`` step through the same engine.
+
+Prints a table per length and writes ``bench/results/needle.json``.
+
+    .venv/bin/python bench/needle.py [--tokens 8000,32000] [--depths 0.1,0.5,0.9] [--trials 3]
+        [--baseline-tokens 4096] [--mc '{"per_layer": true}'] [--out needle] [--no-save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table, write_results  # noqa: E402
+
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+@dataclass(frozen=True)
+class Trial:
+    ids: list[int]
+    span: tuple[int, int]  # the needle's tokens [start, end)
+    key: str
+    depth: float
+    seed: int
+    text_start: int
+
+
+def make_trial(tok: Any, text: str, n_tokens: int, depth: float, seed: int) -> Trial:
+    """``n_tokens`` tokens of ``text`` with the needle inserted at token ``int(depth * n_tokens)``.
+
+    The passkey and the text offset depend on (seed, depth) only, not on ``n_tokens``.
+    """
+    rng = np.random.default_rng([seed, round(depth * 1000)])
+    key = str(int(rng.integers(10000, 100000)))
+    start = int(rng.integers(0, int(len(text) * 0.8)))  # the last fifth of big.txt is word lists
+    start = text.find(" ", start) + 1
+    ids = tok(text[start : start + n_tokens * 8])["input_ids"][:n_tokens]
+    if len(ids) < n_tokens:
+        raise ValueError(f"text too short at offset {start} for {n_tokens} tokens")
+    needle = tok(NEEDLE.format(key=key))["input_ids"]
+    pos = int(n_tokens * depth)
+    return Trial(ids[:pos] + needle + ids[pos:], (pos, pos + len(needle)), key, depth, seed, start)
+
+
+async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    from emserve.server.engine.base import SamplingSpec
+    from emserve.server.session import MemoryConfig, Session
+
+    cfg = MemoryConfig(**mc)
+    session = Session.create(tempfile.mkdtemp(dir=workdir), engine, cfg)
+    try:
+        t0 = time.perf_counter()
+        await session.append(trial.ids)
+        await session.flush()
+        ingest_s = time.perf_counter() - t0
+        q = tok(QUESTION)["input_ids"]
+        t1 = time.perf_counter()
+        res = await session.ask(q, SamplingSpec(max_tokens=8))
+        ask_s = time.perf_counter() - t1
+        a, b = trial.span
+        table_ = session.event_table
+        retrievable = table_.count_ending_by(session.num_tokens - cfg.n_local) if table_ is not None else 0
+        rem_start = int(table_.ends[retrievable - 1]) if retrievable else 0
+        in_local = a >= rem_start  # remainder + local window: in every window, no retrieval needed
+        layers = 0
+        covered = b - a if in_local else 0
+        if res.retrieval is not None:
+            sels = res.retrieval.layers
+            layers = sum(any(e.start < b and e.end > a for e in s.events) for s in sels)
+            if not in_local:
+                covered = min(sum(max(0, min(e.end, b) - max(e.start, a)) for e in s.events) for s in sels)
+        answer = tok.decode(res.token_ids)
+        return {
+            "retrieved": layers > 0,
+            "layers": layers,
+            "num_layers": engine.info.num_layers,
+            "in_local": bool(in_local),
+            "covered": int(covered),
+            "needle_tokens": b - a,
+            "answer": answer,
+            "correct": trial.key in answer,
+            "events": int(len(table_)) if table_ is not None else 0,
+            "ingest_tok_s": len(trial.ids) / ingest_s,
+            "ask_s": ask_s,
+        }
+    finally:
+        session.close()
+
+
+async def run_baseline(engine: Any, tok: Any, trial: Trial, tokens: int) -> dict[str, Any]:
+    from emserve.retrieval.plan import WindowPlan
+    from emserve.server.engine.base import SamplingSpec, StepOptions
+
+    a, b = trial.span
+    s0 = max(0, a - int(trial.depth * tokens))
+    ctx = trial.ids[s0 : s0 + tokens + (b - a)]
+    res = await engine.step(
+        WindowPlan.build(ctx + tok(QUESTION)["input_ids"]),
+        SamplingSpec(max_tokens=8),
+        StepOptions(surprise=False, queries=False),
+    )
+    answer = tok.decode(res.output_token_ids)
+    return {"context": len(ctx), "needle_at": a - s0, "answer": answer, "correct": trial.key in answer}
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for n in sorted({r["tokens"] for r in rows}):
+        for d in sorted({r["depth"] for r in rows if r["tokens"] == n}) + [None]:
+            sel = [r for r in rows if r["tokens"] == n and (d is None or r["depth"] == d)]
+            if not sel:
+                continue
+            mem = [r for r in sel if not r["em"]["in_local"]]
+            out.append([
+                n, "all" if d is None else d, len(sel),
+                f"{sum(r['em']['retrieved'] for r in mem)}/{len(mem)}",
+                f"{sum(r['em']['covered'] == r['em']['needle_tokens'] for r in mem)}/{len(mem)}",
+                f"{sum(r['em']['correct'] for r in sel)}/{len(sel)}",
+                f"{sum(r['baseline']['correct'] for r in sel)}/{len(sel)}" if sel[0].get("baseline") else "-",
+                float(np.mean([r["em"]["ingest_tok_s"] for r in sel])),
+            ])
+    return out
+
+
+HEADERS = ["tokens", "depth", "trials", "needle retrieved (in memory)", "needle fully in window",
+           "EM answer correct", "4k full-attn correct", "ingest tok/s"]
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from emserve.server.corpus import load_text
+    from emserve.server.engine.config import EngineConfig
+    from emserve.server.engine.vllm_engine import VLLMEngine
+    from emserve.server.models import resolve_model
+
+    spec = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    text = load_text("big")
+    mc = json.loads(args.mc)
+    engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
+    rows: list[dict[str, Any]] = []
+    workdir = Path(tempfile.mkdtemp(prefix="emserve-needle-"))
+    try:
+        for n in args.tokens:
+            for t in range(args.trials):
+                for d in args.depths:
+                    trial = make_trial(tok, text, n, d, t)
+                    em = await run_trial(engine, tok, trial, mc, workdir)
+                    base = (await run_baseline(engine, tok, trial, args.baseline_tokens)
+                            if args.baseline_tokens else None)
+                    row = {"tokens": n, "depth": d, "trial": t, "key": trial.key, "needle": list(trial.span),
+                           "text_start": trial.text_start, "em": em, "baseline": base}
+                    rows.append(row)
+                    print(f"{n:6d} d={d:.2f} t={t}: retrieved={em['retrieved']} ({em['layers']}/{em['num_layers']}"
+                          f" layers, in_local={em['in_local']}, covered {em['covered']}/{em['needle_tokens']}) "
+                          f"answer={em['answer']!r} {'OK' if em['correct'] else 'wrong'}"
+                          + (f" | 4k: {base['answer']!r} {'OK' if base['correct'] else 'wrong'}" if base else "")
+                          + f" | {em['ingest_tok_s']:.0f} tok/s", flush=True)
+    finally:
+        await engine.close()
+    print()
+    print(table(HEADERS, summarize(rows)))
+    from emserve.server.session import MemoryConfig
+
+    return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
+            "memory_config": asdict(MemoryConfig(**mc)), "baseline_tokens": args.baseline_tokens,
+            "summary": {"headers": HEADERS, "rows": summarize(rows)}, "trials": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[8000, 32000])
+    ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.5, 0.9])
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--baseline-tokens", type=int, default=4096, help="0: no baseline")
+    ap.add_argument("--mc", default="{}", help="MemoryConfig overrides (JSON)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default="needle")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    payload = asyncio.run(main_async(args))
+    if not args.no_save:
+        print("wrote", write_results(args.out, payload))
+
+
+if __name__ == "__main__":
+    main()
