@@ -3,12 +3,13 @@
 Seam rule (ingestion): every text message is tokenized on its own, without special tokens, so a
 message boundary is always a token boundary and the same message always gives the same tokens (which
 is what makes re-sent text deduplicable by offset). With byte-level BPE tokenizers, text split just
-before a whitespace character tokenizes exactly as the unsplit text; :func:`split_text` cuts there.
+before a whitespace character tokenizes exactly as the unsplit text; the client's
+:func:`emserve.client.split_text` cuts there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from emserve.server.errors import InvalidArgument
@@ -107,22 +108,3 @@ class StreamDecoder:
     @property
     def text(self) -> str:
         return self.emitted
-
-
-def split_text(text: str, max_chars: int) -> Iterator[str]:
-    """Pieces of at most ``max_chars`` characters, cut before a whitespace character when possible."""
-    if max_chars < 1:
-        raise ValueError("max_chars must be >= 1")
-    i = 0
-    n = len(text)
-    while i < n:
-        j = min(n, i + max_chars)
-        if j < n:
-            k = j
-            while k > i + 1 and not text[k].isspace():
-                k -= 1
-            # cut before the whitespace run's last character: " word" stays together
-            if k > i + 1:
-                j = k
-        yield text[i:j]
-        i = j

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from emserve.client import split_text
 from emserve.client import split_text as client_split
-from emserve.server.text import StreamDecoder, TextCodec, split_text
+from emserve.server.text import StreamDecoder, TextCodec
 
 TEXT = ("The quick brown fox jumps over the lazy dog.  Episodic memory segments a stream of tokens\n\n"
         "into events by surprise. Hello world! This is a tiny tokenizer trained offline. ") * 6
