@@ -47,10 +47,7 @@ def contiguity_tokens(budget: int, contiguity_buffer_size: float) -> int:
     """
     if budget <= 0:
         return 0
-    if contiguity_buffer_size < 1:
-        kc = int(contiguity_buffer_size * budget + 1)
-    else:
-        kc = int(contiguity_buffer_size)
+    kc = int(contiguity_buffer_size * budget + 1) if contiguity_buffer_size < 1 else int(contiguity_buffer_size)
     return min(kc, budget)
 
 

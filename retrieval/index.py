@@ -148,7 +148,7 @@ class EventIndex:
         capacity = max(self.params.initial_capacity, 2 * n) * v
         meta = self._read_meta()
         if (f.exists() and meta is not None and meta.get("dim") == self.dim
-                and int(meta.get("vectors", 1)) == v):
+                and int(meta.get("vectors", 1)) == v):  # type: ignore[call-overload]
             ix = hnswlib.Index(space="ip", dim=self.dim)
             try:
                 ix.load_index(str(f), max_elements=capacity)
