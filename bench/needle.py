@@ -21,7 +21,7 @@ plain prompt, greedy: one ``WindowPlan.build(context + question)`` step through 
 Prints a table per length and writes ``bench/results/needle.json``.
 
     .venv/bin/python bench/needle.py [--tokens 8000,32000] [--depths 0.1,0.5,0.9] [--trials 3]
-        [--baseline-tokens 4096] [--mc '{"per_layer": true}'] [--out needle] [--no-save]
+        [--baseline-tokens 4096] [--mc '{"per_layer": true}'] [--out needle] [--no-save] [--keep]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -171,6 +172,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
     rows: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="emserve-needle-"))
+    if args.keep:
+        print("sessions in", workdir, flush=True)
     try:
         for n in args.tokens:
             for t in range(args.trials):
@@ -189,6 +192,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                           + f" | {em['ingest_tok_s']:.0f} tok/s", flush=True)
     finally:
         await engine.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)  # ~0.8 GB per 32k-token session
     print()
     print(table(HEADERS, summarize(rows)))
     from emserve.server.session import MemoryConfig
@@ -208,6 +213,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="needle")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the sessions (printed workdir)")
     args = ap.parse_args()
     payload = asyncio.run(main_async(args))
     if not args.no_save:

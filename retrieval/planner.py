@@ -216,7 +216,8 @@ class WindowPlanner:
         """The step's plan: [sink | retrieved | remainder + local | anchor] + new tokens, captured to the log.
 
         ``queries``: the step's per-layer query summaries (``StepResult.queries`` of a probe, or of
-        the previous step); may be None when nothing must be selected (everything fits).
+        the previous step) or per-token queries (``StepResult.query_tokens``); may be None when
+        nothing must be selected (everything fits).
         The retrieval is kept in :attr:`last_retrieval`.
         """
         lay = self.layout(offset, len(new_token_ids), reserve=reserve)

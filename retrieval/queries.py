@@ -20,25 +20,34 @@ summary (ingestion chunks, ``n = 1``). The score of ``e`` in layer ``l`` is::
    estimated on an evenly spaced sample of the memory's representatives: every query token and every
    layer votes with the same weight (no effect on one query's ranking within one layer).
 4. **Shared selection** (``per_layer=False``) ranks by ``sum_l s_l(e)`` over the *scoring layers*
-   (default: the first 2/3 of the layers; the last third ranks the needle worse than chance
-   would suggest for this model family, see the table below).
+   (default: the first 2/3 of the layers: adding the last third made the ranking worse, see the
+   table below).
 
 Queries are pre-RoPE (de-rotated to distance 0) and stay so: scoring at a RoPE distance (EM-LLM
 rotates the query by ``n_local``; averaging over a distance range) helped the uncentered mean-key
 score but hurt every centered variant.
 
-Measured (SmolLM2-135M, passkey in ``big`` text, depths 0.1/0.5/0.9, needle in memory; rank of the
-best needle event in the shared ranking, ~60 events fit the similarity budget)::
+Measured offline on streams ingested through the product engine (SmolLM2-135M, passkey in ``big``
+text, depths 0.1/0.5/0.9; ``bench/needle.py`` makes the trials): rank of the best needle event in
+the shared ranking. About 60 events fit the similarity share of the 1024-token budget::
 
-    variant                                              8k (580 events)   32k (3,100 events)
-    mean key, mean question query (before)               25-311            -
-    + centering, last 8 question tokens, z-averaged      1-5               10-237
-    + MaxSim over the 4 largest-norm keys                0-5               0-200
-    + scoring layers 0-19 of 30                          0-1               0-22
+                                                   8k, 6 trials    32k, 5 trials
+    mean key, mean query (the first version)       25-311          -
+    + centering, last 8 tokens, z-averaged          1-5             10-237
+    + scoring layers 0-19 of 30                     0-1             0-103
+    MaxSim over the 4 largest-norm keys, 0-19       0-1             0-22
+    ... last 4 question tokens (the default)        0               0-1
+    ... last 4, all 30 layers                       0-1             0-122
+    ... last 4, no centering                        -               5-1437
+    ... last 4, 8 keys / every key of the event     -               0 / 0-17
 
-Per-layer selection (each layer its own ranking) found the needle in 19-27 of 30 layers at 8k but
-only 8-22 at 32k, hence shared selection is the session default. All question tokens instead of the
-last 8 ("\\n\\nWhat is the" included) ranks worse (32k: 15-189); the last 4 slightly better.
+These use EM-LLM's surprise threshold gamma 1.0 (events of ~11 tokens). With gamma 3.0 (events of
+~75 tokens, ~10 of them per budget) the same scoring ranks the needle 0-313 at 32k; gamma 3.0 with
+``max_block_size`` 16 ranks it 0-143 (4 keys) or 0-39 (8 keys). Hence the session default gamma 1.0.
+
+Per-layer selection (each layer its own ranking) found the needle in 19-29 of 30 layers at 8k but
+only 7-26 at 32k, hence shared selection is the session default. All question tokens instead of the
+last few ("\\n\\nWhat is the" included) rank far worse (32k: 15-189 with mean keys).
 """
 
 from __future__ import annotations
@@ -102,6 +111,8 @@ class QueryMean:
 def as_query_tokens(queries: np.ndarray, num_layers: int, dim: int) -> np.ndarray:
     """One summary ``[L, dim]`` or ``[L, H, D]``, or query tokens ``[n, L, H, D]`` -> float32 ``[n, L, dim]``."""
     q = np.asarray(queries, dtype=np.float32)
+    if q.size == 0:
+        raise PlanError(f"no queries: {np.shape(queries)}")
     if q.ndim in (2, 3):
         q = q.reshape(1, q.shape[0], -1)
     elif q.ndim == 4:

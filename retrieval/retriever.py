@@ -1,10 +1,11 @@
 """Retrieval: which events enter the attention window at a step, per layer, within a token budget.
 
-Per layer ``l`` (EM-LLM retrieves per layer), with the step's retrieval vector ``q[l]`` and a budget
-of ``B`` tokens; an event scores ``q[l] . rep[l]``. ``q`` is built from the step's pre-RoPE queries
-(a mean summary, or a question's per-token queries) by :func:`~emserve.retrieval.queries.encode_queries`:
-centered on the stream's mean query and standardized on a sample of the representatives (see
-``queries`` for why: without it the passkey needle is found in a fraction of the layers only).
+Per layer ``l`` (EM-LLM retrieves per layer), with the step's queries and a budget of ``B`` tokens,
+an event scores ``s_l(e) = mean_i max_j (q_il - q̄_l) . rep_e,j / sigma_il`` over the step's query
+vectors ``i`` (a mean summary, or a question's last tokens) and the event's representative vectors
+``j`` (:mod:`~emserve.retrieval.queries`: centered on the stream's mean query, MaxSim, standardized;
+with the defaults of this class, no centering and no standardization: ``mean_i max_j q_i . rep_j``).
+Why each part is there, with the measurements, is in ``queries`` and ``representatives``.
 
 * **All fits.** When the retrievable events hold ``<= B`` tokens, every layer takes all of them
   (source ``"similarity"``). The contiguity buffers are not touched.
@@ -22,14 +23,14 @@ centered on the stream's mean query and standardized on a sample of the represen
      only ``r`` tokens are left. (Deviation from EM-LLM, whose nearest-fit rule lets totals differ
      per layer and exceed the cap. Also, a contiguity share left unused returns to similarity.)
 
-  Candidates come from :meth:`EventIndex.search` (exact below the threshold, HNSW above), asked
-  for enough events to cover ``B + k_c`` tokens (doubling when a walk runs short).
-* Selected events are returned in temporal order with exact scores ``q . rep``.
+  Below the index's exact threshold every event is scored exactly; above it, candidates are the
+  union of the HNSW top-k of every (scored layer, query vector), asked for enough events to cover
+  ``B + k_c`` tokens (doubling when a walk runs short), then scored exactly.
+* Selected events are returned in temporal order with their exact scores.
 
-``per_layer=False`` selects one list for all layers: an event's score is the **sum over layers** of
-its per-layer scores, ``sum_l q[l] . rep[l]`` (the inner product in the concatenated space of all
-layers), candidates being the union of every layer's top-k (exact over all events below the
-threshold); one contiguity buffer is shared.
+``per_layer=False`` selects one list for all layers: an event's score is the **sum over the scoring
+layers** (``score_layers``; sessions: the first 2/3) of its per-layer scores; one contiguity buffer
+is shared.
 """
 
 from __future__ import annotations
