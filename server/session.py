@@ -150,6 +150,7 @@ class Session:
         self.lock = asyncio.Lock()
         self.log_path = str(path / LOG_DIR)
         self._rope = RopeSpec.from_hf_config(_hf_config(engine))
+        self._refinement_keys: RefinementKeys | None = None
         self._memory: EpisodicMemory | None = None
         self._log: KVLog | None = None
         self._last_queries: np.ndarray | None = None
@@ -243,9 +244,12 @@ class Session:
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.path / SESSION_FILE)
 
-    def _keys(self, start: int, end: int) -> torch.Tensor:
-        layers = self.config.segmenter().layer_range(self.engine.info.num_layers)
-        return refinement_keys(self.log, self._rope, layers, start, end)
+    @property
+    def _keys(self) -> RefinementKeys:
+        if self._refinement_keys is None:
+            layers = self.config.segmenter().layer_range(self.engine.info.num_layers)
+            self._refinement_keys = RefinementKeys(lambda: self.log, self._rope, layers)
+        return self._refinement_keys
 
     def _close(self, events: Sequence[Any]) -> None:
         done = self.memory.table.end_offset if events else 0
@@ -427,6 +431,47 @@ def refinement_keys(log: KVLog, rope: RopeSpec, layers: tuple[int, int], start: 
     t, n_layers, h, d = k.shape
     k = rope.rotate(k.view(t, n_layers * h, d), -pos).view(t, n_layers, h, d)
     return k.transpose(0, 1)
+
+
+class RefinementKeys:
+    """The segmenter's ``keys(start, end)`` callback with a cache: :func:`refinement_keys` of a range
+    is read and de-rotated once, not once per boundary window (windows of neighbouring boundaries
+    overlap, and a chunk decides tens of boundaries at γ=1).
+
+    The cache covers ``[lo, hi)`` of the log; a call past ``hi`` reads only the missing tail, a call
+    starting after ``lo`` drops the prefix (requests start at the last refined boundary, which only
+    moves forward), a call before ``lo`` re-reads. Log rows are immutable once written, so cached rows
+    stay valid; :meth:`reset` after a truncation.
+    """
+
+    READ_AHEAD = 2048
+
+    def __init__(self, log: Callable[[], KVLog], rope: RopeSpec, layers: tuple[int, int]) -> None:
+        self._log, self._rope, self._layers = log, rope, layers
+        self._lo = self._hi = 0
+        self._keys: torch.Tensor | None = None  # [L, hi - lo, H, D]
+
+    def reset(self) -> None:
+        self._lo = self._hi = 0
+        self._keys = None
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        if end < start:
+            raise SessionError(f"refinement keys: empty range [{start}, {end})")
+        if self._keys is None or start < self._lo or start > self._hi:
+            self._keys, self._lo, self._hi = None, start, start
+        elif start > self._lo:
+            self._keys = self._keys[:, start - self._lo :]
+            self._lo = start
+        if end > self._hi:
+            # read ahead to what the log holds (bounded): the next windows of this chunk need it
+            log = self._log()
+            stop = max(end, min(len(log), end + self.READ_AHEAD))
+            tail = refinement_keys(log, self._rope, self._layers, self._hi, stop)
+            self._keys = tail if self._keys is None else torch.cat([self._keys, tail], dim=1)
+            self._hi = stop
+        assert self._keys is not None
+        return self._keys[:, start - self._lo : end - self._lo]
 
 
 def _segmenter_surprise(surprise: np.ndarray, offset: int) -> np.ndarray:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
+from emserve.client import Client
+from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import WindowPlan
 from emserve.server.app import EmserveServer, create_server
 from emserve.server.config import ServerConfig, build_config
@@ -62,6 +67,67 @@ class ServerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+
+def random_ids(n: int, seed: int, lo: int = 3, hi: int = 500) -> list[int]:
+    return torch.randint(lo, hi, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def log_tokens(srv: ServerThread, session_id: str) -> list[int]:
+    """The token ids in a session's KV log, read from its directory."""
+    folder = srv.server.config.sessions_dir / session_id
+    data = next(p for p in folder.iterdir() if p.is_dir())
+    with KVLog.open(data / "log") as log:
+        return log.tokens().tolist()
+
+
+def check_isolated_sessions(
+    srv: ServerThread,
+    client: Client,
+    *,
+    n: int,
+    at: int,
+    piece_tokens: int,
+    max_tokens: int,
+    join_s: float,
+    full_budget: bool,
+) -> None:
+    """Two sessions ingest at the same time over their own connections — A from ids [3, 250) with a
+    "fact" inserted at ``at``, B from [250, 500) — and each retrieves only from its own log."""
+    fact = [7, 11, 13, 17, 19, 23, 29, 31]
+    a_ids = random_ids(n, 1, 3, 250)
+    a_ids[at:at] = fact * 2
+    b_ids = random_ids(n, 2, 250, 500)
+    client.create_session("A")
+    client.create_session("B")
+    spans: dict[str, tuple[float, float]] = {}
+
+    def run(sid: str, ids: list[int]) -> None:
+        with Client(srv.address) as c:
+            t0 = time.monotonic()
+            c.ingest_tokens(sid, ids, piece_tokens=piece_tokens)
+            spans[sid] = (t0, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=a) for a in (("A", a_ids), ("B", b_ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    (a0, a1), (b0, b1) = spans["A"], spans["B"]
+    assert a0 < b1 and b0 < a1  # they overlapped
+    assert log_tokens(srv, "A") == a_ids and log_tokens(srv, "B") == b_ids
+    for sid, lo, hi in (("B", 250, 500), ("A", 3, 250)):
+        ans = client.ask(sid, fact, max_tokens=max_tokens, ignore_eos=True, trace=True)
+        assert len(ans.token_ids) == max_tokens and ans.trace is not None and ans.trace.events
+        log = log_tokens(srv, sid)
+        for lay in ans.trace.layers:
+            if full_budget:
+                assert sum(e.end - e.start for e in lay.events) == ans.trace.budget
+            for e in lay.events:
+                assert all(lo <= t < hi for t in log[e.start : e.end]), (sid, e)
+    b_log = log_tokens(srv, "B")
+    assert not any(b_log[i : i + len(fact)] == fact for i in range(len(b_log)))
+    assert client.get_session("A").num_tokens == len(a_ids)
 
 
 class WatchedEngine(Engine):

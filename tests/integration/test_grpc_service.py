@@ -18,14 +18,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 from google.rpc import error_details_pb2 as E
-from grpc_harness import ServerThread, WatchedEngine, tiny_config
+from grpc_harness import ServerThread, WatchedEngine, check_isolated_sessions, log_tokens, random_ids, tiny_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from emserve.client import Client, ClientError, pb
-from emserve.retrieval.kvlog import KVLog
 from emserve.server.engine.reference import ReferenceEngine
 
 CHUNK = 32  # exc_block_size of the tiny memory config
@@ -59,9 +57,6 @@ def client(srv: ServerThread) -> Iterator[Client]:
     c.close()
 
 
-def _ids(n: int, seed: int, lo: int = 3, hi: int = 500) -> list[int]:
-    return torch.randint(lo, hi, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
 
 def _code(fn: Any, *args: Any, **kw: Any) -> ClientError:
     """The ClientError that ``fn(*args, **kw)`` raises (generators are drained)."""
@@ -71,12 +66,6 @@ def _code(fn: Any, *args: Any, **kw: Any) -> ClientError:
             list(out)
     return ei.value
 
-
-def _log_tokens(srv: ServerThread, session_id: str) -> list[int]:
-    folder = srv.server.config.sessions_dir / session_id
-    data = next(p for p in folder.iterdir() if p.is_dir())
-    with KVLog.open(data / "log") as log:
-        return log.tokens().tolist()
 
 
 class RawIngest:
@@ -172,10 +161,10 @@ def test_session_lifecycle(client: Client) -> None:
 
 def test_delete_and_recreate_then_ingest(client: Client) -> None:
     client.create_session("r")
-    client.ingest_tokens("r", _ids(100, 1))
+    client.ingest_tokens("r", random_ids(100, 1))
     client.delete_session("r")
     client.create_session("r")
-    res = client.ingest_tokens("r", _ids(70, 2))
+    res = client.ingest_tokens("r", random_ids(70, 2))
     assert res.committed_offset == 70 and client.get_session("r").num_tokens == 70
 
 
@@ -196,12 +185,12 @@ def test_unknown_session_is_not_found_everywhere(client: Client) -> None:
 # ------------------------------------------------------------------------------------------ ingest / ask
 def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
     client.create_session("doc")
-    ids = _ids(700, 3)
+    ids = random_ids(700, 3)
     progress: list[Any] = []
     res = client.ingest_tokens("doc", ids, piece_tokens=90, on_progress=progress.append)
     assert res.committed_offset == 700 and res.start_offset == 0 and res.messages == 8
     assert [p.committed_offset for p in progress] == sorted(p.committed_offset for p in progress)
-    assert _log_tokens(srv, "doc") == ids
+    assert log_tokens(srv, "doc") == ids
     s = client.get_session("doc")
     assert s.num_tokens == 700 and s.num_events > 0 and s.disk_bytes > 0 and s.surprise.max > s.surprise.min
     events = list(client.list_events("doc", preview=True, preview_tokens=4, page_size=7))
@@ -217,7 +206,7 @@ def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
     assert len(coarse.surprise) == 4 and len(coarse.max_surprise) == 4
     assert coarse.surprise[0] == pytest.approx(float(np.mean(curve.surprise[100:164])), rel=1e-5)
 
-    ans = client.ask("doc", _ids(6, 4), max_tokens=5, ignore_eos=True, trace=True, preview_tokens=3)
+    ans = client.ask("doc", random_ids(6, 4), max_tokens=5, ignore_eos=True, trace=True, preview_tokens=3)
     done = ans.complete
     assert len(ans.token_ids) == 5 and done.finish_reason == pb.LENGTH
     assert done.usage.prompt_tokens == 6 and done.usage.memory_tokens == 700 and done.usage.retrieved_tokens == 64
@@ -231,11 +220,11 @@ def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
         assert (e.start, bounds[e.id][0]) == (bounds[e.id][0], e.start) and e.end <= bounds[e.id][1]
         assert e.layers == e.similarity_layers + e.contiguity_layers >= 1 and e.preview
     assert client.get_session("doc").num_tokens == 700  # a question leaves the memory unchanged
-    assert _log_tokens(srv, "doc") == ids
+    assert log_tokens(srv, "doc") == ids
 
     conv = client.ask("doc", [9, 8, 7], max_tokens=4, ignore_eos=True, remember=True)
     assert conv.complete.committed_offset == 707 == client.get_session("doc").num_tokens
-    assert _log_tokens(srv, "doc") == ids + [9, 8, 7] + conv.token_ids
+    assert log_tokens(srv, "doc") == ids + [9, 8, 7] + conv.token_ids
 
 
 def test_text_ingest_matches_tokenizer(srv: ServerThread, client: Client) -> None:
@@ -244,7 +233,7 @@ def test_text_ingest_matches_tokenizer(srv: ServerThread, client: Client) -> Non
     res = client.ingest_text("t", text, piece_chars=100)
     codec = srv.runtime.codec
     assert res.committed_offset == len(codec.encode(text))
-    assert _log_tokens(srv, "t") == codec.encode(text)
+    assert log_tokens(srv, "t") == codec.encode(text)
     stream = client.generate("t", "Hello world", max_tokens=6, ignore_eos=True)
     text_out = "".join(stream.text())
     assert stream.complete is not None and text_out == stream.complete.text
@@ -253,7 +242,7 @@ def test_text_ingest_matches_tokenizer(srv: ServerThread, client: Client) -> Non
 
 def test_stop_strings_end_generation(client: Client, engine: WatchedEngine) -> None:
     client.create_session("st")
-    client.ingest_tokens("st", _ids(100, 5))
+    client.ingest_tokens("st", random_ids(100, 5))
     full = client.ask("st", [5, 6, 7], max_tokens=30, ignore_eos=True)
     assert len(full.text) > 6
     stop = full.text[3:6]
@@ -265,7 +254,7 @@ def test_stop_strings_end_generation(client: Client, engine: WatchedEngine) -> N
 
 def test_invalid_arguments(client: Client) -> None:
     client.create_session("v")
-    client.ingest_tokens("v", _ids(80, 6))
+    client.ingest_tokens("v", random_ids(80, 6))
 
     def bad(call: Any, field: str | None = None) -> None:
         e = _code(call)
@@ -293,7 +282,7 @@ def test_invalid_arguments(client: Client) -> None:
 
 def test_ingest_offset_gap_and_conflicting_resend(client: Client) -> None:
     client.create_session("g")
-    ids = _ids(64, 7)
+    ids = random_ids(64, 7)
     client.ingest_tokens("g", ids)
     raw = RawIngest(client, "g")
     raw.tokens([5, 6], offset=70)  # beyond what the server holds
@@ -322,7 +311,7 @@ def test_limits_are_resource_exhausted(tiny_model_dir: Path, tmp_path: Path, eng
             e = _code(c.create_session, "c")
             assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert e.detail(E.QuotaFailure).violations[0].subject == "sessions"
-            e = _code(c.ingest_tokens, "a", _ids(150, 8), piece_tokens=40)
+            e = _code(c.ingest_tokens, "a", random_ids(150, 8), piece_tokens=40)
             assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert e.detail(E.QuotaFailure).violations[0].subject == "session_tokens"
             assert c.get_session("a").num_tokens <= 100
@@ -337,7 +326,7 @@ def test_limits_are_resource_exhausted(tiny_model_dir: Path, tmp_path: Path, eng
 # ------------------------------------------------------------------------------------------ preconditions
 def test_finished_session_refuses_ingest(client: Client) -> None:
     client.create_session("f")
-    res = client.ingest_tokens("f", _ids(50, 9), finish=True)
+    res = client.ingest_tokens("f", random_ids(50, 9), finish=True)
     assert res.finished and res.committed_offset == 50
     assert client.get_session("f").state == pb.Session.FINISHED
     e = _code(client.ingest_tokens, "f", [5, 6])
@@ -351,7 +340,7 @@ def test_finished_session_refuses_ingest(client: Client) -> None:
 def test_busy_session_refuses_a_second_writer(client: Client) -> None:
     client.create_session("w")
     first = RawIngest(client, "w")
-    first.tokens(_ids(10, 10))
+    first.tokens(random_ids(10, 10))
     assert first.next().HasField("ready") and first.next().ack.receipt.end == 10
     assert client.get_session("w").writer_attached
     e = _code(client.ingest_tokens, "w", [5, 6])
@@ -369,7 +358,7 @@ def test_busy_session_refuses_a_second_writer(client: Client) -> None:
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_from_ack_without_duplication(srv: ServerThread, client: Client) -> None:
     client.create_session("res")
-    ids = _ids(400, 11)
+    ids = random_ids(400, 11)
     raw = RawIngest(client, "res")
     for i in range(0, 400, 40):
         raw.tokens(ids[i : i + 40], offset=i)
@@ -390,7 +379,7 @@ def test_resume_from_ack_without_duplication(srv: ServerThread, client: Client) 
     assert [(r.start, r.end) for r in receipts] == [(i, i + 40) for i in range(0, 400, 40)]
     assert sum(r.skipped for r in receipts) == ready.committed_offset
     assert acks[-1].committed_offset == 400
-    assert _log_tokens(srv, "res") == ids
+    assert log_tokens(srv, "res") == ids
     # and once more: everything is already there
     assert client.ingest_tokens("res", []).committed_offset == 400
     raw = RawIngest(client, "res")
@@ -398,7 +387,7 @@ def test_resume_from_ack_without_duplication(srv: ServerThread, client: Client) 
     raw.half_close()
     assert raw.next().ready.committed_offset == 400
     assert raw.rest()[-1].ack.receipt.skipped == 40
-    assert _log_tokens(srv, "res") == ids
+    assert log_tokens(srv, "res") == ids
 
 
 def test_text_resume_mid_message(srv: ServerThread, client: Client) -> None:
@@ -422,7 +411,7 @@ def test_text_resume_mid_message(srv: ServerThread, client: Client) -> None:
     acks = [r.ack for r in raw.rest()]
     assert acks[0].receipt.skipped == ready.committed_offset >= 2 * CHUNK
     assert acks[-1].committed_offset == len(whole)
-    assert _log_tokens(srv, "tx") == whole
+    assert log_tokens(srv, "tx") == whole
 
 
 def test_client_ingest_reconnects_and_resumes(srv: ServerThread, client: Client) -> None:
@@ -445,7 +434,7 @@ def test_client_ingest_reconnects_and_resumes(srv: ServerThread, client: Client)
     assert res.reconnects >= 1
     expect = [t for p in pieces for t in codec.encode(p)]
     assert res.committed_offset == len(expect)
-    assert _log_tokens(srv, "rc") == expect
+    assert log_tokens(srv, "rc") == expect
 
 
 def client_split(text: str, n: int) -> Iterator[str]:
@@ -457,7 +446,7 @@ def client_split(text: str, n: int) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------ flow control
 def test_flow_control_bounds_server_buffering(srv: ServerThread, client: Client) -> None:
     client.create_session("fc")
-    ids = _ids(60 * 50, 12)
+    ids = random_ids(60 * 50, 12)
     raw = RawIngest(client, "fc")
     for i in range(0, len(ids), 50):  # as fast as the client can: no waiting for receipts
         raw.tokens(ids[i : i + 50])
@@ -469,14 +458,14 @@ def test_flow_control_bounds_server_buffering(srv: ServerThread, client: Client)
     # never more than one chunk (minus one) plus one message held uncommitted
     assert max(a.received_offset - a.committed_offset for a in acks) <= CHUNK - 1 + 50
     assert srv.runtime.ingestor.stats.max_pending_tokens <= CHUNK - 1 + 50
-    assert _log_tokens(srv, "fc") == ids
+    assert log_tokens(srv, "fc") == ids
 
 
 # ------------------------------------------------------------------------------------------ cancel / deadline
 def test_cancel_mid_generation_aborts_the_engine_request(srv: ServerThread, client: Client,
                                                           engine: WatchedEngine) -> None:
     client.create_session("c")
-    client.ingest_tokens("c", _ids(200, 13))
+    client.ingest_tokens("c", random_ids(200, 13))
     engine.token_delay = 0.05
     stream = client.generate("c", [5, 6, 7], max_tokens=200, ignore_eos=True)
     it = iter(stream)
@@ -497,7 +486,7 @@ def test_cancel_mid_generation_aborts_the_engine_request(srv: ServerThread, clie
 
 def test_deadline_exceeded_aborts_generation(srv: ServerThread, client: Client, engine: WatchedEngine) -> None:
     client.create_session("d")
-    client.ingest_tokens("d", _ids(100, 14))
+    client.ingest_tokens("d", random_ids(100, 14))
     engine.token_delay = 0.05
     e = _code(client.ask, "d", [5, 6], max_tokens=200, ignore_eos=True, timeout=0.5)
     assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -509,38 +498,8 @@ def test_deadline_exceeded_aborts_generation(srv: ServerThread, client: Client, 
 
 # ------------------------------------------------------------------------------------------ isolation
 def test_concurrent_sessions_have_isolated_memories(srv: ServerThread, client: Client) -> None:
-    """A ingests tokens from [3, 250) with a "fact", B from [250, 500), at the same time."""
-    fact = [7, 11, 13, 17, 19, 23, 29, 31]
-    a_ids = _ids(500, 15, 3, 250)
-    a_ids[240:240] = fact * 2
-    b_ids = _ids(500, 16, 250, 500)
-    client.create_session("A")
-    client.create_session("B")
-    spans: dict[str, tuple[float, float]] = {}
-
-    def run(sid: str, ids: list[int]) -> None:
-        with Client(srv.address) as c:
-            t0 = time.monotonic()
-            c.ingest_tokens(sid, ids, piece_tokens=40)
-            spans[sid] = (t0, time.monotonic())
-
-    threads = [threading.Thread(target=run, args=a) for a in (("A", a_ids), ("B", b_ids))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    (a0, a1), (b0, b1) = spans["A"], spans["B"]
-    assert a0 < b1 and b0 < a1  # they overlapped
-    assert _log_tokens(srv, "A") == a_ids and _log_tokens(srv, "B") == b_ids
-    b_tokens = _log_tokens(srv, "B")
-    for sid, lo, hi in (("B", 250, 500), ("A", 3, 250)):
-        ans = client.ask(sid, fact, max_tokens=3, ignore_eos=True, trace=True)
-        assert ans.trace is not None and ans.trace.events
-        log = _log_tokens(srv, sid)
-        for lay in ans.trace.layers:
-            for e in lay.events:
-                assert all(lo <= t < hi for t in log[e.start : e.end]), (sid, e)
-    assert not any(b_tokens[i : i + len(fact)] == fact for i in range(len(b_tokens)))
+    """Two sessions ingest concurrently with isolated memories: a fact in A is never retrievable from B."""
+    check_isolated_sessions(srv, client, n=500, at=240, piece_tokens=40, max_tokens=3, join_s=120, full_budget=False)
 
 
 # ------------------------------------------------------------------------------------------ auth
@@ -565,7 +524,7 @@ def test_auth_token(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine)
 # ------------------------------------------------------------------------------------------ shutdown / reopen
 def test_graceful_shutdown_then_reopen_resumes(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> None:
     s = _server(tiny_model_dir, tmp_path, engine)
-    ids = _ids(900, 17)
+    ids = random_ids(900, 17)
     acked: list[int] = []
     errors: list[ClientError] = []
     with Client(s.address) as c:
@@ -591,9 +550,9 @@ def test_graceful_shutdown_then_reopen_resumes(tiny_model_dir: Path, tmp_path: P
     try:
         with Client(s2.address) as c:
             n = c.get_session("gs").num_tokens
-            assert n >= acked[-1] and _log_tokens(s2, "gs") == ids[:n]
+            assert n >= acked[-1] and log_tokens(s2, "gs") == ids[:n]
             res = c.ingest_tokens("gs", ids[n:])
-            assert res.committed_offset == 900 and _log_tokens(s2, "gs") == ids
+            assert res.committed_offset == 900 and log_tokens(s2, "gs") == ids
             assert len(c.ask("gs", [5], max_tokens=2, ignore_eos=True).token_ids) == 2
             assert c.get_session("gs").num_events > 0
     finally:
@@ -606,7 +565,7 @@ def test_idle_sessions_are_closed_lru_and_reopen(tiny_model_dir: Path, tmp_path:
         with Client(s.address) as c:
             for i in range(4):
                 c.create_session(f"l{i}")
-                c.ingest_tokens(f"l{i}", _ids(100 + i, 20 + i))
+                c.ingest_tokens(f"l{i}", random_ids(100 + i, 20 + i))
             assert s.call(lambda: s.runtime.manager.open_count) <= 2
             for i in range(4):
                 assert c.get_session(f"l{i}").num_tokens == 100 + i

@@ -113,3 +113,41 @@ def test_errors(engine: ReferenceEngine, tmp_path: Path) -> None:
         Session.create(tmp_path / "s", engine, CFG)
     with pytest.raises(ValueError, match="max_window"):
         Session.create(tmp_path / "t", engine, MemoryConfig(n_local=4096, n_mem=4096))
+
+
+def test_refinement_key_cache_matches_direct_reads(engine: ReferenceEngine, tmp_path: Path) -> None:
+    from emserve.server.engine.rope import RopeSpec
+    from emserve.server.session import RefinementKeys, refinement_keys
+
+    s = Session.create(tmp_path / "s", engine, CFG)
+    asyncio.run(s.append(_ids(300, 3)))
+    log = KVLog.open(tmp_path / "s" / "log")
+    rope = s._rope
+    assert isinstance(rope, RopeSpec)
+    layers = (1, 2)
+    visible = [200]  # the log as a feed sees it: the cache reads ahead only up to len(log)
+
+    class Prefix:
+        def __len__(self) -> int:
+            return visible[0]
+
+        def positions(self, a: int, b: int) -> np.ndarray:
+            assert b <= visible[0], "read past the visible log"
+            return log.positions(a, b)
+
+        def keys(self, layer: int, a: int, b: int) -> torch.Tensor:
+            return log.keys(layer, a, b)
+
+    cache = RefinementKeys(lambda: Prefix(), rope, layers)  # type: ignore[arg-type, return-value]
+    # forward windows with overlap, a jump back before the cached range, an empty range, growth of the log
+    calls = [(16, 40), (30, 70), (30, 50), (60, 200), (20, 30), (100, 100), (150, 180)]
+    for a, b in calls:
+        got = cache(a, b)
+        want = refinement_keys(log, rope, layers, a, b)
+        assert got.shape == want.shape and torch.equal(got, want), (a, b)
+    visible[0] = len(log)  # 288: 9 chunks of 32
+    for a, b in [(190, 260), (250, 288)]:
+        assert torch.equal(cache(a, b), refinement_keys(log, rope, layers, a, b)), (a, b)
+    with pytest.raises(SessionError):
+        cache(50, 40)
+    s.close()
