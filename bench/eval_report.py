@@ -1,0 +1,466 @@
+"""Tables, CSV, plots and ``docs/results.md`` from the evaluation's results files.
+
+    .venv/bin/python bench/eval_report.py          # rewrite plots and docs/results.md from bench/results/eval*.json
+
+``bench/eval.py`` calls :func:`write_outputs` (CSV + plots of one run) and :func:`write_docs` (the
+markdown page over every results file present) at the end of each run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "results.md"
+TASK_ORDER = ("passkey", "needle", "multikey", "twohop", "labelled")
+SYSTEM_ORDER = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "vanilla")
+NEEDLE_TASKS = ("passkey", "needle", "multikey")
+CSV_FIELDS = ("system", "task", "length", "context_tokens", "depth", "hid", "qid", "expected", "answer", "correct",
+              "coverage", "in_window", "ttft_s", "total_s", "retrieval_s", "decode_tok_s", "window_tokens",
+              "retrieved_tokens", "retrieved_events")
+COMMANDS = {
+    "eval-quick": ".venv/bin/python bench/eval.py --quick",
+    "eval": ".venv/bin/python bench/eval.py --full",
+    "eval-128k": ".venv/bin/python bench/eval.py --long-128k",
+    "eval-1m": ".venv/bin/python bench/eval.py --long-1m",
+    "eval-perf": ".venv/bin/python bench/eval.py --perf",
+    "eval-qwen2.5-0.5b": ".venv/bin/python bench/eval.py --full --model qwen2.5-0.5b --lengths 32768",
+}
+
+
+def _order(values: Iterable[Any], order: Sequence[Any]) -> list[Any]:
+    vals = set(values)
+    return [v for v in order if v in vals] + sorted(v for v in vals if v not in order)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _med(xs: Iterable[float | None]) -> float | None:
+    v = [float(x) for x in xs if x is not None]
+    return statistics.median(v) if v else None
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def accuracy(answers: Sequence[dict[str, Any]], **where: Any) -> tuple[int, int]:
+    sel = [a for a in answers if all(a.get(k) == v for k, v in where.items())]
+    return sum(bool(a["correct"]) for a in sel), len(sel)
+
+
+def _cell(ok: int, n: int) -> str:
+    return f"{ok / n:.2f} ({ok}/{n})" if n else "-"
+
+
+def accuracy_rows(answers: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Rows (length, system) x columns (tasks, all): "acc (correct/n)"."""
+    tasks = _order((a["task"] for a in answers), TASK_ORDER)
+    rows = []
+    for n in sorted({a["length"] for a in answers}):
+        for sysname in _order((a["system"] for a in answers if a["length"] == n), SYSTEM_ORDER):
+            cells = [_cell(*accuracy(answers, length=n, system=sysname, task=t)) for t in tasks]
+            ctx = {a["context_tokens"] for a in answers if a["length"] == n and a["system"] == sysname}
+            label = _k(n) + (f" ({', '.join(str(c) for c in sorted(ctx))} tok)" if ctx != {n} else "")
+            rows.append([label, sysname, *cells, _cell(*accuracy(answers, length=n, system=sysname))])
+    return ["length", "system", *tasks, "all"], rows
+
+
+def _prefill(res: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The fastest vanilla prefill run at ``n`` tokens (or at native - 1 when ``n`` is the native length)."""
+    native = int(res.get("model", {}).get("max_model_len", 0) or 0)
+    runs = [p for p in res.get("vanilla", {}).get("prefill", []) if p["tokens"] in (n, min(n, native - 1))]
+    return min(runs, key=lambda p: p["seconds"]) if runs else None
+
+
+def perf_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Per (length, system), medians over the run's sessions and questions. Vanilla vLLM: its prefill
+    throughput and prefill time (~ its TTFT) at that length; decode ~ (tokens - 1) / (answer - prefill)."""
+    hs, answers = res.get("haystacks", []), res.get("answers", [])
+    rows = []
+    for n in sorted({a["length"] for a in answers}):
+        for sysname in _order((a["system"] for a in answers if a["length"] == n), SYSTEM_ORDER):
+            h = [r for r in hs if r["length"] == n and r["system"] == sysname]
+            a = [r for r in answers if r["length"] == n and r["system"] == sysname]
+            if sysname == "vanilla":
+                pre = _prefill(res, n)
+                dec = [(r["completion_tokens"] - 1) / (r["total_s"] - pre["seconds"]) for r in a
+                       if pre and r.get("completion_tokens", 0) > 1 and r["total_s"] > pre["seconds"]]
+                rows.append([_k(n), sysname, _fmt(pre["tok_s"] if pre else None), _fmt(pre["seconds"] if pre else None),
+                             _fmt(_med(dec)), "-", "-", "-"])
+                continue
+            rss = _fmt(_med(r["rss_bytes"] / 2**30 for r in h))
+            anon = _fmt(_med(r.get("rss_anon_bytes", 0) / 2**30 for r in h))
+            rows.append([_k(n), sysname, _fmt(_med(r["ingest_tok_s"] for r in h)), _fmt(_med(r["ttft_s"] for r in a)),
+                         _fmt(_med(r.get("decode_tok_s") for r in a)), _fmt(_med(r.get("retrieval_s") for r in a)),
+                         _fmt(_med(r["disk_bytes"] / r["length"] / 1024 for r in h)), f"{rss} ({anon})"])
+    return ["length", "system", "ingest tok/s", "TTFT s", "decode tok/s", "retrieval s", "disk KiB/token",
+            "RSS GiB (anon)"], rows
+
+
+def stream_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    rows = []
+    for st in res.get("streams", []):
+        for p in st["points"]:
+            a = p["probe"]
+            rows.append([st["system"], _k(p["tokens"]), f"{p['segment'][0]}-{p['segment'][1]}",
+                         _fmt(p["segment_tok_s"]), _fmt(a["ttft_s"]), _fmt(a.get("decode_tok_s")),
+                         _fmt(a.get("retrieval_s")), _fmt(p["disk_bytes_per_token"] / 1024),
+                         f"{_fmt(p['rss_bytes'] / 2**30)} ({_fmt(p.get('rss_anon_bytes', 0) / 2**30)})", p["events"],
+                         "yes" if a["correct"] else "no"])
+    return ["system", "session", "segment", "ingest tok/s", "TTFT s", "decode tok/s", "retrieval s",
+            "disk KiB/token", "RSS GiB (anon)", "events", "probe answer correct"], rows
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    for title, (h, rows) in (("accuracy", accuracy_rows(res.get("answers", []))), ("performance", perf_rows(res)),
+                             ("streams", stream_rows(res))):
+        if rows:
+            print(f"\n{title}\n{table(h, rows)}")
+    for p in res.get("vanilla", {}).get("prefill", []):
+        print(f"vanilla vLLM prefill {p['tokens']} tokens: {p['tok_s']:.0f} tok/s")
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_csv(res: dict[str, Any], path: Path) -> None:
+    rows = list(res.get("answers", []))
+    for st in res.get("streams", []):
+        rows += st["answers"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def plot_depth(res: dict[str, Any], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    answers = res.get("answers", [])
+    if not answers:
+        return False
+    systems = _order((a["system"] for a in answers), SYSTEM_ORDER)
+    lengths = sorted({a["length"] for a in answers})
+    depths = sorted({round(a["depth"], 2) for a in answers})
+    size = (2.2 + 0.45 * len(depths) * len(systems), 1.4 + 0.5 * len(lengths))
+    fig, axes = plt.subplots(1, len(systems), figsize=size, squeeze=False)
+    for ax, sysname in zip(axes[0], systems, strict=True):
+        grid = np.full((len(lengths), len(depths)), np.nan)
+        for i, n in enumerate(lengths):
+            for j, d in enumerate(depths):
+                sel = [a for a in answers if a["system"] == sysname and a["length"] == n and round(a["depth"], 2) == d]
+                if sel:
+                    grid[i, j] = sum(a["correct"] for a in sel) / len(sel)
+                    ax.text(j, i, f"{len(sel)}", ha="center", va="center", fontsize=6, color="0.3")
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(sysname, fontsize=9)
+        ax.set_xticks(range(len(depths)), [f"{round(d * 100)}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(lengths)), [_k(n) for n in lengths], fontsize=7)
+        ax.set_xlabel("depth %", fontsize=8)
+    fig.suptitle("accuracy vs depth (all tasks; green 1, red 0, blank: not sampled; numbers: questions)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _lines(ax: Any, res: dict[str, Any], key: str) -> None:
+    hs, answers = res.get("haystacks", []), res.get("answers", [])
+    src = hs if key == "ingest_tok_s" else answers
+    for sysname in _order((r["system"] for r in src), SYSTEM_ORDER):
+        pts = [(n, _med(r.get(key) for r in src if r["system"] == sysname and r["length"] == n))
+               for n in sorted({r["length"] for r in src if r["system"] == sysname})]
+        pts = [(n, y) for n, y in pts if y is not None]
+        if pts:
+            ax.plot([n for n, _ in pts], [y for _, y in pts], marker="o", label=sysname)
+
+
+def plot_perf(res: dict[str, Any], ingest_path: Path, ttft_path: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = []
+    streams = res.get("streams", [])
+    prefill = res.get("vanilla", {}).get("prefill", [])
+    for key, path, ylabel in (("ingest_tok_s", ingest_path, "ingest tokens/s"), ("ttft_s", ttft_path, "TTFT s")):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        _lines(ax, res, key)
+        for st in streams:
+            if key == "ingest_tok_s":
+                s = st["series"]  # (seconds, tokens); rate over the last ~4 points (~8k tokens)
+                xs = [s[i][1] for i in range(1, len(s))]
+                ys = [(s[i][1] - s[max(0, i - 4)][1]) / max(1e-9, s[i][0] - s[max(0, i - 4)][0])
+                      for i in range(1, len(s))]
+                ax.plot(xs, ys, lw=1, label=f"{st['system']} stream ({_k(st['length'])}), last ~8k tokens")
+                pts = st["points"]
+                ax.plot([p["tokens"] for p in pts], [p["segment_tok_s"] for p in pts], "s", ms=4,
+                        label=f"{st['system']} stream, per segment")
+            else:
+                ax.plot([p["tokens"] for p in st["points"]], [p["probe"]["ttft_s"] for p in st["points"]],
+                        marker="s", label=f"{st['system']} stream ({_k(st['length'])})")
+        if prefill:
+            by_n: dict[int, list[dict[str, Any]]] = defaultdict(list)
+            for p in prefill:
+                by_n[p["tokens"]].append(p)
+            xs = sorted(by_n)
+            if key == "ingest_tok_s":
+                ax.plot(xs, [max(p["tok_s"] for p in by_n[n]) for n in xs], "k^--", label="vanilla vLLM prefill")
+            else:
+                ax.plot(xs, [min(p["seconds"] for p in by_n[n]) for n in xs], "k^--", label="vanilla vLLM (prefill)")
+        if not ax.lines:
+            plt.close(fig)
+            continue
+        ax.set_xscale("log", base=2)
+        seen = sorted({int(x) for line in ax.lines for x in np.asarray(line.get_xdata()).ravel()})
+        ticks = [x for x in seen if x & (x - 1) == 0 or x == seen[-1]]
+        ax.set_xticks(ticks, [_k(x) for x in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("session length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{ylabel} vs session length ({res.get('model', {}).get('name', '')})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def write_outputs(res: dict[str, Any], name: str, results_dir: Path = RESULTS) -> list[Path]:
+    """CSV and plots of one run next to its JSON."""
+    out = [results_dir / f"{name}.csv"]
+    write_csv(res, out[0])
+    depth = results_dir / f"{name}-depth.png"
+    if plot_depth(res, depth):
+        out.append(depth)
+    out += plot_perf(res, results_dir / f"{name}-ingest.png", results_dir / f"{name}-ttft.png")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ goals
+def _load(results_dir: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted(results_dir.glob("eval*.json")):
+        try:
+            out[p.stem] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def _acc(runs: dict[str, dict[str, Any]], model: str, tasks: Sequence[str], **where: Any) -> tuple[float | None, str]:
+    """Accuracy on ``tasks`` over the non-quick runs that have the cell (else the quick run), and its source."""
+    for quick in (False, True):
+        ok = n = 0
+        src = []
+        for name, r in runs.items():
+            if r.get("model", {}).get("name") != model or bool(r.get("quick")) != quick:
+                continue
+            answers = list(r.get("answers", [])) + [a for st in r.get("streams", []) for a in st["answers"]]
+            a = b = 0
+            for t in tasks:
+                x, y = accuracy(answers, task=t, **where)
+                a, b = a + x, b + y
+            if b:
+                ok, n = ok + a, n + b
+                src.append(name)
+        if n:
+            return ok / n, f"{ok}/{n} in {', '.join(src)}"
+    return None, "not measured"
+
+
+def _stream_point(runs: dict[str, dict[str, Any]], tokens: int) -> tuple[dict[str, Any] | None, str]:
+    for name, r in runs.items():
+        for st in r.get("streams", []):
+            for p in st["points"]:
+                if p["tokens"] == tokens and st["system"] == "emserve":
+                    return p, name
+    return None, ""
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "met" if ok else "NOT met"
+
+
+def goals(runs: dict[str, dict[str, Any]], model: str = "smollm2-135m") -> list[list[str]]:
+    """The issue's goals, judged on whatever runs are present ("not measured" otherwise)."""
+    rows = []
+    base, bsrc = _acc(runs, model, ("passkey",), system="vanilla", length=4096)
+    for n in (32768, 131072):
+        v, src = _acc(runs, model, ("passkey",), system="emserve", length=n)
+        ok = None if v is None or base is None else v >= base
+        rows.append([f"emserve passkey accuracy at {_k(n)} >= full attention at 4k",
+                     f"{_fmt(v)} ({src}) vs {_fmt(base)} ({bsrc})", _verdict(ok)])
+    lengths = sorted({a["length"] for r in runs.values() if r.get("model", {}).get("name") == model
+                      for a in r.get("answers", []) if a["length"] >= 32768 and a["system"] == "emserve"})
+    for n in lengths or [32768]:
+        e, esrc = _acc(runs, model, NEEDLE_TASKS, system="emserve", length=n)
+        others = [(s, *_acc(runs, model, NEEDLE_TASKS, system=s, length=n)) for s in ("truncation", "infllm")]
+        vals = [v for _, v, _ in others if v is not None]
+        ok = None if e is None or len(vals) < len(others) else all(e > v for v in vals)
+        rows.append([f"emserve beats truncation and InfLLM-style on needle tasks at {_k(n)}",
+                     f"emserve {_fmt(e)} ({esrc}); " + "; ".join(f"{s} {_fmt(v)} ({src})" for s, v, src in others),
+                     _verdict(ok)])
+    p16, _ = _stream_point(runs, 16384)
+    p1m, s1m = _stream_point(runs, 1 << 20)
+    if p16 is None or p1m is None:
+        longest = max((p for r in runs.values() for st in r.get("streams", []) if st["system"] == "emserve"
+                       for p in st["points"] if p["tokens"] > 16384), key=lambda p: p["tokens"], default=None)
+        info = ["not measured", "not measured"]
+        if p16 is not None and longest is not None:  # a shorter stream (--perf): the trend so far
+            at = _k(longest["tokens"])
+            info = [f"1M not run; at {at}: {longest['segment_tok_s']:.0f} vs {p16['segment_tok_s']:.0f} tok/s",
+                    f"1M not run; at {at}: {longest['probe']['ttft_s']:.2f} vs {p16['probe']['ttft_s']:.2f} s"]
+        rows.append(["ingest tok/s at 1M >= 0.8x at 16k", info[0], _verdict(None)])
+        rows.append(["TTFT at 1M <= 1.5x at 16k", info[1], _verdict(None)])
+    else:
+        a, b = p1m["segment_tok_s"], p16["segment_tok_s"]
+        rows.append(["ingest tok/s at 1M >= 0.8x at 16k", f"{a:.0f} vs {b:.0f} tok/s ({s1m})", _verdict(a >= 0.8 * b)])
+        a, b = p1m["probe"]["ttft_s"], p16["probe"]["ttft_s"]
+        rows.append(["TTFT at 1M <= 1.5x at 16k", f"{a:.2f} vs {b:.2f} s ({s1m})", _verdict(a <= 1.5 * b)])
+    found = None
+    for name, r in runs.items():
+        if r.get("model", {}).get("name") != model:
+            continue
+        pts = [p["segment_tok_s"] for st in r.get("streams", []) if st["system"] == "emserve" for p in st["points"]
+               if p["segment"][0] >= 16384]
+        native = int(r.get("model", {}).get("max_model_len", 8192))
+        pre = [p["tok_s"] for p in r.get("vanilla", {}).get("prefill", []) if p["tokens"] >= native - 1]
+        if pts and pre:
+            found = (statistics.median(pts), max(pre), name)
+    goal = "steady-state ingest (median over segments past 16k) >= 0.7x vanilla vLLM prefill at native length"
+    if found is None:
+        rows.append([goal, "not measured", _verdict(None)])
+    else:
+        steady, pre, src = found
+        rows.append([goal, f"{steady:.0f} vs {pre:.0f} tok/s ({src})", _verdict(steady >= 0.7 * pre)])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ docs
+def _section(name: str, r: dict[str, Any], results_dir: Path) -> list[str]:
+    rel = Path("..") / results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir
+    m, mach = r.get("model", {}), r.get("machine", {})
+    vers = ", ".join(f"{k} {v}" for k, v in (mach.get("versions") or {}).items() if v)
+    out = [f"## {r.get('title', name)}", "",
+           f"`{COMMANDS.get(name, r.get('command', ''))}`", "",
+           f"Run {mach.get('time', '?')}: {r.get('command', '')}; wall time {r.get('wall_s', 0) / 60:.1f} min; "
+           f"model {m.get('name')} ({m.get('max_model_len')} native context); {mach.get('cores')} cores "
+           f"({mach.get('cpu')}; {' '.join(mach.get('cpu_flags', []))}); {vers}; git {r.get('git', '?')}.", ""]
+    if r.get("load_avg_start"):
+        out += [f"Load average (1 / 5 / 15 min) at the start {' / '.join(f'{x:.1f}' for x in r['load_avg_start'])}, "
+                f"at the end {' / '.join(f'{x:.1f}' for x in r.get('load_avg_end', []))} (the machine's 2 cores "
+                "may be shared: timings are of this run only).", ""]
+    if sampling(r):
+        out += [sampling(r), ""]
+    h, rows = accuracy_rows(r.get("answers", []) + [a for st in r.get("streams", []) for a in st["answers"]])
+    if rows:
+        out += ["Accuracy (correct / questions):", "", markdown(h, rows), ""]
+    h, rows = perf_rows(r)
+    if rows:
+        out += ["Performance (medians over the run's sessions and questions; ingest with "
+                f"{r.get('config', {}).get('concurrency', 1)} session(s) at a time; TTFT: the question's first "
+                "token, probe step and retrieval included; retrieval s: probe step + retrieval + planning; RSS: "
+                "server + engine core after the ingest, file-backed pages included (anon: without); vanilla: its "
+                "chunked-prefill throughput and prefill time at that length):", "", markdown(h, rows), ""]
+    h, rows = stream_rows(r)
+    if rows:
+        out += ["Long streams (one session, measured at each length; TTFT of a question there):", "",
+                markdown(h, rows), ""]
+    pre = r.get("vanilla", {}).get("prefill", [])
+    if pre:
+        out += ["Vanilla vLLM prefill (chunked, 512-token chunks): " + ", ".join(
+            f"{p['tokens']} tokens {p['tok_s']:.0f} tok/s" for p in pre), ""]
+    plots = (("depth", "accuracy vs depth"), ("ingest", "ingest tok/s vs length"), ("ttft", "TTFT vs length"))
+    for suffix, what in plots:
+        if (results_dir / f"{name}-{suffix}.png").exists():
+            out += [f"![{what}]({rel / f'{name}-{suffix}.png'})", ""]
+    out += [f"Data: [{name}.json]({rel / f'{name}.json'}), [{name}.csv]({rel / f'{name}.csv'}).", ""]
+    return out
+
+
+def sampling(r: dict[str, Any]) -> str:
+    """The run's grid in words (from its config)."""
+    c = r.get("config", {})
+    if not c.get("lengths"):
+        return ""
+    caps = c.get("depth_cap") or {}
+    txt = (f"Grid: lengths {', '.join(_k(int(n)) for n in c['lengths'])}; tasks {', '.join(c.get('tasks', []))}; "
+           f"depths {', '.join(f'{round(d * 100)}%' for d in c.get('depths', []))}")
+    if caps:
+        txt += ("; depths per task at most " + ", ".join(f"{v} at {_k(int(k))}" for k, v in caps.items())
+                + " (every s-th depth, offset rotated by task: the tasks of a length together cover them all)")
+    txt += "; multikey: up to 4 keys per haystack, each asked; one question per task and depth (seed "
+    txt += f"{c.get('seed', 0)})"
+    abl = [s for s in c.get("systems", []) if s in ("no-refine", "no-contiguity")]
+    if abl and (c.get("ablation_min_length") or set(c.get("ablation_tasks", [])) != set(c.get("tasks", []))):
+        txt += (f"; {', '.join(abl)} only at >= {_k(int(c.get('ablation_min_length', 0)))} on "
+                f"{', '.join(c.get('ablation_tasks', []))}")
+    return txt + "."
+
+
+def write_docs(results_dir: Path = RESULTS, path: Path = DOCS) -> Path:
+    runs = _load(results_dir)
+    lines = ["# Long-context evaluation results", "",
+             "Generated by `bench/eval.py` (`bench/eval_report.py` rewrites this page from "
+             "`bench/results/eval*.json`). Every number comes from a run through a real `emserve serve` "
+             "process driven by the Python client; the full-attention baseline is vanilla vLLM on the same model "
+             "in its own process, run after the server stopped. Haystacks, tasks, systems and sampling: "
+             "the docstrings of `bench/eval.py`, `bench/eval_tasks.py`, `bench/eval_server.py`.", "",
+             "Systems (one model, one machine): **emserve** (default memory: sink + retrieved events + local "
+             "window), **truncation** (sink + local window only, `n_mem` 0 and the local window grown by the same "
+             "1024 tokens), **infllm** (InfLLM-style: uniform 128-token blocks, similarity retrieval only, same "
+             "budget), **no-refine** / **no-contiguity** (emserve without boundary refinement / without the "
+             "contiguity buffer), **vanilla** (full attention on vanilla vLLM, only where the haystack fits the "
+             "native context). Tasks: **passkey** (a 5-digit pass key), **needle** (one key-value sentence, 7-digit "
+             "value), **multikey** (4 key-value sentences, each asked), **twohop** (a link fact and a value fact "
+             "half the haystack apart, 2 distractor values: chance is 1/3 for a model that picks a code), "
+             "**labelled** (the 1M / perf stream's three labelled pass keys at 10/50/90%). A question is correct "
+             "when the expected value is in the greedy answer (10 tokens). Depth: where the needed sentence sits "
+             "(0: first tokens, in the sink; 1: last tokens, in the local window).", "",
+             "Reproduce:", ""]
+    lines += [f"* `{cmd}` -> `bench/results/{name}.*`" for name, cmd in COMMANDS.items()]
+    lines += ["", "## Goals (judged on the runs present)", "",
+              markdown(["goal", "measured", "verdict"], goals(runs)), ""]
+    order = [n for n in COMMANDS if n in runs] + [n for n in runs if n not in COMMANDS]
+    for name in order:
+        lines += _section(name, runs[name], results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    for name, r in _load(RESULTS).items():
+        write_outputs(r, name)
+    print("wrote", write_docs())
+
+
+if __name__ == "__main__":
+    main()

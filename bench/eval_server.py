@@ -1,0 +1,295 @@
+"""The memory systems of the evaluation, run through a real ``emserve serve`` process as a client would.
+
+Systems (one server, one engine; each system is a per-session ``MemoryConfig`` override):
+
+* ``emserve``: the server's default memory (surprise events, refinement, similarity + contiguity);
+* ``truncation``: sink + local window only, same window size: ``n_mem = 0`` and the local window
+  grown by the default ``n_mem`` (StreamingLLM-style; the few tokens between the last closed event
+  and the local window stay in the window too);
+* ``infllm``: InfLLM-style: uniform 128-token blocks (``splitter uniform``, ``max_block_size 128``),
+  no refinement, similarity retrieval only (no contiguity buffer), the same ``n_mem`` budget;
+* ``no-refine``, ``no-contiguity``: emserve ablations (``similarity_metric none``;
+  ``use_contiguity_buffer false``).
+
+The full-attention baseline (vanilla vLLM, ``vanilla``) runs in ``eval_vanilla.py`` after the server
+has stopped, so that two engines never compete for the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from eval_tasks import Haystack, Question
+
+SERVER_SYSTEMS = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity")
+ABLATIONS = ("no-refine", "no-contiguity")
+ALL_SYSTEMS = (*SERVER_SYSTEMS, "vanilla")
+
+
+def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
+    """The session memory overrides of ``system`` given the server's default memory."""
+    if system == "emserve":
+        return {}
+    if system == "truncation":
+        return {"n_mem": 0, "n_local": int(default["n_local"]) + int(default["n_mem"])}
+    if system == "infllm":
+        return {"splitter": "uniform", "max_block_size": 128, "similarity_metric": "none",
+                "use_contiguity_buffer": False}
+    if system == "no-refine":
+        return {"similarity_metric": "none"}
+    if system == "no-contiguity":
+        return {"use_contiguity_buffer": False}
+    raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Server:
+    """``emserve serve`` on a free port (``emserve.server.cli.ServerProcess``) and a client to it.
+
+    ``restart()`` replaces the process by a fresh one on the same sessions folder: the harness does so
+    when the deleted sessions' files the old one may still hold (the engine keeps up to 64 KV logs
+    mapped) add up to ``restart_bytes``.
+    """
+
+    def __init__(self, model_path: str, workdir: Path, extra: Sequence[str] = (), restart_bytes: float = 16 * 2**30
+                 ) -> None:
+        self.args = ["--model", model_path, "--backend", "vllm", *extra]
+        self.workdir = workdir
+        self.restart_bytes = restart_bytes
+        self.starts = 0
+        self.start_s = 0.0
+        self.released = 0  # bytes of sessions deleted since the process started
+        self._start()
+
+    def _start(self) -> None:
+        from emserve.client import Client
+        from emserve.server.cli import ServerProcess
+
+        t0 = time.perf_counter()
+        self.starts += 1
+        logf = self.workdir / f"server-{self.starts}.log"
+        self.proc = ServerProcess(self.workdir / "sessions", logf, self.args)
+        try:
+            address = self.proc.wait_listening(timeout=300)
+            self.client = Client(address, timeout=600)
+            self.info = self.client.wait_ready(timeout=900)
+        except BaseException:
+            self.proc.stop()
+            raise
+        self.start_s = time.perf_counter() - t0
+        self.released = 0
+        log(f"server {address} ready in {self.start_s:.0f} s (log {logf})")
+
+    def restart(self) -> None:
+        log(f"restarting the server ({self.released / 2**30:.1f} GiB of deleted sessions may still be mapped)")
+        self.stop()
+        self._start()
+
+    def maybe_restart(self) -> bool:
+        if self.released >= self.restart_bytes:
+            self.restart()
+            return True
+        return False
+
+    def rss(self) -> dict[str, int]:
+        """Resident memory (bytes) of the server process and of its children (the vLLM engine core),
+        in all and without file-backed pages (``anon``: rss - shared)."""
+        import psutil
+
+        out = {"rss_bytes": 0, "rss_anon_bytes": 0, "rss_server_bytes": 0, "rss_engine_bytes": 0}
+        try:
+            p = psutil.Process(self.proc.proc.pid)
+            for i, q in enumerate([p, *p.children(recursive=True)]):
+                m = q.memory_info()
+                out["rss_bytes"] += m.rss
+                out["rss_anon_bytes"] += m.rss - getattr(m, "shared", 0)
+                out["rss_server_bytes" if i == 0 else "rss_engine_bytes"] += m.rss
+        except psutil.Error:
+            pass
+        return out
+
+    def default_memory(self) -> dict[str, Any]:
+        from google.protobuf.json_format import MessageToDict
+
+        return MessageToDict(self.info.default_memory, preserving_proto_field_name=True)
+
+    def delete(self, sid: str, disk_bytes: int = 0) -> None:
+        try:
+            self.client.delete_session(sid)
+            self.released += disk_bytes
+        except Exception as e:  # noqa: BLE001 - report and go on
+            log(f"could not delete {sid}: {e}")
+
+    def stop(self) -> int:
+        self.client.close()
+        return self.proc.stop()
+
+
+def remainder_start(client: Any, sid: str, length: int, memory: Any) -> int:
+    """Start of what a question's window holds besides the sink: the end of the last event that has
+    left the local window (the planner's remainder + local window start there)."""
+    local = length - int(memory.n_local)
+    ends = [int(e.end) for e in client.list_events(sid) if int(e.end) <= local]
+    return max([int(memory.n_init), *ends])
+
+
+def _coverage(span: tuple[int, int], trace: Any, memory: Any, tail_start: int) -> float:
+    """Share of ``span``'s tokens in the answer step's window: sink, remainder + local, traced events."""
+    a, b = span
+    got = np.zeros(b - a, dtype=bool)
+    ranges = [(0, int(memory.n_init)), (tail_start, b)]
+    ranges += [(int(e.start), int(e.end)) for e in (trace.events if trace is not None else [])]
+    for s, e in ranges:
+        lo, hi = max(s, a), min(e, b)
+        if hi > lo:
+            got[lo - a : hi - a] = True
+    return float(got.mean()) if len(got) else 1.0
+
+
+def ask(client: Any, sid: str, q: Question, memory: Any, max_tokens: int, tail_start: int) -> dict[str, Any]:
+    ans = client.ask(sid, q.prompt_ids, max_tokens=max_tokens, trace=True, preview_tokens=4)
+    done = ans.complete
+    t, u = done.timings, done.usage
+    cov = min(_coverage(s, ans.trace, memory, tail_start) for s in q.spans)
+    return {
+        "qid": q.qid, "depth": q.depth, "expected": q.expected, "answer": ans.text,
+        "correct": q.expected in ans.text, "coverage": cov, "in_window": cov >= 1.0,
+        "ttft_s": t.first_token_s, "total_s": t.total_s, "retrieval_s": t.retrieval_s,
+        "decode_tok_s": t.tokens_per_s, "completion_tokens": u.completion_tokens,
+        "window_tokens": u.window_tokens, "retrieved_tokens": u.retrieved_tokens,
+        "retrieved_events": len(ans.trace.events) if ans.trace is not None else 0,
+    }
+
+
+@dataclass
+class Job:
+    system: str
+    haystack: Haystack
+
+
+def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, tag: str
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Ingest one haystack into a new session of ``job.system``, ask its questions, delete the session."""
+    c = server.client
+    hs = job.haystack
+    sid = f"{job.system}-{hs.hid}"
+    with contextlib.suppress(Exception):  # absent: the usual case
+        c.delete_session(sid)
+    s = c.create_session(sid, memory=memory)
+    disk = 0
+    try:
+        t0 = time.perf_counter()
+        res = c.ingest_tokens(sid, hs.ids, piece_tokens=2048)
+        ingest_s = time.perf_counter() - t0
+        if res.committed_offset != hs.length:
+            raise RuntimeError(f"{sid}: committed {res.committed_offset} of {hs.length} tokens")
+        info = c.get_session(sid)
+        disk = int(info.disk_bytes)
+        row = {"system": job.system, "hid": hs.hid, "task": hs.task, "length": hs.length, "ingest_s": ingest_s,
+               "ingest_tok_s": hs.length / ingest_s, "events": int(info.num_events), "disk_bytes": disk,
+               **server.rss()}
+        tail = remainder_start(c, sid, hs.length, s.memory)
+        answers = []
+        for q in hs.questions:
+            a = ask(c, sid, q, s.memory, max_tokens, tail)
+            answers.append({"system": job.system, "task": hs.task, "length": hs.length, "hid": hs.hid,
+                            "context_tokens": hs.length, **a})
+        ok = sum(a["correct"] for a in answers)
+        log(f"{tag} {job.system:>13} {hs.hid}: {hs.length / ingest_s:4.0f} tok/s, {ok}/{len(answers)} correct "
+            + " ".join(repr(a["answer"][:24]) for a in answers))
+        return row, answers
+    finally:
+        server.delete(sid, disk)
+
+
+def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: int,
+             on_done: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> None:
+    """Run ``jobs``, ``concurrency`` sessions at a time (the engine batches their steps), in waves;
+    between waves the server is restarted when the deleted sessions' bytes reach its limit."""
+    default = server.default_memory()
+    t0 = time.perf_counter()
+    total_tokens = sum(j.haystack.length for j in jobs)
+    tokens = 0
+    width = max(1, concurrency)
+    with ThreadPoolExecutor(max_workers=width) as pool:
+        for w in range(0, len(jobs), width):
+            server.maybe_restart()
+            wave = list(enumerate(jobs))[w : w + width]
+            futures = [pool.submit(run_job, server, j, overrides(j.system, default), max_tokens,
+                                   f"[{i + 1}/{len(jobs)}]") for i, j in wave]
+            for f, (i, j) in zip(futures, wave, strict=True):
+                row, answers = f.result()
+                on_done(row, answers)
+                tokens += j.haystack.length
+                if (i + 1) % 5 == 0 or i + 1 == len(jobs):
+                    dt = time.perf_counter() - t0
+                    eta = dt / tokens * (total_tokens - tokens)
+                    log(f"  {i + 1}/{len(jobs)} haystacks, {tokens} of {total_tokens} tokens in {dt:.0f} s "
+                        f"({tokens / dt:.0f} tok/s), about {eta / 60:.0f} min left")
+
+
+# ------------------------------------------------------------------------------------------ streams
+def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[int], max_tokens: int,
+               piece_tokens: int = 4096) -> dict[str, Any]:
+    """One long session: ingest ``hs`` up to each checkpoint, then measure there (ingest tok/s over the
+    last segment, time to first token of a question, decode tok/s, retrieval time, RSS, disk bytes
+    per token); at the end ask every question of ``hs`` in turn."""
+    c = server.client
+    sid = f"stream-{system}-{hs.hid}"
+    with contextlib.suppress(Exception):  # absent: the usual case
+        c.delete_session(sid)
+    s = c.create_session(sid, memory=overrides(system, server.default_memory()))
+    series: list[tuple[float, int]] = [(0.0, 0)]  # (ingest seconds, committed tokens), every >= 2048 tokens
+    points: list[dict[str, Any]] = []
+    t_ingest = 0.0
+    prev = 0
+    probe = hs.questions[0]
+    try:
+        for cp in sorted({min(x, hs.length) for x in checkpoints} | {hs.length}):
+            t0 = time.perf_counter()
+            last = [prev]
+
+            def progress(p: Any, t0: float = t0, base: float = t_ingest, last: list[int] = last) -> None:
+                if p.committed_offset - last[0] >= 2048:
+                    last[0] = p.committed_offset
+                    series.append((base + time.perf_counter() - t0, int(p.committed_offset)))
+                    if p.committed_offset // 65536 != (p.committed_offset - 2048) // 65536:
+                        log(f"  {system} stream: {p.committed_offset} tokens")
+
+            res = c.ingest_tokens(sid, hs.ids[prev:cp], piece_tokens=piece_tokens, on_progress=progress)
+            dt = time.perf_counter() - t0
+            t_ingest += dt
+            info = c.get_session(sid)
+            a = ask(c, sid, probe, s.memory, max_tokens, remainder_start(c, sid, cp, s.memory))
+            pt = {"tokens": int(res.committed_offset), "segment": [prev, cp], "segment_tok_s": (cp - prev) / dt,
+                  "ingest_s_total": t_ingest, "disk_bytes": int(info.disk_bytes),
+                  "disk_bytes_per_token": info.disk_bytes / max(1, info.num_tokens), "events": int(info.num_events),
+                  **server.rss(), "probe": a}
+            points.append(pt)
+            log(f"{system} stream at {cp}: {pt['segment_tok_s']:.0f} tok/s over [{prev}, {cp}), "
+                f"TTFT {a['ttft_s']:.2f} s, RSS {pt['rss_bytes'] / 2**30:.2f} GiB, "
+                f"{pt['disk_bytes_per_token'] / 1024:.1f} KiB/token")
+            prev = cp
+        answers = []
+        tail = remainder_start(c, sid, hs.length, s.memory)
+        for q in hs.questions:
+            a = ask(c, sid, q, s.memory, max_tokens, tail)
+            answers.append({"system": system, "task": hs.task, "length": hs.length, "hid": hs.hid,
+                            "context_tokens": hs.length, **a})
+            log(f"{system} {q.qid}: {a['answer']!r} ({'OK' if a['correct'] else 'wrong'}, expected {q.expected})")
+        return {"system": system, "hid": hs.hid, "length": hs.length, "ingest_s": t_ingest,
+                "ingest_tok_s": hs.length / t_ingest, "points": points, "series": series, "answers": answers,
+                "haystack": hs.summary()}
+    finally:
+        server.delete(sid, int(points[-1]["disk_bytes"]) if points else 0)
