@@ -233,9 +233,7 @@ class SessionManager:
                 await self._close(entry)
             trash = self.root / f".deleted-{session_id}-{uuid.uuid4().hex[:8]}"
             os.replace(folder, trash)
-            release = getattr(self.engine, "release_log", None)
-            if release is not None:
-                release(str(folder / meta.data / "log"))
+            self.engine.release_log(str(folder / meta.data / "log"))
         await asyncio.to_thread(shutil.rmtree, trash, True)
 
     # ------------------------------------------------------------------ leases

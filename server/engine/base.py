@@ -169,5 +169,11 @@ class Engine(ABC):
             raise EngineError("engine produced no result")
         return result
 
+    def release_log(self, path: str) -> None:
+        """Close whatever this engine holds open of the KV log at ``path`` (its session is being
+        deleted: the files must go). Logs opened by the engine's other processes are closed there at
+        the next step, when their directory is gone. Default: nothing is held."""
+        return None
+
     @abstractmethod
     async def close(self) -> None: ...

@@ -283,6 +283,8 @@ class EMConnector(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, EMConnectorMetadata)
+        _close_deleted(self._readers)
+        _close_deleted(self._writers)
         self._inv_cache = None
         self._step_captures = []
         for rid in connector_metadata.finished:
@@ -428,6 +430,13 @@ class EMConnector(KVConnectorBase_V1):
 
 
 MAX_OPEN_LOGS = 64
+
+
+def _close_deleted(logs: OrderedDict[str, KVLog]) -> None:
+    """Close the logs whose directory is gone (a deleted session): their disk space is freed only
+    once no process holds the files. One stat per open log per step."""
+    for path in [p for p in logs if not os.path.isdir(p)]:
+        logs.pop(path).close()
 
 
 def _evict(logs: OrderedDict[str, KVLog]) -> None:

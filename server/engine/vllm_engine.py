@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from emserve.server.engine.base import (
 from emserve.server.engine.config import EngineConfig
 
 CONNECTOR_MODULE = "emserve.server.engine.connector"
+MAX_OPEN_LOGS = 64  # anchor-token readers kept open (one per recently stepped session)
 PLACEHOLDER_TOKEN = 0
 
 
@@ -74,7 +76,7 @@ class VLLMEngine(Engine):
         self.config = config
         self._scratch = Path(config.scratch_dir or tempfile.mkdtemp(prefix="emserve-engine-"))
         self._scratch.mkdir(parents=True, exist_ok=True)
-        self._readers: dict[str, KVLog] = {}
+        self._readers: OrderedDict[str, KVLog] = OrderedDict()  # anchor-token readers, LRU-bounded
         args = AsyncEngineArgs(
             model=config.model,
             dtype=config.dtype,
@@ -101,6 +103,9 @@ class VLLMEngine(Engine):
         r = self._readers.get(anchor.log)
         if r is None:
             r = self._readers[anchor.log] = KVLog.open(anchor.log)
+            while len(self._readers) > MAX_OPEN_LOGS:
+                self._readers.popitem(last=False)[1].close()
+        self._readers.move_to_end(anchor.log)
         return int(r.tokens(anchor.index, anchor.index + 1)[0])
 
     def _sampling_params(
@@ -216,6 +221,11 @@ class VLLMEngine(Engine):
                 raise EngineError(f"no logprob for prompt position {i}")
             out[j] = -lp.logprob
         return out
+
+    def release_log(self, path: str) -> None:
+        r = self._readers.pop(path, None) or self._readers.pop(os.path.abspath(path), None)
+        if r is not None:
+            r.close()
 
     async def close(self) -> None:
         if not self._closed:

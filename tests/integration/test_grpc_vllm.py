@@ -60,3 +60,32 @@ def test_cancel_aborts_the_vllm_request(srv: ServerThread, client: Client) -> No
     assert srv.call(lambda: srv.runtime.generator.cancelled) == 1
     ans = client.ask("C", [5], max_tokens=3, ignore_eos=True)  # the session and the engine are free
     assert len(ans.token_ids) == 3
+
+
+def _held_paths(fragments: tuple[str, ...]) -> list[str]:
+    """Files (open descriptors or memory maps) of this process and its children (the engine core)
+    whose path contains one of ``fragments``."""
+    import psutil
+
+    me = psutil.Process()
+    held: list[str] = []
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            paths = [f.path for f in p.open_files()] + [m.path for m in p.memory_maps()]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        held += [path for path in paths if any(f in path for f in fragments)]
+    return held
+
+
+def test_deleting_a_session_closes_its_files_in_every_process(srv: ServerThread, client: Client) -> None:
+    client.create_session("D")
+    client.ingest_tokens("D", random_ids(300, 5))
+    client.ask("D", [5, 6], max_tokens=2, ignore_eos=True)
+    folder = str(srv.server.config.sessions_dir / "D")
+    fragments = (folder + "/", ".deleted-D-")
+    assert _held_paths(fragments), "the engine should hold the live session's log"
+    client.delete_session("D")
+    client.create_session("E")
+    client.ingest_tokens("E", random_ids(64, 6))  # any step: the engine core drops logs whose directory is gone
+    assert _held_paths(fragments) == []
