@@ -20,14 +20,29 @@ plain prompt, greedy: one ``WindowPlan.build(context + question)`` step through 
 
 Prints a table per length and writes ``bench/results/needle.json``.
 
+``--compare-queries`` (ARCHITECTURE.md, "Retrieval queries": probe pass vs the previous step's
+queries) runs every trial twice, ingesting with **lagged** queries (the session default: chunk k is
+planned with chunk k-1's query summary) and with **probe** queries (a probe step, the chunk over
+[sink | local], before every chunk step); per ingestion step of the probe run it also plans with the
+lagged queries and records the overlap of the two selections (``|probe & lagged| / |probe|``, event
+ids, the contiguity buffer restored in between). At the question, in both runs, it retrieves with
+(a) the probe's last ``question_query_tokens`` query tokens (the default), (b) the probe's mean query
+summary, (c) the lagged queries (the last ingestion step's summary: no probe step), and records per
+variant the needle's rank in the shared ranking (exact scores, best needle event), whether a needle
+event is selected, the answer (8 greedy tokens with that variant's plan) and the time to plan (probe
+step included). Writes ``bench/results/needle_queries.json`` (``--out`` to change).
+
     .venv/bin/python bench/needle.py [--tokens 8000,32000] [--depths 0.1,0.5,0.9] [--trials 3]
         [--baseline-tokens 4096] [--mc '{"per_layer": true}'] [--out needle] [--no-save] [--keep]
+        [--compare-queries]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -134,6 +149,131 @@ async def run_baseline(engine: Any, tok: Any, trial: Trial, tokens: int) -> dict
     return {"context": len(ctx), "needle_at": a - s0, "answer": answer, "correct": trial.key in answer}
 
 
+def needle_rank(session: Any, queries: np.ndarray, span: tuple[int, int], m: int) -> int | None:
+    """Rank (0 = best) of the best needle event among the ``m`` retrievable events (shared exact scores)."""
+    r = session.memory.retriever
+    table_ = session.memory.table
+    a, b = span
+    ne = [i for i in range(m) if table_.starts[i] < b and table_.ends[i] > a]
+    if not ne:
+        return None
+    s = r.scores(r.encode(queries), None)[:m]
+    return min(int((s > s[e]).sum()) for e in ne)
+
+
+async def run_compare(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], workdir: Path,
+                      ingest: str) -> dict[str, Any]:
+    """One trial ingested with ``ingest`` ("lagged" or "probe") queries, then the question with each
+    query variant (module docstring)."""
+    from emserve.server.engine.base import SamplingSpec, StepOptions
+    from emserve.server.session import MemoryConfig, Session
+
+    cfg = MemoryConfig(**mc)
+    session = Session.create(tempfile.mkdtemp(dir=workdir), engine, cfg)
+    orig = session._ingest_chunk
+    step_s: list[float] = []
+    overlap: list[float] = []
+
+    async def chunk_step(chunk: list[int]) -> Any:
+        offset = session.num_tokens
+        t0 = time.perf_counter()
+        if ingest == "probe" and offset > 0:
+            lagged = session._last_queries
+            planner = session.memory.planner
+            lay = planner.layout(offset, len(chunk))
+            lag_ids = None
+            if lagged is not None and lay.num_events and lay.budget:
+                saved = copy.deepcopy(planner.retriever.buffers)
+                lag_ids = set(planner.retriever.retrieve(lagged, lay.budget, num_events=lay.num_events).layers[0].ids)
+                planner.retriever.buffers = saved
+            t0 = time.perf_counter()
+            session._last_queries = None  # the session then probes before planning
+            res = await orig(chunk)
+            step_s.append(time.perf_counter() - t0)
+            if lag_ids is not None and planner.last_retrieval is not None:
+                probe_ids = set(planner.last_retrieval.layers[0].ids)
+                overlap.append(len(probe_ids & lag_ids) / max(1, len(probe_ids)))
+            return res
+        res = await orig(chunk)
+        if offset > 0:
+            step_s.append(time.perf_counter() - t0)
+        return res
+
+    session._ingest_chunk = chunk_step  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        await session.append(trial.ids)
+        await session.flush()
+        ingest_s = time.perf_counter() - t0
+        q = tok(QUESTION)["input_ids"]
+        offset = session.num_tokens
+        planner = session.memory.planner
+        lay = planner.layout(offset, len(q), reserve=8)
+        m = lay.num_events
+        lagged = session._last_queries
+        out: dict[str, Any] = {}
+        for variant in ("probe_tokens", "probe_summary", "lagged"):
+            t1 = time.perf_counter()
+            if variant == "lagged":
+                queries = lagged
+            else:
+                n_tok = cfg.question_query_tokens if variant == "probe_tokens" else 0
+                probe = await engine.step(planner.probe_plan(offset, q),
+                                          options=StepOptions(surprise=False, query_tokens=n_tok))
+                queries = probe.query_tokens if n_tok else probe.queries
+            saved = copy.deepcopy(planner.retriever.buffers)
+            plan = planner.plan_step(offset, q, queries, reserve=8)
+            plan_s = time.perf_counter() - t1
+            planner.retriever.buffers = saved
+            retrieval = planner.last_retrieval
+            a, b = trial.span
+            hit = retrieval is not None and any(e.start < b and e.end > a for e in retrieval.layers[0].events)
+            res = await engine.step(dataclasses.replace(plan, capture_log=None), SamplingSpec(max_tokens=8),
+                                    StepOptions(surprise=False, queries=False))
+            answer = tok.decode(res.output_token_ids)
+            out[variant] = {"rank": needle_rank(session, queries, trial.span, m) if queries is not None else None,
+                            "selected": bool(hit), "answer": answer, "correct": trial.key in answer,
+                            "plan_s": plan_s}
+        table_ = session.memory.table
+        rem_start = int(table_.ends[m - 1]) if m else 0
+        return {"ingest": ingest, "in_local": trial.span[0] >= rem_start, "events": len(table_),
+                "ingest_tok_s": len(trial.ids) / ingest_s, "step_s_mean": float(np.mean(step_s)),
+                "step_s_median": float(np.median(step_s)),
+                "selection_overlap_probe_vs_lagged": [float(np.mean(overlap)), float(np.min(overlap))]
+                if overlap else None,
+                "question": out}
+    finally:
+        session.close()
+
+
+COMPARE_HEADERS = ["tokens", "ingest", "trials", "q: probe tokens rank / sel / ok", "q: probe summary rank / sel / ok",
+                   "q: lagged rank / sel / ok", "plan s (tokens/summary/lagged)", "chunk step s", "ingest tok/s",
+                   "chunk sel overlap probe~lagged mean/min"]
+
+
+def summarize_compare(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for n in sorted({r["tokens"] for r in rows}):
+        for ingest in ("lagged", "probe"):
+            sel = [r["cmp"] for r in rows if r["tokens"] == n and r["cmp"]["ingest"] == ingest]
+            if not sel:
+                continue
+            mem = [r for r in sel if not r["in_local"]]
+            cells = []
+            for v in ("probe_tokens", "probe_summary", "lagged"):
+                ranks = [r["question"][v]["rank"] for r in mem]
+                cells.append(f"{ranks} / {sum(r['question'][v]['selected'] for r in mem)}/{len(mem)} / "
+                             f"{sum(r['question'][v]['correct'] for r in sel)}/{len(sel)}")
+            ov = [r["selection_overlap_probe_vs_lagged"] for r in sel if r["selection_overlap_probe_vs_lagged"]]
+            out.append([n, ingest, len(sel), *cells,
+                        "/".join(f"{np.mean([r['question'][v]['plan_s'] for r in sel]):.3f}"
+                                 for v in ("probe_tokens", "probe_summary", "lagged")),
+                        f"{np.mean([r['step_s_mean'] for r in sel]):.3f}",
+                        f"{np.mean([r['ingest_tok_s'] for r in sel]):.0f}",
+                        f"{np.mean([o[0] for o in ov]):.3f}/{min(o[1] for o in ov):.3f}" if ov else "-"])
+    return out
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
     for n in sorted({r["tokens"] for r in rows}):
@@ -179,6 +319,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for t in range(args.trials):
                 for d in args.depths:
                     trial = make_trial(tok, text, n, d, t)
+                    if args.compare_queries:
+                        for ingest in ("lagged", "probe"):
+                            cmp = await run_compare(engine, tok, trial, mc, workdir, ingest)
+                            rows.append({"tokens": n, "depth": d, "trial": t, "key": trial.key,
+                                         "needle": list(trial.span), "cmp": cmp})
+                            qv = cmp["question"]
+                            print(f"{n:6d} d={d:.2f} t={t} ingest={ingest}: in_local={cmp['in_local']} "
+                                  + " ".join(f"{v}: rank {x['rank']} sel={x['selected']} {x['answer']!r} "
+                                             f"{'OK' if x['correct'] else 'wrong'} {x['plan_s']:.3f}s;"
+                                             for v, x in qv.items())
+                                  + f" step {cmp['step_s_mean']:.3f}s"
+                                  + f" overlap {cmp['selection_overlap_probe_vs_lagged']}",
+                                  flush=True)
+                        continue
                     em = await run_trial(engine, tok, trial, mc, workdir)
                     base = (await run_baseline(engine, tok, trial, args.baseline_tokens)
                             if args.baseline_tokens else None)
@@ -195,8 +349,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)  # ~0.8 GB per 32k-token session
     print()
-    print(table(HEADERS, summarize(rows)))
     from emserve.server.session import MemoryConfig
+
+    if args.compare_queries:
+        print(table(COMPARE_HEADERS, summarize_compare(rows)))
+        return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
+                "memory_config": asdict(MemoryConfig(**mc)),
+                "summary": {"headers": COMPARE_HEADERS, "rows": summarize_compare(rows)}, "trials": rows}
+    print(table(HEADERS, summarize(rows)))
 
     return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
             "memory_config": asdict(MemoryConfig(**mc)), "baseline_tokens": args.baseline_tokens,
@@ -214,7 +374,11 @@ def main() -> None:
     ap.add_argument("--out", default="needle")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the sessions (printed workdir)")
+    ap.add_argument("--compare-queries", action="store_true",
+                    help="probe vs lagged queries (module docstring); default --out needle_queries")
     args = ap.parse_args()
+    if args.compare_queries and args.out == "needle":
+        args.out = "needle_queries"
     payload = asyncio.run(main_async(args))
     if not args.no_save:
         print("wrote", write_results(args.out, payload))

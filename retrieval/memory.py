@@ -13,7 +13,8 @@ Contract
   are rebuilt.
 * The stream's mean query (``query_mean.npz``, see ``queries``) is fed by :meth:`observe_queries`
   after every ingestion step; retrieval centers its queries on it.
-* Resident memory: the table's bounds, the HNSW graphs, the contiguity buffers, and for one call of
+* Resident memory: the table's bounds, the HNSW graphs (of the scoring layers only when one selection
+  serves all layers), the contiguity buffers, and for one call of
   :meth:`close_events` the de-rotated keys of the events being closed. KV stays in the log's files.
 """
 
@@ -59,7 +60,8 @@ class EpisodicMemory:
         log.refresh()
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
-        self.index = EventIndex.open(self.path, self.table, config.index_params())
+        self.index = EventIndex.open(self.path, self.table, config.index_params(),
+                                     layers=config.indexed_layers(layout.num_layers))
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = Retriever(
             self.index,
@@ -73,6 +75,8 @@ class EpisodicMemory:
             score_layers=config.score_layers(layout.num_layers),
             query_group=num_heads // heads,
             head_dim=layout.head_dim,
+            rescore_factor=config.shared_rescore_factor,
+            search_vectors=config.shared_search_vectors,
         )
         self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
 

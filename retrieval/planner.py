@@ -69,6 +69,13 @@ class RetrievalConfig:
     scoring layers (``shared_score_layers``)."""
     shared_score_layers: float = 2 / 3
     """A shared selection sums the scores of the first ``round(f * num_layers)`` layers (``queries``)."""
+    shared_rescore_factor: float = 0.0
+    """Bounded rescoring of a shared selection's HNSW candidates (``retriever``): only the best by an
+    upper bound, covering this many times the budget (+ contiguity share), are scored exactly; 0 (the
+    default): every candidate of the union is. Faster at scale, lower recall vs exact (measured in
+    ``bench/retrieval_index.py``)."""
+    shared_search_vectors: int = 128
+    """HNSW vectors per (layer, query vector) list of the bounded rescoring."""
     center_queries: bool = True
     """Score with queries minus the stream's mean query (``queries``: the needle is found without it
     in a fraction of the layers only)."""
@@ -100,6 +107,8 @@ class RetrievalConfig:
             raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
         if self.repr_proxy not in REPR_PROXIES:
             raise ConfigError(f"repr_proxy must be one of {REPR_PROXIES}, got {self.repr_proxy!r}")
+        if not (self.shared_rescore_factor >= 0 and self.shared_search_vectors >= 1):
+            raise ConfigError("need shared_rescore_factor >= 0 and shared_search_vectors >= 1")
         if not 0 < self.shared_score_layers <= 1:
             raise ConfigError(f"shared_score_layers must be in (0, 1], got {self.shared_score_layers}")
         if self.query_sample < 2:
@@ -116,6 +125,11 @@ class RetrievalConfig:
     def score_layers(self, num_layers: int) -> range:
         """The layers a shared selection is scored on."""
         return range(max(1, round(self.shared_score_layers * num_layers)))
+
+    def indexed_layers(self, num_layers: int) -> range:
+        """The layers that get an HNSW index: all for per-layer selection, else the scoring layers
+        (the only ones a shared selection searches)."""
+        return range(num_layers) if self.per_layer else self.score_layers(num_layers)
 
     def index_params(self) -> IndexParams:
         return IndexParams(

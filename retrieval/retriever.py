@@ -25,7 +25,18 @@ Why each part is there, with the measurements, is in ``queries`` and ``represent
 
   Below the index's exact threshold every event is scored exactly; above it, candidates are the
   union of the HNSW top-k of every (scored layer, query vector), asked for enough events to cover
-  ``B + k_c`` tokens (doubling when a walk runs short), then scored exactly.
+  ``B + k_c`` tokens (doubling when a walk runs short), then scored exactly (one hnswlib call per
+  layer for all the step's query vectors).
+* **Bounded rescoring** (shared selection, ``rescore_factor > 0``; off by default): the union above
+  grows with the memory (80 lists of ~200 events at 20 layers x 4 question tokens: at 1M tokens
+  most of a second of exact scoring per step). Instead, every (layer ``l``, query vector ``i``) list
+  is ``search_vectors`` HNSW vectors long; its last score ``tau_il`` bounds the score of any event it
+  does not hold, so ``UB(e) = sum_il w_il * (s_il(e) if e is in the list else tau_il)``
+  (``w_il = scale_il / n``) is an upper bound of the exact score (up to HNSW misses). Candidates are
+  ranked by ``UB``, and only the best covering ``rescore_factor * (B + k_c)`` tokens are scored
+  exactly and ranked (``bench/retrieval_index.py``, factor 3: 4-8x faster than the union at 100k-1M
+  tokens; selection recall vs exact 0.98 on real events at 10k tokens, 0.69 on synthetic events at
+  100k (top-10 recall 0.99 / 0.89); the needle selected wherever exact selects it).
 * Selected events are returned in temporal order with their exact scores.
 
 ``per_layer=False`` selects one list for all layers: an event's score is the **sum over the scoring
@@ -168,6 +179,8 @@ class Retriever:
         score_layers: Sequence[int] | None = None,
         query_group: int = 1,
         head_dim: int = 0,
+        rescore_factor: float = 0.0,
+        search_vectors: int = 128,
     ) -> None:
         """Defaults score with the raw queries; sessions get centering and standardization on
         through :class:`~emserve.retrieval.planner.RetrievalConfig`.
@@ -175,7 +188,13 @@ class Retriever:
         ``score_layers``: the layers whose scores a shared selection sums (None: all).
         ``query_group``: query heads per kv head when the table's vectors are kv-head keys (queries are
         then summed over each group; ``head_dim`` needed), else 1.
+        ``rescore_factor`` / ``search_vectors``: bounded rescoring of a shared selection's HNSW
+        candidates (module docstring; 0: score the whole union).
         """
+        if rescore_factor < 0 or search_vectors < 1:
+            raise PlanError(f"need rescore_factor >= 0 and search_vectors >= 1, got {rescore_factor}, {search_vectors}")
+        self.rescore_factor = rescore_factor
+        self.search_vectors = search_vectors
         self.index = index
         self.table = index.table
         self.per_layer = per_layer
@@ -296,6 +315,10 @@ class Retriever:
                 buf = self.buffers[lay] if kc else None
                 sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
             layers = tuple(sel)
+        elif not exact and self.rescore_factor > 0:
+            ranked = self._ranked_bounded(q, n, m, sizes, need)
+            shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
+            layers = (shared,) * n_layers
         else:
             ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
                                   k, n, m, sizes, need)
@@ -323,13 +346,53 @@ class Retriever:
     def _candidates(self, q: EncodedQuery, layers: Sequence[int], k: int, *, exact: bool) -> np.ndarray | None:
         """None (score every event) on the exact path; else the union of every (layer, query token)
         HNSW top-``k`` (the exact scores then rank them)."""
-        if exact:
+        if exact or not set(layers) <= set(self.index.layers):  # a layer without an HNSW index: exact
             return None
         found = []
         for lay in layers:
-            for i in range(q.tokens.shape[0]):
-                try:
-                    found.append(self.index.search(lay, q.tokens[i, lay], k, exact=False)[0])
-                except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
-                    return None
+            try:
+                ids, _ = self.index.search_batch(lay, q.tokens[:, lay], k * self.index.vectors)
+            except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
+                return None
+            for row in ids:  # each row's first k distinct events (as EventIndex.search)
+                _, first = np.unique(row, return_index=True)
+                found.append(row[np.sort(first)[:k]])
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def _ranked_bounded(self, q: EncodedQuery, n: int, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
+        """Bounded rescoring (module docstring): events ranked by exact score among the best by the
+        upper bound ``UB`` covering ``rescore_factor * need`` tokens; lists grow (doubling) until the
+        candidates before ``m`` cover ``need`` tokens, and the exact path takes over when they cannot."""
+        nq = q.tokens.shape[0]
+        kv = self.search_vectors
+        if not set(self.score_layers) <= set(self.index.layers):  # a layer without an HNSW index: exact
+            scores = self.scores(q, None)[:m]
+            return np.lexsort((np.arange(m), -scores)).astype(np.int64)
+        while True:
+            evs: list[np.ndarray] = []
+            gains: list[np.ndarray] = []
+            try:
+                for lay in self.score_layers:
+                    ids, sc = self.index.search_batch(lay, q.tokens[:, lay], kv)
+                    w = q.scale[:, lay] / nq
+                    tau = sc[:, -1:]
+                    key = (ids + np.arange(nq)[:, None] * n).ravel()
+                    _, first = np.unique(key, return_index=True)  # each event's best vector in each list
+                    evs.append(ids.ravel()[first])
+                    gains.append(((sc - tau) * w[:, None]).ravel()[first])
+            except RuntimeError:  # hnswlib could not return kv vectors: score everything
+                scores = self.scores(q, None)[:m]
+                return np.lexsort((np.arange(m), -scores)).astype(np.int64)
+            ev = np.concatenate(evs)
+            ub = np.bincount(ev, weights=np.concatenate(gains), minlength=n)[:m]
+            cand = np.unique(ev[ev < m])
+            order = cand[np.lexsort((cand, -ub[cand]))]
+            covered = np.cumsum(sizes[order])
+            if covered.size and covered[-1] >= need or kv * 2 > self.index.count * self.index.vectors:
+                if not covered.size or covered[-1] < need:  # the lists hold everything and still fall short
+                    scores = self.scores(q, None)[:m]
+                    return np.lexsort((np.arange(m), -scores)).astype(np.int64)
+                take = order[: int(np.searchsorted(covered, max(1.0, self.rescore_factor) * need)) + 1]
+                scores = self.scores(q, None, take)
+                return take[np.lexsort((take, -scores))]
+            kv *= 2

@@ -122,6 +122,67 @@ def test_exact_and_hnsw_switch_at_threshold_agree_on_easy_data(tmp_path):
         np.testing.assert_allclose(ix.scores(0, q, ids_hnsw), sc_exact, rtol=1e-5, atol=1e-5)
 
 
+def test_indexed_layer_subset(tmp_path):
+    params = IndexParams(exact_threshold=0, save_min_events=10**6)
+    table = make_table(tmp_path, 300)
+    ix = EventIndex.open(tmp_path, table, params, layers=[1])
+    assert ix.layers == (1,) and ix.count == 300 and ix.ef == [params.ef]
+    ix.save()
+    assert not (tmp_path / "index_000.hnsw").exists() and (tmp_path / "index_001.hnsw").exists()
+    assert json.loads((tmp_path / META_FILE).read_text())["layers"] == [1]
+    q = clustered(1, D, 5)[0]
+    np.testing.assert_array_equal(ix.search(0, q, 10)[0], ix.search(0, q, 10, exact=True)[0])  # no index: exact
+    from emserve.retrieval.retriever import Retriever
+
+    qs = clustered(2 * L, D, 6).reshape(2, L, 1, D)  # 2 query tokens [n, L, heads, head_dim]
+    for per_layer in (True, False):  # a layer without an index is searched exactly: same as all-exact
+        got = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=False).retrieve(qs, 500)
+        ix.params = IndexParams(exact_threshold=10**6)
+        want = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=False).retrieve(qs, 500)
+        ix.params = params
+        assert [s.ids for s in got.layers] == [s.ids for s in want.layers]
+    # reopened with every layer indexed: layer 0's index is built from the table, layer 1's is loaded
+    ix2 = EventIndex.open(tmp_path, EventTable.open(tmp_path, writable=True), params)
+    assert ix2.rebuilt_layers == [0] and ix2.count == 300
+
+
+def test_search_batch_matches_single_searches(tmp_path):
+    table = EventTable.create(tmp_path, 1, 2 * D, vectors=2)
+    rng = np.random.default_rng(2)
+    reps = rng.standard_normal((400, 1, 2 * D)).astype(np.float32)
+    table.append(np.stack([np.arange(400) * 4, np.arange(400) * 4 + 4], 1), reps)
+    ix = EventIndex.open(tmp_path, table, IndexParams(exact_threshold=0))
+    qs = rng.standard_normal((3, D)).astype(np.float32)
+    ids, scores = ix.search_batch(0, qs, 20)
+    assert ids.shape == scores.shape == (3, 20)
+    for i, q in enumerate(qs):
+        assert (np.diff(scores[i]) <= 1e-6).all()  # best first
+        single, _ = ix.search(0, q, 5)
+        _, first = np.unique(ids[i], return_index=True)
+        np.testing.assert_array_equal(ids[i][np.sort(first)][:5], single)
+        np.testing.assert_allclose(scores[i][np.sort(first)][:5], ix.scores(0, q, single), rtol=1e-4, atol=1e-4)
+
+
+def test_centered_graph_recall_on_keys_with_a_common_component(tmp_path):
+    """Keys = a large shared vector + clustered detail (as real keys); queries see only the detail.
+    The graph is built on centered vectors, and reported scores are still ``q . rep``."""
+    n, dim, k = 3000, 64, 10
+    rng = np.random.default_rng(4)
+    common = 30.0 * rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim) * 8
+    table = EventTable.create(tmp_path, 1, dim)
+    reps = common + clustered(n, dim, 4)
+    table.append(np.stack([np.arange(n) * 4, np.arange(n) * 4 + 4], 1), reps[:, None])
+    ix = EventIndex.open(tmp_path, table, IndexParams(exact_threshold=0))
+    queries = clustered(50, dim, 4, noise=0.6)
+    queries -= np.outer(queries @ common, common) / (common @ common)  # orthogonal to the shared part
+    hits = 0
+    for q in queries:
+        ids, scores = ix.search(0, q, k)
+        hits += len(set(ids.tolist()) & set(ix.search(0, q, k, exact=True)[0].tolist()))
+        np.testing.assert_allclose(scores, reps[ids] @ q, rtol=1e-4, atol=1e-3)
+    assert hits / (k * len(queries)) >= 0.95
+
+
 def test_exact_topk_order_and_ties():
     reps = np.array([[1.0], [3.0], [3.0], [2.0], [0.0]], np.float32)
     ids, scores = exact_topk(reps, np.ones(1, np.float32), 3)

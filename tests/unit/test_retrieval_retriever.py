@@ -89,7 +89,7 @@ def test_everything_fits_takes_all_and_leaves_buffers(tmp_path):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    kind=st.sampled_from(["exact", "hnsw"]),
+    kind=st.sampled_from(["exact", "hnsw", "hnsw-bounded"]),
     per_layer=st.booleans(),
     use_buffer=st.booleans(),
     size=st.sampled_from([0.0, 0.1, 0.3, 0.9, 64.0]),
@@ -100,9 +100,11 @@ def test_everything_fits_takes_all_and_leaves_buffers(tmp_path):
 def test_budget_exact_equal_per_layer_and_temporal_order(
     indexes, kind, per_layer, use_buffer, size, budget, m, seeds
 ):
-    ix = indexes[kind]
+    ix = indexes[kind.split("-")[0]]
     table = ix.table
-    r = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=use_buffer, contiguity_buffer_size=size)
+    bounded = {"rescore_factor": 1.5, "search_vectors": 8} if kind == "hnsw-bounded" else {}
+    r = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=use_buffer, contiguity_buffer_size=size,
+                  **bounded)  # type: ignore[arg-type]
     memory = int(table.sizes[:m].sum())
     kc = contiguity_tokens(budget, size) if use_buffer else 0
     for seed in seeds:
@@ -166,3 +168,22 @@ def test_buffer_state_persists_across_steps(tmp_path):
     assert r.buffers[0].ids == (1,)
     r.reset_buffers()
     assert r.buffers[0].ids == ()
+
+
+def test_bounded_rescoring_matches_exact_when_lists_hold_everything(indexes):
+    """With lists as long as the index, the upper bound is exact: the bounded path selects as exact."""
+    qs = np.random.default_rng(7).standard_normal((4, 2, L, 1, D)).astype(np.float32)  # 2 query tokens
+    exact = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False)
+    full = Retriever(indexes["hnsw"], per_layer=False, use_contiguity_buffer=False, rescore_factor=1.0,
+                     search_vectors=N)
+    short = Retriever(indexes["hnsw"], per_layer=False, use_contiguity_buffer=False, rescore_factor=3.0,
+                      search_vectors=16)
+    for q in qs:
+        want = exact.retrieve(q, 500)
+        assert full.retrieve(q, 500).layers[0].ids == want.layers[0].ids
+        got = short.retrieve(q, 500).layers[0]
+        assert got.tokens == 500
+        top = max(want.layers[0].events, key=lambda e: e.score)
+        assert top.id in got.ids  # the best event survives short lists
+    with pytest.raises(PlanError):
+        Retriever(indexes["hnsw"], rescore_factor=-1.0)
