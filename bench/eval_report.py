@@ -373,6 +373,9 @@ def _section(name: str, r: dict[str, Any], results_dir: Path) -> list[str]:
            f"Run {mach.get('time', '?')}: {r.get('command', '')}; wall time {r.get('wall_s', 0) / 60:.1f} min; "
            f"model {m.get('name')} ({m.get('max_model_len')} native context); {mach.get('cores')} cores "
            f"({mach.get('cpu')}; {' '.join(mach.get('cpu_flags', []))}); {vers}; git {r.get('git', '?')}.", ""]
+    if not r.get("complete", True):
+        out += [f"**Partial run**: stopped before its end ({len(r.get('haystacks', []))} sessions done); cells and "
+                "systems missing below (e.g. vanilla, which runs last) were not measured.", ""]
     if r.get("load_avg_start"):
         out += [f"Load average (1 / 5 / 15 min) at the start {' / '.join(f'{x:.1f}' for x in r['load_avg_start'])}, "
                 f"at the end {' / '.join(f'{x:.1f}' for x in r.get('load_avg_end', []))} (the machine's 2 cores "
