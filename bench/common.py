@@ -53,6 +53,14 @@ def timeit(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[float, li
     return statistics.median(ts), ts
 
 
+async def ingest_all(session: Any, ids: Sequence[int]) -> float:
+    """Append ``ids`` to an in-process ``Session`` and flush its pending tail; returns seconds."""
+    t0 = time.perf_counter()
+    await session.append(list(ids))
+    await session.flush()
+    return time.perf_counter() - t0
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

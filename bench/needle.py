@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
+from common import ingest_all, machine, table, write_results  # noqa: E402
 
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -95,10 +95,7 @@ async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], wor
     cfg = MemoryConfig(**mc)
     session = Session.create(tempfile.mkdtemp(dir=workdir), engine, cfg)
     try:
-        t0 = time.perf_counter()
-        await session.append(trial.ids)
-        await session.flush()
-        ingest_s = time.perf_counter() - t0
+        ingest_s = await ingest_all(session, trial.ids)
         q = tok(QUESTION)["input_ids"]
         t1 = time.perf_counter()
         res = await session.ask(q, SamplingSpec(max_tokens=8))
@@ -201,10 +198,7 @@ async def run_compare(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], w
 
     session._ingest_chunk = chunk_step  # type: ignore[method-assign]
     try:
-        t0 = time.perf_counter()
-        await session.append(trial.ids)
-        await session.flush()
-        ingest_s = time.perf_counter() - t0
+        ingest_s = await ingest_all(session, trial.ids)
         q = tok(QUESTION)["input_ids"]
         offset = session.num_tokens
         planner = session.memory.planner

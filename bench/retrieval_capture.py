@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ DEFAULT_OUT = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 
 
 async def capture(tokens: int, depth: float, asks: int, out: Path) -> dict[str, Any]:
+    from common import ingest_all  # type: ignore[import-not-found]
     from needle import QUESTION, make_trial  # type: ignore[import-not-found]
     from transformers import AutoTokenizer
 
@@ -63,10 +63,7 @@ async def capture(tokens: int, depth: float, asks: int, out: Path) -> dict[str, 
 
     session._ingest_chunk = ingest  # type: ignore[method-assign]
     try:
-        t0 = time.perf_counter()
-        await session.append(trial.ids)
-        await session.flush()
-        ingest_s = time.perf_counter() - t0
+        ingest_s = await ingest_all(session, trial.ids)
         planner = session.memory.planner
         rng = np.random.default_rng(1)
         questions = [tok(QUESTION)["input_ids"]]
