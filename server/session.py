@@ -457,7 +457,7 @@ class RefinementKeys:
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         if end < start:
-            raise SessionError(f"refinement keys: empty range [{start}, {end})")
+            raise SessionError(f"refinement keys: invalid range [{start}, {end}) (end before start)")
         if self._keys is None or start < self._lo or start > self._hi:
             self._keys, self._lo, self._hi = None, start, start
         elif start > self._lo:

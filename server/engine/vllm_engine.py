@@ -223,9 +223,10 @@ class VLLMEngine(Engine):
         return out
 
     def release_log(self, path: str) -> None:
-        r = self._readers.pop(path, None) or self._readers.pop(os.path.abspath(path), None)
-        if r is not None:
-            r.close()
+        for key in {path, os.path.abspath(path)}:  # a KVLog is falsy when empty: no `or` between the pops
+            r = self._readers.pop(key, None)
+            if r is not None:
+                r.close()
 
     async def close(self) -> None:
         if not self._closed:
