@@ -171,7 +171,7 @@ class Run:
                        "depth_cap": {str(k): v for k, v in mode.caps.items()}, "systems": mode.systems,
                        "ablation_min_length": mode.ablation_min_length, "ablation_tasks": list(mode.ablation_tasks),
                        "seed": args.seed, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                       "stream_length": mode.stream_length},
+                       "stream_length": mode.stream_length, "passkey_haystack": "noise"},
             "load_avg_start": list(os.getloadavg()),
         }
 

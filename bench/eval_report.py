@@ -425,6 +425,9 @@ def sampling(r: dict[str, Any]) -> str:
     if abl and (c.get("ablation_min_length") or set(c.get("ablation_tasks", [])) != set(c.get("tasks", []))):
         txt += (f"; {', '.join(abl)} only at >= {_k(int(c.get('ablation_min_length', 0)))} on "
                 f"{', '.join(c.get('ablation_tasks', []))}")
+    if "passkey" in c.get("tasks", []) and c.get("passkey_haystack") != "noise":
+        txt += ("; passkey here in **prose** (this run predates the pass-key haystack: a key hidden in a story, "
+                "which SmolLM2-135M misses even with full attention)")
     return txt + "."
 
 
@@ -441,7 +444,9 @@ def write_docs(results_dir: Path = RESULTS, path: Path = DOCS) -> Path:
              "1024 tokens), **infllm** (InfLLM-style: uniform 128-token blocks, similarity retrieval only, same "
              "budget), **no-refine** / **no-contiguity** (emserve without boundary refinement / without the "
              "contiguity buffer), **vanilla** (full attention on vanilla vLLM, only where the haystack fits the "
-             "native context). Tasks: **passkey** (a 5-digit pass key), **needle** (one key-value sentence, 7-digit "
+             "native context). Tasks: **passkey** (a 5-digit pass key in the literature's pass-key haystack: an "
+             "instruction, then filler sentences repeated; the other tasks hide their sentences in prose), "
+             "**needle** (one key-value sentence, 7-digit "
              "value), **multikey** (4 key-value sentences, each asked), **twohop** (a link fact and a value fact "
              "half the haystack apart, 2 distractor values: chance is 1/3 for a model that picks a code), "
              "**labelled** (the 1M / perf stream's three labelled pass keys at 10/50/90%). A question is correct "

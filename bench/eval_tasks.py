@@ -10,7 +10,10 @@ nearest sentence end within 64 tokens. Items are tokenized on their own and star
 
 Tasks (RULER / InfiniteBench style; ``Question.expected`` must appear in the greedy answer):
 
-* ``passkey``: one pass key (5 digits), "The pass key is 71432. Remember it. 71432 is the pass key.";
+* ``passkey``: one pass key (5 digits), "The pass key is 71432. Remember it. 71432 is the pass key.",
+  in the pass-key haystack of the literature (InfiniteBench passkey, RULER niah_single_1: an
+  instruction, then filler sentences repeated; ``emserve.server.corpus.noise_haystack``), the key at
+  the filler sentence group nearest its depth. The other tasks hide their sentences in prose;
 * ``needle``: one key-value sentence, "One of the special magic numbers for quiet-harbor is: 4829173.";
 * ``multikey``: 4 key-value sentences of the ``needle`` form in one haystack (the other keys are the
   distractors); each key at a sampled depth is asked in turn (one haystack, several questions);
@@ -193,6 +196,19 @@ def assemble(corpus: Corpus, length: int, inserts: Sequence[tuple[float, str, st
     return ids, [it for it in items if it is not None], start
 
 
+def assemble_noise(corpus: Corpus, length: int, depth: float, text: str, label: str
+                   ) -> tuple[list[int], list[Item], int]:
+    """``length`` tokens of the pass-key haystack with ``text`` at the filler group nearest ``depth``."""
+    from emserve.server.corpus import noise_haystack
+
+    piece = corpus.encode(text)
+    filler, starts = noise_haystack(corpus.tok, length - len(piece))
+    at = min(starts, key=lambda s: abs(s - depth * len(filler)))
+    ids = filler[:at] + piece + filler[at:]
+    assert len(ids) == length
+    return ids, [Item("target", text, depth, (at, at + len(piece)), label)], 0
+
+
 def _rng(seed: int, task: str, depths: Sequence[float]) -> np.random.Generator:
     return np.random.default_rng([seed, TASK_IDS.get(task, 99), *[round(d * 1000) for d in depths]])
 
@@ -221,7 +237,7 @@ def build(corpus: Corpus, spec: HaystackSpec, seed: int, length: int | None = No
     if task == "passkey":
         key = str(int(rng.integers(10000, 100000)))
         d = spec.depths[0]
-        ids, items, start = assemble(corpus, n, [(d, "target", PASSKEY.format(key=key), key)], u)
+        ids, items, start = assemble_noise(corpus, n, d, PASSKEY.format(key=key), key)
         qs = [_question(corpus, f"{hid}-q0", d, PASSKEY_Q, key, [items[0].span])]
     elif task in ("needle", "multikey"):
         taken: set[str] = set()

@@ -1,9 +1,17 @@
 """Needle (passkey) check through the full stack, in-process: engine + segmenter + retrieval.
 
 Per trial (``--tokens`` N, depth d, trial t): a 5-digit passkey (seeded by (t, d)) is inserted as
-" The pass key is 71432. Remember it. 71432 is the pass key. " at token ``d * N`` of N tokens of
-``big`` text (``server/corpus.py``; the start offset is seeded by (t, d) too, so the same trial at
-another length streams the same text from the same place). The stream goes through a
+" The pass key is 71432. Remember it. 71432 is the pass key. " at depth d of N tokens of haystack:
+
+* ``--haystack noise`` (default): the pass-key task as the literature runs it (InfiniteBench passkey,
+  RULER niah_single_1): an instruction, then filler sentences repeated (``corpus.noise_haystack``);
+  the needle goes at the filler sentence group nearest token ``d * N``. Results: ``needle.json``.
+* ``--haystack text``: ``big`` prose (``server/corpus.py``), needle at token ``d * N``; the start
+  offset is seeded by (t, d) too, so the same trial at another length streams the same text from the
+  same place. Results: ``needle-text.json``. SmolLM2-135M misses a key in prose even in a short
+  full-attention context (``--baseline-tokens 512``), so this variant measures the model as much as
+  the memory.
+ The stream goes through a
 :class:`~emserve.server.session.Session` on the product engine (``VLLMEngine``, default model,
 default :class:`MemoryConfig` plus ``--mc`` overrides), chunk by chunk with lagged queries,
 segmentation and event closing; then ``ask("\\n\\nWhat is the pass key? The pass key is")`` with
@@ -15,10 +23,11 @@ greedy ``max_tokens=8``. Recorded per trial:
 * ``correct``: the passkey appears in the 8 generated tokens.
 
 Baseline (``--baseline-tokens``, 4096 by default): the same model with the needle inside a
-``B``-token full-attention context (the same trial's text from the same start, needle at depth d),
+``B``-token full-attention context (noise: the same task at B tokens; text: the same trial's text
+from the same start; needle at depth d),
 plain prompt, greedy: one ``WindowPlan.build(context + question)`` step through the same engine.
 
-Prints a table per length and writes ``bench/results/needle.json``.
+Prints a table per length and writes ``bench/results/needle.json`` (``needle-text.json``).
 
 ``--compare-queries`` (ARCHITECTURE.md, "Retrieval queries": probe pass vs the previous step's
 queries) runs every trial twice, ingesting with **lagged** queries (the session default: chunk k is
@@ -33,7 +42,8 @@ event is selected, the answer (8 greedy tokens with that variant's plan) and the
 step included). Writes ``bench/results/needle_queries.json`` (``--out`` to change).
 
     .venv/bin/python bench/needle.py [--tokens 8000,32000] [--depths 0.1,0.5,0.9] [--trials 3]
-        [--baseline-tokens 4096] [--mc '{"per_layer": true}'] [--out needle] [--no-save] [--keep]
+        [--baseline-tokens 4096] [--haystack noise|text] [--mc '{"per_layer": true}'] [--out NAME]
+        [--no-save] [--keep]
         [--compare-queries]
 """
 
@@ -71,19 +81,27 @@ class Trial:
     text_start: int
 
 
-def make_trial(tok: Any, text: str, n_tokens: int, depth: float, seed: int) -> Trial:
-    """``n_tokens`` tokens of ``text`` with the needle inserted at token ``int(depth * n_tokens)``.
+def make_trial(tok: Any, text: str | None, n_tokens: int, depth: float, seed: int) -> Trial:
+    """``n_tokens`` tokens of ``text`` with the needle inserted at token ``int(depth * n_tokens)``;
+    ``text`` None: the pass-key task's noise haystack (``corpus.noise_haystack``), the needle at the
+    noise sentence group nearest that token.
 
     The passkey and the text offset depend on (seed, depth) only, not on ``n_tokens``.
     """
     rng = np.random.default_rng([seed, round(depth * 1000)])
     key = str(int(rng.integers(10000, 100000)))
+    needle = tok(NEEDLE.format(key=key))["input_ids"]
+    if text is None:
+        from emserve.server.corpus import noise_haystack
+
+        ids, starts = noise_haystack(tok, n_tokens)
+        pos = min(starts, key=lambda s: abs(s - depth * n_tokens))
+        return Trial(ids[:pos] + needle + ids[pos:], (pos, pos + len(needle)), key, depth, seed, -1)
     start = int(rng.integers(0, int(len(text) * 0.8)))  # the last fifth of big.txt is word lists
     start = text.find(" ", start) + 1
     ids = tok(text[start : start + n_tokens * 8])["input_ids"][:n_tokens]
     if len(ids) < n_tokens:
         raise ValueError(f"text too short at offset {start} for {n_tokens} tokens")
-    needle = tok(NEEDLE.format(key=key))["input_ids"]
     pos = int(n_tokens * depth)
     return Trial(ids[:pos] + needle + ids[pos:], (pos, pos + len(needle)), key, depth, seed, start)
 
@@ -135,8 +153,12 @@ async def run_baseline(engine: Any, tok: Any, trial: Trial, tokens: int) -> dict
     from emserve.server.engine.base import SamplingSpec, StepOptions
 
     a, b = trial.span
-    s0 = max(0, a - int(trial.depth * tokens))
-    ctx = trial.ids[s0 : s0 + tokens + (b - a)]
+    if trial.text_start < 0:  # noise haystack: the same task at the baseline's length
+        short = make_trial(tok, None, tokens, trial.depth, trial.seed)
+        ctx, s0, a = short.ids, 0, short.span[0]
+    else:
+        s0 = max(0, a - int(trial.depth * tokens))
+        ctx = trial.ids[s0 : s0 + tokens + (b - a)]
     res = await engine.step(
         WindowPlan.build(ctx + tok(QUESTION)["input_ids"]),
         SamplingSpec(max_tokens=8),
@@ -301,7 +323,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(spec.path)
-    text = load_text("big")
+    text = load_text("big") if args.haystack == "text" else None
     mc = json.loads(args.mc)
     engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
     rows: list[dict[str, Any]] = []
@@ -353,7 +375,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print(table(HEADERS, summarize(rows)))
 
     return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
-            "memory_config": asdict(MemoryConfig(**mc)), "baseline_tokens": args.baseline_tokens,
+            "haystack": args.haystack, "memory_config": asdict(MemoryConfig(**mc)),
+            "baseline_tokens": args.baseline_tokens,
             "summary": {"headers": HEADERS, "rows": summarize(rows)}, "trials": rows}
 
 
@@ -365,14 +388,16 @@ def main() -> None:
     ap.add_argument("--baseline-tokens", type=int, default=4096, help="0: no baseline")
     ap.add_argument("--mc", default="{}", help="MemoryConfig overrides (JSON)")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--out", default="needle")
+    ap.add_argument("--haystack", choices=["noise", "text"], default="noise",
+                    help="noise: the pass-key task of the literature (default); text: the key hidden in prose")
+    ap.add_argument("--out", default=None, help="results name (default: needle, needle-text, needle_queries)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the sessions (printed workdir)")
     ap.add_argument("--compare-queries", action="store_true",
                     help="probe vs lagged queries (module docstring); default --out needle_queries")
     args = ap.parse_args()
-    if args.compare_queries and args.out == "needle":
-        args.out = "needle_queries"
+    if args.out is None:
+        args.out = "needle_queries" if args.compare_queries else "needle" if args.haystack == "noise" else "needle-text"
     payload = asyncio.run(main_async(args))
     if not args.no_save:
         print("wrote", write_results(args.out, payload))

@@ -301,21 +301,32 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-def demo_document(tokens: int, depth: float, seed: int, tokenizer: Any) -> tuple[str, str, str, str]:
-    """(before, needle, after, key): ~``tokens`` tokens of public-domain text with a pass key at ``depth``."""
-    from emserve.server.corpus import load_text
+def demo_document(tokens: int, depth: float, seed: int, tokenizer: Any,
+                  haystack: str = "text") -> tuple[str, str, str, str]:
+    """(before, needle, after, key): ~``tokens`` tokens with a pass key at ``depth``.
+
+    ``haystack``: ``"text"``, public-domain prose (``big``); ``"noise"``, the pass-key task of the
+    literature (an instruction, then repeated filler sentences: ``corpus.noise_haystack``).
+    """
+    from emserve.server.corpus import load_text, noise_haystack
 
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
+    tokenizer.model_max_length = 1 << 30  # a long document, not a model input: no length warning
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+    if haystack == "noise":
+        ids, starts = noise_haystack(tokenizer, tokens)
+        at = min(starts, key=lambda s: abs(s - depth * tokens))
+        return tokenizer.decode(ids[:at]), needle, tokenizer.decode(ids[at:]), key
+    if haystack != "text":
+        raise ValueError(f"haystack must be 'text' or 'noise', got {haystack!r}")
     text = load_text("big")
     start = rng.randint(0, len(text) // 2)
-    tokenizer.model_max_length = 1 << 30  # a long document, not a model input: no length warning
     ids = tokenizer(text[start : start + tokens * 6], add_special_tokens=False)["input_ids"][:tokens]
     doc = tokenizer.decode(ids)
     cut = int(len(doc) * depth)
     while cut < len(doc) and not doc[cut].isspace():
         cut += 1
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
     return doc[:cut], needle, doc[cut:], key
 
 
@@ -327,7 +338,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     spec = resolve_model(args.model, progress=lambda m: print(f"  {m}", file=sys.stderr))
     tok = AutoTokenizer.from_pretrained(spec.path)
-    before, needle, after, key = demo_document(args.tokens, args.depth, args.seed, tok)
+    before, needle, after, key = demo_document(args.tokens, args.depth, args.seed, tok, args.haystack)
     workdir = Path(args.session_dir or tempfile.mkdtemp(prefix="emserve-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     server = None
@@ -407,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--tokens", type=int, default=12000, help="document length in tokens")
     d.add_argument("--depth", type=float, default=0.5, help="where the pass key is hidden (0..1)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--haystack", choices=["text", "noise"], default="text",
+                   help="text: public-domain prose (default); noise: the literature's pass-key task "
+                        "(repeated filler sentences)")
     d.add_argument("--backend", choices=["vllm", "reference"], default="vllm")
     d.add_argument("--session-dir", default=None, help="work folder (sessions, server log); default: a temp dir")
     d.add_argument("--server", default=None, help="use the server at this address instead of starting one")

