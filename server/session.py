@@ -14,7 +14,8 @@ Contract
   planned with the previous step's query summary (lagged queries: the chunk's own queries do not
   exist before it runs), its surprise feeds the segmenter, and events that left the local window
   are closed into the event table and indexes. The committed offset returned is durable in the log.
-* Questions (``ask``): a probe step (question over sink + local) yields the queries of the
+* Questions (``ask``): a probe step (question over sink + local; skipped when there is nothing to
+  select: no retrievable event, or no memory budget) yields the queries of the
   question's last ``question_query_tokens`` tokens; the real step retrieves with them (centered on
   the stream's mean query, fed by every ingestion step) and generates. The memory is unchanged by a
   question.
@@ -376,11 +377,14 @@ class Session:
                 plan = WindowPlan.build(q)
             else:
                 planner = self.memory.planner
-                n_tok = self.config.question_query_tokens
-                probe = await self.engine.step(
-                    planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
-                )
-                queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
+                lay = planner.layout(offset, len(q), reserve=sampling.max_tokens)
+                queries = None
+                if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
+                    n_tok = self.config.question_query_tokens
+                    probe = await self.engine.step(
+                        planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
+                    )
+                    queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
                 plan = planner.plan_step(offset, q, queries, reserve=sampling.max_tokens)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval

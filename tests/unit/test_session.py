@@ -151,3 +151,29 @@ def test_refinement_key_cache_matches_direct_reads(engine: ReferenceEngine, tmp_
     with pytest.raises(SessionError):
         cache(50, 40)
     s.close()
+
+
+def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: ReferenceEngine, tmp_path: Path) -> None:
+    ids = _ids(300, 5)
+    q = _ids(5, 6)
+    sampling = SamplingSpec(max_tokens=3, ignore_eos=True)
+    steps: list[object] = []
+    real_step = engine.step
+
+    async def counting_step(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        steps.append(plan)
+        return await real_step(plan, *args, **kwargs)
+
+    for cfg, probes in ((CFG, 1), (MemoryConfig(**{**CFG.__dict__, "n_mem": 0}), 0)):
+        s = Session.create(tmp_path / f"m{cfg.n_mem}", engine, cfg)
+        asyncio.run(s.append(ids, flush=True))
+        assert len(s.memory.table) > 0
+        steps.clear()
+        engine.step = counting_step  # type: ignore[method-assign]
+        try:
+            ans = asyncio.run(s.ask(q, sampling))
+        finally:
+            del engine.step  # back to the class's method
+        assert len(steps) == probes, f"n_mem={cfg.n_mem}: {len(steps)} probe steps"
+        assert len(ans.token_ids) == 3 and (ans.retrieval is None) == (probes == 0)
+        s.close()
