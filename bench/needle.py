@@ -27,6 +27,10 @@ Baseline (``--baseline-tokens``, 4096 by default): the same model with the needl
 from the same start; needle at depth d),
 plain prompt, greedy: one ``WindowPlan.build(context + question)`` step through the same engine.
 
+``--question-windows none,64:256,...`` asks every trial again with other question windows
+(``MemoryConfig.question_n_local:question_n_mem``; ``none``: the ingestion window, as EM-LLM) on the
+same ingested session, and prints the answers per window (``bench/results/needle-window.json``).
+
 Prints a table per length and writes ``bench/results/needle.json`` (``needle-text.json``).
 
 ``--compare-queries`` (ARCHITECTURE.md, "Retrieval queries": probe pass vs the previous step's
@@ -106,7 +110,31 @@ def make_trial(tok: Any, text: str | None, n_tokens: int, depth: float, seed: in
     return Trial(ids[:pos] + needle + ids[pos:], (pos, pos + len(needle)), key, depth, seed, start)
 
 
-async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def window_name(w: tuple[int | None, int | None]) -> str:
+    return "ingestion window" if w == (None, None) else f"local {w[0]} + mem {w[1]}"
+
+
+async def ask_windows(session: Any, q: list[int], tok: Any, key: str,
+                      windows: list[tuple[int | None, int | None]]) -> dict[str, Any]:
+    """The same question with other question windows (``question_n_local``, ``question_n_mem``)."""
+    from emserve.server.engine.base import SamplingSpec
+
+    planner = session.memory.planner
+    base = planner.config
+    out = {}
+    try:
+        for w in windows:
+            planner.config = dataclasses.replace(base, question_n_local=w[0], question_n_mem=w[1])
+            res = await session.ask(q, SamplingSpec(max_tokens=8))
+            answer = tok.decode(res.token_ids)
+            out[window_name(w)] = {"answer": answer, "correct": key in answer}
+    finally:
+        planner.config = base
+    return out
+
+
+async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], workdir: Path,
+                    windows: list[tuple[int | None, int | None]] | None = None) -> dict[str, Any]:
     from emserve.server.engine.base import SamplingSpec
     from emserve.server.session import MemoryConfig, Session
 
@@ -131,7 +159,9 @@ async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], wor
             if not in_local:
                 covered = min(sum(max(0, min(e.end, b) - max(e.start, a)) for e in s.events) for s in sels)
         answer = tok.decode(res.token_ids)
+        other = await ask_windows(session, q, tok, trial.key, windows) if windows else {}
         return {
+            "windows": other,
             "retrieved": layers > 0,
             "layers": layers,
             "num_layers": engine.info.num_layers,
@@ -349,7 +379,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                   + f" overlap {cmp['selection_overlap_probe_vs_lagged']}",
                                   flush=True)
                         continue
-                    em = await run_trial(engine, tok, trial, mc, workdir)
+                    em = await run_trial(engine, tok, trial, mc, workdir, args.question_windows)
                     base = (await run_baseline(engine, tok, trial, args.baseline_tokens)
                             if args.baseline_tokens else None)
                     row = {"tokens": n, "depth": d, "trial": t, "key": trial.key, "needle": list(trial.span),
@@ -359,7 +389,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                           f" layers, in_local={em['in_local']}, covered {em['covered']}/{em['needle_tokens']}) "
                           f"answer={em['answer']!r} {'OK' if em['correct'] else 'wrong'}"
                           + (f" | 4k: {base['answer']!r} {'OK' if base['correct'] else 'wrong'}" if base else "")
-                          + f" | {em['ingest_tok_s']:.0f} tok/s", flush=True)
+                          + f" | {em['ingest_tok_s']:.0f} tok/s"
+                          + "".join(f" | {k}: {'OK' if v['correct'] else repr(v['answer'])}"
+                                    for k, v in em["windows"].items()), flush=True)
     finally:
         await engine.close()
         if not args.keep:
@@ -373,11 +405,34 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "memory_config": asdict(MemoryConfig(**mc)),
                 "summary": {"headers": COMPARE_HEADERS, "rows": summarize_compare(rows)}, "trials": rows}
     print(table(HEADERS, summarize(rows)))
+    windows = {}
+    if args.question_windows:
+        names = list(rows[0]["em"]["windows"]) if rows else []
+        win_rows = [[name, f"{sum(r['em']['windows'][name]['correct'] for r in rows)}/{len(rows)}"] for name in names]
+        win_rows.append(["(this run's config: the 'EM answer correct' column)",
+                         f"{sum(r['em']['correct'] for r in rows)}/{len(rows)}"])
+        if rows and rows[0].get("baseline"):
+            win_rows.append([f"{args.baseline_tokens}-token full attention",
+                             f"{sum(r['baseline']['correct'] for r in rows)}/{len(rows)}"])
+        print()
+        print(table(["question window", "answers correct"], win_rows))
+        windows = {"headers": ["question window", "answers correct"], "rows": win_rows}
 
     return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
             "haystack": args.haystack, "memory_config": asdict(MemoryConfig(**mc)),
             "baseline_tokens": args.baseline_tokens,
-            "summary": {"headers": HEADERS, "rows": summarize(rows)}, "trials": rows}
+            "summary": {"headers": HEADERS, "rows": summarize(rows)}, "question_windows": windows, "trials": rows}
+
+
+def _windows(spec: str) -> list[tuple[int | None, int | None]]:
+    out: list[tuple[int | None, int | None]] = []
+    for part in spec.split(","):
+        if part.strip().lower() == "none":
+            out.append((None, None))
+        else:
+            a, b = part.split(":")
+            out.append((int(a), int(b)))
+    return out
 
 
 def main() -> None:
@@ -388,6 +443,9 @@ def main() -> None:
     ap.add_argument("--baseline-tokens", type=int, default=4096, help="0: no baseline")
     ap.add_argument("--mc", default="{}", help="MemoryConfig overrides (JSON)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--question-windows", type=_windows, default=None,
+                    help="also ask each trial with these question windows, e.g. none,64:256,0:128 "
+                         "(question_n_local:question_n_mem; none: the ingestion window); default --out needle-window")
     ap.add_argument("--haystack", choices=["noise", "text"], default="noise",
                     help="noise: the pass-key task of the literature (default); text: the key hidden in prose")
     ap.add_argument("--out", default=None, help="results name (default: needle, needle-text, needle_queries)")
@@ -397,7 +455,8 @@ def main() -> None:
                     help="probe vs lagged queries (module docstring); default --out needle_queries")
     args = ap.parse_args()
     if args.out is None:
-        args.out = "needle_queries" if args.compare_queries else "needle" if args.haystack == "noise" else "needle-text"
+        args.out = ("needle_queries" if args.compare_queries else "needle-window" if args.question_windows
+                    else "needle" if args.haystack == "noise" else "needle-text")
     payload = asyncio.run(main_async(args))
     if not args.no_save:
         print("wrote", write_results(args.out, payload))

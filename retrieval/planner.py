@@ -13,7 +13,15 @@ A step over new tokens at log offset ``o`` (the log holds tokens ``0 .. o-1``) s
 * **local window**: ``[o - n_local, o - 1)``, the ``n_local`` tokens before the new ones minus the
   last, which is the **anchor** (recomputed, so the first new token gets a surprise value).
 
-An event is retrievable when it ends at or before the local window's start. When
+An event is retrievable when it ends at or before the local window's start.
+
+**Questions** (``question=True``) may use a smaller window (``question_n_local``, ``question_n_mem``):
+``[ sink | retrieved events | last question_n_local tokens | anchor ] + question`` once there are
+retrievable events; the older tokens of the remainder and local window (not yet closed into events,
+so not retrievable) are then out of the question's window. Why: SmolLM2-135M reads a pass key from
+such a short window far more often than from the ingestion window (``bench/needle.py
+--question-window``); the price is that a question does not see ``n_local - question_n_local`` and
+more recent tokens. When
 ``o - n_local <= n_init`` the sink and the local window meet and the window is simply
 ``[0, o-1) | anchor``: no memory yet. At ``o == 0`` the window is the new tokens alone.
 
@@ -56,6 +64,13 @@ class RetrievalConfig:
     """Memory budget: retrieved event tokens per layer per step (never exceeded)."""
     exc_block_size: int = 512
     """Tokens computed per step (the chunk size of ingestion and of re-planning while generating)."""
+    question_n_local: int | None = None
+    """A question's window (``plan_step(question=True)``) keeps only the last ``question_n_local``
+    tokens after the retrievable events (of remainder + local window) once the stream has any;
+    None: the same as ingestion (EM-LLM). See the module docstring."""
+    question_n_mem: int | None = None
+    """A question's memory budget (at most ``n_mem``: a question's window is never larger than a
+    step's); None: ``n_mem``."""
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
     repr_proxy: Literal["topk", "mean", "central"] = "topk"
@@ -103,6 +118,10 @@ class RetrievalConfig:
     def __post_init__(self) -> None:
         if self.n_init < 0 or self.n_local < 1 or self.n_mem < 0 or self.exc_block_size < 1:
             raise ConfigError("need n_init >= 0, n_local >= 1, n_mem >= 0, exc_block_size >= 1")
+        if (self.question_n_local is not None and self.question_n_local < 1) or (
+                self.question_n_mem is not None and self.question_n_mem < 0):
+            raise ConfigError(f"need question_n_local >= 1 and question_n_mem >= 0 (or None), got "
+                              f"{self.question_n_local}, {self.question_n_mem}")
         if self.repr_topk < 1:
             raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
         if self.repr_proxy not in REPR_PROXIES:
@@ -185,8 +204,10 @@ class WindowPlanner:
         self.retriever = retriever
         self.last_retrieval: RetrievalResult | None = None
 
-    def layout(self, offset: int, num_new: int, *, reserve: int = 0) -> WindowLayout:
-        """Where sink, remainder, local window and anchor lie for a step at ``offset``; the memory budget."""
+    def layout(self, offset: int, num_new: int, *, reserve: int = 0, question: bool = False) -> WindowLayout:
+        """Where sink, remainder, local window and anchor lie for a step at ``offset``; the memory budget.
+
+        ``question``: the layout of a question (``question_n_local`` / ``question_n_mem``)."""
         cfg = self.config
         if offset < 0 or num_new < 1 or reserve < 0:
             raise PlanError(
@@ -207,7 +228,14 @@ class WindowPlanner:
                 rem_start = max(cfg.n_init, int(self.table.ends[m - 1])) if m else cfg.n_init
                 base = WindowLayout(offset, (0, cfg.n_init), (rem_start, local_start),
                                     (local_start, offset - 1), offset - 1, m, 0)
-                budget = min(cfg.n_mem, limit - base.fixed_tokens) if m else 0
+                n_mem = cfg.n_mem
+                if question and m:
+                    if cfg.question_n_local is not None:
+                        q_start = max(offset - cfg.question_n_local, rem_start)
+                        base = WindowLayout(offset, base.sink, (q_start, q_start), (q_start, offset - 1),
+                                            offset - 1, m, 0)
+                    n_mem = cfg.n_mem if cfg.question_n_mem is None else min(cfg.question_n_mem, cfg.n_mem)
+                budget = min(n_mem, limit - base.fixed_tokens) if m else 0
                 layout = WindowLayout(offset, base.sink, base.remainder, base.local, base.anchor, m,
                                       max(budget, 0))
         if layout.fixed_tokens > limit:
@@ -226,15 +254,16 @@ class WindowPlanner:
         *,
         reserve: int = 0,
         request_id: str | None = None,
+        question: bool = False,
     ) -> WindowPlan:
         """The step's plan: [sink | retrieved | remainder + local | anchor] + new tokens, captured to the log.
 
         ``queries``: the step's per-layer query summaries (``StepResult.queries`` of a probe, or of
         the previous step) or per-token queries (``StepResult.query_tokens``); may be None when
-        nothing must be selected (everything fits).
+        nothing must be selected (everything fits). ``question``: a question's window (``layout``).
         The retrieval is kept in :attr:`last_retrieval`.
         """
-        lay = self.layout(offset, len(new_token_ids), reserve=reserve)
+        lay = self.layout(offset, len(new_token_ids), reserve=reserve, question=question)
         fixed_head = [lay.sink]
         fixed_tail = [lay.remainder, lay.local]
         anchor = None if lay.anchor is None else Anchor(self.log, lay.anchor)

@@ -86,6 +86,14 @@ class MemoryConfig:
     question_query_tokens: int = 4
     """A question retrieves with the queries of its last this-many tokens, each scored on its own
     (centered, standardized) and averaged (``emserve.retrieval.queries``); 0: its mean query summary."""
+    question_n_local: int | None = 64
+    question_n_mem: int | None = 256
+    """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
+    tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Chosen
+    by ``bench/needle.py --question-window``: SmolLM2-135M reads a 32k stream's pass key far more
+    often from this short window than from the ingestion window (``bench/results/needle-window.json``).
+    The price: tokens after the last closed event and before the last ``question_n_local`` (about
+    ``n_local`` of them) are not in a question's window."""
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(
@@ -112,6 +120,8 @@ class MemoryConfig:
             shared_score_layers=self.shared_score_layers,
             center_queries=self.center_queries,
             standardize_queries=self.standardize_queries,
+            question_n_local=self.question_n_local,
+            question_n_mem=self.question_n_mem,
             max_window=max_window,
         )
 
@@ -377,7 +387,7 @@ class Session:
                 plan = WindowPlan.build(q)
             else:
                 planner = self.memory.planner
-                lay = planner.layout(offset, len(q), reserve=sampling.max_tokens)
+                lay = planner.layout(offset, len(q), reserve=sampling.max_tokens, question=True)
                 queries = None
                 if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
                     n_tok = self.config.question_query_tokens
@@ -385,7 +395,7 @@ class Session:
                         planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
                     )
                     queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
-                plan = planner.plan_step(offset, q, queries, reserve=sampling.max_tokens)
+                plan = planner.plan_step(offset, q, queries, reserve=sampling.max_tokens, question=True)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
             timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}

@@ -226,3 +226,31 @@ def test_episodic_memory_end_to_end_and_reopen(tmp_path):
     mem3 = EpisodicMemory(KVLog.open(tmp_path, writable=True), cfg, num_heads=2, rotate=_rope().rotate)
     assert mem3.table.end_offset <= 500 and len(mem3.table) == mem3.table.count_ending_by(500)
     assert mem3.index.count == len(mem3.table) and mem3.index.rebuilt_layers == [0, 1]
+
+
+def test_question_window_keeps_the_last_question_n_local_tokens_and_its_own_budget(events):
+    cfg = small(per_layer=False, question_n_local=8, question_n_mem=20)
+    p = planner(events, cfg)
+    q = np.random.default_rng(3).standard_normal((L, D)).astype(np.float32)
+    offset = 3000
+    ingest = p.layout(offset, 5)
+    lay = p.layout(offset, 5, question=True)
+    assert lay.num_events == ingest.num_events > 0  # the same events are retrievable
+    assert lay.sink == (0, 16) and lay.local == (offset - 8, offset - 1) and lay.remainder[0] == lay.remainder[1]
+    assert lay.budget == 20 and ingest.budget == cfg.n_mem
+    plan = p.plan_step(offset, [1] * 5, q, question=True)
+    res = p.last_retrieval
+    assert res is not None and res.budget == 20 and res.layers[0].tokens == 20
+    segs = [(s.start, s.end) for s in plan.segments]
+    assert segs[0] == (0, 16) and segs[-1][1] == offset - 1 and segs[-1][1] - segs[-1][0] >= 7
+    assert plan.window_len == 16 + 20 + 7 + 1 + 5
+    # no retrievable events yet: a question sees everything, as a step would
+    early = p.layout(40, 5, question=True)
+    assert early == p.layout(40, 5)
+    # None: the ingestion window (EM-LLM)
+    assert planner(events, small(per_layer=False)).layout(offset, 5, question=True) == ingest
+    assert planner(events, small(question_n_mem=10**6)).layout(offset, 5, question=True).budget == cfg.n_mem
+    with pytest.raises(ConfigError):
+        small(question_n_local=0)
+    with pytest.raises(ConfigError):
+        small(question_n_mem=-1)
