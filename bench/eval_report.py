@@ -440,18 +440,20 @@ def write_docs(results_dir: Path = RESULTS, path: Path = DOCS) -> Path:
              "in its own process, run after the server stopped. Haystacks, tasks, systems and sampling: "
              "the docstrings of `bench/eval.py`, `bench/eval_tasks.py`, `bench/eval_server.py`.", "",
              "Systems (one model, one machine): **emserve** (default memory: sink + retrieved events + local "
-             "window), **truncation** (sink + local window only, `n_mem` 0 and the local window grown by the same "
-             "1024 tokens), **infllm** (InfLLM-style: uniform 128-token blocks, similarity retrieval only, same "
-             "budget), **no-refine** / **no-contiguity** (emserve without boundary refinement / without the "
-             "contiguity buffer), **vanilla** (full attention on vanilla vLLM, only where the haystack fits the "
-             "native context). Tasks: **passkey** (a 5-digit pass key in the literature's pass-key haystack: an "
-             "instruction, then filler sentences repeated; the other tasks hide their sentences in prose), "
-             "**needle** (one key-value sentence, 7-digit "
-             "value), **multikey** (4 key-value sentences, each asked), **twohop** (a link fact and a value fact "
-             "half the haystack apart, 2 distractor values: chance is 1/3 for a model that picks a code), "
-             "**labelled** (the 1M / perf stream's three labelled pass keys at 10/50/90%). A question is correct "
-             "when the expected value is in the greedy answer (10 tokens). Depth: where the needed sentence sits "
-             "(0: first tokens, in the sink; 1: last tokens, in the local window).", "",
+             "window; a question's window is sink + 256 retrieved tokens + the last 64 tokens in runs since the "
+             "question window, see `MemoryConfig.question_n_local`), **truncation** (sink + local window only, "
+             "`n_mem` 0 and the local window grown by the same 1024 tokens; a question sees that whole window), "
+             "**infllm** (InfLLM-style: uniform 128-token blocks, similarity retrieval only, same budgets and "
+             "question window as emserve), **no-refine** / **no-contiguity** (emserve without boundary refinement "
+             "/ without the contiguity buffer), **vanilla** (full attention on vanilla vLLM, only where the "
+             "haystack fits the native context). Tasks: **passkey** (a 5-digit pass key in the literature's pass-"
+             "key haystack: an instruction, then filler sentences repeated; the other tasks hide their sentences "
+             "in prose), **needle** (one key-value sentence, 7-digit value), **multikey** (4 key-value sentences, "
+             "each asked), **twohop** (a link fact and a value fact half the haystack apart, 2 distractor values: "
+             "chance is 1/3 for a model that picks a code), **labelled** (the 1M / perf stream's three labelled "
+             "pass keys at 10/50/90%). A question is correct when the expected value is in the greedy answer (10 "
+             "tokens). Depth: where the needed sentence sits (0: first tokens, in the sink; 1: last tokens, in the"
+             " local window).", "",
              "Reproduce:", ""]
     lines += [f"* `{cmd}` -> `bench/results/{name}.*`" for name, cmd in COMMANDS.items()]
     lines += ["", "## Goals (judged on the runs present)", "",

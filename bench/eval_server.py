@@ -39,7 +39,9 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
     if system == "emserve":
         return {}
     if system == "truncation":
-        return {"n_mem": 0, "n_local": int(default["n_local"]) + int(default["n_mem"])}
+        # a question sees the whole local window (2**30: at least remainder + local; a stronger baseline
+        # than emserve's short question window, and the same tokens as an ingestion step)
+        return {"n_mem": 0, "n_local": int(default["n_local"]) + int(default["n_mem"]), "question_n_local": 2**30}
     if system == "infllm":
         return {"splitter": "uniform", "max_block_size": 128, "similarity_metric": "none",
                 "use_contiguity_buffer": False}

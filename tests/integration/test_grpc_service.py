@@ -138,9 +138,11 @@ def test_not_ready_until_the_engine_loads(tiny_model_dir: Path, tmp_path: Path) 
 
 # ------------------------------------------------------------------------------------------ sessions
 def test_session_lifecycle(client: Client) -> None:
-    s = client.create_session("alpha", memory={"n_local": 48, "per_layer": False}, labels={"doc": "book"})
+    s = client.create_session("alpha", memory={"n_local": 48, "per_layer": False, "question_n_local": 8},
+                              labels={"doc": "book"})
     assert s.session_id == "alpha" and s.state == pb.Session.ACTIVE
     assert s.memory.n_local == 48 and s.memory.per_layer is False and s.memory.n_init == 16
+    assert s.memory.question_n_local == 8 and s.memory.question_n_mem == 256  # the server default
     assert s.labels["doc"] == "book" and s.num_tokens == 0 and s.create_time.seconds > 0
     e = _code(client.create_session, "alpha")
     assert e.code == grpc.StatusCode.ALREADY_EXISTS and e.detail(E.ResourceInfo).resource_name == "alpha"

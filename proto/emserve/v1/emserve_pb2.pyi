@@ -29,7 +29,7 @@ SIMILARITY: Source
 CONTIGUITY: Source
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("n_init", "n_local", "n_mem", "exc_block_size", "min_block_size", "max_block_size", "surprisal_threshold_gamma", "similarity_metric", "splitter", "repr_topk", "use_contiguity_buffer", "contiguity_buffer_size", "per_layer")
+    __slots__ = ("n_init", "n_local", "n_mem", "exc_block_size", "min_block_size", "max_block_size", "surprisal_threshold_gamma", "similarity_metric", "splitter", "repr_topk", "use_contiguity_buffer", "contiguity_buffer_size", "per_layer", "question_n_local", "question_n_mem")
     N_INIT_FIELD_NUMBER: _ClassVar[int]
     N_LOCAL_FIELD_NUMBER: _ClassVar[int]
     N_MEM_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class MemoryConfig(_message.Message):
     USE_CONTIGUITY_BUFFER_FIELD_NUMBER: _ClassVar[int]
     CONTIGUITY_BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
     PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_N_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_N_MEM_FIELD_NUMBER: _ClassVar[int]
     n_init: int
     n_local: int
     n_mem: int
@@ -56,7 +58,9 @@ class MemoryConfig(_message.Message):
     use_contiguity_buffer: bool
     contiguity_buffer_size: float
     per_layer: bool
-    def __init__(self, n_init: _Optional[int] = ..., n_local: _Optional[int] = ..., n_mem: _Optional[int] = ..., exc_block_size: _Optional[int] = ..., min_block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., surprisal_threshold_gamma: _Optional[float] = ..., similarity_metric: _Optional[str] = ..., splitter: _Optional[str] = ..., repr_topk: _Optional[int] = ..., use_contiguity_buffer: _Optional[bool] = ..., contiguity_buffer_size: _Optional[float] = ..., per_layer: _Optional[bool] = ...) -> None: ...
+    question_n_local: int
+    question_n_mem: int
+    def __init__(self, n_init: _Optional[int] = ..., n_local: _Optional[int] = ..., n_mem: _Optional[int] = ..., exc_block_size: _Optional[int] = ..., min_block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., surprisal_threshold_gamma: _Optional[float] = ..., similarity_metric: _Optional[str] = ..., splitter: _Optional[str] = ..., repr_topk: _Optional[int] = ..., use_contiguity_buffer: _Optional[bool] = ..., contiguity_buffer_size: _Optional[float] = ..., per_layer: _Optional[bool] = ..., question_n_local: _Optional[int] = ..., question_n_mem: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
