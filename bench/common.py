@@ -74,3 +74,13 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(payload, indent=1, default=str))
     return out
+
+
+def sigterm_exits() -> None:
+    """Turn SIGTERM into ``SystemExit`` so that ``finally`` blocks and exit handlers run: a benchmark
+    that owns an in-process vLLM engine and dies of a plain SIGTERM leaves the engine-core processes
+    running (they keep the CPU busy until killed)."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -60,7 +60,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_report  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, sigterm_exits  # noqa: E402
 from eval_server import (  # noqa: E402
     ABLATIONS,
     ALL_SYSTEMS,
@@ -364,6 +364,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, mode = parse(argv)
+    sigterm_exits()  # a SIGTERM stops the server processes too
     return main_run(args, mode)
 
 

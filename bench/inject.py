@@ -14,7 +14,7 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from common import machine, table, timeit, write_results
+from common import machine, sigterm_exits, table, timeit, write_results
 
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
 from emserve.server.corpus import load_text
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shift", type=int, default=512, help="source positions are offset by this much")
     args = ap.parse_args()
+    sigterm_exits()
     ns = [int(x) for x in args.ns.split(",")]
     spec = resolve_model(args.model)
     from transformers import AutoTokenizer

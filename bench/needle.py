@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ingest_all, machine, table, write_results  # noqa: E402
+from common import ingest_all, machine, sigterm_exits, table, write_results  # noqa: E402
 
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -454,6 +454,7 @@ def main() -> None:
     ap.add_argument("--compare-queries", action="store_true",
                     help="probe vs lagged queries (module docstring); default --out needle_queries")
     args = ap.parse_args()
+    sigterm_exits()
     if args.out is None:
         args.out = ("needle_queries" if args.compare_queries else "needle-window" if args.question_windows
                     else "needle" if args.haystack == "noise" else "needle-text")

@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--asks", type=int, default=8)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
+    from common import sigterm_exits  # type: ignore[import-not-found]
+
+    sigterm_exits()
     print(asyncio.run(capture(args.tokens, args.depth, args.asks, args.out)))
 
 

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
+from common import machine, sigterm_exits, table, write_results  # noqa: E402
 
 from emserve.retrieval.kvlog import KVLog  # noqa: E402
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan  # noqa: E402
@@ -485,6 +485,7 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/segmentation.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 passages, 2 γ, no results file")
     args = ap.parse_args()
+    sigterm_exits()
     if args.quick:
         args.passages, args.cost_reps, args.random_seeds, args.gammas = 16, 1, 2, "1.0,3.0"
         args.no_save = True
