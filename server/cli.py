@@ -359,8 +359,13 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"model      {info.model} ({info.model_path}), context {info.max_model_len} tokens")
             s = c.create_session()
             m = s.memory
+            question = ""
+            if m.HasField("question_n_local") or m.HasField("question_n_mem"):
+                q_mem = min(m.question_n_mem, m.n_mem) if m.HasField("question_n_mem") else m.n_mem
+                q_local = m.question_n_local if m.HasField("question_n_local") else m.n_local
+                question = f"; a question's: {m.n_init} sink + {q_mem} memory + {q_local} local"
             print(f"session    {s.session_id}  (window: {m.n_init} sink + {m.n_mem} memory + {m.n_local} local, "
-                  f"chunks of {m.exc_block_size})")
+                  f"chunks of {m.exc_block_size}{question})")
             t0 = time.perf_counter()
 
             def progress(p: Any) -> None:
