@@ -202,8 +202,7 @@ def assemble_noise(corpus: Corpus, length: int, depth: float, text: str, label: 
     from emserve.server.corpus import noise_haystack
 
     piece = corpus.encode(text)
-    filler, starts = noise_haystack(corpus.tok, length - len(piece))
-    at = min(starts, key=lambda s: abs(s - depth * len(filler)))
+    filler, at = noise_haystack(corpus.tok, length - len(piece), depth)
     ids = filler[:at] + piece + filler[at:]
     assert len(ids) == length
     return ids, [Item("target", text, depth, (at, at + len(piece)), label)], 0

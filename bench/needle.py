@@ -98,8 +98,7 @@ def make_trial(tok: Any, text: str | None, n_tokens: int, depth: float, seed: in
     if text is None:
         from emserve.server.corpus import noise_haystack
 
-        ids, starts = noise_haystack(tok, n_tokens)
-        pos = min(starts, key=lambda s: abs(s - depth * n_tokens))
+        ids, pos = noise_haystack(tok, n_tokens, depth)
         return Trial(ids[:pos] + needle + ids[pos:], (pos, pos + len(needle)), key, depth, seed, -1)
     start = int(rng.integers(0, int(len(text) * 0.8)))  # the last fifth of big.txt is word lists
     start = text.find(" ", start) + 1

@@ -315,8 +315,7 @@ def demo_document(tokens: int, depth: float, seed: int, tokenizer: Any,
     tokenizer.model_max_length = 1 << 30  # a long document, not a model input: no length warning
     needle = f" The pass key is {key}. Remember it. {key} is the pass key."
     if haystack == "noise":
-        ids, starts = noise_haystack(tokenizer, tokens)
-        at = min(starts, key=lambda s: abs(s - depth * tokens))
+        ids, at = noise_haystack(tokenizer, tokens, depth)
         return tokenizer.decode(ids[:at]), needle, tokenizer.decode(ids[at:]), key
     if haystack != "text":
         raise ValueError(f"haystack must be 'text' or 'noise', got {haystack!r}")

@@ -113,11 +113,15 @@ PASSKEY_PREAMBLE = ("There is an important info hidden inside a lot of irrelevan
 PASSKEY_NOISE = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 
-def noise_haystack(tokenizer: Any, n_tokens: int) -> tuple[list[int], list[int]]:
+def noise_haystack(tokenizer: Any, n_tokens: int, depth: float) -> tuple[list[int], int]:
     """``n_tokens`` token ids of the pass-key task's filler (the preamble, then the noise sentences
-    repeated), and the offsets where a noise sentence group starts (where a needle may go)."""
+    repeated), and where a needle at ``depth`` goes: the start of the noise sentence group nearest
+    token ``depth * n_tokens``."""
     pre = list(tokenizer(PASSKEY_PREAMBLE, add_special_tokens=False)["input_ids"])
     unit = list(tokenizer(PASSKEY_NOISE, add_special_tokens=False)["input_ids"])
-    reps = max(0, -(-(n_tokens - len(pre)) // len(unit)))
+    if n_tokens < len(pre):
+        raise ValueError(f"a pass-key haystack needs at least {len(pre)} tokens (its instruction), got {n_tokens}")
+    reps = -(-(n_tokens - len(pre)) // len(unit))
     ids = (pre + unit * reps)[:n_tokens]
-    return ids, list(range(len(pre), n_tokens + 1, len(unit)))
+    at = min(range(len(pre), n_tokens + 1, len(unit)), key=lambda s: abs(s - depth * n_tokens))
+    return ids, at
