@@ -408,6 +408,11 @@ def _section(name: str, r: dict[str, Any], results_dir: Path) -> list[str]:
     return out
 
 
+def current_protocol(r: dict[str, Any]) -> bool:
+    """The run used the literature's pass-key haystack and the question window (runs since both)."""
+    return bool(r.get("config", {}).get("passkey_haystack") == "noise")
+
+
 def sampling(r: dict[str, Any]) -> str:
     """The run's grid in words (from its config)."""
     c = r.get("config", {})
@@ -425,7 +430,7 @@ def sampling(r: dict[str, Any]) -> str:
     if abl and (c.get("ablation_min_length") or set(c.get("ablation_tasks", [])) != set(c.get("tasks", []))):
         txt += (f"; {', '.join(abl)} only at >= {_k(int(c.get('ablation_min_length', 0)))} on "
                 f"{', '.join(c.get('ablation_tasks', []))}")
-    if "passkey" in c.get("tasks", []) and c.get("passkey_haystack") != "noise":
+    if "passkey" in c.get("tasks", []) and not current_protocol(r):
         txt += ("; passkey here in **prose** (this run predates the pass-key haystack: a key hidden in a story, "
                 "which SmolLM2-135M misses even with full attention)")
     return txt + "."
@@ -456,7 +461,7 @@ def write_docs(results_dir: Path = RESULTS, path: Path = DOCS) -> Path:
              " local window).", "",
              "Reproduce:", ""]
     lines += [f"* `{cmd}` -> `bench/results/{name}.*`" for name, cmd in COMMANDS.items()]
-    current = {k: r for k, r in runs.items() if r.get("config", {}).get("passkey_haystack") == "noise"}
+    current = {k: r for k, r in runs.items() if current_protocol(r)}
     lines += ["", "## Goals (judged on the runs of the current protocol)", "",
               "Only runs with the literature's pass-key haystack and the question window count here "
               f"({', '.join(current) or 'none yet'}); older runs are shown below for the record.", "",

@@ -13,17 +13,17 @@ A step over new tokens at log offset ``o`` (the log holds tokens ``0 .. o-1``) s
 * **local window**: ``[o - n_local, o - 1)``, the ``n_local`` tokens before the new ones minus the
   last, which is the **anchor** (recomputed, so the first new token gets a surprise value).
 
-An event is retrievable when it ends at or before the local window's start.
+An event is retrievable when it ends at or before the local window's start. When
+``o - n_local <= n_init`` the sink and the local window meet and the window is simply
+``[0, o-1) | anchor``: no memory yet. At ``o == 0`` the window is the new tokens alone.
 
 **Questions** (``question=True``) may use a smaller window (``question_n_local``, ``question_n_mem``):
 ``[ sink | retrieved events | last question_n_local tokens | anchor ] + question`` once there are
 retrievable events; the older tokens of the remainder and local window (not yet closed into events,
 so not retrievable) are then out of the question's window. Why: SmolLM2-135M reads a pass key from
 such a short window far more often than from the ingestion window (``bench/needle.py
---question-window``); the price is that a question does not see ``n_local - question_n_local`` and
-more recent tokens. When
-``o - n_local <= n_init`` the sink and the local window meet and the window is simply
-``[0, o-1) | anchor``: no memory yet. At ``o == 0`` the window is the new tokens alone.
+--question-windows``); the price is that a question does not see the roughly ``n_local -
+question_n_local`` recent tokens between the last closed event and its last ``question_n_local``.
 
 **Positions.** Window positions are ``0 .. window_len-1`` and always satisfy
 ``window_len + reserve + 1 <= max_window`` (``reserve``: tokens the caller will generate in the same

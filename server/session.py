@@ -90,8 +90,9 @@ class MemoryConfig:
     question_n_mem: int | None = 256
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
     tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Chosen
-    by ``bench/needle.py --question-window``: SmolLM2-135M reads a 32k stream's pass key far more
-    often from this short window than from the ingestion window (``bench/results/needle-window.json``).
+    by ``bench/needle.py --question-windows``: SmolLM2-135M reads a 32k stream's pass key far more
+    often from this short window than from the ingestion window (``bench/results/needle.json``: 9/9
+    vs 3/9).
     The price: tokens after the last closed event and before the last ``question_n_local`` (about
     ``n_local`` of them) are not in a question's window."""
 

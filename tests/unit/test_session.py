@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: Referenc
         steps.append(plan)
         return await real_step(plan, *args, **kwargs)
 
-    for cfg, probes in ((CFG, 1), (MemoryConfig(**{**CFG.__dict__, "n_mem": 0}), 0)):
+    for cfg, probes in ((CFG, 1), (dataclasses.replace(CFG, n_mem=0), 0)):
         s = Session.create(tmp_path / f"m{cfg.n_mem}", engine, cfg)
         asyncio.run(s.append(ids, flush=True))
         assert len(s.memory.table) > 0
