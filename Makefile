@@ -11,7 +11,7 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.emserve-installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
 
-.PHONY: setup model demo test test-fast acceptance lint bench-inject clean
+.PHONY: setup model demo test test-fast lint bench-inject clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,10 @@ demo: setup
 	$(VENV)/bin/emserve demo
 
 test: setup
-	$(PY) -m pytest -q -m "not acceptance" tests
-
-# quality checks that do not pass yet (see README "Status"); not part of CI
-acceptance: setup
-	$(PY) -m pytest -q -m acceptance tests
+	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not acceptance" tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
