@@ -18,12 +18,14 @@ An event is retrievable when it ends at or before the local window's start. When
 ``[0, o-1) | anchor``: no memory yet. At ``o == 0`` the window is the new tokens alone.
 
 **Questions** (``question=True``) may use a smaller window (``question_n_local``, ``question_n_mem``):
-``[ sink | retrieved events | last question_n_local tokens | anchor ] + question`` once there are
-retrievable events; the older tokens of the remainder and local window (not yet closed into events,
-so not retrievable) are then out of the question's window. Why: SmolLM2-135M reads a pass key from
-such a short window far more often than from the ingestion window (``bench/needle.py
---question-windows``); the price is that a question does not see the roughly ``n_local -
-question_n_local`` recent tokens between the last closed event and its last ``question_n_local``.
+``[ sink | retrieved events | remainder + last question_n_local tokens | anchor ] + question``, where
+an event is retrievable when it ends at or before the question's local window and the remainder is
+what lies between the last such event and that window. Why: SmolLM2-135M reads a pass key from such
+a short window far more often than from the ingestion window (``bench/needle.py
+--question-windows``). The recent tokens are covered only if their events are already in the table:
+the server's segmenter closes events as soon as their boundaries are final (``close_lag``), not
+when they leave the ingestion's local window; with EM-LLM's closing the older part of the local
+window would fall into the remainder instead.
 
 **Positions.** Window positions are ``0 .. window_len-1`` and always satisfy
 ``window_len + reserve + 1 <= max_window`` (``reserve``: tokens the caller will generate in the same
@@ -65,9 +67,9 @@ class RetrievalConfig:
     exc_block_size: int = 512
     """Tokens computed per step (the chunk size of ingestion and of re-planning while generating)."""
     question_n_local: int | None = None
-    """A question's window (``plan_step(question=True)``) keeps only the last ``question_n_local``
-    tokens after the retrievable events (of remainder + local window) once the stream has any;
-    None: the same as ingestion (EM-LLM). See the module docstring."""
+    """A question's local window (``plan_step(question=True)``): its last ``question_n_local`` tokens;
+    the events that end before it are retrievable, the tokens between the last of them and it are
+    the remainder. None: the same as ingestion (EM-LLM). See the module docstring."""
     question_n_mem: int | None = None
     """A question's memory budget (at most ``n_mem``: a question's window is never larger than a
     step's); None: ``n_mem``."""
@@ -229,12 +231,16 @@ class WindowPlanner:
                 base = WindowLayout(offset, (0, cfg.n_init), (rem_start, local_start),
                                     (local_start, offset - 1), offset - 1, m, 0)
                 n_mem = cfg.n_mem
-                if question and m:
-                    if cfg.question_n_local is not None:
-                        q_start = max(offset - cfg.question_n_local, rem_start)
-                        base = WindowLayout(offset, base.sink, (q_start, q_start), (q_start, offset - 1),
-                                            offset - 1, m, 0)
-                    n_mem = cfg.n_mem if cfg.question_n_mem is None else min(cfg.question_n_mem, cfg.n_mem)
+                if question and cfg.question_n_local is not None:
+                    q_start = max(offset - cfg.question_n_local, cfg.n_init)
+                    mq = self.table.count_ending_by(q_start)
+                    if mq:
+                        q_rem = max(cfg.n_init, int(self.table.ends[mq - 1]))
+                        base = WindowLayout(offset, base.sink, (q_rem, q_start), (q_start, offset - 1),
+                                            offset - 1, mq, 0)
+                        m = mq
+                if question and m and cfg.question_n_mem is not None:
+                    n_mem = min(cfg.question_n_mem, cfg.n_mem)
                 budget = min(n_mem, limit - base.fixed_tokens) if m else 0
                 layout = WindowLayout(offset, base.sink, base.remainder, base.local, base.anchor, m,
                                       max(budget, 0))

@@ -29,8 +29,15 @@ class SegmenterConfig:
     starts at ``n_init``. Their surprise still counts in the threshold window."""
 
     n_local: int = 4096
-    """Local window: an event is closed (returned) only once all its tokens are older than the
-    ``n_local`` most recent ones. Also the default surprise window τ."""
+    """Local window: by default an event is closed (returned) only once all its tokens are older than
+    the ``n_local`` most recent ones (see ``close_lag``). Also the default surprise window τ."""
+
+    close_lag: int | None = None
+    """An event is closed (returned) once its end is at least ``close_lag`` tokens behind the stream.
+    ``None``: ``n_local`` (EM-LLM: an event enters memory when it leaves the local window);
+    ``min_block_size`` (the least allowed, so that a short tail can still join the last event at
+    ``flush``): about as soon as its boundaries are final. The events are the same either way; only
+    when they are returned differs."""
 
     surprise_window: int | None = None
     """τ: the threshold of token t is computed over the surprises of the τ tokens strictly before t
@@ -110,6 +117,10 @@ class SegmenterConfig:
             self.n_local >= self.min_block_size,
             f"n_local ({self.n_local}) must be >= min_block_size ({self.min_block_size})",
         )
+        if self.close_lag is not None:
+            cl = self.close_lag
+            need(isinstance(cl, int) and not isinstance(cl, bool) and cl >= self.min_block_size,
+                 f"close_lag must be an int >= min_block_size ({self.min_block_size}) or None, got {cl!r}")
         if self.surprise_window is not None:
             sw = self.surprise_window
             need(isinstance(sw, int) and not isinstance(sw, bool), f"surprise_window must be an int, got {sw!r}")
@@ -136,6 +147,11 @@ class SegmenterConfig:
         need(0 <= self.random_seed < 1 << 64, f"random_seed must be in [0, 2**64), got {self.random_seed}")
         r = self.random_rate
         need(isinstance(r, int | float) and 0.0 < r <= 1.0, f"random_rate must be in (0, 1], got {r!r}")
+
+    @property
+    def lag(self) -> int:
+        """The effective close lag (``close_lag``, or ``n_local``)."""
+        return self.n_local if self.close_lag is None else self.close_lag
 
     @property
     def tau(self) -> int:

@@ -12,8 +12,8 @@ Contract
   simply retried on the next ``feed`` / ``flush`` (nothing is lost or duplicated).
 * Output: every call returns the events that became *closed* during it, in stream order. Over the
   whole stream (feeds + flush) the events tile ``[n_init, N)`` without gaps or overlaps. Before
-  ``flush`` an event is returned only once ``end <= tokens_seen − n_local`` (it has left the local
-  window); ``flush`` closes the rest.
+  ``flush`` an event is returned only once ``end <= tokens_seen − lag`` (``close_lag``; by default
+  ``n_local``: it has left the local window); ``flush`` closes the rest.
 * Determinism: the events are a function of the stream (surprises, keys) and the config only —
   identical for any chunking of the feeds and across ``state_dict`` / ``from_state_dict``.
 
@@ -33,7 +33,7 @@ The pipeline (all decisions are functions of token offsets, never of when a feed
      graph of window ``[max(α, n_init), β + h)``, ``h = (β − α) // 2`` — so refinement waits
      until ``β + h`` tokens have been seen (at most ``max_event_span / 2`` after β) — and accepted.
      Every accepted event is therefore in ``[min_block_size, max_event_span]``.
-3. **Sizing and closing**: an accepted event ``[a, b)`` closes when ``b <= tokens_seen − n_local``
+3. **Sizing and closing**: an accepted event ``[a, b)`` closes when ``b <= tokens_seen − lag``
    and is returned cut by :func:`split_even` into near-equal pieces of at most ``max_block_size``.
 4. **Flush**: pending boundaries are refined with windows clipped to the stream end; a tail shorter
    than ``min_block_size`` joins the previous event (there is no next one); everything closes.
@@ -112,7 +112,7 @@ class OnlineSegmenter:
             self._surprise = np.concatenate([self._surprise, s[keep_from:]])
         self._raw.extend(int(b) for b in raw)
         self._accept(keys, final=False)
-        return self._close(self.tokens_seen - cfg.n_local)
+        return self._close(self.tokens_seen - cfg.lag)
 
     def flush(self, keys: KeyFn | None = None) -> list[Event]:
         """End of stream: settle every pending boundary and close all remaining events. The

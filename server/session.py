@@ -92,14 +92,18 @@ class MemoryConfig:
     tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Chosen
     by ``bench/needle.py --question-windows``: SmolLM2-135M reads a 32k stream's pass key far more
     often from this short window than from the ingestion window (``bench/results/needle.json``: 9/9
-    vs 3/9).
-    The price: tokens after the last closed event and before the last ``question_n_local`` (about
-    ``n_local`` of them) are not in a question's window."""
+    vs 3/9). Events close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so
+    the recent ones are retrievable by a question too; the tokens after the last closed event are in
+    the window."""
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(
             n_init=self.n_init,
             n_local=self.n_local,
+            # events enter the table (and the index) as soon as their boundaries are final, so that a
+            # question with a short local window can retrieve the recent ones; ingestion steps still
+            # retrieve only events that have left their local window (the planner): same plans.
+            close_lag=self.min_block_size,
             surprisal_threshold_gamma=self.surprisal_threshold_gamma,
             min_block_size=self.min_block_size,
             max_block_size=self.max_block_size,

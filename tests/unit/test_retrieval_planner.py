@@ -235,15 +235,18 @@ def test_question_window_keeps_the_last_question_n_local_tokens_and_its_own_budg
     offset = 3000
     ingest = p.layout(offset, 5)
     lay = p.layout(offset, 5, question=True)
-    assert lay.num_events == ingest.num_events > 0  # the same events are retrievable
-    assert lay.sink == (0, 16) and lay.local == (offset - 8, offset - 1) and lay.remainder[0] == lay.remainder[1]
+    # every event that ends before the question's local window is retrievable: more than a step's
+    mq = p.table.count_ending_by(offset - 8)
+    assert lay.num_events == mq > ingest.num_events > 0
+    assert lay.sink == (0, 16) and lay.local == (offset - 8, offset - 1)
+    assert lay.remainder == (int(p.table.ends[mq - 1]), offset - 8)
     assert lay.budget == 20 and ingest.budget == cfg.n_mem
     plan = p.plan_step(offset, [1] * 5, q, question=True)
     res = p.last_retrieval
     assert res is not None and res.budget == 20 and res.layers[0].tokens == 20
     segs = [(s.start, s.end) for s in plan.segments]
     assert segs[0] == (0, 16) and segs[-1][1] == offset - 1 and segs[-1][1] - segs[-1][0] >= 7
-    assert plan.window_len == 16 + 20 + 7 + 1 + 5
+    assert plan.window_len == 16 + 20 + (lay.remainder[1] - lay.remainder[0]) + 7 + 1 + 5
     # no retrievable events yet: a question sees everything, as a step would
     early = p.layout(40, 5, question=True)
     assert early == p.layout(40, 5)

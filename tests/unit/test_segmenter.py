@@ -46,9 +46,9 @@ def run(cfg: SegmenterConfig, s: np.ndarray, chunks: list[tuple[int, int]], keys
         new = seg.feed(s[a:b], keys)
         if check_closing:
             for e in new:
-                assert e.end <= seg.tokens_seen - cfg.n_local, "closed before leaving the local window"
+                assert e.end <= seg.tokens_seen - cfg.lag, "closed before its end is close_lag behind"
             # pending state stays bounded
-            assert seg.tokens_seen - seg.closed_until <= cfg.n_local + 2 * cfg.max_event_span
+            assert seg.tokens_seen - seg.closed_until <= cfg.lag + 2 * cfg.max_event_span
         out += new
     out += seg.flush(keys)
     return out
@@ -88,12 +88,14 @@ class ClusterKeys:
 
 
 configs = st.builds(
-    lambda n_init, n_local, tau, gamma, warm, mn, mx_mul, span_mul, metric: SegmenterConfig(
-        n_init=n_init, n_local=n_local, surprise_window=tau, surprisal_threshold_gamma=gamma,
+    lambda n_init, n_local, lag, tau, gamma, warm, mn, mx_mul, span_mul, metric: SegmenterConfig(
+        n_init=n_init, n_local=n_local, close_lag=None if lag is None else mn + lag, surprise_window=tau,
+        surprisal_threshold_gamma=gamma,
         surprise_warmup=warm, min_block_size=mn, max_block_size=2 * mn * mx_mul,
         max_event_span=2 * mn * mx_mul * span_mul, similarity_metric=metric),
     n_init=st.sampled_from([0, 1, 5, 16]),
     n_local=st.sampled_from([8, 24, 64]),
+    lag=st.sampled_from([None, 0, 5]),
     tau=st.sampled_from([None, 2, 7, 32]),
     gamma=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
     warm=st.sampled_from([2, 5, 32]),
@@ -121,7 +123,7 @@ def test_config_defaults_follow_emllm() -> None:
     {"n_init": -1}, {"min_block_size": 0}, {"min_block_size": 8, "max_block_size": 15},
     {"max_event_span": 64}, {"surprise_window": 1}, {"surprise_warmup": 1},
     {"surprisal_threshold_gamma": math.nan}, {"splitter": "sentence"}, {"similarity_metric": "cosine"},
-    {"refine_layers": (3, 3)}, {"random_rate": 0.0}, {"random_seed": -1}, {"n_local": 4},
+    {"refine_layers": (3, 3)}, {"random_rate": 0.0}, {"random_seed": -1}, {"n_local": 4}, {"close_lag": 7},
     {"n_init": 1.5},
 ])
 def test_config_rejects(kw: dict) -> None:
@@ -336,6 +338,22 @@ def test_default_config_long_stream_512_chunks_vs_random_chunks() -> None:
     whole = run(cfg, s, [(i, i + 512) for i in range(0, n, 512)], keys)
     check_tiling(cfg, whole, n)
     assert run(cfg, s, chunked(n, rng.integers(0, n, size=60).tolist()), keys) == whole
+
+
+def test_close_lag_changes_when_events_return_not_which() -> None:
+    n = 6000
+    s = surprise_stream(5, n)
+    keys = ClusterKeys(n, 5)
+    lagged, eager = SegmenterConfig(n_local=1024), SegmenterConfig(n_local=1024, close_lag=8)
+    chunks = [(i, i + 512) for i in range(0, n, 512)]
+    assert run(eager, s, chunks, keys) == run(lagged, s, chunks, keys)
+    # eager closing leaves only the events whose boundaries are not final yet: well under n_local
+    seg_l, seg_e = OnlineSegmenter(lagged), OnlineSegmenter(eager)
+    for a, b in chunks:
+        seg_l.feed(s[a:b], keys)
+        seg_e.feed(s[a:b], keys)
+    assert seg_l.tokens_seen - seg_l.closed_until >= 1024
+    assert seg_e.tokens_seen - seg_e.closed_until < 1024 // 2
 
 
 def test_refinement_moves_boundary_to_topic_change() -> None:
