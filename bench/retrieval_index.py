@@ -199,7 +199,7 @@ def one(tokens: int, layers: int, steps: int, workdir: str, concat_dim: int, mul
     batch = max(1, round(CHUNK / avg))  # events closed per 512-token chunk
     base = rss()
     tbl = EventTable.create(path, layers, V * D, vectors=V)
-    ix = EventIndex.open(path, tbl, IndexParams())
+    ix = EventIndex.open(path, tbl, IndexParams(build_threshold=0))  # measures the adds: grow from event 0
     t_table = t_index = 0.0
     fit_n = min(n, 2048)
     fit_reps: list[np.ndarray] = []
@@ -303,7 +303,7 @@ def one(tokens: int, layers: int, steps: int, workdir: str, concat_dim: int, mul
             if kind == "ask" and qi == 0:
                 needle = {"events": ne, "exact_rank": [int((scores > scores[e]).sum()) for e in ne],
                           "retrieved": {p: any(e in sel[p] for e in ne) for p in paths}}
-    ix.params = IndexParams()
+    ix.params = IndexParams(build_threshold=0)
     disk_table = tbl.disk_bytes()
     disk_index = ix.disk_bytes()
     shutil.rmtree(path)

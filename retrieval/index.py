@@ -18,13 +18,19 @@ Contract
   are ``q . rep``. ``mu`` is not stored: on load it is recovered as ``rep_0 - stored_0`` (event 0's
   first vector in the table and in the graph), so it always matches the graph (an index saved before
   centering recovers ``mu = 0``).
-* HNSW indexes are grown **eagerly**, event by event (capacity doubles with ``resize_index``), even
-  below the exact-search threshold: the cost per event stays flat, and crossing the threshold never
-  stalls a step with a bulk build.
-* Search: below ``exact_threshold`` events, exact (``max_j reps_j @ q`` over the memory-mapped
-  table, then ``argpartition``); at or above, HNSW with ``ef`` (``max(ef, k V)`` in effect; ``k V``
-  vectors are asked for, so at least ``k`` distinct events come back). Results are event ids sorted
-  best first (ties: lower id first, exact path only).
+* HNSW indexes are built **lazily**: nothing is added (no graph, no RAM) until the table reaches
+  ``build_threshold`` events (default: half the exact-search threshold). From then on each
+  :meth:`EventIndex.sync` of a writer adds at most ``catchup_events`` events, oldest first, so the
+  backlog is added over the next steps instead of stalling one of them, and once caught up every sync
+  adds just the new events (capacity doubles with ``resize_index``). Why: exact search is faster than
+  this HNSW path up to thousands of events (``bench/results/retrieval_index.md``: 165 vs 507 ms p50 at
+  9.3k events), and the adds were a third of a session's ingest time at 16k tokens
+  (~8 ms per event for 20 layers at ``ef_construction`` 200), all of it spent on indexes no search
+  used. Opening an index catches up fully (a lost or stale index is rebuilt at once).
+* Search: below ``exact_threshold`` events, or while the HNSW indexes lag the table, exact
+  (``max_j reps_j @ q`` over the memory-mapped table, then ``argpartition``); otherwise HNSW with
+  ``ef`` (``max(ef, k V)`` in effect; ``k V`` vectors are asked for, so at least ``k`` distinct events
+  come back). Results are event ids sorted best first (ties: lower id first, exact path only).
 * Persistence, next to the log: ``index_LLL.hnsw`` (hnswlib ``save_index``, written to a temporary
   file and renamed) and ``index.json``. hnswlib does not persist ``ef``: it is set after every load.
   Saves happen on :meth:`EventIndex.save` (checkpoint / close) and automatically once the unsaved
@@ -76,8 +82,12 @@ class IndexParams:
     """HNSW build-time beam width. Applies to new indexes."""
     ef: int = 64
     """HNSW query-time beam width (set after every load: hnswlib does not persist it)."""
-    exact_threshold: int = 2048
+    exact_threshold: int = 16384
     """Below this many events, search is exact (numpy matmul + argpartition)."""
+    build_threshold: int | None = None
+    """HNSW indexes start growing once the table has this many events (None: ``exact_threshold // 2``)."""
+    catchup_events: int = 256
+    """Most events a writer's :meth:`EventIndex.sync` adds per call (per layer) while catching up."""
     save_min_events: int = 256
     """Auto-save once at least this many events are unsaved ..."""
     save_fraction: float = 0.25
@@ -89,6 +99,11 @@ class IndexParams:
     seed: int = 100
     """hnswlib random seed (level assignment)."""
 
+    @property
+    def build_at(self) -> int:
+        """Events from which the HNSW indexes are grown (``build_threshold``)."""
+        return self.exact_threshold // 2 if self.build_threshold is None else self.build_threshold
+
     def __post_init__(self) -> None:
         if self.m < 2 or self.ef_construction < 1 or self.ef < 1:
             raise ConfigError(f"need m >= 2, ef_construction >= 1, ef >= 1; got {self}")
@@ -96,6 +111,8 @@ class IndexParams:
             raise ConfigError(
                 f"need exact_threshold >= 0, save_min_events >= 1, save_fraction >= 0; got {self}"
             )
+        if self.build_threshold is not None and self.build_threshold < 0 or self.catchup_events < 1:
+            raise ConfigError(f"need build_threshold >= 0 (or None), catchup_events >= 1; got {self}")
         if self.num_threads < 1 or self.initial_capacity < 1:
             raise ConfigError(f"need num_threads >= 1, initial_capacity >= 1; got {self}")
 
@@ -168,7 +185,7 @@ class EventIndex:
         f = self.path / _index_file(layer)
         n = len(self.table)
         v = self.vectors
-        capacity = max(self.params.initial_capacity, 2 * n) * v
+        capacity = max(self.params.initial_capacity, 2 * n) * v if n >= self.params.build_at else 1
         meta = self._read_meta()
         if (f.exists() and meta is not None and meta.get("dim") == self.dim
                 and int(meta.get("vectors", 1)) == v):  # type: ignore[call-overload]
@@ -184,9 +201,9 @@ class EventIndex:
                         and (count == 0 or int(labels.max()) == count - 1)):
                     ix.set_ef(self.params.ef)
                     return ix
-        if not self.writable and n > 0:
+        if not self.writable and n >= self.params.build_at:
             raise IndexStoreError(f"index of layer {layer} at {self.path} is missing or ahead of its table")
-        if n > 0:
+        if n > 0 and (f.exists() or n >= self.params.build_at):
             self.rebuilt_layers.append(layer)
         return self._new_layer(capacity)
 
@@ -210,20 +227,24 @@ class EventIndex:
             return len(self.table)
         return min(ix.get_current_count() for ix in self._hnsw.values()) // self.vectors
 
-    def sync(self, *, autosave: bool = True) -> int:
-        """Add every event of the table that an index lacks. Returns how many events were added."""
+    def sync(self, *, autosave: bool = True, limit: int | None = None) -> int:
+        """Add the events of the table that an index lacks, once the table has reached the build
+        threshold: all of them, or at most ``limit`` per layer. Returns how many events were added."""
         if not self.writable:
             raise IndexStoreError(f"index at {self.path} is open read-only")
-        n = len(self.table)
+        n_table = len(self.table)
+        if n_table < self.params.build_at:
+            return 0
         v = self.vectors
         added = 0
         with self._lock:
             for layer, ix in self._hnsw.items():
                 have = ix.get_current_count() // v
+                n = n_table if limit is None else min(n_table, have + limit)
                 if have >= n:
                     continue
                 if ix.get_max_elements() < n * v:
-                    ix.resize_index(max(2 * ix.get_max_elements(), n * v))
+                    ix.resize_index(max(2 * ix.get_max_elements(), n_table * v))
                 reps = self.table.reps(layer)
                 if self._center[layer] is None:
                     first = np.asarray(reps[: min(n, _CENTER_EVENTS)], np.float64).reshape(-1, self.dim)
@@ -267,7 +288,10 @@ class EventIndex:
 
     # ------------------------------------------------------------------ search (readers)
     def uses_exact(self, n: int | None = None) -> bool:
-        return (len(self.table) if n is None else n) < self.params.exact_threshold
+        """Whether a search of the first ``n`` events (None: all) is exact: below the threshold, or
+        while the HNSW indexes lag them."""
+        n = len(self.table) if n is None else n
+        return n < self.params.exact_threshold or self.count < n
 
     def search(self, layer: int, query: np.ndarray, k: int, *, exact: bool | None = None
                ) -> tuple[np.ndarray, np.ndarray]:

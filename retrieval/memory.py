@@ -5,9 +5,10 @@ Contract
 * Owned by the server process, one object per open session, one writer thread (the session's
   step loop). It reads the KV log (written by the engine) and writes, in the same directory, the
   event table and the index files; it never writes the log.
-* :meth:`EpisodicMemory.close_events` is called for events that have left the local window, in
-  temporal order: their representatives are computed from the log's keys, appended to the table
-  (the commit point), then added to the indexes.
+* :meth:`EpisodicMemory.close_events` is called for closed events, in temporal order: their
+  representatives are computed from the log's keys, appended to the table (the commit point), then
+  the indexes are synced (``EventIndex.sync``: lazily, once the table is large enough, a bounded
+  number of events per call).
 * Opening checks that the log, the table and the indexes agree: events that end beyond the log (a
   log tail lost in a crash) are dropped, indexes behind the table are caught up, indexes ahead of it
   are rebuilt.
@@ -96,7 +97,7 @@ class EpisodicMemory:
             repr_topk=self.config.repr_topk, token_scores=token_scores, proxy=self.config.repr_proxy,
         )
         first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
-        self.index.sync()
+        self.index.sync(limit=self.index.params.catchup_events)
         return list(range(first, first + len(ranges)))
 
     def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:

@@ -108,8 +108,9 @@ class RetrievalConfig:
     """HNSW build beam width."""
     hnsw_ef: int = 64
     """HNSW query beam width."""
-    exact_search_threshold: int = 2048
-    """Below this many events, search is exact."""
+    exact_search_threshold: int = 16384
+    """Below this many events (about 180k tokens of SmolLM2 at ~11 tokens per event), search is
+    exact; the HNSW indexes are built from half of it on (``index``: lazy build, and why)."""
     index_save_min_events: int = 256
     """Auto-save the indexes after at least this many new events ..."""
     index_save_fraction: float = 0.25

@@ -122,6 +122,49 @@ def test_exact_and_hnsw_switch_at_threshold_agree_on_easy_data(tmp_path):
         np.testing.assert_allclose(ix.scores(0, q, ids_hnsw), sc_exact, rtol=1e-5, atol=1e-5)
 
 
+def test_lazy_build_starts_at_the_build_threshold_and_catches_up_in_bounded_steps(tmp_path):
+    params = IndexParams(exact_threshold=400, build_threshold=200, catchup_events=50, save_min_events=10**6)
+    n0 = 150
+    table = make_table(tmp_path, n0)
+    ix = EventIndex.open(tmp_path, table, params)
+    assert ix.count == 0 and ix.rebuilt_layers == [] and ix.uses_exact()  # nothing built below 200
+    more = np.stack([clustered(300, D, 40 + layer) for layer in range(L)], axis=1)
+    counts = []
+    for i in range(0, 300, 20):  # 20 new events per step, at most 50 added per sync
+        table.append(np.stack([np.arange(n0 + i, n0 + i + 20) * 10, np.arange(n0 + i, n0 + i + 20) * 10 + 10], 1),
+                     more[i:i + 20])
+        added = ix.sync(limit=params.catchup_events)
+        assert added <= 50
+        counts.append(ix.count)
+    assert counts[:3] == [0, 0, 50]  # 170, 190 events: not yet; 210: the first 50
+    assert counts[-1] == len(table) == 450 and ix.count == len(table)  # caught up
+    assert all(b - a <= 50 for a, b in zip(counts, counts[1:], strict=False))
+    assert not ix.uses_exact() and ix.uses_exact(399)
+    q = clustered(1, D, 5)[0]
+    ids, scores = ix.search(0, q, 10)
+    ids_x, scores_x = exact_topk(table.reps(0), q, 10)
+    assert len(set(ids.tolist()) & set(ids_x.tolist())) >= 9
+    # a reopened index that lags its table is caught up at once
+    table.append(np.array([[4500, 4510]]), more[:1])
+    ix.save()
+    table.append(np.array([[4510, 4520]]), more[1:2])
+    again = EventIndex.open(tmp_path, table, params)
+    assert again.count == len(table) == 452 and again.rebuilt_layers == []
+
+
+def test_index_lagging_its_table_is_searched_exactly(tmp_path):
+    params = IndexParams(exact_threshold=100, build_threshold=0, catchup_events=10)
+    table = make_table(tmp_path, 50)
+    ix = EventIndex.open(tmp_path, table, params)
+    assert ix.count == 50
+    table.append(np.stack([np.arange(50, 150) * 10, np.arange(50, 150) * 10 + 10], 1),
+                 np.stack([clustered(100, D, 9 + layer) for layer in range(L)], axis=1))
+    ix.sync(limit=10)
+    assert ix.count == 60 and ix.uses_exact()  # 150 events >= 100, but the graph lags: exact
+    q = clustered(1, D, 3)[0]
+    np.testing.assert_array_equal(ix.search(0, q, 7)[0], exact_topk(table.reps(0), q, 7)[0])
+
+
 def test_indexed_layer_subset(tmp_path):
     params = IndexParams(exact_threshold=0, save_min_events=10**6)
     table = make_table(tmp_path, 300)

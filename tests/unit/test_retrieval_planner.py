@@ -202,7 +202,7 @@ def test_episodic_memory_end_to_end_and_reopen(tmp_path):
     n = 1200
     keys = [torch.randn(n, 1, 4, generator=g) for _ in range(2)]
     log.append(np.arange(n) % 50, np.arange(n), keys, keys)
-    cfg = small(index_save_min_events=10**6)
+    cfg = small(index_save_min_events=10**6, exact_search_threshold=0)  # HNSW from the first event
     mem = EpisodicMemory(log, cfg, num_heads=2, rotate=_rope().rotate)
     bounds = [(s, min(s + 37, 1100)) for s in range(16, 1100, 37)]
     assert mem.close_events(bounds[:10]) == list(range(10))
