@@ -111,7 +111,7 @@ class IndexParams:
             raise ConfigError(
                 f"need exact_threshold >= 0, save_min_events >= 1, save_fraction >= 0; got {self}"
             )
-        if self.build_threshold is not None and self.build_threshold < 0 or self.catchup_events < 1:
+        if (self.build_threshold is not None and self.build_threshold < 0) or self.catchup_events < 1:
             raise ConfigError(f"need build_threshold >= 0 (or None), catchup_events >= 1; got {self}")
         if self.num_threads < 1 or self.initial_capacity < 1:
             raise ConfigError(f"need num_threads >= 1, initial_capacity >= 1; got {self}")

@@ -224,22 +224,16 @@ class WindowPlanner:
             if local_start <= cfg.n_init:
                 layout = WindowLayout(offset, (0, 0), (0, 0), (0, offset - 1), offset - 1, 0, 0)
             else:
-                m = self.table.count_ending_by(local_start)
-                first_start = int(self.table.starts[0]) if m else cfg.n_init
+                base = self._fixed(offset, local_start)
+                first_start = int(self.table.starts[0]) if base.num_events else cfg.n_init
                 if first_start < cfg.n_init:
                     raise PlanError(f"event 0 starts at {first_start}, inside the sink [0, {cfg.n_init})")
-                rem_start = max(cfg.n_init, int(self.table.ends[m - 1])) if m else cfg.n_init
-                base = WindowLayout(offset, (0, cfg.n_init), (rem_start, local_start),
-                                    (local_start, offset - 1), offset - 1, m, 0)
-                n_mem = cfg.n_mem
                 if question and cfg.question_n_local is not None:
-                    q_start = max(offset - cfg.question_n_local, cfg.n_init)
-                    mq = self.table.count_ending_by(q_start)
-                    if mq:
-                        q_rem = max(cfg.n_init, int(self.table.ends[mq - 1]))
-                        base = WindowLayout(offset, base.sink, (q_rem, q_start), (q_start, offset - 1),
-                                            offset - 1, mq, 0)
-                        m = mq
+                    q_base = self._fixed(offset, max(offset - cfg.question_n_local, cfg.n_init))
+                    if q_base.num_events:  # none before the question's local window: the ingestion layout
+                        base = q_base
+                m = base.num_events
+                n_mem = cfg.n_mem
                 if question and m and cfg.question_n_mem is not None:
                     n_mem = min(cfg.question_n_mem, cfg.n_mem)
                 budget = min(n_mem, limit - base.fixed_tokens) if m else 0
@@ -252,6 +246,15 @@ class WindowPlanner:
                 f"max_window is {cfg.max_window}"
             )
         return layout
+
+    def _fixed(self, offset: int, local_start: int) -> WindowLayout:
+        """Sink, remainder and local window of a step at ``offset`` whose local window starts at
+        ``local_start``: the events that end by then are retrievable (no budget yet)."""
+        n_init = self.config.n_init
+        m = self.table.count_ending_by(local_start)
+        rem_start = max(n_init, int(self.table.ends[m - 1])) if m else n_init
+        return WindowLayout(offset, (0, n_init), (rem_start, local_start), (local_start, offset - 1),
+                            offset - 1, m, 0)
 
     def plan_step(
         self,

@@ -276,8 +276,8 @@ class Retriever:
         sizes = self.table.sizes
         starts = self.table.starts
         memory = int(sizes[:m].sum())
-        # exact also when the HNSW indexes lag the table (a reader in another process)
-        exact = self.index.uses_exact(n) or self.index.count < n
+        # exact also while the HNSW indexes lag the table (catching up, or a reader in another process)
+        exact = self.index.uses_exact(n)
         q = None if queries is None else self.encode(queries)
 
         def build(picks: list[tuple[int, int, Source]], layer: int | None) -> LayerSelection:
