@@ -289,8 +289,13 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
                 if stream is not None:
                     if jobs:
                         server.restart()
-                    st = run_stream(server, "emserve", stream, stream_checkpoints(stream.length), args.max_tokens)
-                    run.res["streams"].append(st)
+                    def point(partial: dict[str, Any]) -> None:
+                        run.res["streams"] = [partial]
+                        run.save()
+
+                    st = run_stream(server, "emserve", stream, stream_checkpoints(stream.length), args.max_tokens,
+                                    on_point=point, keep=args.keep)
+                    run.res["streams"] = [st]
                     run.save()
             finally:
                 status = server.stop()
@@ -340,7 +345,8 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimate, run nothing")
     ap.add_argument("--workdir", default=None, help="where sessions and logs go (default: a temp folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder (server log, vanilla log)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work folder (server log, vanilla log) and a long stream's session")
     args = ap.parse_args(argv)
     mode = MODES[args.mode or "quick"]
     if args.lengths:

@@ -243,10 +243,13 @@ def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: 
 
 # ------------------------------------------------------------------------------------------ streams
 def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[int], max_tokens: int,
-               piece_tokens: int = 4096) -> dict[str, Any]:
+               piece_tokens: int = 4096,
+               on_point: Callable[[dict[str, Any]], None] | None = None, keep: bool = False) -> dict[str, Any]:
     """One long session: ingest ``hs`` up to each checkpoint, then measure there (ingest tok/s over the
     last segment, time to first token of a question, decode tok/s, retrieval time, RSS, disk bytes
-    per token); at the end ask every question of ``hs`` in turn."""
+    per token); at the end ask every question of ``hs`` in turn. ``on_point`` gets the stream's
+    partial result after every checkpoint (``"partial": True``), so a long run that is stopped keeps
+    what it measured. ``keep``: leave the session in the server's store (for later inspection)."""
     c = server.client
     sid = f"stream-{system}-{hs.hid}"
     with contextlib.suppress(Exception):  # absent: the usual case
@@ -283,6 +286,10 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
                 f"TTFT {a['ttft_s']:.2f} s, RSS {pt['rss_bytes'] / 2**30:.2f} GiB, "
                 f"{pt['disk_bytes_per_token'] / 1024:.1f} KiB/token")
             prev = cp
+            if on_point is not None:
+                on_point({"system": system, "hid": hs.hid, "length": hs.length, "partial": True,
+                          "ingest_s": t_ingest, "ingest_tok_s": cp / t_ingest, "points": points,
+                          "series": series, "answers": [], "haystack": hs.summary()})
         answers = []
         tail = remainder_start(c, sid, hs.length, s.memory)
         for q in hs.questions:
@@ -294,4 +301,5 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
                 "ingest_tok_s": hs.length / t_ingest, "points": points, "series": series, "answers": answers,
                 "haystack": hs.summary()}
     finally:
-        server.delete(sid, int(points[-1]["disk_bytes"]) if points else 0)
+        if not keep:
+            server.delete(sid, int(points[-1]["disk_bytes"]) if points else 0)

@@ -92,12 +92,22 @@ class IndexParams:
     """Auto-save once at least this many events are unsaved ..."""
     save_fraction: float = 0.25
     """... and the unsaved events are at least this fraction of the saved ones."""
-    num_threads: int = 1
-    """hnswlib threads for adds (queries are single-vector, single-thread)."""
+    num_threads: int = 0
+    """hnswlib threads for adds (0: one per CPU core, at most 4). Adds run while the session's
+    engine step is not running, so they have the cores to themselves: 2 threads halve the add time
+    on 2 cores (188 vectors into a 60k-vector graph: 93 -> 46 ms). Queries are single-thread."""
     initial_capacity: int = 1024
     """Initial hnswlib capacity (events); doubles as needed."""
     seed: int = 100
     """hnswlib random seed (level assignment)."""
+
+    @property
+    def add_threads(self) -> int:
+        """``num_threads``, with 0 resolved to the CPU cores this process may use (at most 4)."""
+        if self.num_threads:
+            return self.num_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, cores))
 
     @property
     def build_at(self) -> int:
@@ -113,8 +123,8 @@ class IndexParams:
             )
         if (self.build_threshold is not None and self.build_threshold < 0) or self.catchup_events < 1:
             raise ConfigError(f"need build_threshold >= 0 (or None), catchup_events >= 1; got {self}")
-        if self.num_threads < 1 or self.initial_capacity < 1:
-            raise ConfigError(f"need num_threads >= 1, initial_capacity >= 1; got {self}")
+        if self.num_threads < 0 or self.initial_capacity < 1:
+            raise ConfigError(f"need num_threads >= 0, initial_capacity >= 1; got {self}")
 
 
 def max_scores(reps: np.ndarray, queries: np.ndarray, vectors: int = 1) -> np.ndarray:
@@ -253,7 +263,7 @@ class EventIndex:
                 for lo in range(have, n, _ADD_CHUNK):
                     hi = min(n, lo + _ADD_CHUNK)
                     ix.add_items(np.ascontiguousarray(reps[lo:hi]).reshape(-1, self.dim) - center,
-                                 np.arange(lo * v, hi * v), num_threads=self.params.num_threads)
+                                 np.arange(lo * v, hi * v), num_threads=self.params.add_threads)
                 if have == 0:  # as a load would recover it (bit-identical scores before and after a reopen)
                     self._center[layer] = self._recover_center(layer, ix)
                 added = max(added, n - have)

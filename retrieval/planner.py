@@ -115,8 +115,8 @@ class RetrievalConfig:
     """Auto-save the indexes after at least this many new events ..."""
     index_save_fraction: float = 0.25
     """... that are also at least this fraction of the saved ones."""
-    index_threads: int = 1
-    """hnswlib threads for adds."""
+    index_threads: int = 0
+    """hnswlib threads for adds (0: one per CPU core, at most 4)."""
 
     def __post_init__(self) -> None:
         if self.n_init < 0 or self.n_local < 1 or self.n_mem < 0 or self.exc_block_size < 1:
