@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from emserve.retrieval.errors import EventTableError
+from emserve.retrieval.mapping import map_array
 
 HEADER_FILE = "events.json"
 RECORDS_FILE = "events.i64"
@@ -64,7 +65,7 @@ class EventTable:
         self.fsync = fsync
         self._n = 0
         self._bounds = np.zeros((0, 2), np.int64)  # [capacity, 2], rows < n valid
-        self._maps: list[np.memmap | None] = [None] * num_layers
+        self._maps: list[np.ndarray | None] = [None] * num_layers
         self._map_rows: list[int] = [0] * num_layers
         self._fds: dict[str, int] = {}
         self._capacity = 0
@@ -289,7 +290,7 @@ class EventTable:
             rows = os.stat(path).st_size // self._row_bytes
             if rows < n:
                 raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
-            m = np.memmap(path, dtype="<f4", mode="r", shape=(rows, self.dim))
+            m = map_array(path, "<f4", (rows, self.dim))
             self._maps[layer], self._map_rows[layer] = m, rows
         return np.asarray(m[:n])
 

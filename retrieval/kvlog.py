@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from emserve.retrieval.errors import LogError
+from emserve.retrieval.mapping import map_array
 
 # name -> (torch dtype, numpy storage dtype of the same width)
 _DTYPES: dict[str, tuple[torch.dtype, type[np.generic]]] = {
@@ -105,7 +106,7 @@ class KVLog:
         self.fsync = fsync
         self._n = 0
         self._appended = 0  # committed length after this writer's last append (detects outside truncation)
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, np.ndarray] = {}
         self._map_len: dict[str, int] = {}
         self._fds: dict[str, int] = {}
         if writable:
@@ -264,12 +265,12 @@ class KVLog:
             view = view[written:]
 
     # ------------------------------------------------------------------ read
-    def _map(self, name: str, dtype: type[np.generic], row: tuple[int, ...]) -> np.memmap:
+    def _map(self, name: str, dtype: type[np.generic], row: tuple[int, ...]) -> np.ndarray:
         m = self._maps.get(name)
         if m is None or self._map_len[name] < self._n:
             if self._n == 0:
                 raise LogError(f"KV log at {self.path} is empty")
-            m = np.memmap(self.path / name, dtype=dtype, mode="r", shape=(self._n, *row))
+            m = map_array(self.path / name, dtype, (self._n, *row))
             self._maps[name], self._map_len[name] = m, self._n
         return m
 
