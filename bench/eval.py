@@ -256,9 +256,25 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
     run.res["haystack_specs"] = [hs.summary() for hs in haystacks]
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="emserve-eval-", dir=args.workdir))
+    resume = None
+    if args.resume:
+        if stream is None or jobs:
+            log("--resume continues a stopped long stream (--perf / --long-1m) only")
+            return 1
+        workdir = Path(args.resume)
+        prior = json.loads((run.results_dir / f"{run.name}.json").read_text())
+        if not prior.get("streams") or not prior["streams"][0].get("partial"):
+            log(f"{run.results_dir / run.name}.json holds no partial stream to resume")
+            return 1
+        resume = prior["streams"][0]
+        run.res["resumed"] = {"git": prior.get("git"), "wall_s": prior.get("wall_s"), "time": prior["machine"]["time"],
+                              "workdir": str(workdir)}
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="emserve-eval-", dir=args.workdir))
     biggest = max([mode.stream_length, *(j.haystack.length for j in jobs)])
     need = biggest * DISK_PER_TOKEN * max(1, args.concurrency) + (args.restart_gib * 2**30 if jobs else 0)
+    if resume is not None:  # the stream's session already holds part of what it needs
+        need -= sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())
     free = shutil.disk_usage(workdir).free
     if free < need:
         log(f"not enough disk in {workdir}: {free / 2**30:.0f} GiB free, need ~{need / 2**30:.0f} GiB "
@@ -294,7 +310,7 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
                         run.save()
 
                     st = run_stream(server, "emserve", stream, stream_checkpoints(stream.length), args.max_tokens,
-                                    on_point=point, keep=args.keep)
+                                    on_point=point, keep=args.keep, resume=resume)
                     run.res["streams"] = [st]
                     run.save()
             finally:
@@ -345,6 +361,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimate, run nothing")
     ap.add_argument("--workdir", default=None, help="where sessions and logs go (default: a temp folder)")
+    ap.add_argument("--resume", metavar="WORKDIR",
+                    help="go on with a stopped --perf / --long-1m stream: its work folder (emserve-eval-*, kept "
+                         "with --keep) and results file; points measured before are kept")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work folder (server log, vanilla log) and a long stream's session")
     args = ap.parse_args(argv)

@@ -80,7 +80,10 @@ class Server:
 
         t0 = time.perf_counter()
         self.starts += 1
-        logf = self.workdir / f"server-{self.starts}.log"
+        n = self.starts
+        while (self.workdir / f"server-{n}.log").exists():  # a resumed run's folder keeps its old logs
+            n += 1
+        logf = self.workdir / f"server-{n}.log"
         self.proc = ServerProcess(self.workdir / "sessions", logf, self.args)
         try:
             address = self.proc.wait_listening(timeout=300)
@@ -244,24 +247,43 @@ def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: 
 # ------------------------------------------------------------------------------------------ streams
 def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[int], max_tokens: int,
                piece_tokens: int = 4096,
-               on_point: Callable[[dict[str, Any]], None] | None = None, keep: bool = False) -> dict[str, Any]:
+               on_point: Callable[[dict[str, Any]], None] | None = None, keep: bool = False,
+               resume: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One long session: ingest ``hs`` up to each checkpoint, then measure there (ingest tok/s over the
     last segment, time to first token of a question, decode tok/s, retrieval time, RSS, disk bytes
     per token); at the end ask every question of ``hs`` in turn. ``on_point`` gets the stream's
     partial result after every checkpoint (``"partial": True``), so a long run that is stopped keeps
-    what it measured. ``keep``: leave the session in the server's store (for later inspection)."""
+    what it measured. ``keep``: leave the session in the server's store (for later inspection).
+    ``resume``: such a partial result of a stopped run whose session the server still holds: ingestion
+    goes on from the session's committed offset, keeping the measured points; the tokens between the
+    last saved checkpoint and that offset were ingested unmeasured (``unmeasured`` in the result), and
+    the next point's segment starts at the offset."""
     c = server.client
     sid = f"stream-{system}-{hs.hid}"
-    with contextlib.suppress(Exception):  # absent: the usual case
-        c.delete_session(sid)
-    s = c.create_session(sid, memory=overrides(system, server.default_memory()))
     series: list[tuple[float, int]] = [(0.0, 0)]  # (ingest seconds, committed tokens), every >= 2048 tokens
     points: list[dict[str, Any]] = []
     t_ingest = 0.0
     prev = 0
+    unmeasured: list[int] | None = None
+    if resume is None:
+        with contextlib.suppress(Exception):  # absent: the usual case
+            c.delete_session(sid)
+        s = c.create_session(sid, memory=overrides(system, server.default_memory()))
+    else:
+        t0 = time.perf_counter()
+        s = c.get_session(sid)  # opens it (indexes loaded): not counted as ingest time
+        points = [dict(p) for p in resume["points"]]
+        series = [(float(a), int(b)) for a, b in resume["series"]]
+        t_ingest = float(resume["ingest_s"])
+        prev = int(s.num_tokens)
+        unmeasured = [int(points[-1]["tokens"]) if points else 0, prev]
+        log(f"{system} stream resumed at {prev} tokens (opened in {time.perf_counter() - t0:.0f} s); "
+            f"tokens {unmeasured} were ingested unmeasured")
     probe = hs.questions[0]
     try:
         for cp in sorted({min(x, hs.length) for x in checkpoints} | {hs.length}):
+            if cp <= prev:
+                continue
             t0 = time.perf_counter()
             last = [prev]
 
@@ -288,8 +310,10 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
             prev = cp
             if on_point is not None:
                 on_point({"system": system, "hid": hs.hid, "length": hs.length, "partial": True,
-                          "ingest_s": t_ingest, "ingest_tok_s": cp / t_ingest, "points": points,
-                          "series": series, "answers": [], "haystack": hs.summary()})
+                          "ingest_s": t_ingest,
+                          "ingest_tok_s": (cp - (unmeasured[1] - unmeasured[0] if unmeasured else 0)) / t_ingest,
+                          "points": points, "series": series, "answers": [], "haystack": hs.summary(),
+                          "unmeasured": unmeasured})
         answers = []
         tail = remainder_start(c, sid, hs.length, s.memory)
         for q in hs.questions:
@@ -297,9 +321,10 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
             answers.append({"system": system, "task": hs.task, "length": hs.length, "hid": hs.hid,
                             "context_tokens": hs.length, **a})
             log(f"{system} {q.qid}: {a['answer']!r} ({'OK' if a['correct'] else 'wrong'}, expected {q.expected})")
+        measured = hs.length - (unmeasured[1] - unmeasured[0] if unmeasured else 0)
         return {"system": system, "hid": hs.hid, "length": hs.length, "ingest_s": t_ingest,
-                "ingest_tok_s": hs.length / t_ingest, "points": points, "series": series, "answers": answers,
-                "haystack": hs.summary()}
+                "ingest_tok_s": measured / t_ingest, "points": points, "series": series, "answers": answers,
+                "haystack": hs.summary(), "unmeasured": unmeasured}
     finally:
         if not keep:
             server.delete(sid, int(points[-1]["disk_bytes"]) if points else 0)
