@@ -270,7 +270,7 @@ class KVLog:
         if m is None or self._map_len[name] < self._n:
             if self._n == 0:
                 raise LogError(f"KV log at {self.path} is empty")
-            m = map_array(self.path / name, dtype, (self._n, *row))
+            m = map_array(self.path / name, dtype, (self._n, *row), random=True)  # see retrieval.mapping
             self._maps[name], self._map_len[name] = m, self._n
         return m
 

@@ -1,12 +1,16 @@
-"""Read-only memory maps for random access.
+"""Read-only memory maps of the session files, with the access pattern told to the kernel.
 
-A session's files (KV log, event representatives) outgrow the page cache in long sessions, and then
-every read of an old event is a page fault. On a fault in an ordinary file mapping Linux reads
-around it, up to the device's readahead (``read_ahead_kb``: 8 MiB on the development VM), so each
-retrieved event's few KiB cost megabytes of disk reads. Retrieval reads exactly that way: a few
-KiB per event and layer, scattered over the whole session. :func:`map_array` maps with
-``MADV_RANDOM`` (only the faulting page is read). Recent data (the local window, just written) is
-in the page cache anyway, where the advice changes nothing.
+A session's files outgrow the page cache in long sessions, and then a read of old data is a page
+fault. On a fault in an ordinary file mapping Linux reads around it, up to the device's readahead
+(``read_ahead_kb``: 8 MiB on the development VM). That suits scans and dense gathers, and is ruinous
+for the KV log: a step's window reads each retrieved event's few KiB per layer, scattered over the
+whole session. Measured on a 1M-token session with a cold page cache (``bench/session_profile.py``,
+8k tokens appended): vLLM's step 7.9 s -> 1.5 s p50 with ``random=True`` on the KV log.
+
+The representatives are better left to readahead: exact search scans them whole (a cold scan of
+6 GB took 69 s fault by fault), and the HNSW path rescoring gathers thousands of events per step
+(2.5 s with readahead vs 3.2 s without, same session). Recent data (the local window, just written)
+is in the page cache either way.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import numpy as np
 
 
 def map_array(path: str | os.PathLike[str], dtype: np.dtype | type[np.generic] | str,
-              shape: tuple[int, ...]) -> np.ndarray:
-    """Read-only ``[shape]`` array over the start of ``path``, memory-mapped for random access.
+              shape: tuple[int, ...], *, random: bool = False) -> np.ndarray:
+    """Read-only ``[shape]`` array over the start of ``path``, memory-mapped; ``random``: advise
+    ``MADV_RANDOM`` (a fault reads only its page).
 
     The file must hold at least ``prod(shape)`` items; the array keeps the mapping alive.
     """
@@ -31,6 +36,6 @@ def map_array(path: str | os.PathLike[str], dtype: np.dtype | type[np.generic] |
         return np.zeros(shape, dt)
     with open(Path(path), "rb") as f:
         mm = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_READ)
-    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+    if random and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mm, dtype=dt, count=count).reshape(shape)
