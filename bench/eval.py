@@ -195,8 +195,9 @@ def run_vanilla(run: Run, corpus: Corpus, specs: Sequence[HaystackSpec], native:
     if "vanilla" not in mode.systems:
         return
     prompts, meta = [], {}
+    cap = min(native, args.vanilla_max_length or native)
     for spec in specs:
-        if spec.length > native:
+        if spec.length > cap:
             continue
         probe = build(corpus, spec, args.seed)
         reserve = max(len(q.prompt_ids) for q in probe.questions) + args.max_tokens + 1
@@ -204,7 +205,7 @@ def run_vanilla(run: Run, corpus: Corpus, specs: Sequence[HaystackSpec], native:
         for q in hs.questions:
             prompts.append({"id": q.qid, "ids": hs.ids + q.prompt_ids})
             meta[q.qid] = (spec, hs, q)
-    prefill = sorted({min(n, native - 1) for n in mode.lengths if n <= native}
+    prefill = sorted({min(n, native - 1) for n in mode.lengths if n <= cap}
                      | ({native - 1} if mode.stream_length else set()))
     log(f"vanilla vLLM: {len(prompts)} questions, prefill at {prefill}")
     job = {"model": model_path, "max_model_len": native, "max_tokens": args.max_tokens, "prompts": prompts,
@@ -361,6 +362,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimate, run nothing")
     ap.add_argument("--workdir", default=None, help="where sessions and logs go (default: a temp folder)")
+    ap.add_argument("--vanilla-max-length", type=lambda s: _ints(s)[0], default=None,
+                    help="vanilla vLLM only on haystacks up to this length, e.g. 4k (default: the native "
+                         "context; full attention over Qwen2.5-0.5B's 32k is slow on 2 CPU cores)")
     ap.add_argument("--resume", metavar="WORKDIR",
                     help="go on with a stopped --perf / --long-1m stream: its work folder (emserve-eval-*, kept "
                          "with --keep) and results file; points measured before are kept")

@@ -382,6 +382,13 @@ def _section(name: str, r: dict[str, Any], results_dir: Path) -> list[str]:
     if not r.get("complete", True):
         out += [f"**Partial run**: stopped before its end ({len(r.get('haystacks', []))} sessions done); cells and "
                 "systems missing below (e.g. vanilla, which runs last) were not measured.", ""]
+    if r.get("resumed"):
+        pr = r["resumed"]
+        gaps = [f"{st['unmeasured'][0]}-{st['unmeasured'][1]}" for st in r.get("streams", []) if st.get("unmeasured")]
+        out += [f"**Resumed run**: the stream was stopped and resumed on its kept session (first part: run "
+                f"{pr.get('time')}, git {pr.get('git')}, {(pr.get('wall_s') or 0) / 60:.1f} min); tokens "
+                f"{', '.join(gaps) or '-'} were ingested between its last saved checkpoint and the stop, unmeasured; "
+                "the next segment below starts where the resumed run did.", ""]
     if r.get("load_avg_start"):
         out += [f"Load average (1 / 5 / 15 min) at the start {' / '.join(f'{x:.1f}' for x in r['load_avg_start'])}, "
                 f"at the end {' / '.join(f'{x:.1f}' for x in r.get('load_avg_end', []))} (the machine's 2 cores "

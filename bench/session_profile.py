@@ -1,0 +1,215 @@
+"""Where a session's ingestion time goes, per step, at any session length (issues #4, #6).
+
+Opens a session directory (e.g. the 1M-token stream that ``bench/eval.py --long-1m --keep`` leaves
+under ``<workdir>/emserve-eval-*/sessions/``), or creates a fresh one, and appends ``--tokens`` more
+tokens of ``big`` text through the real vLLM engine and the product's :class:`Session`, timing every
+ingestion step by phase:
+
+* ``engine``: the vLLM step (forward pass over the assembled window, KV capture into the log);
+* ``plan``: the window planner, i.e. retrieval (query encoding, exact or HNSW search over every
+  scoring layer, rescoring, contiguity buffer) and the window layout;
+* ``segment``: the online segmenter (surprise threshold, boundary refinement);
+* ``close``: closing events (representatives, table append, index adds / graph catch-up, saves);
+* ``step``: the whole ingestion step, host bookkeeping included.
+
+Also: the time to open the session (what a server restart pays), the resident memory of this process
+(indexes, table, caches; vLLM's engine core is a separate process), and disk bytes per token by part
+(KV log, event table, HNSW indexes, the rest) against the raw bf16 KV of the tokens.
+
+    .venv/bin/python bench/session_profile.py --session DIR [--tokens 16384] [--out NAME]
+    .venv/bin/python bench/session_profile.py --create /tmp/s --prefix 32768 --tokens 16384
+
+Prints a table; writes ``bench/results/<out>.json``. Appends to the session it opens (use a scratch copy
+of anything you want unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PHASES = ("step", "engine", "plan", "segment", "close")
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def disk_parts(path: Path) -> dict[str, int]:
+    """Bytes under a session directory: KV log (``k_*``/``v_*``), event table (representatives,
+    ranges), HNSW index files, the rest (tokens, surprise, state)."""
+    parts: dict[str, int] = defaultdict(int)
+    for f in path.rglob("*"):
+        if not f.is_file():
+            continue
+        if f.suffix == ".hnsw":
+            part = "index"
+        elif f.name.startswith(("k_", "v_")) and f.suffix == ".bin":
+            part = "kv_log"
+        elif f.name.startswith(("reps_", "events.")):
+            part = "table"
+        else:
+            part = "other"
+        parts[part] += f.stat().st_size
+    return dict(parts)
+
+
+def stats(ts: list[float]) -> dict[str, float]:
+    a = np.asarray(ts) * 1e3
+    return {"n": len(ts), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "total_s": float(a.sum() / 1e3)}
+
+
+async def profile(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from emserve.server.corpus import load_text
+    from emserve.server.engine.config import EngineConfig
+    from emserve.server.engine.vllm_engine import VLLMEngine
+    from emserve.server.models import resolve_model
+    from emserve.server.session import MemoryConfig, Session
+
+    spec = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    text = load_text("big")
+    start = text.find(" ", int(len(text) * args.text_at)) + 1
+    need = args.tokens + (args.prefix if args.create else 0)
+    ids: list[int] = []
+    pos = start
+    while len(ids) < need:  # wrap around the text for long prefixes
+        piece = text[pos: pos + need * 6]
+        ids += tok(piece)["input_ids"]
+        pos = 0
+    ids = ids[:need]
+
+    engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    if args.create:
+        session = Session.create(args.create, engine, MemoryConfig())
+        path = Path(args.create)
+        if args.prefix:
+            print(f"ingesting a {args.prefix}-token prefix ...", flush=True)
+            await session.append(ids[: args.prefix])
+            ids = ids[args.prefix:]
+        open_s = None
+    else:
+        path = Path(args.session)
+        session = Session.open(path, engine)
+        session.memory  # noqa: B018 - loads the event table and the indexes (what a first step would)
+        open_s = time.perf_counter() - t0
+    rss_open = rss_bytes()
+    tokens0, events0 = session.num_tokens, len(session.memory.table)
+    print(f"session at {tokens0} tokens, {events0} events"
+          + (f"; opened in {open_s:.1f} s" if open_s is not None else ""), flush=True)
+
+    times: dict[str, list[float]] = defaultdict(list)
+    cur: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                cur[name] += time.perf_counter() - t
+        return wrapper
+
+    def timed_async(name: str, fn: Any) -> Any:
+        async def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                cur[name] += time.perf_counter() - t
+        return wrapper
+
+    memory = session.memory
+    memory.planner.plan_step = timed("plan", memory.planner.plan_step)  # type: ignore[method-assign]
+    memory.close_events = timed("close", memory.close_events)  # type: ignore[method-assign]
+    session.segmenter.feed = timed("segment", session.segmenter.feed)  # type: ignore[method-assign]
+    engine.step = timed_async("engine", engine.step)  # type: ignore[method-assign]
+    ingest = session._ingest_chunk
+
+    async def step(chunk: list[int]) -> Any:
+        cur.clear()
+        t = time.perf_counter()
+        res = await ingest(chunk)
+        times["step"].append(time.perf_counter() - t)
+        for k in PHASES[1:]:
+            times[k].append(cur.get(k, 0.0))
+        if len(times["step"]) % 8 == 0:
+            done = len(times["step"]) * session.config.exc_block_size
+            print(f"  +{done} tokens, step p50 {np.median(times['step']) * 1e3:.0f} ms", flush=True)
+        return res
+
+    session._ingest_chunk = step  # type: ignore[method-assign]
+    t = time.perf_counter()
+    await session.append(ids)
+    await session.flush()
+    wall = time.perf_counter() - t
+    rss_end = rss_bytes()
+    n_tok = session.num_tokens
+    parts = disk_parts(path)
+    info = engine.info
+    raw_kv = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 2  # K and V, bf16
+    res = {
+        "session": str(path), "model": spec.name, "tokens_before": tokens0, "events_before": events0,
+        "tokens_after": n_tok, "events_after": len(session.memory.table), "appended": len(ids),
+        "open_s": open_s, "wall_s": wall, "tok_s": len(ids) / wall,
+        "uses_exact": bool(session.memory.index.uses_exact(len(session.memory.table))),
+        "phases": {k: stats(times[k]) for k in PHASES},
+        "rss_bytes": {"engine_loaded": rss0, "session_open": rss_open, "end": rss_end},
+        "disk_bytes": parts, "disk_bytes_per_token": {k: v / n_tok for k, v in parts.items()},
+        "raw_kv_bytes_per_token": raw_kv,
+        "disk_vs_raw_kv": sum(parts.values()) / n_tok / raw_kv,
+    }
+    session.close()
+    engine.close()
+    return res
+
+
+def main() -> int:
+    from common import machine, sigterm_exits, table, write_results  # type: ignore[import-not-found]
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--session", help="an existing session directory (appended to)")
+    g.add_argument("--create", help="create a new session here")
+    ap.add_argument("--prefix", type=int, default=0, help="--create: tokens ingested before profiling")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens appended while profiling")
+    ap.add_argument("--text-at", type=float, default=0.5, help="where in the text the appended tokens start")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default="session_profile")
+    args = ap.parse_args()
+    sigterm_exits()
+    res = asyncio.run(profile(args))
+    n = res["phases"]["step"]["total_s"]
+    rows = [[k, s["n"], s["p50_ms"], s["p99_ms"], s["mean_ms"], f"{100 * s['total_s'] / n:.0f}%"]
+            for k, s in res["phases"].items()]
+    print(f"\n{res['tokens_before']} -> {res['tokens_after']} tokens ({res['events_after']} events, "
+          f"{'exact' if res['uses_exact'] else 'HNSW'} search): {res['tok_s']:.0f} tok/s")
+    print(table(["phase", "steps", "p50 ms", "p99 ms", "mean ms", "share"], rows))
+    print("disk per token: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in res["disk_bytes_per_token"].items())
+          + f"; {res['disk_vs_raw_kv']:.2f}x raw bf16 KV; RSS {res['rss_bytes']['end'] / 2**30:.2f} GiB"
+          + (f"; open {res['open_s']:.1f} s" if res["open_s"] is not None else ""))
+    print("wrote", write_results(args.out, {"machine": machine(), "command": " ".join(sys.argv), **res}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
