@@ -164,7 +164,9 @@ class Run:
         self.name = args.out or mode.name + (f"-{args.model}" if args.model else "")
         self.t0 = time.perf_counter()
         self.res: dict[str, Any] = {
-            "name": self.name, "title": mode.title + (f", {args.model}" if args.model else ""), "quick": mode.quick,
+            "name": self.name,
+            "title": mode.title.replace(" (default model)", f" ({args.model})") if args.model else mode.title,
+            "quick": mode.quick,
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "complete": False, "git": git_rev(),
             "machine": machine(), "answers": [], "haystacks": [], "streams": [], "vanilla": {},
             "config": {"lengths": mode.lengths, "tasks": mode.tasks, "depths": mode.depths,
