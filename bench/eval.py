@@ -265,9 +265,13 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
             log("--resume continues a stopped long stream (--perf / --long-1m) only")
             return 1
         workdir = Path(args.resume)
-        prior = json.loads((run.results_dir / f"{run.name}.json").read_text())
+        prior_path = run.results_dir / f"{run.name}.json"
+        if not (workdir / "sessions").is_dir() or not prior_path.is_file():
+            log(f"nothing to resume: need the stopped run's work folder (with sessions/) and {prior_path}")
+            return 1
+        prior = json.loads(prior_path.read_text())
         if not prior.get("streams") or not prior["streams"][0].get("partial"):
-            log(f"{run.results_dir / run.name}.json holds no partial stream to resume")
+            log(f"{prior_path} holds no partial stream to resume")
             return 1
         resume = prior["streams"][0]
         run.res["resumed"] = {"git": prior.get("git"), "wall_s": prior.get("wall_s"), "time": prior["machine"]["time"],

@@ -270,15 +270,20 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
             c.delete_session(sid)
         s = c.create_session(sid, memory=overrides(system, server.default_memory()))
     else:
-        t0 = time.perf_counter()
-        s = c.get_session(sid)  # opens it (indexes loaded): not counted as ingest time
+        s = c.get_session(sid)  # metadata only: the first ingest call opens the memory, in the first segment
         points = [dict(p) for p in resume["points"]]
         series = [(float(a), int(b)) for a, b in resume["series"]]
         t_ingest = float(resume["ingest_s"])
         prev = int(s.num_tokens)
         unmeasured = [int(points[-1]["tokens"]) if points else 0, prev]
-        log(f"{system} stream resumed at {prev} tokens (opened in {time.perf_counter() - t0:.0f} s); "
-            f"tokens {unmeasured} were ingested unmeasured")
+        log(f"{system} stream resumed at {prev} tokens; tokens {unmeasured} were ingested unmeasured")
+    skipped = unmeasured[1] - unmeasured[0] if unmeasured else 0
+
+    def result(answers: list[dict[str, Any]], upto: int, partial: bool) -> dict[str, Any]:
+        return {"system": system, "hid": hs.hid, "length": hs.length, "partial": partial, "ingest_s": t_ingest,
+                "ingest_tok_s": (upto - skipped) / t_ingest, "points": points, "series": series,
+                "answers": answers, "haystack": hs.summary(), "unmeasured": unmeasured}
+
     probe = hs.questions[0]
     try:
         for cp in sorted({min(x, hs.length) for x in checkpoints} | {hs.length}):
@@ -309,11 +314,7 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
                 f"{pt['disk_bytes_per_token'] / 1024:.1f} KiB/token")
             prev = cp
             if on_point is not None:
-                on_point({"system": system, "hid": hs.hid, "length": hs.length, "partial": True,
-                          "ingest_s": t_ingest,
-                          "ingest_tok_s": (cp - (unmeasured[1] - unmeasured[0] if unmeasured else 0)) / t_ingest,
-                          "points": points, "series": series, "answers": [], "haystack": hs.summary(),
-                          "unmeasured": unmeasured})
+                on_point(result([], cp, partial=True))
         answers = []
         tail = remainder_start(c, sid, hs.length, s.memory)
         for q in hs.questions:
@@ -321,10 +322,7 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
             answers.append({"system": system, "task": hs.task, "length": hs.length, "hid": hs.hid,
                             "context_tokens": hs.length, **a})
             log(f"{system} {q.qid}: {a['answer']!r} ({'OK' if a['correct'] else 'wrong'}, expected {q.expected})")
-        measured = hs.length - (unmeasured[1] - unmeasured[0] if unmeasured else 0)
-        return {"system": system, "hid": hs.hid, "length": hs.length, "ingest_s": t_ingest,
-                "ingest_tok_s": measured / t_ingest, "points": points, "series": series, "answers": answers,
-                "haystack": hs.summary(), "unmeasured": unmeasured}
+        return result(answers, hs.length, partial=False)
     finally:
         if not keep:
             server.delete(sid, int(points[-1]["disk_bytes"]) if points else 0)

@@ -195,6 +195,8 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="session_profile")
     args = ap.parse_args()
+    if args.tokens < 1 or args.prefix < 0:
+        ap.error("--tokens must be >= 1 and --prefix >= 0")
     sigterm_exits()
     res = asyncio.run(profile(args))
     n = res["phases"]["step"]["total_s"]

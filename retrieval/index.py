@@ -93,9 +93,9 @@ class IndexParams:
     save_fraction: float = 0.25
     """... and the unsaved events are at least this fraction of the saved ones."""
     num_threads: int = 0
-    """hnswlib threads for adds (0: one per CPU core, at most 4). Adds run while the session's
-    engine step is not running, so they have the cores to themselves: 2 threads halve the add time
-    on 2 cores (188 vectors into a 60k-vector graph: 93 -> 46 ms). Queries are single-thread."""
+    """hnswlib threads for adds (0: one per CPU core, at most 4). Adds run between the session's
+    engine steps, when its own step leaves the cores idle: 2 threads halve the add time on 2 cores
+    (188 vectors into a 60k-vector graph: 93 -> 46 ms). Queries are single-thread."""
     initial_capacity: int = 1024
     """Initial hnswlib capacity (events); doubles as needed."""
     seed: int = 100
