@@ -437,6 +437,9 @@ def sampling(r: dict[str, Any]) -> str:
     if caps:
         txt += ("; depths per task at most " + ", ".join(f"{v} at {_k(int(k))}" for k, v in caps.items())
                 + " (every s-th depth, offset rotated by task: the tasks of a length together cover them all)")
+    if c.get("one_haystack"):
+        txt += (f"; {', '.join(c['one_haystack'])}: every depth in one haystack (a needle with its own key at "
+                "each, asked one by one: the other needles are distractors)")
     txt += "; multikey: up to 4 keys per haystack, each asked; one question per task and depth (seed "
     txt += f"{c.get('seed', 0)})"
     abl = [s for s in c.get("systems", []) if s in ("no-refine", "no-contiguity")]

@@ -294,15 +294,24 @@ def sample_depths(depths: Sequence[float], cap: int | None, task_index: int) -> 
     return [d for j, d in enumerate(ds) if (j - task_index) % s == 0]
 
 
+SHAREABLE = ("needle",)  # tasks whose depths can share one haystack: each needle has its own key
+
+
 def plan(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
-         caps: dict[int, int] | None = None) -> list[HaystackSpec]:
+         caps: dict[int, int] | None = None, shared: Sequence[str] = ()) -> list[HaystackSpec]:
     """The haystacks of a grid: one per (task, length, depth), except ``multikey``, whose depths are
-    asked in haystacks of up to ``MULTIKEY_KEYS`` keys."""
+    asked in haystacks of up to ``MULTIKEY_KEYS`` keys, and the tasks in ``shared`` (needle only),
+    whose depths are all asked in one haystack holding a needle (a distinct key) at each."""
+    bad = [t for t in shared if t not in SHAREABLE]
+    if bad:
+        raise ValueError(f"only {', '.join(SHAREABLE)} can share a haystack across depths, not {', '.join(bad)}")
     out = []
     for n in lengths:
         for i, task in enumerate(tasks):
             ds = sample_depths(depths, (caps or {}).get(n), TASKS.index(task) if task in TASKS else i)
-            if task == "multikey":
+            if task in shared:
+                out.append(HaystackSpec(task, n, tuple(ds)))
+            elif task == "multikey":
                 groups = math.ceil(len(ds) / MULTIKEY_KEYS)
                 out += [HaystackSpec(task, n, tuple(ds[g::groups])) for g in range(groups)]
             else:
