@@ -12,6 +12,10 @@ ingestion step by phase:
 * ``close``: closing events (representatives, table append, index adds / graph catch-up, saves);
 * ``step``: the whole ingestion step, host bookkeeping included.
 
+And how long the event loop stalls while the session ingests (a coroutine that wakes every 5 ms
+records its gaps): in the server the same loop serves every other session and the health checks, so
+a stall is what they wait.
+
 Also: the time to open the session (what a server restart pays), the resident memory of this process
 (indexes, table, caches; vLLM's engine core is a separate process), and disk bytes per token by part
 (KV log, event table, HNSW indexes, the rest) against the raw bf16 KV of the tokens.
@@ -39,6 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHASES = ("step", "engine", "plan", "segment", "close")
+TICK_S = 0.005
 
 
 def rss_bytes() -> int:
@@ -157,10 +162,24 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
         return res
 
     session._ingest_chunk = step  # type: ignore[method-assign]
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:  # the event loop's responsiveness meanwhile
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(TICK_S)
+            now = time.perf_counter()
+            gaps.append(now - last - TICK_S)
+            last = now
+
+    tick = asyncio.ensure_future(ticker())
     t = time.perf_counter()
     await session.append(ids)
     await session.flush()
     wall = time.perf_counter() - t
+    done.set()
+    await tick
     rss_end = rss_bytes()
     n_tok = session.num_tokens
     parts = disk_parts(path)
@@ -172,6 +191,7 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
         "open_s": open_s, "wall_s": wall, "tok_s": len(ids) / wall,
         "uses_exact": bool(session.memory.index.uses_exact(len(session.memory.table))),
         "phases": {k: stats(times[k]) for k in PHASES},
+        "loop_stall": {**stats(gaps), "max_ms": float(max(gaps, default=0.0) * 1e3)},
         "rss_bytes": {"engine_loaded": rss0, "session_open": rss_open, "end": rss_end},
         "disk_bytes": parts, "disk_bytes_per_token": {k: v / n_tok for k, v in parts.items()},
         "raw_kv_bytes_per_token": raw_kv,
@@ -208,6 +228,9 @@ def main() -> int:
     print("disk per token: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in res["disk_bytes_per_token"].items())
           + f"; {res['disk_vs_raw_kv']:.2f}x raw bf16 KV; RSS {res['rss_bytes']['end'] / 2**30:.2f} GiB"
           + (f"; open {res['open_s']:.1f} s" if res["open_s"] is not None else ""))
+    st = res["loop_stall"]
+    print(f"event loop stalls (beyond its 5 ms sleeps): p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.0f} ms, "
+          f"max {st['max_ms']:.0f} ms")
     print("wrote", write_results(args.out, {"machine": machine(), "command": " ".join(sys.argv), **res}))
     return 0
 

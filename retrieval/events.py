@@ -23,6 +23,9 @@ Contract
 * Crash recovery (open for writing): a torn record (file size not a multiple of 16), a record that
   breaks the ordering invariant, or a record whose representatives are not all on disk ends the table
   there; everything after it is truncated. The table reopens without any rebuild.
+* Threads: the writer may append while readers of the same object, in other threads, read the
+  bounds and the length: both are published together, as one ``(bounds, n)`` pair replaced after
+  the rows are in place, so a reader sees a whole table, before or after an append.
 * Resident memory: the ``(start, end)`` arrays (16 bytes per event). Representatives stay in the
   memory-mapped files (page cache), read per query.
 """
@@ -65,8 +68,8 @@ class EventTable:
         self.fsync = fsync
         self._n = 0
         self._bounds = np.zeros((0, 2), np.int64)  # [capacity, 2], rows < n valid
-        self._maps: list[np.ndarray | None] = [None] * num_layers
-        self._map_rows: list[int] = [0] * num_layers
+        self._view: tuple[np.ndarray, int] = (self._bounds, 0)  # what readers see (``_publish``)
+        self._maps: list[tuple[np.ndarray, int] | None] = [None] * num_layers  # (mapping, rows)
         self._fds: dict[str, int] = {}
         self._capacity = 0
         if writable:
@@ -162,7 +165,6 @@ class EventTable:
             os.close(fd)
         self._fds.clear()
         self._maps = [None] * self.num_layers
-        self._map_rows = [0] * self.num_layers
 
     def __enter__(self) -> EventTable:
         return self
@@ -171,8 +173,11 @@ class EventTable:
         self.close()
 
     # ------------------------------------------------------------------ length / bounds
+    def _publish(self) -> None:
+        self._view = (self._bounds, self._n)
+
     def __len__(self) -> int:
-        return self._n
+        return self._view[1]
 
     def refresh(self) -> int:
         """Re-read the committed records (readers; the writer is always current). Returns ``n``."""
@@ -184,33 +189,39 @@ class EventTable:
             n = min(n, self._valid_prefix(raw))
             self._bounds = np.array(raw[:n], dtype=np.int64)
             self._n = n
+            self._publish()
         return self._n
 
     @property
     def starts(self) -> np.ndarray:
         """int64 [n] (a view; do not modify)."""
-        return self._bounds[: self._n, 0]
+        b, n = self._view
+        return b[:n, 0]
 
     @property
     def ends(self) -> np.ndarray:
         """int64 [n] (a view; do not modify)."""
-        return self._bounds[: self._n, 1]
+        b, n = self._view
+        return b[:n, 1]
 
     @property
     def sizes(self) -> np.ndarray:
         """int64 [n]: tokens per event."""
-        return self.ends - self.starts
+        b, n = self._view
+        return b[:n, 1] - b[:n, 0]
 
     def bounds(self, event_id: int) -> tuple[int, int]:
-        if not 0 <= event_id < self._n:
-            raise EventTableError(f"event {event_id} outside table of {self._n} events")
-        s, e = self._bounds[event_id]
+        b, n = self._view
+        if not 0 <= event_id < n:
+            raise EventTableError(f"event {event_id} outside table of {n} events")
+        s, e = b[event_id]
         return int(s), int(e)
 
     @property
     def end_offset(self) -> int:
         """End of the last event (0 when empty)."""
-        return int(self._bounds[self._n - 1, 1]) if self._n else 0
+        b, n = self._view
+        return int(b[n - 1, 1]) if n else 0
 
     def count_ending_by(self, offset: int) -> int:
         """Number of events with ``end <= offset`` (a prefix of the table, ids ``0 .. m-1``)."""
@@ -256,6 +267,7 @@ class EventTable:
             self._bounds = grown
         self._bounds[first:first + e] = b
         self._n = first + e
+        self._publish()
         return first
 
     def _reserve(self, n: int) -> None:
@@ -277,22 +289,23 @@ class EventTable:
         os.ftruncate(self._fds[RECORDS_FILE], n * _RECORD)
         os.lseek(self._fds[RECORDS_FILE], 0, os.SEEK_END)
         self._n = n
+        self._publish()
 
     # ------------------------------------------------------------------ representatives (read)
     def reps(self, layer: int) -> np.ndarray:
         """float32 ``[n, dim]`` read-only view of layer ``layer``'s representatives (memory-mapped)."""
-        n = self._n
+        n = len(self)
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
-        m = self._maps[layer]
-        if m is None or self._map_rows[layer] < n:
+        held = self._maps[layer]
+        if held is None or held[1] < n:
             path = self.path / _reps_file(layer)
             rows = os.stat(path).st_size // self._row_bytes
             if rows < n:
                 raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
-            m = map_array(path, "<f4", (rows, self.dim))
-            self._maps[layer], self._map_rows[layer] = m, rows
-        return np.asarray(m[:n])
+            held = (map_array(path, "<f4", (rows, self.dim)), rows)
+            self._maps[layer] = held
+        return np.asarray(held[0][:n])
 
     def reps_of(self, layer: int, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """float32 ``[len(ids), dim]`` copy of some events' representatives of one layer."""

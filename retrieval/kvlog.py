@@ -106,8 +106,7 @@ class KVLog:
         self.fsync = fsync
         self._n = 0
         self._appended = 0  # committed length after this writer's last append (detects outside truncation)
-        self._maps: dict[str, np.ndarray] = {}
-        self._map_len: dict[str, int] = {}
+        self._maps: dict[str, tuple[np.ndarray, int]] = {}  # file -> (mapping, rows)
         self._fds: dict[str, int] = {}
         if writable:
             self._recover()
@@ -266,13 +265,14 @@ class KVLog:
 
     # ------------------------------------------------------------------ read
     def _map(self, name: str, dtype: type[np.generic], row: tuple[int, ...]) -> np.ndarray:
-        m = self._maps.get(name)
-        if m is None or self._map_len[name] < self._n:
-            if self._n == 0:
+        n = self._n  # read once: another thread's refresh() may raise it meanwhile
+        held = self._maps.get(name)
+        if held is None or held[1] < n:
+            if n == 0:
                 raise LogError(f"KV log at {self.path} is empty")
-            m = map_array(self.path / name, dtype, (self._n, *row), random=True)  # see retrieval.mapping
-            self._maps[name], self._map_len[name] = m, self._n
-        return m
+            held = (map_array(self.path / name, dtype, (n, *row), random=True), n)  # see retrieval.mapping
+            self._maps[name] = held
+        return held[0]
 
     def _check(self, start: int, end: int) -> None:
         if not (0 <= start <= end <= self._n):

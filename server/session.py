@@ -4,6 +4,15 @@ Contract
 --------
 * Owned by the server process. One task steps a session at a time (``append`` and ``ask`` hold the
   session's lock); different sessions step concurrently and share the engine (vLLM batches them).
+* The host work of a step (retrieval and planning, the segmenter, closing events into the table and
+  the indexes) runs in a worker thread, not on the server's event loop: at a million tokens it takes
+  ~1-4 s per step, which would otherwise stall every other session, health checks included. It
+  still holds the session's lock. A cancelled ``append`` (a client gone) first finishes the step it
+  started, engine step and host work, then lets go of the lock.
+  Readers on the loop (inspection: events, surprise, tokens) read the table and the log while the
+  worker appends: both publish their length atomically (``EventTable``, ``KVLog``). The memory
+  (event table + indexes) is opened by :meth:`open` (the caller's thread; 20-30 s at 1M tokens), or
+  on the first step of a new session, under a lock.
 * A session is a directory::
 
       session.json      config (segmenter + retrieval) and the segmenter state after the last step
@@ -27,6 +36,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +178,7 @@ class Session:
         self._rope = RopeSpec.from_hf_config(_hf_config(engine))
         self._refinement_keys: RefinementKeys | None = None
         self._memory: EpisodicMemory | None = None
+        self._memory_lock = threading.Lock()
         self._log: KVLog | None = None
         self._last_queries: np.ndarray | None = None
         self._pending: list[int] = []
@@ -200,6 +211,8 @@ class Session:
         if (p / QUERIES_FILE).exists():
             s._last_queries = np.load(p / QUERIES_FILE)
         s._recover()
+        if s.num_tokens:
+            s.memory  # noqa: B018 - open the table and the indexes here, not on the event loop at the first step
         return s
 
     def _recover(self) -> None:
@@ -239,12 +252,14 @@ class Session:
     @property
     def memory(self) -> EpisodicMemory:
         if self._memory is None:
-            self._memory = EpisodicMemory(
-                self.log,
-                self.config.retrieval(self.engine.info.max_model_len),
-                num_heads=self.engine.info.num_heads,
-                rotate=self._rope.rotate,
-            )
+            with self._memory_lock:  # the first step's worker thread and a reader on the loop: one opens it
+                if self._memory is None:
+                    self._memory = EpisodicMemory(
+                        self.log,
+                        self.config.retrieval(self.engine.info.max_model_len),
+                        num_heads=self.engine.info.num_heads,
+                        rotate=self._rope.rotate,
+                    )
         return self._memory
 
     @property
@@ -336,8 +351,28 @@ class Session:
         step = self.config.exc_block_size
         while len(self._pending) >= step or (flush and self._pending):
             chunk = self._pending[:step]
-            await self._ingest_chunk(chunk)
+            task = asyncio.ensure_future(self._ingest_chunk(chunk))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # a started step finishes (engine, surprise, events) before a cancellation goes on: half a
+                # step would leave the log ahead of the session, or a committed chunk still pending
+                await asyncio.wait([task])
+                if not task.cancelled() and task.exception() is None:
+                    del self._pending[: len(chunk)]
+                raise
             del self._pending[: len(chunk)]
+
+    @staticmethod
+    async def _host(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` in a worker thread. If the caller is cancelled meanwhile, it waits for
+        ``fn`` to finish before the cancellation goes on (and the session's lock is released)."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
 
     async def _ingest_chunk(self, chunk: list[int]) -> StepResult:
         offset = self.num_tokens
@@ -351,21 +386,26 @@ class Session:
             if queries is None:  # no previous step to lag from (e.g. a log restored without state): probe
                 probe = await self.engine.step(planner.probe_plan(offset, chunk), options=StepOptions(surprise=False))
                 queries = probe.queries
-            plan = planner.plan_step(offset, chunk, queries)
+            plan = await self._host(planner.plan_step, offset, chunk, queries)
         res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
         if res.log_offset != offset:
             raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
+        await self._host(self._after_step, res, len(chunk))
+        return res
+
+    def _after_step(self, res: StepResult, n: int) -> None:
+        """A step's host work once the engine logged it: surprise, query statistics, segmenter, events."""
+        offset = res.log_offset
         os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
         self._last_queries = res.queries
         if res.queries is not None:
-            self.memory.observe_queries(res.queries, len(chunk))
+            self.memory.observe_queries(res.queries, n)
             tmp = self.path / (QUERIES_FILE + ".tmp")
             with open(tmp, "wb") as f:
                 np.save(f, res.queries)
             os.replace(tmp, self.path / QUERIES_FILE)
         self._close(self.segmenter.feed(_segmenter_surprise(res.surprise, offset), self._keys))
         self._save_state()
-        return res
 
     # ------------------------------------------------------------------ questions
     async def ask_stream(
@@ -400,7 +440,8 @@ class Session:
                         planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
                     )
                     queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
-                plan = planner.plan_step(offset, q, queries, reserve=sampling.max_tokens, question=True)
+                plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
+                                        question=True)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
             timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}

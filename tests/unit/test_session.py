@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,3 +187,78 @@ def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: Referenc
         assert len(steps) == probes, f"n_mem={cfg.n_mem}: {len(steps)} probe steps"
         assert len(ans.token_ids) == 3 and (ans.retrieval is None) == (probes == 0)
         s.close()
+
+
+def test_host_work_runs_off_the_event_loop(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """Planning and closing events (seconds per step at 1M tokens) run in a worker thread: the event
+    loop, which serves every other session and the health checks, keeps running meanwhile."""
+    s = Session.create(tmp_path / "s", engine, CFG)
+    asyncio.run(s.append(_ids(200, 3)))  # a memory to plan against
+    mem = s.memory
+    tick = threading.Event()  # set only by a coroutine on the loop
+    seen: dict[str, list[bool]] = {"plan": [], "close": [], "ask": []}
+
+    def waiting(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            tick.clear()
+            seen["ask" if kwargs.get("question") else name].append(tick.wait(timeout=2))  # False: loop blocked
+            return fn(*args, **kwargs)
+
+        return run
+
+    plan_step, close_events = mem.planner.plan_step, mem.close_events
+    mem.planner.plan_step = waiting("plan", plan_step)  # type: ignore[method-assign]
+    mem.close_events = waiting("close", close_events)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(s.append(_ids(200, 4), flush=True))
+        ask = asyncio.ensure_future(s.ask(_ids(5, 1), SamplingSpec(max_tokens=2, ignore_eos=True)))
+        while not (task.done() and ask.done()):
+            tick.set()
+            await asyncio.sleep(0.005)
+        await task
+        await ask
+
+    asyncio.run(main())
+    for name, waits in seen.items():
+        assert waits and all(waits), f"{name}: {waits}"
+    s.close()
+
+
+def test_a_cancelled_append_finishes_the_step_it_started(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """A client gone mid-step: the step runs to its end (log, surprise and events agree), the lock is held
+    until then, and the session goes on from there without losing or repeating a token."""
+    ids = _ids(256, 5)
+    s = Session.create(tmp_path / "s", engine, CFG)
+    asyncio.run(s.append(ids[:64]))
+    mem = s.memory
+    entered, release = threading.Event(), threading.Event()
+    close_events = mem.close_events
+
+    def held(events: Any) -> Any:
+        entered.set()
+        release.wait(timeout=10)
+        return close_events(events)
+
+    mem.close_events = held  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(s.append(ids[64:], flush=True))
+        assert await asyncio.to_thread(entered.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done() and s.lock.locked()  # its host work still runs, under the lock
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not s.lock.locked()
+
+    asyncio.run(main())
+    mem.close_events = close_events  # type: ignore[method-assign]
+    n = s.num_tokens
+    assert n > 64 and n % CFG.exc_block_size == 0
+    assert len(KVLog.open(tmp_path / "s" / "log")) == n  # the log is not ahead of the session
+    assert s.pending_tokens == 256 - n  # the committed chunk left the pending tokens
+    assert asyncio.run(s.flush()) == 256
+    assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
+    s.close()
