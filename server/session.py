@@ -350,29 +350,14 @@ class Session:
     async def _drain(self, flush: bool) -> None:
         step = self.config.exc_block_size
         while len(self._pending) >= step or (flush and self._pending):
-            chunk = self._pending[:step]
-            task = asyncio.ensure_future(self._ingest_chunk(chunk))
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # a started step finishes (engine, surprise, events) before a cancellation goes on: half a
-                # step would leave the log ahead of the session, or a committed chunk still pending
-                await asyncio.wait([task])
-                if not task.cancelled() and task.exception() is None:
-                    del self._pending[: len(chunk)]
-                raise
-            del self._pending[: len(chunk)]
+            # a started step finishes (engine, surprise, events, pending trimmed) before a cancellation goes
+            # on: half a step would leave the log ahead of the session, or a committed chunk still pending
+            await _to_the_end(self._ingest_chunk(self._pending[:step]))
 
     @staticmethod
     async def _host(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` in a worker thread. If the caller is cancelled meanwhile, it waits for
-        ``fn`` to finish before the cancellation goes on (and the session's lock is released)."""
-        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            await asyncio.wait([fut])
-            raise
+        """``fn(*args, **kwargs)`` in a worker thread, to its end (the session's lock is held until then)."""
+        return await _to_the_end(asyncio.to_thread(fn, *args, **kwargs))
 
     async def _ingest_chunk(self, chunk: list[int]) -> StepResult:
         offset = self.num_tokens
@@ -391,6 +376,7 @@ class Session:
         if res.log_offset != offset:
             raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
         await self._host(self._after_step, res, len(chunk))
+        del self._pending[: len(chunk)]
         return res
 
     def _after_step(self, res: StepResult, n: int) -> None:
@@ -460,6 +446,17 @@ class Session:
                 result = item
         assert result is not None
         return result
+
+
+async def _to_the_end(aw: Any) -> Any:
+    """Await ``aw``; if the caller is cancelled meanwhile, ``aw`` still runs to its end before the
+    cancellation goes on."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def session_stats(path: str | os.PathLike[str]) -> SessionStats:
