@@ -66,9 +66,8 @@ class EventTable:
             raise EventTableError(f"row width {dim} is not a multiple of {vectors} vectors")
         self.writable = writable
         self.fsync = fsync
-        self._n = 0
-        self._bounds = np.zeros((0, 2), np.int64)  # [capacity, 2], rows < n valid
-        self._view: tuple[np.ndarray, int] = (self._bounds, 0)  # what readers see (``_publish``)
+        # (bounds [capacity, 2], n): rows < n valid; replaced as one pair, after the rows are in place
+        self._view: tuple[np.ndarray, int] = (np.zeros((0, 2), np.int64), 0)
         self._maps: list[tuple[np.ndarray, int] | None] = [None] * num_layers  # (mapping, rows)
         self._fds: dict[str, int] = {}
         self._capacity = 0
@@ -173,9 +172,6 @@ class EventTable:
         self.close()
 
     # ------------------------------------------------------------------ length / bounds
-    def _publish(self) -> None:
-        self._view = (self._bounds, self._n)
-
     def __len__(self) -> int:
         return self._view[1]
 
@@ -184,13 +180,12 @@ class EventTable:
         rec = self.path / RECORDS_FILE
         size = rec.stat().st_size if rec.exists() else 0
         n = size // _RECORD
-        if n != self._n or self._bounds.shape[0] < n:
+        bounds, have = self._view
+        if n != have or bounds.shape[0] < n:
             raw = np.fromfile(rec, dtype="<i8", count=n * 2).reshape(-1, 2) if n else np.zeros((0, 2), "<i8")
             n = min(n, self._valid_prefix(raw))
-            self._bounds = np.array(raw[:n], dtype=np.int64)
-            self._n = n
-            self._publish()
-        return self._n
+            self._view = (np.array(raw[:n], dtype=np.int64), n)
+        return len(self)
 
     @property
     def starts(self) -> np.ndarray:
@@ -241,13 +236,13 @@ class EventTable:
         if r.shape != (e, self.num_layers, self.dim):
             raise EventTableError(f"reps must be [{e}, {self.num_layers}, {self.dim}], got {r.shape}")
         if e == 0:
-            return self._n
+            return len(self)
         prev_end = self.end_offset
         if self._valid_prefix(b) != e or b[0, 0] < prev_end:
             raise EventTableError(f"events must be non-empty, ordered and after {prev_end}: {b.tolist()}")
         if not np.isfinite(r).all():
             raise EventTableError("representatives contain NaN or inf")
-        first = self._n
+        bounds, first = self._view
         self._reserve(first + e)
         for layer in range(self.num_layers):
             data = np.ascontiguousarray(r[:, layer, :]).astype("<f4", copy=False)
@@ -261,13 +256,12 @@ class EventTable:
             view = view[os.write(fd, view):]
         if self.fsync:
             os.fsync(fd)
-        if self._bounds.shape[0] < first + e:
+        if bounds.shape[0] < first + e:
             grown = np.zeros((max(_MIN_CAPACITY, 2 * (first + e)), 2), np.int64)
-            grown[:first] = self._bounds[:first]
-            self._bounds = grown
-        self._bounds[first:first + e] = b
-        self._n = first + e
-        self._publish()
+            grown[:first] = bounds[:first]
+            bounds = grown
+        bounds[first:first + e] = b
+        self._view = (bounds, first + e)
         return first
 
     def _reserve(self, n: int) -> None:
@@ -284,12 +278,11 @@ class EventTable:
         """Drop events ``n ..`` (used when the KV log turned out shorter than the table after a crash)."""
         if not self.writable:
             raise EventTableError(f"event table at {self.path} is open read-only")
-        if not 0 <= n <= self._n:
-            raise EventTableError(f"cannot truncate {self._n} events to {n}")
+        if not 0 <= n <= len(self):
+            raise EventTableError(f"cannot truncate {len(self)} events to {n}")
         os.ftruncate(self._fds[RECORDS_FILE], n * _RECORD)
         os.lseek(self._fds[RECORDS_FILE], 0, os.SEEK_END)
-        self._n = n
-        self._publish()
+        self._view = (self._view[0], n)
 
     # ------------------------------------------------------------------ representatives (read)
     def reps(self, layer: int) -> np.ndarray:
