@@ -12,7 +12,7 @@ import csv
 import json
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ COMMANDS = {
     "eval-quick": ".venv/bin/python bench/eval.py --quick",
     "eval": ".venv/bin/python bench/eval.py --full",
     "eval-128k": ".venv/bin/python bench/eval.py --long-128k",
+    "eval-128k-b": ".venv/bin/python bench/eval.py --long-128k --tasks passkey --depths 0.7,0.9 --out eval-128k-b",
     "eval-1m": ".venv/bin/python bench/eval.py --long-1m",
     "eval-perf": ".venv/bin/python bench/eval.py --perf",
     "eval-qwen2.5-0.5b": ".venv/bin/python bench/eval.py --full --model qwen2.5-0.5b --lengths 32768",
@@ -370,11 +371,11 @@ def goals(runs: dict[str, dict[str, Any]], model: str = "smollm2-135m") -> list[
 
 
 # ------------------------------------------------------------------------------------------ docs
-def _section(name: str, r: dict[str, Any], results_dir: Path) -> list[str]:
+def _section(name: str, r: dict[str, Any], results_dir: Path, heading: str | None = None) -> list[str]:
     rel = Path("..") / results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir
     m, mach = r.get("model", {}), r.get("machine", {})
     vers = ", ".join(f"{k} {v}" for k, v in (mach.get("versions") or {}).items() if v)
-    out = [f"## {r.get('title', name)}", "",
+    out = [f"## {heading or r.get('title', name)}", "",
            f"`{COMMANDS.get(name, r.get('command', ''))}`", "",
            f"Run {mach.get('time', '?')}: {r.get('command', '')}; wall time {r.get('wall_s', 0) / 60:.1f} min; "
            f"model {m.get('name')} ({m.get('max_model_len')} native context); {mach.get('cores')} cores "
@@ -486,8 +487,10 @@ def write_docs(results_dir: Path = RESULTS, path: Path = DOCS) -> Path:
               f"({', '.join(current) or 'none yet'}); older runs are shown below for the record.", "",
               markdown(["goal", "measured", "verdict"], goals(current)), ""]
     order = [n for n in COMMANDS if n in runs] + [n for n in runs if n not in COMMANDS]
+    titles = Counter(r.get("title", n) for n, r in runs.items())
     for name in order:
-        lines += _section(name, runs[name], results_dir)
+        title = runs[name].get("title", name)
+        lines += _section(name, runs[name], results_dir, f"{title} ({name})" if titles[title] > 1 else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
