@@ -21,7 +21,7 @@ Also: the time to open the session (what a server restart pays), the resident me
 (KV log, event table, HNSW indexes, the rest) against the raw bf16 KV of the tokens.
 
     .venv/bin/python bench/session_profile.py --session DIR [--tokens 16384] [--out NAME]
-    .venv/bin/python bench/session_profile.py --create /tmp/s --prefix 32768 --tokens 16384
+    .venv/bin/python bench/session_profile.py --create /tmp/s --prefix 32768 --tokens 16384   # --prefix >= 512
 
 Prints a table; writes ``bench/results/<out>.json``. Appends to the session it opens (use a scratch copy
 of anything you want unchanged).
@@ -217,6 +217,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.tokens < 1 or args.prefix < 0:
         ap.error("--tokens must be >= 1 and --prefix >= 0")
+    if args.create and args.prefix < 512:  # the session's KV log (and memory) exist after its first step
+        ap.error("--create needs --prefix >= 512 (one ingestion step) before the profiled tokens")
     sigterm_exits()
     res = asyncio.run(profile(args))
     n = res["phases"]["step"]["total_s"]
