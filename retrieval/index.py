@@ -364,6 +364,15 @@ class EventIndex:
         """The ``ef`` in effect in each indexed layer's HNSW index."""
         return [int(ix.ef) for ix in self._hnsw.values()]
 
+    def set_ef(self, ef: int) -> None:
+        """Set every indexed layer's query-time ``ef`` (searches still use ``max(ef, k_vectors)``; not
+        persisted, and a reopened index takes ``params.ef`` again)."""
+        if ef < 1:
+            raise ConfigError(f"ef must be >= 1, got {ef}")
+        with self._lock:
+            for ix in self._hnsw.values():
+                ix.set_ef(ef)
+
     def disk_bytes(self) -> int:
         names = [META_FILE] + [_index_file(i) for i in self.layers]
         return sum((self.path / n).stat().st_size for n in names if (self.path / n).exists())

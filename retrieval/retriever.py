@@ -25,8 +25,8 @@ Why each part is there, with the measurements, is in ``queries`` and ``represent
 
   Below the index's exact threshold every event is scored exactly; above it, candidates are the
   union of the HNSW top-k of every (scored layer, query vector), asked for enough events to cover
-  ``B + k_c`` tokens (doubling when a walk runs short), then scored exactly (one hnswlib call per
-  layer for all the step's query vectors).
+  ``candidate_factor`` (1.5) x ``B + k_c`` tokens (doubling when a walk runs short), then scored
+  exactly (one hnswlib call per layer for all the step's query vectors).
 * **Bounded rescoring** (shared selection, ``rescore_factor > 0``; off by default): the union above
   grows with the memory (80 lists of ~200 events at 20 layers x 4 question tokens: at 1M tokens
   most of a second of exact scoring per step). Instead, every (layer ``l``, query vector ``i``) list
@@ -181,6 +181,7 @@ class Retriever:
         head_dim: int = 0,
         rescore_factor: float = 0.0,
         search_vectors: int = 128,
+        candidate_factor: float = 1.5,
     ) -> None:
         """Defaults score with the raw queries; sessions get centering and standardization on
         through :class:`~emserve.retrieval.planner.RetrievalConfig`.
@@ -190,9 +191,14 @@ class Retriever:
         then summed over each group; ``head_dim`` needed), else 1.
         ``rescore_factor`` / ``search_vectors``: bounded rescoring of a shared selection's HNSW
         candidates (module docstring; 0: score the whole union).
+        ``candidate_factor``: each HNSW list of the union path asks for enough events to cover this many
+        times the budget (+ contiguity share), at the memory's mean event size.
         """
         if rescore_factor < 0 or search_vectors < 1:
             raise PlanError(f"need rescore_factor >= 0 and search_vectors >= 1, got {rescore_factor}, {search_vectors}")
+        if candidate_factor <= 0:
+            raise PlanError(f"need candidate_factor > 0, got {candidate_factor}")
+        self.candidate_factor = candidate_factor
         self.rescore_factor = rescore_factor
         self.search_vectors = search_vectors
         self.index = index
@@ -306,7 +312,7 @@ class Retriever:
 
         kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer else 0
         need = budget + kc
-        k = min(n, (n - m) + 16 + math.ceil(1.5 * need * m / max(memory, 1)))
+        k = min(n, (n - m) + 16 + math.ceil(self.candidate_factor * need * m / max(memory, 1)))
         if self.per_layer:
             sel = []
             for lay in range(n_layers):

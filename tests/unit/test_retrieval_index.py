@@ -6,7 +6,9 @@ import json
 import threading
 
 import numpy as np
+import pytest
 
+from emserve.retrieval.errors import ConfigError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import META_FILE, EventIndex, IndexParams, exact_topk
 
@@ -51,6 +53,18 @@ def test_persistence_round_trip_identical_results_and_ef(tmp_path):
     # a read-only reader of the same directory gets the same answers
     ro = EventIndex.open(tmp_path, EventTable.open(tmp_path), params, writable=False)
     np.testing.assert_array_equal(ro.search(1, qs[3], 25)[0], after[1][3][0])
+
+
+def test_set_ef_changes_every_layer_and_is_not_persisted(tmp_path):
+    params = IndexParams(ef=16, exact_threshold=0, save_min_events=10**6)
+    table = make_table(tmp_path, 400)
+    ix = EventIndex.open(tmp_path, table, params)
+    ix.set_ef(300)
+    assert ix.ef == [300, 300]
+    ix.save()
+    assert EventIndex.open(tmp_path, table, params).ef == [16, 16]
+    with pytest.raises(ConfigError):
+        ix.set_ef(0)
 
 
 def test_index_behind_table_is_caught_up_on_open(tmp_path):

@@ -187,3 +187,31 @@ def test_bounded_rescoring_matches_exact_when_lists_hold_everything(indexes):
         assert top.id in got.ids  # the best event survives short lists
     with pytest.raises(PlanError):
         Retriever(indexes["hnsw"], rescore_factor=-1.0)
+
+
+def test_candidate_factor_sets_the_hnsw_list_length(indexes, monkeypatch):
+    """The union path asks each HNSW list for events covering ``candidate_factor`` x the budget; lists
+    as long as the memory make it exact."""
+    hnsw = indexes["hnsw"]
+    asked: list[int] = []
+    search = hnsw.search_batch
+
+    def spy(layer, queries, k_vectors):
+        asked.append(k_vectors)
+        return search(layer, queries, k_vectors)
+
+    monkeypatch.setattr(hnsw, "search_batch", spy)
+    q = np.random.default_rng(11).standard_normal((2, L, 1, D)).astype(np.float32)
+    lengths = {}
+    for factor in (1.5, 3.0):
+        asked.clear()
+        Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=factor).retrieve(q, 300)
+        lengths[factor] = asked[0]
+    mean_size = indexes["exact"].table.sizes.mean()
+    assert lengths[1.5] == hnsw.vectors * (16 + np.ceil(1.5 * 300 / mean_size))
+    assert lengths[3.0] == hnsw.vectors * (16 + np.ceil(3.0 * 300 / mean_size))
+    exact = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False).retrieve(q, 300)
+    everything = Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=1e6).retrieve(q, 300)
+    assert everything.layers[0].ids == exact.layers[0].ids and not everything.exact
+    with pytest.raises(PlanError):
+        Retriever(hnsw, candidate_factor=0.0)
