@@ -91,6 +91,8 @@ def main() -> None:
     log = Path(args.session)
     tbl = EventTable.open(log)
     v, d = tbl.vectors, tbl.vector_dim
+    if d != KV_HEADS * HEAD_DIM:  # the capture's queries are SmolLM2-135M's
+        raise SystemExit(f"{log} is not a SmolLM2-135M session (vectors of {d}); the real queries are")
     n = min(len(tbl), args.events + args.tail)
     base = n - args.tail
     if base < 64:

@@ -83,6 +83,8 @@ def main() -> None:
     mem = MemoryConfig(**json.loads(state.read_text())["config"]) if state.exists() else MemoryConfig()
     cfg: RetrievalConfig = mem.retrieval(8192)
     tbl = EventTable.open(log)
+    if tbl.vector_dim != 3 * HEAD_DIM:  # the capture's queries are SmolLM2-135M's (9 heads, 3 kv heads of 64)
+        raise SystemExit(f"{log} is not a SmolLM2-135M session (vectors of {tbl.vector_dim}); the real queries are")
     n = len(tbl)
     layers = cfg.indexed_layers(tbl.num_layers)
     t0 = time.perf_counter()
