@@ -37,10 +37,10 @@ Sampling (``--full``, default model; sized for ~70-85 min on a quiet 2-core mach
 depths (passkey 0/40/80%, needle 10/50/90%, multikey 20/60/100%, twohop 30/70%) and every length asks
 the same depths; ``multikey`` asks all of its depths at a length in one haystack (4 keys, the others
 distractors); one question per depth and task (one seed): per length 9 haystacks and 11 questions
-per system. The ablations (``no-refine``, ``no-contiguity``) run at 32k only, on ``passkey`` and
-``multikey`` (``--ablation-min-length``, ``--ablation-tasks``). Vanilla vLLM answers at 4k and 8k.
-1.48M tokens to ingest in all; ``--plan`` prints the plan. Results carry ``n`` per cell:
-small-sample accuracies, to be read as such.
+per system. The ablations (``no-refine``, ``no-contiguity``, ``mean-rank``) run at 32k only, on
+``passkey``, ``needle`` and ``multikey`` (``--ablation-min-length``, ``--ablation-tasks``). Vanilla vLLM
+answers at 4k and 8k. 1.48M tokens to ingest in all (before ``mean-rank`` and the needle ablations);
+``--plan`` prints the plan. Results carry ``n`` per cell: small-sample accuracies, to be read as such.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ MODES = {
                   {8192: 1}, ["emserve", "truncation", "infllm", "vanilla"], quick=True),
     "full": Mode("eval", "Full grid (default model)", [4096, 8192, 32768], list(TASKS), DEPTHS_11,
                  {4096: 3, 8192: 3, 32768: 3}, list(ALL_SYSTEMS), ablation_min_length=32768,
-                 ablation_tasks=("passkey", "multikey")),
+                 ablation_tasks=("passkey", "needle", "multikey")),
     # the five needles share one haystack (5 keys, each asked): 18 sessions of 128k instead of 30
     "long_128k": Mode("eval-128k", "128k tokens", [131072], ["needle", "passkey"], [0.1, 0.3, 0.5, 0.7, 0.9], {},
                       ["emserve", "truncation", "infllm"], shared=("needle",)),
@@ -167,7 +167,8 @@ class Run:
         self.t0 = time.perf_counter()
         self.res: dict[str, Any] = {
             "name": self.name,
-            "title": mode.title.replace(" (default model)", f" ({args.model})") if args.model else mode.title,
+            "title": args.title or (mode.title.replace(" (default model)", f" ({args.model})") if args.model
+                                    else mode.title),
             "quick": mode.quick,
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "complete": False, "git": git_rev(),
             "machine": machine(), "answers": [], "haystacks": [], "streams": [], "vanilla": {},
@@ -371,6 +372,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--est-tok-s", type=float, default=330.0, help="ingest speed assumed by the time estimate")
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--out", default=None, help="results name (default: the mode's, e.g. eval-quick)")
+    ap.add_argument("--title", default=None, help="the run's heading in docs/results.md (default: the mode's)")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     ap.add_argument("--plan", action="store_true", help="print the plan and the estimate, run nothing")
     ap.add_argument("--workdir", default=None, help="where sessions and logs go (default: a temp folder)")

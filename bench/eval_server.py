@@ -9,7 +9,9 @@ Systems (one server, one engine; each system is a per-session ``MemoryConfig`` o
 * ``infllm``: InfLLM-style: uniform 128-token blocks (``splitter uniform``, ``max_block_size 128``),
   no refinement, similarity retrieval only (no contiguity buffer), the same ``n_mem`` budget;
 * ``no-refine``, ``no-contiguity``: emserve ablations (``similarity_metric none``;
-  ``use_contiguity_buffer false``).
+  ``use_contiguity_buffer false``);
+* ``mean-rank``: emserve with the question ranking before ``question_rank`` (a question's last 4 query
+  tokens, events ranked by their mean score).
 
 The full-attention baseline (vanilla vLLM, ``vanilla``) runs in ``eval_vanilla.py`` after the server
 has stopped, so that two engines never compete for the CPU.
@@ -29,8 +31,8 @@ from typing import Any
 import numpy as np
 from eval_tasks import Haystack, Question
 
-SERVER_SYSTEMS = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity")
-ABLATIONS = ("no-refine", "no-contiguity")
+SERVER_SYSTEMS = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank")
+ABLATIONS = ("no-refine", "no-contiguity", "mean-rank")
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "vanilla")
 
 
@@ -49,6 +51,8 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
         return {"similarity_metric": "none"}
     if system == "no-contiguity":
         return {"use_contiguity_buffer": False}
+    if system == "mean-rank":
+        return {"question_rank": "mean", "question_query_tokens": 4}
     raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")
 
 

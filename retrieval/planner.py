@@ -51,7 +51,7 @@ from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import IndexParams
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
 from emserve.retrieval.representatives import REPR_PROXIES
-from emserve.retrieval.retriever import RetrievalResult, Retriever
+from emserve.retrieval.retriever import RANKS, RetrievalResult, Retriever
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +73,9 @@ class RetrievalConfig:
     question_n_mem: int | None = None
     """A question's memory budget (at most ``n_mem``: a question's window is never larger than a
     step's); None: ``n_mem``."""
+    question_rank: Literal["mean", "interleave"] = "mean"
+    """How a question's query tokens rank the events (``Retriever.retrieve``): their mean score, or
+    each token by its own scores, interleaved. Ingestion steps rank by the mean."""
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
     repr_proxy: Literal["topk", "mean", "central"] = "topk"
@@ -135,6 +138,8 @@ class RetrievalConfig:
             raise ConfigError(f"shared_score_layers must be in (0, 1], got {self.shared_score_layers}")
         if self.query_sample < 2:
             raise ConfigError(f"query_sample must be >= 2, got {self.query_sample}")
+        if self.question_rank not in RANKS:
+            raise ConfigError(f"question_rank must be one of {RANKS}, got {self.question_rank!r}")
         if not self.contiguity_buffer_size >= 0:
             raise ConfigError(f"contiguity_buffer_size must be >= 0, got {self.contiguity_buffer_size}")
         need = self.n_init + self.n_mem + self.n_local + self.exc_block_size + 1
@@ -281,7 +286,8 @@ class WindowPlanner:
         layer_segments = None
         self.last_retrieval = None
         if lay.num_events and lay.budget:
-            res = self.retriever.retrieve(queries, lay.budget, num_events=lay.num_events)
+            res = self.retriever.retrieve(queries, lay.budget, num_events=lay.num_events,
+                                          rank=self.config.question_rank if question else "mean")
             self.last_retrieval = res
             first = res.layers[0].ranges
             if res.shared or all(sel.ranges == first for sel in res.layers[1:]):

@@ -144,8 +144,12 @@ class EncodedQuery:
 
     def layer_scores(self, layer: int, reps: np.ndarray, vectors: int) -> np.ndarray:
         """``s_l`` of events with representatives ``reps [m, vectors * d]`` of ``layer``: float32 ``[m]``."""
+        return self.token_layer_scores(layer, reps, vectors).mean(axis=0).astype(np.float32)
+
+    def token_layer_scores(self, layer: int, reps: np.ndarray, vectors: int) -> np.ndarray:
+        """Each query token's scaled ``max_j q_i . rep_j`` of ``layer``: float32 ``[n, m]``."""
         s = max_scores(reps, self.tokens[:, layer], vectors)  # [n, m]
-        return (s * self.scale[:, layer, None]).mean(axis=0).astype(np.float32)
+        return (s * self.scale[:, layer, None]).astype(np.float32, copy=False)
 
 
 def encode_queries(

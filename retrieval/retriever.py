@@ -42,6 +42,18 @@ Why each part is there, with the measurements, is in ``queries`` and ``represent
 ``per_layer=False`` selects one list for all layers: an event's score is the **sum over the scoring
 layers** (``score_layers``; sessions: the first 2/3) of its per-layer scores; one contiguity buffer
 is shared.
+
+**Ranking** (``retrieve(rank=...)``), when a step has several query tokens ``i``:
+
+* ``"mean"``: by ``s(e) = mean_i s_i(e)`` (above). Right when the tokens ask the same thing: a pass-key
+  question's last tokens " The pass key is" all point at the key's sentence.
+* ``"interleave"``: every token ranks the events by its own ``s_i``; the rank walk takes every
+  token's best, then their second best, ... (each event once; within a round the tokens whose best
+  event stands out most go first, :func:`interleave`). A question names what it
+  wants in a few of its tokens ("... the special magic number for quiet-harbor ..."): in the mean those
+  few are outvoted by the generic rest, while in its own list the key word's token ranks the needle's
+  event first (``bench/question_queries.py``). HNSW lists are then asked for ``1/t`` of the usual
+  length (``t`` tokens share the budget).
 """
 
 from __future__ import annotations
@@ -60,6 +72,8 @@ from emserve.retrieval.index import EventIndex
 from emserve.retrieval.queries import EncodedQuery, QueryMean, encode_queries
 
 Source = Literal["similarity", "contiguity"]
+Rank = Literal["mean", "interleave"]
+RANKS: tuple[Rank, ...] = ("mean", "interleave")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +176,22 @@ def select_ranked(
     return out
 
 
+def interleave(per_token: np.ndarray) -> np.ndarray:
+    """Column order of ``per_token [tokens, candidates]``: every token's best candidate, then every
+    token's second best, ... (each candidate at its first appearance; ties: the lower column first).
+    Within a round the tokens go by how far their best candidate stands out of their scores
+    (``(max - mean) / std``): a key word's sharp match before the flat preferences of "the" or a
+    newline, which matters when the budget holds only a few events."""
+    mu = per_token.mean(axis=1)
+    sd = per_token.std(axis=1)
+    peak = (per_token.max(axis=1) - mu) / np.where(sd > 0, sd, 1.0)
+    rows = per_token[np.argsort(-peak, kind="stable")]
+    order = np.argsort(-rows, axis=1, kind="stable")  # [t, c]
+    flat = order.T.ravel()
+    _, first = np.unique(flat, return_index=True)
+    return flat[np.sort(first)].astype(np.int64)
+
+
 class Retriever:
     """Per-session retrieval state (the contiguity buffers) over an :class:`EventIndex`."""
 
@@ -254,6 +284,16 @@ class Retriever:
             layers=None if self.per_layer else self.score_layers,
         )
 
+    def token_scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
+        """Per query token exact scores ``[n_tokens, len(ids)]`` (their mean over tokens is :meth:`scores`)."""
+        layers = self.score_layers if layer is None else (layer,)
+        n = len(self.table) if ids is None else len(ids)
+        total = np.zeros((q.tokens.shape[0], n), np.float32)
+        for lay in layers:
+            reps = self.table.reps(lay) if ids is None else self.table.reps_of(lay, ids)
+            total += q.token_layer_scores(lay, reps, self.index.vectors)
+        return total
+
     def scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
         """Exact scores of events ``ids`` (None: all): one layer's, or (``layer=None``) the shared sum."""
         layers = self.score_layers if layer is None else (layer,)
@@ -265,8 +305,12 @@ class Retriever:
         return total
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
-                 num_events: int | None = None) -> RetrievalResult:
+                 num_events: int | None = None, rank: Rank = "mean") -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
+
+        ``rank``: how several query tokens rank the events (module docstring, "Ranking"): by their mean
+        score (``"mean"``), or each token by its own scores, interleaved (``"interleave"``; the
+        bounded path always ranks by the mean).
 
         ``queries``: float32 ``[num_layers, num_heads*head_dim]`` or ``[num_layers, num_heads, head_dim]``
         (``StepResult.queries``), or per-token ``[n, num_layers, num_heads, head_dim]``
@@ -309,15 +353,19 @@ class Retriever:
             return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
         if q is None:
             raise PlanError("retrieval needs the step's queries when the memory exceeds the budget")
+        if rank not in RANKS:
+            raise PlanError(f"unknown rank {rank!r}; use one of {RANKS}")
 
         kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer else 0
         need = budget + kc
-        k = min(n, (n - m) + 16 + math.ceil(self.candidate_factor * need * m / max(memory, 1)))
+        # interleaved tokens each fill ~1/t of the budget: their HNSW lists can be t times shorter
+        share = q.tokens.shape[0] if rank == "interleave" else 1
+        k = min(n, (n - m) + 16 + math.ceil(self.candidate_factor * need * m / max(memory, 1) / share))
         if self.per_layer:
             sel = []
             for lay in range(n_layers):
                 cand = partial(self._candidates, q, (lay,), exact=exact)
-                ranked = self._ranked(cand, q, lay, k, n, m, sizes, need)
+                ranked = self._ranked(cand, q, lay, k, n, m, sizes, need, rank)
                 buf = self.buffers[lay] if kc else None
                 sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
             layers = tuple(sel)
@@ -327,7 +375,7 @@ class Retriever:
             layers = (shared,) * n_layers
         else:
             ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
-                                  k, n, m, sizes, need)
+                                  k, n, m, sizes, need, rank)
             shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
             layers = (shared,) * n_layers
         assert all(sel.tokens == budget for sel in layers), "every layer must fill the budget exactly"
@@ -335,17 +383,23 @@ class Retriever:
 
     # ------------------------------------------------------------------ candidates
     def _ranked(self, candidates: Callable[[int], np.ndarray | None], q: EncodedQuery, layer: int | None,
-                k: int, n: int, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
+                k: int, n: int, m: int, sizes: np.ndarray, need: int, rank: Rank = "mean") -> np.ndarray:
         """Events ranked by exact score (ties: lower id first) among ``candidates(k)`` (None: all
-        events), asking for more candidates until those before ``m`` cover ``need`` tokens."""
+        events), asking for more candidates until those before ``m`` cover ``need`` tokens;
+        ``rank="interleave"``: by :func:`interleave` of the per-token scores."""
         while True:
             ids = candidates(k)
             if ids is None:
-                scores = self.scores(q, layer)[:m]
-                return np.lexsort((np.arange(m), -scores)).astype(np.int64)
-            ids = ids[ids < m]
-            if k >= n or int(sizes[ids].sum()) >= need:
-                scores = self.scores(q, layer, ids)
+                ids = np.arange(m, dtype=np.int64)
+                full = True
+            else:
+                ids = ids[ids < m]
+                full = k >= n or int(sizes[ids].sum()) >= need
+            if full:
+                sub = None if ids.shape[0] == m else ids  # ids < m are unique: m of them are all of them
+                if rank == "interleave" and q.tokens.shape[0] > 1:
+                    return ids[interleave(self.token_scores(q, layer, sub)[:, :m])]
+                scores = self.scores(q, layer, sub)[:m]
                 return ids[np.lexsort((ids, -scores))]
             k = min(n, 2 * k)
 

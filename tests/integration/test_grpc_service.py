@@ -143,6 +143,10 @@ def test_session_lifecycle(client: Client) -> None:
     assert s.session_id == "alpha" and s.state == pb.Session.ACTIVE
     assert s.memory.n_local == 48 and s.memory.per_layer is False and s.memory.n_init == 16
     assert s.memory.question_n_local == 8 and s.memory.question_n_mem == 256  # the server default
+    assert s.memory.question_rank == "interleave" and s.memory.question_query_tokens == 64
+    mean = client.create_session("mean", memory={"question_rank": "mean", "question_query_tokens": 4})
+    assert mean.memory.question_rank == "mean" and mean.memory.question_query_tokens == 4
+    client.delete_session("mean")
     assert s.labels["doc"] == "book" and s.num_tokens == 0 and s.create_time.seconds > 0
     e = _code(client.create_session, "alpha")
     assert e.code == grpc.StatusCode.ALREADY_EXISTS and e.detail(E.ResourceInfo).resource_name == "alpha"
@@ -268,6 +272,7 @@ def test_invalid_arguments(client: Client) -> None:
     bad(lambda: client.create_session("../escape"), "session_id")
     bad(lambda: client.create_session("x" * 200), "session_id")
     bad(lambda: client.create_session("m1", memory={"n_local": 0}), "memory")
+    bad(lambda: client.create_session("m2", memory={"question_rank": "max"}), "memory")
     bad(lambda: client.create_session("m2", memory={"similarity_metric": "cosine"}), "memory")
     bad(lambda: client.create_session("m3", memory={"n_local": 5000}), "memory")  # beyond the context
     bad(lambda: client.ingest_tokens("v", [1, 2, 600]), "tokens")

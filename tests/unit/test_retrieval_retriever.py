@@ -213,5 +213,41 @@ def test_candidate_factor_sets_the_hnsw_list_length(indexes, monkeypatch):
     exact = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False).retrieve(q, 300)
     everything = Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=1e6).retrieve(q, 300)
     assert everything.layers[0].ids == exact.layers[0].ids and not everything.exact
+    exact_i = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False).retrieve(
+        q, 300, rank="interleave")
+    every_i = Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=1e6).retrieve(
+        q, 300, rank="interleave")
+    assert every_i.layers[0].ids == exact_i.layers[0].ids != exact.layers[0].ids
     with pytest.raises(PlanError):
         Retriever(hnsw, candidate_factor=0.0)
+
+
+def test_interleave_takes_each_tokens_best_in_turn():
+    from emserve.retrieval.retriever import interleave
+
+    per_token = np.array([[9.0, 8.0, 1.0, 0.0, 7.0],   # token 0: 0, 1, 4, 2, 3; best 1.07 std above its mean
+                          [0.0, 1.0, 2.0, 9.0, 3.0]])  # token 1: 3, 4, 2, 1, 0; best 1.90 std above: first
+    assert interleave(per_token).tolist() == [3, 0, 4, 1, 2]
+    assert interleave(per_token[[0, 0]]).tolist() == [0, 1, 4, 2, 3]
+    assert interleave(np.array([[1.0, 1.0, 2.0]])).tolist() == [2, 0, 1]  # ties: the lower column first
+
+
+def test_interleave_rank_finds_what_one_token_asks_for(tmp_path):
+    """Three generic tokens prefer the early events, a fourth (the 'key word') only event 5: the mean
+    ranks event 5 fourth (outside a 3-event budget), interleaving second; a step with one token ranks
+    the same either way."""
+    n = 40
+    table = EventTable.create(tmp_path, 1, 2)
+    reps = np.zeros((n, 1, 2), np.float32)
+    reps[:, 0, 0] = np.linspace(10.0, 0.0, n)  # generic direction: event 0 best, then 1, 2, ...
+    reps[5, 0, 1] = 1.0  # only the key word's direction
+    table.append(np.stack([np.arange(n) * 10, np.arange(n) * 10 + 10], 1), reps)
+    ix = EventIndex.open(tmp_path, table, IndexParams())
+    q = np.array([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]]], np.float32)[:, :, None, :]  # [4, L, 1, D]
+    r = Retriever(ix, per_layer=False, use_contiguity_buffer=False)
+    assert 5 not in r.retrieve(q, 30, rank="mean").layers[0].ids
+    assert r.retrieve(q, 30, rank="interleave").layers[0].ids == [0, 1, 5]
+    one = q[:1]
+    assert r.retrieve(one, 30, rank="interleave").layers[0].ids == r.retrieve(one, 30).layers[0].ids
+    with pytest.raises(PlanError):
+        r.retrieve(q, 30, rank="max")
