@@ -23,7 +23,7 @@ from common import RESULTS, table  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "results.md"
 TASK_ORDER = ("passkey", "needle", "multikey", "twohop", "labelled")
-SYSTEM_ORDER = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "vanilla")
+SYSTEM_ORDER = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank", "vanilla")
 NEEDLE_TASKS = ("passkey", "needle", "multikey")
 CSV_FIELDS = ("system", "task", "length", "context_tokens", "depth", "hid", "qid", "expected", "answer", "correct",
               "coverage", "in_window", "ttft_s", "total_s", "retrieval_s", "decode_tok_s", "window_tokens",
@@ -36,6 +36,12 @@ COMMANDS = {
     "eval-1m": ".venv/bin/python bench/eval.py --long-1m",
     "eval-perf": ".venv/bin/python bench/eval.py --perf",
     "eval-qwen2.5-0.5b": ".venv/bin/python bench/eval.py --full --model qwen2.5-0.5b --lengths 32768",
+    "eval-rank-needle-32k": ".venv/bin/python bench/eval.py --lengths 32768 --tasks needle --systems emserve,infllm,"
+                            "mean-rank --one-haystack needle --depths 0.1,0.3,0.5,0.7,0.9 --out eval-rank-needle-32k "
+                            "--title 'Question ranking A/B at 32k: needle'",
+    "eval-rank-passkey-32k": ".venv/bin/python bench/eval.py --lengths 32768 --tasks passkey --systems emserve "
+                             "--depths 0.1,0.5,0.9 --out eval-rank-passkey-32k "
+                             "--title 'Question ranking at 32k: pass key'",
 }
 
 
@@ -443,7 +449,7 @@ def sampling(r: dict[str, Any]) -> str:
                 "each, asked one by one: the other needles are distractors)")
     txt += "; multikey: up to 4 keys per haystack, each asked; one question per task and depth (seed "
     txt += f"{c.get('seed', 0)})"
-    abl = [s for s in c.get("systems", []) if s in ("no-refine", "no-contiguity")]
+    abl = [s for s in c.get("systems", []) if s in ("no-refine", "no-contiguity", "mean-rank")]
     if abl and (c.get("ablation_min_length") or set(c.get("ablation_tasks", [])) != set(c.get("tasks", []))):
         txt += (f"; {', '.join(abl)} only at >= {_k(int(c.get('ablation_min_length', 0)))} on "
                 f"{', '.join(c.get('ablation_tasks', []))}")
@@ -470,10 +476,14 @@ def write_docs(results_dir: Path = RESULTS, path: Path = DOCS) -> Path:
              "`n_mem` 0 and the local window grown by the same 1024 tokens; a question sees that whole window), "
              "**infllm** (InfLLM-style: uniform 128-token blocks, similarity retrieval only, same budgets and "
              "question window as emserve), **no-refine** / **no-contiguity** (emserve without boundary refinement "
-             "/ without the contiguity buffer), **vanilla** (full attention on vanilla vLLM, only where the "
-             "haystack fits the native context). Tasks: **passkey** (a 5-digit pass key in the literature's pass-"
-             "key haystack: an instruction, then filler sentences repeated; the other tasks hide their sentences "
-             "in prose), **needle** (one key-value sentence, 7-digit value), **multikey** (4 key-value sentences, "
+             "/ without the contiguity buffer), **mean-rank** (emserve ranking a question's events by the mean "
+             "score of its last 4 query tokens: what every run before `MemoryConfig.question_rank` did, i.e. "
+             "every run on this page but `eval-rank-*`; since then a question's last 64 tokens each rank the "
+             "events and the rankings are interleaved, `bench/results/question_queries.md`), **vanilla** (full "
+             "attention on vanilla vLLM, only where the haystack fits the native context). Tasks: **passkey** (a "
+             "5-digit pass key in the literature's pass-key haystack: an instruction, then filler sentences "
+             "repeated; the other tasks hide their sentences in prose), "
+             "**needle** (one key-value sentence, 7-digit value), **multikey** (4 key-value sentences, "
              "each asked), **twohop** (a link fact and a value fact half the haystack apart, 2 distractor values: "
              "chance is 1/3 for a model that picks a code), **labelled** (the 1M / perf stream's three labelled "
              "pass keys at 10/50/90%). A question is correct when the expected value is in the greedy answer (10 "
