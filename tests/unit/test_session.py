@@ -88,6 +88,27 @@ def test_reopen_resumes_identically(engine: ReferenceEngine, tmp_path: Path) -> 
     b.close()
 
 
+def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: ReferenceEngine, tmp_path: Path) -> None:
+    import json
+
+    s = Session.create(tmp_path / "s", engine, CFG)
+    asyncio.run(s.append(_ids(100, 4), flush=True))
+    s.close()
+    state_file = tmp_path / "s" / "session.json"
+    state = json.loads(state_file.read_text())
+    assert state["config"]["question_rank"] == "interleave"  # the default now, saved with the session
+    reopened = Session.open(tmp_path / "s", engine)
+    assert reopened.config.question_rank == "interleave"
+    reopened.close()
+    del state["config"]["question_rank"]
+    state["config"]["question_query_tokens"] = 4
+    state_file.write_text(json.dumps(state))  # as a session saved before the field
+    old = Session.open(tmp_path / "s", engine)
+    assert old.config.question_rank == "mean" and old.config.question_query_tokens == 4
+    assert old.memory.planner.config.question_rank == "mean"
+    old.close()
+
+
 def test_crash_between_log_and_surprise_is_repaired(engine: ReferenceEngine, tmp_path: Path) -> None:
     import shutil
 
