@@ -101,9 +101,11 @@ class MemoryConfig:
     """``"interleave"``: each question token ranks the events by its own score and their lists are
     interleaved (``Retriever.retrieve``); ``"mean"``: by the tokens' mean score (the default before,
     with the last 4 tokens; sessions saved before this field keep it). ``bench/question_queries.py``
-    (SmolLM2-135M, 16k and 32k haystacks): the prose needle's event is taken by a question in 10/11
-    with interleaving vs 0/11 with the mean of the last 4 tokens (their words, " the provided text is",
-    name nothing in it); the pass key in every case with both."""
+    (SmolLM2-135M, 16k and 32k haystacks): a question takes the prose needle's event in 11/12 with
+    interleaving vs 0/12 with the mean of its last 4 tokens (" the provided text is" names nothing in
+    it), the pass key's in 12/12 with both; through the server at 32k the needle is answered 3/5 vs 0/5
+    (``bench/results/question_queries.md``). Exact scoring then costs ``t`` (<= 64) query tokens instead
+    of 4 per event: more of a question's time in long sessions (not measured past 32k)."""
     question_n_local: int | None = 64
     question_n_mem: int | None = 256
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
