@@ -69,6 +69,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def session_retrieval_config(log: Path, max_window: int = 8192) -> Any:
+    """The ``RetrievalConfig`` of the session whose KV log folder is ``log`` (its saved ``MemoryConfig``;
+    the defaults when it has none)."""
+    from emserve.server.session import SESSION_FILE, MemoryConfig
+
+    state = Path(log).parent / SESSION_FILE
+    mem = MemoryConfig(**json.loads(state.read_text())["config"]) if state.exists() else MemoryConfig()
+    return mem.retrieval(max_window)
+
+
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"

@@ -37,29 +37,28 @@ import hnswlib  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
+from common import machine, session_retrieval_config, table, write_results  # noqa: E402
 
 from emserve.retrieval.events import EventTable  # noqa: E402
-from emserve.retrieval.queries import QueryMean, encode_queries  # noqa: E402
+from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
+from emserve.retrieval.memory import build_retriever  # noqa: E402
+from emserve.retrieval.queries import QueryMean  # noqa: E402
 
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 SCORE_LAYERS, KV_HEADS, HEAD_DIM, HEADS = 20, 3, 64, 9
 
 
-def queries(log: Path, tbl: EventTable, num_layers: int) -> np.ndarray:
-    """Real query tokens, encoded as a session's retriever would: ``[n, L, kv_dim]`` (scale applied)."""
+def queries(log: Path, tbl: EventTable) -> np.ndarray:
+    """Real query tokens, encoded by the session's retriever: ``[n, L, kv_dim]`` (scale applied)."""
     q = np.load(REAL / "queries.npz")
-    mean = QueryMean(log, num_layers, HEADS * HEAD_DIM).mean
-    if mean is None:
+    qm = QueryMean(log, tbl.num_layers, HEADS * HEAD_DIM)
+    if qm.mean is None:
         raise SystemExit(f"{log} has no query mean (query_mean.npz)")
-    n = len(tbl)
-    ids = np.unique(np.linspace(0, n - 1, min(n, 256)).round().astype(np.int64))
-    sample = np.stack([tbl.reps_of(lay, ids) for lay in range(num_layers)])
+    exact = EventIndex.open(log, tbl, IndexParams(), writable=False, layers=())  # no graph is loaded
+    r = build_retriever(exact, session_retrieval_config(log), qm, num_heads=HEADS, head_dim=HEAD_DIM)
     toks = []
     for raw in list(q["ask_queries"]) + list(q["chunk_queries"]):
-        enc = encode_queries(raw, num_layers=num_layers, query_dim=HEADS * HEAD_DIM, group=HEADS // KV_HEADS,
-                             head_dim=HEAD_DIM, mean=mean, rep_sample=sample, vectors=tbl.vectors,
-                             layers=range(SCORE_LAYERS))
+        enc = r.encode(raw)
         toks.append(enc.tokens * enc.scale[..., None])
     return np.concatenate(toks)
 
@@ -100,7 +99,7 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     efcs = [int(x) for x in args.ef_construction.split(",")]
     ks = [int(x) for x in args.k.split(",")]
-    qs = queries(log, tbl, tbl.num_layers)
+    qs = queries(log, tbl)
     print(f"{log}: {len(tbl)} events, using {n} ({base} built + {args.tail} added in chunks of {args.chunk}); "
           f"{qs.shape[0]} query tokens; layers {layers}; ef_construction {efcs}", flush=True)
     rows: list[dict[str, Any]] = []

@@ -90,8 +90,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                               options=StepOptions(surprise=False, query_tokens=len(q.prompt_ids)))
                     qt = probe.query_tokens
                     assert qt is not None and qt.shape[0] == len(q.prompt_ids)
-                    per_tok = np.stack([retriever.scores(retriever.encode(qt[i:i + 1]), None)[:m]
-                                        for i in range(qt.shape[0])])  # [n_q, m]
+                    per_tok = retriever.token_scores(retriever.encode(qt), None)[:, :m]  # [n_q, m]
                     s0, e0 = q.spans[0]
                     needle = np.flatnonzero((starts[:m] < e0) & (ends[:m] > s0))
                     row: dict[str, Any] = {"hid": h.hid, "task": h.task, "qid": q.qid, "depth": q.depth,

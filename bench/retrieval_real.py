@@ -30,23 +30,23 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
+from common import machine, session_retrieval_config, table, write_results  # noqa: E402
 
 from emserve.retrieval.events import EventTable  # noqa: E402
 from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
+from emserve.retrieval.memory import build_retriever  # noqa: E402
 from emserve.retrieval.planner import RetrievalConfig  # noqa: E402
 from emserve.retrieval.queries import QueryMean  # noqa: E402
 from emserve.retrieval.retriever import RetrievalResult, Retriever  # noqa: E402
-from emserve.server.session import SESSION_FILE, MemoryConfig  # noqa: E402
 
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 HEADS, HEAD_DIM = 9, 64
@@ -54,14 +54,9 @@ HEADS, HEAD_DIM = 9, 64
 
 def retriever(index: EventIndex, cfg: RetrievalConfig, qm: QueryMean, factor: float = 0.0,
               candidates: float = 1.5) -> Retriever:
-    """As ``EpisodicMemory`` builds it for a session with ``cfg``."""
-    n_layers = index.num_layers
-    return Retriever(index, per_layer=cfg.per_layer, use_contiguity_buffer=cfg.use_contiguity_buffer,
-                     contiguity_buffer_size=cfg.contiguity_buffer_size, query_mean=qm,
-                     center_queries=cfg.center_queries, standardize_queries=cfg.standardize_queries,
-                     query_sample=cfg.query_sample, score_layers=cfg.score_layers(n_layers),
-                     query_group=HEADS // (index.dim // HEAD_DIM), head_dim=HEAD_DIM, rescore_factor=factor,
-                     candidate_factor=candidates)
+    """The session's retriever (``build_retriever``), with a bounded-rescoring factor / candidate factor."""
+    return build_retriever(index, replace(cfg, shared_rescore_factor=factor), qm, num_heads=HEADS, head_dim=HEAD_DIM,
+                           candidate_factor=candidates)
 
 
 def similar(res: RetrievalResult) -> set[int]:
@@ -79,9 +74,7 @@ def main() -> None:
     args = ap.parse_args()
 
     log = Path(args.session)
-    state = log.parent / SESSION_FILE
-    mem = MemoryConfig(**json.loads(state.read_text())["config"]) if state.exists() else MemoryConfig()
-    cfg: RetrievalConfig = mem.retrieval(8192)
+    cfg: RetrievalConfig = session_retrieval_config(log)
     tbl = EventTable.open(log)
     if tbl.vector_dim != 3 * HEAD_DIM:  # the capture's queries are SmolLM2-135M's (9 heads, 3 kv heads of 64)
         raise SystemExit(f"{log} is not a SmolLM2-135M session (vectors of {tbl.vector_dim}); the real queries are")

@@ -43,6 +43,29 @@ from emserve.retrieval.representatives import (
 from emserve.retrieval.retriever import Retriever
 
 
+def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: QueryMean | None, *, num_heads: int,
+                    head_dim: int, candidate_factor: float = 1.5) -> Retriever:
+    """The retriever of a session with ``config`` over ``index`` (what :class:`EpisodicMemory` uses;
+    benches build the same one over a kept session). Queries are folded over the GQA groups of the
+    table's vectors (``index.dim // head_dim`` heads per vector)."""
+    return Retriever(
+        index,
+        per_layer=config.per_layer,
+        use_contiguity_buffer=config.use_contiguity_buffer,
+        contiguity_buffer_size=config.contiguity_buffer_size,
+        query_mean=query_mean,
+        center_queries=config.center_queries,
+        standardize_queries=config.standardize_queries,
+        query_sample=config.query_sample,
+        score_layers=config.score_layers(index.num_layers),
+        query_group=num_heads // (index.dim // head_dim),
+        head_dim=head_dim,
+        rescore_factor=config.shared_rescore_factor,
+        search_vectors=config.shared_search_vectors,
+        candidate_factor=candidate_factor,
+    )
+
+
 class EpisodicMemory:
     """Event table, indexes, retriever and planner of one session whose KV log is ``log``."""
 
@@ -64,21 +87,8 @@ class EpisodicMemory:
         self.index = EventIndex.open(self.path, self.table, config.index_params(),
                                      layers=config.indexed_layers(layout.num_layers))
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
-        self.retriever = Retriever(
-            self.index,
-            per_layer=config.per_layer,
-            use_contiguity_buffer=config.use_contiguity_buffer,
-            contiguity_buffer_size=config.contiguity_buffer_size,
-            query_mean=self.query_mean,
-            center_queries=config.center_queries,
-            standardize_queries=config.standardize_queries,
-            query_sample=config.query_sample,
-            score_layers=config.score_layers(layout.num_layers),
-            query_group=num_heads // heads,
-            head_dim=layout.head_dim,
-            rescore_factor=config.shared_rescore_factor,
-            search_vectors=config.shared_search_vectors,
-        )
+        self.retriever = build_retriever(self.index, config, self.query_mean, num_heads=num_heads,
+                                         head_dim=layout.head_dim)
         self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
 
     def close_events(
