@@ -21,6 +21,7 @@ Contract
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emserve.retrieval.device_scorer import DeviceScorer, resolve_device
 from emserve.retrieval.errors import EventTableError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex
@@ -44,7 +46,7 @@ from emserve.retrieval.retriever import Retriever
 
 
 def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: QueryMean | None, *, num_heads: int,
-                    head_dim: int, candidate_factor: float = 1.5) -> Retriever:
+                    head_dim: int, candidate_factor: float = 1.5, scorer: DeviceScorer | None = None) -> Retriever:
     """The retriever of a session with ``config`` over ``index`` (what :class:`EpisodicMemory` uses;
     benches build the same one over a kept session). Queries are folded over the GQA groups of the
     table's vectors (``index.dim // head_dim`` heads per vector)."""
@@ -63,14 +65,24 @@ def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: Quer
         rescore_factor=config.shared_rescore_factor,
         search_vectors=config.shared_search_vectors,
         candidate_factor=candidate_factor,
+        scorer=scorer,
     )
+
+
+NO_GRAPH = 1 << 62
+"""Exact-search threshold that never builds an HNSW graph (device scoring)."""
 
 
 class EpisodicMemory:
     """Event table, indexes, retriever and planner of one session whose KV log is ``log``."""
 
     def __init__(self, log: KVLog, config: RetrievalConfig, *, num_heads: int, rotate: RotateFn,
-                 path: str | os.PathLike[str] | None = None, fsync: bool = False) -> None:
+                 path: str | os.PathLike[str] | None = None, fsync: bool = False,
+                 score_device: str | None = None) -> None:
+        """``score_device``: where a shared selection is scored (``device_scorer.resolve_device``:
+        ``"auto"`` takes a GPU when torch sees one; None / ``"cpu"``: the CPU exact / HNSW paths). On a
+        device every step scores every event exactly and no HNSW graph is built or loaded (no RAM, no
+        index files); a per-layer selection always stays on the CPU."""
         self.log = log
         self.config = config
         self.num_heads = num_heads
@@ -84,11 +96,17 @@ class EpisodicMemory:
         log.refresh()
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
-        self.index = EventIndex.open(self.path, self.table, config.index_params(),
-                                     layers=config.indexed_layers(layout.num_layers))
+        device = None if config.per_layer else resolve_device(score_device)
+        params = config.index_params()
+        if device is not None:  # never searched: no graph (every search is exact), none built
+            params = dataclasses.replace(params, exact_threshold=NO_GRAPH)
+        self.index = EventIndex.open(self.path, self.table, params,
+                                     layers=() if device is not None else config.indexed_layers(layout.num_layers))
+        self.scorer = None if device is None else DeviceScorer(
+            self.table, config.score_layers(layout.num_layers), device=device)
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = build_retriever(self.index, config, self.query_mean, num_heads=num_heads,
-                                         head_dim=layout.head_dim)
+                                         head_dim=layout.head_dim, scorer=self.scorer)
         self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
 
     def close_events(
@@ -108,6 +126,8 @@ class EpisodicMemory:
         )
         first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
         self.index.sync(limit=self.index.params.catchup_events)
+        if self.scorer is not None:
+            self.scorer.sync()
         return list(range(first, first + len(ranges)))
 
     def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:

@@ -67,6 +67,7 @@ from typing import Literal
 import numpy as np
 
 from emserve.retrieval.buffers import ContiguityBuffer, contiguity_tokens
+from emserve.retrieval.device_scorer import DeviceScorer
 from emserve.retrieval.errors import PlanError
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.queries import EncodedQuery, QueryMean, encode_queries
@@ -212,6 +213,7 @@ class Retriever:
         rescore_factor: float = 0.0,
         search_vectors: int = 128,
         candidate_factor: float = 1.5,
+        scorer: DeviceScorer | None = None,
     ) -> None:
         """Defaults score with the raw queries; sessions get centering and standardization on
         through :class:`~emserve.retrieval.planner.RetrievalConfig`.
@@ -223,6 +225,8 @@ class Retriever:
         candidates (module docstring; 0: score the whole union).
         ``candidate_factor``: each HNSW list of the union path asks for enough events to cover this many
         times the budget (+ contiguity share), at the memory's mean event size.
+        ``scorer``: score a shared selection exactly on a device (:mod:`~emserve.retrieval.device_scorer`)
+        instead of the CPU exact / HNSW paths; its layers must be ``score_layers``.
         """
         if rescore_factor < 0 or search_vectors < 1:
             raise PlanError(f"need rescore_factor >= 0 and search_vectors >= 1, got {rescore_factor}, {search_vectors}")
@@ -249,6 +253,10 @@ class Retriever:
         self.query_dim = index.dim * query_group
         self._sample: np.ndarray | None = None
         self._sample_n = 0
+        if scorer is not None and (per_layer or scorer.layers != self.score_layers or scorer.table is not self.table):
+            raise PlanError("a device scorer serves a shared selection (per_layer=False) of the same table "
+                            "and scoring layers")
+        self.scorer = scorer
         nbuf = n_layers if per_layer else 1
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
 
@@ -278,6 +286,10 @@ class Retriever:
         """
         mean = self.query_mean.mean if (self.center_queries and self.query_mean is not None) else None
         sample = self.rep_sample() if self.standardize_queries else None
+        if self.scorer is not None and sample is not None:  # standardized on the device (one batched product)
+            q = encode_queries(queries, num_layers=self.index.num_layers, query_dim=self.query_dim,
+                               group=self.query_group, head_dim=self.head_dim, mean=mean)
+            return EncodedQuery(q.tokens, self.scorer.scales(sample, q.tokens))
         return encode_queries(
             queries, num_layers=self.index.num_layers, query_dim=self.query_dim, group=self.query_group,
             head_dim=self.head_dim, mean=mean, rep_sample=sample, vectors=self.index.vectors,
@@ -286,6 +298,9 @@ class Retriever:
 
     def token_scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
         """Per query token exact scores ``[n_tokens, len(ids)]`` (their mean over tokens is :meth:`scores`)."""
+        if layer is None and self.scorer is not None and ids is None:
+            self.scorer.sync()
+            return self.scorer.token_scores(q, len(self.table)).cpu().numpy()
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
         total = np.zeros((q.tokens.shape[0], n), np.float32)
@@ -296,6 +311,9 @@ class Retriever:
 
     def scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
         """Exact scores of events ``ids`` (None: all): one layer's, or (``layer=None``) the shared sum."""
+        if layer is None and self.scorer is not None:
+            self.scorer.sync()
+            return self.scorer.scores(q, ids)
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
         total = np.zeros(n, np.float32)
@@ -327,7 +345,7 @@ class Retriever:
         starts = self.table.starts
         memory = int(sizes[:m].sum())
         # exact also while the HNSW indexes lag the table (catching up, or a reader in another process)
-        exact = self.index.uses_exact(n)
+        exact = self.scorer is not None or self.index.uses_exact(n)
         q = None if queries is None else self.encode(queries)
 
         def build(picks: list[tuple[int, int, Source]], layer: int | None) -> LayerSelection:
@@ -369,6 +387,14 @@ class Retriever:
                 buf = self.buffers[lay] if kc else None
                 sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
             layers = tuple(sel)
+        elif self.scorer is not None:
+            self.scorer.sync()
+            if rank == "interleave" and q.tokens.shape[0] > 1:
+                ranked = self.scorer.ranked_interleave(q, m, sizes, need)
+            else:
+                ranked = self.scorer.ranked_mean(q, m, sizes, need)
+            shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
+            layers = (shared,) * n_layers
         elif not exact and self.rescore_factor > 0:
             ranked = self._ranked_bounded(q, n, m, sizes, need)
             shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
@@ -378,7 +404,8 @@ class Retriever:
                                   k, n, m, sizes, need, rank)
             shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
             layers = (shared,) * n_layers
-        assert all(sel.tokens == budget for sel in layers), "every layer must fill the budget exactly"
+        distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
+        assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"
         return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
 
     # ------------------------------------------------------------------ candidates

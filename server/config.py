@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,13 @@ class ServerConfig:
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """Default memory settings of new sessions (a CreateSession may override each field)."""
+
+    retrieval_device: str = "auto"
+    """Where a session's retrieval scores its events (shared selection): ``auto`` (a GPU when torch sees
+    one, else the CPU), ``cpu`` (exact, then HNSW graphs past ``exact_search_threshold`` events) or a
+    torch device (``cuda``, ``cuda:1``). On a GPU every event is scored exactly at every step and no HNSW
+    graph is kept (``emserve.retrieval.device_scorer``); the scoring layers' representatives take
+    ~2.8 KB of GPU memory per token of session (float16), beside vLLM's ``gpu_memory_utilization``."""
 
     max_sessions: int = 256
     """Sessions on disk; CreateSession beyond it fails with RESOURCE_EXHAUSTED."""
@@ -93,6 +101,8 @@ class ServerConfig:
             raise ConfigError(f"dtype must be bfloat16, float32 or float16, got {self.engine.dtype!r}")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("auth_token must not be blank (unset it instead)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.retrieval_device):
+            raise ConfigError(f"retrieval_device must be auto, cpu, cuda or cuda:N, got {self.retrieval_device!r}")
 
     @property
     def address(self) -> str:
@@ -154,7 +164,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
-                 "max_session_tokens", "auth_token", "grace_s"):
+                 "max_session_tokens", "auth_token", "grace_s", "retrieval_device"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)

@@ -179,8 +179,11 @@ class SessionStats:
 class Session:
     """A live session. Create with :meth:`create` or reopen with :meth:`open`."""
 
-    def __init__(self, path: Path, engine: Engine, config: MemoryConfig, segmenter: OnlineSegmenter) -> None:
+    def __init__(self, path: Path, engine: Engine, config: MemoryConfig, segmenter: OnlineSegmenter, *,
+                 score_device: str | None = "auto") -> None:
         self.path = path
+        self.score_device = score_device
+        """Where retrieval scores (``EpisodicMemory``): ``"auto"`` a GPU when torch sees one, else the CPU."""
         self.engine = engine
         self.config = config
         self.segmenter = segmenter
@@ -198,19 +201,20 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, path: str | os.PathLike[str], engine: Engine, config: MemoryConfig | None = None) -> Session:
+    def create(cls, path: str | os.PathLike[str], engine: Engine, config: MemoryConfig | None = None, *,
+               score_device: str | None = "auto") -> Session:
         p = Path(path)
         if (p / SESSION_FILE).exists():
             raise SessionError(f"session already exists at {p}")
         p.mkdir(parents=True, exist_ok=True)
         cfg = config or MemoryConfig()
         cfg.retrieval(engine.info.max_model_len)  # validate against the model now
-        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter()))
+        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter()), score_device=score_device)
         s._save_state()
         return s
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], engine: Engine) -> Session:
+    def open(cls, path: str | os.PathLike[str], engine: Engine, *, score_device: str | None = "auto") -> Session:
         p = Path(path)
         try:
             state = json.loads((p / SESSION_FILE).read_text())
@@ -218,7 +222,7 @@ class Session:
             raise SessionError(f"no session at {p}") from None
         cfg = MemoryConfig(**{"question_rank": "mean", **state["config"]})  # sessions saved before it: "mean"
         seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
-        s = cls(p, engine, cfg, seg)
+        s = cls(p, engine, cfg, seg, score_device=score_device)
         if (p / QUERIES_FILE).exists():
             s._last_queries = np.load(p / QUERIES_FILE)
         s._recover()
@@ -270,6 +274,7 @@ class Session:
                         self.config.retrieval(self.engine.info.max_model_len),
                         num_heads=self.engine.info.num_heads,
                         rotate=self._rope.rotate,
+                        score_device=self.score_device,
                     )
         return self._memory
 

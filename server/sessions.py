@@ -133,8 +133,9 @@ def check_session_id(session_id: str, field_name: str = "session_id") -> str:
 
 class SessionManager:
     def __init__(self, root: str | os.PathLike[str], engine: Engine, defaults: MemoryConfig, *,
-                 max_sessions: int = 256, max_open: int = 32) -> None:
+                 max_sessions: int = 256, max_open: int = 32, score_device: str | None = "auto") -> None:
         self.root = Path(root)
+        self.score_device = score_device
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = engine
         self.defaults = defaults
@@ -211,7 +212,8 @@ class SessionManager:
             folder.mkdir(parents=True)
             meta = SessionMeta(sid, time.time(), f"data-{uuid.uuid4().hex[:8]}", ACTIVE, dict(labels or {}))
             try:
-                session = await asyncio.to_thread(Session.create, folder / meta.data, self.engine, cfg)
+                session = await asyncio.to_thread(Session.create, folder / meta.data, self.engine, cfg,
+                                                score_device=self.score_device)
             except Exception:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -259,7 +261,8 @@ class SessionManager:
             meta = self._meta(session_id)
             folder = self._folder(session_id)
             t0 = time.perf_counter()
-            session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine)
+            session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine,
+                                                score_device=self.score_device)
             logger.info("opened session %s (%d tokens) in %.2f s", session_id, session.num_tokens,
                         time.perf_counter() - t0)
             entry = self._open[session_id] = Entry(meta, folder, session)
