@@ -55,7 +55,7 @@ def rss_bytes() -> int:
 
 def disk_parts(path: Path) -> dict[str, int]:
     """Bytes under a session directory: KV log (``k_*``/``v_*``), event table (representatives,
-    ranges), HNSW index files, the rest (tokens, surprise, state)."""
+    ranges), HNSW index files, the rest (tokens, surprise, state). Allocated bytes, not apparent sizes."""
     parts: dict[str, int] = defaultdict(int)
     for f in path.rglob("*"):
         if not f.is_file():
@@ -68,7 +68,7 @@ def disk_parts(path: Path) -> dict[str, int]:
             part = "table"
         else:
             part = "other"
-        parts[part] += f.stat().st_size
+        parts[part] += f.stat().st_blocks * 512  # allocated: the table's files are preallocated sparsely
     return dict(parts)
 
 
@@ -104,7 +104,7 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     if args.create:
-        session = Session.create(args.create, engine, MemoryConfig())
+        session = Session.create(args.create, engine, MemoryConfig(), score_device=args.score_device)
         path = Path(args.create)
         if args.prefix:
             print(f"ingesting a {args.prefix}-token prefix ...", flush=True)
@@ -113,7 +113,7 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
         open_s = None
     else:
         path = Path(args.session)
-        session = Session.open(path, engine)
+        session = Session.open(path, engine, score_device=args.score_device)
         session.memory  # noqa: B018 - loads the event table and the indexes (what a first step would)
         open_s = time.perf_counter() - t0
     rss_open = rss_bytes()
@@ -198,7 +198,7 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
         "disk_vs_raw_kv": sum(parts.values()) / n_tok / raw_kv,
     }
     session.close()
-    engine.close()
+    await engine.close()
     return res
 
 
@@ -214,6 +214,8 @@ def main() -> int:
     ap.add_argument("--text-at", type=float, default=0.5, help="where in the text the appended tokens start")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="session_profile")
+    ap.add_argument("--score-device", default="auto",
+                    help="retrieval scoring: auto, cpu, cuda, or torch-cpu (the GPU path on the CPU: its disk layout)")
     args = ap.parse_args()
     if args.tokens < 1 or args.prefix < 0:
         ap.error("--tokens must be >= 1 and --prefix >= 0")

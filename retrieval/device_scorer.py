@@ -10,9 +10,11 @@ session's scoring layers (~3 GB in float16) are one batched matrix product per s
 Contract
 --------
 * The scoring layers' representatives are mirrored in device memory (``dtype``, default float16),
-  ``[layers, capacity, vectors, d]``, grown by doubling. :meth:`sync` copies the rows the
-  :class:`~emserve.retrieval.events.EventTable` committed since the last call (all of them when a
-  session opens); the table on disk stays the source of truth.
+  ``[layers, capacity, vectors, d]``, grown by doubling. :meth:`sync` copies rows the
+  :class:`~emserve.retrieval.events.EventTable` has on disk; :meth:`append` takes those of events
+  whose rows the table does not store (``EpisodicMemory`` on a GPU stores none: they are derived from
+  the KV log, recomputed from it when a session opens). Every event of the table must be mirrored
+  before a retrieval.
 * Scores are those of :class:`~emserve.retrieval.retriever.Retriever` for a shared selection:
   ``s_i(e) = sum_l scale_il * max_j q_il . rep_lj`` per query token ``i``, their mean for the
   ``"mean"`` ranking. Each layer's query is scaled before the product (``scale > 0``, so the max is
@@ -44,9 +46,12 @@ _CHUNK_ELEMENTS = 1 << 27
 
 def resolve_device(device: str | None) -> str | None:
     """``"auto"``: ``"cuda"`` where torch sees a GPU, else None (the CPU path); ``"cpu"`` / None / ``""``:
-    None; anything else (``"cuda"``, ``"cuda:1"``): itself, checked."""
+    None; ``"torch-cpu"``: the device path on torch's CPU device (tests); anything else (``"cuda"``,
+    ``"cuda:1"``): itself, checked."""
     if device in (None, "", "cpu"):
         return None
+    if device == "torch-cpu":  # the device path on the CPU (tests, machines without a GPU)
+        return "cpu"
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else None
     try:
@@ -88,37 +93,59 @@ class DeviceScorer:
         """Device memory held by the mirror (its capacity)."""
         return self._reps.numel() * self._reps.element_size()
 
+    def _grow(self, n: int) -> None:
+        cap = self._reps.shape[1]
+        if n > cap:
+            grown = torch.empty((len(self.layers), max(n, 2 * cap, 1024), self.vectors, self.dim),
+                                dtype=self.dtype, device=self.device)
+            grown[:, :self.count] = self._reps[:, :self.count]
+            self._reps = grown
+
     def sync(self, *, rows_per_copy: int = 65536) -> int:
-        """Copy the table's new rows to the device. Returns how many events were added."""
+        """Copy the rows the table has on disk (``EventTable.reps_count``) beyond the mirror to the device.
+        Returns how many events were added."""
         with self._lock:
-            n = len(self.table)
+            n = self.table.reps_count
             if n <= self.count:
                 return 0
-            cap = self._reps.shape[1]
-            if n > cap:
-                grown = torch.empty((len(self.layers), max(n, 2 * cap, 1024), self.vectors, self.dim),
-                                    dtype=self.dtype, device=self.device)
-                grown[:, :self.count] = self._reps[:, :self.count]
-                self._reps = grown
+            self._grow(n)
             for a in range(self.count, n, rows_per_copy):
                 b = min(n, a + rows_per_copy)
                 for i, lay in enumerate(self.layers):
-                    rows = torch.from_numpy(np.array(self.table.reps(lay)[a:b], dtype=np.float32))
+                    rows = torch.from_numpy(np.array(self.table.stored_reps(lay)[a:b], dtype=np.float32))
                     self._reps[i, a:b] = rows.reshape(b - a, self.vectors, self.dim).to(self.device, self.dtype)
             added = n - self.count
             self.count = n
             return added
 
+    def append(self, first: int, reps: np.ndarray) -> None:
+        """Mirror events ``first ..`` (``first == count``) from their representatives of the scoring layers,
+        ``reps [E, len(layers), vectors * d]`` (events whose rows are not on disk)."""
+        r = np.asarray(reps, dtype=np.float32)
+        e = r.shape[0]
+        if r.shape != (e, len(self.layers), self.vectors * self.dim):
+            raise PlanError(f"reps must be [{e}, {len(self.layers)}, {self.vectors * self.dim}], got {r.shape}")
+        with self._lock:
+            if first != self.count:
+                raise PlanError(f"mirror holds {self.count} events, cannot append from {first}")
+            self._grow(first + e)
+            rows = torch.from_numpy(np.ascontiguousarray(r.transpose(1, 0, 2)))
+            self._reps[:, first:first + e] = rows.reshape(len(self.layers), e, self.vectors, self.dim).to(
+                self.device, self.dtype)
+            self.count = first + e
+
     # ------------------------------------------------------------------ scoring
-    def scales(self, sample: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def scales(self, sample_ids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """``encode_queries``' standardization of the scoring layers, on the device: ``1 / sigma`` of each
-        token's ``max_j q . rep_j`` over the sampled events ``sample [L, S, V*d]`` (``tokens [n, L, d]``);
+        token's ``max_j q . rep_j`` over the sampled events ``sample_ids`` (``tokens [n, L, d]``);
         float32 ``[n, L]``, 1 for the other layers (and where sigma is 0)."""
         with self._lock:
-            if self._sample_src is not sample:  # Retriever.rep_sample: a new array when resampled
-                sel = np.ascontiguousarray(sample[list(self.layers)], dtype=np.float32)
-                self._sample = torch.from_numpy(sel).to(self.device).reshape(len(self.layers), -1, self.dim)
-                self._sample_src = sample
+            if self._sample_src is not sample_ids:  # Retriever.sample_ids: a new array when resampled
+                if sample_ids.size and int(sample_ids.max()) >= self.count:
+                    raise PlanError(f"sampled event {int(sample_ids.max())} is not mirrored ({self.count} are)")
+                idx = torch.from_numpy(np.asarray(sample_ids, np.int64)).to(self.device)
+                self._sample = self._reps.index_select(1, idx).float().reshape(len(self.layers), -1, self.dim)
+                self._sample_src = sample_ids
             assert self._sample is not None
             n = tokens.shape[0]
             ns = self._sample.shape[1] // self.vectors

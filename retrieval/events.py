@@ -16,18 +16,30 @@ Contract
   ``vectors`` separate keys, scored by the best of them; ``representatives``). ``vectors`` is
   optional in the header (1 when absent).
 
+      reps.count             int64: events 0 .. k-1 have representatives on disk   (optional)
+
+* **Representatives are derived data** (a function of the KV log and the event's range). A writer that
+  keeps them elsewhere (``append(bounds, None)``: GPU scoring mirrors them in device memory) stores
+  only the records; ``reps.count`` then says how many leading events have rows on disk (written once,
+  atomically, before the first such record). Absent: every committed event has its rows (the
+  original invariant). :meth:`write_reps` fills the missing rows (recomputed from the log by
+  ``EpisodicMemory`` when a CPU writer opens such a table) and removes ``reps.count`` once all are
+  there. :meth:`reps` refuses while rows are missing; :meth:`stored_reps` reads the stored prefix.
+
 * Commit protocol: :meth:`EventTable.append` writes the representatives of every layer first, then
   the ``(start, end)`` records. The committed count is ``size(events.i64) // 16``. Representative
   files are preallocated by doubling (``capacity >= n``), so readers map them once per growth, not
   once per append; rows at or beyond ``n`` are garbage and never read.
 * Crash recovery (open for writing): a torn record (file size not a multiple of 16), a record that
-  breaks the ordering invariant, or a record whose representatives are not all on disk ends the table
-  there; everything after it is truncated. The table reopens without any rebuild.
+  breaks the ordering invariant, or a record whose representatives are not all on disk (beyond
+  ``reps.count`` when present: the rows are not expected there) ends the table there; everything
+  after it is truncated. The table reopens without any rebuild.
 * Threads: the writer may append while readers of the same object, in other threads, read the
   bounds and the length: both are published together, as one ``(bounds, n)`` pair replaced after
   the rows are in place, so a reader sees a whole table, before or after an append.
 * Resident memory: the ``(start, end)`` arrays (16 bytes per event). Representatives stay in the
   memory-mapped files (page cache), read per query.
+* Disk: 16 bytes per event, plus ``num_layers x dim x 4`` bytes per event with representatives.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from emserve.retrieval.mapping import map_array
 
 HEADER_FILE = "events.json"
 RECORDS_FILE = "events.i64"
+REPS_COUNT_FILE = "reps.count"
 FORMAT_VERSION = 1
 _RECORD = 16  # two int64
 _MIN_CAPACITY = 64
@@ -71,6 +84,7 @@ class EventTable:
         self._maps: list[tuple[np.ndarray, int] | None] = [None] * num_layers  # (mapping, rows)
         self._fds: dict[str, int] = {}
         self._capacity = 0
+        self._reps_count: int | None = None  # events with rows on disk; None: all of them (no reps.count)
         if writable:
             self._recover()
         self.refresh()
@@ -144,9 +158,17 @@ class EventTable:
         size = rec.stat().st_size if rec.exists() else 0
         raw = np.fromfile(rec, dtype="<i8", count=(size // _RECORD) * 2) if size else np.zeros(0, np.int64)
         n = self._valid_prefix(raw.reshape(-1, 2))
+        stored = self._read_reps_count()
         for layer in range(self.num_layers):
             f = self.path / _reps_file(layer)
-            n = min(n, (f.stat().st_size if f.exists() else 0) // self._row_bytes)
+            rows = (f.stat().st_size if f.exists() else 0) // self._row_bytes
+            if stored is None:
+                n = min(n, rows)
+            else:  # rows are expected below reps.count only
+                stored = min(stored, rows)
+        if stored is not None:
+            stored = min(stored, n)
+            self._write_reps_count(stored)
         fd = os.open(rec, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(fd, n * _RECORD)
         os.lseek(fd, 0, os.SEEK_END)
@@ -158,6 +180,34 @@ class EventTable:
             if os.fstat(fd).st_size < self._capacity * self._row_bytes:
                 os.ftruncate(fd, self._capacity * self._row_bytes)
             self._fds[name] = fd
+
+    def _read_reps_count(self) -> int | None:
+        try:
+            raw = (self.path / REPS_COUNT_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(raw) != 8:
+            raise EventTableError(f"{self.path / REPS_COUNT_FILE} is damaged ({len(raw)} bytes)")
+        return int(np.frombuffer(raw, "<i8")[0])
+
+    def _write_reps_count(self, k: int | None) -> None:
+        """Persist ``reps.count`` (atomically), or remove it (None: every event has its rows)."""
+        f = self.path / REPS_COUNT_FILE
+        if k is None:
+            f.unlink(missing_ok=True)
+        else:
+            tmp = f.with_name(f.name + ".tmp")
+            with open(tmp, "wb") as out:
+                out.write(np.int64(k).astype("<i8").tobytes())
+                if self.fsync:
+                    os.fsync(out.fileno())
+            os.replace(tmp, f)
+        self._reps_count = k
+
+    @property
+    def reps_count(self) -> int:
+        """Events ``0 .. reps_count-1`` have representatives on disk (readers: as of the last refresh)."""
+        return len(self) if self._reps_count is None else min(self._reps_count, len(self))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -177,6 +227,8 @@ class EventTable:
 
     def refresh(self) -> int:
         """Re-read the committed records (readers; the writer is always current). Returns ``n``."""
+        if not self.writable:
+            self._reps_count = self._read_reps_count()
         rec = self.path / RECORDS_FILE
         size = rec.stat().st_size if rec.exists() else 0
         n = size // _RECORD
@@ -223,8 +275,10 @@ class EventTable:
         return int(np.searchsorted(self.ends, offset, side="right"))
 
     # ------------------------------------------------------------------ append (writer)
-    def append(self, bounds: Sequence[tuple[int, int]] | np.ndarray, reps: np.ndarray) -> int:
-        """Append E events: ``bounds [E, 2]`` (start, end) and ``reps [E, num_layers, dim]``.
+    def append(self, bounds: Sequence[tuple[int, int]] | np.ndarray, reps: np.ndarray | None) -> int:
+        """Append E events: ``bounds [E, 2]`` (start, end) and ``reps [E, num_layers, dim]``, or None to
+        store no representatives (module docstring; then every later append stores none until
+        :meth:`write_reps` has filled them in).
 
         Returns the id of the first appended event.
         """
@@ -232,24 +286,23 @@ class EventTable:
             raise EventTableError(f"event table at {self.path} is open read-only")
         b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
         e = b.shape[0]
-        r = np.asarray(reps, dtype=np.float32)
-        if r.shape != (e, self.num_layers, self.dim):
+        r = None if reps is None else np.asarray(reps, dtype=np.float32)
+        if r is not None and r.shape != (e, self.num_layers, self.dim):
             raise EventTableError(f"reps must be [{e}, {self.num_layers}, {self.dim}], got {r.shape}")
         if e == 0:
             return len(self)
         prev_end = self.end_offset
         if self._valid_prefix(b) != e or b[0, 0] < prev_end:
             raise EventTableError(f"events must be non-empty, ordered and after {prev_end}: {b.tolist()}")
-        if not np.isfinite(r).all():
-            raise EventTableError("representatives contain NaN or inf")
         bounds, first = self._view
-        self._reserve(first + e)
-        for layer in range(self.num_layers):
-            data = np.ascontiguousarray(r[:, layer, :]).astype("<f4", copy=False)
-            os.pwrite(self._fds[_reps_file(layer)], data.tobytes(), first * self._row_bytes)
-        if self.fsync:
-            for layer in range(self.num_layers):
-                os.fsync(self._fds[_reps_file(layer)])
+        if r is None:
+            if self._reps_count is None:
+                self._write_reps_count(first)  # before the first record without rows
+        else:
+            if self.reps_count < first:
+                raise EventTableError(f"events {self.reps_count} .. {first - 1} have no representatives on disk: "
+                                      "write_reps them before appending events with representatives")
+            self._write_rows(first, r)
         fd = self._fds[RECORDS_FILE]
         view = memoryview(b.astype("<i8").tobytes())
         while view:
@@ -263,6 +316,32 @@ class EventTable:
         bounds[first:first + e] = b
         self._view = (bounds, first + e)
         return first
+
+    def _write_rows(self, first: int, r: np.ndarray) -> None:
+        if not np.isfinite(r).all():
+            raise EventTableError("representatives contain NaN or inf")
+        self._reserve(first + r.shape[0])
+        for layer in range(self.num_layers):
+            data = np.ascontiguousarray(r[:, layer, :]).astype("<f4", copy=False)
+            os.pwrite(self._fds[_reps_file(layer)], data.tobytes(), first * self._row_bytes)
+        if self.fsync:
+            for layer in range(self.num_layers):
+                os.fsync(self._fds[_reps_file(layer)])
+
+    def write_reps(self, first: int, reps: np.ndarray) -> None:
+        """Store the missing representatives of events ``first .. first+E-1`` (``first == reps_count``;
+        ``reps [E, num_layers, dim]``). Once every event has its rows, ``reps.count`` is removed."""
+        if not self.writable:
+            raise EventTableError(f"event table at {self.path} is open read-only")
+        r = np.asarray(reps, dtype=np.float32)
+        n = len(self)
+        if first != self.reps_count or r.ndim != 3 or r.shape[1:] != (self.num_layers, self.dim) \
+                or first + r.shape[0] > n:
+            raise EventTableError(f"write_reps({first}, {r.shape}): need rows from {self.reps_count}, "
+                                  f"[E, {self.num_layers}, {self.dim}], within {n} events")
+        self._write_rows(first, r)
+        done = first + r.shape[0]
+        self._write_reps_count(None if done >= n else done)
 
     def _reserve(self, n: int) -> None:
         if n <= self._capacity:
@@ -283,11 +362,20 @@ class EventTable:
         os.ftruncate(self._fds[RECORDS_FILE], n * _RECORD)
         os.lseek(self._fds[RECORDS_FILE], 0, os.SEEK_END)
         self._view = (self._view[0], n)
+        if self._reps_count is not None and self._reps_count > n:
+            self._write_reps_count(n)
 
     # ------------------------------------------------------------------ representatives (read)
     def reps(self, layer: int) -> np.ndarray:
         """float32 ``[n, dim]`` read-only view of layer ``layer``'s representatives (memory-mapped)."""
-        n = len(self)
+        if self.reps_count < len(self):
+            raise EventTableError(f"events {self.reps_count} .. {len(self) - 1} of {self.path} have no "
+                                  "representatives on disk (kept in device memory by their writer)")
+        return self.stored_reps(layer)
+
+    def stored_reps(self, layer: int) -> np.ndarray:
+        """float32 ``[reps_count, dim]`` read-only view of the representatives on disk."""
+        n = self.reps_count
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
         held = self._maps[layer]
@@ -305,6 +393,6 @@ class EventTable:
         return self.reps(layer)[np.asarray(ids, dtype=np.int64)]
 
     def disk_bytes(self) -> int:
-        names = [HEADER_FILE, RECORDS_FILE] + [_reps_file(i) for i in range(self.num_layers)]
+        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [_reps_file(i) for i in range(self.num_layers)]
         # allocated blocks, not apparent size: representative files are preallocated sparsely
         return sum((self.path / n).stat().st_blocks * 512 for n in names if (self.path / n).exists())

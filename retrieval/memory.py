@@ -17,13 +17,21 @@ Contract
 * Resident memory: the table's bounds, the HNSW graphs (of the scoring layers only when one selection
   serves all layers), the contiguity buffers, and for one call of
   :meth:`close_events` the de-rotated keys of the events being closed. KV stays in the log's files.
+* **On a GPU** (``score_device``, shared selection): no HNSW graph; the scoring layers'
+  representatives live in device memory only (``DeviceScorer``, ~2.8 KB per token in float16) and the
+  table stores the records alone (16 B per event: the session's disk is its KV log). Opening such a
+  session recomputes them from the log (``RECOMPUTE_BATCH`` events at a time, progress logged;
+  ``bench/reps_recompute.py``). A CPU writer that opens it first stores the missing rows (all layers),
+  then goes on as usual; a GPU writer that opens a session last written on the CPU copies its rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +77,11 @@ def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: Quer
     )
 
 
+logger = logging.getLogger(__name__)
+
+RECOMPUTE_BATCH = 2048
+"""Events per batch when representatives are recomputed from the log."""
+
 NO_GRAPH = 1 << 62
 """Exact-search threshold that never builds an HNSW graph (device scoring)."""
 
@@ -97,13 +110,19 @@ class EpisodicMemory:
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
         device = None if config.per_layer else resolve_device(score_device)
+        self.score_layers = list(config.score_layers(layout.num_layers))
+        if device is None and self.table.reps_count < len(self.table):
+            self._store_missing_reps()  # last written by a GPU writer: the CPU paths read rows from disk
         params = config.index_params()
         if device is not None:  # never searched: no graph (every search is exact), none built
             params = dataclasses.replace(params, exact_threshold=NO_GRAPH)
         self.index = EventIndex.open(self.path, self.table, params,
                                      layers=() if device is not None else config.indexed_layers(layout.num_layers))
-        self.scorer = None if device is None else DeviceScorer(
-            self.table, config.score_layers(layout.num_layers), device=device)
+        self.scorer = None
+        if device is not None:
+            self.scorer = DeviceScorer(self.table, self.score_layers, device=device)
+            self.scorer.sync()  # rows on disk (a session last written on the CPU)
+            self._mirror_missing_reps()
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = build_retriever(self.index, config, self.query_mean, num_heads=num_heads,
                                          head_dim=layout.head_dim, scorer=self.scorer)
@@ -120,15 +139,43 @@ class EpisodicMemory:
         if token_scores is not None and self.table.vectors != 1:
             raise EventTableError("attention-based representatives need repr_proxy 'mean' or 'central' "
                                   f"(this table stores {self.table.vectors} vectors per event)")
-        reps = event_representatives(
-            self.log, ranges, num_heads=self.num_heads, rotate=self.rotate,
-            repr_topk=self.config.repr_topk, token_scores=token_scores, proxy=self.config.repr_proxy,
-        )
+        if self.scorer is not None:  # the table keeps the records only; the device, their representatives
+            reps = self._representatives(ranges, token_scores, self.score_layers)
+            first = self.table.append(np.asarray(ranges, dtype=np.int64), None)
+            self.scorer.append(first, reps)
+            return list(range(first, first + len(ranges)))
+        reps = self._representatives(ranges, token_scores, None)
         first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
         self.index.sync(limit=self.index.params.catchup_events)
-        if self.scorer is not None:
-            self.scorer.sync()
         return list(range(first, first + len(ranges)))
+
+    def _representatives(self, ranges: Sequence[tuple[int, int]], token_scores: Sequence[torch.Tensor | None] | None,
+                         layers: Sequence[int] | None) -> np.ndarray:
+        return event_representatives(
+            self.log, ranges, num_heads=self.num_heads, rotate=self.rotate, repr_topk=self.config.repr_topk,
+            token_scores=token_scores, proxy=self.config.repr_proxy, layers=layers,
+        )
+
+    def _recompute(self, first: int, layers: Sequence[int] | None, sink: Callable[[int, np.ndarray], None]) -> None:
+        """Representatives of events ``first ..`` recomputed from the log (the proxy's: attention-based
+        ones cannot be), in batches handed to ``sink(first_id, reps)``, progress logged."""
+        n = len(self.table)
+        bounds = np.stack([self.table.starts, self.table.ends], 1)
+        t0 = time.perf_counter()
+        for a in range(first, n, RECOMPUTE_BATCH):
+            b = min(n, a + RECOMPUTE_BATCH)
+            sink(a, self._representatives([tuple(r) for r in bounds[a:b].tolist()], None, layers))
+            logger.info("representatives of events %d .. %d of %d recomputed from the KV log (%.1f s)",
+                     a, b - 1, n, time.perf_counter() - t0)
+
+    def _store_missing_reps(self) -> None:
+        """Write the rows a GPU writer did not store (CPU scoring and HNSW read them from disk)."""
+        self._recompute(self.table.reps_count, None, self.table.write_reps)
+
+    def _mirror_missing_reps(self) -> None:
+        """Put the events without rows on disk into the device mirror."""
+        assert self.scorer is not None
+        self._recompute(self.scorer.count, self.score_layers, self.scorer.append)
 
     def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:
         """Feed an ingestion step's query summary (mean over ``num_tokens`` new tokens) into the

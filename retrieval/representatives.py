@@ -134,43 +134,83 @@ def event_representatives(
     repr_topk: int = 4,
     token_scores: Sequence[torch.Tensor | None] | None = None,
     proxy: ReprProxy = "topk",
+    layers: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Representatives of several events read from a KV log: float32 ``[E, num_layers, V*heads*head_dim]``.
+    """Representatives of several events read from a KV log: float32 ``[E, len(layers), V*heads*head_dim]``.
 
     Keys of all the events are read once per layer and de-rotated in one ``rotate`` call.
-    ``token_scores[i]`` (optional, per event): ``[num_layers, num_heads, T_i]``.
+    ``token_scores[i]`` (optional, per event): ``[num_layers, num_heads, T_i]``. ``layers``: the layers
+    to compute (default all; an event's representative of a layer depends on that layer's keys only).
     """
     layout = log.layout
+    lays = list(range(layout.num_layers)) if layers is None else [int(x) for x in layers]
     e = len(ranges)
     ts = token_scores is not None
     heads = heads_per_vector(proxy, num_heads, layout.num_kv_heads, token_scores=ts)
     dim = heads * layout.head_dim * vectors_per_event(proxy, repr_topk, token_scores=ts)
     if e == 0:
-        return np.zeros((0, layout.num_layers, dim), np.float32)
+        return np.zeros((0, len(lays), dim), np.float32)
     if token_scores is not None and len(token_scores) != e:
         raise EventTableError(f"token_scores has {len(token_scores)} entries for {e} events")
     lengths = [end - start for start, end in ranges]
     if min(lengths) <= 0:
         raise EventTableError(f"empty or reversed event range in {list(ranges)}")
-    per_layer = [
-        torch.cat([log.keys(layer, s, t) for s, t in ranges]).to(torch.float32)
-        for layer in range(layout.num_layers)
+    contiguous = all(ranges[i][1] == ranges[i + 1][0] for i in range(e - 1))
+    span = (ranges[0][0], ranges[-1][1])
+    per_layer = [  # one read per layer when the events are back to back (they are, as closed)
+        (log.keys(layer, *span) if contiguous else torch.cat([log.keys(layer, s, t) for s, t in ranges]))
+        .to(torch.float32) for layer in lays
     ]
     keys = torch.stack(per_layer, dim=1)  # [sumT, L, Hkv, D]
     del per_layer
-    positions = torch.from_numpy(np.concatenate([log.positions(s, t) for s, t in ranges]).astype(np.int64))
+    positions = torch.from_numpy((log.positions(*span) if contiguous else
+                                  np.concatenate([log.positions(s, t) for s, t in ranges])).astype(np.int64))
     total = keys.shape[0]
-    flat = keys.reshape(total, layout.num_layers * layout.num_kv_heads, layout.head_dim)
+    flat = keys.reshape(total, len(lays) * layout.num_kv_heads, layout.head_dim)
     keys = rotate(flat, -positions).reshape(keys.shape)
-    out = np.empty((e, layout.num_layers, dim), np.float32)
+    if token_scores is None and proxy == "topk":
+        return topk_representatives(keys, lengths, repr_topk)
+    out = np.empty((e, len(lays), dim), np.float32)
     offset = 0
     for i, n in enumerate(lengths):
         out[i] = representatives_from_keys(
             keys[offset:offset + n],
             num_heads,
             repr_topk=repr_topk,
-            token_scores=None if token_scores is None else token_scores[i],
+            token_scores=_layers_of(None if token_scores is None else token_scores[i], layers),
             proxy=proxy,
         )
         offset += n
     return out
+
+
+def _layers_of(scores: torch.Tensor | None, layers: Sequence[int] | None) -> torch.Tensor | None:
+    return scores if scores is None or layers is None else scores[list(layers)]
+
+
+def topk_representatives(keys: torch.Tensor, lengths: Sequence[int], repr_topk: int) -> np.ndarray:
+    """:func:`representatives_from_keys` (``"topk"``, no attention scores) of back-to-back events at once.
+
+    ``keys [sum(lengths), L, Hkv, D]`` (position-free); returns float32 ``[E, L, repr_topk * Hkv * D]``,
+    the same rows as the per-event function (same norms, same stable order, short events repeat their
+    tokens), without a Python loop over the events.
+    """
+    total, num_layers, num_kv, head_dim = keys.shape
+    lens = torch.as_tensor(list(lengths), dtype=torch.int64)
+    e = lens.shape[0]
+    starts = torch.cumsum(lens, 0) - lens
+    tmax = int(lens.max())
+    k = keys.to(torch.float32)
+    norms = k.reshape(total, num_layers, -1).norm(dim=-1)  # [T, L]
+    pos = torch.arange(tmax)
+    valid = pos[None, :] < lens[:, None]  # [E, Tmax]
+    tok = (starts[:, None] + pos[None, :]).clamp_max(total - 1)
+    padded = norms[tok].masked_fill(~valid[..., None], float("-inf"))  # [E, Tmax, L]
+    order = torch.argsort(-padded, dim=1, stable=True)  # ties to the earlier token; padding last
+    kk = lens.clamp_max(repr_topk)
+    slot = torch.arange(repr_topk)[None, :] % kk[:, None]  # [E, V]: repeat when the event is short
+    picked = order.gather(1, slot[..., None].expand(e, repr_topk, num_layers))  # [E, V, L] token in event
+    rows = (starts[:, None, None] + picked).permute(0, 2, 1)  # [E, L, V] token in the batch
+    lay = torch.arange(num_layers)[None, :, None].expand_as(rows)
+    rep = k[rows, lay]  # [E, L, V, Hkv, D]
+    return rep.reshape(e, num_layers, -1).numpy().astype(np.float32, copy=False)

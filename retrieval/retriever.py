@@ -252,6 +252,7 @@ class Retriever:
         self.head_dim = head_dim
         self.query_dim = index.dim * query_group
         self._sample: np.ndarray | None = None
+        self._sample_ids: np.ndarray | None = None
         self._sample_n = 0
         if scorer is not None and (per_layer or scorer.layers != self.score_layers or scorer.table is not self.table):
             raise PlanError("a device scorer serves a shared selection (per_layer=False) of the same table "
@@ -260,12 +261,20 @@ class Retriever:
         nbuf = n_layers if per_layer else 1
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
 
+    def _sync_scorer(self) -> None:
+        """The device mirror must hold every event of the table (rows on disk are copied here; the
+        others are appended by the table's writer, ``EpisodicMemory``)."""
+        assert self.scorer is not None
+        self.scorer.sync()
+        if self.scorer.count < len(self.table):
+            raise PlanError(f"the device mirror holds {self.scorer.count} of {len(self.table)} events")
+
     def reset_buffers(self) -> None:
         for b in self.buffers:
             b.clear()
 
-    def rep_sample(self) -> np.ndarray | None:
-        """Up to ``query_sample`` evenly spaced events' representatives ``[L, S, row]`` (cached).
+    def sample_ids(self) -> np.ndarray | None:
+        """Up to ``query_sample`` evenly spaced event ids (cached; a new array when resampled).
 
         Resampled while the table is smaller than the sample size, then after 25% growth.
         """
@@ -273,10 +282,19 @@ class Retriever:
         if n < 2 or self.query_sample < 2:
             return None
         full = self._sample_n >= self.query_sample
-        if self._sample is None or (n != self._sample_n and (not full or n >= 1.25 * self._sample_n)):
-            ids = np.unique(np.linspace(0, n - 1, min(n, self.query_sample)).round().astype(np.int64))
-            self._sample = np.stack([self.table.reps_of(lay, ids) for lay in range(self.index.num_layers)])
+        if self._sample_ids is None or (n != self._sample_n and (not full or n >= 1.25 * self._sample_n)):
+            self._sample_ids = np.unique(np.linspace(0, n - 1, min(n, self.query_sample)).round().astype(np.int64))
             self._sample_n = n
+            self._sample = None
+        return self._sample_ids
+
+    def rep_sample(self) -> np.ndarray | None:
+        """The representatives ``[L, S, row]`` of the :meth:`sample_ids` events (cached)."""
+        ids = self.sample_ids()
+        if ids is None:
+            return None
+        if self._sample is None:
+            self._sample = np.stack([self.table.reps_of(lay, ids) for lay in range(self.index.num_layers)])
         return self._sample
 
     def encode(self, queries: np.ndarray) -> EncodedQuery:
@@ -285,11 +303,15 @@ class Retriever:
         ``queries``: a summary ``[L, H*D]`` / ``[L, H, D]`` or query tokens ``[n, L, H, D]``.
         """
         mean = self.query_mean.mean if (self.center_queries and self.query_mean is not None) else None
-        sample = self.rep_sample() if self.standardize_queries else None
-        if self.scorer is not None and sample is not None:  # standardized on the device (one batched product)
+        if self.scorer is not None:  # standardized on the device, from the mirror (one batched product)
             q = encode_queries(queries, num_layers=self.index.num_layers, query_dim=self.query_dim,
                                group=self.query_group, head_dim=self.head_dim, mean=mean)
-            return EncodedQuery(q.tokens, self.scorer.scales(sample, q.tokens))
+            ids = self.sample_ids() if self.standardize_queries else None
+            if ids is None:
+                return q
+            self._sync_scorer()
+            return EncodedQuery(q.tokens, self.scorer.scales(ids, q.tokens))
+        sample = self.rep_sample() if self.standardize_queries else None
         return encode_queries(
             queries, num_layers=self.index.num_layers, query_dim=self.query_dim, group=self.query_group,
             head_dim=self.head_dim, mean=mean, rep_sample=sample, vectors=self.index.vectors,
@@ -299,7 +321,7 @@ class Retriever:
     def token_scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
         """Per query token exact scores ``[n_tokens, len(ids)]`` (their mean over tokens is :meth:`scores`)."""
         if layer is None and self.scorer is not None and ids is None:
-            self.scorer.sync()
+            self._sync_scorer()
             return self.scorer.token_scores(q, len(self.table)).cpu().numpy()
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
@@ -312,7 +334,7 @@ class Retriever:
     def scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
         """Exact scores of events ``ids`` (None: all): one layer's, or (``layer=None``) the shared sum."""
         if layer is None and self.scorer is not None:
-            self.scorer.sync()
+            self._sync_scorer()
             return self.scorer.scores(q, ids)
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
@@ -388,7 +410,7 @@ class Retriever:
                 sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
             layers = tuple(sel)
         elif self.scorer is not None:
-            self.scorer.sync()
+            self._sync_scorer()
             if rank == "interleave" and q.tokens.shape[0] > 1:
                 ranked = self.scorer.ranked_interleave(q, m, sizes, need)
             else:

@@ -127,3 +127,114 @@ def test_config_errors(tmp_path):
             resolve_device("cuda")
     with pytest.raises(PlanError, match="unknown retrieval device"):
         resolve_device("tpu:x")
+
+
+# ---------------------------------------------------------------------- tables without representatives
+
+def test_table_without_reps_counts_recovers_and_fills(tmp_path):
+    """``append(bounds, None)`` keeps records only; ``reps.count`` marks the stored prefix, survives a
+    reopen (and a torn tail), and ``write_reps`` fills the rest and removes it."""
+    from emserve.retrieval.errors import EventTableError
+    from emserve.retrieval.events import REPS_COUNT_FILE
+
+    rng = np.random.default_rng(6)
+    table = EventTable.create(tmp_path, L, V * D, vectors=V)
+    reps = rng.standard_normal((30, L, V * D)).astype(np.float32)
+    bounds = np.stack([np.arange(30) * 10 + 5, np.arange(30) * 10 + 12], 1)
+    table.append(bounds[:10], reps[:10])
+    assert table.reps_count == 10 and not (tmp_path / REPS_COUNT_FILE).exists()  # the old invariant: no file
+    table.append(bounds[10:20], None)
+    table.append(bounds[20:25], None)
+    assert len(table) == 25 and table.reps_count == 10
+    np.testing.assert_array_equal(table.stored_reps(1), reps[:10, 1])
+    with pytest.raises(EventTableError, match="no representatives on disk"):
+        table.reps(0)
+    with pytest.raises(EventTableError, match="write_reps"):
+        table.append(bounds[25:26], reps[25:26])  # a gap of rows
+    reader = EventTable.open(tmp_path)
+    assert len(reader) == 25 and reader.reps_count == 10
+    table.close()
+
+    # torn tail record: recovery keeps 24 events and the stored prefix
+    with open(tmp_path / "events.i64", "ab") as f:
+        f.write(b"\x01\x02\x03")
+    table = EventTable.open(tmp_path, writable=True)
+    assert len(table) == 25 and table.reps_count == 10
+    table.truncate(8)  # below the stored prefix: reps.count follows
+    assert table.reps_count == 8
+    table.append(bounds[8:25], None)
+    with pytest.raises(EventTableError, match="need rows from 8"):
+        table.write_reps(9, reps[9:12])
+    table.write_reps(8, reps[8:20])
+    assert table.reps_count == 20 and (tmp_path / REPS_COUNT_FILE).exists()
+    table.write_reps(20, reps[20:25])
+    assert table.reps_count == 25 and not (tmp_path / REPS_COUNT_FILE).exists()
+    np.testing.assert_array_equal(table.reps(2), reps[:25, 2])
+    table.append(bounds[25:], reps[25:])  # back to rows with every record
+    np.testing.assert_array_equal(EventTable.open(tmp_path).reps(3), reps[:, 3])
+
+
+def _memory_pair(tmp_path, device):
+    """A KV log of random keys and the same memory config; ``device`` None: the CPU writer."""
+    from emserve.retrieval.kvlog import KVLayout, KVLog
+    from emserve.retrieval.memory import EpisodicMemory
+    from emserve.retrieval.planner import RetrievalConfig
+    from emserve.server.engine.rope import RopeSpec
+
+    rope = RopeSpec(inv_freq=1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)), rot_dim=8, head_dim=8)
+    path = tmp_path / "log"
+    if not path.exists():
+        log = KVLog.create(path, KVLayout(3, 2, 8, "float32"))
+        g = torch.Generator().manual_seed(0)
+        keys = [torch.randn(3000, 2, 8, generator=g) for _ in range(3)]
+        log.append(np.arange(3000) % 50, np.arange(3000), keys, keys)
+    else:
+        log = KVLog.open(path, writable=True)
+    cfg = RetrievalConfig(n_init=16, n_local=64, n_mem=96, exc_block_size=16, per_layer=False,
+                          shared_score_layers=2 / 3, max_window=16 + 96 + 64 + 16 + 1 + 64)
+    return lambda: EpisodicMemory(log, cfg, num_heads=4, rotate=rope.rotate, path=tmp_path / "mem", score_device=device)
+
+
+@pytest.mark.parametrize("device", ["torch-cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device):
+    """A device writer stores records only (disk: 16 B per event), recomputes its mirror from the log on
+    reopen; a CPU writer reopening the session stores the missing rows (the same a CPU writer writes);
+    each selects what the other would."""
+    bounds = [(s, s + 23) for s in range(16, 2900, 23)]
+    q = np.random.default_rng(7).standard_normal((3, 4, 8)).astype(np.float32)
+    ref = _memory_pair(tmp_path / "cpu", None)()  # reference: the CPU writer all along
+    ref.close_events(bounds)
+
+    open_dev = _memory_pair(tmp_path / "dev", device)
+    mem = open_dev()
+    assert mem.scorer is not None and mem.index.layers == ()
+    mem.close_events(bounds[:50])
+    mem.close_events(bounds[50:80])
+    assert mem.table.reps_count == 0 and mem.scorer.count == 80
+    assert sum(f.stat().st_blocks for f in (tmp_path / "dev" / "mem").glob("reps_*.f32")) == 0  # no rows
+    assert not list((tmp_path / "dev" / "mem").glob("index_*.hnsw"))  # no graphs
+    sel = lambda m: m.retriever.retrieve(q, 96, num_events=80).layers[0].ids  # noqa: E731
+    expected = ref.retriever.retrieve(q, 96, num_events=80).layers[0].ids
+    ref.retriever.reset_buffers()
+    assert sel(mem) == expected
+    mirror = mem.scorer._reps[:, :80].clone()
+    mem.close()
+
+    mem = open_dev()  # reopened on the device: the mirror is recomputed from the log, identically
+    assert mem.scorer.count == 80
+    torch.testing.assert_close(mem.scorer._reps[:, :80], mirror)
+    mem.close_events(bounds[80:100])
+    mem.close()
+
+    cpu = _memory_pair(tmp_path / "dev", None)()  # a CPU writer: fills rows 0 .. 99 from the log
+    assert cpu.table.reps_count == 100 == len(cpu.table)
+    for lay in range(3):
+        np.testing.assert_allclose(cpu.table.reps(lay), ref.table.reps(lay)[:100], rtol=1e-6, atol=1e-6)
+    cpu.close_events(bounds[100:])
+    assert cpu.table.reps_count == len(bounds)
+    cpu.close()
+
+    mem = open_dev()  # back on the device: rows come from disk, none recomputed
+    assert mem.scorer.count == len(bounds) and mem.table.reps_count == len(bounds)
+    ref.retriever.reset_buffers()
+    assert mem.retriever.retrieve(q, 96).layers[0].ids == ref.retriever.retrieve(q, 96).layers[0].ids

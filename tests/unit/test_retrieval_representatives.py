@@ -121,3 +121,23 @@ def test_topk_score_with_folded_query_equals_expanded_key_score():
     # the same 5 tokens, in norm order: compare as sets of scores
     np.testing.assert_allclose(np.sort(rep @ fold_heads(q, H // HKV, HD)), np.sort(expanded @ q), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_topk_batch_equals_the_per_event_function():
+    """The batched top-k path (what ``event_representatives`` runs) picks the same rows as the
+    per-event function: short events (repeats), ties in norm (earlier token), long events."""
+    import torch
+
+    from emserve.retrieval.representatives import representatives_from_keys, topk_representatives
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [1, 2, 3, 4, 5, 17, 1, 40, 8]
+    keys = torch.randn(sum(lengths), 3, 2, 4, generator=g)
+    keys[5:7] = keys[4:6].clone()  # equal norms inside an event: the earlier token first
+    keys[20] = 0.0
+    got = topk_representatives(keys, lengths, 4)
+    off = 0
+    for i, n in enumerate(lengths):
+        want = representatives_from_keys(keys[off:off + n], 4, repr_topk=4, proxy="topk")
+        np.testing.assert_array_equal(got[i], want)
+        off += n
