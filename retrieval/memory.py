@@ -52,6 +52,8 @@ from emserve.retrieval.representatives import (
 )
 from emserve.retrieval.retriever import Retriever
 
+logger = logging.getLogger(__name__)
+
 
 def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: QueryMean | None, *, num_heads: int,
                     head_dim: int, candidate_factor: float = 1.5, scorer: DeviceScorer | None = None) -> Retriever:
@@ -76,8 +78,6 @@ def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: Quer
         scorer=scorer,
     )
 
-
-logger = logging.getLogger(__name__)
 
 RECOMPUTE_BATCH = 2048
 """Events per batch when representatives are recomputed from the log."""
@@ -166,7 +166,7 @@ class EpisodicMemory:
             b = min(n, a + RECOMPUTE_BATCH)
             sink(a, self._representatives([tuple(r) for r in bounds[a:b].tolist()], None, layers))
             logger.info("representatives of events %d .. %d of %d recomputed from the KV log (%.1f s)",
-                     a, b - 1, n, time.perf_counter() - t0)
+                        a, b - 1, n, time.perf_counter() - t0)
 
     def _store_missing_reps(self) -> None:
         """Write the rows a GPU writer did not store (CPU scoring and HNSW read them from disk)."""
