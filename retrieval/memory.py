@@ -150,21 +150,23 @@ class EpisodicMemory:
         return list(range(first, first + len(ranges)))
 
     def _representatives(self, ranges: Sequence[tuple[int, int]], token_scores: Sequence[torch.Tensor | None] | None,
-                         layers: Sequence[int] | None) -> np.ndarray:
+                         layers: Sequence[int] | None, device: torch.device | None = None) -> np.ndarray:
         return event_representatives(
             self.log, ranges, num_heads=self.num_heads, rotate=self.rotate, repr_topk=self.config.repr_topk,
-            token_scores=token_scores, proxy=self.config.repr_proxy, layers=layers,
+            token_scores=token_scores, proxy=self.config.repr_proxy, layers=layers, device=device,
         )
 
-    def _recompute(self, first: int, layers: Sequence[int] | None, sink: Callable[[int, np.ndarray], None]) -> None:
+    def _recompute(self, first: int, layers: Sequence[int] | None, sink: Callable[[int, np.ndarray], None],
+                   device: torch.device | None = None) -> None:
         """Representatives of events ``first ..`` recomputed from the log (the proxy's: attention-based
-        ones cannot be), in batches handed to ``sink(first_id, reps)``, progress logged."""
+        ones cannot be), in batches handed to ``sink(first_id, reps)``, progress logged; computed on
+        ``device`` (the scorer's GPU) when given."""
         n = len(self.table)
         bounds = np.stack([self.table.starts, self.table.ends], 1)
         t0 = time.perf_counter()
         for a in range(first, n, RECOMPUTE_BATCH):
             b = min(n, a + RECOMPUTE_BATCH)
-            sink(a, self._representatives([tuple(r) for r in bounds[a:b].tolist()], None, layers))
+            sink(a, self._representatives([tuple(r) for r in bounds[a:b].tolist()], None, layers, device))
             logger.info("representatives of events %d .. %d of %d recomputed from the KV log (%.1f s)",
                         a, b - 1, n, time.perf_counter() - t0)
 
@@ -175,7 +177,7 @@ class EpisodicMemory:
     def _mirror_missing_reps(self) -> None:
         """Put the events without rows on disk into the device mirror."""
         assert self.scorer is not None
-        self._recompute(self.scorer.count, self.score_layers, self.scorer.append)
+        self._recompute(self.scorer.count, self.score_layers, self.scorer.append, self.scorer.device)
 
     def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:
         """Feed an ingestion step's query summary (mean over ``num_tokens`` new tokens) into the

@@ -135,12 +135,15 @@ def event_representatives(
     token_scores: Sequence[torch.Tensor | None] | None = None,
     proxy: ReprProxy = "topk",
     layers: Sequence[int] | None = None,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Representatives of several events read from a KV log: float32 ``[E, len(layers), V*heads*head_dim]``.
 
     Keys of all the events are read once per layer and de-rotated in one ``rotate`` call.
     ``token_scores[i]`` (optional, per event): ``[num_layers, num_heads, T_i]``. ``layers``: the layers
     to compute (default all; an event's representative of a layer depends on that layer's keys only).
+    ``device``: where the keys are de-rotated and the top-k picked (a GPU: a session's open recomputes
+    every event; the rows may then differ from the CPU's in the last bits of the de-rotation).
     """
     layout = log.layout
     lays = list(range(layout.num_layers)) if layers is None else [int(x) for x in layers]
@@ -159,7 +162,7 @@ def event_representatives(
     span = (ranges[0][0], ranges[-1][1])
     per_layer = [  # one read per layer when the events are back to back (they are, as closed)
         (log.keys(layer, *span) if contiguous else torch.cat([log.keys(layer, s, t) for s, t in ranges]))
-        .to(torch.float32) for layer in lays
+        .to(device or "cpu").to(torch.float32) for layer in lays
     ]
     keys = torch.stack(per_layer, dim=1)  # [sumT, L, Hkv, D]
     del per_layer
@@ -205,12 +208,12 @@ def topk_representatives(keys: torch.Tensor, lengths: Sequence[int], repr_topk: 
     pos = torch.arange(tmax)
     valid = pos[None, :] < lens[:, None]  # [E, Tmax]
     tok = (starts[:, None] + pos[None, :]).clamp_max(total - 1)
-    padded = norms[tok].masked_fill(~valid[..., None], float("-inf"))  # [E, Tmax, L]
-    order = torch.argsort(-padded, dim=1, stable=True)  # ties to the earlier token; padding last
+    padded = norms[tok.to(k.device)].masked_fill(~valid[..., None].to(k.device), float("-inf"))  # [E, Tmax, L]
+    order = torch.argsort(-padded, dim=1, stable=True).cpu()  # ties to the earlier token; padding last
     kk = lens.clamp_max(repr_topk)
     slot = torch.arange(repr_topk)[None, :] % kk[:, None]  # [E, V]: repeat when the event is short
     picked = order.gather(1, slot[..., None].expand(e, repr_topk, num_layers))  # [E, V, L] token in event
     rows = (starts[:, None, None] + picked).permute(0, 2, 1)  # [E, L, V] token in the batch
     lay = torch.arange(num_layers)[None, :, None].expand_as(rows)
-    rep = k[rows, lay]  # [E, L, V, Hkv, D]
-    return rep.reshape(e, num_layers, -1).numpy().astype(np.float32, copy=False)
+    rep = k[rows.to(k.device), lay.to(k.device)]  # [E, L, V, Hkv, D]
+    return rep.reshape(e, num_layers, -1).cpu().numpy().astype(np.float32, copy=False)

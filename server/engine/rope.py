@@ -89,8 +89,8 @@ class RopeSpec:
             return x.clone()
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         rd = self.rot_dim
-        cos, sin = angles if angles is not None else self.angles(delta, work)
-        cos, sin = cos.to(work), sin.to(work)
+        cos, sin = angles if angles is not None else self.angles(delta.cpu(), work)
+        cos, sin = cos.to(x.device, work), sin.to(x.device, work)  # angles on the CPU (fp64), applied where x is
         xr = x[..., :rd].to(work)
         x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
