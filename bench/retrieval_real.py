@@ -19,7 +19,7 @@ selection recall vs exact (``|selected & exact| / |exact|``, mean and min) and t
 exact ranking's 10 best among the selected). Contiguity buffers are reset before every step, so
 each step's selection depends on its queries only.
 
-    .venv/bin/python bench/retrieval_real.py --session DIR/log [--efs 1600,3200] [--factors 3]
+    .venv/bin/python bench/retrieval_real.py --session DIR/log [--efs 1600,3200] [--factors 3] [--kinds ask,chunk,ask64]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
 from emserve.retrieval.memory import build_retriever  # noqa: E402
 from emserve.retrieval.planner import RetrievalConfig  # noqa: E402
 from emserve.retrieval.queries import QueryMean  # noqa: E402
-from emserve.retrieval.retriever import RetrievalResult, Retriever  # noqa: E402
+from emserve.retrieval.retriever import RetrievalResult, Retriever, interleave  # noqa: E402
 
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 HEADS, HEAD_DIM = 9, 64
@@ -70,8 +70,13 @@ def main() -> None:
     ap.add_argument("--factors", default="3", help="rescore factors of the bounded path")
     ap.add_argument("--candidate-factors", default="", help="candidate_factor values of the union path beyond "
                     "the default (1.5): each HNSW list covers this many times the budget")
+    ap.add_argument("--kinds", default="ask,chunk",
+                    help="step kinds: ask (8 questions x 4 query tokens, mean ranking), chunk (32 ingestion "
+                    "summaries), ask64 (the 8 questions with 64 query tokens each, interleaved ranking, the "
+                    "session default: each question's 4 tokens last, after 28 of the others' and the 32 summaries)")
     ap.add_argument("--out", default="retrieval_real")
     args = ap.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
 
     log = Path(args.session)
     cfg: RetrievalConfig = session_retrieval_config(log)
@@ -89,15 +94,23 @@ def main() -> None:
     print(f"{log}: {n} events ({tokens} tokens), {len(layers)} HNSW graphs opened in {open_s:.1f} s; "
           f"exact: {'yes' if index.uses_exact(n) else 'no'} at this size", flush=True)
     q = np.load(REAL / "queries.npz")
-    steps = [("ask", x, cfg.question_n_mem) for x in q["ask_queries"]] + \
-            [("chunk", x, cfg.n_mem) for x in q["chunk_queries"]]
+    ask, chunk = list(q["ask_queries"]), list(q["chunk_queries"])
+    others = np.concatenate(ask)  # the 32 question tokens
+    ask64 = [np.concatenate([np.concatenate([others[:4 * i], others[4 * i + 4:]])[:28], np.stack(chunk), x])
+             for i, x in enumerate(ask)]
+    sets: dict[str, list[tuple[str, np.ndarray, int, str]]] = {
+        "ask": [("ask", x, cfg.question_n_mem, "mean") for x in ask],
+        "chunk": [("chunk", x, cfg.n_mem, "mean") for x in chunk],
+        "ask64": [("ask64", x, cfg.question_n_mem, "interleave") for x in ask64],
+    }
+    steps = [s for k in kinds for s in sets[k]]
 
     def run(r: Retriever) -> tuple[list[RetrievalResult], list[float]]:
         out, ts = [], []
-        for _, x, budget in steps:
+        for _, x, budget, rank in steps:
             r.reset_buffers()
             t = time.perf_counter()
-            out.append(r.retrieve(x, budget))
+            out.append(r.retrieve(x, budget, rank=rank))  # type: ignore[arg-type]
             ts.append(time.perf_counter() - t)
         return out, ts
 
@@ -105,9 +118,13 @@ def main() -> None:
     run(exact_r)  # warm the page cache and the representative sample
     ref, ref_t = run(exact_r)
     top10 = []
-    for _, x, _ in steps:
-        scores = exact_r.scores(exact_r.encode(x), None)
-        top10.append(set(np.argsort(-scores, kind="stable")[:10].tolist()))
+    for _, x, _, rank in steps:  # the exact ranking's 10 best (interleaved for ask64)
+        enc = exact_r.encode(x)
+        if rank == "interleave":
+            top10.append(set(interleave(exact_r.token_scores(enc, None))[:10].tolist()))
+        else:
+            scores = exact_r.scores(enc, None)
+            top10.append(set(np.argsort(-scores, kind="stable")[:10].tolist()))
     paths: list[tuple[str, Retriever, int | None]] = [
         ("exact", exact_r, None), (f"union (ef {cfg.hnsw_ef})", retriever(index, cfg, qm), cfg.hnsw_ef)]
     paths += [(f"union (ef {ef})", retriever(index, cfg, qm), ef) for ef in (int(x) for x in args.efs.split(",") if x)]
@@ -124,7 +141,7 @@ def main() -> None:
         else:
             run(r)
             got, ts = run(r)
-        for kind in ("ask", "chunk"):
+        for kind in kinds:
             idx = [i for i, s in enumerate(steps) if s[0] == kind]
             rec = [len(similar(got[i]) & similar(ref[i])) / max(1, len(similar(ref[i]))) for i in idx]
             t10 = [len(top10[i] & similar(got[i])) / 10 for i in idx]
