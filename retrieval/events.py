@@ -168,7 +168,7 @@ class EventTable:
                 stored = min(stored, rows)
         if stored is not None:
             stored = min(stored, n)
-            self._write_reps_count(stored)
+            self._write_reps_count(None if stored >= n else stored)  # every record has its rows: no file
         fd = os.open(rec, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(fd, n * _RECORD)
         os.lseek(fd, 0, os.SEEK_END)
@@ -303,6 +303,8 @@ class EventTable:
                 raise EventTableError(f"events {self.reps_count} .. {first - 1} have no representatives on disk: "
                                       "write_reps them before appending events with representatives")
             self._write_rows(first, r)
+            if self._reps_count is not None:  # rows 0 .. first+e-1 are all on disk again
+                self._write_reps_count(None)
         fd = self._fds[RECORDS_FILE]
         view = memoryview(b.astype("<i8").tobytes())
         while view:

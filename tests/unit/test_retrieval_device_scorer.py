@@ -172,6 +172,27 @@ def test_table_without_reps_counts_recovers_and_fills(tmp_path):
     np.testing.assert_array_equal(table.reps(2), reps[:25, 2])
     table.append(bounds[25:], reps[25:])  # back to rows with every record
     np.testing.assert_array_equal(EventTable.open(tmp_path).reps(3), reps[:, 3])
+    table.close()
+
+
+def test_a_count_written_before_a_crash_does_not_hide_later_rows(tmp_path):
+    """A GPU writer wrote reps.count and crashed before its first record; a CPU writer then appends rows:
+    every row stays readable (the count goes once all rows are on disk)."""
+    from emserve.retrieval.events import REPS_COUNT_FILE
+
+    rng = np.random.default_rng(8)
+    reps = rng.standard_normal((6, L, V * D)).astype(np.float32)
+    bounds = np.stack([np.arange(6) * 10, np.arange(6) * 10 + 5], 1)
+    table = EventTable.create(tmp_path, L, V * D, vectors=V)
+    table.append(bounds[:3], reps[:3])
+    table._write_reps_count(3)  # what append(bounds, None) writes before its record; then the crash
+    table.close()
+    table = EventTable.open(tmp_path, writable=True)  # recovery: every record has its rows, the file goes
+    assert table.reps_count == 3 and not (tmp_path / REPS_COUNT_FILE).exists()
+    table._write_reps_count(3)  # the same, within one writer: the next append with rows clears it
+    table.append(bounds[3:], reps[3:])
+    assert table.reps_count == 6 and not (tmp_path / REPS_COUNT_FILE).exists()
+    np.testing.assert_array_equal(table.reps(1), reps[:, 1])
 
 
 def _memory_pair(tmp_path, device):
