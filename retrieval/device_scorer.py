@@ -93,6 +93,14 @@ class DeviceScorer:
         """Device memory held by the mirror (its capacity)."""
         return self._reps.numel() * self._reps.element_size()
 
+    def release(self) -> None:
+        """Drop the mirror (a closed session); the scorer is empty afterwards."""
+        with self._lock:
+            self._reps = torch.empty((len(self.layers), 0, self.vectors, self.dim), dtype=self.dtype,
+                                     device=self.device)
+            self._sample = self._sample_src = None
+            self.count = 0
+
     def _grow(self, n: int) -> None:
         cap = self._reps.shape[1]
         if n > cap:

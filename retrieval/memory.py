@@ -194,3 +194,5 @@ class EpisodicMemory:
     def close(self) -> None:
         self.index.close()
         self.table.close()
+        if self.scorer is not None:  # give the device memory back now, not when the object is collected
+            self.scorer.release()

@@ -239,7 +239,9 @@ def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device
     ref.retriever.reset_buffers()
     assert sel(mem) == expected
     mirror = mem.scorer._reps[:, :80].clone()
+    scorer = mem.scorer
     mem.close()
+    assert scorer.count == 0 and scorer.nbytes == 0  # the device memory goes with the session
 
     mem = open_dev()  # reopened on the device: the mirror is recomputed from the log, identically
     assert mem.scorer.count == 80
