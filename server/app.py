@@ -171,7 +171,8 @@ class EmserveServer:
         cfg = self.config
         codec = await asyncio.to_thread(TextCodec, engine.info.path)
         manager = SessionManager(cfg.sessions_dir, engine, cfg.memory, max_sessions=cfg.max_sessions,
-                                 max_open=cfg.max_open_sessions, score_device=cfg.retrieval_device)
+                                 max_open=cfg.max_open_sessions, score_device=cfg.retrieval_device,
+                                 device_budget=int(cfg.retrieval_device_gib * 2**30))
         ingestor = Ingestor(manager, codec, max_inflight_messages=cfg.max_inflight_messages,
                             max_message_bytes=cfg.max_message_bytes, max_session_tokens=cfg.max_session_tokens,
                             draining=self.service.draining)

@@ -51,7 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
         "max_model_len": args.max_model_len, "max_sessions": args.max_sessions,
         "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "auth_token": args.auth_token, "grace_s": args.grace,
-        "retrieval_device": args.retrieval_device, "memory": memory or None,
+        "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
+        "memory": memory or None,
     })
     status = serve(config)
     # Every session is checkpointed and closed and the engine is shut down: nothing is left to save.
@@ -92,6 +93,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=None, help="graceful shutdown grace period, s")
     p.add_argument("--retrieval-device", default=None,
                    help="where retrieval scores events: auto (a GPU if torch sees one), cpu, cuda[:N]")
+    p.add_argument("--retrieval-device-gib", type=float, default=None,
+                   help="GPU memory for open sessions' retrieval mirrors (idle ones closed beyond it; 0: no limit)")
     p.add_argument("--memory", action="append", metavar="KEY=VALUE",
                    help="default memory setting of new sessions, e.g. --memory n_local=2048 (repeatable)")
 

@@ -62,6 +62,12 @@ class ServerConfig:
     graph is kept (``emserve.retrieval.device_scorer``); the scoring layers' representatives take
     ~2.8 KB of GPU memory per token of session (float16), beside vLLM's ``gpu_memory_utilization``."""
 
+    retrieval_device_gib: float = 0.0
+    """Device memory the open sessions' retrieval mirrors may hold together, GiB (0: no limit): beyond it
+    idle sessions are closed, least recently used first (reopening one recomputes its mirror from its
+    KV log). Size it from what vLLM leaves (``1 - gpu_memory_utilization`` of the GPU, less the CUDA
+    context)."""
+
     max_sessions: int = 256
     """Sessions on disk; CreateSession beyond it fails with RESOURCE_EXHAUSTED."""
 
@@ -101,6 +107,8 @@ class ServerConfig:
             raise ConfigError(f"dtype must be bfloat16, float32 or float16, got {self.engine.dtype!r}")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("auth_token must not be blank (unset it instead)")
+        if not self.retrieval_device_gib >= 0:
+            raise ConfigError(f"retrieval_device_gib must be >= 0, got {self.retrieval_device_gib}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.retrieval_device):
             raise ConfigError(f"retrieval_device must be auto, cpu, cuda or cuda:N, got {self.retrieval_device!r}")
 
@@ -164,7 +172,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
-                 "max_session_tokens", "auth_token", "grace_s", "retrieval_device"):
+                 "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)

@@ -279,6 +279,12 @@ class Session:
         return self._memory
 
     @property
+    def device_bytes(self) -> int:
+        """Device memory held by this session's retrieval mirror (0 on the CPU paths, or before it opens)."""
+        memory = self._memory
+        return 0 if memory is None or memory.scorer is None else memory.scorer.nbytes
+
+    @property
     def num_tokens(self) -> int:
         return os.fstat(self._surprise_fd).st_size // 4
 

@@ -133,9 +133,13 @@ def check_session_id(session_id: str, field_name: str = "session_id") -> str:
 
 class SessionManager:
     def __init__(self, root: str | os.PathLike[str], engine: Engine, defaults: MemoryConfig, *,
-                 max_sessions: int = 256, max_open: int = 32, score_device: str | None = "auto") -> None:
+                 max_sessions: int = 256, max_open: int = 32, score_device: str | None = "auto",
+                 device_budget: int = 0) -> None:
         self.root = Path(root)
         self.score_device = score_device
+        self.device_budget = device_budget
+        """Bytes of device memory the open sessions' retrieval mirrors may hold (0: no limit); beyond it
+        idle sessions are closed, least recently used first."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = engine
         self.defaults = defaults
@@ -252,6 +256,12 @@ class SessionManager:
         finally:
             entry.refs -= 1
             entry.last_used = time.monotonic()
+            if self.device_budget > 0 and self.device_bytes() > self.device_budget:  # its mirror grew
+                try:
+                    async with self._lock:
+                        await self._evict(keep=session_id)
+                except Exception:  # noqa: BLE001 - the call itself succeeded
+                    logger.exception("closing idle sessions over the device memory budget failed")
 
     async def _open_entry(self, session_id: str) -> Entry:
         async with self._lock:
@@ -299,6 +309,20 @@ class SessionManager:
         excess = len(self._open) - self.max_open
         for entry in idle[: max(0, excess)]:
             await self._close(entry)
+        if self.device_budget > 0:
+            used = self.device_bytes()
+            for entry in idle[max(0, excess):]:
+                if used <= self.device_budget:
+                    break
+                used -= entry.session.device_bytes
+                await self._close(entry)
+            if used > self.device_budget:
+                logger.warning("open sessions hold %.2f GiB of device memory for retrieval, over the budget of "
+                               "%.2f GiB, and none of the others is idle", used / 2**30, self.device_budget / 2**30)
+
+    def device_bytes(self) -> int:
+        """Device memory held by the open sessions' retrieval mirrors."""
+        return sum(e.session.device_bytes for e in self._open.values())
 
     async def _close(self, entry: Entry) -> None:
         self._open.pop(entry.session_id, None)

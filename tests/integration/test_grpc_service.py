@@ -581,3 +581,30 @@ def test_idle_sessions_are_closed_lru_and_reopen(tiny_model_dir: Path, tmp_path:
             assert s.call(lambda: s.runtime.manager.open_count) <= 2
     finally:
         s.stop()
+
+
+def test_device_memory_budget_closes_idle_sessions(tiny_model_dir: Path, tmp_path: Path,
+                                                   engine: WatchedEngine) -> None:
+    """Retrieval on a device (here torch's CPU device: the same mirrors, no GPU needed): beyond
+    ``retrieval_device_gib`` the least recently used idle sessions are closed, and reopen intact."""
+    s = _server(tiny_model_dir, tmp_path, engine)
+    manager = s.runtime.manager
+    manager.score_device = "torch-cpu"  # what "auto" picks on a GPU machine, on the CPU
+    try:
+        with Client(s.address) as c:
+            c.create_session("d0")
+            c.ingest_tokens("d0", random_ids(300, 30))
+            one = s.call(manager.device_bytes)
+            assert one > 0  # its memory is scored on the device: a mirror exists
+            manager.device_budget = int(2.5 * one)
+            for i in range(1, 5):
+                c.create_session(f"d{i}")
+                c.ingest_tokens(f"d{i}", random_ids(300, 30 + i))
+                assert s.call(manager.device_bytes) <= manager.device_budget
+            assert s.call(lambda: manager.open_count) < 5
+            for i in range(5):  # closed ones reopen (mirror recomputed from the log) and answer
+                assert c.get_session(f"d{i}").num_tokens == 300
+                assert len(c.ask(f"d{i}", [5], max_tokens=1, ignore_eos=True).token_ids) == 1
+                assert s.call(manager.device_bytes) <= manager.device_budget
+    finally:
+        s.stop()

@@ -26,14 +26,14 @@ def test_env_then_flags(tmp_path: Path) -> None:
         "EMSERVE_MAX_SESSIONS": "7", "EMSERVE_AUTH_TOKEN": "s3cret", "EMSERVE_BACKEND": "reference",
         "EMSERVE_MEMORY_N_LOCAL": "512", "EMSERVE_MEMORY_PER_LAYER": "false", "EMSERVE_MAX_INFLIGHT": "3",
         "EMSERVE_SESSIONS_DIR": str(tmp_path / "elsewhere"), "EMSERVE_MAX_MODEL_LEN": "none",
-        "EMSERVE_RETRIEVAL_DEVICE": "cpu",
+        "EMSERVE_RETRIEVAL_DEVICE": "cpu", "EMSERVE_RETRIEVAL_DEVICE_GIB": "6.5",
     }
     cfg = build_config(env=env)
     assert (cfg.host, cfg.port, cfg.max_sessions, cfg.auth_token) == ("0.0.0.0", 6000, 7, "s3cret")
     assert cfg.engine.backend == "reference" and cfg.engine.dtype == "float32"  # reference defaults to fp32
     assert cfg.memory.n_local == 512 and cfg.memory.per_layer is False
     assert cfg.max_inflight_messages == 3 and cfg.sessions_dir == tmp_path / "elsewhere"
-    assert cfg.engine.max_model_len is None and cfg.retrieval_device == "cpu"
+    assert cfg.engine.max_model_len is None and cfg.retrieval_device == "cpu" and cfg.retrieval_device_gib == 6.5
     cfg = build_config({"port": 0, "max_sessions": None, "memory": {"n_mem": 256}, "model": "/m"}, env=env)
     assert cfg.port == 0 and cfg.max_sessions == 7  # None flags do not override
     assert cfg.memory.n_mem == 256 and cfg.memory.n_local == 512 and cfg.engine.model == "/m"
@@ -51,6 +51,7 @@ def test_env_then_flags(tmp_path: Path) -> None:
         ({"backend": "tgi"}, {}),
         ({"retrieval_device": "gpu"}, {}),
         ({}, {"EMSERVE_RETRIEVAL_DEVICE": "cuda:x"}),
+        ({"retrieval_device_gib": -1.0}, {}),
     ],
 )
 def test_invalid(tmp_path: Path, overrides: dict, env: dict) -> None:
