@@ -105,11 +105,7 @@ def representatives_from_keys(
         picked = per_head.gather(2, idx[..., None].expand(num_layers, num_heads, kk, head_dim))
         rep = picked.mean(dim=2)  # [L, H, D]
     elif proxy == "topk":
-        norms = k.reshape(t, num_layers, -1).norm(dim=-1)  # [T, L]
-        order = torch.argsort(-norms, dim=0, stable=True)[:kk]  # [k, L]
-        idx = order[torch.arange(repr_topk) % kk]  # repeat when the event is short: [repr_topk, L]
-        picked = k.gather(0, idx[..., None, None].expand(repr_topk, num_layers, num_kv, head_dim))
-        rep = picked.permute(1, 0, 2, 3)  # [L, V, Hkv, D]
+        return topk_representatives(keys, [t], repr_topk)[0]  # one event: the batched function
     else:
         mean = k.mean(dim=0)  # [L, Hkv, D]
         if proxy == "mean":
