@@ -94,3 +94,14 @@ def sigterm_exits() -> None:
     import sys
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def long_questions(ask: Sequence[Any], chunk: Sequence[Any]) -> list[Any]:
+    """64-token questions from the capture's real queries (the length of ``question_query_tokens``): each
+    of the 8 questions' 4 tokens last, after 28 tokens of the other questions and the 32 ingestion
+    summaries (so the 8 share 60 of their 64 tokens)."""
+    import numpy as np
+
+    others = np.concatenate(list(ask))  # the 32 question tokens
+    return [np.concatenate([np.concatenate([others[:4 * i], others[4 * i + 4:]])[:28], np.stack(list(chunk)), q])
+            for i, q in enumerate(ask)]

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+from common import long_questions, machine, table  # noqa: E402
 from retrieval_index import (  # noqa: E402  # noqa: E402
     HEAD_DIM,
     HEADS,
@@ -84,12 +84,7 @@ def load(path: Path) -> dict[str, Any]:
 def query_sets(real: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     ask = [q[:, :SCORE_LAYERS] for q in real["ask"]]  # [4, 20, 9, 64] each
     chunk = real["chunk"][:, :SCORE_LAYERS]  # [32, 20, 9, 64]
-    others = np.concatenate(ask)  # 32 question tokens
-    long = []
-    for i, q in enumerate(ask):
-        extra = np.concatenate([others[:4 * i], others[4 * i + 4:]])[:28]
-        long.append(np.concatenate([extra, chunk, q]))  # 64 tokens, the question's own last
-    return {"ingest": list(chunk), "ask4": ask, "ask64": long}
+    return {"ingest": list(chunk), "ask4": ask, "ask64": long_questions(ask, chunk)}
 
 
 def build_table(tokens: int, real: dict[str, Any], workdir: Path) -> tuple[EventTable, list[int], float]:

@@ -39,7 +39,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, session_retrieval_config, table, write_results  # noqa: E402
+from common import long_questions, machine, session_retrieval_config, table, write_results  # noqa: E402
 
 from emserve.retrieval.events import EventTable  # noqa: E402
 from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
@@ -95,9 +95,7 @@ def main() -> None:
           f"exact: {'yes' if index.uses_exact(n) else 'no'} at this size", flush=True)
     q = np.load(REAL / "queries.npz")
     ask, chunk = list(q["ask_queries"]), list(q["chunk_queries"])
-    others = np.concatenate(ask)  # the 32 question tokens
-    ask64 = [np.concatenate([np.concatenate([others[:4 * i], others[4 * i + 4:]])[:28], np.stack(chunk), x])
-             for i, x in enumerate(ask)]
+    ask64 = long_questions(ask, chunk)
     sets: dict[str, list[tuple[str, np.ndarray, int, str]]] = {
         "ask": [("ask", x, cfg.question_n_mem, "mean") for x in ask],
         "chunk": [("chunk", x, cfg.n_mem, "mean") for x in chunk],
