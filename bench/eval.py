@@ -79,6 +79,15 @@ LABEL_DEPTHS = (0.1, 0.5, 0.9)
 DISK_PER_TOKEN = 42 * 1024  # a session's bytes per token, default model (KV log bf16 + indexes; measured ~40 KiB)
 
 
+def disk_needed(job_lengths: Sequence[int], stream_length: int, concurrency: int, restart_bytes: float) -> float:
+    """Bytes a run may hold at once: the biggest session per concurrent slot, plus the deleted sessions the
+    engine may keep mapped until the harness restarts it (up to ``restart_bytes``, never more than the
+    jobs write in all)."""
+    biggest = max([stream_length, *job_lengths])
+    held = min(restart_bytes, sum(job_lengths) * DISK_PER_TOKEN)
+    return biggest * DISK_PER_TOKEN * max(1, concurrency) + held
+
+
 @dataclass
 class Mode:
     name: str
@@ -282,8 +291,8 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
                               "workdir": str(workdir)}
     else:
         workdir = Path(tempfile.mkdtemp(prefix="emserve-eval-", dir=args.workdir))
-    biggest = max([mode.stream_length, *(j.haystack.length for j in jobs)])
-    need = biggest * DISK_PER_TOKEN * max(1, args.concurrency) + (args.restart_gib * 2**30 if jobs else 0)
+    need = disk_needed([j.haystack.length for j in jobs], mode.stream_length, args.concurrency,
+                       args.restart_gib * 2**30)
     if resume is not None:  # the stream's session already holds part of what it needs
         need -= sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())
     free = shutil.disk_usage(workdir).free
