@@ -25,23 +25,45 @@ Contract
   tokens cover what the selection walk can need (``need``, see ``Retriever._ranked``), doubling until
   they do. Ties at the prefix's edge may fall either way (the CPU path breaks them by id).
 * One scorer per session, used by the thread that retrieves; :meth:`sync` and scoring take a lock.
+* Out of device memory, every public method raises :class:`~emserve.retrieval.errors.DeviceMemoryError`
+  and leaves the mirror as it was (a failed growth keeps the old buffer).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from emserve.retrieval.errors import PlanError
+from emserve.retrieval.errors import DeviceMemoryError, PlanError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.queries import EncodedQuery
 
 _CHUNK_ELEMENTS = 1 << 27
 """Largest ``layers x events x vectors x tokens`` product computed at once (256 MiB in float16)."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _device_memory(fn: _F) -> _F:
+    """Raise :class:`DeviceMemoryError` (the server answers RESOURCE_EXHAUSTED) for torch's out-of-memory
+    error: a mirror that cannot grow, or a step's scoring that cannot allocate."""
+
+    @functools.wraps(fn)
+    def wrapper(self: DeviceScorer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except torch.OutOfMemoryError as e:
+            raise DeviceMemoryError(
+                f"out of memory on {self.device} in retrieval ({fn.__name__}; this session mirrors "
+                f"{self.count} events in {self.nbytes / 2**30:.2f} GiB): {str(e).splitlines()[0]}") from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 def resolve_device(device: str | None) -> str | None:
@@ -109,6 +131,7 @@ class DeviceScorer:
             grown[:, :self.count] = self._reps[:, :self.count]
             self._reps = grown
 
+    @_device_memory
     def sync(self, *, rows_per_copy: int = 65536) -> int:
         """Copy the rows the table has on disk (``EventTable.reps_count``) beyond the mirror to the device.
         Returns how many events were added."""
@@ -126,6 +149,7 @@ class DeviceScorer:
             self.count = n
             return added
 
+    @_device_memory
     def append(self, first: int, reps: np.ndarray) -> None:
         """Mirror events ``first ..`` (``first == count``) from their representatives of the scoring layers,
         ``reps [E, len(layers), vectors * d]`` (events whose rows are not on disk)."""
@@ -143,6 +167,7 @@ class DeviceScorer:
             self.count = first + e
 
     # ------------------------------------------------------------------ scoring
+    @_device_memory
     def scales(self, sample_ids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """``encode_queries``' standardization of the scoring layers, on the device: ``1 / sigma`` of each
         token's ``max_j q . rep_j`` over the sampled events ``sample_ids`` (``tokens [n, L, d]``);
@@ -190,6 +215,7 @@ class DeviceScorer:
                 out[:, a:b] = s.reshape(ls, t, b - a, v).amax(dim=3).float().sum(dim=0)
         return out
 
+    @_device_memory
     def token_scores(self, q: EncodedQuery, m: int | None = None) -> torch.Tensor:
         """Every query token's score of events ``0 .. m-1`` (default all synced): float32 ``[t, m]`` on the device."""
         m = self.count if m is None else m
@@ -197,6 +223,7 @@ class DeviceScorer:
             raise PlanError(f"scoring {m} events, {self.count} on the device (sync first)")
         return self._token_scores(self._queries(q), self._reps[:, :m])
 
+    @_device_memory
     def scores(self, q: EncodedQuery, ids: np.ndarray | None = None) -> np.ndarray:
         """Mean-over-tokens scores of events ``ids`` (None: all synced): float32 numpy."""
         with self._lock:
@@ -209,6 +236,7 @@ class DeviceScorer:
                 return np.zeros(0, np.float32)
             return self._token_scores(self._queries(q), reps).mean(dim=0).cpu().numpy()
 
+    @_device_memory
     def ranked_mean(self, q: EncodedQuery, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
         """Events ``< m`` by mean score, best first (ties: lower id), as many as cover ``need`` tokens."""
         with self._lock:
@@ -222,6 +250,7 @@ class DeviceScorer:
                     return ranked.astype(np.int64)
                 k = min(m, 2 * k)
 
+    @_device_memory
     def ranked_interleave(self, q: EncodedQuery, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
         """Events ``< m`` in :func:`~emserve.retrieval.retriever.interleave` order of the per-token
         scores, as many rounds as cover ``need`` tokens."""

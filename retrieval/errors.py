@@ -23,3 +23,8 @@ class EventTableError(EmserveError):
 
 class IndexStoreError(EmserveError):
     """A persisted similarity index cannot be opened or does not match its event table."""
+
+
+class DeviceMemoryError(EmserveError):
+    """The retrieval device (a GPU) ran out of memory: a session's mirror could not grow, or a step's
+    scoring could not allocate. Nothing of the session changed on disk."""

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from emserve.retrieval.device_scorer import DeviceScorer, resolve_device
-from emserve.retrieval.errors import EventTableError
+from emserve.retrieval.errors import DeviceMemoryError, EventTableError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.kvlog import KVLog
@@ -121,8 +121,12 @@ class EpisodicMemory:
         self.scorer = None
         if device is not None:
             self.scorer = DeviceScorer(self.table, self.score_layers, device=device)
-            self.scorer.sync()  # rows on disk (a session last written on the CPU)
-            self._mirror_missing_reps()
+            try:
+                self.scorer.sync()  # rows on disk (a session last written on the CPU)
+                self._mirror_missing_reps()
+            except BaseException:  # e.g. out of device memory: nothing stays open
+                self.close()
+                raise
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = build_retriever(self.index, config, self.query_mean, num_heads=num_heads,
                                          head_dim=layout.head_dim, scorer=self.scorer)
@@ -177,7 +181,11 @@ class EpisodicMemory:
     def _mirror_missing_reps(self) -> None:
         """Put the events without rows on disk into the device mirror."""
         assert self.scorer is not None
-        self._recompute(self.scorer.count, self.score_layers, self.scorer.append, self.scorer.device)
+        try:
+            self._recompute(self.scorer.count, self.score_layers, self.scorer.append, self.scorer.device)
+        except torch.OutOfMemoryError as e:
+            raise DeviceMemoryError(f"out of memory on {self.scorer.device} recomputing representatives from "
+                                    f"the KV log: {str(e).splitlines()[0]}") from e
 
     def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:
         """Feed an ingestion step's query summary (mean over ``num_tokens`` new tokens) into the
