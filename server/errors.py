@@ -13,13 +13,15 @@ InvalidArgument         INVALID_ARGUMENT     BadRequest.FieldViolation
 LimitExceeded           RESOURCE_EXHAUSTED   QuotaFailure.Violation
 SessionFinished         FAILED_PRECONDITION  PreconditionFailure.Violation (FINISHED)
 SessionBusy             FAILED_PRECONDITION  PreconditionFailure.Violation (BUSY)
-NotReady, ShuttingDown  UNAVAILABLE          RetryInfo
+NotReady, ShuttingDown, UNAVAILABLE         RetryInfo
+SessionReopening
 Unauthenticated         UNAUTHENTICATED      ErrorInfo
 ======================  ===================  ==========================================
 
 Errors of the other packages are mapped too: ``PlanError``/``ConfigError``/``SegmenterError`` →
-INVALID_ARGUMENT, ``SessionError`` (corrupt session directory) → DATA_LOSS, ``EngineError`` →
-INTERNAL, anything else → INTERNAL (logged with its traceback).
+INVALID_ARGUMENT, ``DeviceMemoryError`` (the retrieval GPU's memory) → RESOURCE_EXHAUSTED, ``SessionError``
+(corrupt session directory) → DATA_LOSS, ``EngineError`` → INTERNAL, anything else → INTERNAL (logged with its
+traceback).
 """
 
 from __future__ import annotations
@@ -95,6 +97,20 @@ class SessionBusy(ServiceError):
 class NotReady(ServiceError):
     reason = "NOT_READY"
     retry_after_s = 5.0
+
+
+class SessionReopening(ServiceError):
+    """A step of the session failed after the engine had logged it: the open session's state in memory
+    may be behind its files, so it is closed and reopened from disk (the crash recovery) before the next
+    call. Retry; ingest resumes from the committed offset."""
+
+    reason = "SESSION_REOPENING"
+    retry_after_s = 0.5
+
+    def __init__(self, session: str, cause: BaseException) -> None:
+        super().__init__(f"session {session!r} is reopening after a failed step ({type(cause).__name__}: {cause}); "
+                         "retry: ingest resumes from the committed offset", session_id=session)
+        self.resource = session
 
 
 class ShuttingDown(ServiceError):

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 
 from emserve.proto.emserve.v1 import emserve_pb2 as pb
 from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
-from emserve.retrieval.errors import ConfigError, EmserveError, PlanError
+from emserve.retrieval.errors import ConfigError, DeviceMemoryError, EmserveError, PlanError
 from emserve.segmenter.errors import SegmenterError
 from emserve.server.engine.base import EngineError, SamplingSpec
 from emserve.server.errors import (
@@ -39,6 +39,7 @@ from emserve.server.errors import (
     SessionExists,
     SessionFinished,
     SessionNotFound,
+    SessionReopening,
     ShuttingDown,
     Unauthenticated,
 )
@@ -75,16 +76,18 @@ def status_of(exc: BaseException) -> grpc.Status:
         reason = reason if isinstance(exc, InvalidArgument) else "INVALID_ARGUMENT"
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
-    elif isinstance(exc, LimitExceeded):
+    elif isinstance(exc, LimitExceeded | DeviceMemoryError):
         code = code_pb2.RESOURCE_EXHAUSTED
+        subject = exc.subject if isinstance(exc, LimitExceeded) else "retrieval_device_memory"
+        reason = reason if isinstance(exc, LimitExceeded) else "DEVICE_MEMORY_EXHAUSTED"
         details.append(error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=message)]))
+            error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)]))
     elif isinstance(exc, SessionFinished | SessionBusy):
         code = code_pb2.FAILED_PRECONDITION
         details.append(error_details_pb2.PreconditionFailure(violations=[
             error_details_pb2.PreconditionFailure.Violation(type=exc.kind, subject=exc.resource,
                                                             description=message)]))
-    elif isinstance(exc, NotReady | ShuttingDown):
+    elif isinstance(exc, NotReady | ShuttingDown | SessionReopening):
         code = code_pb2.UNAVAILABLE
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromMilliseconds(int(exc.retry_after_s * 1000))

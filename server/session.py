@@ -55,6 +55,7 @@ from emserve.retrieval.retriever import RetrievalResult
 from emserve.segmenter import OnlineSegmenter, SegmenterConfig
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.engine.rope import RopeSpec
+from emserve.server.errors import SessionReopening
 
 SESSION_FILE = "session.json"
 SURPRISE_FILE = "surprise.f32"
@@ -198,6 +199,11 @@ class Session:
         self._pending: list[int] = []
         self._surprise_fd = os.open(path / SURPRISE_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.events_closed = 0
+        self.failed: BaseException | None = None
+        """Set when a step failed after the engine had logged it (e.g. out of device memory while its events
+        closed): the state in memory may be behind the files, so the session takes no more calls
+        (:class:`~emserve.server.errors.SessionReopening`); close it and :meth:`open` it again, which replays
+        the files as after a crash."""
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -249,12 +255,16 @@ class Session:
             self._save_state()
 
     def close(self) -> None:
-        if self._memory is not None:
-            self._memory.checkpoint()
-            self._memory.close()
-        if self._log is not None:
-            self._log.close()
-        os.close(self._surprise_fd)
+        try:
+            if self._memory is not None:
+                try:
+                    self._memory.checkpoint()
+                finally:
+                    self._memory.close()
+        finally:  # the files are closed even when the checkpoint fails (e.g. disk full)
+            if self._log is not None:
+                self._log.close()
+            os.close(self._surprise_fd)
 
     # ------------------------------------------------------------------ state
     @property
@@ -357,6 +367,7 @@ class Session:
         waits (uncommitted, in memory) for more tokens or for ``flush`` (``ask`` flushes too).
         """
         async with self.lock:
+            self._check_usable()
             self._pending.extend(int(t) for t in token_ids)
             await self._drain(flush)
             return self.num_tokens
@@ -394,12 +405,29 @@ class Session:
                 probe = await self.engine.step(planner.probe_plan(offset, chunk), options=StepOptions(surprise=False))
                 queries = probe.queries
             plan = await self._host(planner.plan_step, offset, chunk, queries)
-        res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
-        if res.log_offset != offset:
-            raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
-        await self._host(self._after_step, res, len(chunk))
+        try:
+            res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
+            if res.log_offset != offset:
+                raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
+            await self._host(self._after_step, res, len(chunk))
+        except Exception as e:
+            if self._moved_past(offset):  # the log or the surprise holds the step: memory may be behind
+                self.failed = e
+            raise
         del self._pending[: len(chunk)]
         return res
+
+    def _moved_past(self, offset: int) -> bool:
+        """Whether the files hold anything beyond ``offset`` (a step started there got logged)."""
+        try:
+            logged = len(self.log) if (Path(self.log_path) / "layout.json").exists() else 0
+            return self.num_tokens != offset or logged != offset
+        except Exception:  # noqa: BLE001 - cannot tell: assume it did, reopening repairs either way
+            return True
+
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise SessionReopening(self.path.parent.name, self.failed)
 
     def _after_step(self, res: StepResult, n: int) -> None:
         """A step's host work once the engine logged it: surprise, query statistics, segmenter, events."""
@@ -431,6 +459,7 @@ class Session:
         q = [int(t) for t in question_ids]
         t0 = time.perf_counter()
         async with self.lock:
+            self._check_usable()
             t1 = time.perf_counter()
             offset = self.num_tokens
             retrieval = None

@@ -247,6 +247,9 @@ class SessionManager:
     async def lease(self, session_id: str) -> AsyncIterator[Entry]:
         """The open session ``session_id``, kept open while the context lasts."""
         entry = self._open.get(session_id)
+        if entry is not None and entry.session.failed is not None:
+            await self._drop_failed(entry)
+            entry = self._open.get(session_id)
         if entry is None:
             entry = await self._open_entry(session_id)
         entry.refs += 1
@@ -256,6 +259,11 @@ class SessionManager:
         finally:
             entry.refs -= 1
             entry.last_used = time.monotonic()
+            if entry.session.failed is not None:
+                try:
+                    await self._drop_failed(entry)
+                except Exception:  # noqa: BLE001 - the call's own error is what the client sees
+                    logger.exception("closing session %s after its failed step failed", session_id)
             if self.device_budget > 0 and self.device_bytes() > self.device_budget:  # its mirror grew
                 try:
                     async with self._lock:
@@ -319,6 +327,17 @@ class SessionManager:
             if used > self.device_budget:
                 logger.warning("open sessions hold %.2f GiB of device memory for retrieval, over the budget of "
                                "%.2f GiB, and none of the others is idle", used / 2**30, self.device_budget / 2**30)
+
+    async def _drop_failed(self, entry: Entry) -> None:
+        """Close a session whose step failed once no call uses it: the next lease reopens it from disk,
+        replaying its files as after a crash (``Session.failed``)."""
+        async with self._lock:
+            if (self._open.get(entry.session_id) is not entry or entry.refs > 0 or entry.writer is not None
+                    or (entry.commit is not None and not entry.commit.done())):
+                return
+            logger.warning("session %s: a step failed (%s: %s); closing it, the next call reopens it from disk",
+                           entry.session_id, type(entry.session.failed).__name__, entry.session.failed)
+            await self._close(entry)
 
     def device_bytes(self) -> int:
         """Device memory held by the open sessions' retrieval mirrors."""

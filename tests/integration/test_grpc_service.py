@@ -608,3 +608,46 @@ def test_device_memory_budget_closes_idle_sessions(tiny_model_dir: Path, tmp_pat
                 assert s.call(manager.device_bytes) <= manager.device_budget
     finally:
         s.stop()
+
+
+def test_out_of_device_memory_mid_ingest_then_resume(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retrieval device runs out of memory while a step's events close (injected into the mirror's growth,
+    mirrors on torch's CPU device): Ingest fails with RESOURCE_EXHAUSTED (DEVICE_MEMORY_EXHAUSTED), the session
+    is reopened from its files, and the client resuming from the committed offset gets exactly the memory of a
+    session that never failed (before, the failed chunk was ingested twice)."""
+    import torch
+
+    from emserve.retrieval.device_scorer import DeviceScorer
+
+    s = _server(tiny_model_dir, tmp_path, engine)
+    s.runtime.manager.score_device = "torch-cpu"  # what "auto" picks on a GPU machine, on the CPU
+    grow = DeviceScorer._grow
+    calls = [0]
+
+    def failing_grow(self: DeviceScorer, n: int) -> None:
+        calls[0] += 1
+        if calls[0] == 4:  # a step in the middle of the stream
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (injected)")
+        grow(self, n)
+
+    ids = random_ids(400, 40)
+    try:
+        with Client(s.address) as c:
+            c.create_session("clean")
+            c.ingest_tokens("clean", ids, piece_tokens=50)
+            c.create_session("oom")
+            monkeypatch.setattr(DeviceScorer, "_grow", failing_grow)
+            err = _code(c.ingest_tokens, "oom", ids, piece_tokens=50)
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == "DEVICE_MEMORY_EXHAUSTED"
+            assert "out of memory" in err.message and calls[0] == 4
+            committed = c.get_session("oom").num_tokens
+            assert 0 < committed < 400
+            res = c.ingest_tokens("oom", ids[committed:], piece_tokens=50)
+            assert res.committed_offset == 400
+            assert log_tokens(s, "oom") == ids
+            ev = [(e.start, e.end) for e in c.list_events("oom")]
+            assert ev == [(e.start, e.end) for e in c.list_events("clean")] and ev
+            assert len(c.ask("oom", [5], max_tokens=1, ignore_eos=True).token_ids) == 1
+    finally:
+        s.stop()

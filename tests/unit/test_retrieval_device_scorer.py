@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from emserve.retrieval.device_scorer import DeviceScorer, resolve_device
-from emserve.retrieval.errors import PlanError
+from emserve.retrieval.errors import DeviceMemoryError, PlanError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams
 from emserve.retrieval.memory import NO_GRAPH
+from emserve.retrieval.queries import EncodedQuery
 from emserve.retrieval.retriever import Retriever
 
 L, V, D, N = 4, 3, 16, 600
@@ -93,6 +94,44 @@ def test_sync_follows_appends_and_grows(tmp_path):
     got = scorer._reps[:, :scorer.count].cpu().numpy().reshape(len(SCORE), -1, V * D)
     for i, lay in enumerate(SCORE):
         np.testing.assert_array_equal(got[i], table.reps(lay))
+
+
+def test_out_of_device_memory_is_a_clear_error_and_keeps_the_mirror(tmp_path, monkeypatch):
+    """torch's out-of-memory (a mirror that cannot grow, a scoring product that cannot allocate) becomes
+    DeviceMemoryError (the server answers RESOURCE_EXHAUSTED); the mirror stays as it was and works on."""
+    table = make_table(tmp_path, n=10)
+    scorer = DeviceScorer(table, SCORE, device="cpu", dtype=torch.float32)
+    scorer.sync()
+    before = scorer.nbytes
+    real_empty, real_bmm = torch.empty, torch.bmm
+
+    def empty(*shape, **kw):
+        if len(shape) == 1 and isinstance(shape[0], tuple) and len(shape[0]) == 4 and shape[0][1] > 1024:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_empty(*shape, **kw)
+
+    rng = np.random.default_rng(5)
+    reps = rng.standard_normal((1100, len(SCORE), V * D)).astype(np.float32)
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(DeviceMemoryError, match=r"out of memory on cpu in retrieval \(append; this session mirrors "
+                                                r"10 events"):
+        scorer.append(10, reps)
+    assert scorer.count == 10 and scorer.nbytes == before
+    monkeypatch.setattr(torch, "empty", real_empty)
+    scorer.append(10, reps)  # memory freed elsewhere: the same append goes through
+    assert scorer.count == 1110
+    np.testing.assert_array_equal(scorer._reps[:, 10:1110].cpu().numpy().reshape(len(SCORE), 1100, V * D),
+                                  reps.transpose(1, 0, 2))
+
+    def bmm(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    q = EncodedQuery(rng.standard_normal((4, L, D)).astype(np.float32), np.ones((4, L), np.float32))
+    monkeypatch.setattr(torch, "bmm", bmm)
+    with pytest.raises(DeviceMemoryError, match="token_scores"):
+        scorer.ranked_mean(q, 10, np.ones(1110, np.int64), 5)
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    assert len(scorer.ranked_mean(q, 10, np.ones(1110, np.int64), 5)) >= 5
 
 
 def test_float16_keeps_the_selection(tmp_path):

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from emserve.retrieval.errors import ConfigError, PlanError
+from emserve.retrieval.errors import ConfigError, DeviceMemoryError, PlanError
 from emserve.segmenter.errors import SegmenterError
 from emserve.server.engine.base import EngineError
 from emserve.server.errors import (
@@ -17,6 +17,7 @@ from emserve.server.errors import (
     SessionExists,
     SessionFinished,
     SessionNotFound,
+    SessionReopening,
     ShuttingDown,
     Unauthenticated,
 )
@@ -53,6 +54,8 @@ def _details(s: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
         (SessionBusy("a", "x"), grpc.StatusCode.FAILED_PRECONDITION, E.PreconditionFailure, "SESSION_BUSY"),
         (NotReady("loading"), grpc.StatusCode.UNAVAILABLE, E.RetryInfo, "NOT_READY"),
         (ShuttingDown("bye"), grpc.StatusCode.UNAVAILABLE, E.RetryInfo, "SHUTTING_DOWN"),
+        (SessionReopening("a", RuntimeError("x")), grpc.StatusCode.UNAVAILABLE, E.RetryInfo, "SESSION_REOPENING"),
+        (DeviceMemoryError("oom"), grpc.StatusCode.RESOURCE_EXHAUSTED, E.QuotaFailure, "DEVICE_MEMORY_EXHAUSTED"),
         (Unauthenticated("who"), grpc.StatusCode.UNAUTHENTICATED, None, "UNAUTHENTICATED"),
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED, None, "DEADLINE_EXCEEDED"),
         (SessionError("torn"), grpc.StatusCode.DATA_LOSS, None, "SESSION_CORRUPT"),

@@ -283,3 +283,64 @@ def test_a_cancelled_append_finishes_the_step_it_started(engine: ReferenceEngine
     assert asyncio.run(s.flush()) == 256
     assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
     s.close()
+
+
+def _fail_once(obj: Any, name: str, exc: BaseException) -> None:
+    """Make ``obj.name`` raise ``exc`` on its next call, then behave as before (fault injection)."""
+    original = getattr(obj, name)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        setattr(obj, name, original)
+        raise exc
+
+    setattr(obj, name, failing)
+
+
+def test_a_step_failing_after_the_engine_logged_it_reopens_without_duplicating(engine: ReferenceEngine,
+                                                                                tmp_path: Path) -> None:
+    """Host work failing after the engine logged the step (closing events ran out of device memory, the disk
+    filled): the session refuses further calls until reopened, and reopening replays its files as after a
+    crash. Before, the failed chunk stayed pending and was ingested a second time."""
+    from emserve.server.errors import SessionReopening
+
+    ids = _ids(400, 6)
+    s = Session.create(tmp_path / "s", engine, CFG)
+    assert asyncio.run(s.append(ids[:200])) == 192
+    _fail_once(s.memory, "close_events", RuntimeError("injected: out of memory while closing events"))
+    with pytest.raises(RuntimeError, match="injected"):
+        asyncio.run(s.append(ids[200:300]))
+    assert s.failed is not None
+    with pytest.raises(SessionReopening, match="retry"):
+        asyncio.run(s.append(ids[300:]))
+    with pytest.raises(SessionReopening):
+        asyncio.run(s.ask(_ids(5, 1), SamplingSpec(max_tokens=2, ignore_eos=True)))
+    s.close()
+    s = Session.open(tmp_path / "s", engine)
+    committed = s.num_tokens
+    assert committed == 224  # the failed step is in the files: committed
+    asyncio.run(s.append(ids[committed:], flush=True))  # the client re-sends from the committed offset
+    assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
+    clean = Session.create(tmp_path / "clean", engine, CFG)
+    asyncio.run(clean.append(ids, flush=True))
+    assert s.events().tolist() == clean.events().tolist()
+    clean.close()
+    s.close()
+
+
+def test_a_step_failing_before_the_engine_ran_is_retried_in_place(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """Planning failed (nothing logged): the session stays usable and the same call again gives the same
+    memory as a session that never failed."""
+    ids = _ids(300, 7)
+    s = Session.create(tmp_path / "s", engine, CFG)
+    asyncio.run(s.append(ids[:100]))
+    _fail_once(s.memory.planner, "plan_step", RuntimeError("injected planning failure"))
+    with pytest.raises(RuntimeError, match="injected"):
+        asyncio.run(s.append(ids[100:], flush=True))
+    assert s.failed is None and s.num_tokens == 96
+    assert asyncio.run(s.flush()) == 300  # its pending tokens are still there
+    assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
+    clean = Session.create(tmp_path / "clean", engine, CFG)
+    asyncio.run(clean.append(ids, flush=True))
+    assert s.events().tolist() == clean.events().tolist()
+    clean.close()
+    s.close()
