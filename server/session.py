@@ -229,11 +229,15 @@ class Session:
         cfg = MemoryConfig(**{"question_rank": "mean", **state["config"]})  # sessions saved before it: "mean"
         seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
         s = cls(p, engine, cfg, seg, score_device=score_device)
-        if (p / QUERIES_FILE).exists():
-            s._last_queries = np.load(p / QUERIES_FILE)
-        s._recover()
-        if s.num_tokens:
-            s.memory  # noqa: B018 - open the table and the indexes here, not on the event loop at the first step
+        try:
+            if (p / QUERIES_FILE).exists():
+                s._last_queries = np.load(p / QUERIES_FILE)
+            s._recover()
+            if s.num_tokens:
+                s.memory  # noqa: B018 - open the table and the indexes here, not on the event loop at the first step
+        except BaseException:  # e.g. out of device memory recomputing the mirror: no file stays open
+            s.close()
+            raise
         return s
 
     def _recover(self) -> None:

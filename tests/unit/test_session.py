@@ -344,3 +344,30 @@ def test_a_step_failing_before_the_engine_ran_is_retried_in_place(engine: Refere
     assert s.events().tolist() == clean.events().tolist()
     clean.close()
     s.close()
+
+
+def test_opening_out_of_device_memory_fails_cleanly(engine: ReferenceEngine, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reopening a session whose retrieval mirror is recomputed on a device that is out of memory: a clear
+    DeviceMemoryError, no file left open, and the session opens once memory is there."""
+    from emserve.retrieval.device_scorer import DeviceScorer
+    from emserve.retrieval.errors import DeviceMemoryError
+
+    ids = _ids(300, 8)
+    s = Session.create(tmp_path / "s", engine, CFG, score_device="torch-cpu")
+    asyncio.run(s.append(ids, flush=True))
+    events = s.events().tolist()
+    s.close()
+
+    def no_memory(self: DeviceScorer, n: int) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as m:
+        m.setattr(DeviceScorer, "_grow", no_memory)
+        with pytest.raises(DeviceMemoryError, match="out of memory"):
+            Session.open(tmp_path / "s", engine, score_device="torch-cpu")
+    assert len(os.listdir("/proc/self/fd")) == fds
+    s = Session.open(tmp_path / "s", engine, score_device="torch-cpu")
+    assert s.events().tolist() == events and s.device_bytes > 0
+    s.close()
