@@ -66,7 +66,9 @@ class ServerConfig:
     """Device memory the open sessions' retrieval mirrors may hold together, GiB (0: no limit): beyond it
     idle sessions are closed, least recently used first (reopening one recomputes its mirror from its
     KV log). Size it from what vLLM leaves (``1 - gpu_memory_utilization`` of the GPU, less the CUDA
-    context)."""
+    context). With or without it, a step or an open that runs out of device memory closes the idle
+    sessions' mirrors (an open is then retried; a step answers RESOURCE_EXHAUSTED and its session
+    reopens from disk on the next call)."""
 
     max_sessions: int = 256
     """Sessions on disk; CreateSession beyond it fails with RESOURCE_EXHAUSTED."""

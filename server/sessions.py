@@ -19,6 +19,10 @@ Contract
 * One *writer* per session (an ingest stream, or a Generate that remembers): :meth:`attach`.
   A writer's last commit may still run after its stream is gone (commits are shielded from
   cancellation); the next writer waits for it, so offsets never go stale.
+* A session whose step failed after its engine step was logged (``Session.failed``) is closed once no
+  call uses it; the next lease reopens it from its files. Out of retrieval device memory
+  (``DeviceMemoryError``) the idle sessions holding device mirrors are closed too, and an open that
+  ran out is tried once more after that.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emserve.retrieval.errors import ConfigError, PlanError
+from emserve.retrieval.errors import ConfigError, DeviceMemoryError, PlanError
 from emserve.segmenter.errors import SegmenterError
 from emserve.server.engine.base import Engine
 from emserve.server.errors import (
@@ -279,8 +283,14 @@ class SessionManager:
             meta = self._meta(session_id)
             folder = self._folder(session_id)
             t0 = time.perf_counter()
-            session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine,
-                                                score_device=self.score_device)
+            try:
+                session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine,
+                                                    score_device=self.score_device)
+            except DeviceMemoryError:
+                if not await self._free_device(keep=session_id):
+                    raise
+                session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine,
+                                                    score_device=self.score_device)
             logger.info("opened session %s (%d tokens) in %.2f s", session_id, session.num_tokens,
                         time.perf_counter() - t0)
             entry = self._open[session_id] = Entry(meta, folder, session)
@@ -335,9 +345,25 @@ class SessionManager:
             if (self._open.get(entry.session_id) is not entry or entry.refs > 0 or entry.writer is not None
                     or (entry.commit is not None and not entry.commit.done())):
                 return
+            failed = entry.session.failed
             logger.warning("session %s: a step failed (%s: %s); closing it, the next call reopens it from disk",
-                           entry.session_id, type(entry.session.failed).__name__, entry.session.failed)
+                           entry.session_id, type(failed).__name__, failed)
             await self._close(entry)
+            if isinstance(failed, DeviceMemoryError):
+                await self._free_device(keep=None)
+
+    async def _free_device(self, keep: str | None) -> bool:
+        """Out of retrieval device memory: close every idle session holding a device mirror (but ``keep``),
+        least recently used first; they reopen on their next call. Returns whether any was closed."""
+        idle = sorted((e for e in self._open.values() if e.refs == 0 and e.writer is None and e.session_id != keep
+                       and e.session.device_bytes > 0 and (e.commit is None or e.commit.done())),
+                      key=lambda e: e.last_used)
+        freed = sum(e.session.device_bytes for e in idle)
+        for entry in idle:
+            await self._close(entry)
+        logger.warning("out of retrieval device memory: closed %d idle sessions (%.2f GiB of mirrors); "
+                       "--retrieval-device-gib caps what open sessions hold", len(idle), freed / 2**30)
+        return bool(idle)
 
     def device_bytes(self) -> int:
         """Device memory held by the open sessions' retrieval mirrors."""

@@ -651,3 +651,47 @@ def test_out_of_device_memory_mid_ingest_then_resume(tiny_model_dir: Path, tmp_p
             assert len(c.ask("oom", [5], max_tokens=1, ignore_eos=True).token_ids) == 1
     finally:
         s.stop()
+
+
+def test_out_of_device_memory_closes_idle_mirrors(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of retrieval device memory, the idle sessions' mirrors are given back (those sessions close and
+    reopen on their next call): a failed step's retry, and an open that ran out (retried once at once), go
+    through where nothing else would free the memory."""
+    import torch
+
+    from emserve.retrieval.device_scorer import DeviceScorer
+
+    s = _server(tiny_model_dir, tmp_path, engine)
+    manager = s.runtime.manager
+    manager.score_device = "torch-cpu"
+    grow = DeviceScorer._grow
+    fail = [False]
+
+    def maybe_failing_grow(self: DeviceScorer, n: int) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (injected)")
+        grow(self, n)
+
+    monkeypatch.setattr(DeviceScorer, "_grow", maybe_failing_grow)
+    open_ids = lambda: s.call(lambda: sorted(manager._open))  # noqa: E731
+    try:
+        with Client(s.address) as c:
+            for i in range(2):
+                c.create_session(f"m{i}")
+                c.ingest_tokens(f"m{i}", random_ids(200, 50 + i))
+            assert open_ids() == ["m0", "m1"]
+            c.create_session("m2")
+            fail[0] = True  # the new session's first mirror allocation fails
+            err = _code(c.ingest_tokens, "m2", random_ids(200, 52))
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert open_ids() == []  # the failed session and the idle mirrors were closed
+            committed = c.get_session("m2").num_tokens
+            c.ingest_tokens("m2", random_ids(200, 52)[committed:])
+            assert c.get_session("m2").num_tokens == 200 and open_ids() == ["m2"]
+            fail[0] = True  # reopening m0 recomputes its mirror: out of memory once
+            assert len(c.ask("m0", [5], max_tokens=1, ignore_eos=True).token_ids) == 1
+            assert open_ids() == ["m0"]  # the idle m2 gave its mirror back, m0's open was retried
+    finally:
+        s.stop()
