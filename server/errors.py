@@ -13,8 +13,8 @@ InvalidArgument         INVALID_ARGUMENT     BadRequest.FieldViolation
 LimitExceeded           RESOURCE_EXHAUSTED   QuotaFailure.Violation
 SessionFinished         FAILED_PRECONDITION  PreconditionFailure.Violation (FINISHED)
 SessionBusy             FAILED_PRECONDITION  PreconditionFailure.Violation (BUSY)
-NotReady, ShuttingDown, UNAVAILABLE         RetryInfo
-SessionReopening
+NotReady, ShuttingDown  UNAVAILABLE          RetryInfo
+SessionReopening        UNAVAILABLE          RetryInfo (a step failed: the session reopens from disk)
 Unauthenticated         UNAUTHENTICATED      ErrorInfo
 ======================  ===================  ==========================================
 
