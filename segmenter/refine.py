@@ -56,7 +56,10 @@ def adjacency(keys: torch.Tensor) -> torch.Tensor:
         raise SegmenterError(f"keys must be [layers, tokens, heads, head_dim], got shape {tuple(keys.shape)}")
     t = keys.shape[1]
     x = keys.detach().to(torch.float32).permute(1, 0, 2, 3).reshape(t, -1)
-    return x @ x.T
+    a = x @ x.T
+    # a blocked GEMM need not give A[i, j] and A[j, i] the same rounding (it does not on AMD EPYC's kernels):
+    # the graph is undirected, so make it exactly symmetric
+    return (a + a.T) * 0.5
 
 
 def window(alpha: int, beta: int, *, floor: int, end: int) -> tuple[int, int]:

@@ -158,5 +158,7 @@ def test_plain_run_equals_vanilla_vllm(model_dir, text_ids, loop) -> None:
         loop.run_until_complete(ours.close())
     assert res.output_token_ids == list(ref.outputs[0].token_ids)
     want = np.array([-ref.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
-    np.testing.assert_allclose(res.surprise[1:], want.astype(np.float32), atol=1e-5)
+    # fp32 rounding of two log-softmax kernels over a 49k vocabulary: up to 1.5e-5 apart on AMD EPYC (1e-5 held
+    # on the machines before); a wrong position or logit is off by 0.1 and more
+    np.testing.assert_allclose(res.surprise[1:], want.astype(np.float32), atol=5e-5)
     assert torch.isfinite(torch.from_numpy(res.surprise)).all()
