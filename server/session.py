@@ -243,7 +243,7 @@ class Session:
     def _recover(self) -> None:
         """Replay what the log holds beyond the saved segmenter state (a crash between the two)."""
         n_sur = os.fstat(self._surprise_fd).st_size // 4
-        n_log = len(self.log) if (Path(self.log_path) / "layout.json").exists() else 0
+        n_log = self._logged_tokens()
         if n_log < n_sur:
             os.ftruncate(self._surprise_fd, n_log * 4)
             n_sur = n_log
@@ -421,11 +421,14 @@ class Session:
         del self._pending[: len(chunk)]
         return res
 
+    def _logged_tokens(self) -> int:
+        """Tokens in the KV log (0 before the engine created it)."""
+        return len(self.log) if (Path(self.log_path) / "layout.json").exists() else 0
+
     def _moved_past(self, offset: int) -> bool:
         """Whether the files hold anything beyond ``offset`` (a step started there got logged)."""
         try:
-            logged = len(self.log) if (Path(self.log_path) / "layout.json").exists() else 0
-            return self.num_tokens != offset or logged != offset
+            return self.num_tokens != offset or self._logged_tokens() != offset
         except Exception:  # noqa: BLE001 - cannot tell: assume it did, reopening repairs either way
             return True
 

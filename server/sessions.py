@@ -37,7 +37,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,6 +115,11 @@ class Entry:
     @property
     def finished(self) -> bool:
         return self.meta.state == FINISHED
+
+    @property
+    def idle(self) -> bool:
+        """No call uses it, no writer holds it, no commit runs: it may be closed."""
+        return self.refs == 0 and self.writer is None and (self.commit is None or self.commit.done())
 
     async def run_commit(self, work: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``work`` (a step that changes the session) to completion even if the caller is
@@ -321,9 +326,7 @@ class SessionManager:
     async def _evict(self, keep: str) -> None:
         """Close idle sessions but ``keep``, least recently used first, while more than ``max_open``
         are open."""
-        idle = sorted((e for e in self._open.values() if e.refs == 0 and e.writer is None
-                       and e.session_id != keep and (e.commit is None or e.commit.done())),
-                      key=lambda e: e.last_used)
+        idle = self._idle(keep)
         excess = len(self._open) - self.max_open
         for entry in idle[: max(0, excess)]:
             await self._close(entry)
@@ -338,12 +341,15 @@ class SessionManager:
                 logger.warning("open sessions hold %.2f GiB of device memory for retrieval, over the budget of "
                                "%.2f GiB, and none of the others is idle", used / 2**30, self.device_budget / 2**30)
 
+    def _idle(self, keep: str | None) -> Sequence[Entry]:  # (`list` is a method here)
+        """The idle open sessions but ``keep``, least recently used first."""
+        return sorted((e for e in self._open.values() if e.idle and e.session_id != keep), key=lambda e: e.last_used)
+
     async def _drop_failed(self, entry: Entry) -> None:
         """Close a session whose step failed once no call uses it: the next lease reopens it from disk,
         replaying its files as after a crash (``Session.failed``)."""
         async with self._lock:
-            if (self._open.get(entry.session_id) is not entry or entry.refs > 0 or entry.writer is not None
-                    or (entry.commit is not None and not entry.commit.done())):
+            if self._open.get(entry.session_id) is not entry or not entry.idle:
                 return
             failed = entry.session.failed
             logger.warning("session %s: a step failed (%s: %s); closing it, the next call reopens it from disk",
@@ -355,9 +361,7 @@ class SessionManager:
     async def _free_device(self, keep: str | None) -> bool:
         """Out of retrieval device memory: close every idle session holding a device mirror (but ``keep``),
         least recently used first; they reopen on their next call. Returns whether any was closed."""
-        idle = sorted((e for e in self._open.values() if e.refs == 0 and e.writer is None and e.session_id != keep
-                       and e.session.device_bytes > 0 and (e.commit is None or e.commit.done())),
-                      key=lambda e: e.last_used)
+        idle = [e for e in self._idle(keep) if e.session.device_bytes > 0]
         freed = sum(e.session.device_bytes for e in idle)
         for entry in idle:
             await self._close(entry)

@@ -296,6 +296,15 @@ def _fail_once(obj: Any, name: str, exc: BaseException) -> None:
     setattr(obj, name, failing)
 
 
+def _assert_as_never_failed(s: Session, ids: list[int], engine: ReferenceEngine, tmp_path: Path) -> None:
+    """``s`` holds ``ids`` once each, and the events of a session that ingested them without a failure."""
+    assert KVLog.open(s.path / "log").tokens().tolist() == ids
+    clean = Session.create(tmp_path / "clean", engine, CFG)
+    asyncio.run(clean.append(ids, flush=True))
+    assert s.events().tolist() == clean.events().tolist()
+    clean.close()
+
+
 def test_a_step_failing_after_the_engine_logged_it_reopens_without_duplicating(engine: ReferenceEngine,
                                                                                 tmp_path: Path) -> None:
     """Host work failing after the engine logged the step (closing events ran out of device memory, the disk
@@ -319,11 +328,7 @@ def test_a_step_failing_after_the_engine_logged_it_reopens_without_duplicating(e
     committed = s.num_tokens
     assert committed == 224  # the failed step is in the files: committed
     asyncio.run(s.append(ids[committed:], flush=True))  # the client re-sends from the committed offset
-    assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
-    clean = Session.create(tmp_path / "clean", engine, CFG)
-    asyncio.run(clean.append(ids, flush=True))
-    assert s.events().tolist() == clean.events().tolist()
-    clean.close()
+    _assert_as_never_failed(s, ids, engine, tmp_path)
     s.close()
 
 
@@ -338,11 +343,7 @@ def test_a_step_failing_before_the_engine_ran_is_retried_in_place(engine: Refere
         asyncio.run(s.append(ids[100:], flush=True))
     assert s.failed is None and s.num_tokens == 96
     assert asyncio.run(s.flush()) == 300  # its pending tokens are still there
-    assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
-    clean = Session.create(tmp_path / "clean", engine, CFG)
-    asyncio.run(clean.append(ids, flush=True))
-    assert s.events().tolist() == clean.events().tolist()
-    clean.close()
+    _assert_as_never_failed(s, ids, engine, tmp_path)
     s.close()
 
 
