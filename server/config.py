@@ -7,7 +7,7 @@ Environment variables (all optional)::
     EMSERVE_SESSIONS_DIR         default $EMSERVE_HOME/sessions
     EMSERVE_MODEL                smollm2-135m (default), qwen2.5-0.5b, or an HF folder
     EMSERVE_BACKEND              vllm (default) | reference
-    EMSERVE_DTYPE                compute dtype (default bfloat16)
+    EMSERVE_DTYPE                compute dtype (default auto: bfloat16 where native, else float32)
     EMSERVE_KV_CACHE_GIB         vLLM KV cache (default 2)
     EMSERVE_MAX_MODEL_LEN        default: the model's context
     EMSERVE_MAX_SESSIONS         default 256

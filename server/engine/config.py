@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from emserve.retrieval.errors import EmserveError
@@ -21,8 +22,9 @@ class EngineConfig:
     """``vllm``: the product engine (AsyncLLM, engine core in its own process). ``reference``: the HF
     transformers engine (test oracle; fallback where vLLM is not installed)."""
 
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    """Compute dtype of the model."""
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Compute dtype of the model. ``auto`` resolves on construction (:func:`auto_dtype`): bfloat16
+    on a GPU build or a CPU with native bf16 arithmetic, float32 on other CPUs."""
 
     log_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     """dtype of K/V in the session KV logs on disk."""
@@ -51,6 +53,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", auto_dtype())
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ConfigError("max_model_len must be >= 16")
         if self.kv_cache_gib <= 0:
@@ -59,3 +63,31 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:
+    """The compute dtype ``auto`` stands for.
+
+    Rule: bfloat16 unless torch is a CPU-only build and the CPU lacks native bf16 arithmetic (none of
+    :data:`BF16_CPU_FLAGS` in ``/proc/cpuinfo``), where float32. Without those instructions bf16
+    matrix products are emulated: vLLM's CPU backend then ingests ~3x slower in bf16 than in float32
+    (docs/results.md). The KV log keeps its own dtype (``log_dtype``) either way. ``cpuinfo``: the
+    text of ``/proc/cpuinfo`` (read when None; unreadable: assumed without the flags).
+    """
+    import torch
+
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+        return "bfloat16"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return "bfloat16" if any(f in flags for f in BF16_CPU_FLAGS) else "float32"

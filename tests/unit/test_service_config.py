@@ -64,3 +64,19 @@ def test_frozen(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
         cfg.port = 1  # type: ignore[misc]
     assert cfg.address == "127.0.0.1:50051"
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_it():
+    import torch
+
+    from emserve.server.engine.config import auto_dtype
+
+    if torch.version.cuda is not None:
+        assert auto_dtype("flags : fpu avx2") == "bfloat16"  # a GPU build computes in bf16 everywhere
+        return
+    assert auto_dtype("processor : 0\nflags\t\t: fpu sse avx2 fma\n") == "float32"
+    assert auto_dtype("flags : fpu avx2 avx512f avx512_bf16\n") == "bfloat16"
+    assert auto_dtype("flags : fpu amx_bf16 amx_tile\n") == "bfloat16"
+    assert auto_dtype("") == "float32"
+    assert EngineConfig(model="x").dtype in ("bfloat16", "float32")  # resolved on construction
+    assert EngineConfig(model="x", dtype="bfloat16").dtype == "bfloat16"
