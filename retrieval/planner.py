@@ -76,6 +76,16 @@ class RetrievalConfig:
     question_rank: Literal["mean", "interleave"] = "mean"
     """How a question's query tokens rank the events (``Retriever.retrieve``): their mean score, or
     each token by its own scores, interleaved. Ingestion steps rank by the mean."""
+    question_neighbours: int = 0
+    """A question's similarity hits bring their temporal neighbours, this many events each side,
+    before any lower-ranked event (``Retriever.retrieve``; 0: none)."""
+    question_contiguity: bool = True
+    """A question uses the contiguity buffer (False: its share goes to the rank walk, and the
+    buffer is left as ingestion left it)."""
+    question_memory_last: bool = False
+    """A question's window puts the retrieved events after the local window, right before the question:
+    ``[ sink | remainder + local + last token | retrieved events ] + question`` (no anchor: a question
+    needs no surprise). False: the ingestion order (retrieved events before the remainder)."""
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
     repr_proxy: Literal["topk", "mean", "central"] = "topk"
@@ -138,6 +148,8 @@ class RetrievalConfig:
             raise ConfigError(f"shared_score_layers must be in (0, 1], got {self.shared_score_layers}")
         if self.query_sample < 2:
             raise ConfigError(f"query_sample must be >= 2, got {self.query_sample}")
+        if self.question_neighbours < 0:
+            raise ConfigError(f"question_neighbours must be >= 0, got {self.question_neighbours}")
         if self.question_rank not in RANKS:
             raise ConfigError(f"question_rank must be one of {RANKS}, got {self.question_rank!r}")
         if not self.contiguity_buffer_size >= 0:
@@ -286,9 +298,15 @@ class WindowPlanner:
         layer_segments = None
         self.last_retrieval = None
         if lay.num_events and lay.budget:
+            cfg = self.config
             res = self.retriever.retrieve(queries, lay.budget, num_events=lay.num_events,
-                                          rank=self.config.question_rank if question else "mean")
+                                          rank=cfg.question_rank if question else "mean",
+                                          neighbours=cfg.question_neighbours if question else 0,
+                                          contiguity=cfg.question_contiguity or not question)
             self.last_retrieval = res
+            if question and cfg.question_memory_last:
+                fixed_head, fixed_tail = fixed_head + fixed_tail + [(lay.local[1], offset)], []
+                anchor = None
             first = res.layers[0].ranges
             if res.shared or all(sel.ranges == first for sel in res.layers[1:]):
                 segments = _merge(fixed_head + first + fixed_tail, self.log)

@@ -142,27 +142,35 @@ def select_ranked(
     budget: int,
     kc: int,
     buffer: ContiguityBuffer | None,
+    via: np.ndarray | None = None,
 ) -> list[tuple[int, int, Source]]:
     """Steps 1-3 of the module docstring over a ranked candidate list.
 
     Returns ``(event id, tokens taken, source)`` in selection order; tokens taken are the event's
-    size except for a truncated last event. Candidates ``>= num_events`` are skipped.
+    size except for a truncated last event. Candidates ``>= num_events`` are skipped. ``via[i]``
+    (optional, parallel to ``ranked``): True where ``ranked[i]`` is there as a temporal neighbour of a
+    hit (:func:`with_neighbours`); such events are reported as ``"contiguity"`` and never fed to the
+    contiguity buffer as hits.
     """
-    ranked = ranked[ranked < num_events]
+    keep = ranked < num_events
+    ranked = ranked[keep]
+    near = np.zeros(ranked.shape[0], bool) if via is None else np.asarray(via, bool)[keep]
     ks = budget - kc
     used = 0
     i = 0
     similar: list[int] = []
+    out: list[tuple[int, int, Source]] = []
     while i < ranked.shape[0]:
         c = int(ranked[i])
         size = int(sizes[c])
         if used + size > ks:
             break
-        similar.append(c)
+        out.append((c, size, "contiguity" if near[i] else "similarity"))
+        if not near[i]:
+            similar.append(c)
         used += size
         i += 1
-    out: list[tuple[int, int, Source]] = [(c, int(sizes[c]), "similarity") for c in similar]
-    chosen = set(similar)
+    chosen = {c for c, _, _ in out}
     if buffer is not None and kc > 0:
         buffer.update(similar, sizes, num_events, kc)
         for c in buffer.select(chosen, sizes, num_events, kc):
@@ -175,10 +183,36 @@ def select_ranked(
         if c in chosen:
             continue
         take = min(int(sizes[c]), budget - used)
-        out.append((c, take, "similarity"))
+        out.append((c, take, "contiguity" if near[i - 1] else "similarity"))
         chosen.add(c)
         used += take
     return out
+
+
+def with_neighbours(ranked: np.ndarray, num_events: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ranked`` with each event followed at once by its temporal neighbours ``+1, -1, ..., +radius,
+    -radius`` (those in ``0 .. num_events-1``; each event at its first appearance): a hit's neighbours
+    rank with the hit, before any lower-ranked event. Returns ``(order, via)``, ``via`` True where the
+    event entered as a neighbour rather than by its own rank.
+
+    Why: a fact is often cut in two by a surprise boundary right before its unpredictable value (a
+    number, a name), so the sentence naming the key is one event and its value the next; similarity
+    finds the first. The following neighbour goes first: a value comes after what names it.
+    """
+    ranked = np.asarray(ranked, np.int64)
+    if radius <= 0 or ranked.size == 0:
+        return ranked, np.zeros(ranked.shape[0], bool)
+    steps = [0]
+    for d in range(1, radius + 1):
+        steps += [d, -d]
+    offs = np.asarray(steps, np.int64)
+    cand = (ranked[:, None] + offs[None, :]).ravel()
+    via = np.broadcast_to(offs[None, :] != 0, (ranked.shape[0], offs.shape[0])).ravel()
+    ok = (cand >= 0) & (cand < num_events)
+    cand, via = cand[ok], via[ok]
+    _, first = np.unique(cand, return_index=True)
+    first = np.sort(first)
+    return cand[first], via[first]
 
 
 def interleave(per_token: np.ndarray) -> np.ndarray:
@@ -349,7 +383,8 @@ class Retriever:
         return total
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
-                 num_events: int | None = None, rank: Rank = "mean") -> RetrievalResult:
+                 num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0,
+                 contiguity: bool = True) -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
 
         ``rank``: how several query tokens rank the events (module docstring, "Ranking"): by their mean
@@ -360,6 +395,11 @@ class Retriever:
         (``StepResult.queries``), or per-token ``[n, num_layers, num_heads, head_dim]``
         (``StepResult.query_tokens``); encoded by :meth:`encode`. May be None only when everything
         fits (scores are then NaN). Reported scores are :meth:`scores`.
+
+        ``neighbours``: each similarity hit brings its temporal neighbours up to this many events
+        each side right after it in the rank walk (:func:`with_neighbours`; 0: none).
+        ``contiguity``: False leaves the contiguity buffer out of this step (neither read nor updated),
+        its share going to the rank walk.
         """
         n_layers = self.index.num_layers
         n = len(self.table)
@@ -400,7 +440,13 @@ class Retriever:
         if rank not in RANKS:
             raise PlanError(f"unknown rank {rank!r}; use one of {RANKS}")
 
-        kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer else 0
+        use_buffer = self.use_contiguity_buffer and contiguity
+        kc = contiguity_tokens(budget, self.contiguity_buffer_size) if use_buffer else 0
+
+        def walk(ranked: np.ndarray, buf: ContiguityBuffer | None) -> list[tuple[int, int, Source]]:
+            order, via = with_neighbours(ranked, m, neighbours)
+            return select_ranked(order, sizes, m, budget, kc, buf, via)
+
         need = budget + kc
         # interleaved tokens each fill ~1/t of the budget: their HNSW lists can be t times shorter
         share = q.tokens.shape[0] if rank == "interleave" else 1
@@ -411,7 +457,7 @@ class Retriever:
                 cand = partial(self._candidates, q, (lay,), exact=exact)
                 ranked = self._ranked(cand, q, lay, k, n, m, sizes, need, rank)
                 buf = self.buffers[lay] if kc else None
-                sel.append(build(select_ranked(ranked, sizes, m, budget, kc, buf), lay))
+                sel.append(build(walk(ranked, buf), lay))
             layers = tuple(sel)
         elif self.scorer is not None:
             self._sync_scorer()
@@ -419,16 +465,16 @@ class Retriever:
                 ranked = self.scorer.ranked_interleave(q, m, sizes, need)
             else:
                 ranked = self.scorer.ranked_mean(q, m, sizes, need)
-            shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
+            shared = build(walk(ranked, self.buffers[0] if kc else None), None)
             layers = (shared,) * n_layers
         elif not exact and self.rescore_factor > 0:
             ranked = self._ranked_bounded(q, n, m, sizes, need)
-            shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
+            shared = build(walk(ranked, self.buffers[0] if kc else None), None)
             layers = (shared,) * n_layers
         else:
             ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
                                   k, n, m, sizes, need, rank)
-            shared = build(select_ranked(ranked, sizes, m, budget, kc, self.buffers[0] if kc else None), None)
+            shared = build(walk(ranked, self.buffers[0] if kc else None), None)
             layers = (shared,) * n_layers
         distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
         assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"

@@ -107,6 +107,12 @@ class MemoryConfig:
     it), the pass key's in 12/12 with both; through the server at 32k the needle is answered 3/5 vs 0/5
     (``bench/results/question_queries.md``). Exact scoring then costs ``t`` (<= 64) query tokens instead
     of 4 per event: more of a question's time in long sessions (not measured past 32k)."""
+    question_neighbours: int = 0
+    """A question's similarity hits bring this many temporal neighbours each side (``RetrievalConfig``)."""
+    question_contiguity: bool = True
+    """A question uses the contiguity buffer (``RetrievalConfig``)."""
+    question_memory_last: bool = False
+    """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
     question_n_local: int | None = 64
     question_n_mem: int | None = 256
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
@@ -149,6 +155,9 @@ class MemoryConfig:
             question_n_local=self.question_n_local,
             question_n_mem=self.question_n_mem,
             question_rank=self.question_rank,  # type: ignore[arg-type]
+            question_neighbours=self.question_neighbours,
+            question_contiguity=self.question_contiguity,
+            question_memory_last=self.question_memory_last,
             max_window=max_window,
         )
 

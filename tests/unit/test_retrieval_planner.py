@@ -257,3 +257,25 @@ def test_question_window_keeps_the_last_question_n_local_tokens_and_its_own_budg
         small(question_n_local=0)
     with pytest.raises(ConfigError):
         small(question_n_mem=-1)
+
+
+def test_question_memory_last_puts_retrieved_events_right_before_the_question(events):
+    """Same retrieval, other order: [sink | remainder + local + last token | retrieved] + question, no
+    anchor, the same window length; ingestion steps keep their order."""
+    q = np.random.default_rng(3).standard_normal((L, D)).astype(np.float32)
+    offset = 3000
+    base = small(per_layer=False, question_n_local=8, question_n_mem=20, use_contiguity_buffer=False)
+    a = planner(events, base).plan_step(offset, [1] * 5, q, question=True)
+    p = planner(events, dataclasses.replace(base, question_memory_last=True))
+    b = p.plan_step(offset, [1] * 5, q, question=True)
+    retrieved = [(e.start, e.end) for e in p.last_retrieval.layers[0].events]
+    assert b.anchor is None and a.anchor is not None and b.window_len == a.window_len
+    segs = [(s.start, s.end) for s in b.segments]
+    assert segs[0] == (0, 16)
+    lay = p.layout(offset, 5, question=True)
+    assert segs[1] == (lay.remainder[0], offset)  # remainder, local window and the last token, merged
+    tail = segs[2:]
+    flat = [t for s, e in tail for t in range(s, e)]
+    assert flat == [t for s, e in retrieved for t in range(s, e)] and len(flat) == 20
+    ingest = p.plan_step(offset, [1] * 5, q[None].mean(0))
+    assert ingest.anchor is not None and ingest.segments[-1].end == offset - 1

@@ -251,3 +251,48 @@ def test_interleave_rank_finds_what_one_token_asks_for(tmp_path):
     assert r.retrieve(one, 30, rank="interleave").layers[0].ids == r.retrieve(one, 30).layers[0].ids
     with pytest.raises(PlanError):
         r.retrieve(q, 30, rank="max")
+
+
+def test_with_neighbours_follows_each_hit_with_its_neighbours():
+    from emserve.retrieval.retriever import with_neighbours
+
+    order, via = with_neighbours(np.array([5, 0, 6, 9]), 10, 1)
+    # 5 then 6 (after), 4 (before); 0 then 1 (-1 is not an event); 6 is there already (as 5's neighbour)
+    # but brings its own, 7; 9 then 8 (10 is not an event)
+    assert order.tolist() == [5, 6, 4, 0, 1, 7, 9, 8]
+    assert via.tolist() == [False, True, True, False, True, True, False, True]
+    order, via = with_neighbours(np.array([5]), 10, 2)
+    assert order.tolist() == [5, 6, 4, 7, 3] and via.tolist() == [False, True, True, True, True]
+    order, via = with_neighbours(np.array([3, 1]), 10, 0)
+    assert order.tolist() == [3, 1] and not via.any()
+
+
+def test_neighbours_bring_a_split_fact_whole(tmp_path):
+    """A fact cut in two: event 3 names the key (ranked first), event 4 holds its value (ranked last).
+    Without neighbours a 30-token budget takes the three best events; with them, the hit's following
+    neighbour comes right after it, then the one before, and only then the next-ranked event; an
+    event between two hits is in."""
+    ix = one_layer_index(tmp_path, [10] * 10, [3, 7, 0, 9, 1, 5, 6, 2, 8, 4])
+    r = Retriever(ix, use_contiguity_buffer=False)
+    q = np.ones((1, 1), np.float32)
+    assert r.retrieve(q, 30).layers[0].ids == [0, 3, 7]
+    sel = r.retrieve(q, 30, neighbours=1).layers[0]
+    assert sel.ids == [2, 3, 4]
+    assert [e.source for e in sel.events] == ["contiguity", "similarity", "contiguity"]
+    # 50 tokens: 3, 4, 2, then 7 with 8 (its following neighbour); 6 would be 60 tokens
+    assert r.retrieve(q, 50, neighbours=1).layers[0].ids == [2, 3, 4, 7, 8]
+    # a gap between hits: ranks 3 and 5 first; 4 is the neighbour of both
+    ix2 = one_layer_index(tmp_path / "b", [10] * 10, [3, 5, 0, 9, 1, 7, 6, 2, 8, 4])
+    r2 = Retriever(ix2, use_contiguity_buffer=False)
+    assert 4 in r2.retrieve(q, 40, neighbours=1).layers[0].ids
+
+
+def test_question_without_contiguity_buffer_leaves_it_untouched(tmp_path):
+    ix = one_layer_index(tmp_path, [10] * 6, [2, 0, 4, 1, 3, 5])
+    r = Retriever(ix, use_contiguity_buffer=True, contiguity_buffer_size=0.3)
+    q = np.ones((1, 1), np.float32)
+    r.retrieve(q, 30)
+    assert r.buffers[0].ids == (3,)
+    sel = r.retrieve(q, 30, contiguity=False).layers[0]
+    assert sel.ids == [0, 2, 4] and all(e.source == "similarity" for e in sel.events)
+    assert r.buffers[0].ids == (3,)  # neither read nor updated
