@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -107,10 +108,18 @@ class MemoryConfig:
     it), the pass key's in 12/12 with both; through the server at 32k the needle is answered 3/5 vs 0/5
     (``bench/results/question_queries.md``). Exact scoring then costs ``t`` (<= 64) query tokens instead
     of 4 per event: more of a question's time in long sessions (not measured past 32k)."""
-    question_neighbours: int = 0
-    """A question's similarity hits bring this many temporal neighbours each side (``RetrievalConfig``)."""
-    question_contiguity: bool = True
-    """A question uses the contiguity buffer (``RetrievalConfig``)."""
+    question_content_queries: bool = False
+    """A question ranks the events with the query tokens whose text holds a letter or a digit only
+    (:func:`content_rows`): a newline or a question mark names nothing to look up."""
+    question_neighbours: int = 2
+    """A question's similarity hits bring this many temporal neighbours each side, before any
+    lower-ranked event (``RetrievalConfig``): a value is often cut from the words that name it."""
+    question_contiguity: bool = False
+    """A question also uses ingestion's contiguity buffer (``RetrievalConfig``); off: its neighbours
+    come from ``question_neighbours`` and the whole budget follows the question's own ranking."""
+    question_n_init: int | None = 0
+    """A question's sink tokens (``RetrievalConfig``; None: ``n_init``). 0: the question's window starts
+    with its retrieved events; the stream's first tokens are not in it."""
     question_memory_last: bool = False
     """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
     question_n_local: int | None = 64
@@ -122,6 +131,13 @@ class MemoryConfig:
     vs 3/9). Events close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so
     the recent ones are retrievable by a question too; the tokens after the last closed event are in
     the window."""
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> MemoryConfig:
+        """The config a ``session.json`` describes (its ``"config"`` object). The only reader of saved
+        configs: a field the file lacks was added after the session was created, and takes the value
+        the session was created with (:data:`SAVED_BEFORE`), not today's default."""
+        return cls(**{**SAVED_BEFORE, **saved})
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(
@@ -158,8 +174,21 @@ class MemoryConfig:
             question_neighbours=self.question_neighbours,
             question_contiguity=self.question_contiguity,
             question_memory_last=self.question_memory_last,
+            question_n_init=self.question_n_init,
             max_window=max_window,
         )
+
+
+SAVED_BEFORE: dict[str, Any] = {
+    "question_rank": "mean",
+    "question_content_queries": False,
+    "question_neighbours": 0,
+    "question_contiguity": True,
+    "question_n_init": None,
+    "question_memory_last": False,
+}
+"""Values of the fields added after the first sessions were saved, as those sessions behave
+(:meth:`MemoryConfig.from_saved`)."""
 
 
 @dataclass
@@ -235,7 +264,7 @@ class Session:
             state = json.loads((p / SESSION_FILE).read_text())
         except FileNotFoundError:
             raise SessionError(f"no session at {p}") from None
-        cfg = MemoryConfig(**{"question_rank": "mean", **state["config"]})  # sessions saved before it: "mean"
+        cfg = MemoryConfig.from_saved(state["config"])
         seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
         s = cls(p, engine, cfg, seg, score_device=score_device)
         try:
@@ -493,6 +522,10 @@ class Session:
                         planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
                     )
                     queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
+                    if probe.query_tokens is not None and self.config.question_content_queries:
+                        # off the event loop: the first call per model reads its vocabulary (seconds)
+                        rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
+                        queries = queries[rows]
                 plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
                                         question=True)
                 plan = dataclasses.replace(plan, capture_log=None)
@@ -596,6 +629,31 @@ class RefinementKeys:
             self._hi = stop
         assert self._keys is not None
         return self._keys[:, start - self._lo : end - self._lo]
+
+
+@functools.lru_cache(maxsize=4)
+def _content_vocab(model_path: str) -> np.ndarray | None:
+    """bool ``[vocab]``: the token's text holds a letter or a digit (None: no tokenizer at the path)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except Exception:  # noqa: BLE001 - a model folder without a usable tokenizer: every token counts
+        return None
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    return np.fromiter((any(ch.isalnum() for ch in t) for t in texts), bool, len(texts))
+
+
+def content_rows(model_path: str, token_ids: Sequence[int]) -> np.ndarray:
+    """Indices of the tokens of ``token_ids`` that name something (a letter or a digit in their text):
+    a question's query tokens without its newlines and punctuation. All of them when none does, or
+    when the model has no tokenizer to tell."""
+    vocab = _content_vocab(model_path)
+    ids = np.asarray(token_ids, np.int64)
+    if vocab is None:
+        return np.arange(ids.shape[0])
+    keep = np.flatnonzero((ids < vocab.shape[0]) & vocab[np.clip(ids, 0, vocab.shape[0] - 1)])
+    return keep if keep.size else np.arange(ids.shape[0])
 
 
 def _segmenter_surprise(surprise: np.ndarray, offset: int) -> np.ndarray:

@@ -179,7 +179,7 @@ class SessionManager:
         data = folder / meta.data
         try:
             state = json.loads((data / "session.json").read_text())
-            memory = MemoryConfig(**state["config"])
+            memory = MemoryConfig.from_saved(state["config"])
         except (FileNotFoundError, KeyError, TypeError, ValueError):
             memory = self.defaults
         return SessionInfo(meta.session_id, meta.create_time, meta.state == FINISHED, dict(meta.labels), memory,

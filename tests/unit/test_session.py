@@ -109,6 +109,39 @@ def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: Refer
     old.close()
 
 
+def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """GetSession / ListSessions read a closed session's config through the same migration as opening
+    it: a session saved before question_rank (and the later question fields) reports the values it
+    runs with. (Before: the info reported today's defaults, "interleave", for a "mean" session.)"""
+    import json
+
+    from emserve.server.session import SAVED_BEFORE
+    from emserve.server.sessions import SessionManager
+
+    async def run() -> None:
+        mgr = SessionManager(tmp_path / "root", engine, CFG)
+        info = await mgr.create("old")
+        async with mgr.lease("old") as entry:
+            await entry.session.append(_ids(100, 4), flush=True)
+        await mgr.close_all()
+        data = tmp_path / "root" / "old" / info_data(tmp_path / "root" / "old")
+        state = json.loads((data / "session.json").read_text())
+        for name in SAVED_BEFORE:
+            del state["config"][name]
+        (data / "session.json").write_text(json.dumps(state))
+        got = mgr.info("old").memory
+        for name, value in SAVED_BEFORE.items():
+            assert getattr(got, name) == value, name
+        async with mgr.lease("old") as entry:
+            assert entry.session.config == got
+        await mgr.close_all()
+
+    def info_data(folder: Path) -> str:
+        return json.loads((folder / "meta.json").read_text())["data"]
+
+    asyncio.run(run())
+
+
 def test_crash_between_log_and_surprise_is_repaired(engine: ReferenceEngine, tmp_path: Path) -> None:
     import shutil
 
@@ -372,3 +405,19 @@ def test_opening_out_of_device_memory_fails_cleanly(engine: ReferenceEngine, tmp
     s = Session.open(tmp_path / "s", engine, score_device="torch-cpu")
     assert s.events().tolist() == events and s.device_bytes > 0
     s.close()
+
+
+def test_content_rows_keep_the_tokens_that_name_something(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from emserve.server.session import content_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode("\n\nWhat is 42? The", add_special_tokens=False)
+    texts = [tok.decode([t]) for t in ids]
+    rows = content_rows(str(tiny_model_dir), ids).tolist()
+    assert rows == [i for i, t in enumerate(texts) if any(ch.isalnum() for ch in t)]
+    assert 0 < len(rows) < len(ids)  # the newlines and the question mark are left out
+    only_marks = tok.encode("\n\n?", add_special_tokens=False)
+    assert content_rows(str(tiny_model_dir), only_marks).tolist() == list(range(len(only_marks)))  # none: all
+    assert content_rows(str(tmp_path), ids).tolist() == list(range(len(ids)))  # no tokenizer there: all
