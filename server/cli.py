@@ -1,7 +1,7 @@
 """``emserve`` command line.
 
     emserve demo [--tokens N] [--depth F] [--model SPEC]   the main job end to end: starts a server,
-                                                         streams a long text with a hidden pass key,
+                 [--seeds 0-9] [--strict]                streams a long text with a hidden pass key,
                                                          asks for it, prints answer + retrieval trace
     emserve serve [--host H] [--port P] [...]             run the gRPC server (SIGTERM: graceful stop)
     emserve ingest FILE --session S [--finish]            stream a text file into a session (progress bar)
@@ -82,7 +82,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions-dir", default=None, help="EMSERVE_SESSIONS_DIR; default $EMSERVE_HOME/sessions")
     p.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
     p.add_argument("--backend", choices=["vllm", "reference"], default=None)
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default=None,
+                   help="compute dtype (default auto: bfloat16 where the hardware has it natively, else float32)")
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-sessions", type=int, default=None)
@@ -341,19 +342,94 @@ def demo_document(tokens: int, depth: float, seed: int, tokenizer: Any,
     return doc[:cut], needle, doc[cut:], key
 
 
+DEMO_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def demo_depths(n: int) -> list[float]:
+    """Where ``n`` demo documents hide their key: one at 50%; several from 5% to 95%, evenly spaced."""
+    return [0.5] if n == 1 else [round(0.05 + 0.9 * i / (n - 1), 4) for i in range(n)]
+
+
+def _seed_list(spec: str) -> list[int]:
+    """``"3"``, ``"0-9"`` or ``"1,4,7"``."""
+    try:
+        if "-" in spec:
+            a, b = spec.split("-", 1)
+            out = list(range(int(a), int(b) + 1))
+        else:
+            out = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds: expected N, A-B or A,B,C; got {spec!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"seeds: no seed in {spec!r}")
+    return out
+
+
+def _demo_document(c: Any, tok: Any, args: argparse.Namespace, seed: int, depth: float, *,
+                   verbose: bool) -> bool:
+    """Stream one demo document into a new session, ask for its key; True if the answer holds it."""
+    from emserve.client import split_text
+
+    before, needle, after, key = demo_document(args.tokens, depth, seed, tok, args.haystack)
+    s = c.create_session()
+    m = s.memory
+    if verbose:
+        question = ""
+        if m.HasField("question_n_local") or m.HasField("question_n_mem"):
+            q_mem = min(m.question_n_mem, m.n_mem) if m.HasField("question_n_mem") else m.n_mem
+            q_local = m.question_n_local if m.HasField("question_n_local") else m.n_local
+            question = f"; a question's: {m.n_init} sink + {q_mem} memory + {q_local} local"
+        print(f"session    {s.session_id}  (window: {m.n_init} sink + {m.n_mem} memory + {m.n_local} local, "
+              f"chunks of {m.exc_block_size}{question})")
+    t0 = time.perf_counter()
+
+    def progress(p: Any) -> None:
+        if verbose:
+            dt = time.perf_counter() - t0
+            print(f"\r  ingest   {p.committed_offset:>7} tokens  {p.committed_offset / dt:6.0f} tok/s  "
+                  f"{p.num_events:>5} events", end="", flush=True)
+
+    head = list(split_text(before, 8192))
+    landed: dict[int, tuple[int, int]] = {}
+    pieces = [*head, needle, *split_text(after, 8192)]
+    r = c.ingest(s.session_id, pieces, on_progress=progress,
+                 on_receipt=lambda i, start, end: landed.__setitem__(i, (start, end)))
+    if verbose:
+        print()
+    mark = landed[len(head)]
+    where = f"pass key {key} at tokens [{mark[0]}, {mark[1]}) ({100 * mark[0] / max(r.committed_offset, 1):.0f}% depth)"
+    answer = c.ask(s.session_id, DEMO_QUESTION, max_tokens=12, trace=True, preview_tokens=12)
+    done = answer.complete
+    ok = key in answer.text
+    if verbose:
+        print(f"document   {r.committed_offset} tokens of public-domain text in {time.perf_counter() - t0:.1f} s; "
+              f"{where}; {r.num_events} events")
+        print(f"question   {DEMO_QUESTION.strip()!r}")
+        print(f"answer     {answer.text!r}  (first token {done.timings.first_token_s:.2f} s, "
+              f"total {done.timings.total_s:.2f} s)")
+        print(f"correct    {ok}")
+        print_trace(answer.trace, mark)
+    else:
+        print(f"seed {seed:>3}  {where}: answer {answer.text!r}  {'correct' if ok else 'WRONG'}  "
+              f"({r.committed_offset} tokens in {time.perf_counter() - t0:.0f} s)", flush=True)
+        c.delete_session(s.session_id)
+    return ok
+
+
 def _demo(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from emserve.client import Client, ClientError, split_text
+    from emserve.client import Client, ClientError
     from emserve.server.models import resolve_model
 
     spec = resolve_model(args.model, progress=lambda m: print(f"  {m}", file=sys.stderr))
     tok = AutoTokenizer.from_pretrained(spec.path)
-    before, needle, after, key = demo_document(args.tokens, args.depth, args.seed, tok, args.haystack)
+    seeds = args.seeds or [args.seed]
+    depths = [args.depth] * len(seeds) if args.depth is not None else demo_depths(len(seeds))
     workdir = Path(args.session_dir or tempfile.mkdtemp(prefix="emserve-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     server = None
-    ok = False
+    results: list[bool] = []
     if args.server:
         address = args.server
     else:
@@ -368,44 +444,13 @@ def _demo(args: argparse.Namespace) -> int:
             if server is not None:
                 print(f"           engine {info.backend} ready in {time.perf_counter() - t:.1f} s")
             print(f"model      {info.model} ({info.model_path}), context {info.max_model_len} tokens")
-            s = c.create_session()
-            m = s.memory
-            question = ""
-            if m.HasField("question_n_local") or m.HasField("question_n_mem"):
-                q_mem = min(m.question_n_mem, m.n_mem) if m.HasField("question_n_mem") else m.n_mem
-                q_local = m.question_n_local if m.HasField("question_n_local") else m.n_local
-                question = f"; a question's: {m.n_init} sink + {q_mem} memory + {q_local} local"
-            print(f"session    {s.session_id}  (window: {m.n_init} sink + {m.n_mem} memory + {m.n_local} local, "
-                  f"chunks of {m.exc_block_size}{question})")
-            t0 = time.perf_counter()
-
-            def progress(p: Any) -> None:
-                dt = time.perf_counter() - t0
-                print(f"\r  ingest   {p.committed_offset:>7} tokens  {p.committed_offset / dt:6.0f} tok/s  "
-                      f"{p.num_events:>5} events", end="", flush=True)
-
-            head = list(split_text(before, 8192))
-            landed: dict[int, tuple[int, int]] = {}
-            pieces = [*head, needle, *split_text(after, 8192)]
-            r = c.ingest(s.session_id, pieces, on_progress=progress,
-                         on_receipt=lambda i, start, end: landed.__setitem__(i, (start, end)))
-            print()
-            mark = landed[len(head)]
-            print(f"document   {r.committed_offset} tokens of public-domain text in {time.perf_counter() - t0:.1f} s; "
-                  f"pass key {key} at tokens [{mark[0]}, {mark[1]}) "
-                  f"({100 * mark[0] / max(r.committed_offset, 1):.0f}% depth); {r.num_events} events")
-            question = "\n\nWhat is the pass key? The pass key is"
-            answer = c.ask(s.session_id, question, max_tokens=12, trace=True, preview_tokens=12)
-            done = answer.complete
-            print(f"question   {question.strip()!r}")
-            print(f"answer     {answer.text!r}  (first token {done.timings.first_token_s:.2f} s, "
-                  f"total {done.timings.total_s:.2f} s)")
-            ok = key in answer.text
-            print(f"correct    {ok}")
-            print_trace(answer.trace, mark)
-            if server is not None:
+            for seed, depth in zip(seeds, depths, strict=True):
+                results.append(_demo_document(c, tok, args, seed, depth, verbose=len(seeds) == 1))
+            if len(seeds) > 1:
+                print(f"correct    {sum(results)} of {len(results)}")
+            elif server is not None:
                 print(f"next       emserve serve --sessions-dir {workdir / 'sessions'} &   then   "
-                      f"emserve events {s.session_id} --preview 8")
+                      f"emserve events <session> --preview 8")
     except (ClientError, RuntimeError, TimeoutError) as e:
         if server is not None:
             print(f"server log: {server.log_path}", file=sys.stderr)
@@ -413,7 +458,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    return 0 if ok or not args.strict else 1
+    return 0 if all(results) or not args.strict else 1
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -432,15 +477,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("demo", help="start a server, stream a long text with a hidden fact, ask about it")
     d.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
     d.add_argument("--tokens", type=int, default=12000, help="document length in tokens")
-    d.add_argument("--depth", type=float, default=0.5, help="where the pass key is hidden (0..1)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--depth", type=float, default=None,
+                   help="where the pass key is hidden (0..1); default 0.5, or 5%%..95%% spread over --seeds")
+    d.add_argument("--seed", type=int, default=0, help="draws the key and the text's offset")
+    d.add_argument("--seeds", type=_seed_list, default=None,
+                   help="several documents on one server, e.g. 0-9 or 1,4,7 (one line each)")
     d.add_argument("--haystack", choices=["text", "noise"], default="text",
                    help="text: public-domain prose (default); noise: the literature's pass-key task "
                         "(repeated filler sentences)")
     d.add_argument("--backend", choices=["vllm", "reference"], default="vllm")
     d.add_argument("--session-dir", default=None, help="work folder (sessions, server log); default: a temp dir")
     d.add_argument("--server", default=None, help="use the server at this address instead of starting one")
-    d.add_argument("--strict", action="store_true", help="exit 1 if the answer is wrong")
+    d.add_argument("--strict", action="store_true", help="exit 1 if an answer is wrong")
     d.set_defaults(fn=_demo)
 
     s = sub.add_parser("serve", help="run the gRPC server")
