@@ -5,11 +5,12 @@ Systems (one server, one engine; each system is a per-session ``MemoryConfig`` o
 * ``emserve``: the server's default memory (surprise events, refinement, similarity + contiguity);
 * ``truncation``: sink + local window only, same window size: ``n_mem = 0`` and the local window
   grown by the default ``n_mem`` (StreamingLLM-style; the few tokens between the last closed event
-  and the local window stay in the window too);
+  and the local window stay in the window too); its questions keep the sink;
 * ``infllm``: InfLLM-style: uniform 128-token blocks (``splitter uniform``, ``max_block_size 128``),
-  no refinement, similarity retrieval only (no contiguity buffer), the same ``n_mem`` budget;
+  no refinement, similarity retrieval only (no contiguity buffer, no question neighbours), the sink
+  in questions too, the same ``n_mem`` budget;
 * ``no-refine``, ``no-contiguity``: emserve ablations (``similarity_metric none``;
-  ``use_contiguity_buffer false``);
+  ``use_contiguity_buffer false`` and ``question_neighbours 0``);
 * ``mean-rank``: emserve with the question ranking before ``question_rank`` (a question's last 4 query
   tokens, events ranked by their mean score).
 
@@ -43,14 +44,16 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
     if system == "truncation":
         # a question sees the whole local window (2**30: at least remainder + local; a stronger baseline
         # than emserve's short question window, and the same tokens as an ingestion step)
-        return {"n_mem": 0, "n_local": int(default["n_local"]) + int(default["n_mem"]), "question_n_local": 2**30}
+        # the sink stays in a question's window (StreamingLLM's attention sinks)
+        return {"n_mem": 0, "n_local": int(default["n_local"]) + int(default["n_mem"]), "question_n_local": 2**30,
+                "question_n_init": int(default["n_init"])}
     if system == "infllm":
         return {"splitter": "uniform", "max_block_size": 128, "similarity_metric": "none",
-                "use_contiguity_buffer": False}
+                "use_contiguity_buffer": False, "question_neighbours": 0, "question_n_init": int(default["n_init"])}
     if system == "no-refine":
         return {"similarity_metric": "none"}
     if system == "no-contiguity":
-        return {"use_contiguity_buffer": False}
+        return {"use_contiguity_buffer": False, "question_neighbours": 0}
     if system == "mean-rank":
         return {"question_rank": "mean", "question_query_tokens": 4}
     raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")

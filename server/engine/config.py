@@ -72,10 +72,10 @@ def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:
     """The compute dtype ``auto`` stands for.
 
     Rule: bfloat16 unless torch is a CPU-only build and the CPU lacks native bf16 arithmetic (none of
-    :data:`BF16_CPU_FLAGS` in ``/proc/cpuinfo``), where float32. Without those instructions bf16
-    matrix products are emulated: vLLM's CPU backend then ingests ~3x slower in bf16 than in float32
-    (docs/results.md). The KV log keeps its own dtype (``log_dtype``) either way. ``cpuinfo``: the
-    text of ``/proc/cpuinfo`` (read when None; unreadable: assumed without the flags).
+    :data:`BF16_CPU_FLAGS` in ``/proc/cpuinfo``), where float32: without those instructions bf16
+    matrix products are emulated and far slower than float32 ones (measured: README, Configuration).
+    The KV log keeps its own dtype (``log_dtype``) either way. ``cpuinfo``: the text of
+    ``/proc/cpuinfo`` (read when None; unreadable: assumed without the flags).
     """
     import torch
 
