@@ -40,6 +40,7 @@ The planner reads only the event table and the index (never KV); the plan names 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -82,6 +83,9 @@ class RetrievalConfig:
     question_contiguity: bool = True
     """A question uses the contiguity buffer (False: its share goes to the rank walk, and the
     buffer is left as ingestion left it)."""
+    question_n_init: int | None = None
+    """A question's sink: the first ``question_n_init`` tokens of the stream (at most ``n_init``; the
+    tokens between it and ``n_init`` are then out of the question's window). None: ``n_init``."""
     question_memory_last: bool = False
     """A question's window puts the retrieved events after the local window, right before the question:
     ``[ sink | remainder + local + last token | retrieved events ] + question`` (no anchor: a question
@@ -148,6 +152,8 @@ class RetrievalConfig:
             raise ConfigError(f"shared_score_layers must be in (0, 1], got {self.shared_score_layers}")
         if self.query_sample < 2:
             raise ConfigError(f"query_sample must be >= 2, got {self.query_sample}")
+        if self.question_n_init is not None and self.question_n_init < 0:
+            raise ConfigError(f"question_n_init must be >= 0 (or None), got {self.question_n_init}")
         if self.question_neighbours < 0:
             raise ConfigError(f"question_neighbours must be >= 0, got {self.question_neighbours}")
         if self.question_rank not in RANKS:
@@ -249,6 +255,8 @@ class WindowPlanner:
                     q_base = self._fixed(offset, max(offset - cfg.question_n_local, cfg.n_init))
                     if q_base.num_events:  # none before the question's local window: the ingestion layout
                         base = q_base
+                if question and base.num_events and cfg.question_n_init is not None:
+                    base = dataclasses.replace(base, sink=(0, min(cfg.question_n_init, cfg.n_init)))
                 m = base.num_events
                 n_mem = cfg.n_mem
                 if question and m and cfg.question_n_mem is not None:

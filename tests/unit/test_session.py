@@ -120,7 +120,7 @@ def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine,
 
     async def run() -> None:
         mgr = SessionManager(tmp_path / "root", engine, CFG)
-        info = await mgr.create("old")
+        await mgr.create("old")
         async with mgr.lease("old") as entry:
             await entry.session.append(_ids(100, 4), flush=True)
         await mgr.close_all()
