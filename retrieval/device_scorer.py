@@ -267,7 +267,8 @@ class DeviceScorer:
                 order = np.empty_like(ids)
                 for r in range(t):  # each token's list: best first, ties to the lower id
                     order[r] = ids[r][np.lexsort((ids[r], -sc[r]))]
-                flat = order.T.ravel()
+                consensus = np.array([int(torch.argmax(ts.mean(dim=0)))])  # the best mean score first
+                flat = np.concatenate([consensus, order.T.ravel()])
                 _, first = np.unique(flat, return_index=True)
                 ranked = flat[np.sort(first)].astype(np.int64)
                 if k >= m or int(sizes[ranked].sum()) >= need:

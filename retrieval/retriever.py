@@ -51,8 +51,9 @@ is shared.
 
 * ``"mean"``: by ``s(e) = mean_i s_i(e)`` (above). Right when the tokens ask the same thing: a pass-key
   question's last tokens " The pass key is" all point at the key's sentence.
-* ``"interleave"``: every token ranks the events by its own ``s_i``; the rank walk takes every
-  token's best, then their second best, ... (each event once; within a round the tokens whose best
+* ``"interleave"``: every token ranks the events by its own ``s_i``; the rank walk takes the event
+  with the best mean score first (what the tokens agree on), then every token's best, then their
+  second best, ... (each event once; within a round the tokens whose best
   event stands out most go first, :func:`interleave`). A question names what it
   wants in a few of its tokens ("... the special magic number for quiet-harbor ..."): in the mean those
   few are outvoted by the generic rest, while in its own list the key word's token ranks the needle's
@@ -216,8 +217,9 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int) -> tuple[n
 
 
 def interleave(per_token: np.ndarray) -> np.ndarray:
-    """Column order of ``per_token [tokens, candidates]``: every token's best candidate, then every
-    token's second best, ... (each candidate at its first appearance; ties: the lower column first).
+    """Column order of ``per_token [tokens, candidates]``: first the candidate with the best mean
+    score (the one the tokens agree on), then every token's best candidate, then every token's second
+    best, ... (each candidate at its first appearance; ties: the lower column first).
     Within a round the tokens go by how far their best candidate stands out of their scores
     (``(max - mean) / std``): a key word's sharp match before the flat preferences of "the" or a
     newline, which matters when the budget holds only a few events."""
@@ -226,7 +228,8 @@ def interleave(per_token: np.ndarray) -> np.ndarray:
     peak = (per_token.max(axis=1) - mu) / np.where(sd > 0, sd, 1.0)
     rows = per_token[np.argsort(-peak, kind="stable")]
     order = np.argsort(-rows, axis=1, kind="stable")  # [t, c]
-    flat = order.T.ravel()
+    consensus = np.array([int(np.argmax(per_token.mean(axis=0)))])
+    flat = np.concatenate([consensus, order.T.ravel()])
     _, first = np.unique(flat, return_index=True)
     return flat[np.sort(first)].astype(np.int64)
 

@@ -227,7 +227,8 @@ def test_interleave_takes_each_tokens_best_in_turn():
 
     per_token = np.array([[9.0, 8.0, 1.0, 0.0, 7.0],   # token 0: 0, 1, 4, 2, 3; best 1.07 std above its mean
                           [0.0, 1.0, 2.0, 9.0, 3.0]])  # token 1: 3, 4, 2, 1, 0; best 1.90 std above: first
-    assert interleave(per_token).tolist() == [3, 0, 4, 1, 2]
+    # column 4 has the best mean (5.0) and goes first; then the rounds: 3 (token 1's best), 0 (token 0's)
+    assert interleave(per_token).tolist() == [4, 3, 0, 1, 2]
     assert interleave(per_token[[0, 0]]).tolist() == [0, 1, 4, 2, 3]
     assert interleave(np.array([[1.0, 1.0, 2.0]])).tolist() == [2, 0, 1]  # ties: the lower column first
 
