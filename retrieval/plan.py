@@ -130,6 +130,18 @@ class WindowPlan:
         if self.layer_segments is not None and len(self.layer_segments) != num_layers:
             raise PlanError(f"layer_segments has {len(self.layer_segments)} lists, model has {num_layers} layers")
 
+    def log_ranges(self, log: str) -> tuple[tuple[int, int], ...]:
+        """The tokens of ``log`` in the window of every layer (injected segments and the anchor), as sorted,
+        disjoint, non-adjacent ``[start, end)`` ranges: what all layers of the step attend to."""
+        common: list[tuple[int, int]] | None = None
+        for segs in self.layer_segments or (self.segments,):
+            ranges = [(s.start, s.end) for s in segs if s.log == log]
+            if self.anchor is not None and self.anchor.log == log:
+                ranges.append((self.anchor.index, self.anchor.index + 1))
+            merged = _union(ranges)
+            common = merged if common is None else _intersect(common, merged)
+        return tuple(common or ())
+
     def logs(self) -> set[str]:
         """Every log directory the plan reads."""
         out: set[str] = set()
@@ -156,3 +168,28 @@ class WindowPlan:
     @staticmethod
     def segments_from_wire(raw: Sequence[Sequence[object]]) -> tuple[Segment, ...]:
         return tuple(Segment(str(x[0]), int(x[1]), int(x[2])) for x in raw)  # type: ignore[call-overload]
+
+
+def _union(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _intersect(x: Sequence[tuple[int, int]], y: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Intersection of two sorted, disjoint range lists."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(x) and j < len(y):
+        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out

@@ -183,6 +183,13 @@ def _ask(args: argparse.Namespace) -> int:
 def print_trace(trace: Any, mark: tuple[int, int] | None = None, limit: int = 14, out: Any = None) -> None:
     """Print a RetrievalTrace: the events in the window, temporal order (``mark``: a token range to flag)."""
     out = out or sys.stdout
+    window = list(trace.window) if trace is not None else []
+    if window:
+        line = f"window     {sum(r.end - r.start for r in window)} tokens of the stream in {len(window)} ranges"
+        if mark is not None:
+            inside = sum(max(0, min(r.end, mark[1]) - max(r.start, mark[0])) for r in window)
+            line += f"; {inside} of the marked range's {mark[1] - mark[0]} tokens in it"
+        print(line, file=out)
     if trace is None or not trace.events:
         print("retrieval  none (everything fit in the attention window)", file=out)
         return

@@ -53,10 +53,12 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Trace:
-    """A step's retrieval plus a text preview of every event in it."""
+    """A step's retrieval (None: nothing to select, e.g. everything fits the window), a text preview of
+    every retrieved event, and the stream's tokens in the step's window (``AskResult.window``)."""
 
-    retrieval: RetrievalResult
+    retrieval: RetrievalResult | None
     previews: dict[int, str]
+    window: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,11 @@ class Generator:
                                             limit=self.max_session_tokens)
                 planned: dict[str, object] = {}
 
-                def on_plan(retrieval: RetrievalResult | None, timings: dict[str, float]) -> None:
+                def on_plan(retrieval: RetrievalResult | None, timings: dict[str, float],
+                            window: tuple[tuple[int, int], ...]) -> None:
                     planned["retrieval"] = retrieval
                     planned["timings"] = dict(timings)
+                    planned["window"] = window
 
                 decoder = StreamDecoder(self.codec, p.stop)
                 result: AskResult | None = None
@@ -183,8 +187,11 @@ class Generator:
                     if result is not None and result.finish_reason not in ("stop", "length"):
                         logger.warning("generation ended with engine finish reason %r", result.finish_reason)
                 trace = None
-                if p.include_trace and retrieval is not None:
-                    trace = Trace(retrieval, self._previews(entry, retrieval, p.preview_tokens))
+                if p.include_trace:
+                    previews = {} if retrieval is None else self._previews(entry, retrieval, p.preview_tokens)
+                    window = planned.get("window", ())
+                    assert isinstance(window, tuple)
+                    trace = Trace(retrieval, previews, window)
                 yield Completion(
                     finish_reason=reason,
                     stop_string=decoder.stopped or "",

@@ -250,9 +250,14 @@ _SOURCES = {"similarity": pb.SIMILARITY, "contiguity": pb.CONTIGUITY}
 
 
 def trace_to_pb(trace: Trace) -> pb.RetrievalTrace:
+    out = pb.RetrievalTrace()
+    for a, b in trace.window:
+        out.window.add(start=a, end=b)
     r = trace.retrieval
-    out = pb.RetrievalTrace(budget=r.budget, num_events=r.num_events, memory_tokens=r.memory_tokens,
-                            shared=r.shared, exact=r.exact)
+    if r is None:
+        return out
+    out.budget, out.num_events, out.memory_tokens, out.shared, out.exact = (
+        r.budget, r.num_events, r.memory_tokens, r.shared, r.exact)
     layers = r.layers[:1] if r.shared else r.layers
     agg: dict[int, dict[str, Any]] = {}
     for i, layer in enumerate(layers):

@@ -199,6 +199,9 @@ class AskResult:
     step: StepResult
     timings: dict[str, float] = field(default_factory=dict)
     """``wait_s`` (for the session's lock), ``retrieval_s`` (probe step + retrieval + planning)."""
+    window: tuple[tuple[int, int], ...] = ()
+    """The stream's tokens the answer step attended to in every layer, as ``[start, end)`` ranges (the
+    question and the answer excluded)."""
 
 
 @dataclass(frozen=True)
@@ -494,12 +497,14 @@ class Session:
         question_ids: Sequence[int],
         sampling: SamplingSpec,
         *,
-        on_plan: Callable[[RetrievalResult | None, dict[str, float]], None] | None = None,
+        on_plan: Callable[[RetrievalResult | None, dict[str, float], tuple[tuple[int, int], ...]], None]
+        | None = None,
     ) -> AsyncIterator[TokenDelta | AskResult]:
         """Answer against the memory without changing it: yields TokenDeltas, then an AskResult.
 
-        ``on_plan`` is called with the retrieval and the timings so far once the step is planned,
-        before the first token (a caller that stops early still learns what was retrieved).
+        ``on_plan`` is called with the retrieval, the timings so far and the window (the stream's
+        tokens in every layer's window, ``WindowPlan.log_ranges``) once the step is planned, before the
+        first token (a caller that stops early still learns what was retrieved).
         """
         q = [int(t) for t in question_ids]
         t0 = time.perf_counter()
@@ -531,11 +536,12 @@ class Session:
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
             timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}
+            window = plan.log_ranges(self.log_path)
             if on_plan is not None:
-                on_plan(retrieval, timings)
+                on_plan(retrieval, timings, window)
             async for item in self.engine.stream(plan, sampling, StepOptions(surprise=False, queries=False)):
                 if isinstance(item, StepResult):
-                    yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings)
+                    yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings, window)
                 else:
                     yield item
 

@@ -72,7 +72,7 @@ def test_serve_cli_sigterm_restart_resume(tmp_path: Path, tiny_model_dir: Path, 
         assert n > 300
     r = _cli("ask", "book", "Once upon a time", "--server", addr, "--max-tokens", "5", "--trace")
     assert r.returncode == 0, r.stderr
-    assert "retrieval" in r.stdout and "tokens, finish" in r.stderr
+    assert "retrieval" in r.stdout and "tokens of the stream in" in r.stdout and "tokens, finish" in r.stderr
     r = _cli("events", "book", "--server", addr, "--preview", "4", "--limit", "5")
     assert r.returncode == 0 and f"book: {n} tokens" in r.stdout and "boundary" in r.stdout
     r = _cli("sessions", "--server", addr)

@@ -226,12 +226,27 @@ def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
     for e in tr.events:
         assert (e.start, bounds[e.id][0]) == (bounds[e.id][0], e.start) and e.end <= bounds[e.id][1]
         assert e.layers == e.similarity_layers + e.contiguity_layers >= 1 and e.preview
+    # the window: the stream's tokens the answer step attended to (events, recent tokens, anchor; no sink)
+    win = [(r.start, r.end) for r in tr.window]
+    assert win[-1][1] == 700 and all(a < b < c for (a, b), (c, _) in zip(win, win[1:], strict=False))
+    assert sum(b - a for a, b in win) == done.usage.window_tokens + 1  # + the recomputed anchor (token 699)
+    for e in tr.layers[0].events:
+        assert any(a <= e.start and e.end <= b for a, b in win)
     assert client.get_session("doc").num_tokens == 700  # a question leaves the memory unchanged
     assert log_tokens(srv, "doc") == ids
 
     conv = client.ask("doc", [9, 8, 7], max_tokens=4, ignore_eos=True, remember=True)
     assert conv.complete.committed_offset == 707 == client.get_session("doc").num_tokens
     assert log_tokens(srv, "doc") == ids + [9, 8, 7] + conv.token_ids
+
+
+def test_trace_without_retrieval_reports_the_window(client: Client) -> None:
+    client.create_session("short")
+    client.ingest_tokens("short", random_ids(40, 5))
+    ans = client.ask("short", random_ids(3, 6), max_tokens=2, ignore_eos=True, trace=True)
+    tr = ans.trace
+    assert tr is not None and not tr.events and tr.budget == 0  # nothing to select: all 40 tokens fit
+    assert [(r.start, r.end) for r in tr.window] == [(0, 40)]
 
 
 def test_text_ingest_matches_tokenizer(srv: ServerThread, client: Client) -> None:

@@ -385,7 +385,7 @@ class Timings(_message.Message):
     def __init__(self, wait_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class RetrievalTrace(_message.Message):
-    __slots__ = ("budget", "num_events", "memory_tokens", "shared", "exact", "events", "layers")
+    __slots__ = ("budget", "num_events", "memory_tokens", "shared", "exact", "events", "layers", "window")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     NUM_EVENTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +393,7 @@ class RetrievalTrace(_message.Message):
     EXACT_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     budget: int
     num_events: int
     memory_tokens: int
@@ -400,7 +401,16 @@ class RetrievalTrace(_message.Message):
     exact: bool
     events: _containers.RepeatedCompositeFieldContainer[TracedEvent]
     layers: _containers.RepeatedCompositeFieldContainer[LayerSelection]
-    def __init__(self, budget: _Optional[int] = ..., num_events: _Optional[int] = ..., memory_tokens: _Optional[int] = ..., shared: _Optional[bool] = ..., exact: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[TracedEvent, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSelection, _Mapping]]] = ...) -> None: ...
+    window: _containers.RepeatedCompositeFieldContainer[TokenRange]
+    def __init__(self, budget: _Optional[int] = ..., num_events: _Optional[int] = ..., memory_tokens: _Optional[int] = ..., shared: _Optional[bool] = ..., exact: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[TracedEvent, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSelection, _Mapping]]] = ..., window: _Optional[_Iterable[_Union[TokenRange, _Mapping]]] = ...) -> None: ...
+
+class TokenRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class TracedEvent(_message.Message):
     __slots__ = ("id", "start", "end", "preview", "layers", "similarity_layers", "contiguity_layers", "max_score", "mean_score")
