@@ -290,12 +290,14 @@ class WindowPlanner:
         reserve: int = 0,
         request_id: str | None = None,
         question: bool = False,
+        lead: Sequence[int] = (),
     ) -> WindowPlan:
         """The step's plan: [sink | retrieved | remainder + local | anchor] + new tokens, captured to the log.
 
         ``queries``: the step's per-layer query summaries (``StepResult.queries`` of a probe, or of
         the previous step) or per-token queries (``StepResult.query_tokens``); may be None when
-        nothing must be selected (everything fits). ``question``: a question's window (``layout``).
+        nothing must be selected (everything fits). ``question``: a question's window (``layout``);
+        ``lead``: events its ranking starts with (``Retriever.retrieve``; questions only).
         The retrieval is kept in :attr:`last_retrieval`.
         """
         lay = self.layout(offset, len(new_token_ids), reserve=reserve, question=question)
@@ -310,7 +312,8 @@ class WindowPlanner:
             res = self.retriever.retrieve(queries, lay.budget, num_events=lay.num_events,
                                           rank=cfg.question_rank if question else "mean",
                                           neighbours=cfg.question_neighbours if question else 0,
-                                          contiguity=cfg.question_contiguity or not question)
+                                          contiguity=cfg.question_contiguity or not question,
+                                          first=lead if question else ())
             self.last_retrieval = res
             if question and cfg.question_memory_last:
                 fixed_head, fixed_tail = fixed_head + fixed_tail + [(lay.local[1], offset)], []

@@ -77,7 +77,7 @@ from emserve.retrieval.errors import PlanError
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.queries import EncodedQuery, QueryMean, encode_queries
 
-Source = Literal["similarity", "contiguity"]
+Source = Literal["similarity", "contiguity", "lexical"]
 Rank = Literal["mean", "interleave"]
 RANKS: tuple[Rank, ...] = ("mean", "interleave")
 
@@ -387,7 +387,7 @@ class Retriever:
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
                  num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0,
-                 contiguity: bool = True) -> RetrievalResult:
+                 contiguity: bool = True, first: Sequence[int] = ()) -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
 
         ``rank``: how several query tokens rank the events (module docstring, "Ranking"): by their mean
@@ -403,6 +403,9 @@ class Retriever:
         each side right after it in the rank walk (:func:`with_neighbours`; 0: none).
         ``contiguity``: False leaves the contiguity buffer out of this step (neither read nor updated),
         its share going to the rank walk.
+        ``first``: events ranked before the similarity ranking, in this order (a question's lexical
+        matches, :mod:`emserve.retrieval.lexical`), reported as ``"lexical"``; each brings its
+        neighbours like a hit. Those ``>= num_events`` are skipped.
         """
         n_layers = self.index.num_layers
         n = len(self.table)
@@ -446,9 +449,17 @@ class Retriever:
         use_buffer = self.use_contiguity_buffer and contiguity
         kc = contiguity_tokens(budget, self.contiguity_buffer_size) if use_buffer else 0
 
+        pre = np.asarray([c for c in first if 0 <= int(c) < m], np.int64)
+
         def walk(ranked: np.ndarray, buf: ContiguityBuffer | None) -> list[tuple[int, int, Source]]:
+            if pre.size:
+                ranked = np.concatenate([pre, ranked[~np.isin(ranked, pre)]])
             order, via = with_neighbours(ranked, m, neighbours)
-            return select_ranked(order, sizes, m, budget, kc, buf, via)
+            picks = select_ranked(order, sizes, m, budget, kc, buf, via)
+            if pre.size:
+                lexical = set(pre.tolist())
+                picks = [(c, t, "lexical" if c in lexical and src == "similarity" else src) for c, t, src in picks]
+            return picks
 
         need = budget + kc
         # interleaved tokens each fill ~1/t of the budget: their HNSW lists can be t times shorter

@@ -209,7 +209,8 @@ def print_trace(trace: Any, mark: tuple[int, int] | None = None, limit: int = 14
             lo = max(0, min(i - limit // 2, len(events) - limit))
             events = events[lo : lo + limit]
     for e in events[:limit]:
-        src = f"sim {e.similarity_layers:>2} / ctg {e.contiguity_layers:>2}"
+        src = f"sim {e.similarity_layers:>2} / ctg {e.contiguity_layers:>2}" + (
+            f" / lex {e.lexical_layers:>2}" if e.lexical_layers else "")
         flag = "  <- pass key" if mark is not None and e.start < mark[1] and e.end > mark[0] else ""
         print(f"    [{e.start:>6}, {e.end:>6})  layers {e.layers:>2} ({src})  max score {e.max_score:8.3f}  "
               f"{e.preview.replace(chr(10), ' ')!r}{flag}", file=out)

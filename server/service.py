@@ -246,7 +246,7 @@ def generate_from_pb(req: pb.GenerateRequest) -> GenerateParams:
     )
 
 
-_SOURCES = {"similarity": pb.SIMILARITY, "contiguity": pb.CONTIGUITY}
+_SOURCES = {"similarity": pb.SIMILARITY, "contiguity": pb.CONTIGUITY, "lexical": pb.LEXICAL}
 
 
 def trace_to_pb(trace: Trace) -> pb.RetrievalTrace:
@@ -265,7 +265,8 @@ def trace_to_pb(trace: Trace) -> pb.RetrievalTrace:
         for e in layer.events:
             sel.events.add(id=e.id, start=e.start, end=e.end, score=e.score, source=_SOURCES[e.source],
                            truncated=e.truncated)
-            a = agg.setdefault(e.id, {"start": e.start, "end": e.end, "scores": [], "similarity": 0, "contiguity": 0})
+            a = agg.setdefault(e.id, {"start": e.start, "end": e.end, "scores": [], "similarity": 0, "contiguity": 0,
+                                      "lexical": 0})
             a["end"] = max(a["end"], e.end)
             a["scores"].append(e.score)
             a[e.source] += 1
@@ -275,7 +276,8 @@ def trace_to_pb(trace: Trace) -> pb.RetrievalTrace:
         scores = a["scores"]
         out.events.add(id=eid, start=a["start"], end=a["end"], preview=trace.previews.get(eid, ""),
                        layers=len(scores) * weight, similarity_layers=a["similarity"] * weight,
-                       contiguity_layers=a["contiguity"] * weight, max_score=max(scores),
+                       contiguity_layers=a["contiguity"] * weight, lexical_layers=a["lexical"] * weight,
+                       max_score=max(scores),
                        mean_score=sum(scores) / len(scores))
     return out
 

@@ -50,6 +50,7 @@ import torch
 from emserve.retrieval.errors import EmserveError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
+from emserve.retrieval.lexical import Vocabulary, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.planner import RetrievalConfig
 from emserve.retrieval.retriever import RetrievalResult
@@ -111,6 +112,10 @@ class MemoryConfig:
     question_content_queries: bool = False
     """A question ranks the events with the query tokens whose text holds a letter or a digit only
     (:func:`content_rows`): a newline or a question mark names nothing to look up."""
+    question_lexical: int = 2
+    """A question's best lexical matches (events holding the rare words it names, at least half the
+    best match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking,
+    each with its neighbours; 0: the attention scores alone rank."""
     question_neighbours: int = 2
     """A question's similarity hits bring this many temporal neighbours each side, before any
     lower-ranked event (``RetrievalConfig``): a value is often cut from the words that name it."""
@@ -186,6 +191,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_contiguity": True,
     "question_n_init": None,
     "question_memory_last": False,
+    "question_lexical": 0,
 }
 """Values of the fields added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`)."""
@@ -531,8 +537,11 @@ class Session:
                         # off the event loop: the first call per model reads its vocabulary (seconds)
                         rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
                         queries = queries[rows]
+                lead: tuple[int, ...] = ()
+                if lay.num_events and lay.budget and self.config.question_lexical > 0:
+                    lead = await self._host(self._lexical_hits, q, lay.num_events)
                 plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
-                                        question=True)
+                                        question=True, lead=lead)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
             timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}
@@ -544,6 +553,18 @@ class Session:
                     yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings, window)
                 else:
                     yield item
+
+    def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[int, ...]:
+        """The question's lexical matches among the first ``num_events`` events (``question_lexical``)."""
+        vocab = _vocabulary(self.engine.info.path)
+        if vocab is None or num_events <= 0:
+            return ()
+        table = self.memory.table
+        starts = np.asarray(table.starts[:num_events], np.int64)
+        ends = starts + np.asarray(table.sizes[:num_events], np.int64)
+        tokens = self.tokens(int(starts[0]), int(ends[-1]))
+        hits = lexical_hits(question_ids, tokens, starts, ends, vocab, self.config.question_lexical)
+        return tuple(int(h) for h in hits)
 
     async def ask(self, question_ids: Sequence[int], sampling: SamplingSpec) -> AskResult:
         result = None
@@ -638,16 +659,21 @@ class RefinementKeys:
 
 
 @functools.lru_cache(maxsize=4)
-def _content_vocab(model_path: str) -> np.ndarray | None:
-    """bool ``[vocab]``: the token's text holds a letter or a digit (None: no tokenizer at the path)."""
+def _vocabulary(model_path: str) -> Vocabulary | None:
+    """The words of the model's tokens (None: no tokenizer at the path)."""
     try:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_path)
-    except Exception:  # noqa: BLE001 - a model folder without a usable tokenizer: every token counts
+    except Exception:  # noqa: BLE001 - a model folder without a usable tokenizer
         return None
-    texts = tok.batch_decode([[i] for i in range(len(tok))])
-    return np.fromiter((any(ch.isalnum() for ch in t) for t in texts), bool, len(texts))
+    return Vocabulary.from_texts(tok.batch_decode([[i] for i in range(len(tok))]))
+
+
+def _content_vocab(model_path: str) -> np.ndarray | None:
+    """bool ``[vocab]``: the token's text holds a letter or a digit (None: no tokenizer at the path)."""
+    vocab = _vocabulary(model_path)
+    return None if vocab is None else vocab.content
 
 
 def content_rows(model_path: str, token_ids: Sequence[int]) -> np.ndarray:

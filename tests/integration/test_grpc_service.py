@@ -225,7 +225,7 @@ def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
     bounds = {e.id: (e.start, e.end) for e in events}
     for e in tr.events:
         assert (e.start, bounds[e.id][0]) == (bounds[e.id][0], e.start) and e.end <= bounds[e.id][1]
-        assert e.layers == e.similarity_layers + e.contiguity_layers >= 1 and e.preview
+        assert e.layers == e.similarity_layers + e.contiguity_layers + e.lexical_layers >= 1 and e.preview
     # the window: the stream's tokens the answer step attended to (events, recent tokens, anchor; no sink)
     win = [(r.start, r.end) for r in tr.window]
     assert win[-1][1] == 700 and all(a < b < c for (a, b), (c, _) in zip(win, win[1:], strict=False))

@@ -297,3 +297,18 @@ def test_question_without_contiguity_buffer_leaves_it_untouched(tmp_path):
     sel = r.retrieve(q, 30, contiguity=False).layers[0]
     assert sel.ids == [0, 2, 4] and all(e.source == "similarity" for e in sel.events)
     assert r.buffers[0].ids == (3,)  # neither read nor updated
+
+
+def test_lead_events_rank_first_with_their_neighbours(tmp_path):
+    """Events given as ``first`` (a question's lexical matches) go before the similarity ranking, in
+    their order, each with its neighbours, and are reported as lexical; ids past num_events are skipped."""
+    ix = one_layer_index(tmp_path, [10] * 10, [3, 7, 0, 9, 1, 5, 6, 2, 8, 4])
+    r = Retriever(ix, use_contiguity_buffer=False)
+    q = np.ones((1, 1), np.float32)
+    sel = r.retrieve(q, 30, first=[8]).layers[0]
+    assert sel.ids == [3, 7, 8] and [e.source for e in sel.events] == ["similarity", "similarity", "lexical"]
+    sel = r.retrieve(q, 50, neighbours=1, first=[5, 8]).layers[0]
+    assert sel.ids == [4, 5, 6, 8, 9]  # 5 with 6 and 4, then 8 with 9; 7 (8's other neighbour) would be 60
+    sources = {e.id: e.source for e in sel.events}
+    assert sources[5] == sources[8] == "lexical" and sources[4] == sources[6] == sources[9] == "contiguity"
+    assert r.retrieve(q, 30, first=[12]).layers[0].ids == [0, 3, 7]  # 12 is not an event: ignored

@@ -421,3 +421,31 @@ def test_content_rows_keep_the_tokens_that_name_something(tiny_model_dir: Path, 
     only_marks = tok.encode("\n\n?", add_special_tokens=False)
     assert content_rows(str(tiny_model_dir), only_marks).tolist() == list(range(len(only_marks)))  # none: all
     assert content_rows(str(tmp_path), ids).tolist() == list(range(len(ids)))  # no tokenizer there: all
+
+
+def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
+        engine: ReferenceEngine, tmp_path: Path) -> None:
+    """Four words the rest of the stream never uses (ids above _ids' range, whose text no other token
+    shares) are named by the question: with question_lexical the event holding them is a lexical pick
+    and in the answer step's window."""
+    from emserve.server.session import _vocabulary
+
+    vocab = _vocabulary(engine.info.path)
+    assert vocab is not None  # the tiny model has a tokenizer: the test means something
+    common = set(vocab.canonical[:500].tolist())
+    rare = [t for t in range(500, engine.info.vocab_size) if vocab.content[t] and vocab.canonical[t] not in common][:4]
+    assert len(rare) == 4
+    ids = _ids(1200, 7)
+    ids[300:304] = rare
+    cfg = dataclasses.replace(CFG, question_lexical=1, question_n_mem=32, question_n_local=16)
+    s = Session.create(tmp_path / "s", engine, cfg)
+    asyncio.run(s.append(ids, flush=True))
+    res = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
+    assert res.retrieval is not None
+    lexical = [e for e in res.retrieval.layers[0].events if e.source == "lexical"]
+    assert len(lexical) == 1 and lexical[0].start <= 300 < lexical[0].end
+    assert all(any(a <= t < b for a, b in res.window) for t in range(300, 304))
+    s.config = dataclasses.replace(cfg, question_lexical=0)
+    res0 = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
+    assert res0.retrieval is not None and all(e.source != "lexical" for e in res0.retrieval.layers[0].events)
+    s.close()

@@ -21,15 +21,17 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_UNSPECIFIED: _ClassVar[Source]
     SIMILARITY: _ClassVar[Source]
     CONTIGUITY: _ClassVar[Source]
+    LEXICAL: _ClassVar[Source]
 FINISH_REASON_UNSPECIFIED: FinishReason
 STOP: FinishReason
 LENGTH: FinishReason
 SOURCE_UNSPECIFIED: Source
 SIMILARITY: Source
 CONTIGUITY: Source
+LEXICAL: Source
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("n_init", "n_local", "n_mem", "exc_block_size", "min_block_size", "max_block_size", "surprisal_threshold_gamma", "similarity_metric", "splitter", "repr_topk", "use_contiguity_buffer", "contiguity_buffer_size", "per_layer", "question_n_local", "question_n_mem", "question_query_tokens", "question_rank", "question_n_init", "question_neighbours", "question_contiguity")
+    __slots__ = ("n_init", "n_local", "n_mem", "exc_block_size", "min_block_size", "max_block_size", "surprisal_threshold_gamma", "similarity_metric", "splitter", "repr_topk", "use_contiguity_buffer", "contiguity_buffer_size", "per_layer", "question_n_local", "question_n_mem", "question_query_tokens", "question_rank", "question_n_init", "question_neighbours", "question_contiguity", "question_lexical")
     N_INIT_FIELD_NUMBER: _ClassVar[int]
     N_LOCAL_FIELD_NUMBER: _ClassVar[int]
     N_MEM_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +52,7 @@ class MemoryConfig(_message.Message):
     QUESTION_N_INIT_FIELD_NUMBER: _ClassVar[int]
     QUESTION_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     QUESTION_CONTIGUITY_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_LEXICAL_FIELD_NUMBER: _ClassVar[int]
     n_init: int
     n_local: int
     n_mem: int
@@ -70,7 +73,8 @@ class MemoryConfig(_message.Message):
     question_n_init: int
     question_neighbours: int
     question_contiguity: bool
-    def __init__(self, n_init: _Optional[int] = ..., n_local: _Optional[int] = ..., n_mem: _Optional[int] = ..., exc_block_size: _Optional[int] = ..., min_block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., surprisal_threshold_gamma: _Optional[float] = ..., similarity_metric: _Optional[str] = ..., splitter: _Optional[str] = ..., repr_topk: _Optional[int] = ..., use_contiguity_buffer: _Optional[bool] = ..., contiguity_buffer_size: _Optional[float] = ..., per_layer: _Optional[bool] = ..., question_n_local: _Optional[int] = ..., question_n_mem: _Optional[int] = ..., question_query_tokens: _Optional[int] = ..., question_rank: _Optional[str] = ..., question_n_init: _Optional[int] = ..., question_neighbours: _Optional[int] = ..., question_contiguity: _Optional[bool] = ...) -> None: ...
+    question_lexical: int
+    def __init__(self, n_init: _Optional[int] = ..., n_local: _Optional[int] = ..., n_mem: _Optional[int] = ..., exc_block_size: _Optional[int] = ..., min_block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., surprisal_threshold_gamma: _Optional[float] = ..., similarity_metric: _Optional[str] = ..., splitter: _Optional[str] = ..., repr_topk: _Optional[int] = ..., use_contiguity_buffer: _Optional[bool] = ..., contiguity_buffer_size: _Optional[float] = ..., per_layer: _Optional[bool] = ..., question_n_local: _Optional[int] = ..., question_n_mem: _Optional[int] = ..., question_query_tokens: _Optional[int] = ..., question_rank: _Optional[str] = ..., question_n_init: _Optional[int] = ..., question_neighbours: _Optional[int] = ..., question_contiguity: _Optional[bool] = ..., question_lexical: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -413,7 +417,7 @@ class TokenRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class TracedEvent(_message.Message):
-    __slots__ = ("id", "start", "end", "preview", "layers", "similarity_layers", "contiguity_layers", "max_score", "mean_score")
+    __slots__ = ("id", "start", "end", "preview", "layers", "similarity_layers", "contiguity_layers", "max_score", "mean_score", "lexical_layers")
     ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -423,6 +427,7 @@ class TracedEvent(_message.Message):
     CONTIGUITY_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_SCORE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     id: int
     start: int
     end: int
@@ -432,7 +437,8 @@ class TracedEvent(_message.Message):
     contiguity_layers: int
     max_score: float
     mean_score: float
-    def __init__(self, id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., preview: _Optional[str] = ..., layers: _Optional[int] = ..., similarity_layers: _Optional[int] = ..., contiguity_layers: _Optional[int] = ..., max_score: _Optional[float] = ..., mean_score: _Optional[float] = ...) -> None: ...
+    lexical_layers: int
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., preview: _Optional[str] = ..., layers: _Optional[int] = ..., similarity_layers: _Optional[int] = ..., contiguity_layers: _Optional[int] = ..., max_score: _Optional[float] = ..., mean_score: _Optional[float] = ..., lexical_layers: _Optional[int] = ...) -> None: ...
 
 class LayerSelection(_message.Message):
     __slots__ = ("layer", "events")

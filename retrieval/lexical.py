@@ -1,0 +1,101 @@
+"""Lexical matching of a question against the stream's events: the words a question names, found verbatim.
+
+A question usually names what it asks about ("the special magic number for tender-glacier", "the pass
+key of the amber harbor door"). The attention scores of its query tokens rank every sentence of the
+same form alike (each look-alike shares "special magic number"); the name itself is a few tokens
+among many and rarely decides the ranking. The words are in the log, though: this module ranks the
+events by the rare words they share with the question, as a sparse retriever would (BM25's idf,
+no term frequency: events are sentence-sized).
+
+Rules:
+
+* Tokens are compared by their text, lowercased and stripped of spaces (``Vocabulary.canonical``:
+  " Harbor" and "harbor" are one word); only tokens holding a letter or a digit count.
+* A word found in ``df`` of the ``E`` retrievable events weighs ``idf = ln((E - df + 0.5) / (df + 0.5))``,
+  0 when negative (a word in half the events or more names nothing).
+* An event's score is the sum of the weights of the distinct question words it holds.
+* :func:`lexical_hits` returns the events scoring at least ``ratio`` of the best, best first (ties: the
+  later event first: the most recent statement of a fact), at most ``limit``.
+
+Pure numpy, no tokenizer: the caller builds the :class:`Vocabulary` from its tokenizer's texts.
+Cost: one pass over the stream's token ids per question (``np.isin`` on ``[num_tokens]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Per token id: ``canonical`` word id (equal for tokens of equal lowercased, stripped text) and
+    ``content`` (the text holds a letter or a digit)."""
+
+    canonical: np.ndarray  # int64 [vocab]
+    content: np.ndarray  # bool [vocab]
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> Vocabulary:
+        """From the decoded text of every token id (``texts[i]``: token ``i``)."""
+        keys = [t.strip().lower() for t in texts]
+        ids: dict[str, int] = {}
+        canonical = np.fromiter((ids.setdefault(k, len(ids)) for k in keys), np.int64, len(keys))
+        content = np.fromiter((any(ch.isalnum() for ch in k) for k in keys), bool, len(keys))
+        return cls(canonical, content)
+
+    def words(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The distinct canonical words of the content tokens among ``token_ids`` (ids outside the
+        vocabulary are skipped)."""
+        ids = np.asarray(token_ids, np.int64)
+        ids = ids[(ids >= 0) & (ids < self.canonical.shape[0])]
+        return np.unique(self.canonical[ids[self.content[ids]]])
+
+
+def lexical_scores(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   vocab: Vocabulary) -> np.ndarray:
+    """float64 ``[E]``: each event's score (module docstring) for the question ``question_ids``.
+
+    ``tokens``: the stream's token ids from ``starts[0]`` on (``tokens[j]`` is token ``starts[0] + j``);
+    ``starts``/``ends``: the retrievable events' bounds, sorted and disjoint.
+    """
+    n_events = int(starts.shape[0])
+    scores = np.zeros(n_events, np.float64)
+    words = vocab.words(question_ids)
+    if n_events == 0 or words.size == 0 or tokens.size == 0:
+        return scores
+    base = int(starts[0])
+    ids = np.asarray(tokens, np.int64)
+    ids = np.clip(ids, 0, vocab.canonical.shape[0] - 1)
+    canon = vocab.canonical[ids]
+    pos = np.flatnonzero(np.isin(canon, words)) + base
+    if pos.size == 0:
+        return scores
+    ev = np.searchsorted(starts, pos, side="right") - 1
+    inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
+    ev, word = ev[inside], canon[pos[inside] - base]
+    pairs = np.unique(np.stack([word, ev], 1), axis=0)  # (word, event), each once
+    if pairs.size == 0:
+        return scores
+    uw, df = np.unique(pairs[:, 0], return_counts=True)
+    idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
+    weight = idf[np.searchsorted(uw, pairs[:, 0])]
+    np.add.at(scores, pairs[:, 1], weight)
+    return scores
+
+
+def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                 vocab: Vocabulary, limit: int, ratio: float = 0.5) -> np.ndarray:
+    """Event indices (into ``starts``) scoring at least ``ratio`` of the best score, best first (ties:
+    the later event first), at most ``limit``; empty when no event holds a weighed question word."""
+    if limit <= 0:
+        return np.zeros(0, np.int64)
+    scores = lexical_scores(question_ids, tokens, starts, ends, vocab)
+    top = float(scores.max()) if scores.size else 0.0
+    if top <= 0.0:
+        return np.zeros(0, np.int64)
+    keep = np.flatnonzero(scores >= ratio * top)
+    order = np.lexsort((-keep, -scores[keep]))
+    return keep[order][:limit].astype(np.int64)

@@ -1,0 +1,66 @@
+"""Lexical matching of a question against events (``emserve.retrieval.lexical``), on a toy vocabulary."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from emserve.retrieval.lexical import Vocabulary, lexical_hits, lexical_scores
+
+TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
+         " 42", ".", "\n", " Tender", " glacier", "?"]
+VOCAB = Vocabulary.from_texts(TEXTS)
+ID = {t: i for i, t in enumerate(TEXTS)}
+
+
+def ids(*words: str) -> list[int]:
+    return [ID[w] for w in words]
+
+
+def test_vocabulary_folds_case_and_spaces_and_keeps_content_words():
+    assert VOCAB.canonical[ID[" the"]] == VOCAB.canonical[ID["The"]]
+    assert VOCAB.canonical[ID[" tender"]] == VOCAB.canonical[ID[" Tender"]]
+    assert not VOCAB.content[ID["."]] and not VOCAB.content[ID["\n"]] and VOCAB.content[ID[" 42"]]
+    assert set(VOCAB.words(ids(" the", "The", "?", " tender", " Tender")).tolist()) == {
+        VOCAB.canonical[ID[" the"]], VOCAB.canonical[ID[" tender"]]}
+    assert VOCAB.words([10**6, -1]).size == 0  # outside the vocabulary: skipped
+
+
+def _stream(events: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sizes = np.array([len(e) for e in events])
+    starts = 100 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return np.concatenate([np.array(e) for e in events]), starts, starts + sizes
+
+
+def test_rare_words_decide_and_common_words_weigh_nothing():
+    filler = ids(" the", " is", ".")
+    events = [filler] * 6 + [
+        ids(" the", " magic", " number", " for", " proud", "-", "gl", "ac", "ier", " is", " 42", "."),
+        ids(" the", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", " is", " 42", "."),
+        ids(" the", " is", " Tender", "."),
+    ]
+    tokens, starts, ends = _stream(events)
+    q = ids("\n", "The", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", "?")
+    s = lexical_scores(q, tokens, starts, ends, VOCAB)
+    assert np.all(s[:6] == 0)  # "the" is in every event: no weight
+    assert s[7] > s[6] > 0 and s[7] > s[8] > 0  # both look-alikes share "magic number ... glacier"
+    n = len(events)
+    idf = lambda df: max(math.log((n - df + 0.5) / (df + 0.5)), 0.0)  # noqa: E731
+    assert math.isclose(s[8], idf(2))  # "tender" (either case) in events 7 and 8
+    assert math.isclose(s[7] - s[6], idf(2))
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2).tolist() == [7, 6]
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=5, ratio=0.95).tolist() == [7]
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=0).size == 0
+
+
+def test_ties_go_to_the_later_event_and_tokens_outside_events_do_not_count():
+    events = [ids(" the", " 42", "."), ids(" the", "."), ids(" the", " 42", ".")] + [ids(" the", ".")] * 4
+    tokens, starts, ends = _stream(events)
+    # a gap between events 1 and 2 holding the word: outside every event, it is not counted
+    ends = ends.copy()
+    ends[1] -= 1
+    tokens[starts[1] - 100 + 1] = ID[" 42"]
+    assert lexical_hits(ids(" 42", "?"), tokens, starts, ends, VOCAB, limit=3).tolist() == [2, 0]
+    assert lexical_hits(ids("?", "."), tokens, starts, ends, VOCAB, limit=3).size == 0  # no content word
+    assert lexical_scores(ids(" 42"), tokens[:0], starts[:0], ends[:0], VOCAB).size == 0
