@@ -169,11 +169,24 @@ def _coverage(span: tuple[int, int], trace: Any, memory: Any, tail_start: int) -
     return float(got.mean()) if len(got) else 1.0
 
 
+def _window_coverage(span: tuple[int, int], window: Sequence[Any]) -> float:
+    """Share of ``span``'s tokens in the window the server reports (``RetrievalTrace.window``)."""
+    a, b = span
+    inside = sum(max(0, min(int(r.end), b) - max(int(r.start), a)) for r in window)
+    return inside / (b - a) if b > a else 1.0
+
+
 def ask(client: Any, sid: str, q: Question, memory: Any, max_tokens: int, tail_start: int) -> dict[str, Any]:
+    """Ask ``q``; coverage from the window the server reports when it does (servers before it: the sink,
+    the traced events and the tokens from ``tail_start`` on)."""
     ans = client.ask(sid, q.prompt_ids, max_tokens=max_tokens, trace=True, preview_tokens=4)
     done = ans.complete
     t, u = done.timings, done.usage
-    cov = min(_coverage(s, ans.trace, memory, tail_start) for s in q.spans)
+    window = list(ans.trace.window) if ans.trace is not None else []
+    if window:
+        cov = min(_window_coverage(s, window) for s in q.spans)
+    else:
+        cov = min(_coverage(s, ans.trace, memory, tail_start) for s in q.spans)
     return {
         "qid": q.qid, "depth": q.depth, "expected": q.expected, "answer": ans.text,
         "correct": q.expected in ans.text, "coverage": cov, "in_window": cov >= 1.0,
@@ -215,7 +228,7 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
         answers = []
         for q in hs.questions:
             a = ask(c, sid, q, s.memory, max_tokens, tail)
-            answers.append({"system": job.system, "task": hs.task, "length": hs.length, "hid": hs.hid,
+            answers.append({"system": job.system, "task": q.task or hs.task, "length": hs.length, "hid": hs.hid,
                             "context_tokens": hs.length, **a})
         ok = sum(a["correct"] for a in answers)
         log(f"{tag} {job.system:>13} {hs.hid}: {hs.length / ingest_s:4.0f} tok/s, {ok}/{len(answers)} correct "

@@ -83,6 +83,7 @@ class Question:
     prompt_ids: list[int]
     expected: str
     spans: list[tuple[int, int]]  # haystack ranges the answer needs
+    task: str = ""  # the question's task where a haystack mixes several (recall_tasks.py)
 
 
 @dataclass
@@ -117,19 +118,21 @@ class HaystackSpec:
 
 
 class Corpus:
-    """The filler token stream of one tokenizer (cached on disk) and its sentence ends."""
+    """The filler token stream of one tokenizer (cached on disk) and its sentence ends: ``texts`` of
+    ``emserve.server.corpus`` one after the other (default: the evaluation's ``CORPUS``)."""
 
-    def __init__(self, tok: Any, model_name: str, home: Path | None = None) -> None:
+    def __init__(self, tok: Any, model_name: str, home: Path | None = None, texts: Sequence[str] = CORPUS) -> None:
         from emserve.server.corpus import data_dir, load_text
 
         self.tok = tok
         tok.model_max_length = 1 << 30  # a long text, not a model input: no length warning
-        cache = data_dir(home) / f"eval-tokens-{model_name}.npy"
+        name = "eval" if tuple(texts) == CORPUS else "-".join(texts)
+        cache = data_dir(home) / f"{name}-tokens-{model_name}.npy"
         if cache.exists():
             self.ids = np.load(cache)
         else:
             parts = []
-            for name in CORPUS:
+            for name in texts:
                 text = load_text(name, home)
                 if name == "big":  # the last fifth of big.txt is word lists
                     text = text[: text.rfind("\n", 0, int(len(text) * 0.8))]

@@ -8,7 +8,8 @@ JOB: ``{"model": path, "max_model_len": n, "max_tokens": m, "prompts": [{"id": .
 "prefill_tokens": [n, ..], "prefill_reps": r}``. Each prompt is answered alone, greedy, with
 ``max_tokens`` (wall time recorded). ``prefill_tokens``: prompts of that many tokens with
 ``max_tokens=1``, timed ``prefill_reps`` times (prefill throughput). vLLM runs with chunked prefill
-in chunks of 512 tokens (emserve's ``exc_block_size``), bfloat16, no prefix caching, eager mode,
+in chunks of 512 tokens (emserve's ``exc_block_size``), the job's ``dtype`` (default bfloat16; ``auto``: the
+server's rule, ``EngineConfig``), no prefix caching, eager mode,
 the same KV-cache size as the server (``VLLM_CPU_KVCACHE_SPACE`` 2 GiB).
 """
 
@@ -31,12 +32,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import _prepare_env
 
-    _prepare_env(EngineConfig(model=job["model"], kv_cache_gib=2))
+    cfg = EngineConfig(model=job["model"], kv_cache_gib=2, dtype=job.get("dtype", "bfloat16"))
+    _prepare_env(cfg)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(model=job["model"], dtype="bfloat16", max_model_len=job["max_model_len"], enforce_eager=True,
+    llm = LLM(model=job["model"], dtype=cfg.dtype, max_model_len=job["max_model_len"], enforce_eager=True,
               enable_prefix_caching=False, enable_chunked_prefill=True, max_num_batched_tokens=CHUNK,
               max_num_seqs=16, seed=0)
     start_s = time.perf_counter() - t0
@@ -58,7 +60,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             dt = time.perf_counter() - t
             prefill.append({"tokens": n, "rep": r, "seconds": dt, "tok_s": n / dt})
             print(f"vanilla prefill {n} tokens: {n / dt:.0f} tok/s", file=sys.stderr, flush=True)
-    return {"start_s": start_s, "chunk_tokens": CHUNK, "answers": answers, "prefill": prefill}
+    return {"start_s": start_s, "chunk_tokens": CHUNK, "answers": answers, "prefill": prefill, "dtype": cfg.dtype}
 
 
 def run_subprocess(job: dict[str, Any], workdir: Path, timeout: float | None = None) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""The recall suite's haystacks (``bench/recall_tasks.py``) and its statistics (``bench/recall.py``), on a
+character-level tokenizer: exact lengths, every needle where its question says, look-alike labels,
+distinct values, seeded, and the full-attention reference window."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+class CharTok:
+    """One token per character (ids = code points < 256)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+    def decode(self, ids: Any) -> str:
+        return "".join(chr(int(i)) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def rt():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCH))
+    try:
+        import recall_tasks  # noqa: PLC0415  (bench/ is a scripts folder, not a package)
+    finally:
+        sys.path.remove(str(BENCH))
+    return recall_tasks
+
+
+@pytest.fixture(scope="module")
+def prose(rt):  # type: ignore[no-untyped-def]
+    from eval_tasks import Corpus  # noqa: PLC0415  (imported by recall_tasks from bench/)
+
+    tok = CharTok()
+    rng = np.random.default_rng(1)
+    words = ["the", "river", "ran", "slowly", "past", "old", "mills", "and", "quiet", "farms", "where", "nobody"]
+    text = " ".join(" ".join(rng.choice(words, rng.integers(4, 12))) + "." for _ in range(4000))
+    c = object.__new__(Corpus)
+    c.tok, c.ids = tok, np.asarray(tok(text)["input_ids"], dtype=np.uint32)
+    c.sentence_end = np.zeros(256, dtype=bool)
+    c.sentence_end[[ord("."), ord("!"), ord("?")]] = True
+    return c
+
+
+def _text(hs: Any, span: tuple[int, int]) -> str:
+    return CharTok().decode(hs.ids[span[0] : span[1]])
+
+
+def test_prose_haystack_holds_every_needle_its_questions_name(rt, prose) -> None:  # type: ignore[no-untyped-def]
+    hs = rt.build(prose, "narrative", 30000, 4, seed=3)
+    assert len(hs.ids) == 30000
+    assert sorted({q.task for q in hs.questions}) == sorted(rt.PROSE_TASKS)
+    assert all(sum(q.task == t for q in hs.questions) == 4 for t in rt.PROSE_TASKS)
+    values = [q.expected for q in hs.questions]
+    assert len(set(values)) == len(values)
+    for q in hs.questions:
+        texts = [_text(hs, s) for s in q.spans]
+        assert q.expected in texts[-1] and q.prompt_ids == CharTok()(q.prompt)["input_ids"]
+        assert sum(q.expected in _text(hs, it.span) for it in hs.items) == 1  # no other needle holds the value
+        if q.task == "twohop":
+            link, fact = texts
+            name = q.prompt.split("did ")[-1].split(" hide")[0] if " did " in q.prompt else q.prompt.split()[1]
+            assert name in link and link.split(" chest")[0].split()[-1] in fact
+        else:
+            label = next(nd["label"] for nd in hs.meta["needles"] if nd["value"] == q.expected)
+            assert label in texts[0] and label in q.prompt
+        assert 0 < q.depth < 1 and _text(hs, (q.spans[0][0] - 1, q.spans[0][0])) == "."  # after a sentence end
+    again = rt.build(prose, "narrative", 30000, 4, seed=3)
+    assert again.ids == hs.ids and rt.build(prose, "narrative", 30000, 4, seed=4).ids != hs.ids
+
+
+def test_labels_come_in_look_alike_pairs(rt) -> None:  # type: ignore[no-untyped-def]
+    labels = rt._labels(np.random.default_rng(0), 10, set(), " ")
+    assert len(set(labels)) == 10
+    nouns = [lab.split()[1] for lab in labels]
+    assert all(nouns.count(n) == 2 for n in nouns)
+
+
+def test_noise_haystack_holds_pass_keys_between_noise_groups(rt) -> None:  # type: ignore[no-untyped-def]
+    from emserve.server.corpus import PASSKEY_NOISE
+
+    noise = rt.NoiseFiller(CharTok())
+    hs = rt.build(noise, rt.NOISE, 20000, 6, seed=0, tasks=("passkey",))
+    assert len(hs.ids) == 20000 and [q.task for q in hs.questions] == ["passkey"] * 6
+    for q in hs.questions:
+        (a, b), = q.spans
+        assert "pass key" in _text(hs, (a, b)) and q.expected in _text(hs, (a, b))
+        assert _text(hs, (a - len(PASSKEY_NOISE), a)) == PASSKEY_NOISE  # right after a whole noise group
+    with pytest.raises(ValueError, match="holds none"):
+        rt.build(noise, rt.NOISE, 20000, 6, seed=0, tasks=("kv",))
+
+
+def test_reference_window_holds_the_needle_and_its_look_alikes(rt, prose) -> None:  # type: ignore[no-untyped-def]
+    hs = rt.build(prose, "narrative", 30000, 6, seed=1)
+    for q in hs.questions:
+        ids = rt.reference_prompt(prose, hs, q, 2048, seed=1)
+        text = CharTok().decode(ids)
+        assert len(ids) == 2048 and ids[-len(q.prompt_ids):] == q.prompt_ids
+        mine = [nd for nd in hs.meta["needles"] if nd["task"] == q.task]
+        held = [nd for nd in mine if all(t in text for t in nd["texts"])]
+        assert q.expected in [nd["value"] for nd in held] and len(held) == 1 + rt.REFERENCE_DISTRACTORS
+
+
+def test_wilson_interval_and_summary_rows() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import recall  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(BENCH))
+    lo, hi = recall.wilson(8, 10)
+    assert (round(lo, 2), round(hi, 2)) == (0.49, 0.94)
+    assert recall.wilson(0, 0) == (0.0, 1.0) and recall.wilson(30, 30)[1] == 1.0
+    answers = [{"task": "kv", "length": 8192, "system": "emserve", "correct": i < 3, "in_window": i < 4}
+               for i in range(5)]
+    answers += [{"task": "kv", "length": 8192, "system": "full@2k", "correct": True, "in_window": True}]
+    headers, rows = recall.summary(answers)
+    assert rows[0][:5] == ["kv", 8192, "emserve", 5, "0.60"] and rows[0][6] == "0.80 (4/5)"
+    assert rows[1][2] == "full@2k" and rows[1][6] == "-"
