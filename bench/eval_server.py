@@ -7,8 +7,8 @@ Systems (one server, one engine; each system is a per-session ``MemoryConfig`` o
   grown by the default ``n_mem`` (StreamingLLM-style; the few tokens between the last closed event
   and the local window stay in the window too); its questions keep the sink;
 * ``infllm``: InfLLM-style: uniform 128-token blocks (``splitter uniform``, ``max_block_size 128``),
-  no refinement, similarity retrieval only (no contiguity buffer, no question neighbours), the sink
-  in questions too, the same ``n_mem`` budget;
+  no refinement, similarity retrieval only (no contiguity buffer, no question neighbours, no lexical
+  matches), the sink in questions too, the same ``n_mem`` budget;
 * ``no-refine``, ``no-contiguity``: emserve ablations (``similarity_metric none``;
   ``use_contiguity_buffer false`` and ``question_neighbours 0``);
 * ``mean-rank``: emserve with the question ranking before ``question_rank`` (a question's last 4 query
@@ -49,7 +49,8 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
                 "question_n_init": int(default["n_init"])}
     if system == "infllm":
         return {"splitter": "uniform", "max_block_size": 128, "similarity_metric": "none",
-                "use_contiguity_buffer": False, "question_neighbours": 0, "question_n_init": int(default["n_init"])}
+                "use_contiguity_buffer": False, "question_neighbours": 0, "question_lexical": 0,
+                "question_n_init": int(default["n_init"])}
     if system == "no-refine":
         return {"similarity_metric": "none"}
     if system == "no-contiguity":
