@@ -35,19 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 
 # "before": the question window of the sessions saved before this benchmark's rules (the contiguity
-# buffer, the 128-token sink); "now": today's MemoryConfig defaults; the others: one rule changed.
+# buffer, the 128-token sink); "rules 1-4": docs/recall.md's first four rules (its tables' "now" before the
+# lexical matches); "now": today's MemoryConfig defaults; the others: one rule changed from "rules 1-4".
+R14 = {"question_neighbours": 2, "question_contiguity": False, "question_n_init": 0, "question_lexical": 0}
 DEFAULT_VARIANTS = {
-    "before": {"question_neighbours": 0, "question_contiguity": True, "question_n_init": None},
-    "now": {"question_neighbours": 2, "question_contiguity": False, "question_n_init": 0},
-    "now, neighbours 1": {"question_neighbours": 1, "question_contiguity": False, "question_n_init": 0},
-    "now, sink 128": {"question_neighbours": 2, "question_contiguity": False, "question_n_init": None},
-    "now, + contiguity buffer": {"question_neighbours": 2, "question_contiguity": True, "question_n_init": 0},
-    "now, content query tokens": {"question_neighbours": 2, "question_contiguity": False, "question_n_init": 0,
-                                  "question_content_queries": True},
-    "now, memory 512": {"question_neighbours": 2, "question_contiguity": False, "question_n_init": 0,
-                        "question_n_mem": 512},
-    "now, local 16": {"question_neighbours": 2, "question_contiguity": False, "question_n_init": 0,
-                      "question_n_local": 16},
+    "before": {"question_neighbours": 0, "question_contiguity": True, "question_n_init": None, "question_lexical": 0},
+    "rules 1-4": R14,
+    "now": {},  # today's defaults: rules 1-4 and the lexical matches (rule 5)
+    "rules 1-4, neighbours 1": {**R14, "question_neighbours": 1},
+    "rules 1-4, sink 128": {**R14, "question_n_init": None},
+    "rules 1-4, + contiguity buffer": {**R14, "question_contiguity": True},
+    "rules 1-4, content query tokens": {**R14, "question_content_queries": True},
+    "rules 1-4, memory 512": {**R14, "question_n_mem": 512},
+    "rules 1-4, local 16": {**R14, "question_n_local": 16},
 }
 
 
