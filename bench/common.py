@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -40,6 +41,17 @@ def machine() -> dict[str, Any]:
         "versions": versions,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of ``k`` successes in ``n`` trials (95% by default); (0, 1) when n is 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def timeit(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[float, list[float]]:

@@ -24,7 +24,6 @@ import asyncio
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table, write_results  # noqa: E402
+from common import machine, table, wilson, write_results  # noqa: E402
 
 # "before": the question window of the sessions saved before this benchmark's rules (the contiguity
 # buffer, the 128-token sink); "rules 1-4": docs/recall.md's first four rules (its tables' "now" before the
@@ -49,17 +48,6 @@ DEFAULT_VARIANTS = {
     "rules 1-4, memory 512": {**R14, "question_n_mem": 512},
     "rules 1-4, local 16": {**R14, "question_n_local": 16},
 }
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of ``k`` successes in ``n`` trials (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def _runs(xs: list[int]) -> list[list[int]]:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from eval_tasks import Haystack, Question
 
 SERVER_SYSTEMS = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank")
@@ -149,27 +148,6 @@ class Server:
         return self.proc.stop()
 
 
-def remainder_start(client: Any, sid: str, length: int, memory: Any) -> int:
-    """Start of what a question's window holds besides the sink: the end of the last event that has
-    left the local window (the planner's remainder + local window start there)."""
-    local = length - int(memory.n_local)
-    ends = [int(e.end) for e in client.list_events(sid) if int(e.end) <= local]
-    return max([int(memory.n_init), *ends])
-
-
-def _coverage(span: tuple[int, int], trace: Any, memory: Any, tail_start: int) -> float:
-    """Share of ``span``'s tokens in the answer step's window: sink, remainder + local, traced events."""
-    a, b = span
-    got = np.zeros(b - a, dtype=bool)
-    ranges = [(0, int(memory.n_init)), (tail_start, b)]
-    ranges += [(int(e.start), int(e.end)) for e in (trace.events if trace is not None else [])]
-    for s, e in ranges:
-        lo, hi = max(s, a), min(e, b)
-        if hi > lo:
-            got[lo - a : hi - a] = True
-    return float(got.mean()) if len(got) else 1.0
-
-
 def _window_coverage(span: tuple[int, int], window: Sequence[Any]) -> float:
     """Share of ``span``'s tokens in the window the server reports (``RetrievalTrace.window``)."""
     a, b = span
@@ -177,17 +155,14 @@ def _window_coverage(span: tuple[int, int], window: Sequence[Any]) -> float:
     return inside / (b - a) if b > a else 1.0
 
 
-def ask(client: Any, sid: str, q: Question, memory: Any, max_tokens: int, tail_start: int) -> dict[str, Any]:
-    """Ask ``q``; coverage from the window the server reports when it does (servers before it: the sink,
-    the traced events and the tokens from ``tail_start`` on)."""
+def ask(client: Any, sid: str, q: Question, max_tokens: int) -> dict[str, Any]:
+    """Ask ``q``; coverage: the least share of a needed span in the window the server reports
+    (``RetrievalTrace.window``, sent with every trace)."""
     ans = client.ask(sid, q.prompt_ids, max_tokens=max_tokens, trace=True, preview_tokens=4)
     done = ans.complete
     t, u = done.timings, done.usage
     window = list(ans.trace.window) if ans.trace is not None else []
-    if window:
-        cov = min(_window_coverage(s, window) for s in q.spans)
-    else:
-        cov = min(_coverage(s, ans.trace, memory, tail_start) for s in q.spans)
+    cov = min(_window_coverage(s, window) for s in q.spans)
     return {
         "qid": q.qid, "depth": q.depth, "expected": q.expected, "answer": ans.text,
         "correct": q.expected in ans.text, "coverage": cov, "in_window": cov >= 1.0,
@@ -212,7 +187,7 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
     sid = f"{job.system}-{hs.hid}"
     with contextlib.suppress(Exception):  # absent: the usual case
         c.delete_session(sid)
-    s = c.create_session(sid, memory=memory)
+    c.create_session(sid, memory=memory)
     disk = 0
     try:
         t0 = time.perf_counter()
@@ -225,10 +200,9 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
         row = {"system": job.system, "hid": hs.hid, "task": hs.task, "length": hs.length, "ingest_s": ingest_s,
                "ingest_tok_s": hs.length / ingest_s, "events": int(info.num_events), "disk_bytes": disk,
                **server.rss()}
-        tail = remainder_start(c, sid, hs.length, s.memory)
         answers = []
         for q in hs.questions:
-            a = ask(c, sid, q, s.memory, max_tokens, tail)
+            a = ask(c, sid, q, max_tokens)
             answers.append({"system": job.system, "task": q.task or hs.task, "length": hs.length, "hid": hs.hid,
                             "context_tokens": hs.length, **a})
         ok = sum(a["correct"] for a in answers)
@@ -289,7 +263,7 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
     if resume is None:
         with contextlib.suppress(Exception):  # absent: the usual case
             c.delete_session(sid)
-        s = c.create_session(sid, memory=overrides(system, server.default_memory()))
+        c.create_session(sid, memory=overrides(system, server.default_memory()))
     else:
         s = c.get_session(sid)  # metadata only: the first ingest call opens the memory, in the first segment
         points = [dict(p) for p in resume["points"]]
@@ -324,7 +298,7 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
             dt = time.perf_counter() - t0
             t_ingest += dt
             info = c.get_session(sid)
-            a = ask(c, sid, probe, s.memory, max_tokens, remainder_start(c, sid, cp, s.memory))
+            a = ask(c, sid, probe, max_tokens)
             pt = {"tokens": int(res.committed_offset), "segment": [prev, cp], "segment_tok_s": (cp - prev) / dt,
                   "ingest_s_total": t_ingest, "disk_bytes": int(info.disk_bytes),
                   "disk_bytes_per_token": info.disk_bytes / max(1, info.num_tokens), "events": int(info.num_events),
@@ -337,9 +311,8 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
             if on_point is not None:
                 on_point(result([], cp, partial=True))
         answers = []
-        tail = remainder_start(c, sid, hs.length, s.memory)
         for q in hs.questions:
-            a = ask(c, sid, q, s.memory, max_tokens, tail)
+            a = ask(c, sid, q, max_tokens)
             answers.append({"system": system, "task": hs.task, "length": hs.length, "hid": hs.hid,
                             "context_tokens": hs.length, **a})
             log(f"{system} {q.qid}: {a['answer']!r} ({'OK' if a['correct'] else 'wrong'}, expected {q.expected})")

@@ -175,13 +175,17 @@ class Corpus:
         return int(cands[np.argmin(np.abs(cands - pos))]) if len(cands) else pos
 
 
-def assemble(corpus: Corpus, length: int, inserts: Sequence[tuple[float, str, str, str]], u: float
+def assemble(corpus: Any, length: int, inserts: Sequence[tuple[float, str, str, str]], u: float
              ) -> tuple[list[int], list[Item], int]:
-    """``length`` tokens: filler from offset ``u`` with ``inserts`` (depth, role, text, label) spliced in."""
+    """``length`` tokens: filler from relative offset ``u`` of ``corpus`` (a :class:`Corpus`, or any filler
+    source with its ``encode``, ``filler`` and ``snap``) with ``inserts`` (depth, role, text, label)
+    spliced in at the snapped position nearest each depth (in the order given where two snap to the
+    same place)."""
     pieces = [corpus.encode(text) for _, _, text, _ in inserts]
     n_filler = length - sum(len(p) for p in pieces)
     if n_filler < 0:
-        raise ValueError(f"{length} tokens cannot hold the task's sentences")
+        raise ValueError(f"{length} tokens cannot hold {len(inserts)} inserted sentences "
+                         f"({sum(map(len, pieces))} tokens)")
     filler, start = corpus.filler(n_filler, u)
     at = [corpus.snap(filler, round(d * n_filler)) for d, *_ in inserts]
     order = sorted(range(len(inserts)), key=lambda i: (at[i], i))

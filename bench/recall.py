@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, sigterm_exits  # noqa: E402
+from common import RESULTS, machine, sigterm_exits, wilson  # noqa: E402
 from eval import _ints, git_rev  # noqa: E402
 from eval_server import Job, Server, log, overrides, run_jobs  # noqa: E402
 from eval_tasks import Haystack  # noqa: E402
@@ -64,17 +63,6 @@ class Run:
         tmp.write_text(json.dumps(self.res, indent=1, default=str))
         tmp.replace(self.path)
         return self.path
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of ``k`` successes in ``n`` trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def haystacks(tok: Any, model: str, lengths: Sequence[int], sources: Sequence[str], tasks: Sequence[str],

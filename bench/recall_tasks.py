@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from eval_tasks import Corpus, Haystack, Item, Question
+from eval_tasks import Corpus, Haystack, Question, assemble
 
 SOURCES = {"narrative": "big", "reference": "wiki", "dialogue": "plays"}
 NOISE = "noise"
@@ -189,32 +189,6 @@ class NoiseFiller:
         return min(g, self.pre + (len(filler) - self.pre) // self.unit * self.unit)
 
 
-def splice(filler_src: Any, length: int, inserts: Sequence[tuple[float, str, str, str]], u: float
-           ) -> tuple[list[int], list[Item], int]:
-    """``length`` tokens: filler from relative offset ``u`` of ``filler_src`` with ``inserts`` (depth,
-    role, text, label) spliced in at the snapped position nearest each depth (in the order given
-    where two snap to the same place)."""
-    pieces = [filler_src.encode(text) for _, _, text, _ in inserts]
-    n_filler = length - sum(len(p) for p in pieces)
-    if n_filler < 0:
-        raise ValueError(f"{length} tokens cannot hold {len(inserts)} needles ({sum(map(len, pieces))} tokens)")
-    filler, start = filler_src.filler(n_filler, u)
-    at = [filler_src.snap(filler, round(d * n_filler)) for d, *_ in inserts]
-    order = sorted(range(len(inserts)), key=lambda i: (at[i], i))
-    ids: list[int] = []
-    items: list[Item | None] = [None] * len(inserts)
-    prev = 0
-    for i in order:
-        ids.extend(int(t) for t in filler[prev : at[i]])
-        prev = at[i]
-        depth, role, text, label = inserts[i]
-        items[i] = Item(role, text, depth, (len(ids), len(ids) + len(pieces[i])), label)
-        ids.extend(pieces[i])
-    ids.extend(int(t) for t in filler[prev:])
-    assert len(ids) == length
-    return ids, [it for it in items if it is not None], start
-
-
 def _rng(seed: int, source: str, length: int, salt: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, sorted([*SOURCES, NOISE]).index(source) + 1, length, salt])
 
@@ -237,7 +211,7 @@ def build(filler_src: Any, source: str, length: int, per_task: int, seed: int,
     depth = slots[rng.permutation(len(texts))]
     inserts = [(float(depth[i]), "target" if j == 0 else "fact", nd.texts[j], f"{nd.task}:{nd.label}")
                for i, (nd, j) in enumerate(texts)]
-    ids, items, start = splice(filler_src, length, inserts, u)
+    ids, items, start = assemble(filler_src, length, inserts, u)
     hid = f"{source}-{length}-s{seed}"
     questions: list[Question] = []
     for k, nd in enumerate(asked):
@@ -268,7 +242,7 @@ def reference_prompt(filler_src: Any, hs: Haystack, q: Question, length: int, se
         total = len(filler_src.ids)
         u = ((hs.text_start + q.spans[0][0] - length // 2) % total) / total
     n_doc = length - len(q.prompt_ids)
-    ids, _, _ = splice(filler_src, n_doc, inserts, u)
+    ids, _, _ = assemble(filler_src, n_doc, inserts, u)
     return ids + list(q.prompt_ids)
 
 
