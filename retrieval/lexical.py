@@ -13,9 +13,14 @@ Rules:
   " Harbor" and "harbor" are one word); only tokens holding a letter or a digit count.
 * A word found in ``df`` of the ``E`` retrievable events weighs ``idf = ln((E - df + 0.5) / (df + 0.5))``,
   0 when negative (a word in half the events or more names nothing).
-* An event's score is the sum of the weights of the distinct question words it holds.
+* A passage is :data:`PASSAGE_EVENTS` consecutive events; its score is the sum of the weights of the
+  distinct question words it holds. An event scores its best passage: a sentence cut in two by a
+  surprise boundary (a name in one event, "hid the treasure in the ... chest" in the next) still
+  matches as one.
 * :func:`lexical_hits` returns the events scoring at least ``ratio`` of the best, best first (ties: the
-  later event first: the most recent statement of a fact), at most ``limit``.
+  event holding more of the words on its own, then the later event: the most recent statement of a
+  fact), at most ``limit``, each more than ``spacing`` events from those before it (a hit's neighbours
+  come with it; the next hit is another place).
 
 Pure numpy, no tokenizer: the caller builds the :class:`Vocabulary` from its tokenizer's texts.
 Cost: one pass over the stream's token ids per question (``np.isin`` on ``[num_tokens]``).
@@ -54,48 +59,91 @@ class Vocabulary:
         return np.unique(self.canonical[ids[self.content[ids]]])
 
 
-def lexical_scores(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                   vocab: Vocabulary) -> np.ndarray:
-    """float64 ``[E]``: each event's score (module docstring) for the question ``question_ids``.
+PASSAGE_EVENTS = 2
+"""Consecutive events a question's words are matched in together (module docstring)."""
 
-    ``tokens``: the stream's token ids from ``starts[0]`` on (``tokens[j]`` is token ``starts[0] + j``);
-    ``starts``/``ends``: the retrievable events' bounds, sorted and disjoint.
-    """
+
+def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                    vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``(word, event)`` pairs of the question's content words in the events, and each
+    pair's word weight (idf)."""
+    empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
     n_events = int(starts.shape[0])
-    scores = np.zeros(n_events, np.float64)
     words = vocab.words(question_ids)
     if n_events == 0 or words.size == 0 or tokens.size == 0:
-        return scores
+        return empty
     base = int(starts[0])
-    ids = np.asarray(tokens, np.int64)
-    ids = np.clip(ids, 0, vocab.canonical.shape[0] - 1)
+    ids = np.clip(np.asarray(tokens, np.int64), 0, vocab.canonical.shape[0] - 1)
     canon = vocab.canonical[ids]
     pos = np.flatnonzero(np.isin(canon, words)) + base
     if pos.size == 0:
-        return scores
+        return empty
     ev = np.searchsorted(starts, pos, side="right") - 1
     inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
     ev, word = ev[inside], canon[pos[inside] - base]
     pairs = np.unique(np.stack([word, ev], 1), axis=0)  # (word, event), each once
     if pairs.size == 0:
-        return scores
+        return empty
     uw, df = np.unique(pairs[:, 0], return_counts=True)
     idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
-    weight = idf[np.searchsorted(uw, pairs[:, 0])]
-    np.add.at(scores, pairs[:, 1], weight)
-    return scores
+    return pairs, idf[np.searchsorted(uw, pairs[:, 0])]
+
+
+def _passage_scores(pairs: np.ndarray, weight: np.ndarray, n_events: int, span: int) -> np.ndarray:
+    """Per event: the best score of the ``span``-event passages holding it (``span`` 1: its own)."""
+    span = max(1, int(span))
+    word, ev = pairs[:, 0], pairs[:, 1]
+    # passage p = events p .. p+span-1; each (word, passage) once
+    rows = np.concatenate([np.stack([word, ev - d, np.arange(ev.shape[0])], 1) for d in range(span)])
+    rows = rows[rows[:, 1] >= 0]
+    _, first = np.unique(rows[:, :2], axis=0, return_index=True)
+    rows = rows[first]
+    passage = np.zeros(n_events, np.float64)
+    np.add.at(passage, rows[:, 1], weight[rows[:, 2]])
+    best = passage.copy()
+    for d in range(1, span):
+        best[d:] = np.maximum(best[d:], passage[:-d])
+    return best
+
+
+def lexical_scores(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   vocab: Vocabulary, span: int = PASSAGE_EVENTS) -> np.ndarray:
+    """float64 ``[E]``: each event's score (module docstring; ``span`` events to a passage) for the
+    question ``question_ids``.
+
+    ``tokens``: the stream's token ids from ``starts[0]`` on (``tokens[j]`` is token ``starts[0] + j``);
+    ``starts``/``ends``: the retrievable events' bounds, sorted and disjoint.
+    """
+    n_events = int(starts.shape[0])
+    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab)
+    if pairs.size == 0:
+        return np.zeros(n_events, np.float64)
+    return _passage_scores(pairs, weight, n_events, span)
 
 
 def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                 vocab: Vocabulary, limit: int, ratio: float = 0.5) -> np.ndarray:
+                 vocab: Vocabulary, limit: int, ratio: float = 0.5, spacing: int = 0,
+                 span: int = PASSAGE_EVENTS) -> np.ndarray:
     """Event indices (into ``starts``) scoring at least ``ratio`` of the best score, best first (ties:
-    the later event first), at most ``limit``; empty when no event holds a weighed question word."""
-    if limit <= 0:
+    the better own score, then the later event), each more than ``spacing`` events from the hits
+    before it, at most ``limit``; empty when no event holds a weighed question word."""
+    n_events = int(starts.shape[0])
+    if limit <= 0 or n_events == 0:
         return np.zeros(0, np.int64)
-    scores = lexical_scores(question_ids, tokens, starts, ends, vocab)
-    top = float(scores.max()) if scores.size else 0.0
+    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab)
+    if pairs.size == 0:
+        return np.zeros(0, np.int64)
+    scores = _passage_scores(pairs, weight, n_events, span)
+    own = _passage_scores(pairs, weight, n_events, 1)
+    top = float(scores.max())
     if top <= 0.0:
         return np.zeros(0, np.int64)
     keep = np.flatnonzero(scores >= ratio * top)
-    order = np.lexsort((-keep, -scores[keep]))
-    return keep[order][:limit].astype(np.int64)
+    order = keep[np.lexsort((-keep, -own[keep], -scores[keep]))]
+    out: list[int] = []
+    for c in order.tolist():
+        if all(abs(c - h) > spacing for h in out):
+            out.append(c)
+            if len(out) == limit:
+                break
+    return np.asarray(out, np.int64)

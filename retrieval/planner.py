@@ -80,6 +80,9 @@ class RetrievalConfig:
     question_neighbours: int = 0
     """A question's similarity hits bring their temporal neighbours, this many events each side,
     before any lower-ranked event (``Retriever.retrieve``; 0: none)."""
+    question_reach: int = 0
+    """...and, beyond those, the neighbours that start or end within this many tokens of the hit
+    (``Retriever.retrieve``; 0: ``question_neighbours`` alone)."""
     question_contiguity: bool = True
     """A question uses the contiguity buffer (False: its share goes to the rank walk, and the
     buffer is left as ingestion left it)."""
@@ -156,6 +159,8 @@ class RetrievalConfig:
             raise ConfigError(f"question_n_init must be >= 0 (or None), got {self.question_n_init}")
         if self.question_neighbours < 0:
             raise ConfigError(f"question_neighbours must be >= 0, got {self.question_neighbours}")
+        if self.question_reach < 0:
+            raise ConfigError(f"question_reach must be >= 0, got {self.question_reach}")
         if self.question_rank not in RANKS:
             raise ConfigError(f"question_rank must be one of {RANKS}, got {self.question_rank!r}")
         if not self.contiguity_buffer_size >= 0:
@@ -312,6 +317,7 @@ class WindowPlanner:
             res = self.retriever.retrieve(queries, lay.budget, num_events=lay.num_events,
                                           rank=cfg.question_rank if question else "mean",
                                           neighbours=cfg.question_neighbours if question else 0,
+                                          reach=cfg.question_reach if question else 0,
                                           contiguity=cfg.question_contiguity or not question,
                                           first=lead if question else ())
             self.last_retrieval = res

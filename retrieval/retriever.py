@@ -190,25 +190,53 @@ def select_ranked(
     return out
 
 
-def with_neighbours(ranked: np.ndarray, num_events: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """``ranked`` with each event followed at once by its temporal neighbours ``+1, -1, ..., +radius,
-    -radius`` (those in ``0 .. num_events-1``; each event at its first appearance): a hit's neighbours
-    rank with the hit, before any lower-ranked event. Returns ``(order, via)``, ``via`` True where the
-    event entered as a neighbour rather than by its own rank.
+MAX_NEIGHBOURS = 16
+"""The most temporal neighbours a hit brings on each side (:func:`with_neighbours`)."""
+
+
+def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np.ndarray | None = None,
+                    ends: np.ndarray | None = None, reach: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``ranked`` with each event followed at once by its temporal neighbours ``+1, -1, +2, -2, ...``
+    (those in ``0 .. num_events-1``; each event at its first appearance): a hit's neighbours rank with
+    the hit, before any lower-ranked event. Returns ``(order, via)``, ``via`` True where the event
+    entered as a neighbour rather than by its own rank.
+
+    Each side of a hit holds ``radius`` events, and more while they start (following) or end
+    (preceding) within ``reach`` tokens of the hit (``starts``/``ends``: the events' bounds; at most
+    :data:`MAX_NEIGHBOURS` a side): short events bring more of them, so a neighbourhood spans about
+    the same text whatever the segmentation. ``radius`` 0 and ``reach`` 0: ``ranked`` unchanged.
 
     Why: a fact is often cut in two by a surprise boundary right before its unpredictable value (a
     number, a name), so the sentence naming the key is one event and its value the next; similarity
     finds the first. The following neighbour goes first: a value comes after what names it.
     """
     ranked = np.asarray(ranked, np.int64)
-    if radius <= 0 or ranked.size == 0:
+    reach = 0 if starts is None or ends is None else max(0, int(reach))
+    if (radius <= 0 and reach <= 0) or ranked.size == 0:
         return ranked, np.zeros(ranked.shape[0], bool)
+    fwd = np.full(ranked.shape[0], max(0, radius), np.int64)
+    back = fwd.copy()
+    if reach > 0:
+        assert starts is not None and ends is not None
+        st, en = np.asarray(starts[:num_events], np.int64), np.asarray(ends[:num_events], np.int64)
+        inside = (ranked >= 0) & (ranked < num_events)
+        c = np.clip(ranked, 0, max(num_events - 1, 0))
+        after = np.searchsorted(st, en[c] + reach, side="left") - (c + 1)  # start within reach of the end
+        before = c - np.searchsorted(en, st[c] - reach, side="right")  # end within reach of the start
+        fwd = np.where(inside, np.maximum(fwd, after), fwd)
+        back = np.where(inside, np.maximum(back, before), back)
+    fwd = np.minimum(fwd, MAX_NEIGHBOURS)
+    back = np.minimum(back, MAX_NEIGHBOURS)
+    k = int(max(fwd.max(), back.max()))
     steps = [0]
-    for d in range(1, radius + 1):
+    for d in range(1, k + 1):
         steps += [d, -d]
     offs = np.asarray(steps, np.int64)
-    cand = (ranked[:, None] + offs[None, :]).ravel()
-    via = np.broadcast_to(offs[None, :] != 0, (ranked.shape[0], offs.shape[0])).ravel()
+    dist = np.abs(offs)
+    use = (offs[None, :] == 0) | ((offs[None, :] > 0) & (dist[None, :] <= fwd[:, None])) | (
+        (offs[None, :] < 0) & (dist[None, :] <= back[:, None]))
+    cand = (ranked[:, None] + offs[None, :])[use]
+    via = np.broadcast_to(offs[None, :] != 0, use.shape)[use]
     ok = (cand >= 0) & (cand < num_events)
     cand, via = cand[ok], via[ok]
     _, first = np.unique(cand, return_index=True)
@@ -386,7 +414,7 @@ class Retriever:
         return total
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
-                 num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0,
+                 num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0, reach: int = 0,
                  contiguity: bool = True, first: Sequence[int] = ()) -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
 
@@ -400,7 +428,8 @@ class Retriever:
         fits (scores are then NaN). Reported scores are :meth:`scores`.
 
         ``neighbours``: each similarity hit brings its temporal neighbours up to this many events
-        each side right after it in the rank walk (:func:`with_neighbours`; 0: none).
+        each side right after it in the rank walk (:func:`with_neighbours`; 0: none); ``reach``: and
+        those within this many tokens of it.
         ``contiguity``: False leaves the contiguity buffer out of this step (neither read nor updated),
         its share going to the rank walk.
         ``first``: events ranked before the similarity ranking, in this order (a question's lexical
@@ -454,7 +483,7 @@ class Retriever:
         def walk(ranked: np.ndarray, buf: ContiguityBuffer | None) -> list[tuple[int, int, Source]]:
             if pre.size:
                 ranked = np.concatenate([pre, ranked[~np.isin(ranked, pre)]])
-            order, via = with_neighbours(ranked, m, neighbours)
+            order, via = with_neighbours(ranked, m, neighbours, starts, starts + sizes, reach)
             picks = select_ranked(order, sizes, m, budget, kc, buf, via)
             if pre.size:
                 lexical = set(pre.tolist())

@@ -119,6 +119,9 @@ class MemoryConfig:
     question_neighbours: int = 2
     """A question's similarity hits bring this many temporal neighbours each side, before any
     lower-ranked event (``RetrievalConfig``): a value is often cut from the words that name it."""
+    question_reach: int = 24
+    """A question's hits also bring the neighbours that start or end within this many tokens of them
+    (``RetrievalConfig``): ``question_neighbours`` events each side at least, more where they are short."""
     question_contiguity: bool = False
     """A question also uses ingestion's contiguity buffer (``RetrievalConfig``); off: its neighbours
     come from ``question_neighbours`` and the whole budget follows the question's own ranking."""
@@ -177,6 +180,7 @@ class MemoryConfig:
             question_n_mem=self.question_n_mem,
             question_rank=self.question_rank,  # type: ignore[arg-type]
             question_neighbours=self.question_neighbours,
+            question_reach=self.question_reach,
             question_contiguity=self.question_contiguity,
             question_memory_last=self.question_memory_last,
             question_n_init=self.question_n_init,
@@ -192,6 +196,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_n_init": None,
     "question_memory_last": False,
     "question_lexical": 0,
+    "question_reach": 0,
 }
 """Values of the fields added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`)."""
@@ -563,7 +568,9 @@ class Session:
         starts = np.asarray(table.starts[:num_events], np.int64)
         ends = starts + np.asarray(table.sizes[:num_events], np.int64)
         tokens = self.tokens(int(starts[0]), int(ends[-1]))
-        hits = lexical_hits(question_ids, tokens, starts, ends, vocab, self.config.question_lexical)
+        # each hit brings its neighbours (question_neighbours): the next hit is another place
+        hits = lexical_hits(question_ids, tokens, starts, ends, vocab, self.config.question_lexical,
+                            spacing=self.config.question_neighbours)
         return tuple(int(h) for h in hits)
 
     async def ask(self, question_ids: Sequence[int], sampling: SamplingSpec) -> AskResult:

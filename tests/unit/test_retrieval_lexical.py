@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emserve.retrieval.lexical import Vocabulary, lexical_hits, lexical_scores
 
@@ -42,15 +44,15 @@ def test_rare_words_decide_and_common_words_weigh_nothing():
     ]
     tokens, starts, ends = _stream(events)
     q = ids("\n", "The", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", "?")
-    s = lexical_scores(q, tokens, starts, ends, VOCAB)
+    s = lexical_scores(q, tokens, starts, ends, VOCAB, span=1)
     assert np.all(s[:6] == 0)  # "the" is in every event: no weight
     assert s[7] > s[6] > 0 and s[7] > s[8] > 0  # both look-alikes share "magic number ... glacier"
     n = len(events)
     idf = lambda df: max(math.log((n - df + 0.5) / (df + 0.5)), 0.0)  # noqa: E731
     assert math.isclose(s[8], idf(2))  # "tender" (either case) in events 7 and 8
     assert math.isclose(s[7] - s[6], idf(2))
-    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2).tolist() == [7, 6]
-    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=5, ratio=0.95).tolist() == [7]
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2, span=1).tolist() == [7, 6]
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=5, ratio=0.95, span=1).tolist() == [7]
     assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=0).size == 0
 
 
@@ -61,6 +63,43 @@ def test_ties_go_to_the_later_event_and_tokens_outside_events_do_not_count():
     ends = ends.copy()
     ends[1] -= 1
     tokens[starts[1] - 100 + 1] = ID[" 42"]
-    assert lexical_hits(ids(" 42", "?"), tokens, starts, ends, VOCAB, limit=3).tolist() == [2, 0]
+    assert lexical_hits(ids(" 42", "?"), tokens, starts, ends, VOCAB, limit=3, span=1).tolist() == [2, 0]
     assert lexical_hits(ids("?", "."), tokens, starts, ends, VOCAB, limit=3).size == 0  # no content word
     assert lexical_scores(ids(" 42"), tokens[:0], starts[:0], ends[:0], VOCAB).size == 0
+
+
+def test_a_fact_cut_in_two_events_matches_as_one_passage():
+    filler = ids(" the", " is", ".")
+    name, fact = ids(" the", " magic", " number", " for", " Tender"), ids("-", "gl", "ac", "ier", " is", " 42", ".")
+    events = [filler] * 4 + [name, fact] + [filler] * 2 + [ids(" the", " magic", " number", " for", " proud", "-",
+                                                              "gl", "ac", "ier", ".")] + [filler] * 3
+    tokens, starts, ends = _stream(events)
+    q = ids("The", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", "?")
+    own = lexical_scores(q, tokens, starts, ends, VOCAB, span=1)
+    assert own[8] > own[4] > own[5]  # event by event the look-alike wins
+    s = lexical_scores(q, tokens, starts, ends, VOCAB)  # span 2: "tender" + "glacier" in one passage
+    assert s[4] == s[5] > s[8] == own[8]
+    # the hit is the event of the pair holding more of the words; its neighbour is no second hit
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2, ratio=0.1, spacing=1).tolist() == [4, 8]
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2, ratio=0.1, spacing=0).tolist() == [4, 5]
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2, ratio=0.1, spacing=5).tolist() == [4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, len(TEXTS) - 1), min_size=1, max_size=5), min_size=1, max_size=12),
+       st.lists(st.integers(1, len(TEXTS) - 1), min_size=1, max_size=6), st.integers(1, 3))
+def test_passage_scores_match_brute_force(events, question, span):
+    tokens, starts, ends = _stream(events)
+    n = len(events)
+    words = [set(VOCAB.words(e).tolist()) for e in events]
+    qw = set(VOCAB.words(question).tolist())
+    df = {w: sum(w in ws for ws in words) for w in qw}
+    idf = {w: max(math.log((n - d + 0.5) / (d + 0.5)), 0.0) for w, d in df.items()}
+
+    def passage(p: int) -> float:
+        held = set().union(*words[p:p + span]) & qw
+        return sum(idf[w] for w in held)
+
+    want = [max(passage(p) for p in range(max(0, e - span + 1), e + 1)) for e in range(n)]
+    got = lexical_scores(question, tokens, starts, ends, VOCAB, span=span)
+    assert np.allclose(got, want)

@@ -268,6 +268,49 @@ def test_with_neighbours_follows_each_hit_with_its_neighbours():
     assert order.tolist() == [3, 1] and not via.any()
 
 
+def test_reach_brings_the_neighbours_within_that_many_tokens():
+    from emserve.retrieval.retriever import with_neighbours
+
+    sizes = np.array([10, 4, 4, 4, 10, 3, 3, 3, 3, 20])
+    starts = 100 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ends = starts + sizes
+    # hit 4 [122, 132): following events starting before 132 + 8 = 140: 5 [132), 6 [135), 7 [138);
+    # preceding events ending after 122 - 8 = 114: 3 [118, 122), 2 [114, 118) ends at 118 > 114, 1 ends at 114: not
+    order, via = with_neighbours(np.array([4]), 10, 1, starts, ends, reach=8)
+    assert order.tolist() == [4, 5, 3, 6, 2, 7] and via.tolist() == [False] + [True] * 5
+    # radius is a floor: reach 0 is the radius alone; reach without bounds is ignored
+    assert with_neighbours(np.array([4]), 10, 1, starts, ends, reach=0)[0].tolist() == [4, 5, 3]
+    assert with_neighbours(np.array([4]), 10, 1, reach=8)[0].tolist() == [4, 5, 3]
+    assert with_neighbours(np.array([4]), 10, 0, starts, ends, reach=1)[0].tolist() == [4, 5, 3]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=14), st.data())
+def test_with_neighbours_matches_brute_force(sizes, data):
+    from emserve.retrieval.retriever import MAX_NEIGHBOURS, with_neighbours
+
+    n = len(sizes)
+    radius = data.draw(st.integers(0, 3))
+    reach = data.draw(st.integers(0, 30))
+    ranked = data.draw(st.lists(st.integers(0, n - 1), max_size=6, unique=True))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    ends = starts + np.asarray(sizes)
+    want: list[int] = []
+    near: list[bool] = []
+    for c in ranked:
+        fwd = max([radius] + [j - c for j in range(c + 1, n) if starts[j] < ends[c] + reach]) if reach else radius
+        back = max([radius] + [c - j for j in range(c) if ends[j] > starts[c] - reach]) if reach else radius
+        fwd, back = min(fwd, MAX_NEIGHBOURS), min(back, MAX_NEIGHBOURS)
+        for j in [c] + [c + s * d for d in range(1, max(fwd, back) + 1) for s in (1, -1)
+                        if (s > 0 and d <= fwd) or (s < 0 and d <= back)]:
+            if 0 <= j < n and j not in want:
+                want.append(j)
+                near.append(j != c)  # first seen as a neighbour of c
+    order, via = with_neighbours(np.array(ranked, np.int64), n, radius, starts, ends, reach)
+    assert order.tolist() == want
+    assert via.tolist() == near
+
+
 def test_neighbours_bring_a_split_fact_whole(tmp_path):
     """A fact cut in two: event 3 names the key (ranked first), event 4 holds its value (ranked last).
     Without neighbours a 30-token budget takes the three best events; with them, the hit's following
@@ -286,6 +329,19 @@ def test_neighbours_bring_a_split_fact_whole(tmp_path):
     ix2 = one_layer_index(tmp_path / "b", [10] * 10, [3, 5, 0, 9, 1, 7, 6, 2, 8, 4])
     r2 = Retriever(ix2, use_contiguity_buffer=False)
     assert 4 in r2.retrieve(q, 40, neighbours=1).layers[0].ids
+
+
+def test_reach_brings_short_neighbours_in_the_rank_walk(tmp_path):
+    """``reach``: a hit also brings the neighbours within that many tokens; with short events after it
+    (a value three events on), one neighbour each side is not enough and a 9-token reach is."""
+    ix = one_layer_index(tmp_path, [10, 10, 10, 3, 3, 3, 10, 10, 10, 10], [2, 8, 0, 9, 1, 7, 6, 3, 4, 5])
+    r = Retriever(ix, use_contiguity_buffer=False)
+    q = np.ones((1, 1), np.float32)
+    assert r.retrieve(q, 29, neighbours=1).layers[0].ids == [1, 2, 3, 8]  # 2 with 3 and 1, then 8 (cut)
+    sel = r.retrieve(q, 29, neighbours=1, reach=9).layers[0]
+    # 2 [120, 130): following events starting before 139: 3, 4, 5 (130, 133, 136); preceding: 1
+    assert sel.ids == [1, 2, 3, 4, 5]
+    assert [e.source for e in sel.events] == ["contiguity", "similarity", "contiguity", "contiguity", "contiguity"]
 
 
 def test_question_without_contiguity_buffer_leaves_it_untouched(tmp_path):
