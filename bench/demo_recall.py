@@ -36,11 +36,14 @@ from common import machine, table, wilson, write_results  # noqa: E402
 # "before": the question window of the sessions saved before this benchmark's rules (the contiguity
 # buffer, the 128-token sink); "rules 1-4": docs/recall.md's first four rules (its tables' "now" before the
 # lexical matches); "now": today's MemoryConfig defaults; the others: one rule changed from "rules 1-4".
-R14 = {"question_neighbours": 2, "question_contiguity": False, "question_n_init": 0, "question_lexical": 0}
+R14 = {"question_neighbours": 2, "question_reach": 0, "question_contiguity": False, "question_n_init": 0,
+       "question_lexical": 0}
 DEFAULT_VARIANTS = {
-    "before": {"question_neighbours": 0, "question_contiguity": True, "question_n_init": None, "question_lexical": 0},
+    "before": {"question_neighbours": 0, "question_reach": 0, "question_contiguity": True, "question_n_init": None,
+               "question_lexical": 0},
     "rules 1-4": R14,
-    "now": {},  # today's defaults: rules 1-4 and the lexical matches (rule 5)
+    "now": {},  # today's defaults: rules 1-4, the lexical matches (rule 5), neighbours by reach (rule 6)
+    "rules 1-5 (no reach)": {"question_reach": 0},
     "rules 1-4, neighbours 1": {**R14, "question_neighbours": 1},
     "rules 1-4, sink 128": {**R14, "question_n_init": None},
     "rules 1-4, + contiguity buffer": {**R14, "question_contiguity": True},
@@ -94,10 +97,13 @@ async def ask_variants(engine: Any, tok: Any, path: Path, meta: dict[str, Any],
                        variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from emserve.server.cli import DEMO_QUESTION as QUESTION
     from emserve.server.engine.base import SamplingSpec
-    from emserve.server.session import Session
+    from emserve.server.session import MemoryConfig, Session
 
     s = Session.open(path, engine)
     out: dict[str, Any] = {}
+    # a variant overrides today's question defaults, not those a kept session was saved with
+    today = {f.name: getattr(MemoryConfig(), f.name) for f in dataclasses.fields(MemoryConfig)
+             if f.name.startswith("question_")}
     try:
         planner = s.memory.planner
         base = planner.config
@@ -107,6 +113,7 @@ async def ask_variants(engine: Any, tok: Any, path: Path, meta: dict[str, Any],
         base_mc = s.config
         plan_fields = {f.name for f in dataclasses.fields(base)}
         for name, over in variants.items():
+            over = {**today, **over}
             planner.config = dataclasses.replace(base, **{k: v for k, v in over.items() if k in plan_fields})
             s.config = dataclasses.replace(base_mc, **{k: v for k, v in over.items() if k not in plan_fields})
             planner.retriever.buffers = copy.deepcopy(buffers)

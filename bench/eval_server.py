@@ -48,12 +48,13 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
                 "question_n_init": int(default["n_init"])}
     if system == "infllm":
         return {"splitter": "uniform", "max_block_size": 128, "similarity_metric": "none",
-                "use_contiguity_buffer": False, "question_neighbours": 0, "question_lexical": 0,
+                "use_contiguity_buffer": False, "question_neighbours": 0, "question_reach": 0,
+                "question_lexical": 0,
                 "question_n_init": int(default["n_init"])}
     if system == "no-refine":
         return {"similarity_metric": "none"}
     if system == "no-contiguity":
-        return {"use_contiguity_buffer": False, "question_neighbours": 0}
+        return {"use_contiguity_buffer": False, "question_neighbours": 0, "question_reach": 0}
     if system == "mean-rank":
         return {"question_rank": "mean", "question_query_tokens": 4}
     raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")
@@ -179,9 +180,10 @@ class Job:
     haystack: Haystack
 
 
-def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, tag: str
+def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, tag: str, keep: bool = False
             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Ingest one haystack into a new session of ``job.system``, ask its questions, delete the session."""
+    """Ingest one haystack into a new session of ``job.system``, ask its questions, delete the session
+    (``keep``: leave it in the server's store, for later inspection)."""
     c = server.client
     hs = job.haystack
     sid = f"{job.system}-{hs.hid}"
@@ -210,13 +212,15 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
             + " ".join(repr(a["answer"][:24]) for a in answers))
         return row, answers
     finally:
-        server.delete(sid, disk)
+        if not keep:
+            server.delete(sid, disk)
 
 
 def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: int,
-             on_done: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> None:
+             on_done: Callable[[dict[str, Any], list[dict[str, Any]]], None], keep: bool = False) -> None:
     """Run ``jobs``, ``concurrency`` sessions at a time (the engine batches their steps), in waves;
-    between waves the server is restarted when the deleted sessions' bytes reach its limit."""
+    between waves the server is restarted when the deleted sessions' bytes reach its limit. ``keep``:
+    the sessions stay in the server's store (:func:`run_job`)."""
     default = server.default_memory()
     t0 = time.perf_counter()
     total_tokens = sum(j.haystack.length for j in jobs)
@@ -227,7 +231,7 @@ def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: 
             server.maybe_restart()
             wave = list(enumerate(jobs))[w : w + width]
             futures = [pool.submit(run_job, server, j, overrides(j.system, default), max_tokens,
-                                   f"[{i + 1}/{len(jobs)}]") for i, j in wave]
+                                   f"[{i + 1}/{len(jobs)}]", keep) for i, j in wave]
             for f, (i, j) in zip(futures, wave, strict=True):
                 row, answers = f.result()
                 on_done(row, answers)

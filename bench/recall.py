@@ -156,6 +156,8 @@ def main_run(args: argparse.Namespace) -> int:
                                "per_task": args.per_task, "systems": args.systems, "seed": args.seed,
                                "reference_lengths": args.reference_lengths, "max_tokens": args.max_tokens},
                     "haystack_specs": [h.summary() for h in hss]})
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="emserve-recall-", dir=args.workdir))
     try:
         if args.systems:
@@ -171,13 +173,14 @@ def main_run(args: argparse.Namespace) -> int:
                     run.save()
 
                 jobs = [Job(s, hs) for hs in hss for s in args.systems]
-                run_jobs(server, jobs, args.max_tokens, 1, done)
+                run_jobs(server, jobs, args.max_tokens, 1, done, keep=args.keep)
             finally:
                 server.stop()
         if args.reference_lengths:
             run_reference(run, hss, fillers, args.reference_lengths, native, str(spec.path), workdir)
     finally:
         if args.keep:
+            run.res["workdir"] = str(workdir)  # bench/recall_variants.py asks its sessions again
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -211,7 +214,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--out", default=None, help="results name (default recall-<lengths>[-quick][-model])")
     ap.add_argument("--workdir", default=None, help="where sessions and logs go (default: a temp folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder and the sessions in it")
     ap.add_argument("--plan", action="store_true", help="print the haystacks and questions, run nothing")
     args = ap.parse_args(argv)
     quick = args.quick

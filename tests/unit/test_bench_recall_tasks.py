@@ -123,3 +123,58 @@ def test_wilson_interval_and_summary_rows() -> None:
     headers, rows = recall.summary(answers)
     assert rows[0][:5] == ["kv", 8192, "emserve", 5, "0.60"] and rows[0][6] == "0.80 (4/5)"
     assert rows[1][2] == "full@2k" and rows[1][6] == "-"
+
+
+def test_recall_variants_parses_question_overrides_and_measures_window_coverage() -> None:
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import recall_variants as rv  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(BENCH))
+    assert rv.parse_variant('reach 0={"question_reach": 0}') == ("reach 0", {"question_reach": 0})
+    for bad in ('{"question_reach": 0}', 'x={"n_mem": 0}', "x=[1]"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            rv.parse_variant(bad)
+    window = ((0, 10), (20, 30))
+    assert rv.coverage((2, 8), window) == 1.0
+    assert rv.coverage((5, 25), window) == 0.5  # 5..10 and 20..25 of 20 tokens
+    assert rv.coverage((10, 20), window) == 0.0
+    answers = [{"variant": "defaults", "task": "kv", "correct": i < 2, "in_window": i < 3} for i in range(4)]
+    headers, rows = rv.summary({"answers": answers})
+    assert rows == [["defaults", "kv", 4, "3/4", "2/4", rows[0][5]]]
+
+
+def test_recall_goals_judge_the_newest_run_of_each_cell() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import eval_report as er  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(BENCH))
+    n = 32768
+
+    def answers(system: str, task: str, right: int, inside: int, total: int = 30) -> list[dict[str, Any]]:
+        return [{"system": system, "task": task, "length": n, "correct": i < right, "in_window": i < inside}
+                for i in range(total)]
+
+    model = {"name": "smollm2-135m"}
+    newest = {"model": model, "complete": True,
+              "answers": [a for t in er.RECALL_TASKS for a in answers("emserve", t, 20, 29)]}
+    reference = [a for t in er.RECALL_TASKS for a in answers("full@2k", t, 20, 30)]
+    older = {"model": model, "complete": True, "answers": answers("emserve", "kv", 0, 0) + reference}
+    runs = {er.RECALL_RUNS[0]: newest, er.RECALL_RUNS[1]: older}
+    rows = {r[0]: r for r in er.recall_goals(runs)}
+    rec = rows["SmolLM2-135M retrieval recall >= 0.95 on every task at 32k"]
+    assert "kv 29/30" in rec[1] and rec[2] == "met"  # the newest run's kv cell, not the older one's 0/30
+    acc = rows["SmolLM2-135M accuracy on every task >= full attention at 2k, at 32k"]
+    assert "kv 20/30 vs 20/30" in acc[1] and acc[2] == "met"  # equal point estimates meet it
+    assert rows["SmolLM2-135M retrieval recall >= 0.95 on every task at 128k"][2] == "not measured"
+    # one task short of the reference: not met; a quick run judges nothing
+    newest["answers"] = [a for a in newest["answers"] if a["task"] != "split"] + answers("emserve", "split", 19, 28)
+    rows = {r[0]: r for r in er.recall_goals(runs)}
+    assert rows["SmolLM2-135M accuracy on every task >= full attention at 2k, at 32k"][2] == "NOT met"
+    assert rows["SmolLM2-135M retrieval recall >= 0.95 on every task at 32k"][2] == "NOT met"  # 28/30 < 0.95
+    newest["quick"] = True
+    older["quick"] = True
+    assert all(r[2] == "not measured" for r in er.recall_goals(runs))
