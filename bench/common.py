@@ -15,6 +15,17 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def question_defaults() -> dict[str, Any]:
+    """Today's ``MemoryConfig`` defaults of the ``question_*`` fields: what a question-window variant
+    overrides (a kept session may have been saved with others)."""
+    import dataclasses
+
+    from emserve.server.session import MemoryConfig
+
+    return {f.name: getattr(MemoryConfig(), f.name) for f in dataclasses.fields(MemoryConfig)
+            if f.name.startswith("question_")}
+
+
 def machine() -> dict[str, Any]:
     flags: list[str] = []
     model_name = platform.processor()

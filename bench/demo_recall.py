@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table, wilson, write_results  # noqa: E402
+from common import machine, question_defaults, table, wilson, write_results  # noqa: E402
 
 # "before": the question window of the sessions saved before this benchmark's rules (the contiguity
 # buffer, the 128-token sink); "rules 1-4": docs/recall.md's first four rules (its tables' "now" before the
@@ -97,13 +97,11 @@ async def ask_variants(engine: Any, tok: Any, path: Path, meta: dict[str, Any],
                        variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from emserve.server.cli import DEMO_QUESTION as QUESTION
     from emserve.server.engine.base import SamplingSpec
-    from emserve.server.session import MemoryConfig, Session
+    from emserve.server.session import Session
 
     s = Session.open(path, engine)
     out: dict[str, Any] = {}
-    # a variant overrides today's question defaults, not those a kept session was saved with
-    today = {f.name: getattr(MemoryConfig(), f.name) for f in dataclasses.fields(MemoryConfig)
-             if f.name.startswith("question_")}
+    today = question_defaults()  # a variant overrides these, not those a kept session was saved with
     try:
         planner = s.memory.planner
         base = planner.config

@@ -149,10 +149,11 @@ class Server:
         return self.proc.stop()
 
 
-def _window_coverage(span: tuple[int, int], window: Sequence[Any]) -> float:
-    """Share of ``span``'s tokens in the window the server reports (``RetrievalTrace.window``)."""
+def window_coverage(span: tuple[int, int], window: Sequence[tuple[int, int]]) -> float:
+    """Share of ``span``'s tokens inside the ``[start, end)`` ranges of ``window`` (the answer step's
+    window: ``RetrievalTrace.window``, ``AskResult.window``)."""
     a, b = span
-    inside = sum(max(0, min(int(r.end), b) - max(int(r.start), a)) for r in window)
+    inside = sum(max(0, min(int(e), b) - max(int(s), a)) for s, e in window)
     return inside / (b - a) if b > a else 1.0
 
 
@@ -162,8 +163,8 @@ def ask(client: Any, sid: str, q: Question, max_tokens: int) -> dict[str, Any]:
     ans = client.ask(sid, q.prompt_ids, max_tokens=max_tokens, trace=True, preview_tokens=4)
     done = ans.complete
     t, u = done.timings, done.usage
-    window = list(ans.trace.window) if ans.trace is not None else []
-    cov = min(_window_coverage(s, window) for s in q.spans)
+    window = [(r.start, r.end) for r in ans.trace.window] if ans.trace is not None else []
+    cov = min(window_coverage(s, window) for s in q.spans)
     return {
         "qid": q.qid, "depth": q.depth, "expected": q.expected, "answer": ans.text,
         "correct": q.expected in ans.text, "coverage": cov, "in_window": cov >= 1.0,

@@ -31,15 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table, wilson, write_results  # noqa: E402
+from common import machine, question_defaults, table, wilson, write_results  # noqa: E402
+from eval_server import window_coverage  # noqa: E402
 from recall import haystacks  # noqa: E402
-
-
-def coverage(span: tuple[int, int], window: tuple[tuple[int, int], ...]) -> float:
-    """Share of ``span``'s tokens inside the ``[start, end)`` ranges of ``window``."""
-    a, b = span
-    inside = sum(max(0, min(e, b) - max(s, a)) for s, e in window)
-    return inside / (b - a) if b > a else 1.0
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -59,7 +53,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.models import resolve_model
-    from emserve.server.session import MemoryConfig, Session
+    from emserve.server.session import Session
 
     src = json.loads(Path(args.source).read_text())
     if "workdir" not in src:
@@ -68,8 +62,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = resolve_model(src["model"]["name"])
     tok = AutoTokenizer.from_pretrained(spec.path)
     hss, _ = haystacks(tok, spec.name, cfg["lengths"], cfg["sources"], cfg["tasks"], cfg["per_task"], cfg["seed"])
-    today = {f.name: getattr(MemoryConfig(), f.name) for f in dataclasses.fields(MemoryConfig)
-             if f.name.startswith("question_")}
+    today = question_defaults()
     engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
     answers: list[dict[str, Any]] = []
     try:
@@ -88,7 +81,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for q in hs.questions:
                         r = await s.ask(q.prompt_ids, SamplingSpec(max_tokens=cfg.get("max_tokens", 12)))
                         text = tok.decode(r.token_ids)
-                        cov = min(coverage(sp, r.window) for sp in q.spans)
+                        cov = min(window_coverage(sp, r.window) for sp in q.spans)
                         answers.append({"variant": name, "hid": hs.hid, "task": q.task, "qid": q.qid,
                                         "expected": q.expected, "answer": text, "correct": q.expected in text,
                                         "coverage": cov, "in_window": cov >= 1.0})

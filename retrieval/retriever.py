@@ -444,6 +444,7 @@ class Retriever:
         budget = max(0, int(budget))
         sizes = self.table.sizes
         starts = self.table.starts
+        ends = starts + sizes
         memory = int(sizes[:m].sum())
         # exact also while the HNSW indexes lag the table (catching up, or a reader in another process)
         exact = self.scorer is not None or self.index.uses_exact(n)
@@ -483,7 +484,7 @@ class Retriever:
         def walk(ranked: np.ndarray, buf: ContiguityBuffer | None) -> list[tuple[int, int, Source]]:
             if pre.size:
                 ranked = np.concatenate([pre, ranked[~np.isin(ranked, pre)]])
-            order, via = with_neighbours(ranked, m, neighbours, starts, starts + sizes, reach)
+            order, via = with_neighbours(ranked, m, neighbours, starts, ends, reach)
             picks = select_ranked(order, sizes, m, budget, kc, buf, via)
             if pre.size:
                 lexical = set(pre.tolist())

@@ -130,6 +130,7 @@ def test_recall_variants_parses_question_overrides_and_measures_window_coverage(
 
     sys.path.insert(0, str(BENCH))
     try:
+        import eval_server  # noqa: PLC0415
         import recall_variants as rv  # noqa: PLC0415
     finally:
         sys.path.remove(str(BENCH))
@@ -138,9 +139,9 @@ def test_recall_variants_parses_question_overrides_and_measures_window_coverage(
         with pytest.raises(argparse.ArgumentTypeError):
             rv.parse_variant(bad)
     window = ((0, 10), (20, 30))
-    assert rv.coverage((2, 8), window) == 1.0
-    assert rv.coverage((5, 25), window) == 0.5  # 5..10 and 20..25 of 20 tokens
-    assert rv.coverage((10, 20), window) == 0.0
+    assert eval_server.window_coverage((2, 8), window) == 1.0
+    assert eval_server.window_coverage((5, 25), window) == 0.5  # 5..10 and 20..25 of 20 tokens
+    assert eval_server.window_coverage((10, 20), window) == 0.0
     answers = [{"variant": "defaults", "task": "kv", "correct": i < 2, "in_window": i < 3} for i in range(4)]
     headers, rows = rv.summary({"answers": answers})
     assert rows == [["defaults", "kv", 4, "3/4", "2/4", rows[0][5]]]
