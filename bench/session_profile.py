@@ -5,12 +5,12 @@ under ``<workdir>/emserve-eval-*/sessions/``), or creates a fresh one, and appen
 tokens of ``big`` text through the real vLLM engine and the product's :class:`Session`, timing every
 ingestion step by phase:
 
-* ``engine``: the vLLM step (forward pass over the assembled window, KV capture into the log);
-* ``plan``: the window planner, i.e. retrieval (query encoding, exact or HNSW search over every
-  scoring layer, rescoring, contiguity buffer) and the window layout;
-* ``segment``: the online segmenter (surprise threshold, boundary refinement);
-* ``close``: closing events (representatives, table append, index adds / graph catch-up, saves);
-* ``step``: the whole ingestion step, host bookkeeping included.
+* ``step``: the whole ingestion step, host bookkeeping included;
+* the phases of the session's step reports (``emserve.server.report.PHASES``): ``retrieve`` (query
+  encoding, exact or HNSW search over every scoring layer, rescoring, contiguity buffer, the window
+  layout), ``inject`` / ``compute`` / ``write`` (the vLLM step: K/V read into the cache, the forward
+  pass, the new K/V appended to the log), ``segment`` (surprise threshold, boundary refinement),
+  ``close`` (representatives, table append), ``index`` (index adds / graph catch-up), ``save``.
 
 And how long the event loop stalls while the session ingests (a coroutine that wakes every 5 ms
 records its gaps): in the server the same loop serves every other session and the health checks, so
@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PHASES = ("step", "engine", "plan", "segment", "close")
+PHASES = ("step", "retrieve", "inject", "compute", "write", "segment", "close", "index", "save")
 TICK_S = 0.005
 
 
@@ -51,25 +51,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def disk_parts(path: Path) -> dict[str, int]:
-    """Bytes under a session directory: KV log (``k_*``/``v_*``), event table (representatives,
-    ranges), HNSW index files, the rest (tokens, surprise, state). Allocated bytes, not apparent sizes."""
-    parts: dict[str, int] = defaultdict(int)
-    for f in path.rglob("*"):
-        if not f.is_file():
-            continue
-        if f.suffix == ".hnsw":
-            part = "index"
-        elif f.name.startswith(("k_", "v_")) and f.suffix == ".bin":
-            part = "kv_log"
-        elif f.name.startswith(("reps_", "events.")):
-            part = "table"
-        else:
-            part = "other"
-        parts[part] += f.stat().st_blocks * 512  # allocated: the table's files are preallocated sparsely
-    return dict(parts)
 
 
 def stats(ts: list[float]) -> dict[str, float]:
@@ -84,6 +65,7 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.corpus import load_text
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
+    from emserve.server.metrics import disk_parts
     from emserve.server.models import resolve_model
     from emserve.server.session import MemoryConfig, Session
 
@@ -122,46 +104,13 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
           + (f"; opened in {open_s:.1f} s" if open_s is not None else ""), flush=True)
 
     times: dict[str, list[float]] = defaultdict(list)
-    cur: dict[str, float] = defaultdict(float)
 
-    def timed(name: str, fn: Any) -> Any:
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                cur[name] += time.perf_counter() - t
-        return wrapper
+    def record(steps: Any) -> None:  # the session's step reports: the one source of the phases
+        for r in steps:
+            times["step"].append(r.seconds)
+            for k in PHASES[1:]:
+                times[k].append(r.phases.get(k, 0.0))
 
-    def timed_async(name: str, fn: Any) -> Any:
-        async def wrapper(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return await fn(*a, **kw)
-            finally:
-                cur[name] += time.perf_counter() - t
-        return wrapper
-
-    memory = session.memory
-    memory.planner.plan_step = timed("plan", memory.planner.plan_step)  # type: ignore[method-assign]
-    memory.close_events = timed("close", memory.close_events)  # type: ignore[method-assign]
-    session.segmenter.feed = timed("segment", session.segmenter.feed)  # type: ignore[method-assign]
-    engine.step = timed_async("engine", engine.step)  # type: ignore[method-assign]
-    ingest = session._ingest_chunk
-
-    async def step(chunk: list[int]) -> Any:
-        cur.clear()
-        t = time.perf_counter()
-        res = await ingest(chunk)
-        times["step"].append(time.perf_counter() - t)
-        for k in PHASES[1:]:
-            times[k].append(cur.get(k, 0.0))
-        if len(times["step"]) % 8 == 0:
-            done = len(times["step"]) * session.config.exc_block_size
-            print(f"  +{done} tokens, step p50 {np.median(times['step']) * 1e3:.0f} ms", flush=True)
-        return res
-
-    session._ingest_chunk = step  # type: ignore[method-assign]
     gaps: list[float] = []
     done = asyncio.Event()
 
@@ -175,8 +124,12 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
 
     tick = asyncio.ensure_future(ticker())
     t = time.perf_counter()
-    await session.append(ids)
-    await session.flush()
+    every = 8 * session.config.exc_block_size
+    for a in range(0, len(ids), every):
+        record((await session.append(ids[a: a + every])).steps)
+        print(f"  +{len(times['step']) * session.config.exc_block_size} tokens, "
+              f"step p50 {np.median(times['step']) * 1e3:.0f} ms", flush=True)
+    record((await session.flush()).steps)
     wall = time.perf_counter() - t
     done.set()
     await tick

@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.server.config import ServerConfig
@@ -37,6 +38,7 @@ from emserve.server.engine.base import Engine
 from emserve.server.errors import Unauthenticated
 from emserve.server.generation import Generator
 from emserve.server.ingest import Ingestor
+from emserve.server.metrics import GrpcMetrics, Metrics, serve_metrics
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
 from emserve.server.sessions import SessionManager
 from emserve.server.text import TextCodec
@@ -61,7 +63,7 @@ def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = 
 
     from emserve.server.models import resolve_model
 
-    cfg = config.engine
+    cfg = dataclasses.replace(config.engine, log_stats=config.metrics_port is not None)
     spec = resolve_model(cfg.model, progress=progress)
     if cfg.backend == "reference":
         from emserve.server.engine.reference import ReferenceEngine
@@ -109,7 +111,8 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 class EmserveServer:
     """One server process's gRPC server and runtime. Use :func:`create_server`."""
 
-    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine | None = None, *,
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.engine = engine
         self._owns_engine = engine is None
@@ -131,7 +134,17 @@ class EmserveServer:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10000),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [_Auth(config.auth_token)] if config.auth_token else []
+        self.metrics: Metrics | None = None
+        """The server's metrics, with a metrics port (``registry``: where; default the process's
+        global registry, where vLLM's engine statistics are too)."""
+        self._metrics_http: Any = None
+        self.metrics_port: int | None = None
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.metrics_port is not None:
+            self.metrics = Metrics(registry if registry is not None else REGISTRY, sessions_dir=config.sessions_dir)
+            interceptors.append(GrpcMetrics(self.metrics))  # first: it sees the calls auth denies too
+        if config.auth_token:
+            interceptors.append(_Auth(config.auth_token))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_SessionServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -146,6 +159,10 @@ class EmserveServer:
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self.server.start()
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = serve_metrics(
+                self.metrics.registry, self.config.host, self.config.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in (READINESS, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -180,6 +197,8 @@ class EmserveServer:
         if backend == "given":
             backend = type(engine).__name__.removesuffix("Engine").lower()
         self.service.runtime = Runtime(manager, codec, ingestor, generator, backend)
+        if self.metrics is not None:
+            self.metrics.bind(manager)
         for name in (READINESS, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
@@ -215,6 +234,11 @@ class EmserveServer:
         t2 = time.perf_counter()
         if self._owns_engine and self.engine is not None:
             await self.engine.close()
+        if self._metrics_http is not None:  # last: a scrape during the drain still answers
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        if self.metrics is not None:
+            self.metrics.close()
         logger.info("shutdown: calls drained in %.1f s, sessions closed in %.1f s, engine closed in %.1f s",
                     t1 - t0, t2 - t1, time.perf_counter() - t2)
 
@@ -222,12 +246,14 @@ class EmserveServer:
         await self.server.wait_for_termination()
 
 
-async def create_server(config: ServerConfig, *, engine: Engine | None = None) -> tuple[EmserveServer, int]:
+async def create_server(config: ServerConfig, *, engine: Engine | None = None,
+                        registry: CollectorRegistry | None = None) -> tuple[EmserveServer, int]:
     """Start a server for ``config`` (port 0: any free port); returns it and its bound port.
 
     ``engine``: use this engine (tests); otherwise the configured one loads in the background.
+    ``registry``: where its metrics go (tests; default the process's global registry).
     """
-    server = EmserveServer(config, engine)
+    server = EmserveServer(config, engine, registry=registry)
     port = await server.start()
     return server, port
 
@@ -239,6 +265,8 @@ def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None
     async def main() -> int:
         server, port = await create_server(config)
         say(f"emserve listening on {config.host}:{port}")
+        if server.metrics_port is not None:
+            say(f"emserve metrics on http://{config.host}:{server.metrics_port}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "auth_token": args.auth_token, "grace_s": args.grace,
         "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
-        "memory": memory or None,
+        "metrics_port": args.metrics_port, "memory": memory or None,
     })
     status = serve(config)
     # Every session is checkpointed and closed and the engine is shut down: nothing is left to save.
@@ -62,6 +62,19 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _metrics_port(value: str) -> int | str:
+    """``--metrics-port``: a port number, or ``off``."""
+    if value.strip().lower() == "off":
+        return "off"
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number or 'off': {value!r}") from None
+    if not 0 <= port < 65536:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {port}")
+    return port
 
 
 def _parse_value(v: str) -> Any:
@@ -92,6 +105,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-session-tokens", type=int, default=None, help="0: unlimited")
     p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer <token>' (EMSERVE_AUTH_TOKEN)")
     p.add_argument("--grace", type=float, default=None, help="graceful shutdown grace period, s")
+    p.add_argument("--metrics-port", type=_metrics_port, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics; 'off' for none "
+                        "(EMSERVE_METRICS_PORT; default off)")
     p.add_argument("--retrieval-device", default=None,
                    help="where retrieval scores events: auto (a GPU if torch sees one), cpu, cuda[:N]")
     p.add_argument("--retrieval-device-gib", type=float, default=None,

@@ -17,6 +17,7 @@ Environment variables (all optional)::
     EMSERVE_MAX_SESSION_TOKENS   0 (default): unlimited
     EMSERVE_AUTH_TOKEN           when set, calls need ``authorization: Bearer <token>``
     EMSERVE_GRACE_S              graceful-shutdown grace period, default 30
+    EMSERVE_METRICS_PORT         Prometheus /metrics port (default: none, no metrics); 0: any free port
     EMSERVE_MEMORY_<FIELD>       default MemoryConfig, e.g. EMSERVE_MEMORY_N_LOCAL=2048
 """
 
@@ -88,6 +89,10 @@ class ServerConfig:
     auth_token: str | None = None
     """When set, every call but health and reflection needs ``authorization: Bearer <token>``."""
 
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on ``http://host:metrics_port/metrics`` (``emserve.server.metrics``;
+    vLLM's engine statistics on too). None: no metrics endpoint; 0: any free port (tests)."""
+
     grace_s: float = 30.0
     """On SIGTERM: stop accepting calls, let in-flight ones finish for this long, then cancel them
     (committing steps always finish), checkpoint every open session and exit."""
@@ -95,6 +100,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.max_sessions < 1 or self.max_open_sessions < 1:
             raise ConfigError("max_sessions and max_open_sessions must be >= 1")
         if self.max_message_bytes < 1024:
@@ -131,7 +138,7 @@ def _coerce(value: str, kind: str, name: str) -> Any:
     """Parse an environment value for a field annotated ``kind`` (a string: annotations are lazy)."""
     optional = kind.endswith("| None")
     base = kind.removesuffix("| None").strip()
-    if optional and value.strip().lower() in ("", "none"):
+    if optional and value.strip().lower() in ("", "none", "off"):
         return None
     try:
         if base == "bool":
@@ -174,7 +181,8 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
-                 "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib"):
+                 "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib",
+                 "metrics_port"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)
@@ -195,6 +203,8 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
             memory = dataclasses.replace(memory, **dict(v))
         elif k == "sessions_dir":
             values[k] = Path(v).expanduser()
+        elif k == "metrics_port" and v == "off":  # the flag's way to override EMSERVE_METRICS_PORT
+            values[k] = None
         elif k in server_fields and k != "engine":
             values[k] = v
         else:

@@ -139,7 +139,7 @@ class Generator:
                 result: AskResult | None = None
                 t_first: float | None = None
                 done = False
-                stream = session.ask_stream(prompt_ids, p.sampling, on_plan=on_plan)
+                stream = session.ask_stream(prompt_ids, p.sampling, on_plan=on_plan, on_report=self.manager.report)
                 try:
                     async for item in stream:
                         if isinstance(item, TokenDelta):
@@ -171,7 +171,9 @@ class Generator:
                     out_ids = list(decoder.ids)
                 committed = session.num_tokens
                 if p.remember:
-                    committed = await entry.run_commit(lambda: session.append(prompt_ids + out_ids, flush=True))
+                    stored = await entry.run_commit(lambda: session.append(prompt_ids + out_ids, flush=True))
+                    committed = stored.committed
+                    self.manager.report(*stored.steps)
                 retrieval = planned.get("retrieval")
                 assert retrieval is None or isinstance(retrieval, RetrievalResult)
                 timings: dict[str, float] = dict(planned.get("timings", {}))  # type: ignore[call-overload]

@@ -191,7 +191,9 @@ class _Stream:
         chunk = self.session.config.exc_block_size
         while len(self.pending) >= chunk or (force and self.pending):
             take = self.pending[:chunk]
-            self.committed = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True))
+            res = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True))
+            self.committed = res.committed
+            self.ingestor.manager.report(*res.steps)
             del self.pending[: len(take)]
             self.ingestor.stats.tokens_committed += len(take)
             yield self.ack()

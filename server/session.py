@@ -42,7 +42,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ from emserve.segmenter import OnlineSegmenter, SegmenterConfig
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.engine.rope import RopeSpec
 from emserve.server.errors import SessionReopening
+from emserve.server.report import PhaseClock, StepReport
+
+if TYPE_CHECKING:
+    from emserve.retrieval.plan import WindowPlan
 
 SESSION_FILE = "session.json"
 SURPRISE_FILE = "surprise.f32"
@@ -213,6 +217,17 @@ class AskResult:
     window: tuple[tuple[int, int], ...] = ()
     """The stream's tokens the answer step attended to in every layer, as ``[start, end)`` ranges (the
     question and the answer excluded)."""
+    report: StepReport | None = None
+    """The question's step report (:mod:`emserve.server.report`)."""
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an ``append`` / ``flush`` committed: the session's committed offset after it, and one
+    report per ingestion step it ran (none when the tokens wait for a full chunk)."""
+
+    committed: int
+    steps: tuple[StepReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -370,12 +385,14 @@ class Session:
             self._refinement_keys = RefinementKeys(lambda: self.log, self._rope, layers)
         return self._refinement_keys
 
-    def _close(self, events: Sequence[Any]) -> None:
+    def _close(self, events: Sequence[Any], timings: dict[str, float] | None = None) -> list[tuple[int, int]]:
+        """Close the segmenter's final events into the memory; returns the ``(start, end)`` closed."""
         done = self.memory.table.end_offset if events else 0
-        events = [e for e in events if e.start >= done]  # replay after a crash: already in the table
-        if events:
-            self.memory.close_events([(e.start, e.end) for e in events])
-            self.events_closed += len(events)
+        ranges = [(e.start, e.end) for e in events if e.start >= done]  # replay after a crash: already in
+        if ranges:
+            self.memory.close_events(ranges, timings=timings)
+            self.events_closed += len(ranges)
+        return ranges
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -415,41 +432,50 @@ class Session:
         return session_stats(self.path)
 
     # ------------------------------------------------------------------ ingestion
-    async def append(self, token_ids: Sequence[int], *, flush: bool = False) -> int:
-        """Ingest tokens; returns the committed offset (tokens that are in the log and the memory).
+    async def append(self, token_ids: Sequence[int], *, flush: bool = False) -> AppendResult:
+        """Ingest tokens; returns the committed offset (tokens that are in the log and the memory) and
+        the reports of the steps run.
 
         Tokens are computed in chunks of ``exc_block_size`` counted from the last step, so the same
         stream gives the same steps however it is split into calls; a tail shorter than a chunk
         waits (uncommitted, in memory) for more tokens or for ``flush`` (``ask`` flushes too).
         """
+        t0 = time.perf_counter()
         async with self.lock:
             self._check_usable()
             self._pending.extend(int(t) for t in token_ids)
-            await self._drain(flush)
-            return self.num_tokens
+            steps = await self._drain(flush, wait_s=time.perf_counter() - t0)
+            return AppendResult(self.num_tokens, tuple(steps))
 
-    async def flush(self) -> int:
-        """Compute any pending tail now. Returns the committed offset."""
+    async def flush(self) -> AppendResult:
+        """Compute any pending tail now. Returns the committed offset and the steps run."""
         return await self.append((), flush=True)
 
     @property
     def pending_tokens(self) -> int:
         return len(self._pending)
 
-    async def _drain(self, flush: bool) -> None:
+    async def _drain(self, flush: bool, wait_s: float = 0.0) -> list[StepReport]:
         step = self.config.exc_block_size
+        reports: list[StepReport] = []
         while len(self._pending) >= step or (flush and self._pending):
             # a started step finishes (engine, surprise, events, pending trimmed) before a cancellation goes
             # on: half a step would leave the log ahead of the session, or a committed chunk still pending
-            await _to_the_end(self._ingest_chunk(self._pending[:step]))
+            clock = PhaseClock()
+            if not reports:
+                clock.add("wait", wait_s)  # the lock is taken once for all of this call's steps
+            reports.append(await _to_the_end(self._ingest_chunk(self._pending[:step], clock)))
+        return reports
 
     @staticmethod
     async def _host(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` in a worker thread, to its end (the session's lock is held until then)."""
         return await _to_the_end(asyncio.to_thread(fn, *args, **kwargs))
 
-    async def _ingest_chunk(self, chunk: list[int]) -> StepResult:
+    async def _ingest_chunk(self, chunk: list[int], clock: PhaseClock | None = None) -> StepReport:
+        clock = clock or PhaseClock()
         offset = self.num_tokens
+        retrieval = None
         if offset == 0:
             from emserve.retrieval.plan import WindowPlan
 
@@ -458,20 +484,46 @@ class Session:
             planner = self.memory.planner
             queries = self._last_queries
             if queries is None:  # no previous step to lag from (e.g. a log restored without state): probe
-                probe = await self.engine.step(planner.probe_plan(offset, chunk), options=StepOptions(surprise=False))
+                with clock("probe"):
+                    probe = await self.engine.step(planner.probe_plan(offset, chunk),
+                                                   options=StepOptions(surprise=False))
                 queries = probe.queries
-            plan = await self._host(planner.plan_step, offset, chunk, queries)
+            with clock("retrieve"):
+                plan = await self._host(planner.plan_step, offset, chunk, queries)
+            retrieval = planner.last_retrieval
         try:
             res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
+            clock.engine(res.timings)
             if res.log_offset != offset:
                 raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
-            await self._host(self._after_step, res, len(chunk))
+            closed = await self._host(self._after_step, res, len(chunk), clock)
         except Exception as e:
             if self._moved_past(offset):  # the log or the surprise holds the step: memory may be behind
                 self.failed = e
             raise
         del self._pending[: len(chunk)]
-        return res
+        return self._report("ingest", offset, plan, retrieval, clock, closed=closed, written=len(chunk))
+
+    def _report(self, kind: Any, offset: int, plan: WindowPlan, retrieval: RetrievalResult | None,
+                clock: PhaseClock, *, closed: Sequence[tuple[int, int]] = (), written: int = 0,
+                **question: Any) -> StepReport:
+        per_token = self.engine.info.kv_layout(self.engine.log_dtype).bytes_per_token
+        return StepReport(
+            kind=kind,
+            offset=offset,
+            new_tokens=plan.num_new,
+            window_tokens=plan.window_len,
+            injected_tokens=plan.num_injected,
+            retrieved_events=len(retrieval.layers[0].events) if retrieval is not None and retrieval.layers else 0,
+            retrieved_tokens=retrieval.tokens if retrieval is not None else 0,
+            bytes_read=plan.num_injected * per_token,
+            bytes_written=written * per_token,
+            events_closed=len(closed),
+            event_tokens=tuple(end - start for start, end in closed),
+            phases=dict(clock.phases),
+            seconds=clock.elapsed(),
+            **question,
+        )
 
     def _logged_tokens(self) -> int:
         """Tokens in the KV log (0 before the engine created it)."""
@@ -488,19 +540,25 @@ class Session:
         if self.failed is not None:
             raise SessionReopening(self.path.parent.name, self.failed)
 
-    def _after_step(self, res: StepResult, n: int) -> None:
-        """A step's host work once the engine logged it: surprise, query statistics, segmenter, events."""
+    def _after_step(self, res: StepResult, n: int, clock: PhaseClock) -> list[tuple[int, int]]:
+        """A step's host work once the engine logged it: surprise, query statistics, segmenter, events.
+        Returns the events closed."""
         offset = res.log_offset
-        os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
-        self._last_queries = res.queries
-        if res.queries is not None:
-            self.memory.observe_queries(res.queries, n)
-            tmp = self.path / (QUERIES_FILE + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, res.queries)
-            os.replace(tmp, self.path / QUERIES_FILE)
-        self._close(self.segmenter.feed(_segmenter_surprise(res.surprise, offset), self._keys))
-        self._save_state()
+        with clock("save"):
+            os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
+            self._last_queries = res.queries
+            if res.queries is not None:
+                self.memory.observe_queries(res.queries, n)
+                tmp = self.path / (QUERIES_FILE + ".tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, res.queries)
+                os.replace(tmp, self.path / QUERIES_FILE)
+        with clock("segment"):
+            final = self.segmenter.feed(_segmenter_surprise(res.surprise, offset), self._keys)
+        closed = self._close(final, clock.phases)
+        with clock("save"):
+            self._save_state()
+        return closed
 
     # ------------------------------------------------------------------ questions
     async def ask_stream(
@@ -510,18 +568,21 @@ class Session:
         *,
         on_plan: Callable[[RetrievalResult | None, dict[str, float], tuple[tuple[int, int], ...]], None]
         | None = None,
+        on_report: Callable[[StepReport], None] | None = None,
     ) -> AsyncIterator[TokenDelta | AskResult]:
         """Answer against the memory without changing it: yields TokenDeltas, then an AskResult.
 
         ``on_plan`` is called with the retrieval, the timings so far and the window (the stream's
         tokens in every layer's window, ``WindowPlan.log_ranges``) once the step is planned, before the
-        first token (a caller that stops early still learns what was retrieved).
+        first token (a caller that stops early still learns what was retrieved). ``on_report`` is
+        called once with the question's :class:`StepReport` when its step ends, also when the caller
+        stops early (then ``output_tokens`` counts what was streamed).
         """
         q = [int(t) for t in question_ids]
-        t0 = time.perf_counter()
+        clock = PhaseClock()
         async with self.lock:
             self._check_usable()
-            t1 = time.perf_counter()
+            clock.add("wait", clock.elapsed())
             offset = self.num_tokens
             retrieval = None
             if offset == 0:
@@ -532,32 +593,61 @@ class Session:
                 planner = self.memory.planner
                 lay = planner.layout(offset, len(q), reserve=sampling.max_tokens, question=True)
                 queries = None
+                per_token = False  # the probe reported one query per question token
                 if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
                     n_tok = self.config.question_query_tokens
-                    probe = await self.engine.step(
-                        planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
-                    )
-                    queries = probe.query_tokens if probe.query_tokens is not None else probe.queries
-                    if probe.query_tokens is not None and self.config.question_content_queries:
+                    with clock("probe"):
+                        probe = await self.engine.step(
+                            planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
+                        )
+                    per_token = probe.query_tokens is not None
+                    queries = probe.query_tokens if per_token else probe.queries
+                with clock("retrieve"):
+                    if queries is not None and per_token and self.config.question_content_queries:
                         # off the event loop: the first call per model reads its vocabulary (seconds)
                         rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
                         queries = queries[rows]
-                lead: tuple[int, ...] = ()
-                if lay.num_events and lay.budget and self.config.question_lexical > 0:
-                    lead = await self._host(self._lexical_hits, q, lay.num_events)
-                plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
-                                        question=True, lead=lead)
+                    lead: tuple[int, ...] = ()
+                    if lay.num_events and lay.budget and self.config.question_lexical > 0:
+                        lead = await self._host(self._lexical_hits, q, lay.num_events)
+                    plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
+                                            question=True, lead=lead)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
-            timings = {"wait_s": t1 - t0, "retrieval_s": time.perf_counter() - t1}
+            timings = {"wait_s": clock.phases.get("wait", 0.0),
+                       "retrieval_s": clock.phases.get("probe", 0.0) + clock.phases.get("retrieve", 0.0)}
             window = plan.log_ranges(self.log_path)
             if on_plan is not None:
                 on_plan(retrieval, timings, window)
-            async for item in self.engine.stream(plan, sampling, StepOptions(surprise=False, queries=False)):
-                if isinstance(item, StepResult):
-                    yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings, window)
-                else:
-                    yield item
+            ttft: float | None = None
+            streamed = 0
+            t_engine = clock.elapsed()
+
+            def report(output_tokens: int) -> StepReport:
+                decode_s = 0.0 if ttft is None else clock.elapsed() - ttft
+                return self._report("question", offset, plan, retrieval, clock, ttft_s=ttft,
+                                    output_tokens=output_tokens, decode_s=decode_s)
+
+            done = False
+            try:
+                async for item in self.engine.stream(plan, sampling, StepOptions(surprise=False, queries=False)):
+                    if isinstance(item, StepResult):
+                        clock.engine(item.timings)
+                        rep = report(len(item.output_token_ids))
+                        done = True
+                        if on_report is not None:
+                            on_report(rep)
+                        yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings,
+                                        window, rep)
+                    else:
+                        if ttft is None and item.token_ids:
+                            ttft = clock.elapsed()
+                        streamed += len(item.token_ids)
+                        yield item
+            finally:
+                if not done and on_report is not None:  # stopped early (or failed): what ran is reported
+                    clock.add("compute", clock.elapsed() - t_engine)
+                    on_report(report(streamed))
 
     def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[int, ...]:
         """The question's lexical matches among the first ``num_events`` events (``question_lexical``)."""

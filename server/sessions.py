@@ -53,6 +53,7 @@ from emserve.server.errors import (
     SessionFinished,
     SessionNotFound,
 )
+from emserve.server.report import StepReport
 from emserve.server.session import MemoryConfig, Session, SessionStats, session_stats
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,14 @@ class SessionManager:
         self.max_open = max_open
         self._open: dict[str, Entry] = {}
         self._lock = asyncio.Lock()  # create / open / close / delete
+        self.observers: list[Callable[[StepReport], None]] = []
+        """Called with every step report of every session (:meth:`report`): metrics, logs."""
+
+    def report(self, *reports: StepReport) -> None:
+        """Hand the step reports of a call to the observers (on the event loop; they must be cheap)."""
+        for r in reports:
+            for observe in self.observers:
+                observe(r)
 
     # ------------------------------------------------------------------ lookup
     def _folder(self, session_id: str) -> Path:
@@ -198,6 +207,10 @@ class SessionManager:
     @property
     def open_count(self) -> int:
         return len(self._open)
+
+    def active_count(self) -> int:
+        """Open sessions with a call in progress."""
+        return sum(1 for e in list(self._open.values()) if not e.idle)
 
     # ------------------------------------------------------------------ create / delete
     def memory_config(self, overrides: Mapping[str, Any]) -> MemoryConfig:
@@ -371,7 +384,7 @@ class SessionManager:
 
     def device_bytes(self) -> int:
         """Device memory held by the open sessions' retrieval mirrors."""
-        return sum(e.session.device_bytes for e in self._open.values())
+        return sum(e.session.device_bytes for e in list(self._open.values()))  # list: read from other threads
 
     async def _close(self, entry: Entry) -> None:
         self._open.pop(entry.session_id, None)

@@ -7,13 +7,16 @@ The server runs on its own thread and loop (as in production, a separate process
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from emserve.client import Client
 from emserve.retrieval.kvlog import KVLog
@@ -38,12 +41,12 @@ def tiny_config(model_dir: Path, sessions: Path, **overrides: Any) -> ServerConf
 class ServerThread:
     """An EmserveServer on a background event loop."""
 
-    def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine | None, registry: Any = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="emserve-test-server", daemon=True)
         self.thread.start()
         self.server: EmserveServer
-        self.server, self.port = self.run(create_server(config, engine=engine))
+        self.server, self.port = self.run(create_server(config, engine=engine, registry=registry))
         self.address = f"127.0.0.1:{self.port}"
 
     def run(self, coro: Awaitable[_T], timeout: float = 120.0) -> _T:
@@ -166,3 +169,18 @@ class WatchedEngine(Engine):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``(sample name, labels) -> value`` of one scrape of ``http://127.0.0.1:port/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(samples: dict, name: str, default: float = math.nan, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (none: ``default``)."""
+    hits = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    return sum(hits) if hits else default

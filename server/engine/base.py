@@ -118,6 +118,10 @@ class StepResult:
     finish_reason: str | None = None
     num_injected: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    """Seconds: ``total_s`` (the whole step, as the caller waited for it), ``inject_s`` (reading the
+    window's K/V from the logs into the model's cache, keys re-rotated), ``write_s`` (appending the new
+    tokens' K/V to the capture log; 0 without one), ``first_token_s`` (to the first generated token,
+    when generating). Engines may add their own."""
     query_tokens: np.ndarray | None = None
     """float32 ``[n, num_layers, num_heads, head_dim]``: pre-RoPE queries of the last
     ``n = min(StepOptions.query_tokens, C)`` new tokens, in order; None when not requested."""

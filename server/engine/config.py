@@ -52,6 +52,10 @@ class EngineConfig:
 
     seed: int = 0
 
+    log_stats: bool = False
+    """vLLM's own statistics: its ``vllm:*`` Prometheus metrics in this process's default registry
+    (the server turns them on with its metrics port)."""
+
     def __post_init__(self) -> None:
         if self.dtype == "auto":
             object.__setattr__(self, "dtype", auto_dtype())

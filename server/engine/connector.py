@@ -29,6 +29,7 @@ Requirements on the engine: prefix caching off (placeholder prompts must never h
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,7 @@ class EMConnector(KVConnectorBase_V1):
         self._captures: dict[str, _Capture] = {}
         self._step_captures: list[tuple[_Capture, CaptureSpec]] = []
         self._inv_cache: tuple[int, int, torch.Tensor] | None = None
+        self._inject_s: dict[str, float] = {}  # per request: seconds spent injecting its window's K/V
 
     # ================================================================ scheduler half
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -289,6 +291,7 @@ class EMConnector(KVConnectorBase_V1):
         self._step_captures = []
         for rid in connector_metadata.finished:
             self._captures.pop(rid, None)
+            self._inject_s.pop(rid, None)
         for spec in connector_metadata.captures:
             if spec.first is not None:
                 self._captures[spec.req_id] = _Capture(
@@ -337,10 +340,12 @@ class EMConnector(KVConnectorBase_V1):
                 continue
             li = layer_index(name)
             for ld in meta.loads:
+                t0 = time.perf_counter()
                 segs = ld.layer_segments[li] if ld.layer_segments is not None else ld.segments
                 k, v = self._gather(segs, li, angles)
                 dt = kv_cache.dtype
                 impl.do_kv_cache_update(layer, k.to(dt).contiguous(), v.to(dt).contiguous(), kv_cache, ld.slots)
+                self._inject_s[ld.req_id] = self._inject_s.get(ld.req_id, 0.0) + time.perf_counter() - t0
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -409,6 +414,7 @@ class EMConnector(KVConnectorBase_V1):
         init = cap.init
         self._captures.pop(cap.req_id, None)
         offset = -1
+        t0 = time.perf_counter()
         if init.capture_log:
             w = self._writers.get(init.capture_log)
             if w is None:
@@ -418,9 +424,10 @@ class EMConnector(KVConnectorBase_V1):
             self._writers.move_to_end(init.capture_log)
             positions = np.arange(init.first_new, init.first_new + init.num_new, dtype=np.int32)
             offset = w.append(init.token_ids, positions, cap.keys, cap.values)
+        timings = {"inject_s": self._inject_s.pop(cap.req_id, 0.0), "write_s": time.perf_counter() - t0}
         if init.result_path:
             q = None if cap.qsum is None else (cap.qsum / init.num_new).to(torch.float32).numpy()
-            write_result(init.result_path, offset, q, None if cap.qtok is None else cap.qtok.numpy())
+            write_result(init.result_path, offset, q, None if cap.qtok is None else cap.qtok.numpy(), timings)
 
     def shutdown(self) -> None:
         for w in self._writers.values():
@@ -446,11 +453,18 @@ def _evict(logs: OrderedDict[str, KVLog]) -> None:
 
 
 def write_result(
-    path: str, log_offset: int, queries: np.ndarray | None, query_tokens: np.ndarray | None = None
+    path: str, log_offset: int, queries: np.ndarray | None, query_tokens: np.ndarray | None = None,
+    timings: dict[str, float] | None = None,
 ) -> None:
+    """The step's result for the server process: the log offset of its new tokens, their query summary,
+    the last query tokens, and ``timings`` (seconds, stored as ``t_<name>`` scalars: ``inject_s``
+    reading and re-rotating the window's K/V from the logs into the cache, ``write_s`` appending the
+    new tokens' K/V to the log)."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     arrays: dict[str, np.ndarray] = {"log_offset": np.asarray(log_offset, dtype=np.int64)}
+    for name, seconds in (timings or {}).items():
+        arrays[f"t_{name}"] = np.asarray(seconds, dtype=np.float64)
     if queries is not None:
         arrays["queries"] = queries
     if query_tokens is not None:

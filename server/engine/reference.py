@@ -290,7 +290,7 @@ class ReferenceEngine(Engine):
             queries=q_mean,
             query_tokens=q_tok,
             num_injected=n_inj,
-            timings={"inject_s": t1 - t0, "forward_s": t2 - t1, "outputs_s": t3 - t2, "capture_s": t4 - t3},
+            timings={"inject_s": t1 - t0, "forward_s": t2 - t1, "outputs_s": t3 - t2, "write_s": t4 - t3},
         )
         step = _Step(plan, sampling, cache, plan.window_len, logits[-1].float(), result)
         if sampling is None or sampling.max_tokens == 0:

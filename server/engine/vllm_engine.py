@@ -87,7 +87,7 @@ class VLLMEngine(Engine):
             enable_prefix_caching=False,
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
-            disable_log_stats=True,
+            disable_log_stats=not config.log_stats,
             kv_transfer_config=KVTransferConfig(
                 kv_connector="EMConnector",
                 kv_connector_module_path=CONNECTOR_MODULE,
@@ -181,11 +181,12 @@ class VLLMEngine(Engine):
                     log_offset = int(res["log_offset"])
                     queries = np.array(res["queries"]) if "queries" in res.files else None
                     qtok = np.array(res["query_tokens"]) if "query_tokens" in res.files else None
+                    core = {f[2:]: float(res[f]) for f in res.files if f.startswith("t_")}
             except FileNotFoundError:
                 raise EngineError(f"engine core wrote no step result for request {rid}") from None
             out0 = final.outputs[0]
             t_end = time.perf_counter()
-            timings = {"total_s": t_end - t0}
+            timings = {**core, "total_s": t_end - t0}
             if t_first is not None:
                 timings["first_token_s"] = t_first - t0
             yield StepResult(

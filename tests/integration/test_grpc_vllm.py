@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from grpc_harness import ServerThread, check_isolated_sessions, random_ids, tiny_config
+from grpc_harness import ServerThread, check_isolated_sessions, random_ids, scrape, tiny_config, value
 
 from emserve.client import Client
 
@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     cfg = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("vllm-sessions"), backend="vllm", dtype="float32",
-                      max_model_len=1024, kv_cache_gib=1)
+                      max_model_len=1024, kv_cache_gib=1, metrics_port=0)
     s = ServerThread(cfg, None)  # the engine loads in the background, as in production
     yield s
     s.stop(grace=2)
@@ -36,6 +36,31 @@ def client(srv: ServerThread) -> Iterator[Client]:
         yield c
 
 
+
+
+def test_metrics_port_serves_vllm_metrics_one_request_per_step(srv: ServerThread, client: Client) -> None:
+    """vLLM's own metrics are on the server's /metrics port, and one vLLM request is one emserve step
+    (an ingestion chunk, a question's answer) or a question's probe."""
+    port = srv.server.metrics_port
+    assert port
+
+    def requests(m: dict) -> float:
+        return value(m, "vllm:request_success_total")
+
+    def steps(m: dict) -> float:
+        return value(m, "emserve_steps_total") + value(m, "emserve_step_phase_seconds_count", 0.0, phase="probe")
+
+    before = scrape(port)
+    client.create_session("M")
+    client.ingest_tokens("M", random_ids(300, 7))
+    client.ask("M", [5, 6, 7], max_tokens=3, ignore_eos=True)
+    after = scrape(port)
+    assert steps(after) - steps(before) == requests(after) - requests(before) >= 300 // 32 + 1
+    assert value(after, "vllm:prompt_tokens_total") - value(before, "vllm:prompt_tokens_total") >= 300
+    assert value(after, "vllm:generation_tokens_total") > value(before, "vllm:generation_tokens_total")
+    ttft = "vllm:time_to_first_token_seconds_count"
+    assert value(after, ttft) > value(before, ttft)
+    assert value(after, "emserve_ingested_tokens_total") - value(before, "emserve_ingested_tokens_total") == 300
 
 
 def test_concurrent_sessions_on_one_vllm_engine_are_isolated(srv: ServerThread, client: Client) -> None:

@@ -42,10 +42,10 @@ def _ids(n: int, seed: int) -> list[int]:
 def test_ingest_builds_events_and_a_bounded_window(engine: ReferenceEngine, tmp_path: Path) -> None:
     s = Session.create(tmp_path / "s", engine, CFG)
     ids = _ids(600, 0)
-    assert asyncio.run(s.append(ids[:250])) == 224  # 7 chunks of 32; 26 tokens wait for more
+    assert asyncio.run(s.append(ids[:250])).committed == 224  # 7 chunks of 32; 26 tokens wait for more
     assert s.pending_tokens == 26
-    assert asyncio.run(s.append(ids[250:])) == 576
-    assert asyncio.run(s.flush()) == 600
+    assert asyncio.run(s.append(ids[250:])).committed == 576
+    assert asyncio.run(s.flush()).committed == 600
     log = KVLog.open(tmp_path / "s" / "log")
     assert len(log) == 600 and log.tokens().tolist() == ids
     # window positions stay bounded (sink + memory + remainder + local + chunk), not growing with the stream
@@ -147,10 +147,10 @@ def test_crash_between_log_and_surprise_is_repaired(engine: ReferenceEngine, tmp
 
     d = tmp_path / "s"
     s = Session.create(d, engine, CFG)
-    assert asyncio.run(s.append(_ids(160, 3))) == 160
+    assert asyncio.run(s.append(_ids(160, 3))).committed == 160
     for name in ("session.json", "queries.npy"):
         shutil.copy(d / name, tmp_path / name)
-    assert asyncio.run(s.append(_ids(32, 4))) == 192
+    assert asyncio.run(s.append(_ids(32, 4))).committed == 192
     s.close()
     # crash after the engine committed the last step to the log, before the server recorded it
     for name in ("session.json", "queries.npy"):
@@ -158,7 +158,7 @@ def test_crash_between_log_and_surprise_is_repaired(engine: ReferenceEngine, tmp
     os.truncate(d / "surprise.f32", 160 * 4)
     s = Session.open(d, engine)
     assert s.num_tokens == 160 and len(s.log) == 160
-    assert asyncio.run(s.append(_ids(32, 4))) == 192  # the client re-sends from its last ack
+    assert asyncio.run(s.append(_ids(32, 4))).committed == 192  # the client re-sends from its last ack
     ends = s.memory.table.ends
     assert np.all(np.diff(ends) > 0) and ends[-1] <= 192 - CFG.min_block_size  # no duplicated events
     # the same events as a session that never crashed
@@ -289,10 +289,10 @@ def test_a_cancelled_append_finishes_the_step_it_started(engine: ReferenceEngine
     entered, release = threading.Event(), threading.Event()
     close_events = mem.close_events
 
-    def held(events: Any) -> Any:
+    def held(events: Any, **kwargs: Any) -> Any:
         entered.set()
         release.wait(timeout=10)
-        return close_events(events)
+        return close_events(events, **kwargs)
 
     mem.close_events = held  # type: ignore[method-assign]
 
@@ -313,7 +313,7 @@ def test_a_cancelled_append_finishes_the_step_it_started(engine: ReferenceEngine
     assert n > 64 and n % CFG.exc_block_size == 0
     assert len(KVLog.open(tmp_path / "s" / "log")) == n  # the log is not ahead of the session
     assert s.pending_tokens == 256 - n  # the committed chunk left the pending tokens
-    assert asyncio.run(s.flush()) == 256
+    assert asyncio.run(s.flush()).committed == 256
     assert KVLog.open(tmp_path / "s" / "log").tokens().tolist() == ids
     s.close()
 
@@ -347,7 +347,7 @@ def test_a_step_failing_after_the_engine_logged_it_reopens_without_duplicating(e
 
     ids = _ids(400, 6)
     s = Session.create(tmp_path / "s", engine, CFG)
-    assert asyncio.run(s.append(ids[:200])) == 192
+    assert asyncio.run(s.append(ids[:200])).committed == 192
     _fail_once(s.memory, "close_events", RuntimeError("injected: out of memory while closing events"))
     with pytest.raises(RuntimeError, match="injected"):
         asyncio.run(s.append(ids[200:300]))
@@ -375,7 +375,7 @@ def test_a_step_failing_before_the_engine_ran_is_retried_in_place(engine: Refere
     with pytest.raises(RuntimeError, match="injected"):
         asyncio.run(s.append(ids[100:], flush=True))
     assert s.failed is None and s.num_tokens == 96
-    assert asyncio.run(s.flush()) == 300  # its pending tokens are still there
+    assert asyncio.run(s.flush()).committed == 300  # its pending tokens are still there
     _assert_as_never_failed(s, ids, engine, tmp_path)
     s.close()
 
@@ -449,3 +449,46 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     res0 = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
     assert res0.retrieval is not None and all(e.source != "lexical" for e in res0.retrieval.layers[0].events)
     s.close()
+
+
+def test_every_step_reports_its_sizes_and_phases(engine: ReferenceEngine, tmp_path: Path) -> None:
+    from emserve.server.report import PHASES
+
+    s = Session.create(tmp_path / "s", engine, CFG)
+    ids = _ids(300, 5)
+    res = asyncio.run(s.append(ids[:250]))
+    tail = asyncio.run(s.append(ids[250:], flush=True))
+    steps = res.steps + tail.steps
+    assert [r.kind for r in steps] == ["ingest"] * 10  # 7 chunks of 32, then 26 + 50 pending: 2 more + a tail
+    assert [r.offset for r in steps] == list(range(0, 300, 32))
+    assert [r.new_tokens for r in steps] == [32] * 9 + [12]
+    per_token = engine.info.kv_layout(engine.log_dtype).bytes_per_token
+    for r in steps:
+        assert set(r.phases) <= set(PHASES) and all(v >= 0 for v in r.phases.values())
+        assert {"compute", "segment", "save"} <= set(r.phases)
+        assert sum(r.phases.values()) <= r.seconds + 1e-6
+        assert r.bytes_written == r.new_tokens * per_token and r.bytes_read == r.injected_tokens * per_token
+        assert r.window_tokens == r.injected_tokens + r.new_tokens + (r.offset > 0)  # the anchor token
+        assert r.retrieved_tokens <= CFG.n_mem and r.events_closed == len(r.event_tokens)
+    assert "retrieve" not in steps[0].phases and "retrieve" in steps[-1].phases  # the first step has no memory
+    # the events the reports closed are the table's events
+    assert sum(r.events_closed for r in steps) == len(s.memory.table)
+    assert [n for r in steps for n in r.event_tokens] == (s.memory.table.ends - s.memory.table.starts).tolist()
+    assert any(r.retrieved_events > 0 and r.retrieved_tokens > 0 for r in steps)
+
+    seen: list[Any] = []
+    ans = asyncio.run(s.ask(_ids(5, 1), SamplingSpec(max_tokens=4, ignore_eos=True)))
+    q = ans.report
+    assert q is not None and q.kind == "question" and q.offset == 300 and q.new_tokens == 5
+    assert q.output_tokens == 4 and q.ttft_s is not None and 0 < q.ttft_s <= q.seconds and q.decode_s >= 0
+    assert {"probe", "retrieve", "compute"} <= set(q.phases) and q.events_closed == 0 and q.bytes_written == 0
+    assert q.retrieved_tokens == ans.retrieval.tokens  # type: ignore[union-attr]
+
+    async def stop_early() -> None:  # a caller that stops after the first token still gets a report
+        stream = s.ask_stream(_ids(5, 1), SamplingSpec(max_tokens=8, ignore_eos=True), on_report=seen.append)
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    asyncio.run(stop_early())
+    assert len(seen) == 1 and seen[0].kind == "question" and 1 <= seen[0].output_tokens < 8
