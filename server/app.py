@@ -38,6 +38,7 @@ from emserve.server.engine.base import Engine
 from emserve.server.errors import Unauthenticated
 from emserve.server.generation import Generator
 from emserve.server.ingest import Ingestor
+from emserve.server.logs import log_step
 from emserve.server.metrics import GrpcMetrics, Metrics, serve_metrics
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
 from emserve.server.sessions import SessionManager
@@ -196,6 +197,7 @@ class EmserveServer:
         generator = Generator(manager, codec, max_session_tokens=cfg.max_session_tokens)
         if backend == "given":
             backend = type(engine).__name__.removesuffix("Engine").lower()
+        manager.observers.append(log_step)
         self.service.runtime = Runtime(manager, codec, ingestor, generator, backend)
         if self.metrics is not None:
             self.metrics.bind(manager)

@@ -105,6 +105,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-session-tokens", type=int, default=None, help="0: unlimited")
     p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer <token>' (EMSERVE_AUTH_TOKEN)")
     p.add_argument("--grace", type=float, default=None, help="graceful shutdown grace period, s")
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="text, or json: one object per line with session_id and request_id (EMSERVE_LOG_FORMAT)")
+    p.add_argument("--log-level", default=None, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="EMSERVE_LOG_LEVEL; default WARNING (INFO: one line per call, DEBUG: per step)")
     p.add_argument("--metrics-port", type=_metrics_port, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics; 'off' for none "
                         "(EMSERVE_METRICS_PORT; default off)")
@@ -252,6 +257,20 @@ def _events(args: argparse.Namespace) -> int:
         except ClientError as e:
             return _fail(e)
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the server's health service reports SERVING for ``--service`` (container health checks)."""
+    from emserve.client import ClientError
+
+    with _client(args) as c:
+        try:
+            status = c.health(args.service)
+        except ClientError as e:
+            print(f"{args.server}: {e}", file=sys.stderr)
+            return 1
+    print(f"{args.server} {args.service or '(liveness)'}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def _sessions(args: argparse.Namespace) -> int:
@@ -493,8 +512,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("EMSERVE_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="emserve", description="streaming episodic-memory inference server")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -550,6 +567,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--limit", type=int, default=0)
     e.set_defaults(fn=_events)
 
+    h = client_parser("health", "check the server's grpc.health.v1 status (exit 0: SERVING)")
+    h.add_argument("--service", default="readiness",
+                   help="health service name: readiness (engine loaded, the default) or '' (liveness)")
+    h.set_defaults(fn=_health)
+
     ss = client_parser("sessions", "list sessions")
     ss.set_defaults(fn=_sessions)
 
@@ -561,6 +583,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.set_defaults(fn=_prepare)
     args = ap.parse_args(argv)
+    from emserve.server.logs import configure
+
+    level = getattr(args, "log_level", None) or os.environ.get("EMSERVE_LOG_LEVEL", "WARNING")
+    fmt = getattr(args, "log_format", None) or os.environ.get("EMSERVE_LOG_FORMAT", "text")
+    if fmt not in ("text", "json"):
+        ap.error(f"EMSERVE_LOG_FORMAT must be text or json, got {fmt!r}")
+    if fmt == "json":  # vLLM's records (engine core and workers too) as JSON; no progress bars between lines
+        import json
+        import tempfile
+
+        from emserve.server.logs import vllm_logging_config
+
+        vllm_level = os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")
+        with tempfile.NamedTemporaryFile("w", prefix="emserve-vllm-logging-", suffix=".json", delete=False) as f:
+            json.dump(vllm_logging_config(vllm_level), f)
+        os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", f.name)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    configure(level, fmt)  # type: ignore[arg-type]
     return int(args.fn(args))
 
 

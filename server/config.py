@@ -18,6 +18,8 @@ Environment variables (all optional)::
     EMSERVE_AUTH_TOKEN           when set, calls need ``authorization: Bearer <token>``
     EMSERVE_GRACE_S              graceful-shutdown grace period, default 30
     EMSERVE_METRICS_PORT         Prometheus /metrics port (default: none, no metrics); 0: any free port
+    EMSERVE_LOG_FORMAT           text (default) | json (``emserve.server.logs``)
+    EMSERVE_LOG_LEVEL            WARNING (default) | INFO (a line per call) | DEBUG (a line per step)
     EMSERVE_MEMORY_<FIELD>       default MemoryConfig, e.g. EMSERVE_MEMORY_N_LOCAL=2048
 """
 

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ from emserve.server.errors import (
 from emserve.server.generation import DEFAULT_MAX_TOKENS, Chunk, Completion, GenerateParams, Generator, Trace
 from emserve.server.ingest import Ack, IngestMessage, Ingestor, Ready
 from emserve.server.inspection import Curve, EventPage, list_events, page_size, parse_page_token, surprise_curve
+from emserve.server.logs import bind_session, call_context, request_id_of
 from emserve.server.session import MemoryConfig, SessionError
 from emserve.server.sessions import SessionInfo, SessionManager, check_session_id
 from emserve.server.text import TextCodec
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 ERROR_DOMAIN = "emserve.dev"
+SESSION_HEADER = "x-session-id"  # routing key: gateways hash it to the replica holding the session
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
@@ -123,17 +126,39 @@ def _check_deadline(context: grpc.aio.ServicerContext) -> None:
         raise TimeoutError
 
 
+def _context(method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """The log context of a call (:func:`emserve.server.logs.call_context`): its session id from the
+    request or the ``x-session-id`` metadata, its request id from the request or ``x-request-id``."""
+    metadata = context.invocation_metadata()
+    sid = getattr(request, "session_id", "") or dict(metadata or ()).get(SESSION_HEADER, "")
+    rid = request_id_of(metadata, getattr(request, "request_id", ""))
+    return call_context(method, str(sid)[:128], rid)
+
+
+def _access(method: str, t0: float, exc: BaseException | None) -> None:
+    code = "OK" if exc is None else ("CANCELLED" if isinstance(exc, asyncio.CancelledError)
+                                      else status_of(exc).code.name)
+    logger.info("%s %s in %.3f s", method, code, time.perf_counter() - t0)
+
+
 def _unary(fn: Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]) -> Any:
     @functools.wraps(fn)
     async def handler(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
-        try:
-            _check_deadline(context)
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the one place that maps errors
-            await abort(context, e)
-            raise AssertionError("unreachable") from e
+        t0, failed = time.perf_counter(), None
+        with _context(fn.__name__, request, context):
+            try:
+                _check_deadline(context)
+                return await fn(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except BaseException as e:
+                failed = e
+                if not isinstance(e, Exception):
+                    raise
+                await abort(context, e)  # the one place that maps errors
+                raise AssertionError("unreachable") from e
+            finally:
+                _access(fn.__name__, t0, failed)
 
     return handler
 
@@ -141,18 +166,25 @@ def _unary(fn: Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
 def _streaming(fn: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncGenerator[_Resp, None]]) -> Any:
     @functools.wraps(fn)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Resp]:
-        try:
-            _check_deadline(context)
-            gen = fn(self, request, context)
+        t0, failed = time.perf_counter(), None
+        with _context(fn.__name__, request, context):
             try:
-                async for item in gen:
-                    yield item
+                _check_deadline(context)
+                gen = fn(self, request, context)
+                try:
+                    async for item in gen:
+                        yield item
+                finally:
+                    await gen.aclose()
+            except grpc.aio.AbortError:
+                raise
+            except BaseException as e:
+                failed = e
+                if not isinstance(e, Exception):
+                    raise
+                await abort(context, e)  # the one place that maps errors
             finally:
-                await gen.aclose()
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the one place that maps errors
-            await abort(context, e)
+                _access(fn.__name__, t0, failed)
 
     return handler
 
@@ -399,6 +431,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
         async def messages() -> AsyncIterator[IngestMessage]:
             async for req in request_iterator:
+                if req.session_id:
+                    bind_session(req.session_id[:128])  # the log context learns it from the first message
                 yield ingest_from_pb(req)
 
         async for item in rt.ingestor.run(messages()):

@@ -58,6 +58,7 @@ from emserve.segmenter import OnlineSegmenter, SegmenterConfig
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.engine.rope import RopeSpec
 from emserve.server.errors import SessionReopening
+from emserve.server.logs import current_request_id
 from emserve.server.report import PhaseClock, StepReport
 
 if TYPE_CHECKING:
@@ -614,6 +615,9 @@ class Session:
                                             question=True, lead=lead)
                 plan = dataclasses.replace(plan, capture_log=None)
                 retrieval = planner.last_retrieval
+            rid = current_request_id()
+            if rid:  # the engine's request carries the call's request id (vLLM's logs, aborts)
+                plan = dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}")
             timings = {"wait_s": clock.phases.get("wait", 0.0),
                        "retrieval_s": clock.phases.get("probe", 0.0) + clock.phases.get("retrieve", 0.0)}
             window = plan.log_ranges(self.log_path)

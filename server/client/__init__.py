@@ -409,8 +409,9 @@ class Client:
                  temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                  chat_template: bool = False, trace: bool = False, remember: bool = False,
-                 preview_tokens: int = 0, timeout: float | None = None) -> GenerateStream:
-        """Start a generation; iterate the returned stream (cancel() aborts it on the server)."""
+                 preview_tokens: int = 0, request_id: str = "", timeout: float | None = None) -> GenerateStream:
+        """Start a generation; iterate the returned stream (cancel() aborts it on the server).
+        ``request_id`` names the call in the server's logs (empty: the server makes one up)."""
         sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, stop=list(stop),
                                      stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
         if max_tokens is not None:
@@ -420,7 +421,8 @@ class Client:
         if seed is not None:
             sampling.seed = seed
         req = pb.GenerateRequest(session_id=session_id, sampling=sampling, chat_template=chat_template,
-                                 include_trace=trace, remember=remember, preview_tokens=preview_tokens)
+                                 include_trace=trace, remember=remember, preview_tokens=preview_tokens,
+                                 request_id=request_id)
         if isinstance(prompt, str):
             req.prompt = prompt
         else:
