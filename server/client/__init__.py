@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,11 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 _DETAIL_TYPES = (error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo, error_details_pb2.BadRequest,
                  error_details_pb2.QuotaFailure, error_details_pb2.PreconditionFailure, error_details_pb2.RetryInfo)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def new_session_id() -> str:
+    """A fresh session id, chosen on the client side (see :meth:`Client.create_session`)."""
+    return f"s-{uuid.uuid4().hex[:16]}"
 
 
 class ClientError(Exception):
@@ -252,9 +258,13 @@ class Client:
     # ------------------------------------------------------------------ sessions
     def create_session(self, session_id: str | None = None, *, memory: Mapping[str, Any] | None = None,
                        labels: Mapping[str, str] | None = None) -> pb.Session:
-        req = pb.CreateSessionRequest(session_id=session_id or "", memory=pb.MemoryConfig(**dict(memory or {})),
+        """Create a session. Without ``session_id`` the client chooses one (``s-`` and 16 hex digits)
+        before the call: a gateway routes every call of a session by its ``x-session-id`` header, the
+        creation included, so the replica that creates it is the one its later calls reach."""
+        sid = session_id or new_session_id()
+        req = pb.CreateSessionRequest(session_id=sid, memory=pb.MemoryConfig(**dict(memory or {})),
                                       labels=dict(labels or {}))
-        return self._unary(self.stub.CreateSession, req, session_id)
+        return self._unary(self.stub.CreateSession, req, sid)
 
     def get_session(self, session_id: str) -> pb.Session:
         return self._unary(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id), session_id)

@@ -5,6 +5,8 @@ record is one JSON object; records logged while a call runs carry its method, se
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,11 @@ def test_json_logs_carry_session_and_request_ids(tiny_model_dir: Path, tmp_path:
         address = srv.wait_listening()
         with Client(address, timeout=60) as c:
             c.wait_ready(timeout=120)
+            health = [sys.executable, "-m", "emserve.server.cli", "health", "--server", address]
+            ok = subprocess.run(health, capture_output=True, text=True, timeout=60)
+            assert ok.returncode == 0 and "SERVING" in ok.stdout
+            bad = subprocess.run([*health, "--service", "no.such.Service"], capture_output=True, text=True, timeout=60)
+            assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
             c.create_session("logs")
             c.ingest_tokens("logs", random_ids(200, 1))
             answer = c.generate("logs", random_ids(5, 2), max_tokens=3, ignore_eos=True, request_id="req-abc-1")
