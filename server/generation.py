@@ -112,6 +112,11 @@ class Generator:
         sid = check_session_id(p.session_id)
         if p.sampling.max_tokens < 1:
             raise InvalidArgument("sampling.max_tokens", "max_tokens must be >= 1")
+        vocab = self.manager.engine.info.vocab_size
+        bad = [t for t in p.sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument("sampling.stop_token_ids",
+                                  f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
         t0 = time.perf_counter()
         prompt_ids = self._prompt_ids(p)
         async with self.manager.lease(sid) as entry:

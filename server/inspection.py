@@ -87,7 +87,7 @@ def surprise_curve(entry: Entry, start: int, end: int | None, stride: int) -> Cu
     if start > stop or stop > n:
         raise InvalidArgument("end" if end is not None else "start",
                               f"range [{start}, {stop}) is not inside the committed tokens [0, {n})")
-    stride = max(1, stride)
+    stride = min(max(1, stride), max(1, stop - start))  # a stride past the range is one point: no padding to it
     points = -(-(stop - start) // stride)
     if points > MAX_POINTS:
         raise InvalidArgument("stride", f"{points} points requested, at most {MAX_POINTS}: raise stride to "

@@ -136,8 +136,9 @@ class Entry:
 
 
 def check_session_id(session_id: str, field_name: str = "session_id") -> str:
-    if not SESSION_ID.match(session_id or ""):
-        raise InvalidArgument(field_name, f"session id {session_id!r} must match {SESSION_ID.pattern}")
+    if not SESSION_ID.fullmatch(session_id or ""):  # fullmatch: `$` alone accepts a trailing newline
+        shown = repr(session_id[:64]) + ("..." if len(session_id or "") > 64 else "")
+        raise InvalidArgument(field_name, f"session id {shown} must match {SESSION_ID.pattern}")
     return session_id
 
 
@@ -179,7 +180,7 @@ class SessionManager:
 
     def session_ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if SESSION_ID.match(p.name) and (p / META_FILE).exists())
+                      if SESSION_ID.fullmatch(p.name) and (p / META_FILE).exists())
 
     def info(self, session_id: str) -> SessionInfo:
         entry = self._open.get(session_id)

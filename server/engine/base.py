@@ -75,6 +75,9 @@ class ModelInfo:
         )
 
 
+MAX_TEMPERATURE = 100.0  # beyond it sampling is uniform noise; NaN and inf fail every comparison too
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """Generation after the new tokens. ``max_tokens == 0``: no generation (an ingest or probe step)."""
@@ -91,8 +94,8 @@ class SamplingSpec:
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
             raise PlanError("max_tokens must be >= 0")
-        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
-            raise PlanError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if not (0 <= self.temperature <= MAX_TEMPERATURE) or not (0 < self.top_p <= 1) or self.top_k < 0:
+            raise PlanError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g} (finite), 0 < top_p <= 1, top_k >= 0")
 
 
 @dataclass(frozen=True)

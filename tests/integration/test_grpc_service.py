@@ -212,6 +212,11 @@ def test_ingest_ask_events_surprise(srv: ServerThread, client: Client) -> None:
     coarse = client.surprise("doc", 100, 300, stride=64)
     assert len(coarse.surprise) == 4 and len(coarse.max_surprise) == 4
     assert coarse.surprise[0] == pytest.approx(float(np.mean(curve.surprise[100:164])), rel=1e-5)
+    # a stride past the range is one point (it once padded the range to the stride on the event loop)
+    t0 = time.perf_counter()
+    whole = client.surprise("doc", 0, 700, stride=4294967295)
+    assert time.perf_counter() - t0 < 5 and len(whole.surprise) == 1 and whole.stride == 700
+    assert whole.surprise[0] == pytest.approx(float(np.mean(curve.surprise)), rel=1e-5)
 
     ans = client.ask("doc", random_ids(6, 4), max_tokens=5, ignore_eos=True, trace=True, preview_tokens=3)
     done = ans.complete
@@ -710,3 +715,22 @@ def test_out_of_device_memory_closes_idle_mirrors(tiny_model_dir: Path, tmp_path
             assert open_ids() == ["m0"]  # the idle m2 gave its mirror back, m0's open was retried
     finally:
         s.stop()
+
+
+def test_bad_values_are_invalid_arguments_not_internal_errors(client: Client) -> None:
+    client.create_session("vals")
+    client.ingest_tokens("vals", random_ids(64, 9))
+    for bad in (float("nan"), float("inf"), 1e30, -1.0):
+        e = _code(client.ask, "vals", [5, 6], max_tokens=2, temperature=bad)
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT, (bad, e)
+    e = _code(client.ask, "vals", [5, 6], max_tokens=2, stop_token_ids=[4294967295])
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.detail(E.BadRequest).field_violations[0].field == "sampling.stop_token_ids"
+    for sid in ("abc\n", "good1\n", "a" * 129):  # `$` once accepted a trailing newline (raw stub: no header)
+        with pytest.raises(grpc.RpcError) as ei:
+            client.stub.CreateSession(pb.CreateSessionRequest(session_id=sid), timeout=30)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(sid)
+    with pytest.raises(grpc.RpcError) as ei:  # a 100 KB id is not echoed back whole into the error
+        client.stub.GetSession(pb.GetSessionRequest(session_id="x" * 100_000), timeout=30)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(ei.value.details()) < 1000
+    assert {x.session_id for x in client.list_sessions()} == {"vals"}
