@@ -144,6 +144,7 @@ class EmserveServer:
         if config.metrics_port is not None:
             self.metrics = Metrics(registry if registry is not None else REGISTRY, sessions_dir=config.sessions_dir)
             interceptors.append(GrpcMetrics(self.metrics))  # first: it sees the calls auth denies too
+            self.metrics.ready_fn = lambda: self.ready.is_set() and not self.service.draining.is_set()
         if config.auth_token:
             interceptors.append(_Auth(config.auth_token))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -27,10 +27,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
@@ -93,6 +95,10 @@ class Metrics:
         self.device = device = Gauge("emserve_device_mirror_bytes",
                                      "Device memory held by the sessions' retrieval mirrors", registry=None)
         device.set_function(lambda: self._manager.device_bytes() if self._manager else 0)
+        self.ready_fn: Callable[[], bool] = lambda: False
+        self.ready = ready = Gauge("emserve_ready", "1 when the server takes session calls (engine loaded, not "
+                                   "draining): the gRPC health service's readiness", registry=None)
+        ready.set_function(lambda: 1.0 if self.ready_fn() else 0.0)
         self.disk = _DiskCollector(Path(sessions_dir))
         self._own: list[Collector] = []
         self.adopt(*(v for v in vars(self).values() if isinstance(v, MetricWrapperBase | _DiskCollector)))
@@ -165,6 +171,15 @@ class _DiskCollector(Collector):
         for part in ("kv_log", "table", "index", "other"):
             g.add_metric([part], parts.get(part, 0))
         yield g
+        try:  # the filesystem holding the sessions folder, read at every scrape (one statvfs)
+            st = os.statvfs(self.root)
+        except OSError:
+            return
+        yield GaugeMetricFamily("emserve_sessions_disk_free_bytes",
+                                "Bytes free for the sessions folder's filesystem (to an unprivileged user)",
+                                value=st.f_bavail * st.f_frsize)
+        yield GaugeMetricFamily("emserve_sessions_disk_size_bytes", "Size of the sessions folder's filesystem",
+                                value=st.f_blocks * st.f_frsize)
 
 
 def disk_parts(root: Path) -> dict[str, int]:
@@ -318,8 +333,22 @@ def _code(value: Any) -> grpc.StatusCode | None:
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, int]:
     """Serve ``registry`` on ``http://host:port/metrics`` in a daemon thread; returns the HTTP server
-    (``shutdown()`` stops it) and the bound port (``port`` 0: any free one)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    (``shutdown()`` stops it) and the bound port (``port`` 0: any free one).
+
+    A scraper that asks for OpenMetrics without ``escaping=allow-utf-8`` (Prometheus 2.x) gets the
+    classic text format instead: prometheus_client's OpenMetrics writer would turn the colons of vLLM's
+    names into underscores in that case (``vllm_num_requests_running``; client_python issue #1177),
+    and the dashboards and rules read ``vllm:*``."""
+    app = make_wsgi_app(registry)
+
+    def exposition(environ: dict[str, Any], start_response: Any) -> Any:
+        accept = environ.get("HTTP_ACCEPT", "")
+        if "openmetrics" in accept and "allow-utf-8" not in accept:
+            environ["HTTP_ACCEPT"] = "text/plain; version=0.0.4"
+        return app(environ, start_response)
+
+    server = make_server(host, port, exposition, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, name="emserve-metrics", daemon=True).start()
     return server, int(server.server_address[1])
 
 

@@ -7,6 +7,7 @@ batched on one engine with isolated memories, and a client cancel that aborts th
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def test_metrics_port_serves_vllm_metrics_one_request_per_step(srv: ServerThread
     assert value(after, "vllm:generation_tokens_total") > value(before, "vllm:generation_tokens_total")
     ttft = "vllm:time_to_first_token_seconds_count"
     assert value(after, ttft) > value(before, ttft)
+    # Prometheus 2.x asks for OpenMetrics without allow-utf-8: vLLM's names keep their colons all the same
+    prom2 = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75," \
+            "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                                       headers={"Accept": prom2}), timeout=10) as r:
+        text = r.read().decode()
+    assert "\nvllm:request_success_total{" in text and "\nvllm_request_success_total" not in text
     assert value(after, "emserve_ingested_tokens_total") - value(before, "emserve_ingested_tokens_total") == 300
 
 

@@ -73,6 +73,8 @@ def test_every_metric_moves_with_the_calls(srv: ServerThread) -> None:
     assert value(m, "emserve_session_disk_bytes", part="kv_log") >= 300 * per_token
     assert value(m, "emserve_session_disk_bytes", part="table") > 0
     assert value(m, "emserve_errors_total", grpc_code="NOT_FOUND") == 1
+    assert value(m, "emserve_ready") == 1
+    assert 0 < value(m, "emserve_sessions_disk_free_bytes") < value(m, "emserve_sessions_disk_size_bytes")
     # per-method gRPC server metrics (the names of go-grpc-prometheus)
     svc = "emserve.v1.SessionService"
     assert value(m, "grpc_server_handled_total", grpc_service=svc, grpc_method="GetSession",
