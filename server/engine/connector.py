@@ -28,7 +28,9 @@ Requirements on the engine: prefix caching off (placeholder prompts must never h
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -170,6 +172,7 @@ class EMConnector(KVConnectorBase_V1):
         self._step_captures: list[tuple[_Capture, CaptureSpec]] = []
         self._inv_cache: tuple[int, int, torch.Tensor] | None = None
         self._inject_s: dict[str, float] = {}  # per request: seconds spent injecting its window's K/V
+        exit_with_parent()
 
     # ================================================================ scheduler half
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -437,6 +440,27 @@ class EMConnector(KVConnectorBase_V1):
 
 
 MAX_OPEN_LOGS = 64
+PARENT_POLL_S = 1.0
+_watching = False
+
+
+def exit_with_parent() -> None:
+    """In a process started by multiprocessing (vLLM's engine core, its workers): exit as soon as the
+    parent is gone. A server killed with SIGKILL cannot stop its engine, whose processes (gigabytes of
+    weights and KV cache) would otherwise live on as orphans; a worker whose engine core dies this way
+    exits too. Once per process; a no-op in a main process."""
+    global _watching
+    if _watching or multiprocessing.parent_process() is None:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # the parent is dead: nothing to report to, nothing to flush for it
+
+    threading.Thread(target=watch, name="emserve-exit-with-parent", daemon=True).start()
 
 
 def _close_deleted(logs: OrderedDict[str, KVLog]) -> None:
