@@ -102,25 +102,37 @@ class Ingestor:
             return self.codec.encode(text)
         return await asyncio.to_thread(self.codec.encode, text)
 
-    async def run(self, messages: AsyncIterator[IngestMessage]) -> AsyncIterator[Ready | Ack]:
-        first = await anext(messages, None)
-        if first is None:
-            return
-        sid = check_session_id(first.session_id)
+    async def run(self, messages: AsyncIterator[IngestMessage], session_id: str = "") -> AsyncIterator[Ready | Ack]:
+        """``session_id``: the stream's session named by the call's ``x-session-id`` header; then
+        ``ready`` is sent before any message is read, and messages may leave ``session_id`` empty.
+        Without it the first message names the session (and ``ready`` answers it)."""
+        first: IngestMessage | None = None
+        if not session_id:
+            first = await anext(messages, None)
+            if first is None:
+                return
+            if not first.session_id:
+                raise InvalidArgument("session_id", "the first message must name the session (or the call its "
+                                      "x-session-id header)")
+        sid = check_session_id(session_id or (first.session_id if first is not None else ""))
         self.stats.streams += 1
         async with self.manager.lease(sid) as entry, self.manager.attach(entry, "an ingest stream"):
             stream = _Stream(self, entry)
             yield Ready(stream.committed, entry.session.config.exc_block_size, self.max_inflight_messages,
                         self.max_message_bytes)
-            msg: IngestMessage | None = first
+            msg: IngestMessage | None = first if first is not None else await anext(messages, None)
             while msg is not None:
                 if msg.session_id and msg.session_id != sid:
                     raise InvalidArgument("session_id", f"stream is for session {sid!r}, message names "
-                                          f"{msg.session_id!r}")
+                                          f"{msg.session_id[:128]!r}")
                 if msg.text is not None or msg.tokens is not None:
                     yield await stream.receive(msg, await self._tokens(msg))
+                acked = False
                 async for ack in stream.commit(force=msg.flush or msg.finish):
+                    acked = True
                     yield ack
+                if msg.flush and not acked and not msg.finish:  # a flush is always answered
+                    yield stream.ack()
                 if msg.finish:
                     entry.mark_finished()
                     yield stream.ack(finished=True)

@@ -435,7 +435,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     bind_session(req.session_id[:128])  # the log context learns it from the first message
                 yield ingest_from_pb(req)
 
-        async for item in rt.ingestor.run(messages()):
+        header = dict(context.invocation_metadata() or ()).get(SESSION_HEADER, "")
+        async for item in rt.ingestor.run(messages(), session_id=str(header)):
             yield ingest_to_pb(item)
 
     @_streaming

@@ -71,10 +71,12 @@ def _code(fn: Any, *args: Any, **kw: Any) -> ClientError:
 class RawIngest:
     """An Ingest stream driven message by message (the generated stub, no client logic)."""
 
-    def __init__(self, client: Client, session_id: str) -> None:
-        self.session_id = session_id
+    def __init__(self, client: Client, session_id: str, *, header: bool = False) -> None:
+        """``header``: name the session in the x-session-id header only (messages leave it empty)."""
+        self.session_id = "" if header else session_id
         self.q: queue.Queue[pb.IngestRequest | None] = queue.Queue()
-        self.call = client.stub.Ingest(iter(self.q.get, None))
+        md = [("x-session-id", session_id)] if header else None
+        self.call = client.stub.Ingest(iter(self.q.get, None), metadata=md)
 
     def send(self, **kw: Any) -> None:
         self.q.put(pb.IngestRequest(session_id=self.session_id, **kw))
@@ -734,3 +736,26 @@ def test_bad_values_are_invalid_arguments_not_internal_errors(client: Client) ->
         client.stub.GetSession(pb.GetSessionRequest(session_id="x" * 100_000), timeout=30)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(ei.value.details()) < 1000
     assert {x.session_id for x in client.list_sessions()} == {"vals"}
+
+
+def test_ingest_with_the_header_sends_ready_first_and_answers_every_flush(client: Client) -> None:
+    client.create_session("hdr")
+    raw = RawIngest(client, "hdr", header=True)
+    ready = raw.next()  # before the client sends anything: a client waiting for it does not deadlock
+    assert ready.HasField("ready") and ready.ready.committed_offset == 0 and ready.ready.chunk_tokens == CHUNK
+    raw.send(flush=True)  # nothing to commit: still answered
+    ack = raw.next().ack
+    assert ack.committed_offset == 0 and ack.received_offset == 0 and not ack.HasField("receipt")
+    raw.tokens(random_ids(40, 3))
+    assert raw.next().ack.receipt.end == 40  # the receipt, then the chunk it completed
+    assert raw.next().ack.committed_offset == CHUNK
+    raw.send(flush=True)
+    assert raw.next().ack.committed_offset == 40
+    raw.half_close()
+    assert raw.rest() == []
+    # without the header the first message must name the session, and the error says so
+    raw = RawIngest(client, "", header=False)
+    raw.tokens([5, 6])
+    with pytest.raises(grpc.RpcError) as ei:
+        raw.next()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first message" in ei.value.details()

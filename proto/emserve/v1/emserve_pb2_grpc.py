@@ -123,7 +123,9 @@ class SessionServiceServicer:
         """Append text or token ids to a session.
 
         The server first sends `ready` (the committed offset), then one `ack` per data message (its
-        receipt: where its tokens landed) and one per committed chunk. Tokens are committed in chunks of
+        receipt: where its tokens landed) and one per committed chunk (a `flush` is always answered).
+        With the x-session-id header naming the session, `ready` comes before the client sends anything;
+        without it, the first message names the session and `ready` answers it. Tokens are committed in chunks of
         `chunk_tokens` (the session's exc_block_size); `flush`, `finish` and the end of the client's
         stream commit a partial chunk too. Only committed tokens survive a disconnect or restart.
 
