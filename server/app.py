@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import hmac
-import importlib.metadata
 import logging
 import signal
 import sys
@@ -33,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
+from emserve.server import version
 from emserve.server.config import ServerConfig
 from emserve.server.engine.base import Engine
 from emserve.server.errors import Unauthenticated
@@ -49,13 +49,6 @@ logger = logging.getLogger(__name__)
 EXIT_WATCHDOG_S = 60.0  # after "emserve stopped": longest wait for asyncio.run to return
 READINESS = "readiness"
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("emserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = None) -> tuple[Engine, str]:

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from emserve.server import version
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
@@ -513,6 +515,7 @@ def _prepare(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="emserve", description="streaming episodic-memory inference server")
+    ap.add_argument("--version", action="version", version=f"emserve {version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="start a server, stream a long text with a hidden fact, ask about it")

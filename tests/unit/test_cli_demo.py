@@ -23,3 +23,12 @@ def test_demo_depths_span_5_to_95_percent():
     assert demo_depths(3) == [0.05, 0.5, 0.95]
     d = demo_depths(10)
     assert d[0] == 0.05 and d[-1] == 0.95 and all(b > a for a, b in zip(d, d[1:], strict=False))
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from emserve.server import version
+    from emserve.server.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"emserve {version()}"
