@@ -593,15 +593,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fmt not in ("text", "json"):
         ap.error(f"EMSERVE_LOG_FORMAT must be text or json, got {fmt!r}")
     if fmt == "json":  # vLLM's records (engine core and workers too) as JSON; no progress bars between lines
+        import hashlib
         import json
         import tempfile
 
         from emserve.server.logs import vllm_logging_config
 
-        vllm_level = os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")
-        with tempfile.NamedTemporaryFile("w", prefix="emserve-vllm-logging-", suffix=".json", delete=False) as f:
-            json.dump(vllm_logging_config(vllm_level), f)
-        os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", f.name)
+        text = json.dumps(vllm_logging_config(os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")), sort_keys=True)
+        # one file per distinct config (named by its hash), not one per start: the engine's processes read
+        # it while the server lives, and the server exits without an interpreter teardown to remove it
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"emserve-vllm-logging-{digest}.json"
+        if not path.exists():
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(path))
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure(level, fmt)  # type: ignore[arg-type]
     return int(args.fn(args))
