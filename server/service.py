@@ -12,6 +12,7 @@ the request). Ingest commits are shielded from that cancellation (see ``ingest.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -141,24 +142,33 @@ def _access(method: str, t0: float, exc: BaseException | None) -> None:
     logger.info("%s %s in %.3f s", method, code, time.perf_counter() - t0)
 
 
+@contextlib.asynccontextmanager
+async def _served(method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """What every call runs inside: its log context, the deadline check, the one place that maps errors
+    to statuses (:func:`abort`), and the call's access line."""
+    t0, failed = time.perf_counter(), None
+    with _context(method, request, context):
+        try:
+            _check_deadline(context)
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except BaseException as e:
+            failed = e
+            if not isinstance(e, Exception):
+                raise
+            await abort(context, e)
+            raise AssertionError("unreachable") from e
+        finally:
+            _access(method, t0, failed)
+
+
 def _unary(fn: Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]) -> Any:
     @functools.wraps(fn)
     async def handler(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
-        t0, failed = time.perf_counter(), None
-        with _context(fn.__name__, request, context):
-            try:
-                _check_deadline(context)
-                return await fn(self, request, context)
-            except grpc.aio.AbortError:
-                raise
-            except BaseException as e:
-                failed = e
-                if not isinstance(e, Exception):
-                    raise
-                await abort(context, e)  # the one place that maps errors
-                raise AssertionError("unreachable") from e
-            finally:
-                _access(fn.__name__, t0, failed)
+        async with _served(fn.__name__, request, context):
+            return await fn(self, request, context)
+        raise AssertionError("unreachable")  # _served re-raises or aborts every failure
 
     return handler
 
@@ -166,25 +176,13 @@ def _unary(fn: Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
 def _streaming(fn: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncGenerator[_Resp, None]]) -> Any:
     @functools.wraps(fn)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Resp]:
-        t0, failed = time.perf_counter(), None
-        with _context(fn.__name__, request, context):
+        async with _served(fn.__name__, request, context):
+            gen = fn(self, request, context)
             try:
-                _check_deadline(context)
-                gen = fn(self, request, context)
-                try:
-                    async for item in gen:
-                        yield item
-                finally:
-                    await gen.aclose()
-            except grpc.aio.AbortError:
-                raise
-            except BaseException as e:
-                failed = e
-                if not isinstance(e, Exception):
-                    raise
-                await abort(context, e)  # the one place that maps errors
+                async for item in gen:
+                    yield item
             finally:
-                _access(fn.__name__, t0, failed)
+                await gen.aclose()
 
     return handler
 
