@@ -39,7 +39,7 @@ from emserve.server.errors import Unauthenticated
 from emserve.server.generation import Generator
 from emserve.server.ingest import Ingestor
 from emserve.server.logs import log_step
-from emserve.server.metrics import GrpcMetrics, Metrics, serve_metrics
+from emserve.server.metrics import GrpcMetrics, Metrics, replace_behavior, serve_metrics
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
 from emserve.server.sessions import SessionManager
 from emserve.server.text import TextCodec
@@ -92,14 +92,7 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
         await abort(context, Unauthenticated("missing or wrong bearer token in the authorization metadata"))
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+    return replace_behavior(handler, deny)
 
 
 class EmserveServer:

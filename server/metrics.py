@@ -24,9 +24,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 from wsgiref.simple_server import make_server
 
 import grpc
@@ -36,7 +36,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
-from emserve.server.report import PHASES, StepReport
+from emserve.server.report import PHASES, Kind, StepReport
 
 if TYPE_CHECKING:
     from emserve.server.sessions import SessionManager
@@ -47,7 +47,6 @@ SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 RATE = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 DISK_TTL_S = 10.0
-KINDS = ("ingest", "question")
 
 
 class Metrics:
@@ -102,7 +101,7 @@ class Metrics:
         self.disk = _DiskCollector(Path(sessions_dir))
         self._own: list[Collector] = []
         self.adopt(*(v for v in vars(self).values() if isinstance(v, MetricWrapperBase | _DiskCollector)))
-        for kind in KINDS:  # the series exist from the start (a rate() over them is defined)
+        for kind in get_args(Kind):  # the series exist from the start (a rate() over them is defined)
             self.steps.labels(kind)
 
     def bind(self, manager: SessionManager) -> None:
@@ -205,6 +204,30 @@ def disk_parts(root: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- gRPC server metrics
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+_FACTORIES = {
+    "bidi_stream": grpc.stream_stream_rpc_method_handler,
+    "client_stream": grpc.stream_unary_rpc_method_handler,
+    "server_stream": grpc.unary_stream_rpc_method_handler,
+    "unary": grpc.unary_unary_rpc_method_handler,
+}
+
+
+def method_kind(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:
+    """A method handler's ``grpc_type`` (``unary``, ``client_stream``, ``server_stream``,
+    ``bidi_stream``) and its behaviour."""
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream", handler.stream_stream
+    if handler.request_streaming:
+        return "client_stream", handler.stream_unary
+    if handler.response_streaming:
+        return "server_stream", handler.unary_stream
+    return "unary", handler.unary_unary
+
+
+def replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as ``handler`` that runs ``behavior`` (interceptors)."""
+    return _FACTORIES[method_kind(handler)[0]](behavior, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)
 
 
 class GrpcMetrics(grpc.aio.ServerInterceptor):
@@ -233,18 +256,9 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
-        if handler.request_streaming and handler.response_streaming:
-            kind, behavior, make = "bidi_stream", handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            kind, behavior, make = "client_stream", handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            kind, behavior, make = "server_stream", handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            kind, behavior, make = "unary", handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        kind, behavior = method_kind(handler)
         call = _Call(self, (kind, service, method))
-        wrapped = call.wrap(behavior, handler.request_streaming, handler.response_streaming)
-        return make(wrapped, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return replace_behavior(handler, call.wrap(behavior, handler.request_streaming, handler.response_streaming))
 
 
 class _Call:
@@ -261,7 +275,8 @@ class _Call:
         else:
             code = _code(context.code())
             if code is None:
-                code = grpc.StatusCode.UNKNOWN if exc is not None and not _is_abort(exc) else grpc.StatusCode.OK
+                aborted = isinstance(exc, grpc.aio.AbortError)
+                code = grpc.StatusCode.UNKNOWN if exc is not None and not aborted else grpc.StatusCode.OK
         self.m.handled.labels(*self.labels, code.name).inc()
         self.m.seconds.labels(*self.labels).observe(time.perf_counter() - t0)
         if code is not grpc.StatusCode.OK:
@@ -316,10 +331,6 @@ class _Call:
         return unary
 
 
-def _is_abort(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AbortError)
-
-
 def _code(value: Any) -> grpc.StatusCode | None:
     if value is None:
         return None
@@ -350,10 +361,3 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[An
     server = make_server(host, port, exposition, ThreadingWSGIServer, handler_class=_SilentHandler)
     threading.Thread(target=server.serve_forever, name="emserve-metrics", daemon=True).start()
     return server, int(server.server_address[1])
-
-
-def iter_samples(registry: CollectorRegistry) -> Iterator[tuple[str, dict[str, str], float]]:
-    """Every sample of ``registry`` as ``(name, labels, value)`` (tests, benchmarks)."""
-    for family in registry.collect():
-        for s in family.samples:
-            yield s.name, dict(s.labels), float(s.value)
