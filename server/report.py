@@ -67,8 +67,13 @@ class StepReport:
 
     @property
     def retrieval_s(self) -> float:
-        """Seconds a question spent before its engine step: probe + retrieve (what the trace reports)."""
-        return self.phases.get("probe", 0.0) + self.phases.get("retrieve", 0.0)
+        return retrieval_seconds(self.phases)
+
+
+def retrieval_seconds(phases: dict[str, float]) -> float:
+    """Seconds spent choosing a step's window before its engine step: probe + retrieve (what the
+    retrieval trace reports as ``retrieval_s``)."""
+    return phases.get("probe", 0.0) + phases.get("retrieve", 0.0)
 
 
 @dataclass

@@ -59,7 +59,7 @@ from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepRe
 from emserve.server.engine.rope import RopeSpec
 from emserve.server.errors import SessionReopening
 from emserve.server.logs import current_request_id
-from emserve.server.report import PhaseClock, StepReport
+from emserve.server.report import Kind, PhaseClock, StepReport, retrieval_seconds
 
 if TYPE_CHECKING:
     from emserve.retrieval.plan import WindowPlan
@@ -505,7 +505,7 @@ class Session:
         del self._pending[: len(chunk)]
         return self._report("ingest", offset, plan, retrieval, clock, closed=closed, written=len(chunk))
 
-    def _report(self, kind: Any, offset: int, plan: WindowPlan, retrieval: RetrievalResult | None,
+    def _report(self, kind: Kind, offset: int, plan: WindowPlan, retrieval: RetrievalResult | None,
                 clock: PhaseClock, *, closed: Sequence[tuple[int, int]] = (), written: int = 0,
                 **question: Any) -> StepReport:
         per_token = self.engine.info.kv_layout(self.engine.log_dtype).bytes_per_token
@@ -618,8 +618,7 @@ class Session:
             rid = current_request_id()
             if rid:  # the engine's request carries the call's request id (vLLM's logs, aborts)
                 plan = dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}")
-            timings = {"wait_s": clock.phases.get("wait", 0.0),
-                       "retrieval_s": clock.phases.get("probe", 0.0) + clock.phases.get("retrieve", 0.0)}
+            timings = {"wait_s": clock.phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(clock.phases)}
             window = plan.log_ranges(self.log_path)
             if on_plan is not None:
                 on_plan(retrieval, timings, window)
