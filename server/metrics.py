@@ -103,6 +103,12 @@ class Metrics:
         self.adopt(*(v for v in vars(self).values() if isinstance(v, MetricWrapperBase | _DiskCollector)))
         for kind in get_args(Kind):  # the series exist from the start (a rate() over them is defined)
             self.steps.labels(kind)
+            self.step_seconds.labels(kind)
+            self.window_tokens.labels(kind)
+            self.retrieval_seconds.labels(kind)
+            self.retrieved_tokens.labels(kind)
+            for phase in PHASES:
+                self.phase_seconds.labels(kind, phase)
 
     def bind(self, manager: SessionManager) -> None:
         self._manager = manager
