@@ -1,4 +1,10 @@
-"""Domain errors of the retrieval package (the server maps them to gRPC status codes)."""
+"""The root of emserve's errors, and the retrieval package's own.
+
+Every error emserve raises on purpose derives from :class:`EmserveError` (the segmenter's, the
+server's, the engine's); one class per name. The server maps them to gRPC status codes in one place
+(``emserve.server.service.status_of``). The client distribution has its own root (``ClientError``): it
+depends on nothing of the server.
+"""
 
 
 class EmserveError(Exception):

@@ -1,6 +1,7 @@
 """emserve.segmenter: a token stream's surprise (and keys) in, episodic events out.
 
-Pure typed functions over numpy arrays and torch tensors: no vLLM, no gRPC, no I/O, no logging.
+Pure typed functions over numpy arrays and torch tensors: no vLLM, no gRPC, no I/O, no logging; of the
+rest of emserve only the error root (``emserve.retrieval.errors.EmserveError``) is imported.
 
 * :class:`SegmenterConfig` (``config.py``): the knobs, EM-LLM names.
 * :func:`surprise_boundaries` (``surprise.py``): the online μ + γσ threshold over the last τ tokens.

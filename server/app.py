@@ -1,6 +1,6 @@
 """The server process: gRPC server (SessionService + health + reflection), engine, shutdown.
 
-    python -m emserve.server.app [serve flags]      same as ``emserve serve``
+Run it with ``emserve serve`` (``python -m emserve.server serve``); :func:`serve` is the entry point.
 
 Lifecycle
 ---------
@@ -21,9 +21,8 @@ import faulthandler
 import hmac
 import logging
 import signal
-import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -287,13 +286,3 @@ def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None
         return asyncio.run(main())
     finally:
         faulthandler.cancel_dump_traceback_later()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from emserve.server.cli import main as cli_main
-
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

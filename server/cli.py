@@ -311,7 +311,7 @@ class ServerProcess:
     def __init__(self, sessions_dir: Path, log: Path, extra: Sequence[str] = ()) -> None:
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
-        cmd = [sys.executable, "-m", "emserve.server.app", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "emserve.server", "serve", "--host", "127.0.0.1", "--port", "0",
                "--sessions-dir", str(sessions_dir), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
         self.address = ""

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emserve.server.engine.config import ConfigError, EngineConfig
+from emserve.retrieval.errors import ConfigError
+from emserve.server.engine.config import EngineConfig
 from emserve.server.session import MemoryConfig
 
 ENV_PREFIX = "EMSERVE_"

@@ -6,11 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from emserve.retrieval.errors import EmserveError
-
-
-class ConfigError(EmserveError, ValueError):
-    """A configuration value is invalid."""
+from emserve.retrieval.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,161 @@
+"""The code's structure: the packages' layering, read from the source (every import, at module level or
+inside a function), and the one error root.
+
+Rules: the libraries (``segmenter``, ``retrieval``) import neither the server, the
+proto, vLLM nor gRPC; the engine (``server/engine``, part of it runs inside vLLM's engine core) imports
+no other part of the server; the client imports only the proto, gRPC and protobuf; no emserve module
+imports itself back through others (no cycle).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# layer -> (emserve modules it may import, third-party top-level packages it must not import)
+RPC_AND_WIRE = {"grpc", "grpc_health", "grpc_reflection", "google", "prometheus_client", "vllm"}
+RULES: dict[str, tuple[tuple[str, ...], set[str]]] = {
+    "emserve.segmenter": (("emserve.segmenter", "emserve.retrieval.errors"), RPC_AND_WIRE),
+    "emserve.retrieval": (("emserve.retrieval",), RPC_AND_WIRE),
+    "emserve.server.engine": (("emserve.server.engine", "emserve.retrieval"),
+                              {"grpc", "grpc_health", "grpc_reflection", "prometheus_client"}),
+    "emserve.client": (("emserve.client", "emserve.proto"),
+                       {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Every emserve module of this tree, by import name (pyproject's package-dir)."""
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    out: dict[str, Path] = {}
+    for pkg, folder in dirs.items():
+        for f in (ROOT / folder).rglob("*.py"):
+            rel = f.relative_to(ROOT / folder).with_suffix("").parts
+            if "_pb2" in f.name or any(p.startswith(".") for p in rel):
+                continue
+            # a sub-folder mapped as its own package (server/client -> emserve.client) is that package's
+            if any(other != pkg and (ROOT / sub).is_relative_to(ROOT / folder) and f.is_relative_to(ROOT / sub)
+                   for other, sub in dirs.items()):
+                continue
+            out[".".join([pkg, *(p for p in rel if p != "__init__")])] = f
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The modules ``path`` imports (relative imports resolved), with ``from x import y`` as ``x.y`` too."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(emserve module -> emserve modules it imports, emserve module -> third-party top-level names)."""
+    mods = _modules()
+
+    def owner(imported: str) -> str | None:
+        hits = [m for m in mods if imported == m or imported.startswith(m + ".")]
+        return max(hits, key=len) if hits else None
+
+    internal: dict[str, set[str]] = {}
+    external: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        imps = _imports(name, path)
+        internal[name] = {o for i in imps if (o := owner(i)) is not None and o != name}
+        external[name] = {i.split(".")[0] for i in imps
+                          if not i.startswith("emserve") and i.split(".")[0] not in sys.stdlib_module_names}
+    return internal, external
+
+
+GRAPH, EXTERNAL = _graph()
+
+
+def test_the_graph_sees_the_imports() -> None:
+    # the analysis itself: known edges, lazy imports included (a graph without them proves nothing)
+    assert "emserve.retrieval.memory" in GRAPH["emserve.server.session"]
+    assert "emserve.server.app" in GRAPH["emserve.server.cli"]  # imported inside _serve()
+    assert "vllm" in EXTERNAL["emserve.server.engine.vllm_engine"]
+    assert {"emserve.segmenter.segmenter", "emserve.retrieval.retriever", "emserve.client"} <= set(GRAPH)
+    assert "emserve.server.client" not in GRAPH  # server/client is the client distribution's package
+
+
+@pytest.mark.parametrize("layer", sorted(RULES))
+def test_layer_imports_only_what_it_may(layer: str) -> None:
+    allowed, banned = RULES[layer]
+    members = [m for m in GRAPH if m == layer or m.startswith(layer + ".")]
+    assert members
+    wrong = {m: sorted(d for d in GRAPH[m] if not any(d == a or d.startswith(a + ".") for a in allowed))
+             for m in members}
+    assert not {m: d for m, d in wrong.items() if d}, f"{layer} imports outside {allowed}"
+    third = {m: sorted(EXTERNAL[m] & banned) for m in members}
+    assert not {m: d for m, d in third.items() if d}, f"{layer} imports {sorted(banned)}"
+
+
+def test_no_import_cycles() -> None:
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    assert not cycles
+
+
+def test_every_domain_error_derives_from_the_one_root_and_has_its_own_name() -> None:
+    import importlib
+    import inspect
+
+    from emserve.retrieval.errors import EmserveError
+
+    errors: dict[str, list[str]] = {}
+    for name in sorted(GRAPH):
+        if "vllm" in EXTERNAL[name] or name.endswith("__main__"):
+            continue  # vllm_engine, connector: they define no errors (and importing vLLM takes seconds)
+        mod = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__ == name:
+                errors.setdefault(cls_name, []).append(name)
+                if name != "emserve.client":  # the client distribution has its own root (ClientError)
+                    assert issubclass(cls, EmserveError), f"{name}.{cls_name} is not an EmserveError"
+    assert {"EmserveError", "SegmenterError", "SessionNotFound", "EngineError", "ConfigError"} <= set(errors)
+    assert not {n: ms for n, ms in errors.items() if len(ms) > 1}, "two classes share a name"
