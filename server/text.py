@@ -51,29 +51,45 @@ class StreamDecoder:
     :meth:`push` returns the text that is final so far: it holds back an incomplete UTF-8 character
     and any tail that could be the start of a stop string. When a stop string appears, the text is
     cut before it and :attr:`stopped` names it (the caller then ends the generation).
+
+    Linear in the answer's length: each push decodes only the ids since the last final text, with a few
+    ids before them as context (vLLM's prefix/read offsets; a tokenizer may decode a token differently
+    at the start of a text), and looks for stop strings only in the text not yet emitted (a stop string
+    cannot start inside emitted text: its beginning would have been held back).
     """
 
     def __init__(self, codec: TextCodec, stop: Sequence[str] = ()) -> None:
         self.codec = codec
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.emitted = ""
         self.stopped: str | None = None
         self._longest = max((len(s) for s in self.stop), default=0)
+        self._pieces: list[str] = []  # the emitted text
+        self._pending = ""  # decoded, final, not emitted yet (held back)
+        self._prefix = 0  # ids[_prefix:_read] decode to the context of the next piece
+        self._read = 0  # ids before this are in the emitted or pending text
 
-    def _cut(self, text: str) -> str:
-        if not self.stop:
-            return text
-        start = max(0, len(self.emitted) - self._longest)
+    def _decode_new(self, final: bool) -> None:
+        """Move the text of the ids since ``_read`` to the pending text, unless it ends in an incomplete
+        character (then wait for more ids; at ``final``, take it as it is)."""
+        if self._read >= len(self.ids):
+            return
+        context = self.codec.decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        text = self.codec.decode(self.ids[self._prefix :])
+        if not final and (len(text) <= len(context) or not text.startswith(context) or text.endswith(REPLACEMENT)):
+            return  # nothing new, the context decodes differently now, or a character is incomplete: wait
+        self._pending += text[len(context) :]
+        self._prefix, self._read = self._read, len(self.ids)
+
+    def _cut(self) -> None:
         best: tuple[int, str] | None = None
         for s in self.stop:
-            i = text.find(s, start)
+            i = self._pending.find(s)
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
-        if best is None:
-            return text
-        self.stopped = best[1]
-        return text[: best[0]]
+        if best is not None:
+            self.stopped = best[1]
+            self._pending = self._pending[: best[0]]
 
     def _held_tail(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
@@ -83,28 +99,33 @@ class StreamDecoder:
                 return n
         return 0
 
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.emitted):  # an earlier piece decoded differently: wait for more
-            return ""
-        new = text[len(self.emitted) :]
-        self.emitted = text
-        return new
+    def _release(self, final: bool) -> str:
+        self._cut()
+        out = self._pending
+        if self.stopped is None and not final:
+            hold = self._held_tail(out)
+            if hold:
+                out = out[:-hold]
+        self._pending = self._pending[len(out) :]
+        if out:
+            self._pieces.append(out)
+        return out
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids.extend(int(t) for t in ids)
-        text = self._cut(self.codec.decode(self.ids))
-        if self.stopped is None:
-            text = text.rstrip(REPLACEMENT)
-            hold = self._held_tail(text)
-            if hold:
-                text = text[:-hold]
-        return self._emit(text)
+        if self.stopped is not None:
+            return ""
+        self._decode_new(final=False)
+        return self._release(final=False)
 
     def finish(self) -> str:
         """The rest of the text at the end of the generation."""
-        text = self._cut(self.codec.decode(self.ids)) if self.stopped is None else self.emitted
-        return self._emit(text) if text.startswith(self.emitted) else ""
+        if self.stopped is not None:
+            return ""
+        self._decode_new(final=True)
+        return self._release(final=True)
 
     @property
     def text(self) -> str:
-        return self.emitted
+        """Everything emitted so far."""
+        return "".join(self._pieces)

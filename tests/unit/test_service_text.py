@@ -66,6 +66,23 @@ def test_stream_decoder_holds_incomplete_utf8(codec: TextCodec) -> None:
     assert "".join(pieces) + d.finish() == "café ∑ done"
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_stream_decoder_matches_a_whole_decode_and_is_linear(codec: TextCodec, chunk: int) -> None:
+    """Pieces pushed one or a few ids at a time join to the whole decode; the decoder decodes each id a
+    bounded number of times (the quadratic one decoded the whole answer at every push)."""
+    ids = codec.encode("Grüße, café ∑ ok. " * 3 + TEXT * 3)
+    assert len(ids) > 900
+    decoded: list[int] = []
+    counting = TextCodec.__new__(TextCodec)
+    counting.tokenizer = codec.tokenizer
+    whole_decode = counting.decode
+    counting.decode = lambda xs: (decoded.append(len(xs)), whole_decode(xs))[1]  # type: ignore[method-assign]
+    d = StreamDecoder(counting, stop=["never here"])
+    out = "".join(d.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)) + d.finish()
+    assert out == codec.decode(ids) == d.text and d.stopped is None
+    assert sum(decoded) < 8 * len(ids)
+
+
 def test_chat_template_refused_without_template(codec: TextCodec) -> None:
     from emserve.server.errors import InvalidArgument
 
