@@ -183,6 +183,7 @@ class EmserveServer:
         generator = Generator(manager, codec, max_session_tokens=cfg.max_session_tokens)
         if backend == "given":
             backend = type(engine).__name__.removesuffix("Engine").lower()
+        await manager.recover()  # what a crash left: interrupted deletions, sessions behind their files
         manager.observers.append(log_step)
         self.service.runtime = Runtime(manager, codec, ingestor, generator, backend)
         if self.metrics is not None:

@@ -707,6 +707,24 @@ def session_stats(path: str | os.PathLike[str]) -> SessionStats:
     return SessionStats(n, int(bounds.shape[0]), int((bounds[:, 1] - bounds[:, 0]).sum()), disk, mean, std, lo, hi)
 
 
+def needs_recovery(path: str | os.PathLike[str]) -> bool:
+    """Whether the session directory ``path`` holds a step its saved state does not (a crash between a
+    step's files and its state): :meth:`Session.open` repairs it (replays the segmenter over the
+    surprise, or drops K/V whose surprise never arrived), and until then its files tell stale statistics."""
+    from emserve.retrieval.kvlog import TOKENS_FILE
+
+    p = Path(path)
+    try:
+        seen = int(json.loads((p / SESSION_FILE).read_text())["segmenter"]["seen"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return False  # not a session (yet): nothing to replay
+    sur = p / SURPRISE_FILE
+    n_sur = sur.stat().st_size // 4 if sur.exists() else 0
+    tokens = p / LOG_DIR / TOKENS_FILE
+    n_log = tokens.stat().st_size // 4 if tokens.exists() else 0
+    return n_sur != seen or n_log != n_sur
+
+
 def refinement_keys(log: KVLog, rope: RopeSpec, layers: tuple[int, int], start: int, end: int) -> torch.Tensor:
     """Pre-RoPE keys ``[L, T, H, D]`` (fp32) of layers ``[layers[0], layers[1])`` for the segmenter's
     refinement graph: one de-rotation for all layers (the angles are computed once)."""

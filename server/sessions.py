@@ -13,7 +13,8 @@ Contract
   The data folder has a fresh name per incarnation, so a session deleted and created again under
   the same id never reuses a path (engines cache open log files by path). Folders without
   ``meta.json`` (a crash during create) and names starting with "." (deletions in progress) are
-  not sessions.
+  not sessions; :meth:`SessionManager.recover` (at server start, before readiness) removes the latter
+  and repairs every session whose files hold a step its saved state does not (a crash).
 * A session is used through :meth:`lease` (opens it if needed; a leased session is never closed).
   At most ``max_open`` idle sessions stay open; the least recently used idle ones are closed.
 * One *writer* per session (an ingest stream, or a Generate that remembers): :meth:`attach`.
@@ -54,7 +55,7 @@ from emserve.server.errors import (
     SessionNotFound,
 )
 from emserve.server.report import StepReport
-from emserve.server.session import MemoryConfig, Session, SessionStats, session_stats
+from emserve.server.session import MemoryConfig, Session, SessionStats, needs_recovery, session_stats
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,34 @@ class SessionManager:
     def active_count(self) -> int:
         """Open sessions with a call in progress."""
         return sum(1 for e in list(self._open.values()) if not e.idle)
+
+    # ------------------------------------------------------------------ start
+    async def recover(self) -> tuple[int, int]:
+        """Repair what a crash left, before the server takes calls: removes the folders of deletions that
+        were interrupted (``.deleted-*``) and opens (then closes) every session whose files hold a step
+        its saved state does not (:func:`~emserve.server.session.needs_recovery`), so that GetSession
+        and ListSessions tell the truth at once, not after the session's next use. Returns (leftover
+        folders removed, sessions repaired)."""
+        removed = 0
+        for p in sorted(self.root.glob(".deleted-*")):
+            await asyncio.to_thread(shutil.rmtree, p, True)
+            removed += not p.exists()
+        repaired = 0
+        for sid in self.session_ids():
+            with contextlib.suppress(FileNotFoundError, SessionNotFound):
+                data = self._folder(sid) / self._meta(sid).data
+                if await asyncio.to_thread(needs_recovery, data):
+                    try:
+                        session = await asyncio.to_thread(Session.open, data, self.engine,
+                                                          score_device=self.score_device)
+                    except Exception:  # a corrupt session: its own calls report it (DATA_LOSS), the rest serve
+                        logger.exception("session %s could not be repaired", sid)
+                        continue
+                    await asyncio.to_thread(session.close)
+                    repaired += 1
+        if removed or repaired:
+            logger.info("recovered: %d interrupted deletions removed, %d sessions repaired", removed, repaired)
+        return removed, repaired
 
     # ------------------------------------------------------------------ create / delete
     def memory_config(self, overrides: Mapping[str, Any]) -> MemoryConfig:

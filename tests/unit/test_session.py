@@ -365,6 +365,50 @@ def test_a_step_failing_after_the_engine_logged_it_reopens_without_duplicating(e
     s.close()
 
 
+def test_the_manager_repairs_what_a_crash_left_before_it_serves(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """A crash between a step's files and its saved state, and a deletion interrupted after its rename:
+    the next server's :meth:`SessionManager.recover` (run before readiness) repairs the session, so its
+    statistics are right before anyone uses it, and removes the leftover folder. Before, GetSession
+    reported the events of the saved state until the session's next use, and ``.deleted-*`` folders
+    stayed forever."""
+    from emserve.server.session import needs_recovery
+    from emserve.server.sessions import SessionManager
+
+    root = tmp_path / "root"
+    ids = _ids(400, 6)
+
+    async def crash() -> Path:
+        m = SessionManager(root, engine, CFG)
+        await m.create("s")
+        session = m._open["s"].session
+        await session.append(ids[:200])
+        _fail_once(session.memory, "close_events", RuntimeError("injected: the process dies here"))
+        with pytest.raises(RuntimeError, match="injected"):
+            await session.append(ids[200:300])
+        session.close()  # the files as a SIGKILL leaves them: the step logged, its events never closed
+        return session.path
+
+    data = asyncio.run(crash())
+    leftover = root / ".deleted-gone-1234abcd"
+    (leftover / "log").mkdir(parents=True)
+    (leftover / "log" / "k_000.bin").write_bytes(b"\0" * 4096)
+    assert needs_recovery(data)
+
+    async def restart() -> tuple[int, int, tuple[int, int], int]:
+        m = SessionManager(root, engine, CFG)
+        stale = m.info("s").stats.num_events
+        repaired = await m.recover()
+        told = m.info("s").stats.num_events
+        async with m.lease("s") as entry:  # used: the count the session itself holds
+            used = len(entry.session.memory.table)
+        await m.close_all()
+        return stale, told, repaired, used
+
+    stale, told, repaired, used = asyncio.run(restart())
+    assert repaired == (1, 1) and not leftover.exists() and not needs_recovery(data)
+    assert stale < told == used
+
+
 def test_a_step_failing_before_the_engine_ran_is_retried_in_place(engine: ReferenceEngine, tmp_path: Path) -> None:
     """Planning failed (nothing logged): the session stays usable and the same call again gives the same
     memory as a session that never failed."""
