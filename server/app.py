@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import hmac
+import inspect
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -34,11 +35,11 @@ from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.server import version
 from emserve.server.config import ServerConfig
 from emserve.server.engine.base import Engine
-from emserve.server.errors import Unauthenticated
+from emserve.server.errors import InvalidArgument, Unauthenticated
 from emserve.server.generation import Generator
 from emserve.server.ingest import Ingestor
 from emserve.server.logs import log_step
-from emserve.server.metrics import GrpcMetrics, Metrics, replace_behavior, serve_metrics
+from emserve.server.metrics import GrpcMetrics, Metrics, method_kind, replace_behavior, serve_metrics
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
 from emserve.server.sessions import SessionManager
 from emserve.server.text import TextCodec
@@ -87,6 +88,72 @@ class _Auth(grpc.aio.ServerInterceptor):
         return _denied(handler)
 
 
+class _Undecodable:
+    """What the request deserializer gives for bytes that are not the method's message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _Decoding(grpc.aio.ServerInterceptor):
+    """Request bytes that are not the method's message are the client's error: INVALID_ARGUMENT (field
+    ``request``), not grpc's UNKNOWN. The deserializer keeps the parse error; the call reports it (a
+    unary call before its behaviour runs, a stream at the message, through the service's error mapping)."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = details.method.rpartition("/")[2]
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or anything a parser raises
+                return _Undecodable(e)
+
+        def bad(u: _Undecodable) -> InvalidArgument:
+            return InvalidArgument("request", f"the request bytes are not a valid {method} request message: {u.error}")
+
+        kind, behavior = method_kind(handler)
+        if handler.request_streaming:
+            async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+                async for msg in requests:
+                    if isinstance(msg, _Undecodable):
+                        raise bad(msg)
+                    yield msg
+
+            if inspect.isasyncgenfunction(behavior):
+                async def stream_in_out(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    async for out in behavior(checked(requests), context):
+                        yield out
+                return replace_behavior(handler, stream_in_out, tolerant)
+
+            async def stream_in(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(checked(requests), context)
+            return replace_behavior(handler, stream_in, tolerant)
+
+        if inspect.isasyncgenfunction(behavior):
+            async def unary_in_stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await abort(context, bad(request))
+                async for out in behavior(request, context):
+                    yield out
+            return replace_behavior(handler, unary_in_stream_out, tolerant)
+
+        async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await abort(context, bad(request))
+            return await behavior(request, context)
+        return replace_behavior(handler, unary_in, tolerant)
+
+
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
         await abort(context, Unauthenticated("missing or wrong bearer token in the authorization metadata"))
@@ -132,6 +199,7 @@ class EmserveServer:
             self.metrics.ready_fn = lambda: self.ready.is_set() and not self.service.draining.is_set()
         if config.auth_token:
             interceptors.append(_Auth(config.auth_token))
+        interceptors.append(_Decoding())  # innermost: the handlers outside it take its deserializer
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_SessionServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

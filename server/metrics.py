@@ -230,10 +230,13 @@ def method_kind(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]
     return "unary", handler.unary_unary
 
 
-def replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and (de)serializers as ``handler`` that runs ``behavior`` (interceptors)."""
-    return _FACTORIES[method_kind(handler)[0]](behavior, request_deserializer=handler.request_deserializer,
-                                               response_serializer=handler.response_serializer)
+def replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+                     request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as ``handler`` that runs ``behavior`` (interceptors);
+    ``request_deserializer`` replaces the handler's."""
+    return _FACTORIES[method_kind(handler)[0]](
+        behavior, request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 class GrpcMetrics(grpc.aio.ServerInterceptor):

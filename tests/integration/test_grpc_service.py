@@ -759,3 +759,32 @@ def test_ingest_with_the_header_sends_ready_first_and_answers_every_flush(client
     with pytest.raises(grpc.RpcError) as ei:
         raw.next()
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first message" in ei.value.details()
+
+
+def test_undecodable_requests_are_invalid_arguments(srv: ServerThread, client: Client) -> None:
+    """Bytes that are not the method's message (a truncated field, a wrong wire type) are the client's
+    error: INVALID_ARGUMENT naming the request, on unary and on streaming calls, and the server goes on
+    serving. Before, grpc's deserializer failure answered INTERNAL (unary) or UNKNOWN."""
+    service = "/emserve.v1.SessionService/"
+    garbage = [b"\x0a\xff\xff\xff\x0f", b"\xff", b"\x0a\x05ab"]
+    with grpc.insecure_channel(srv.address) as ch:
+        for data in garbage:
+            for method in ("CreateSession", "GetSession", "GetSurprise"):
+                call = ch.unary_unary(service + method, request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+                with pytest.raises(grpc.RpcError) as ei:
+                    call(data, timeout=10)
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data, ei.value)
+                assert "request" in (ei.value.details() or ""), ei.value.details()
+            gen = ch.unary_stream(service + "Generate", request_serializer=lambda b: b,
+                                  response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as ei:
+                list(gen(data, timeout=10))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ("Generate", data, ei.value)
+            ingest = ch.stream_stream(service + "Ingest", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as ei:
+                list(ingest(iter([data]), timeout=10))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ("Ingest", data, ei.value)
+    client.create_session("after-garbage")  # still serving
+    assert client.get_session("after-garbage").num_tokens == 0
