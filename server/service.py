@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import time
@@ -80,6 +81,11 @@ def status_of(exc: BaseException) -> grpc.Status:
         reason = reason if isinstance(exc, InvalidArgument) else "INVALID_ARGUMENT"
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+    elif _disk_full(exc):
+        code, reason = code_pb2.RESOURCE_EXHAUSTED, "DISK_FULL"
+        message = f"the sessions disk is full ({exc}); nothing beyond the committed offset was stored"
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject="disk", description=message)]))
     elif isinstance(exc, LimitExceeded | DeviceMemoryError):
         code = code_pb2.RESOURCE_EXHAUSTED
         subject = exc.subject if isinstance(exc, LimitExceeded) else "retrieval_device_memory"
@@ -114,8 +120,22 @@ def status_of(exc: BaseException) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is the disk or a quota being full."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    if not isinstance(exc, ServiceError | PlanError | ConfigError | SegmenterError):
+    if _disk_full(exc):
+        logger.warning("call failed: the sessions disk is full: %s", exc)
+    elif not isinstance(exc, ServiceError | PlanError | ConfigError | SegmenterError):
         logger.error("call failed: %s", exc, exc_info=exc if not isinstance(exc, EmserveError) else None)
     s = status_of(exc)
     await context.abort(s.code, s.details, s.trailing_metadata)

@@ -326,11 +326,14 @@ class Session:
             self._close(self.segmenter.feed(_segmenter_surprise(sur, seen), self._keys))
             self._save_state()
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Close the files; ``checkpoint`` first persists the indexes (not worth it, nor possible on a full
+        disk, for a session about to be deleted)."""
         try:
             if self._memory is not None:
                 try:
-                    self._memory.checkpoint()
+                    if checkpoint:
+                        self._memory.checkpoint()
                 finally:
                     self._memory.close()
         finally:  # the files are closed even when the checkpoint fails (e.g. disk full)

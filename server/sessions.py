@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -288,7 +289,7 @@ class SessionManager:
                     raise SessionBusy(session_id, entry.writer or "a call in progress")
                 if entry.commit is not None and not entry.commit.done():
                     raise SessionBusy(session_id, "a commit in progress")
-                await self._close(entry)
+                await self._close(entry, checkpoint=False)  # deleted next: nothing to persist (a full disk)
             trash = self.root / f".deleted-{session_id}-{uuid.uuid4().hex[:8]}"
             os.replace(folder, trash)
             self.engine.release_log(str(folder / meta.data / "log"))
@@ -416,9 +417,9 @@ class SessionManager:
         """Device memory held by the open sessions' retrieval mirrors."""
         return sum(e.session.device_bytes for e in list(self._open.values()))  # list: read from other threads
 
-    async def _close(self, entry: Entry) -> None:
+    async def _close(self, entry: Entry, *, checkpoint: bool = True) -> None:
         self._open.pop(entry.session_id, None)
-        await asyncio.to_thread(entry.session.close)
+        await asyncio.to_thread(functools.partial(entry.session.close, checkpoint=checkpoint))
 
     async def wait_commits(self) -> None:
         """Wait for every in-flight commit (graceful shutdown)."""

@@ -788,3 +788,51 @@ def test_undecodable_requests_are_invalid_arguments(srv: ServerThread, client: C
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ("Ingest", data, ei.value)
     client.create_session("after-garbage")  # still serving
     assert client.get_session("after-garbage").num_tokens == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 3 MiB filesystem (tmpfs) for the sessions: fills up in a few hundred tokens of the tiny model."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_refuses_writes_cleanly_and_space_can_be_freed(tiny_model_dir: Path, small_disk: Path,
+                                                                   engine: WatchedEngine) -> None:
+    """The disk fills during an ingest: the ingest fails with RESOURCE_EXHAUSTED (reason DISK_FULL), nothing
+    acknowledged is lost, and while the disk is full the session can still be read and deleted, which frees
+    the space for new sessions. Before, DeleteSession failed too (closing checkpointed the index first),
+    so space could not be freed through the API."""
+    s = ServerThread(tiny_config(tiny_model_dir, small_disk / "sessions", max_open_sessions=1), engine)
+    try:
+        with Client(s.address, timeout=30) as c:
+            c.create_session("keep")
+            c.ingest_tokens("keep", random_ids(200, 3))
+            c.create_session("big")
+            ids = random_ids(1_000_000, 4)
+            acked: list[int] = []
+            with pytest.raises(ClientError) as ei:
+                for i in range(0, len(ids), 4096):
+                    acked.append(c.ingest_tokens("big", ids[i : i + 4096], retries=0).committed_offset)
+            assert ei.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+            assert ei.value.reason == "DISK_FULL"
+            big = c.get_session("big").num_tokens
+            assert big >= (acked[-1] if acked else 0) and log_tokens(s, "big") == ids[:big]
+            assert c.get_session("keep").num_tokens == 200
+            c.list_events("keep")
+            c.delete_session("big")  # frees the space
+            c.create_session("again")
+            assert c.ingest_tokens("again", random_ids(100, 5)).committed_offset > 0
+            assert c.get_session("keep").num_tokens == 200
+    finally:
+        s.stop()
