@@ -7,17 +7,21 @@
   the stop string and the engine request is closed (vLLM aborts it).
 * ``remember``: the prompt and the generated tokens are appended to the session afterwards (as an
   ingest would), holding the session's writer slot for the whole call. Otherwise the memory is
-  unchanged.
+  unchanged. With a ``request_id`` it is idempotent: a retry of an exchange the session already
+  stored (the client saw an error, the exchange got in) answers the stored exchange again and stores
+  nothing; the same id with another prompt is INVALID_ARGUMENT.
 * Cancelling the consumer closes the engine stream, which aborts the engine request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.server.engine.base import SamplingSpec, TokenDelta
@@ -43,6 +47,9 @@ class GenerateParams:
     include_trace: bool = False
     remember: bool = False
     preview_tokens: int = DEFAULT_PREVIEW_TOKENS
+    request_id: str = ""
+    """The client's request id (``GenerateRequest.request_id``; not a generated one): the key that makes
+    a remembering Generate idempotent."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,16 @@ class Generator:
                     out[e.id] = self.codec.decode(ids.tolist())
         return out
 
+    @staticmethod
+    def _replay(rec: dict[str, Any], t0: float) -> list[Chunk | Completion]:
+        """A stored exchange answered again (an idempotent retry): its tokens, text and offsets."""
+        out = tuple(int(t) for t in rec["token_ids"])
+        return [Chunk(out, str(rec["text"])), Completion(
+            finish_reason=str(rec["finish_reason"]), stop_string=str(rec["stop_string"]), token_ids=out,
+            text=str(rec["text"]), prompt_tokens=len(rec["prompt"]), memory_tokens=int(rec["memory_tokens"]),
+            window_tokens=0, retrieved_tokens=0, timings={"total_s": time.perf_counter() - t0, "replayed": 1.0},
+            trace=None, committed_offset=int(rec["committed_offset"]))]
+
     async def run(self, p: GenerateParams) -> AsyncIterator[Chunk | Completion]:
         sid = check_session_id(p.session_id)
         if p.sampling.max_tokens < 1:
@@ -125,6 +142,15 @@ class Generator:
             )
             async with writer:
                 session = entry.session
+                if p.remember and p.request_id:
+                    stored = await asyncio.to_thread(session.exchange, p.request_id)
+                    if stored is not None:
+                        if stored["prompt"] != prompt_ids:
+                            raise InvalidArgument("request_id", f"request id {p.request_id!r} was used for "
+                                                  "another remembered exchange of this session")
+                        for item in self._replay(stored, t0):
+                            yield item
+                        return
                 memory_tokens = session.num_tokens
                 if p.remember and self.max_session_tokens:
                     need = memory_tokens + len(prompt_ids) + p.sampling.max_tokens
@@ -174,11 +200,23 @@ class Generator:
                     if tail:
                         yield Chunk(tuple(result.token_ids[len(out_ids):]), tail)
                     out_ids = list(decoder.ids)
+                if decoder.stopped is not None:
+                    reason = "stop"
+                else:
+                    reason = "stop" if result is not None and result.finish_reason == "stop" else "length"
+                    if result is not None and result.finish_reason not in ("stop", "length"):
+                        logger.warning("generation ended with engine finish reason %r", result.finish_reason)
                 committed = session.num_tokens
                 if p.remember:
-                    stored = await entry.run_commit(lambda: session.append(prompt_ids + out_ids, flush=True))
-                    committed = stored.committed
-                    self.manager.report(*stored.steps)
+                    stored = prompt_ids + out_ids
+                    if p.request_id:  # kept first: it counts only once its tokens are in the log
+                        record = {"start": committed, "stored": stored, "prompt": prompt_ids, "token_ids": out_ids,
+                                  "text": decoder.text, "stop_string": decoder.stopped or "", "finish_reason": reason,
+                                  "memory_tokens": memory_tokens, "committed_offset": committed + len(stored)}
+                        await asyncio.to_thread(session.record_exchange, p.request_id, record)
+                    appended = await entry.run_commit(lambda: session.append(stored, flush=True))
+                    committed = appended.committed
+                    self.manager.report(*appended.steps)
                 retrieval = planned.get("retrieval")
                 assert retrieval is None or isinstance(retrieval, RetrievalResult)
                 timings: dict[str, float] = dict(planned.get("timings", {}))  # type: ignore[call-overload]
@@ -187,12 +225,6 @@ class Generator:
                     timings["first_token_s"] = t_first - t0
                     if len(out_ids) > 1 and t_end > t_first:
                         timings["tokens_per_s"] = (len(out_ids) - 1) / (t_end - t_first)
-                if decoder.stopped is not None:
-                    reason = "stop"
-                else:
-                    reason = "stop" if result is not None and result.finish_reason == "stop" else "length"
-                    if result is not None and result.finish_reason not in ("stop", "length"):
-                        logger.warning("generation ended with engine finish reason %r", result.finish_reason)
                 trace = None
                 if p.include_trace:
                     previews = {} if retrieval is None else self._previews(entry, retrieval, p.preview_tokens)

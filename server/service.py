@@ -293,6 +293,7 @@ def generate_from_pb(req: pb.GenerateRequest) -> GenerateParams:
         include_trace=req.include_trace,
         remember=req.remember,
         preview_tokens=req.preview_tokens or 16,
+        request_id=req.request_id[:128],
     )
 
 

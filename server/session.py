@@ -18,6 +18,7 @@ Contract
       session.json      config (segmenter + retrieval) and the segmenter state after the last step
       log/              KV log (written by the engine), event table and indexes (written here)
       surprise.f32      float32 surprise of every logged token (written here after each step)
+      exchanges.json    the last remembered exchanges by request id (``record_exchange``)
 
 * Ingestion (``append``): tokens are computed in chunks of ``exc_block_size``; chunk k's window is
   planned with the previous step's query summary (lagged queries: the chunk's own queries do not
@@ -68,6 +69,9 @@ SESSION_FILE = "session.json"
 SURPRISE_FILE = "surprise.f32"
 QUERIES_FILE = "queries.npy"  # the last step's query summary (lagged queries for the next chunk)
 LOG_DIR = "log"
+EXCHANGES_FILE = "exchanges.json"
+MAX_EXCHANGES = 64
+"""Remembered exchanges kept by request id (the oldest are forgotten)."""
 
 
 class SessionError(EmserveError):
@@ -563,6 +567,37 @@ class Session:
         with clock("save"):
             self._save_state()
         return closed
+
+    # ------------------------------------------------------------------ remembered exchanges
+    def record_exchange(self, request_id: str, record: dict[str, Any]) -> None:
+        """Keep ``record`` (JSON; ``start``: the offset where its ``stored`` tokens go) under
+        ``request_id`` before they are appended: :meth:`exchange` returns it only once those tokens are
+        in the log, so a crash between the two leaves no false record. The last ``MAX_EXCHANGES`` stay."""
+        records = self._exchanges()
+        records.pop(request_id, None)
+        records[request_id] = record
+        while len(records) > MAX_EXCHANGES:
+            records.pop(next(iter(records)))
+        tmp = self.path / (EXCHANGES_FILE + ".tmp")
+        tmp.write_text(json.dumps(records))
+        os.replace(tmp, self.path / EXCHANGES_FILE)
+
+    def exchange(self, request_id: str) -> dict[str, Any] | None:
+        """The record kept under ``request_id`` whose tokens are in the session, else None."""
+        rec = self._exchanges().get(request_id)
+        if rec is None:
+            return None
+        start, stored = int(rec["start"]), [int(t) for t in rec["stored"]]
+        if start + len(stored) > self.num_tokens or self.tokens(start, start + len(stored)).tolist() != stored:
+            return None
+        return rec
+
+    def _exchanges(self) -> dict[str, dict[str, Any]]:
+        try:
+            out: dict[str, dict[str, Any]] = json.loads((self.path / EXCHANGES_FILE).read_text())
+            return out
+        except FileNotFoundError:
+            return {}
 
     # ------------------------------------------------------------------ questions
     async def ask_stream(

@@ -836,3 +836,44 @@ def test_a_full_disk_refuses_writes_cleanly_and_space_can_be_freed(tiny_model_di
             assert c.get_session("keep").num_tokens == 200
     finally:
         s.stop()
+
+
+def test_a_remembering_generate_with_a_request_id_is_idempotent(srv: ServerThread, client: Client) -> None:
+    """A client that saw an error after its exchange was stored retries with the same request id: the
+    stored exchange comes back and nothing is stored twice. Before, the retry stored the exchange again."""
+    client.create_session("idem")
+    client.ingest_tokens("idem", random_ids(120, 8))
+    first = client.ask("idem", [5, 6, 7], max_tokens=4, ignore_eos=True, remember=True, request_id="turn-1")
+    n = client.get_session("idem").num_tokens
+    assert n == 120 + 3 + 4 and first.complete.committed_offset == n
+    again = client.ask("idem", [5, 6, 7], max_tokens=4, ignore_eos=True, remember=True, request_id="turn-1")
+    assert again.token_ids == first.token_ids and again.text == first.text
+    assert again.complete.committed_offset == first.complete.committed_offset
+    assert client.get_session("idem").num_tokens == n
+    assert log_tokens(srv, "idem")[120:] == [5, 6, 7, *first.token_ids]
+    e = _code(lambda: client.ask("idem", [9, 9], max_tokens=2, remember=True, request_id="turn-1"))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.detail(E.BadRequest).field_violations[0].field == "request_id"
+    client.ask("idem", [5, 6, 7], max_tokens=4, ignore_eos=True, remember=True, request_id="turn-2")
+    client.ask("idem", [5, 6, 7], max_tokens=4, ignore_eos=True, remember=True)  # no id: stored each time
+    assert client.get_session("idem").num_tokens == n + 2 * 7
+
+
+def test_an_exchange_record_counts_only_once_its_tokens_are_stored(srv: ServerThread, client: Client) -> None:
+    """The record is kept before the exchange is appended; a crash between the two leaves a record whose
+    tokens are not in the session, and the retry stores the exchange (once)."""
+    client.create_session("idem2")
+    client.ingest_tokens("idem2", random_ids(100, 9))
+    runtime = srv.runtime
+
+    def keep_record_only() -> None:
+        async def go() -> None:
+            async with runtime.manager.lease("idem2") as entry:
+                entry.session.record_exchange("lost", {"start": 100, "stored": [5, 6, 7, 1], "prompt": [5, 6, 7]})
+        srv.run(go())
+
+    keep_record_only()
+    res = client.ask("idem2", [5, 6, 7], max_tokens=3, ignore_eos=True, remember=True, request_id="lost")
+    assert res.complete.committed_offset == 106 and client.get_session("idem2").num_tokens == 106
+    again = client.ask("idem2", [5, 6, 7], max_tokens=3, ignore_eos=True, remember=True, request_id="lost")
+    assert again.token_ids == res.token_ids and client.get_session("idem2").num_tokens == 106
