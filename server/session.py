@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from emserve.retrieval.errors import EmserveError
+from emserve.retrieval.errors import ConfigError, EmserveError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.lexical import Vocabulary, lexical_hits
@@ -70,6 +70,8 @@ SURPRISE_FILE = "surprise.f32"
 QUERIES_FILE = "queries.npy"  # the last step's query summary (lagged queries for the next chunk)
 LOG_DIR = "log"
 EXCHANGES_FILE = "exchanges.json"
+MAX_CONTRAST = 10.0
+"""The largest ``MemoryConfig.question_contrast``."""
 MAX_EXCHANGES = 64
 """Remembered exchanges kept by request id (the oldest are forgotten)."""
 
@@ -138,6 +140,11 @@ class MemoryConfig:
     """A question's sink tokens (``RetrievalConfig``; None: ``n_init``). 0: the question's window starts
     with its retrieved events; the stream's first tokens are not in it."""
     question_memory_last: bool = False
+    question_contrast: float = 0.0
+    """``alpha`` > 0: a greedy answer's first token is chosen by contrast with what the model answers to the
+    question alone (:mod:`emserve.server.contrast`); 0 (default): plain greedy. Off: it turned the demo's
+    " the pass key." into the key but picked words over the value on the recall suite (docs/recall.md,
+    "Tried and not kept"). Costs two one-token engine requests before the answer."""
     """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
     question_n_local: int | None = 64
     question_n_mem: int | None = 256
@@ -148,6 +155,10 @@ class MemoryConfig:
     vs 3/9). Events close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so
     the recent ones are retrievable by a question too; the tokens after the last closed event are in
     the window."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.question_contrast <= MAX_CONTRAST:  # NaN fails too
+            raise ConfigError(f"question_contrast must be in [0, {MAX_CONTRAST:g}], got {self.question_contrast}")
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> MemoryConfig:
@@ -670,10 +681,34 @@ class Session:
                                     output_tokens=output_tokens, decode_s=decode_s)
 
             done = False
+            options = StepOptions(surprise=False, queries=False)
             try:
-                async for item in self.engine.stream(plan, sampling, StepOptions(surprise=False, queries=False)):
+                first = await self._contrasted_first(plan, q, sampling, options)
+                if first is not None:  # the answer goes on after its first token (question_contrast)
+                    token, step = first
+                    ttft = clock.elapsed()
+                    streamed = 1
+                    yield TokenDelta((token,))
+                    if step.finish_reason is not None:  # it ended the answer
+                        clock.add("compute", clock.elapsed() - t_engine)
+                        rep = report(1)
+                        done = True
+                        if on_report is not None:
+                            on_report(rep)
+                        yield AskResult([token], step.finish_reason, retrieval, step, timings, window, rep)
+                        return
+                    # the rest of the answer: the same window with the first token computed after the question
+                    run_plan = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, token))
+                    run_sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+                else:
+                    run_plan, run_sampling = plan, sampling
+                async for item in self.engine.stream(run_plan, run_sampling, options):
                     if isinstance(item, StepResult):
                         clock.engine(item.timings)
+                        if first is not None:
+                            item = dataclasses.replace(
+                                item, output_token_ids=[first[0], *item.output_token_ids],
+                                output_logprobs=first[1].output_logprobs[:1] + item.output_logprobs)
                         rep = report(len(item.output_token_ids))
                         done = True
                         if on_report is not None:
@@ -689,6 +724,31 @@ class Session:
                 if not done and on_report is not None:  # stopped early (or failed): what ran is reported
                     clock.add("compute", clock.elapsed() - t_engine)
                     on_report(report(streamed))
+
+    async def _contrasted_first(self, plan: WindowPlan, question: list[int], sampling: SamplingSpec,
+                                options: StepOptions) -> tuple[int, StepResult] | None:
+        """The answer's first token chosen by contrast with the model's prior (``question_contrast``;
+        :mod:`emserve.server.contrast`), and a StepResult of that one token (``finish_reason`` set when it
+        ends the answer: a stop or end-of-sequence token, or ``max_tokens`` 1). None where the rule does not
+        apply: turned off, sampling (temperature > 0), or no memory in the window."""
+        alpha = self.config.question_contrast
+        if alpha <= 0 or sampling.temperature > 0 or plan.num_injected == 0 or sampling.max_tokens < 1:
+            return None
+        from emserve.retrieval.plan import WindowPlan
+        from emserve.server.contrast import TOP_K, contrast_choice
+
+        one = dataclasses.replace(sampling, max_tokens=1, top_logprobs=TOP_K, stop=())
+        rid = plan.request_id
+        prior = WindowPlan.build(question, request_id=None if rid is None else f"{rid}-prior")
+        with_memory = plan if rid is None else dataclasses.replace(plan, request_id=f"{rid}-first")
+        mem, base = await asyncio.gather(self.engine.step(with_memory, one, options),
+                                         self.engine.step(prior, one, options))
+        token = contrast_choice(mem.top_logprobs[0], base.top_logprobs[0], alpha)
+        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.engine.info.eos_token_ids))
+        finish = "stop" if token in stops else ("length" if sampling.max_tokens == 1 else None)
+        lp = mem.top_logprobs[0].get(token, mem.output_logprobs[0] if token == mem.output_token_ids[0] else 0.0)
+        return token, dataclasses.replace(mem, output_token_ids=[token], output_logprobs=[lp], finish_reason=finish,
+                                          top_logprobs=[])
 
     def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[int, ...]:
         """The question's lexical matches among the first ``num_events`` events (``question_lexical``)."""

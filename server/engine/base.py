@@ -76,6 +76,8 @@ class ModelInfo:
 
 
 MAX_TEMPERATURE = 100.0  # beyond it sampling is uniform noise; NaN and inf fail every comparison too
+MAX_TOP_LOGPROBS = 20
+"""The most ``SamplingSpec.top_logprobs`` an engine reports (vLLM's default ``max_logprobs``)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,15 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    top_logprobs: int = 0
+    """Also report, for each generated token, the log-probabilities of the this-many most likely tokens
+    at its position (``StepResult.top_logprobs``; under the model, before temperature / top-k / top-p)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
             raise PlanError("max_tokens must be >= 0")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise PlanError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}")
         if not (0 <= self.temperature <= MAX_TEMPERATURE) or not (0 < self.top_p <= 1) or self.top_k < 0:
             raise PlanError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g} (finite), 0 < top_p <= 1, top_k >= 0")
 
@@ -118,6 +125,9 @@ class StepResult:
     queries: np.ndarray | None  # float32 [num_layers, num_heads, head_dim]; None when not requested
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)  # log p of each generated token
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    """Per generated token, ``{token: log p}`` of the ``SamplingSpec.top_logprobs`` most likely tokens at its
+    position (empty when not requested)."""
     finish_reason: str | None = None
     num_injected: int = 0
     timings: dict[str, float] = field(default_factory=dict)

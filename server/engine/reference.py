@@ -320,7 +320,12 @@ class ReferenceEngine(Engine):
         out_ids = step.result.output_token_ids
         out_ids.append(token)
         raw = step.last_logits.double()  # log p under the model, before temperature / top-k / top-p (as vLLM)
-        step.result.output_logprobs.append(float(raw[token] - torch.logsumexp(raw, -1)))
+        norm = torch.logsumexp(raw, -1)
+        step.result.output_logprobs.append(float(raw[token] - norm))
+        if step.sampling.top_logprobs:
+            top = torch.topk(raw, step.sampling.top_logprobs)
+            step.result.top_logprobs.append(
+                {int(t): float(v - norm) for t, v in zip(top.indices.tolist(), top.values, strict=True)})
         if token in step.stop_ids:
             step.result.finish_reason = "stop"
         elif len(out_ids) >= step.sampling.max_tokens or step.next_position + 1 >= self.info.max_model_len:

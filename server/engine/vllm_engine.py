@@ -131,7 +131,7 @@ class VLLMEngine(Engine):
             stop_token_ids=list(s.stop_token_ids) if gen else None,
             ignore_eos=s.ignore_eos if gen else True,
             prompt_logprobs=0 if options.surprise else None,
-            logprobs=0 if gen else None,
+            logprobs=s.top_logprobs if gen else None,
             skip_reading_prefix_cache=False,
             detokenize=bool(gen and s.stop),
             extra_args={"kv_transfer_params": {"em": em}},
@@ -158,6 +158,7 @@ class VLLMEngine(Engine):
         result_path = self._scratch / f"{rid}.npz"
         params = self._sampling_params(plan, sampling, options, result_path)
         gen = sampling is not None and sampling.max_tokens > 0
+        s_top = sampling.top_logprobs if sampling is not None else 0
         sent = 0
         final = None
         t_first = None
@@ -196,6 +197,7 @@ class VLLMEngine(Engine):
                 queries=queries if options.queries else None,
                 output_token_ids=list(out0.token_ids) if gen else [],
                 output_logprobs=_sampled_logprobs(out0) if gen else [],
+                top_logprobs=_top_logprobs(out0, s_top) if gen and s_top else [],
                 finish_reason=out0.finish_reason if gen else None,
                 num_injected=n,
                 timings=timings,
@@ -245,4 +247,14 @@ def _sampled_logprobs(completion: object) -> list[float]:
     out: list[float] = []
     for tok, entry in zip(completion.token_ids, completion.logprobs or [], strict=False):  # type: ignore[attr-defined]
         out.append(float(entry[tok].logprob))
+    return out
+
+
+def _top_logprobs(completion: object, k: int) -> list[dict[int, float]]:
+    """Per generated token, the ``k`` most likely tokens' log p (vLLM adds the sampled one when it is not
+    among them: dropped here unless it is)."""
+    out: list[dict[int, float]] = []
+    for entry in completion.logprobs or []:  # type: ignore[attr-defined]
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        out.append({int(t): float(lp.logprob) for t, lp in ranked[:k]})
     return out

@@ -114,6 +114,25 @@ def test_non_prefix_window_with_rerotation_matches_oracle(engines, loop, tmp_pat
     assert np.abs(loop.run_until_complete(v.step(other)).surprise - rv.surprise).max() > 1e-3
 
 
+def test_top_logprobs_match_oracle(engines, loop, tmp_path: Path) -> None:
+    """SamplingSpec.top_logprobs (the contrast rule's input): per generated token the k most likely tokens
+    and their log p, the same in vLLM (injected window) as in the HF oracle."""
+    v, r = engines
+    log = str(tmp_path / "src")
+    _ingest(loop, v, log, _ids(300, 8), chunk=150)
+    plan = WindowPlan.build(_ids(12, 9), [Segment(log, 0, 4), Segment(log, 100, 220)], anchor=Anchor(log, 299))
+    spec = SamplingSpec(max_tokens=3, ignore_eos=True, top_logprobs=7)
+    rv = loop.run_until_complete(v.step(plan, spec))
+    rr = r.run(plan, spec)
+    assert rv.output_token_ids == rr.output_token_ids and len(rv.top_logprobs) == len(rr.top_logprobs) == 3
+    for tv, tr, tok in zip(rv.top_logprobs, rr.top_logprobs, rv.output_token_ids, strict=True):
+        assert len(tv) == len(tr) == 7 and max(tv, key=tv.get) == tok  # greedy: the top token was sampled
+        common = sorted(set(tv) & set(tr))
+        assert len(common) >= 6  # the 7th may differ where two log p tie to float precision
+        np.testing.assert_allclose([tv[t] for t in common], [tr[t] for t in common], atol=TOL)
+    assert loop.run_until_complete(v.step(plan, SamplingSpec(max_tokens=2))).top_logprobs == []
+
+
 def test_query_tokens_match_oracle(engines, loop, tmp_path: Path) -> None:
     """Per-token de-rotated queries of the last new tokens (a question's probe) equal the oracle's."""
     v, r = engines

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from emserve.retrieval.kvlog import KVLog
-from emserve.server.engine.base import SamplingSpec
+from emserve.server.engine.base import SamplingSpec, StepOptions
 from emserve.server.engine.reference import ReferenceEngine
 from emserve.server.session import MemoryConfig, Session, SessionError
 
@@ -225,7 +225,8 @@ def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: Referenc
     real_step = engine.step
 
     async def counting_step(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
-        steps.append(plan)
+        if (args[0] if args else kwargs.get("sampling")) is None:  # a probe generates nothing
+            steps.append(plan)
         return await real_step(plan, *args, **kwargs)
 
     for cfg, probes in ((CFG, 1), (dataclasses.replace(CFG, n_mem=0), 0)):
@@ -536,3 +537,51 @@ def test_every_step_reports_its_sizes_and_phases(engine: ReferenceEngine, tmp_pa
 
     asyncio.run(stop_early())
     assert len(seen) == 1 and seen[0].kind == "question" and 1 <= seen[0].output_tokens < 8
+
+
+def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """question_contrast (rule 7): the answer's first token is contrast_choice of the window's and the
+    question-alone distributions (computed here independently), the rest greedy after it; 0 is plain greedy."""
+    from emserve.retrieval.plan import WindowPlan
+    from emserve.server.contrast import TOP_K, contrast_choice
+
+    ids = _ids(300, 7)
+    plans: list[Any] = []
+    real_stream = engine.stream
+
+    def spying(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        plans.append(plan)
+        return real_stream(plan, *args, **kwargs)
+
+    s = Session.create(tmp_path / "s", engine, dataclasses.replace(CFG, question_contrast=0.0))
+    asyncio.run(s.append(ids, flush=True))
+    greedy = SamplingSpec(max_tokens=6, ignore_eos=True)
+    engine.stream = spying  # type: ignore[method-assign]
+    try:
+        differ = 0
+        for seed in range(8):
+            q = _ids(6, 100 + seed)
+            s.config = dataclasses.replace(s.config, question_contrast=0.0)
+            plain = asyncio.run(s.ask(q, greedy))
+            window_plan = plans[-1]
+            s.config = dataclasses.replace(s.config, question_contrast=1.0)
+            plans.clear()
+            got = asyncio.run(s.ask(q, greedy))
+            one = dataclasses.replace(greedy, max_tokens=1, top_logprobs=TOP_K)
+            opts = StepOptions(surprise=False, queries=False)
+            w = asyncio.run(engine.step(window_plan, one, opts)).top_logprobs[0]
+            p = asyncio.run(engine.step(WindowPlan.build(q), one, opts)).top_logprobs[0]
+            first = contrast_choice(w, p, 1.0)
+            assert len(w) == len(p) == TOP_K and max(w, key=w.get) == plain.token_ids[0]
+            assert got.token_ids[0] == first and len(got.token_ids) == 6
+            rest = asyncio.run(engine.step(dataclasses.replace(window_plan, new_token_ids=(*q, first)),
+                                           dataclasses.replace(greedy, max_tokens=5), opts))
+            assert got.token_ids[1:] == rest.output_token_ids
+            differ += first != plain.token_ids[0]
+            assert got.report is not None and got.report.new_tokens == 6 and got.report.output_tokens == 6
+        one_token = asyncio.run(s.ask(_ids(6, 100), dataclasses.replace(greedy, max_tokens=1)))
+        assert len(one_token.token_ids) == 1 and one_token.finish_reason == "length"
+    finally:
+        del engine.stream
+    s.close()
+    assert differ > 0  # the rule changed some first tokens on this random stream (else the test shows nothing)
