@@ -21,12 +21,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.server.engine.base import SamplingSpec, TokenDelta
 from emserve.server.errors import InvalidArgument, LimitExceeded
-from emserve.server.session import AskResult
+from emserve.server.session import AskResult, Session
 from emserve.server.sessions import Entry, SessionManager, check_session_id
 from emserve.server.text import StreamDecoder, TextCodec
 
@@ -115,9 +114,24 @@ class Generator:
                     out[e.id] = self.codec.decode(ids.tolist())
         return out
 
-    @staticmethod
-    def _replay(rec: dict[str, Any], t0: float) -> list[Chunk | Completion]:
-        """A stored exchange answered again (an idempotent retry): its tokens, text and offsets."""
+    def _check_sampling(self, sampling: SamplingSpec) -> None:
+        if sampling.max_tokens < 1:
+            raise InvalidArgument("sampling.max_tokens", "max_tokens must be >= 1")
+        vocab = self.manager.engine.info.vocab_size
+        bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument("sampling.stop_token_ids",
+                                  f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+
+    async def _replay(self, session: Session, p: GenerateParams, prompt_ids: list[int],
+                      t0: float) -> list[Chunk | Completion] | None:
+        """The exchange stored under ``p.request_id`` answered again (an idempotent retry), or None."""
+        rec = await asyncio.to_thread(session.exchange, p.request_id)
+        if rec is None:
+            return None
+        if rec["prompt"] != prompt_ids:
+            raise InvalidArgument("request_id", f"request id {p.request_id!r} was used for another remembered "
+                                  "exchange of this session")
         out = tuple(int(t) for t in rec["token_ids"])
         return [Chunk(out, str(rec["text"])), Completion(
             finish_reason=str(rec["finish_reason"]), stop_string=str(rec["stop_string"]), token_ids=out,
@@ -125,15 +139,25 @@ class Generator:
             window_tokens=0, retrieved_tokens=0, timings={"total_s": time.perf_counter() - t0, "replayed": 1.0},
             trace=None, committed_offset=int(rec["committed_offset"]))]
 
+    async def _remember(self, entry: Entry, p: GenerateParams, prompt_ids: list[int], out_ids: list[int],
+                        decoder: StreamDecoder, reason: str, memory_tokens: int) -> int:
+        """Append the exchange to the session (with a request id, its record first: it counts only once its
+        tokens are in the log); returns the committed offset."""
+        session = entry.session
+        stored = prompt_ids + out_ids
+        if p.request_id:
+            start = session.num_tokens
+            record = {"start": start, "stored": stored, "prompt": prompt_ids, "token_ids": out_ids,
+                      "text": decoder.text, "stop_string": decoder.stopped or "", "finish_reason": reason,
+                      "memory_tokens": memory_tokens, "committed_offset": start + len(stored)}
+            await asyncio.to_thread(session.record_exchange, p.request_id, record)
+        appended = await entry.run_commit(lambda: session.append(stored, flush=True))
+        self.manager.report(*appended.steps)
+        return appended.committed
+
     async def run(self, p: GenerateParams) -> AsyncIterator[Chunk | Completion]:
         sid = check_session_id(p.session_id)
-        if p.sampling.max_tokens < 1:
-            raise InvalidArgument("sampling.max_tokens", "max_tokens must be >= 1")
-        vocab = self.manager.engine.info.vocab_size
-        bad = [t for t in p.sampling.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgument("sampling.stop_token_ids",
-                                  f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        self._check_sampling(p.sampling)
         t0 = time.perf_counter()
         prompt_ids = self._prompt_ids(p)
         async with self.manager.lease(sid) as entry:
@@ -142,15 +166,11 @@ class Generator:
             )
             async with writer:
                 session = entry.session
-                if p.remember and p.request_id:
-                    stored = await asyncio.to_thread(session.exchange, p.request_id)
-                    if stored is not None:
-                        if stored["prompt"] != prompt_ids:
-                            raise InvalidArgument("request_id", f"request id {p.request_id!r} was used for "
-                                                  "another remembered exchange of this session")
-                        for item in self._replay(stored, t0):
-                            yield item
-                        return
+                replay = await self._replay(session, p, prompt_ids, t0) if p.remember and p.request_id else None
+                if replay is not None:
+                    for item in replay:
+                        yield item
+                    return
                 memory_tokens = session.num_tokens
                 if p.remember and self.max_session_tokens:
                     need = memory_tokens + len(prompt_ids) + p.sampling.max_tokens
@@ -200,23 +220,10 @@ class Generator:
                     if tail:
                         yield Chunk(tuple(result.token_ids[len(out_ids):]), tail)
                     out_ids = list(decoder.ids)
-                if decoder.stopped is not None:
-                    reason = "stop"
-                else:
-                    reason = "stop" if result is not None and result.finish_reason == "stop" else "length"
-                    if result is not None and result.finish_reason not in ("stop", "length"):
-                        logger.warning("generation ended with engine finish reason %r", result.finish_reason)
+                reason = _finish_reason(decoder, result)
                 committed = session.num_tokens
                 if p.remember:
-                    stored = prompt_ids + out_ids
-                    if p.request_id:  # kept first: it counts only once its tokens are in the log
-                        record = {"start": committed, "stored": stored, "prompt": prompt_ids, "token_ids": out_ids,
-                                  "text": decoder.text, "stop_string": decoder.stopped or "", "finish_reason": reason,
-                                  "memory_tokens": memory_tokens, "committed_offset": committed + len(stored)}
-                        await asyncio.to_thread(session.record_exchange, p.request_id, record)
-                    appended = await entry.run_commit(lambda: session.append(stored, flush=True))
-                    committed = appended.committed
-                    self.manager.report(*appended.steps)
+                    committed = await self._remember(entry, p, prompt_ids, out_ids, decoder, reason, memory_tokens)
                 retrieval = planned.get("retrieval")
                 assert retrieval is None or isinstance(retrieval, RetrievalResult)
                 timings: dict[str, float] = dict(planned.get("timings", {}))  # type: ignore[call-overload]
@@ -244,3 +251,11 @@ class Generator:
                     trace=trace,
                     committed_offset=committed,
                 )
+
+
+def _finish_reason(decoder: StreamDecoder, result: AskResult | None) -> str:
+    if decoder.stopped is not None:
+        return "stop"
+    if result is not None and result.finish_reason not in ("stop", "length"):
+        logger.warning("generation ended with engine finish reason %r", result.finish_reason)
+    return "stop" if result is not None and result.finish_reason == "stop" else "length"

@@ -634,36 +634,7 @@ class Session:
             self._check_usable()
             clock.add("wait", clock.elapsed())
             offset = self.num_tokens
-            retrieval = None
-            if offset == 0:
-                from emserve.retrieval.plan import WindowPlan
-
-                plan = WindowPlan.build(q)
-            else:
-                planner = self.memory.planner
-                lay = planner.layout(offset, len(q), reserve=sampling.max_tokens, question=True)
-                queries = None
-                per_token = False  # the probe reported one query per question token
-                if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
-                    n_tok = self.config.question_query_tokens
-                    with clock("probe"):
-                        probe = await self.engine.step(
-                            planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
-                        )
-                    per_token = probe.query_tokens is not None
-                    queries = probe.query_tokens if per_token else probe.queries
-                with clock("retrieve"):
-                    if queries is not None and per_token and self.config.question_content_queries:
-                        # off the event loop: the first call per model reads its vocabulary (seconds)
-                        rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
-                        queries = queries[rows]
-                    lead: tuple[int, ...] = ()
-                    if lay.num_events and lay.budget and self.config.question_lexical > 0:
-                        lead = await self._host(self._lexical_hits, q, lay.num_events)
-                    plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
-                                            question=True, lead=lead)
-                plan = dataclasses.replace(plan, capture_log=None)
-                retrieval = planner.last_retrieval
+            plan, retrieval = await self._plan_question(offset, q, sampling, clock)
             rid = current_request_id()
             if rid:  # the engine's request carries the call's request id (vLLM's logs, aborts)
                 plan = dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}")
@@ -724,6 +695,42 @@ class Session:
                 if not done and on_report is not None:  # stopped early (or failed): what ran is reported
                     clock.add("compute", clock.elapsed() - t_engine)
                     on_report(report(streamed))
+
+    async def _plan_question(self, offset: int, q: list[int], sampling: SamplingSpec,
+                             clock: PhaseClock) -> tuple[WindowPlan, RetrievalResult | None]:
+        """A question's window (probe step, lexical matches, retrieval; the question rules of
+        docs/recall.md) and what was retrieved (None: nothing to select)."""
+        retrieval = None
+        if offset == 0:
+            from emserve.retrieval.plan import WindowPlan
+
+            plan = WindowPlan.build(q)
+        else:
+            planner = self.memory.planner
+            lay = planner.layout(offset, len(q), reserve=sampling.max_tokens, question=True)
+            queries = None
+            per_token = False  # the probe reported one query per question token
+            if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
+                n_tok = self.config.question_query_tokens
+                with clock("probe"):
+                    probe = await self.engine.step(
+                        planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
+                    )
+                per_token = probe.query_tokens is not None
+                queries = probe.query_tokens if per_token else probe.queries
+            with clock("retrieve"):
+                if queries is not None and per_token and self.config.question_content_queries:
+                    # off the event loop: the first call per model reads its vocabulary (seconds)
+                    rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
+                    queries = queries[rows]
+                lead: tuple[int, ...] = ()
+                if lay.num_events and lay.budget and self.config.question_lexical > 0:
+                    lead = await self._host(self._lexical_hits, q, lay.num_events)
+                plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
+                                        question=True, lead=lead)
+            plan = dataclasses.replace(plan, capture_log=None)
+            retrieval = planner.last_retrieval
+        return plan, retrieval
 
     async def _contrasted_first(self, plan: WindowPlan, question: list[int], sampling: SamplingSpec,
                                 options: StepOptions) -> tuple[int, StepResult] | None:
