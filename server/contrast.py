@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-PLAUSIBLE = float(__import__("os").environ.get("EMSERVE_LAB_PLAUSIBLE", "0.1"))
+PLAUSIBLE = 0.1
 """A candidate's probability under the window is at least this share of the most likely token's."""
 TOP_K = 20
 """Tokens of each distribution compared (``SamplingSpec.top_logprobs``)."""
