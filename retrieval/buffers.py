@@ -26,7 +26,8 @@ Deviations from EM-LLM, all so that the token budget is never exceeded and nothi
   hits of this step (EM-LLM would load them twice) or no longer retrievable, and drops the oldest
   entries if ``cap`` shrank since they were added.
 
-The buffer lives in memory only (it is lost when a session is reopened, as in EM-LLM).
+EM-LLM keeps the buffer in memory only; here its state goes to the session's file with every step
+(``Retriever.buffer_state``), so a reopened session computes what an uninterrupted one does.
 """
 
 from __future__ import annotations

@@ -262,6 +262,17 @@ def interleave(per_token: np.ndarray) -> np.ndarray:
     return flat[np.sort(first)].astype(np.int64)
 
 
+def sample_span(n: int, sample: int) -> int:
+    """The events a query sample is drawn from, of a table of ``n``: all of them below ``sample`` events,
+    else the largest of ``sample``, ``ceil(1.25 * sample)``, ``ceil(1.25^2 * sample)``, ... that is at most ``n``."""
+    if n < sample:
+        return n
+    m = sample
+    while (nxt := (5 * m + 3) // 4) <= n:
+        m = nxt
+    return m
+
+
 class Retriever:
     """Per-session retrieval state (the contiguity buffers) over an :class:`EventIndex`."""
 
@@ -342,18 +353,28 @@ class Retriever:
         for b in self.buffers:
             b.clear()
 
-    def sample_ids(self) -> np.ndarray | None:
-        """Up to ``query_sample`` evenly spaced event ids (cached; a new array when resampled).
+    def buffer_state(self) -> list[list[int]]:
+        """The contiguity buffers' event ids (oldest first), one list per buffer: JSON for a session file."""
+        return [list(b.ids) for b in self.buffers]
 
-        Resampled while the table is smaller than the sample size, then after 25% growth.
-        """
+    def restore_buffers(self, state: Sequence[Sequence[int]]) -> None:
+        """Put back :meth:`buffer_state` (of a retriever with as many buffers)."""
+        if len(state) != len(self.buffers):
+            raise PlanError(f"{len(state)} saved contiguity buffers for {len(self.buffers)}")
+        self.buffers = tuple(ContiguityBuffer(ids) for ids in state)
+
+    def sample_ids(self) -> np.ndarray | None:
+        """Up to ``query_sample`` evenly spaced event ids among the first :func:`sample_span` events (cached;
+        a new array when the span changes: at every event while the table is smaller than the sample,
+        then at each 25% of growth). A function of the table's length alone, so a reopened session
+        samples what an uninterrupted one does (the span once depended on when the steps came)."""
         n = len(self.table)
         if n < 2 or self.query_sample < 2:
             return None
-        full = self._sample_n >= self.query_sample
-        if self._sample_ids is None or (n != self._sample_n and (not full or n >= 1.25 * self._sample_n)):
-            self._sample_ids = np.unique(np.linspace(0, n - 1, min(n, self.query_sample)).round().astype(np.int64))
-            self._sample_n = n
+        m = sample_span(n, self.query_sample)
+        if self._sample_ids is None or m != self._sample_n:
+            self._sample_ids = np.unique(np.linspace(0, m - 1, min(m, self.query_sample)).round().astype(np.int64))
+            self._sample_n = m
             self._sample = None
         return self._sample_ids
 

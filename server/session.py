@@ -280,6 +280,9 @@ class Session:
         self._log: KVLog | None = None
         self._last_queries: np.ndarray | None = None
         self._pending: list[int] = []
+        self._contiguity: dict[str, Any] | None = None
+        """The contiguity buffers as planned for the step at ``offset``: ``before`` and ``after`` its
+        planning (saved with the state; :meth:`open` restores the one that matches the log)."""
         self._surprise_fd = os.open(path / SURPRISE_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.events_closed = 0
         self.failed: BaseException | None = None
@@ -318,10 +321,20 @@ class Session:
             s._recover()
             if s.num_tokens:
                 s.memory  # noqa: B018 - open the table and the indexes here, not on the event loop at the first step
+                s._restore_contiguity(state.get("contiguity"))
         except BaseException:  # e.g. out of device memory recomputing the mirror: no file stays open
             s.close()
             raise
         return s
+
+    def _restore_contiguity(self, saved: dict[str, Any] | None) -> None:
+        """The contiguity buffers of the last planned step: as after its planning if the log holds it,
+        else as before (the step is planned again). Sessions saved before this start empty, as in EM-LLM."""
+        if saved is None:
+            return
+        self._contiguity = saved
+        ids = saved["after"] if self.num_tokens > int(saved["offset"]) else saved["before"]
+        self.memory.planner.retriever.restore_buffers(ids)
 
     def _recover(self) -> None:
         """Replay what the log holds beyond the saved segmenter state (a crash between the two)."""
@@ -393,6 +406,8 @@ class Session:
             "config": dataclasses.asdict(self.config),
             "segmenter": _to_json(self.segmenter.state_dict()),
         }
+        if self._contiguity is not None:
+            state["contiguity"] = self._contiguity
         tmp = self.path / (SESSION_FILE + ".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.path / SESSION_FILE)
@@ -508,8 +523,13 @@ class Session:
                                                    options=StepOptions(surprise=False))
                 queries = probe.queries
             with clock("retrieve"):
+                before = planner.retriever.buffer_state()
                 plan = await self._host(planner.plan_step, offset, chunk, queries)
             retrieval = planner.last_retrieval
+            if self.config.use_contiguity_buffer:  # saved before the step runs: a crash in it keeps them
+                self._contiguity = {"offset": offset, "before": before, "after": planner.retriever.buffer_state()}
+                with clock("save"):
+                    await self._host(self._save_state)
         try:
             res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
             clock.engine(res.timings)

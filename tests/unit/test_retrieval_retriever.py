@@ -368,3 +368,18 @@ def test_lead_events_rank_first_with_their_neighbours(tmp_path):
     sources = {e.id: e.source for e in sel.events}
     assert sources[5] == sources[8] == "lexical" and sources[4] == sources[6] == sources[9] == "contiguity"
     assert r.retrieve(q, 30, first=[12]).layers[0].ids == [0, 3, 7]  # 12 is not an event: ignored
+
+
+def test_the_query_sample_span_is_a_function_of_the_table_length_alone() -> None:
+    """The events that standardize a step's queries are drawn from sample_span(n) events: all below the
+    sample size, then spans growing by 25%. A function of n alone, so a session reopened at n samples
+    what an uninterrupted one does (the span was once the table's length at the last resample, which
+    depended on how the steps had come, and a reopen resampled at once)."""
+    from emserve.retrieval.retriever import sample_span
+
+    assert [sample_span(n, 256) for n in (0, 5, 255)] == [0, 5, 255]
+    assert [sample_span(n, 256) for n in (256, 319, 320, 399, 400, 499, 500)] == [256, 256, 320, 320, 400, 400, 500]
+    spans = [sample_span(n, 256) for n in range(256, 100_000)]
+    assert all(a <= b for a, b in zip(spans, spans[1:], strict=False))  # never shrinks
+    assert all(n / 1.25 < m <= n for n, m in zip(range(256, 100_000), spans, strict=True))  # the last 25% at most
+    assert len(set(spans)) < 40  # resampled at each 25% of growth, not at every event

@@ -88,6 +88,44 @@ def test_reopen_resumes_identically(engine: ReferenceEngine, tmp_path: Path) -> 
     b.close()
 
 
+@pytest.mark.parametrize("restart", ["close", "crash before the log", "crash after the log"])
+def test_a_restart_changes_nothing_the_session_computes_afterwards(engine: ReferenceEngine, tmp_path: Path,
+                                                                   restart: str) -> None:
+    """Ingestion's contiguity buffers (the neighbours of past steps' hits) are saved with the session, as
+    planned for the step at hand: resumed after a close or a crash before or after a step's log, a session
+    computes the same surprise and events as one that ran uninterrupted. Before, the buffers started empty
+    after a reopen and the first windows after it differed (the real model: up to 2 nats, one event more
+    over 14k tokens)."""
+    cfg = dataclasses.replace(CFG, n_mem=96, contiguity_buffer_size=0.8, min_block_size=2, max_block_size=8)
+    ids = _ids(800, 5)
+    a = Session.create(tmp_path / "a", engine, cfg)
+    for i in range(0, 800, 32):
+        asyncio.run(a.append(ids[i : i + 32]))
+    asyncio.run(a.flush())
+    b = Session.create(tmp_path / "b", engine, cfg)
+    for i in range(0, 448, 32):
+        asyncio.run(b.append(ids[i : i + 32]))
+    at = b.num_tokens
+    assert any(x.ids for x in b.memory.planner.retriever.buffers)  # something to lose
+    if restart == "crash before the log":  # the next step planned (buffers moved on), its engine step never ran
+        _fail_once(b.engine, "step", RuntimeError("injected: the process dies in the engine step"))
+        with pytest.raises(RuntimeError, match="injected"):
+            asyncio.run(b.append(ids[at : at + 32]))
+        assert b.num_tokens == at
+    elif restart == "crash after the log":  # the next step logged, its state never saved
+        _fail_once(b.memory, "close_events", RuntimeError("injected: the process dies after the log"))
+        with pytest.raises(RuntimeError, match="injected"):
+            asyncio.run(b.append(ids[at : at + 32]))
+        assert b.num_tokens > at
+    b.close()
+    b = Session.open(tmp_path / "b", engine)
+    asyncio.run(b.append(ids[b.num_tokens :], flush=True))
+    np.testing.assert_allclose(b.surprise(), a.surprise(), atol=1e-4, rtol=0)
+    assert np.array_equal(b.memory.table.starts, a.memory.table.starts)
+    a.close()
+    b.close()
+
+
 def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: ReferenceEngine, tmp_path: Path) -> None:
     import json
 
