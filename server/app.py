@@ -35,7 +35,7 @@ from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.server import version
 from emserve.server.config import ServerConfig
 from emserve.server.engine.base import Engine
-from emserve.server.errors import InvalidArgument, Unauthenticated
+from emserve.server.errors import InvalidArgument, LimitExceeded, Unauthenticated
 from emserve.server.generation import Generator
 from emserve.server.ingest import Ingestor
 from emserve.server.logs import log_step
@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 EXIT_WATCHDOG_S = 60.0  # after "emserve stopped": longest wait for asyncio.run to return
 READINESS = "readiness"
+GRPC_RECEIVE_HEADROOM = 16 << 20
+"""gRPC's own receive limit is ``max_message_bytes`` plus this: messages between the two get emserve's
+RESOURCE_EXHAUSTED with its error details (``_Decoding``), larger ones gRPC's bare status."""
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -99,8 +102,14 @@ class _Undecodable:
 
 class _Decoding(grpc.aio.ServerInterceptor):
     """Request bytes that are not the method's message are the client's error: INVALID_ARGUMENT (field
-    ``request``), not grpc's UNKNOWN. The deserializer keeps the parse error; the call reports it (a
-    unary call before its behaviour runs, a stream at the message, through the service's error mapping)."""
+    ``request``), not grpc's UNKNOWN; a message over ``max_bytes`` is RESOURCE_EXHAUSTED with the
+    QuotaFailure (subject ``message_bytes``) and ErrorInfo every emserve error carries, not grpc's bare
+    status. The deserializer keeps the error; the call reports it (a unary call before its behaviour
+    runs, a stream at the message, through the service's error mapping). gRPC's own receive limit is
+    set above ``max_bytes`` (:data:`GRPC_RECEIVE_HEADROOM`) so that such messages reach it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -112,13 +121,20 @@ class _Decoding(grpc.aio.ServerInterceptor):
         parse = handler.request_deserializer
         method = details.method.rpartition("/")[2]
 
+        limit = self.max_bytes
+
         def tolerant(data: bytes) -> Any:
+            if len(data) > limit:
+                return _Undecodable(LimitExceeded("message_bytes", f"a {method} request message of {len(data)} "
+                                                  f"bytes exceeds the server's limit of {limit}", limit=limit))
             try:
                 return parse(data)
             except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or anything a parser raises
                 return _Undecodable(e)
 
-        def bad(u: _Undecodable) -> InvalidArgument:
+        def bad(u: _Undecodable) -> Exception:
+            if isinstance(u.error, LimitExceeded):
+                return u.error
             return InvalidArgument("request", f"the request bytes are not a valid {method} request message: {u.error}")
 
         kind, behavior = method_kind(handler)
@@ -182,7 +198,8 @@ class EmserveServer:
         size = config.max_message_bytes
         options = [
             ("grpc.max_send_message_length", size),
-            ("grpc.max_receive_message_length", size),
+            # above our own limit, so that _Decoding answers oversized messages with emserve's error details
+            ("grpc.max_receive_message_length", size + GRPC_RECEIVE_HEADROOM),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10000),
             ("grpc.so_reuseport", 0),
@@ -199,7 +216,7 @@ class EmserveServer:
             self.metrics.ready_fn = lambda: self.ready.is_set() and not self.service.draining.is_set()
         if config.auth_token:
             interceptors.append(_Auth(config.auth_token))
-        interceptors.append(_Decoding())  # innermost: the handlers outside it take its deserializer
+        interceptors.append(_Decoding(size))  # innermost: the handlers outside it take its deserializer
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_SessionServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

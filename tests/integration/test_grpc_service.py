@@ -346,7 +346,15 @@ def test_limits_are_resource_exhausted(tiny_model_dir: Path, tmp_path: Path, eng
             assert e.detail(E.QuotaFailure).violations[0].subject == "session_tokens"
             assert c.get_session("a").num_tokens <= 100
             e = _code(c.ingest, "b", ["word " * 5000])  # one 25 kB message > 16 kB
-            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "LIMIT_EXCEEDED"  # ErrorInfo
+            assert e.detail(E.QuotaFailure).violations[0].subject == "message_bytes"
+            big = pb.CreateSessionRequest(session_id="big", labels={"k": "v" * 20_000})
+            call = c.channel.unary_unary("/emserve.v1.SessionService/CreateSession",
+                                         request_serializer=pb.CreateSessionRequest.SerializeToString,
+                                         response_deserializer=pb.Session.FromString)
+            e = _code(c._unary, call, big)  # a unary request over the limit: the same details
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "LIMIT_EXCEEDED"
+            assert e.detail(E.QuotaFailure).violations[0].subject == "message_bytes"
             e = _code(c.ask, "a", [5, 6], max_tokens=60, remember=True)
             assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
