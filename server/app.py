@@ -41,7 +41,7 @@ from emserve.server.ingest import Ingestor
 from emserve.server.logs import log_step
 from emserve.server.metrics import GrpcMetrics, Metrics, method_kind, replace_behavior, serve_metrics
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
-from emserve.server.sessions import SessionManager
+from emserve.server.sessions import SessionManager, question_within
 from emserve.server.text import TextCodec
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class EmserveServer:
         self._owns_engine = engine is None
         self.service = SessionService(
             Limits(config.max_sessions, config.max_message_bytes, config.max_inflight_messages,
-                   config.max_session_tokens, config.memory),
+                   config.max_session_tokens, question_within(config.memory)),
             version(),
         )
         self.health = health.aio.HealthServicer()

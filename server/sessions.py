@@ -144,6 +144,22 @@ def check_session_id(session_id: str, field_name: str = "session_id") -> str:
     return session_id
 
 
+QUESTION_LIMITS = (("question_n_mem", "n_mem"), ("question_n_init", "n_init"))
+"""A question's memory and sink, and the ingestion window's field each is bounded by."""
+
+
+def question_within(cfg: MemoryConfig) -> MemoryConfig:
+    """``cfg`` with a question's memory and sink at most the ingestion window's (``question_n_mem`` <=
+    ``n_mem``, ``question_n_init`` <= ``n_init``): the values a question uses, so that they are the ones
+    reported."""
+    over: dict[str, int] = {}
+    for q_field, window_field in QUESTION_LIMITS:
+        q_value, limit = getattr(cfg, q_field), getattr(cfg, window_field)
+        if q_value is not None and q_value > limit:
+            over[q_field] = limit
+    return dataclasses.replace(cfg, **over) if over else cfg
+
+
 class SessionManager:
     def __init__(self, root: str | os.PathLike[str], engine: Engine, defaults: MemoryConfig, *,
                  max_sessions: int = 256, max_open: int = 32, score_device: str | None = "auto",
@@ -155,7 +171,7 @@ class SessionManager:
         idle sessions are closed, least recently used first."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = engine
-        self.defaults = defaults
+        self.defaults = question_within(defaults)
         self.max_sessions = max_sessions
         self.max_open = max_open
         self._open: dict[str, Entry] = {}
@@ -245,8 +261,19 @@ class SessionManager:
 
     # ------------------------------------------------------------------ create / delete
     def memory_config(self, overrides: Mapping[str, Any]) -> MemoryConfig:
+        """The defaults with ``overrides``. A question's memory and sink are at most the ingestion
+        window's: a ``question_n_mem`` / ``question_n_init`` given above ``n_mem`` / ``n_init`` is
+        INVALID_ARGUMENT; a default one above them takes their value (and is reported as it is used)."""
+        over = dict(overrides)
+        for q_field, window_field in QUESTION_LIMITS:
+            q_value = over.get(q_field, getattr(self.defaults, q_field))
+            limit = over.get(window_field, getattr(self.defaults, window_field))
+            if q_value is not None and isinstance(limit, int) and isinstance(q_value, int) and q_value > limit:
+                if q_field in over:
+                    raise InvalidArgument("memory", f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
+                over[q_field] = limit
         try:
-            cfg = dataclasses.replace(self.defaults, **dict(overrides))
+            cfg = dataclasses.replace(self.defaults, **over)
             cfg.retrieval(self.engine.info.max_model_len)
             cfg.segmenter()
         except (ConfigError, SegmenterError, PlanError, ValueError, TypeError) as e:

@@ -144,7 +144,7 @@ def test_session_lifecycle(client: Client) -> None:
                               labels={"doc": "book"})
     assert s.session_id == "alpha" and s.state == pb.Session.ACTIVE
     assert s.memory.n_local == 48 and s.memory.per_layer is False and s.memory.n_init == 16
-    assert s.memory.question_n_local == 8 and s.memory.question_n_mem == 256  # the server default
+    assert s.memory.question_n_local == 8 and s.memory.question_n_mem == 64  # the default 256, as used: n_mem
     assert s.memory.question_rank == "interleave" and s.memory.question_query_tokens == 64
     mean = client.create_session("mean", memory={"question_rank": "mean", "question_query_tokens": 4})
     assert mean.memory.question_rank == "mean" and mean.memory.question_query_tokens == 4
@@ -297,6 +297,10 @@ def test_invalid_arguments(client: Client) -> None:
     bad(lambda: client.create_session("m2", memory={"question_rank": "max"}), "memory")
     bad(lambda: client.create_session("m2", memory={"similarity_metric": "cosine"}), "memory")
     bad(lambda: client.create_session("m3", memory={"n_local": 5000}), "memory")  # beyond the context
+    e = _code(lambda: client.create_session("m4", memory={"n_mem": 64, "question_n_mem": 128}))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "question_n_mem (128) must be at most n_mem (64)" in str(e)
+    no_memory = client.create_session("m5", memory={"n_mem": 0})  # the question's default follows: reported as used
+    assert no_memory.memory.n_mem == 0 and no_memory.memory.question_n_mem == 0
     bad(lambda: client.ingest_tokens("v", [1, 2, 600]), "tokens")
     bad(lambda: client.ask("v", [5, 6], top_p=2.0), "sampling")
     bad(lambda: client.ask("v", [5, 6], max_tokens=0), "sampling.max_tokens")
