@@ -139,12 +139,11 @@ class RetrievalConfig:
     """hnswlib threads for adds (0: one per CPU core, at most 4)."""
 
     def __post_init__(self) -> None:
-        if self.n_init < 0 or self.n_local < 1 or self.n_mem < 0 or self.exc_block_size < 1:
-            raise ConfigError("need n_init >= 0, n_local >= 1, n_mem >= 0, exc_block_size >= 1")
-        if (self.question_n_local is not None and self.question_n_local < 1) or (
-                self.question_n_mem is not None and self.question_n_mem < 0):
-            raise ConfigError(f"need question_n_local >= 1 and question_n_mem >= 0 (or None), got "
-                              f"{self.question_n_local}, {self.question_n_mem}")
+        for name, least in (("n_init", 0), ("n_local", 1), ("n_mem", 0), ("exc_block_size", 1),
+                            ("question_n_local", 1), ("question_n_mem", 0)):
+            value = getattr(self, name)
+            if value is not None and value < least:  # the one broken rule, not the list of all of them
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
         if self.repr_topk < 1:
             raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
         if self.repr_proxy not in REPR_PROXIES:

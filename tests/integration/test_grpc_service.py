@@ -294,6 +294,7 @@ def test_invalid_arguments(client: Client) -> None:
     bad(lambda: client.create_session("../escape"), "session_id")
     bad(lambda: client.create_session("x" * 200), "session_id")
     bad(lambda: client.create_session("m1", memory={"n_local": 0}), "memory")
+    assert "n_local must be >= 1, got 0" in str(_code(lambda: client.create_session("m1", memory={"n_local": 0})))
     bad(lambda: client.create_session("m2", memory={"question_rank": "max"}), "memory")
     bad(lambda: client.create_session("m2", memory={"similarity_metric": "cosine"}), "memory")
     bad(lambda: client.create_session("m3", memory={"n_local": 5000}), "memory")  # beyond the context
