@@ -137,7 +137,7 @@ class _Decoding(grpc.aio.ServerInterceptor):
                 return u.error
             return InvalidArgument("request", f"the request bytes are not a valid {method} request message: {u.error}")
 
-        kind, behavior = method_kind(handler)
+        behavior = method_kind(handler)[1]
         if handler.request_streaming:
             async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
                 async for msg in requests:

@@ -140,12 +140,12 @@ class MemoryConfig:
     """A question's sink tokens (``RetrievalConfig``; None: ``n_init``). 0: the question's window starts
     with its retrieved events; the stream's first tokens are not in it."""
     question_memory_last: bool = False
+    """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
     question_contrast: float = 0.0
     """``alpha`` > 0: a greedy answer's first token is chosen by contrast with what the model answers to the
     question alone (:mod:`emserve.server.contrast`); 0 (default): plain greedy. Off: it turned the demo's
     " the pass key." into the key but picked words over the value on the recall suite (docs/recall.md,
     "Tried and not kept"). Costs two one-token engine requests before the answer."""
-    """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
     question_n_local: int | None = 64
     question_n_mem: int | None = 256
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
@@ -408,9 +408,7 @@ class Session:
         }
         if self._contiguity is not None:
             state["contiguity"] = self._contiguity
-        tmp = self.path / (SESSION_FILE + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path / SESSION_FILE)
+        _write_json(self.path / SESSION_FILE, state)
 
     @property
     def _keys(self) -> RefinementKeys:
@@ -609,9 +607,7 @@ class Session:
         records[request_id] = record
         while len(records) > MAX_EXCHANGES:
             records.pop(next(iter(records)))
-        tmp = self.path / (EXCHANGES_FILE + ".tmp")
-        tmp.write_text(json.dumps(records))
-        os.replace(tmp, self.path / EXCHANGES_FILE)
+        _write_json(self.path / EXCHANGES_FILE, records)
 
     def exchange(self, request_id: str) -> dict[str, Any] | None:
         """The record kept under ``request_id`` whose tokens are in the session, else None."""
@@ -773,7 +769,7 @@ class Session:
         token = contrast_choice(mem.top_logprobs[0], base.top_logprobs[0], alpha)
         stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.engine.info.eos_token_ids))
         finish = "stop" if token in stops else ("length" if sampling.max_tokens == 1 else None)
-        lp = mem.top_logprobs[0].get(token, mem.output_logprobs[0] if token == mem.output_token_ids[0] else 0.0)
+        lp = mem.top_logprobs[0][token]  # contrast_choice picks among the window's listed tokens
         return token, dataclasses.replace(mem, output_token_ids=[token], output_logprobs=[lp], finish_reason=finish,
                                           top_logprobs=[])
 
@@ -830,6 +826,13 @@ def session_stats(path: str | os.PathLike[str]) -> SessionStats:
     else:
         mean = std = lo = hi = 0.0
     return SessionStats(n, int(bounds.shape[0]), int((bounds[:, 1] - bounds[:, 0]).sum()), disk, mean, std, lo, hi)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as JSON atomically (a reader or a crash sees the old file or the new)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def needs_recovery(path: str | os.PathLike[str]) -> bool:

@@ -265,15 +265,13 @@ class SessionManager:
         window's: a ``question_n_mem`` / ``question_n_init`` given above ``n_mem`` / ``n_init`` is
         INVALID_ARGUMENT; a default one above them takes their value (and is reported as it is used)."""
         over = dict(overrides)
-        for q_field, window_field in QUESTION_LIMITS:
-            q_value = over.get(q_field, getattr(self.defaults, q_field))
+        for q_field, window_field in QUESTION_LIMITS:  # given ones must fit; defaults are fitted below
+            q_value = over.get(q_field)
             limit = over.get(window_field, getattr(self.defaults, window_field))
-            if q_value is not None and isinstance(limit, int) and isinstance(q_value, int) and q_value > limit:
-                if q_field in over:
-                    raise InvalidArgument("memory", f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
-                over[q_field] = limit
+            if isinstance(q_value, int) and isinstance(limit, int) and q_value > limit:
+                raise InvalidArgument("memory", f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
         try:
-            cfg = dataclasses.replace(self.defaults, **over)
+            cfg = question_within(dataclasses.replace(self.defaults, **over))
             cfg.retrieval(self.engine.info.max_model_len)
             cfg.segmenter()
         except (ConfigError, SegmenterError, PlanError, ValueError, TypeError) as e:
