@@ -147,7 +147,7 @@ class Generator:
         stored = prompt_ids + out_ids
         if p.request_id:
             start = session.num_tokens
-            record = {"start": start, "stored": stored, "prompt": prompt_ids, "token_ids": out_ids,
+            record = {"start": start, "prompt": prompt_ids, "token_ids": out_ids,
                       "text": decoder.text, "stop_string": decoder.stopped or "", "finish_reason": reason,
                       "memory_tokens": memory_tokens, "committed_offset": start + len(stored)}
             await asyncio.to_thread(session.record_exchange, p.request_id, record)

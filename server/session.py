@@ -599,7 +599,7 @@ class Session:
 
     # ------------------------------------------------------------------ remembered exchanges
     def record_exchange(self, request_id: str, record: dict[str, Any]) -> None:
-        """Keep ``record`` (JSON; ``start``: the offset where its ``stored`` tokens go) under
+        """Keep ``record`` (JSON; ``start``: the offset where its ``prompt`` + ``token_ids`` go) under
         ``request_id`` before they are appended: :meth:`exchange` returns it only once those tokens are
         in the log, so a crash between the two leaves no false record. The last ``MAX_EXCHANGES`` stay."""
         records = self._exchanges()
@@ -614,7 +614,7 @@ class Session:
         rec = self._exchanges().get(request_id)
         if rec is None:
             return None
-        start, stored = int(rec["start"]), [int(t) for t in rec["stored"]]
+        start, stored = int(rec["start"]), [int(t) for t in (*rec["prompt"], *rec["token_ids"])]
         if start + len(stored) > self.num_tokens or self.tokens(start, start + len(stored)).tolist() != stored:
             return None
         return rec

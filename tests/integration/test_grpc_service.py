@@ -882,7 +882,7 @@ def test_an_exchange_record_counts_only_once_its_tokens_are_stored(srv: ServerTh
     def keep_record_only() -> None:
         async def go() -> None:
             async with runtime.manager.lease("idem2") as entry:
-                entry.session.record_exchange("lost", {"start": 100, "stored": [5, 6, 7, 1], "prompt": [5, 6, 7]})
+                entry.session.record_exchange("lost", {"start": 100, "prompt": [5, 6, 7], "token_ids": [1]})
         srv.run(go())
 
     keep_record_only()
