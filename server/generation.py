@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.server.engine.base import SamplingSpec, TokenDelta
 from emserve.server.errors import InvalidArgument, LimitExceeded
-from emserve.server.session import AskResult, Session
+from emserve.server.session import AskResult
 from emserve.server.sessions import Entry, SessionManager, check_session_id
 from emserve.server.text import StreamDecoder, TextCodec
 
@@ -123,16 +123,23 @@ class Generator:
             raise InvalidArgument("sampling.stop_token_ids",
                                   f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
 
-    async def _replay(self, session: Session, p: GenerateParams, prompt_ids: list[int],
+    async def _replay(self, entry: Entry, p: GenerateParams, prompt_ids: list[int],
                       t0: float) -> list[Chunk | Completion] | None:
-        """The exchange stored under ``p.request_id`` answered again (an idempotent retry), or None."""
-        rec = await asyncio.to_thread(session.exchange, p.request_id)
-        if rec is None:
+        """The exchange stored under ``p.request_id`` answered again (an idempotent retry), or None. An
+        exchange whose append a crash cut short (or never began) is appended to its end first."""
+        session = entry.session
+        found = await asyncio.to_thread(session.exchange, p.request_id)
+        if found is None:
             return None
+        rec, held = found
         if rec["prompt"] != prompt_ids:
             raise InvalidArgument("request_id", f"request id {p.request_id!r} was used for another remembered "
                                   "exchange of this session")
         out = tuple(int(t) for t in rec["token_ids"])
+        rest = [*prompt_ids, *out][held:]
+        if rest:
+            appended = await entry.run_commit(lambda: session.append(rest, flush=True))
+            self.manager.report(*appended.steps)
         return [Chunk(out, str(rec["text"])), Completion(
             finish_reason=str(rec["finish_reason"]), stop_string=str(rec["stop_string"]), token_ids=out,
             text=str(rec["text"]), prompt_tokens=len(rec["prompt"]), memory_tokens=int(rec["memory_tokens"]),
@@ -166,7 +173,7 @@ class Generator:
             )
             async with writer:
                 session = entry.session
-                replay = await self._replay(session, p, prompt_ids, t0) if p.remember and p.request_id else None
+                replay = await self._replay(entry, p, prompt_ids, t0) if p.remember and p.request_id else None
                 if replay is not None:
                     for item in replay:
                         yield item

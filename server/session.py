@@ -600,8 +600,8 @@ class Session:
     # ------------------------------------------------------------------ remembered exchanges
     def record_exchange(self, request_id: str, record: dict[str, Any]) -> None:
         """Keep ``record`` (JSON; ``start``: the offset where its ``prompt`` + ``token_ids`` go) under
-        ``request_id`` before they are appended: :meth:`exchange` returns it only once those tokens are
-        in the log, so a crash between the two leaves no false record. The last ``MAX_EXCHANGES`` stay."""
+        ``request_id`` before they are appended: :meth:`exchange` reports how many of them the session
+        holds, so a crash anywhere in between is resumed, not stored twice. The last ``MAX_EXCHANGES`` stay."""
         records = self._exchanges()
         records.pop(request_id, None)
         records[request_id] = record
@@ -609,15 +609,19 @@ class Session:
             records.pop(next(iter(records)))
         _write_json(self.path / EXCHANGES_FILE, records)
 
-    def exchange(self, request_id: str) -> dict[str, Any] | None:
-        """The record kept under ``request_id`` whose tokens are in the session, else None."""
+    def exchange(self, request_id: str) -> tuple[dict[str, Any], int] | None:
+        """The record kept under ``request_id`` and how many of its tokens (``prompt`` + ``token_ids``)
+        the session holds at its ``start``: all of them, or a prefix that ends the session (a crash came
+        between the record and the end of its append, which runs in steps: the rest is still to be
+        appended). None when there is no record, or the session's tokens there are others."""
         rec = self._exchanges().get(request_id)
         if rec is None:
             return None
         start, stored = int(rec["start"]), [int(t) for t in (*rec["prompt"], *rec["token_ids"])]
-        if start + len(stored) > self.num_tokens or self.tokens(start, start + len(stored)).tolist() != stored:
+        end = min(self.num_tokens, start + len(stored))
+        if start > self.num_tokens or self.tokens(start, end).tolist() != stored[: end - start]:
             return None
-        return rec
+        return rec, end - start
 
     def _exchanges(self) -> dict[str, dict[str, Any]]:
         try:

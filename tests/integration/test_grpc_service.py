@@ -872,21 +872,35 @@ def test_a_remembering_generate_with_a_request_id_is_idempotent(srv: ServerThrea
     assert client.get_session("idem").num_tokens == n + 2 * 7
 
 
-def test_an_exchange_record_counts_only_once_its_tokens_are_stored(srv: ServerThread, client: Client) -> None:
-    """The record is kept before the exchange is appended; a crash between the two leaves a record whose
-    tokens are not in the session, and the retry stores the exchange (once)."""
+def test_an_exchange_cut_by_a_crash_is_completed_by_the_retry(srv: ServerThread, client: Client) -> None:
+    """The record is kept before the exchange is appended, and the append runs in steps: a crash after the
+    record (before the append, or between two of its steps) leaves the exchange partly stored, and the
+    retry appends the rest and answers the recorded exchange: stored once. Before, a cut append was
+    regenerated and stored again after its first step (found by bench/crash.py)."""
     client.create_session("idem2")
     client.ingest_tokens("idem2", random_ids(100, 9))
     runtime = srv.runtime
+    prompt = random_ids(40, 10)
+    start = 100
+    for rid, held in (("cut", CHUNK), ("unstored", 0)):
+        stored = [*prompt, 1, 2, 3]
+        record = {"start": start, "prompt": prompt, "token_ids": [1, 2, 3], "text": "abc", "stop_string": "",
+                  "finish_reason": "length", "memory_tokens": start, "committed_offset": start + len(stored)}
 
-    def keep_record_only() -> None:
-        async def go() -> None:
-            async with runtime.manager.lease("idem2") as entry:
-                entry.session.record_exchange("lost", {"start": 100, "prompt": [5, 6, 7], "token_ids": [1]})
-        srv.run(go())
+        def crash_after(rid: str = rid, record: dict = record, head: list[int] = stored[:held]) -> None:
+            async def go() -> None:
+                async with runtime.manager.lease("idem2") as entry:
+                    entry.session.record_exchange(rid, record)
+                    await entry.session.append(head, flush=True)
+            srv.run(go())
 
-    keep_record_only()
-    res = client.ask("idem2", [5, 6, 7], max_tokens=3, ignore_eos=True, remember=True, request_id="lost")
-    assert res.complete.committed_offset == 106 and client.get_session("idem2").num_tokens == 106
-    again = client.ask("idem2", [5, 6, 7], max_tokens=3, ignore_eos=True, remember=True, request_id="lost")
-    assert again.token_ids == res.token_ids and client.get_session("idem2").num_tokens == 106
+        crash_after()
+        assert client.get_session("idem2").num_tokens == start + held
+        res = client.ask("idem2", prompt, max_tokens=3, ignore_eos=True, remember=True, request_id=rid)
+        assert res.token_ids == [1, 2, 3] and res.text == "abc"
+        assert res.complete.committed_offset == start + len(stored)
+        assert client.get_session("idem2").num_tokens == start + len(stored)
+        assert log_tokens(srv, "idem2")[start:] == stored
+        again = client.ask("idem2", prompt, max_tokens=3, ignore_eos=True, remember=True, request_id=rid)
+        assert again.token_ids == [1, 2, 3] and client.get_session("idem2").num_tokens == start + len(stored)
+        start += len(stored)
