@@ -197,10 +197,10 @@ class EpisodicMemory:
             raise DeviceMemoryError(f"out of memory on {self.scorer.device} recomputing representatives from "
                                     f"the KV log: {str(e).splitlines()[0]}") from e
 
-    def observe_queries(self, summary: np.ndarray, num_tokens: int) -> None:
-        """Feed an ingestion step's query summary (mean over ``num_tokens`` new tokens) into the
-        stream's mean query, which retrieval centers queries on."""
-        self.query_mean.observe(summary, num_tokens)
+    def observe_queries(self, summary: np.ndarray, num_tokens: int, offset: int = -1) -> None:
+        """Feed an ingestion step's query summary (mean over ``num_tokens`` new tokens, the step ending
+        at stream ``offset``) into the stream's mean query, which retrieval centers queries on."""
+        self.query_mean.observe(summary, num_tokens, offset)
 
     def checkpoint(self) -> None:
         """Persist the indexes now (the table is always persisted)."""

@@ -68,9 +68,11 @@ QUERY_MEAN_FILE = "query_mean.npz"
 class QueryMean:
     """Running, token-weighted mean of a stream's step query summaries, per layer (persisted).
 
-    Lives next to the event table (``query_mean.npz``: float64 sum ``[L, dim]`` and the token
-    count), rewritten atomically by :meth:`observe`. It is a statistic, not state that must match
-    the log: after a crash it may lag by a step, which changes nothing measurable.
+    Lives next to the event table (``query_mean.npz``: float64 sum ``[L, dim]``, the token count, the
+    stream ``offset`` the last observed step ended at, and the same three before that step), rewritten
+    atomically by :meth:`observe`. A session observes a step before it marks the step done, so after a
+    crash the file is at most one step ahead of the session, and :meth:`restore` takes that step back:
+    a resumed session centers its queries exactly as an uninterrupted one.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, num_layers: int, dim: int) -> None:
@@ -79,11 +81,17 @@ class QueryMean:
         self.dim = dim
         self._sum = np.zeros((num_layers, dim), np.float64)
         self.count = 0.0
+        self.offset = -1  # stream offset after the last observed step (-1: not recorded, older files)
+        self._prev: tuple[np.ndarray, float, int] = (self._sum.copy(), 0.0, -1)
         if self.path is not None and self.path.exists():
             with np.load(self.path) as f:
                 s = np.asarray(f["sum"], np.float64)
                 if s.shape == self._sum.shape:
                     self._sum, self.count = s, float(f["count"])
+                    if "offset" in f:
+                        self.offset = int(f["offset"])
+                        self._prev = (np.asarray(f["prev_sum"], np.float64), float(f["prev_count"]),
+                                      int(f["prev_offset"]))
 
     @property
     def mean(self) -> np.ndarray | None:
@@ -92,20 +100,36 @@ class QueryMean:
             return None
         return (self._sum / self.count).astype(np.float32)
 
-    def observe(self, summary: np.ndarray, num_tokens: int) -> None:
-        """Add a step's query summary (mean over its ``num_tokens`` new tokens)."""
+    def observe(self, summary: np.ndarray, num_tokens: int, offset: int = -1) -> None:
+        """Add a step's query summary (mean over its ``num_tokens`` new tokens; the step ends at stream
+        ``offset``)."""
         if num_tokens <= 0:
             return
         q = np.asarray(summary, np.float64).reshape(self.num_layers, -1)
         if q.shape[1] != self.dim:
             raise PlanError(f"query summary has {q.shape[1]} values per layer, expected {self.dim}")
-        self._sum += q * num_tokens
+        self._prev = (self._sum.copy(), self.count, self.offset)
+        self._sum = self._sum + q * num_tokens
         self.count += num_tokens
-        if self.path is not None:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, sum=self._sum, count=np.float64(self.count))
-            os.replace(tmp, self.path)
+        self.offset = offset
+        self._write()
+
+    def restore(self, offset: int) -> None:
+        """Match a session resumed at stream ``offset``: a last step observed beyond it is taken back."""
+        prev_sum, prev_count, prev_offset = self._prev
+        if self.offset > offset and 0 <= prev_offset <= offset:
+            self._sum, self.count, self.offset = prev_sum.copy(), prev_count, prev_offset
+            self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        prev_sum, prev_count, prev_offset = self._prev
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, sum=self._sum, count=np.float64(self.count), offset=np.int64(self.offset),
+                     prev_sum=prev_sum, prev_count=np.float64(prev_count), prev_offset=np.int64(prev_offset))
+        os.replace(tmp, self.path)
 
 
 def as_query_tokens(queries: np.ndarray, num_layers: int, dim: int) -> np.ndarray:

@@ -54,6 +54,7 @@ from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.lexical import Vocabulary, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.planner import RetrievalConfig
+from emserve.retrieval.queries import QUERY_MEAN_FILE
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.segmenter import OnlineSegmenter, SegmenterConfig
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
@@ -67,7 +68,8 @@ if TYPE_CHECKING:
 
 SESSION_FILE = "session.json"
 SURPRISE_FILE = "surprise.f32"
-QUERIES_FILE = "queries.npy"  # the last step's query summary (lagged queries for the next chunk)
+QUERIES_FILE = "queries.npz"  # the last step's query summary (lagged queries for the next chunk), see _save_queries
+LEGACY_QUERIES_FILE = "queries.npy"  # sessions saved before queries.npz: the summary alone
 LOG_DIR = "log"
 EXCHANGES_FILE = "exchanges.json"
 MAX_CONTRAST = 10.0
@@ -279,6 +281,7 @@ class Session:
         self._memory_lock = threading.Lock()
         self._log: KVLog | None = None
         self._last_queries: np.ndarray | None = None
+        self._saved_queries: tuple[int, np.ndarray | None] = (-1, None)  # (offset, summary) in QUERIES_FILE
         self._pending: list[int] = []
         self._contiguity: dict[str, Any] | None = None
         """The contiguity buffers as planned for the step at ``offset``: ``before`` and ``after`` its
@@ -316,16 +319,46 @@ class Session:
         seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
         s = cls(p, engine, cfg, seg, score_device=score_device)
         try:
-            if (p / QUERIES_FILE).exists():
-                s._last_queries = np.load(p / QUERIES_FILE)
+            saved = s._load_queries()
             s._recover()
+            s._restore_queries(*saved)
             if s.num_tokens:
                 s.memory  # noqa: B018 - open the table and the indexes here, not on the event loop at the first step
+                s.memory.query_mean.restore(s.num_tokens)
                 s._restore_contiguity(state.get("contiguity"))
+            elif (Path(s.log_path) / QUERY_MEAN_FILE).exists():  # a first step observed, never done
+                (Path(s.log_path) / QUERY_MEAN_FILE).unlink()
         except BaseException:  # e.g. out of device memory recomputing the mirror: no file stays open
             s.close()
             raise
         return s
+
+    def _load_queries(self) -> tuple[tuple[int, np.ndarray | None], tuple[int, np.ndarray | None]]:
+        """The last two saved query summaries, as (offset, summary) (offset -1: not recorded)."""
+        path = self.path / QUERIES_FILE
+        if path.exists():
+            with np.load(path) as f:
+                prev = f["prev_queries"] if int(f["prev_offset"]) >= 0 else None
+                return (int(f["offset"]), f["queries"]), (int(f["prev_offset"]), prev)
+        legacy = self.path / LEGACY_QUERIES_FILE
+        return ((-1, np.load(legacy)) if legacy.exists() else (-1, None)), (-1, None)
+
+    def _restore_queries(self, last: tuple[int, np.ndarray | None], prev: tuple[int, np.ndarray | None]) -> None:
+        """The lagged queries of the session's last done step: the last saved, or the one before it when
+        the last step's were saved but the step was not done (a crash in between; it runs again)."""
+        chosen = prev if last[0] > self.num_tokens and 0 <= prev[0] <= self.num_tokens else last
+        self._saved_queries = chosen
+        self._last_queries = chosen[1]
+
+    def _save_queries(self, queries: np.ndarray, offset: int) -> None:
+        """Keep a step's query summary (the step ends at ``offset``) with the one before it, atomically."""
+        prev_offset, prev = self._saved_queries
+        tmp = self.path / (QUERIES_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, queries=queries, offset=np.int64(offset), prev_offset=np.int64(prev_offset),
+                     prev_queries=np.zeros(0, np.float32) if prev is None else prev)
+        os.replace(tmp, self.path / QUERIES_FILE)
+        self._saved_queries = (offset, queries)
 
     def _restore_contiguity(self, saved: dict[str, Any] | None) -> None:
         """The contiguity buffers of the last planned step: as after its planning if the log holds it,
@@ -582,14 +615,13 @@ class Session:
         Returns the events closed."""
         offset = res.log_offset
         with clock("save"):
+            # the step's query statistics first, tagged with where it ends, then its surprise, which marks
+            # the step done: a crash between the two leaves them one step ahead, and open() takes it back
+            if res.queries is not None:
+                self.memory.observe_queries(res.queries, n, offset + n)
+                self._save_queries(res.queries, offset + n)
             os.write(self._surprise_fd, res.surprise.astype(np.float32).tobytes())
             self._last_queries = res.queries
-            if res.queries is not None:
-                self.memory.observe_queries(res.queries, n)
-                tmp = self.path / (QUERIES_FILE + ".tmp")
-                with open(tmp, "wb") as f:
-                    np.save(f, res.queries)
-                os.replace(tmp, self.path / QUERIES_FILE)
         with clock("segment"):
             final = self.segmenter.feed(_segmenter_surprise(res.surprise, offset), self._keys)
         closed = self._close(final, clock.phases)
