@@ -464,23 +464,10 @@ class Retriever:
             raise PlanError(f"num_events {m} outside table of {n} events")
         budget = max(0, int(budget))
         sizes = self.table.sizes
-        starts = self.table.starts
-        ends = starts + sizes
         memory = int(sizes[:m].sum())
         # exact also while the HNSW indexes lag the table (catching up, or a reader in another process)
         exact = self.scorer is not None or self.index.uses_exact(n)
         q = None if queries is None else self.encode(queries)
-
-        def build(picks: list[tuple[int, int, Source]], layer: int | None) -> LayerSelection:
-            ids = np.array(sorted(p[0] for p in picks), np.int64)
-            scores = np.full(ids.shape[0], np.nan, np.float32) if q is None else self.scores(q, layer, ids)
-            by_id = {p[0]: p for p in picks}
-            events = []
-            for j, c in enumerate(ids.tolist()):
-                _, take, source = by_id[c]
-                s = int(starts[c])
-                events.append(SelectedEvent(c, s, s + take, float(scores[j]), source, take < int(sizes[c])))
-            return LayerSelection(tuple(events))
 
         if m == 0 or budget == 0:
             empty = LayerSelection(())
@@ -488,31 +475,59 @@ class Retriever:
         if memory <= budget:
             everything: list[tuple[int, int, Source]] = [(c, int(sizes[c]), "similarity") for c in range(m)]
             if self.per_layer:
-                layers = tuple(build(everything, lay) for lay in range(n_layers))
+                layers = tuple(self._layer_selection(q, everything, lay) for lay in range(n_layers))
             else:
-                layers = (build(everything, None),) * n_layers
+                layers = (self._layer_selection(q, everything, None),) * n_layers
             return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
         if q is None:
             raise PlanError("retrieval needs the step's queries when the memory exceeds the budget")
         if rank not in RANKS:
             raise PlanError(f"unknown rank {rank!r}; use one of {RANKS}")
 
-        use_buffer = self.use_contiguity_buffer and contiguity
-        kc = contiguity_tokens(budget, self.contiguity_buffer_size) if use_buffer else 0
-
+        kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer and contiguity else 0
         pre = np.asarray([c for c in first if 0 <= int(c) < m], np.int64)
+        walk = partial(self._walk, num_events=m, budget=budget, kc=kc, neighbours=neighbours, reach=reach,
+                       first=pre)
+        layers = self._select(q, walk, rank, exact, m, memory, budget + kc, use_buffers=kc > 0)
+        distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
+        assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"
+        return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
 
-        def walk(ranked: np.ndarray, buf: ContiguityBuffer | None) -> list[tuple[int, int, Source]]:
-            if pre.size:
-                ranked = np.concatenate([pre, ranked[~np.isin(ranked, pre)]])
-            order, via = with_neighbours(ranked, m, neighbours, starts, ends, reach)
-            picks = select_ranked(order, sizes, m, budget, kc, buf, via)
-            if pre.size:
-                lexical = set(pre.tolist())
-                picks = [(c, t, "lexical" if c in lexical and src == "similarity" else src) for c, t, src in picks]
-            return picks
+    def _layer_selection(self, q: EncodedQuery | None, picks: list[tuple[int, int, Source]],
+                         layer: int | None) -> LayerSelection:
+        """``picks`` (event, tokens taken, source) in temporal order with their exact scores (NaN without queries)."""
+        starts, sizes = self.table.starts, self.table.sizes
+        ids = np.array(sorted(p[0] for p in picks), np.int64)
+        scores = np.full(ids.shape[0], np.nan, np.float32) if q is None else self.scores(q, layer, ids)
+        by_id = {p[0]: p for p in picks}
+        events = []
+        for j, c in enumerate(ids.tolist()):
+            _, take, source = by_id[c]
+            s = int(starts[c])
+            events.append(SelectedEvent(c, s, s + take, float(scores[j]), source, take < int(sizes[c])))
+        return LayerSelection(tuple(events))
 
-        need = budget + kc
+    def _walk(self, ranked: np.ndarray, buf: ContiguityBuffer | None, *, num_events: int, budget: int, kc: int,
+              neighbours: int, reach: int, first: np.ndarray) -> list[tuple[int, int, Source]]:
+        """Events ``first`` (lexical matches), then ``ranked``, each with its temporal neighbours, selected
+        into ``budget`` tokens (:func:`select_ranked`); ``first``'s similarity picks reported as lexical."""
+        starts, sizes = self.table.starts, self.table.sizes
+        if first.size:
+            ranked = np.concatenate([first, ranked[~np.isin(ranked, first)]])
+        order, via = with_neighbours(ranked, num_events, neighbours, starts, starts + sizes, reach)
+        picks = select_ranked(order, sizes, num_events, budget, kc, buf, via)
+        if first.size:
+            lexical = set(first.tolist())
+            picks = [(c, t, "lexical" if c in lexical and src == "similarity" else src) for c, t, src in picks]
+        return picks
+
+    def _select(self, q: EncodedQuery, walk: Callable[[np.ndarray, ContiguityBuffer | None],
+                                                      list[tuple[int, int, Source]]],
+                rank: Rank, exact: bool, m: int, memory: int, need: int,
+                use_buffers: bool) -> tuple[LayerSelection, ...]:
+        """Every layer's selection: its own ranking and buffer per layer, else one shared list (ranked on
+        the device, by bounded rescoring, or exactly among the HNSW candidates)."""
+        n_layers, n, sizes = self.index.num_layers, len(self.table), self.table.sizes
         # interleaved tokens each fill ~1/t of the budget: their HNSW lists can be t times shorter
         share = q.tokens.shape[0] if rank == "interleave" else 1
         k = min(n, (n - m) + 16 + math.ceil(self.candidate_factor * need * m / max(memory, 1) / share))
@@ -521,29 +536,21 @@ class Retriever:
             for lay in range(n_layers):
                 cand = partial(self._candidates, q, (lay,), exact=exact)
                 ranked = self._ranked(cand, q, lay, k, n, m, sizes, need, rank)
-                buf = self.buffers[lay] if kc else None
-                sel.append(build(walk(ranked, buf), lay))
-            layers = tuple(sel)
-        elif self.scorer is not None:
+                sel.append(self._layer_selection(q, walk(ranked, self.buffers[lay] if use_buffers else None), lay))
+            return tuple(sel)
+        if self.scorer is not None:
             self._sync_scorer()
             if rank == "interleave" and q.tokens.shape[0] > 1:
                 ranked = self.scorer.ranked_interleave(q, m, sizes, need)
             else:
                 ranked = self.scorer.ranked_mean(q, m, sizes, need)
-            shared = build(walk(ranked, self.buffers[0] if kc else None), None)
-            layers = (shared,) * n_layers
         elif not exact and self.rescore_factor > 0:
             ranked = self._ranked_bounded(q, n, m, sizes, need)
-            shared = build(walk(ranked, self.buffers[0] if kc else None), None)
-            layers = (shared,) * n_layers
         else:
             ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
                                   k, n, m, sizes, need, rank)
-            shared = build(walk(ranked, self.buffers[0] if kc else None), None)
-            layers = (shared,) * n_layers
-        distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
-        assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"
-        return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
+        shared = self._layer_selection(q, walk(ranked, self.buffers[0] if use_buffers else None), None)
+        return (shared,) * n_layers
 
     # ------------------------------------------------------------------ candidates
     def _ranked(self, candidates: Callable[[int], np.ndarray | None], q: EncodedQuery, layer: int | None,
