@@ -162,6 +162,47 @@ class Generator:
         self.manager.report(*appended.steps)
         return appended.committed
 
+    def _check_room(self, need: int) -> None:
+        """A remembered exchange that could take its session past ``max_session_tokens`` is refused up front."""
+        if self.max_session_tokens and need > self.max_session_tokens:
+            raise LimitExceeded("session_tokens", f"remembering this exchange could exceed the session limit of "
+                                f"{self.max_session_tokens} tokens", limit=self.max_session_tokens)
+
+    def _completion(self, entry: Entry, p: GenerateParams, planned: dict[str, object], result: AskResult | None,
+                    decoder: StreamDecoder, reason: str, prompt_tokens: int, memory_tokens: int, committed: int,
+                    clock: tuple[float, float | None, float]) -> Completion:
+        """The last message: what was generated, the window's sizes, timings (``clock``: start, first token,
+        end) and, when asked, the retrieval trace."""
+        t0, t_first, t_end = clock
+        retrieval = planned.get("retrieval")
+        assert retrieval is None or isinstance(retrieval, RetrievalResult)
+        timings: dict[str, float] = dict(planned.get("timings", {}))  # type: ignore[call-overload]
+        timings["total_s"] = time.perf_counter() - t0
+        out_ids = list(decoder.ids)
+        if t_first is not None:
+            timings["first_token_s"] = t_first - t0
+            if len(out_ids) > 1 and t_end > t_first:
+                timings["tokens_per_s"] = (len(out_ids) - 1) / (t_end - t_first)
+        trace = None
+        if p.include_trace:
+            previews = {} if retrieval is None else self._previews(entry, retrieval, p.preview_tokens)
+            window = planned.get("window", ())
+            assert isinstance(window, tuple)
+            trace = Trace(retrieval, previews, window)
+        return Completion(
+            finish_reason=reason,
+            stop_string=decoder.stopped or "",
+            token_ids=tuple(out_ids),
+            text=decoder.text,
+            prompt_tokens=prompt_tokens,
+            memory_tokens=memory_tokens,
+            window_tokens=result.step.num_injected if result is not None else 0,
+            retrieved_tokens=retrieval.tokens if retrieval is not None else 0,
+            timings=timings,
+            trace=trace,
+            committed_offset=committed,
+        )
+
     async def run(self, p: GenerateParams) -> AsyncIterator[Chunk | Completion]:
         sid = check_session_id(p.session_id)
         self._check_sampling(p.sampling)
@@ -179,12 +220,8 @@ class Generator:
                         yield item
                     return
                 memory_tokens = session.num_tokens
-                if p.remember and self.max_session_tokens:
-                    need = memory_tokens + len(prompt_ids) + p.sampling.max_tokens
-                    if need > self.max_session_tokens:
-                        raise LimitExceeded("session_tokens", f"remembering this exchange could exceed the "
-                                            f"session limit of {self.max_session_tokens} tokens",
-                                            limit=self.max_session_tokens)
+                if p.remember:
+                    self._check_room(memory_tokens + len(prompt_ids) + p.sampling.max_tokens)
                 planned: dict[str, object] = {}
 
                 def on_plan(retrieval: RetrievalResult | None, timings: dict[str, float],
@@ -231,33 +268,8 @@ class Generator:
                 committed = session.num_tokens
                 if p.remember:
                     committed = await self._remember(entry, p, prompt_ids, out_ids, decoder, reason, memory_tokens)
-                retrieval = planned.get("retrieval")
-                assert retrieval is None or isinstance(retrieval, RetrievalResult)
-                timings: dict[str, float] = dict(planned.get("timings", {}))  # type: ignore[call-overload]
-                timings["total_s"] = time.perf_counter() - t0
-                if t_first is not None:
-                    timings["first_token_s"] = t_first - t0
-                    if len(out_ids) > 1 and t_end > t_first:
-                        timings["tokens_per_s"] = (len(out_ids) - 1) / (t_end - t_first)
-                trace = None
-                if p.include_trace:
-                    previews = {} if retrieval is None else self._previews(entry, retrieval, p.preview_tokens)
-                    window = planned.get("window", ())
-                    assert isinstance(window, tuple)
-                    trace = Trace(retrieval, previews, window)
-                yield Completion(
-                    finish_reason=reason,
-                    stop_string=decoder.stopped or "",
-                    token_ids=tuple(out_ids),
-                    text=decoder.text,
-                    prompt_tokens=len(prompt_ids),
-                    memory_tokens=memory_tokens,
-                    window_tokens=result.step.num_injected if result is not None else 0,
-                    retrieved_tokens=retrieval.tokens if retrieval is not None else 0,
-                    timings=timings,
-                    trace=trace,
-                    committed_offset=committed,
-                )
+                yield self._completion(entry, p, planned, result, decoder, reason, len(prompt_ids), memory_tokens,
+                                       committed, (t0, t_first, t_end))
 
 
 def _finish_reason(decoder: StreamDecoder, result: AskResult | None) -> str:
