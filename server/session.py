@@ -687,15 +687,12 @@ class Session:
             clock.add("wait", clock.elapsed())
             offset = self.num_tokens
             plan, retrieval = await self._plan_question(offset, q, sampling, clock)
-            rid = current_request_id()
-            if rid:  # the engine's request carries the call's request id (vLLM's logs, aborts)
-                plan = dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}")
             timings = {"wait_s": clock.phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(clock.phases)}
             window = plan.log_ranges(self.log_path)
             if on_plan is not None:
                 on_plan(retrieval, timings, window)
             ttft: float | None = None
-            streamed = 0
+            streamed, done = 0, False
             t_engine = clock.elapsed()
 
             def report(output_tokens: int) -> StepReport:
@@ -703,7 +700,14 @@ class Session:
                 return self._report("question", offset, plan, retrieval, clock, ttft_s=ttft,
                                     output_tokens=output_tokens, decode_s=decode_s)
 
-            done = False
+            def finish(output_tokens: int) -> StepReport:  # the step ended: reported once
+                nonlocal done
+                done = True
+                rep = report(output_tokens)
+                if on_report is not None:
+                    on_report(rep)
+                return rep
+
             options = StepOptions(surprise=False, queries=False)
             try:
                 first = await self._contrasted_first(plan, q, sampling, options)
@@ -714,11 +718,7 @@ class Session:
                     yield TokenDelta((token,))
                     if step.finish_reason is not None:  # it ended the answer
                         clock.add("compute", clock.elapsed() - t_engine)
-                        rep = report(1)
-                        done = True
-                        if on_report is not None:
-                            on_report(rep)
-                        yield AskResult([token], step.finish_reason, retrieval, step, timings, window, rep)
+                        yield AskResult([token], step.finish_reason, retrieval, step, timings, window, finish(1))
                         return
                     # the rest of the answer: the same window with the first token computed after the question
                     run_plan = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, token))
@@ -732,12 +732,8 @@ class Session:
                             item = dataclasses.replace(
                                 item, output_token_ids=[first[0], *item.output_token_ids],
                                 output_logprobs=first[1].output_logprobs[:1] + item.output_logprobs)
-                        rep = report(len(item.output_token_ids))
-                        done = True
-                        if on_report is not None:
-                            on_report(rep)
                         yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings,
-                                        window, rep)
+                                        window, finish(len(item.output_token_ids)))
                     else:
                         if ttft is None and item.token_ids:
                             ttft = clock.elapsed()
@@ -782,7 +778,8 @@ class Session:
                                         question=True, lead=lead)
             plan = dataclasses.replace(plan, capture_log=None)
             retrieval = planner.last_retrieval
-        return plan, retrieval
+        rid = current_request_id()  # the engine's request carries the call's (vLLM's logs, aborts)
+        return (dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}") if rid else plan), retrieval
 
     async def _contrasted_first(self, plan: WindowPlan, question: list[int], sampling: SamplingSpec,
                                 options: StepOptions) -> tuple[int, StepResult] | None:
