@@ -513,7 +513,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- main
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """``emserve``'s command line: one subcommand per job (demo, serve, the client commands, prepare)."""
     ap = argparse.ArgumentParser(prog="emserve", description="streaming episodic-memory inference server")
     ap.add_argument("--version", action="version", version=f"emserve {version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -585,7 +586,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="convert and verify the model")
     p.add_argument("--model", default=None)
     p.set_defaults(fn=_prepare)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _configure_logging(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Logging by ``--log-level`` / ``--log-format`` or their environment variables; with JSON, vLLM's
+    records (engine core and workers too) as JSON through a logging config file it reads."""
     from emserve.server.logs import configure
 
     level = getattr(args, "log_level", None) or os.environ.get("EMSERVE_LOG_LEVEL", "WARNING")
@@ -611,6 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(path))
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure(level, fmt)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    _configure_logging(ap, args)
     return int(args.fn(args))
 
 
