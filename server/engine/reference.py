@@ -216,22 +216,10 @@ class ReferenceEngine(Engine):
         from transformers import DynamicCache
 
         t0 = time.perf_counter()
-        n_inj, n_anchor, n_new = plan.num_injected, plan.num_anchor, plan.num_new
+        n_inj, n_new = plan.num_injected, plan.num_new
         first_new = plan.first_new_position
         cache: Any = DynamicCache()
-        readers: dict[str, KVLog] = {}
-        try:
-            for layer in range(self.info.num_layers):
-                k, v = self._injected_kv(plan, layer, readers)
-                if k is not None and v is not None:
-                    cache.update(k, v, layer)
-            anchor_ids: list[int] = []
-            if plan.anchor is not None:
-                reader = self._reader(plan.anchor.log, readers)
-                anchor_ids = [int(reader.tokens(plan.anchor.index, plan.anchor.index + 1)[0])]
-        finally:
-            for r in readers.values():
-                r.close()
+        anchor_ids = self._inject(plan, cache)
         t1 = time.perf_counter()
 
         ids = torch.tensor([anchor_ids + list(plan.new_token_ids)])
@@ -252,25 +240,8 @@ class ReferenceEngine(Engine):
         logits = out.logits[0]
         t2 = time.perf_counter()
 
-        surprise = np.zeros(0, np.float32)
-        if options.surprise:
-            surprise = np.empty(n_new, np.float32)
-            rows = logits[: n_anchor + n_new - 1]  # predicts new[1 - n_anchor:]
-            targets = torch.tensor(list(plan.new_token_ids[1 - n_anchor :]))
-            if n_anchor:
-                surprise[:] = _surprise(rows, targets)
-            else:  # no anchor and (checked) nothing injected: new[0] has no context at all
-                surprise[0] = self.info.uninformed_surprise
-                surprise[1:] = _surprise(rows, targets)
-        q_mean: np.ndarray | None = None
-        q_tok: np.ndarray | None = None
-        if options.queries:
-            window_pos = torch.arange(first_new, first_new + n_new)
-            derot = [self.rope.rotate(queries[i].float(), -window_pos) for i in range(self.info.num_layers)]
-            q_mean = np.stack([q.mean(0).numpy() for q in derot]).astype(np.float32)
-            n_tok = min(options.query_tokens, n_new)
-            if n_tok > 0:
-                q_tok = torch.stack([q[n_new - n_tok :] for q in derot], 1).numpy().astype(np.float32)
+        surprise = self._new_surprise(plan, logits) if options.surprise else np.zeros(0, np.float32)
+        q_mean, q_tok = self._queries(plan, queries, options.query_tokens) if options.queries else (None, None)
         t3 = time.perf_counter()
 
         log_offset: int | None = None
@@ -308,6 +279,48 @@ class ReferenceEngine(Engine):
                     step.generator.manual_seed(sampling.seed)
         result.timings["prefill_s"] = time.perf_counter() - t0
         return step
+
+    def _inject(self, plan: WindowPlan, cache: Any) -> list[int]:
+        """Fill ``cache`` with the plan's injected KV, layer by layer; returns the anchor token's id (or none)."""
+        readers: dict[str, KVLog] = {}
+        try:
+            for layer in range(self.info.num_layers):
+                k, v = self._injected_kv(plan, layer, readers)
+                if k is not None and v is not None:
+                    cache.update(k, v, layer)
+            if plan.anchor is None:
+                return []
+            reader = self._reader(plan.anchor.log, readers)
+            return [int(reader.tokens(plan.anchor.index, plan.anchor.index + 1)[0])]
+        finally:
+            for r in readers.values():
+                r.close()
+
+    def _new_surprise(self, plan: WindowPlan, logits: torch.Tensor) -> np.ndarray:
+        """``-ln p`` of every new token, from the logits of the anchor and new tokens."""
+        n_anchor, n_new = plan.num_anchor, plan.num_new
+        surprise = np.empty(n_new, np.float32)
+        rows = logits[: n_anchor + n_new - 1]  # predicts new[1 - n_anchor:]
+        targets = torch.tensor(list(plan.new_token_ids[1 - n_anchor :]))
+        if n_anchor:
+            surprise[:] = _surprise(rows, targets)
+        else:  # no anchor and (checked) nothing injected: new[0] has no context at all
+            surprise[0] = self.info.uninformed_surprise
+            surprise[1:] = _surprise(rows, targets)
+        return surprise
+
+    def _queries(self, plan: WindowPlan, queries: dict[int, torch.Tensor],
+                 query_tokens: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The new tokens' queries with their rotation undone: their mean ``[L, H*D]`` and the last
+        ``query_tokens`` of them ``[n, L, H, D]`` (None when 0)."""
+        first_new, n_new = plan.first_new_position, plan.num_new
+        window_pos = torch.arange(first_new, first_new + n_new)
+        derot = [self.rope.rotate(queries[i].float(), -window_pos) for i in range(self.info.num_layers)]
+        q_mean = np.stack([q.mean(0).numpy() for q in derot]).astype(np.float32)
+        n_tok = min(query_tokens, n_new)
+        if n_tok <= 0:
+            return q_mean, None
+        return q_mean, torch.stack([q[n_new - n_tok :] for q in derot], 1).numpy().astype(np.float32)
 
     @torch.no_grad()
     def _next_token(self, step: _Step) -> int | None:
