@@ -59,6 +59,9 @@ is shared.
   few are outvoted by the generic rest, while in its own list the key word's token ranks the needle's
   event first (``bench/question_queries.py``). HNSW lists are then asked for ``1/t`` of the usual
   length (``t`` tokens share the budget).
+
+Size: the selection rules (ranking, neighbours, contiguity, budget) act on one candidate walk, and
+most of the length is their documentation.
 """
 
 from __future__ import annotations

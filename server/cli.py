@@ -13,6 +13,9 @@
 
 Client commands talk to ``--server`` (env ``EMSERVE_SERVER``, default 127.0.0.1:50051) with the
 bearer token ``--token`` (env ``EMSERVE_AUTH_TOKEN``) when the server requires one.
+
+Size: the subcommands share their argument handling, the server child process (:class:`ServerProcess`)
+and the demo's report; each subcommand is a short function of its own.
 """
 
 from __future__ import annotations

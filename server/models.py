@@ -16,6 +16,9 @@ from the main process, never from the hot path. Conversion takes 25-140 s and 2-
 it is serialized across processes by an ``fcntl.flock`` lock file, written into a temporary folder
 and renamed into place, so a folder that carries the marker file is always complete. Nothing is
 ever downloaded: missing packages raise :class:`ModelError` naming the ``pip`` command to run.
+
+Size: converting an embedded GGUF model (dequantization, tokenizer repair, verification) is one
+pipeline, kept together with the specs it serves.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ place where errors become status codes (:func:`status_of`, applied to every hand
 Deadlines: a call whose deadline has already passed is refused with DEADLINE_EXCEEDED; grpc.aio
 cancels a handler whose deadline passes while it runs, which closes the engine stream (vLLM aborts
 the request). Ingest commits are shielded from that cancellation (see ``ingest.py``).
+
+Size: every RPC's protobuf conversion is here by design: the only module that touches protobuf.
 """
 
 from __future__ import annotations

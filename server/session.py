@@ -29,6 +29,9 @@ Contract
   question's last ``question_query_tokens`` tokens; the real step retrieves with them (centered on
   the stream's mean query, fed by every ingestion step) and generates. The memory is unchanged by a
   question.
+
+Size: a session's step loop, its crash-consistent files and its question path share the session's
+lock and state; what stands alone is out (retrieval, segmenter, contrast, generation, ingest).
 """
 
 from __future__ import annotations

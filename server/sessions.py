@@ -24,6 +24,9 @@ Contract
   call uses it; the next lease reopens it from its files. Out of retrieval device memory
   (``DeviceMemoryError``) the idle sessions holding device mirrors are closed too, and an open that
   ran out is tried once more after that.
+
+Size: the manager's lifecycle rules (open, lease, close LRU, delete, recover) share one table of
+entries and one set of invariants, and are read together.
 """
 
 from __future__ import annotations

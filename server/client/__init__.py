@@ -12,6 +12,8 @@ Responses are the API's protobuf messages (``emserve.proto.emserve.v1.emserve_pb
 their ``.pyi`` stubs); failures raise :class:`ClientError` with the status code and the server's
 google.rpc details. :meth:`Client.ingest` resumes after a dropped connection or a server restart
 from the last committed offset without duplicating anything (see the Ingest RPC in the .proto).
+
+Size: the whole client is one module, so that its users read one file.
 """
 
 from __future__ import annotations

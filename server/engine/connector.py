@@ -24,6 +24,9 @@ neither talks to the emserve server except through files:
 
 Requirements on the engine: prefix caching off (placeholder prompts must never hit a cache),
 ``kv_role="kv_both"``. The plan's token placeholders are never embedded.
+
+Size: vLLM's connector has a scheduler half and a worker half that must agree on one wire format;
+both live in one module, as vLLM's own connectors do.
 """
 
 from __future__ import annotations

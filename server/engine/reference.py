@@ -27,6 +27,9 @@ in the loop; stop token ids and EOS are honoured), sliding-window attention, log
 tokens. A generated EOS / stop token is included in ``output_token_ids`` (as vLLM does).
 ``output_logprobs`` are the raw model log-probabilities of the generated tokens (vLLM's default
 ``raw_logprobs``: before temperature, top-k and top-p).
+
+Size: the oracle reimplements the vLLM engine's contract end to end (injection, prefill, decode,
+logs) in one place, so that the two can be compared rule by rule.
 """
 
 from __future__ import annotations

@@ -159,3 +159,27 @@ def test_every_domain_error_derives_from_the_one_root_and_has_its_own_name() -> 
                     assert issubclass(cls, EmserveError), f"{name}.{cls_name} is not an EmserveError"
     assert {"EmserveError", "SegmenterError", "SessionNotFound", "EngineError", "ConfigError"} <= set(errors)
     assert not {n: ms for n, ms in errors.items() if len(ms) > 1}, "two classes share a name"
+
+
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 400
+
+
+def test_functions_stay_short_and_long_modules_say_why() -> None:
+    """In the server and the libraries no function is longer than 80 lines, and a module over 400 lines
+    says in its docstring why it is one module (a paragraph starting "Size:")."""
+    long_functions, unexplained = [], []
+    for name, path in _modules().items():
+        if not name.startswith(("emserve.server", "emserve.retrieval", "emserve.segmenter")):
+            continue
+        src = path.read_text()
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}.{node.name}: {n} lines")
+        if len(src.splitlines()) > MAX_MODULE_LINES and "\nSize: " not in (ast.get_docstring(tree) or ""):
+            unexplained.append(f"{name}: {len(src.splitlines())} lines")
+    assert not long_functions, long_functions
+    assert not unexplained, unexplained
