@@ -24,6 +24,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -225,12 +226,33 @@ class EmserveServer:
             self.server,
         )
         self.port = 0
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS of the gRPC port (mutual with a client CA), or None: plaintext."""
+        cfg = self.config
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return None
+        ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        return grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                                           root_certificates=ca, require_client_auth=ca is not None)
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        creds = self._credentials()
+        self.port = self.server.add_insecure_port(address) if creds is None else self.server.add_secure_port(
+            address, creds)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self.server.start()
+        if self.config.health_port is not None:  # plaintext health alone, for probes
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot bind {self.config.host}:{self.config.health_port}")
+            await self._health_server.start()
         if self.metrics is not None and self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = serve_metrics(
                 self.metrics.registry, self.config.host, self.config.metrics_port)
@@ -308,6 +330,8 @@ class EmserveServer:
         t2 = time.perf_counter()
         if self._owns_engine and self.engine is not None:
             await self.engine.close()
+        if self._health_server is not None:  # a probe during the drain learns NOT_SERVING
+            await self._health_server.stop(0)
         if self._metrics_http is not None:  # last: a scrape during the drain still answers
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -338,7 +362,9 @@ def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None
 
     async def main() -> int:
         server, port = await create_server(config)
-        say(f"emserve listening on {config.host}:{port}")
+        say(f"emserve listening on {config.host}:{port}" + (" (TLS)" if config.tls_cert else ""))
+        if server.health_port is not None:
+            say(f"emserve health on {config.host}:{server.health_port} (plaintext, grpc.health.v1 only)")
         if server.metrics_port is not None:
             say(f"emserve metrics on http://{config.host}:{server.metrics_port}/metrics")
         stop = asyncio.Event()

@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "auth_token": args.auth_token, "grace_s": args.grace,
         "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
-        "metrics_port": args.metrics_port, "memory": memory or None,
+        "metrics_port": args.metrics_port, "memory": memory or None, "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "health_port": args.health_port,
     })
     status = serve(config)
     # Every session is checkpointed and closed and the engine is shut down: nothing is left to save.
@@ -118,6 +119,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=_metrics_port, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics; 'off' for none "
                         "(EMSERVE_METRICS_PORT; default off)")
+    p.add_argument("--tls-cert", default=None,
+                   help="PEM certificate chain: the gRPC port speaks TLS (EMSERVE_TLS_CERT)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (EMSERVE_TLS_KEY)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA certificates: clients must present a certificate they signed, mutual TLS "
+                        "(EMSERVE_TLS_CLIENT_CA)")
+    p.add_argument("--health-port", type=int, default=None, metavar="PORT",
+                   help="also serve grpc.health.v1 alone in plaintext on this port, for probes that cannot "
+                        "speak TLS (EMSERVE_HEALTH_PORT)")
     p.add_argument("--retrieval-device", default=None,
                    help="where retrieval scores events: auto (a GPU if torch sees one), cpu, cuda[:N]")
     p.add_argument("--retrieval-device-gib", type=float, default=None,

@@ -92,6 +92,19 @@ class ServerConfig:
     auth_token: str | None = None
     """When set, every call but health and reflection needs ``authorization: Bearer <token>``."""
 
+    tls_cert: str | None = None
+    """PEM certificate chain of the gRPC port (with ``tls_key``): the port then speaks TLS only."""
+
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
+
+    tls_client_ca: str | None = None
+    """PEM CA certificates: with it, clients must present a certificate one of them signed (mutual TLS)."""
+
+    health_port: int | None = None
+    """A plaintext port serving grpc.health.v1 alone, for probes that cannot speak (mutual) TLS; None:
+    none; 0: any free port (tests)."""
+
     metrics_port: int | None = None
     """Serve Prometheus metrics on ``http://host:metrics_port/metrics`` (``emserve.server.metrics``;
     vLLM's engine statistics on too). None: no metrics endpoint; 0: any free port (tests)."""
@@ -119,6 +132,16 @@ class ServerConfig:
             raise ConfigError(f"dtype must be bfloat16, float32 or float16, got {self.engine.dtype!r}")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("auth_token must not be blank (unset it instead)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}: cannot read {path!r}")
+        if self.health_port is not None and not 0 <= self.health_port < 65536:
+            raise ConfigError(f"health_port must be in 0..65535, got {self.health_port}")
         if not self.retrieval_device_gib >= 0:
             raise ConfigError(f"retrieval_device_gib must be >= 0, got {self.retrieval_device_gib}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.retrieval_device):
@@ -185,7 +208,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
                  "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib",
-                 "metrics_port"):
+                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)

@@ -197,14 +197,19 @@ class Client:
     """Blocking client. ``token``: bearer token; ``timeout``: default deadline of unary calls (s)."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout: float | None = 60.0,
-                 max_message_bytes: int = 4 << 20, channel: grpc.Channel | None = None) -> None:
+                 max_message_bytes: int = 4 << 20, channel: grpc.Channel | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """``credentials``: TLS to a server started with a certificate, e.g.
+        ``grpc.ssl_channel_credentials(ca_pem)`` (with ``private_key`` and ``certificate_chain`` for mutual TLS)."""
         self.address = address
         self.timeout = timeout
         self._token = token
-        self.channel = channel or grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        if channel is None:
+            channel = (grpc.insecure_channel(address, options=options) if credentials is None
+                       else grpc.secure_channel(address, credentials, options=options))
+        self.channel = channel
         self.stub = pb_grpc.SessionServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
