@@ -23,7 +23,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from emserve.server.logs import log_step
 from emserve.server.metrics import GrpcMetrics, Metrics, method_kind, replace_behavior, serve_metrics
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService, abort
 from emserve.server.sessions import SessionManager, question_within
+from emserve.server.tenants import load_tenants
 from emserve.server.text import TextCodec
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,10 @@ def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = 
 
 
 class _Auth(grpc.aio.ServerInterceptor):
-    """``authorization: Bearer <token>`` on every call but health and reflection."""
+    """``authorization: Bearer <token>`` with one of ``tokens`` on every call but health and reflection."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._expected = [f"Bearer {t}".encode() for t in tokens]
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -87,7 +88,8 @@ class _Auth(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(_OPEN_METHODS):
             return handler
         got = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._expected):
+        raw = got.encode() if isinstance(got, str) else got
+        if any([hmac.compare_digest(raw, e) for e in self._expected]):  # a list: every token compared
             return handler
         return _denied(handler)
 
@@ -190,6 +192,7 @@ class EmserveServer:
             Limits(config.max_sessions, config.max_message_bytes, config.max_inflight_messages,
                    config.max_session_tokens, question_within(config.memory)),
             version(),
+            tenants=load_tenants(config.tenants_file, config.auth_token) if config.tenants_file else None,
         )
         self.health = health.aio.HealthServicer()
         self.ready = asyncio.Event()
@@ -215,8 +218,9 @@ class EmserveServer:
             self.metrics = Metrics(registry if registry is not None else REGISTRY, sessions_dir=config.sessions_dir)
             interceptors.append(GrpcMetrics(self.metrics))  # first: it sees the calls auth denies too
             self.metrics.ready_fn = lambda: self.ready.is_set() and not self.service.draining.is_set()
-        if config.auth_token:
-            interceptors.append(_Auth(config.auth_token))
+        tokens = load_tenants(config.tenants_file, config.auth_token)
+        if tokens:
+            interceptors.append(_Auth(tokens))
         interceptors.append(_Decoding(size))  # innermost: the handlers outside it take its deserializer
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_SessionServiceServicer_to_server(self.service, self.server)

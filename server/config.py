@@ -92,6 +92,10 @@ class ServerConfig:
     auth_token: str | None = None
     """When set, every call but health and reflection needs ``authorization: Bearer <token>``."""
 
+    tenants_file: str | None = None
+    """JSON ``{"tenant": "token", ...}``: each token's calls see only its tenant's sessions
+    (:mod:`emserve.server.tenants`); ``auth_token``, if set too, is the unnamed tenant's."""
+
     tls_cert: str | None = None
     """PEM certificate chain of the gRPC port (with ``tls_key``): the port then speaks TLS only."""
 
@@ -132,6 +136,10 @@ class ServerConfig:
             raise ConfigError(f"dtype must be bfloat16, float32 or float16, got {self.engine.dtype!r}")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("auth_token must not be blank (unset it instead)")
+        if self.tenants_file is not None:
+            from emserve.server.tenants import load_tenants
+
+            load_tenants(self.tenants_file, self.auth_token)  # raises ConfigError on a bad file
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -208,7 +216,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
                  "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib",
-                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port"):
+                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)

@@ -85,7 +85,7 @@ class Metrics:
         self.errors = Counter("emserve_errors", "Calls that ended with an error, by gRPC code",
                               ["grpc_code"], registry=None)
         self.stored = stored = Gauge("emserve_sessions", "Sessions stored on disk", registry=None)
-        stored.set_function(lambda: len(self._manager.session_ids()) if self._manager else 0)
+        stored.set_function(lambda: self._manager.stored_count() if self._manager else 0)
         self.open = open_ = Gauge("emserve_sessions_open", "Sessions open in memory (table, indexes, files)",
                                   registry=None)
         open_.set_function(lambda: self._manager.open_count if self._manager else 0)

@@ -20,7 +20,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,6 +54,7 @@ from emserve.server.inspection import Curve, EventPage, list_events, page_size, 
 from emserve.server.logs import bind_session, call_context, request_id_of
 from emserve.server.session import MemoryConfig, SessionError
 from emserve.server.sessions import SessionInfo, SessionManager, check_session_id
+from emserve.server.tenants import tenant_context
 from emserve.server.text import TextCodec
 
 logger = logging.getLogger(__name__)
@@ -164,12 +165,23 @@ def _access(method: str, t0: float, exc: BaseException | None) -> None:
     logger.info("%s %s in %.3f s", method, code, time.perf_counter() - t0)
 
 
+def _tenant_of(service: Any, context: grpc.aio.ServicerContext) -> str:
+    """The tenant of the call's bearer token (the auth interceptor has refused unknown ones)."""
+    tenants = getattr(service, "tenants", None)
+    if not tenants:
+        return ""
+    got = dict(context.invocation_metadata() or ()).get("authorization", "")
+    got = got.decode() if isinstance(got, bytes) else got
+    return tenants.get(got.removeprefix("Bearer "), "")
+
+
 @contextlib.asynccontextmanager
-async def _served(method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """What every call runs inside: its log context, the deadline check, the one place that maps errors
-    to statuses (:func:`abort`), and the call's access line."""
+async def _served(method: str, request: Any, context: grpc.aio.ServicerContext,
+                  tenant: str = "") -> AsyncIterator[None]:
+    """What every call runs inside: its log context and tenant, the deadline check, the one place that
+    maps errors to statuses (:func:`abort`), and the call's access line."""
     t0, failed = time.perf_counter(), None
-    with _context(method, request, context):
+    with _context(method, request, context), tenant_context(tenant):
         try:
             _check_deadline(context)
             yield
@@ -188,7 +200,7 @@ async def _served(method: str, request: Any, context: grpc.aio.ServicerContext) 
 def _unary(fn: Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]) -> Any:
     @functools.wraps(fn)
     async def handler(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
-        async with _served(fn.__name__, request, context):
+        async with _served(fn.__name__, request, context, _tenant_of(self, context)):
             return await fn(self, request, context)
         raise AssertionError("unreachable")  # _served re-raises or aborts every failure
 
@@ -198,7 +210,7 @@ def _unary(fn: Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]
 def _streaming(fn: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncGenerator[_Resp, None]]) -> Any:
     @functools.wraps(fn)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Resp]:
-        async with _served(fn.__name__, request, context):
+        async with _served(fn.__name__, request, context, _tenant_of(self, context)):
             gen = fn(self, request, context)
             try:
                 async for item in gen:
@@ -395,9 +407,11 @@ class Limits:
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
-    def __init__(self, limits: Limits, version: str) -> None:
+    def __init__(self, limits: Limits, version: str, *, tenants: Mapping[str, str] | None = None) -> None:
+        """``tenants``: token -> tenant (:mod:`emserve.server.tenants`); None: every call is the tenant ""."""
         self.limits = limits
         self.version = version
+        self.tenants = tenants
         self.runtime: Runtime | None = None
         self.draining = asyncio.Event()
 

@@ -60,6 +60,7 @@ from emserve.server.errors import (
 )
 from emserve.server.report import StepReport
 from emserve.server.session import MemoryConfig, Session, SessionStats, needs_recovery, session_stats
+from emserve.server.tenants import TENANT_NAME, current_tenant, folder_name, split_folder
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ class Entry:
     @property
     def session_id(self) -> str:
         return self.meta.session_id
+
+    @property
+    def key(self) -> str:
+        """The session's folder name: its id, prefixed by its tenant's name if it has one."""
+        return self.folder.name
 
     @property
     def finished(self) -> bool:
@@ -189,24 +195,40 @@ class SessionManager:
                 observe(r)
 
     # ------------------------------------------------------------------ lookup
-    def _folder(self, session_id: str) -> Path:
-        return self.root / check_session_id(session_id)
+    # Sessions are found by *key*, their folder's name: the id for the tenant "", "<tenant>~<id>" for a
+    # named tenant (emserve.server.tenants); a call only ever names the sessions of its own tenant.
+    def _key(self, session_id: str) -> str:
+        return folder_name(check_session_id(session_id), current_tenant())
 
-    def _meta(self, session_id: str) -> SessionMeta:
-        folder = self._folder(session_id)
+    def _meta(self, key: str) -> SessionMeta:
         try:
-            return SessionMeta.read(folder)
+            return SessionMeta.read(self.root / key)
         except FileNotFoundError:
-            raise SessionNotFound(session_id) from None
+            raise SessionNotFound(split_folder(key)[1]) from None
+
+    def _keys(self) -> list[str]:
+        """Every session's key, of every tenant."""
+        out = []
+        for p in self.root.iterdir():
+            tenant, sid = split_folder(p.name)
+            if SESSION_ID.fullmatch(sid) and (not tenant or TENANT_NAME.fullmatch(tenant)) and (p / META_FILE).exists():
+                out.append(p.name)
+        return sorted(out)
 
     def session_ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if SESSION_ID.fullmatch(p.name) and (p / META_FILE).exists())
+        """The ids of the current tenant's sessions."""
+        tenant = current_tenant()
+        return sorted(sid for t, sid in map(split_folder, self._keys()) if t == tenant)
+
+    def stored_count(self) -> int:
+        """Sessions on disk, of every tenant."""
+        return len(self._keys())
 
     def info(self, session_id: str) -> SessionInfo:
-        entry = self._open.get(session_id)
-        meta = entry.meta if entry is not None else self._meta(session_id)
-        folder = self._folder(session_id)
+        key = self._key(session_id)
+        entry = self._open.get(key)
+        meta = entry.meta if entry is not None else self._meta(key)
+        folder = self.root / key
         data = folder / meta.data
         try:
             state = json.loads((data / "session.json").read_text())
@@ -246,9 +268,9 @@ class SessionManager:
             await asyncio.to_thread(shutil.rmtree, p, True)
             removed += not p.exists()
         repaired = 0
-        for sid in self.session_ids():
+        for sid in self._keys():
             with contextlib.suppress(FileNotFoundError, SessionNotFound):
-                data = self._folder(sid) / self._meta(sid).data
+                data = self.root / sid / self._meta(sid).data
                 if await asyncio.to_thread(needs_recovery, data):
                     try:
                         session = await asyncio.to_thread(Session.open, data, self.engine,
@@ -284,12 +306,13 @@ class SessionManager:
     async def create(self, session_id: str | None, overrides: Mapping[str, Any] | None = None,
                      labels: Mapping[str, str] | None = None) -> SessionInfo:
         sid = check_session_id(session_id) if session_id else f"s-{uuid.uuid4().hex[:16]}"
+        key = folder_name(sid, current_tenant())
         cfg = self.memory_config(overrides or {})
         async with self._lock:
-            if len(self.session_ids()) >= self.max_sessions:
+            if self.stored_count() >= self.max_sessions:
                 raise LimitExceeded("sessions", f"the server holds its maximum of {self.max_sessions} sessions; "
                                     "delete some first", limit=self.max_sessions)
-            folder = self._folder(sid)
+            folder = self.root / key
             if (folder / META_FILE).exists():
                 raise SessionExists(sid)
             if folder.exists():  # a create that crashed before writing meta.json
@@ -303,22 +326,23 @@ class SessionManager:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             meta.write(folder)
-            self._open[sid] = Entry(meta, folder, session)
-            await self._evict(keep=sid)
+            self._open[key] = Entry(meta, folder, session)
+            await self._evict(keep=key)
         return self.info(sid)
 
     async def delete(self, session_id: str) -> None:
+        key = self._key(session_id)
         async with self._lock:
-            entry = self._open.get(session_id)
-            folder = self._folder(session_id)
-            meta = entry.meta if entry is not None else self._meta(session_id)
+            entry = self._open.get(key)
+            folder = self.root / key
+            meta = entry.meta if entry is not None else self._meta(key)
             if entry is not None:
                 if entry.writer is not None or entry.refs > 0:
                     raise SessionBusy(session_id, entry.writer or "a call in progress")
                 if entry.commit is not None and not entry.commit.done():
                     raise SessionBusy(session_id, "a commit in progress")
                 await self._close(entry, checkpoint=False)  # deleted next: nothing to persist (a full disk)
-            trash = self.root / f".deleted-{session_id}-{uuid.uuid4().hex[:8]}"
+            trash = self.root / f".deleted-{key}-{uuid.uuid4().hex[:8]}"
             os.replace(folder, trash)
             self.engine.release_log(str(folder / meta.data / "log"))
         await asyncio.to_thread(shutil.rmtree, trash, True)
@@ -326,13 +350,14 @@ class SessionManager:
     # ------------------------------------------------------------------ leases
     @contextlib.asynccontextmanager
     async def lease(self, session_id: str) -> AsyncIterator[Entry]:
-        """The open session ``session_id``, kept open while the context lasts."""
-        entry = self._open.get(session_id)
+        """The open session ``session_id`` (of the call's tenant), kept open while the context lasts."""
+        key = self._key(session_id)
+        entry = self._open.get(key)
         if entry is not None and entry.session.failed is not None:
             await self._drop_failed(entry)
-            entry = self._open.get(session_id)
+            entry = self._open.get(key)
         if entry is None:
-            entry = await self._open_entry(session_id)
+            entry = await self._open_entry(key)
         entry.refs += 1
         entry.last_used = time.monotonic()
         try:
@@ -348,30 +373,30 @@ class SessionManager:
             if self.device_budget > 0 and self.device_bytes() > self.device_budget:  # its mirror grew
                 try:
                     async with self._lock:
-                        await self._evict(keep=session_id)
+                        await self._evict(keep=key)
                 except Exception:  # noqa: BLE001 - the call itself succeeded
                     logger.exception("closing idle sessions over the device memory budget failed")
 
-    async def _open_entry(self, session_id: str) -> Entry:
+    async def _open_entry(self, key: str) -> Entry:
         async with self._lock:
-            entry = self._open.get(session_id)
+            entry = self._open.get(key)
             if entry is not None:
                 return entry
-            meta = self._meta(session_id)
-            folder = self._folder(session_id)
+            meta = self._meta(key)
+            folder = self.root / key
             t0 = time.perf_counter()
             try:
                 session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine,
                                                     score_device=self.score_device)
             except DeviceMemoryError:
-                if not await self._free_device(keep=session_id):
+                if not await self._free_device(keep=key):
                     raise
                 session = await asyncio.to_thread(Session.open, folder / meta.data, self.engine,
                                                     score_device=self.score_device)
-            logger.info("opened session %s (%d tokens) in %.2f s", session_id, session.num_tokens,
+            logger.info("opened session %s (%d tokens) in %.2f s", key, session.num_tokens,
                         time.perf_counter() - t0)
-            entry = self._open[session_id] = Entry(meta, folder, session)
-            await self._evict(keep=session_id)
+            entry = self._open[key] = Entry(meta, folder, session)
+            await self._evict(keep=key)
             return entry
 
     @contextlib.asynccontextmanager
@@ -415,13 +440,13 @@ class SessionManager:
 
     def _idle(self, keep: str | None) -> Sequence[Entry]:  # (`list` is a method here)
         """The idle open sessions but ``keep``, least recently used first."""
-        return sorted((e for e in self._open.values() if e.idle and e.session_id != keep), key=lambda e: e.last_used)
+        return sorted((e for e in self._open.values() if e.idle and e.key != keep), key=lambda e: e.last_used)
 
     async def _drop_failed(self, entry: Entry) -> None:
         """Close a session whose step failed once no call uses it: the next lease reopens it from disk,
         replaying its files as after a crash (``Session.failed``)."""
         async with self._lock:
-            if self._open.get(entry.session_id) is not entry or not entry.idle:
+            if self._open.get(entry.key) is not entry or not entry.idle:
                 return
             failed = entry.session.failed
             logger.warning("session %s: a step failed (%s: %s); closing it, the next call reopens it from disk",
@@ -446,7 +471,7 @@ class SessionManager:
         return sum(e.session.device_bytes for e in list(self._open.values()))  # list: read from other threads
 
     async def _close(self, entry: Entry, *, checkpoint: bool = True) -> None:
-        self._open.pop(entry.session_id, None)
+        self._open.pop(entry.key, None)
         await asyncio.to_thread(functools.partial(entry.session.close, checkpoint=checkpoint))
 
     async def wait_commits(self) -> None:
