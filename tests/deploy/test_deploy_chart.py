@@ -310,16 +310,25 @@ def test_termination_grace_period_follows_the_drain_timeout(grace: float) -> Non
 
 @by_values
 def test_probes_are_grpc_health_checks_of_the_server_port(values_file: Path) -> None:
+    """On the gRPC port; with TLS (which kubelet's gRPC probes cannot speak) on the plaintext health port."""
     values = _chart().merge_values(_values(values_file))
     c = _container(_one(_objects(_render_file(values_file)), "StatefulSet"))
-    port = int(_env(c)["EMSERVE_PORT"])
+    env = _env(c)
+    port = int(env["EMSERVE_PORT"])
     assert port == values["server"]["port"]
-    assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == port
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["grpc"] == port
+    if values["server"]["tls"]["enabled"]:
+        probe_port = int(env["EMSERVE_HEALTH_PORT"])
+        assert probe_port == values["server"]["healthPort"] == ports["health"] != port
+    else:
+        probe_port = port
+        assert "EMSERVE_HEALTH_PORT" not in env and "health" not in ports
     expected_service = {"startupProbe": "readiness", "readinessProbe": "readiness", "livenessProbe": ""}
     for probe, service in expected_service.items():
         spec = c[probe]
         assert set(spec) & {"httpGet", "tcpSocket", "exec"} == set(), probe
-        assert spec["grpc"] == {"port": port, "service": service}, probe
+        assert spec["grpc"] == {"port": probe_port, "service": service}, probe
     # The first start converts the model and loads the engine (minutes on CPU): give it >= 15 min.
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
@@ -497,6 +506,34 @@ def test_auth_token_comes_from_a_secret(values_file: Path) -> None:
         assert secret["metadata"]["name"] == ref["name"]
         assert base64.b64decode(secret["data"][ref["key"]]).decode() == auth["token"]
         assert "checksum/auth" in sts["spec"]["template"]["metadata"]["annotations"]
+
+
+@by_values
+def test_tls_comes_from_a_tls_secret(values_file: Path) -> None:
+    values = _chart().merge_values(_values(values_file))
+    sts = _one(_objects(_render_file(values_file)), "StatefulSet")
+    c = _container(sts)
+    env = _env(c)
+    tls = values["server"]["tls"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    if not tls["enabled"]:
+        assert not {k for k in env if k.startswith("EMSERVE_TLS_")} and "tls" not in volumes
+        return
+    assert volumes["tls"]["secret"]["secretName"] == tls["secretName"]
+    mount = {m["name"]: m for m in c["volumeMounts"]}["tls"]
+    assert mount["readOnly"] and mount["mountPath"] == "/etc/emserve/tls"
+    assert env["EMSERVE_TLS_CERT"] == "/etc/emserve/tls/tls.crt"
+    assert env["EMSERVE_TLS_KEY"] == "/etc/emserve/tls/tls.key"
+    assert (env.get("EMSERVE_TLS_CLIENT_CA") == "/etc/emserve/tls/ca.crt") == tls["mutual"]
+
+
+def test_example_values_include_tls() -> None:
+    assert "tls-values.yaml" in {p.name for p in CI_VALUES}
+
+
+def test_tls_without_a_secret_is_refused() -> None:
+    with pytest.raises(helm.HelmError, match="server.tls.secretName"):
+        _render_raw({"server": {"tls": {"enabled": True}}})
 
 
 def test_auth_without_a_token_source_is_refused() -> None:
