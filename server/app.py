@@ -232,6 +232,9 @@ class EmserveServer:
         self.port = 0
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        self._openai: Any = None
+        self._openai_task: asyncio.Task[None] | None = None
+        self.openai_port: int | None = None
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS of the gRPC port (mutual with a client CA), or None: plaintext."""
@@ -241,6 +244,32 @@ class EmserveServer:
         ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
         return grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
                                            root_certificates=ca, require_client_auth=ca is not None)
+
+    async def _start_openai(self) -> None:
+        """The OpenAI-compatible endpoint, served by uvicorn on this loop (its signal handling off: the
+        server's own SIGTERM handling stops it)."""
+        import contextlib as _contextlib
+
+        import uvicorn
+
+        from emserve.server.openai_api import OpenAIDoor, build_app
+
+        class _Server(uvicorn.Server):
+            @_contextlib.contextmanager
+            def capture_signals(self) -> Any:
+                yield
+
+        door = OpenAIDoor(self.service, load_tenants(self.config.tenants_file, self.config.auth_token))
+        config = uvicorn.Config(build_app(door), host=self.config.host, port=int(self.config.openai_port or 0),
+                                log_level="warning", lifespan="off", access_log=False)
+        self._openai = _Server(config)
+        self._openai_task = asyncio.create_task(self._openai.serve())
+        while not self._openai.started:
+            if self._openai_task.done():  # could not bind: its exception (or uvicorn's SystemExit)
+                self._openai_task.result()
+                raise OSError(f"cannot serve the OpenAI endpoint on {self.config.host}:{self.config.openai_port}")
+            await asyncio.sleep(0.01)
+        self.openai_port = int(self._openai.servers[0].sockets[0].getsockname()[1])
 
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
@@ -257,6 +286,8 @@ class EmserveServer:
             if self.health_port == 0:
                 raise OSError(f"cannot bind {self.config.host}:{self.config.health_port}")
             await self._health_server.start()
+        if self.config.openai_port is not None:
+            await self._start_openai()
         if self.metrics is not None and self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = serve_metrics(
                 self.metrics.registry, self.config.host, self.config.metrics_port)
@@ -334,6 +365,10 @@ class EmserveServer:
         t2 = time.perf_counter()
         if self._owns_engine and self.engine is not None:
             await self.engine.close()
+        if self._openai is not None:  # its in-flight answers end with the drain's cancellations
+            self._openai.should_exit = True
+            if self._openai_task is not None:
+                await asyncio.gather(self._openai_task, return_exceptions=True)
         if self._health_server is not None:  # a probe during the drain learns NOT_SERVING
             await self._health_server.stop(0)
         if self._metrics_http is not None:  # last: a scrape during the drain still answers
@@ -367,6 +402,8 @@ def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None
     async def main() -> int:
         server, port = await create_server(config)
         say(f"emserve listening on {config.host}:{port}" + (" (TLS)" if config.tls_cert else ""))
+        if server.openai_port is not None:
+            say(f"emserve OpenAI-compatible endpoint on http://{config.host}:{server.openai_port}/v1")
         if server.health_port is not None:
             say(f"emserve health on {config.host}:{server.health_port} (plaintext, grpc.health.v1 only)")
         if server.metrics_port is not None:

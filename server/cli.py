@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
         "metrics_port": args.metrics_port, "memory": memory or None, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "health_port": args.health_port,
-        "tenants_file": args.tenants_file,
+        "tenants_file": args.tenants_file, "openai_port": args.openai_port,
     })
     status = serve(config)
     # Every session is checkpointed and closed and the engine is shut down: nothing is left to save.
@@ -120,6 +120,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=_metrics_port, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics; 'off' for none "
                         "(EMSERVE_METRICS_PORT; default off)")
+    p.add_argument("--openai-port", type=int, default=None, metavar="PORT",
+                   help="also serve an OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, "
+                        "/v1/models) answering from sessions' memory (EMSERVE_OPENAI_PORT)")
     p.add_argument("--tenants-file", default=None,
                    help='JSON {"tenant": "token", ...}: each token sees only its tenant\'s sessions '
                         "(EMSERVE_TENANTS_FILE)")

@@ -109,6 +109,10 @@ class ServerConfig:
     """A plaintext port serving grpc.health.v1 alone, for probes that cannot speak (mutual) TLS; None:
     none; 0: any free port (tests)."""
 
+    openai_port: int | None = None
+    """Serve the OpenAI-compatible HTTP endpoint (``emserve.server.openai_api``) on this port, on the
+    same address; None: none; 0: any free port (tests)."""
+
     metrics_port: int | None = None
     """Serve Prometheus metrics on ``http://host:metrics_port/metrics`` (``emserve.server.metrics``;
     vLLM's engine statistics on too). None: no metrics endpoint; 0: any free port (tests)."""
@@ -148,6 +152,8 @@ class ServerConfig:
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"{name}: cannot read {path!r}")
+        if self.openai_port is not None and not 0 <= self.openai_port < 65536:
+            raise ConfigError(f"openai_port must be in 0..65535, got {self.openai_port}")
         if self.health_port is not None and not 0 <= self.health_port < 65536:
             raise ConfigError(f"health_port must be in 0..65535, got {self.health_port}")
         if not self.retrieval_device_gib >= 0:
@@ -216,7 +222,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
                  "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib",
-                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file"):
+                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file", "openai_port"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)

@@ -9,7 +9,7 @@ before a whitespace character tokenizes exactly as the unsplit text; the client'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from emserve.server.errors import InvalidArgument
@@ -39,6 +39,18 @@ class TextCodec:
         rendered = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
+        return self.encode(rendered)
+
+    def chat_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """A conversation (``[{"role", "content"}, ...]``) in the model's chat template, plus the generation prompt."""
+        if not self.has_chat_template:
+            raise InvalidArgument("messages", "the model has no chat template")
+        turns = []
+        for m in messages:
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise InvalidArgument("messages", "each message needs a string role and a string content")
+            turns.append({"role": m["role"], "content": m["content"]})
+        rendered = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return self.encode(rendered)
 
     def decode(self, ids: Sequence[int]) -> str:
