@@ -41,6 +41,11 @@ def tenant_context(tenant: str) -> Iterator[None]:
         _tenant.reset(token)
 
 
+def bind_tenant(tenant: str) -> None:
+    """Serve the rest of the current task as ``tenant`` (a task per call: its context is its own)."""
+    _tenant.set(tenant)
+
+
 def folder_name(session_id: str, tenant: str) -> str:
     """Where session ``session_id`` of ``tenant`` lives under the sessions root."""
     return f"{tenant}{SEPARATOR}{session_id}" if tenant else session_id
