@@ -79,6 +79,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     s.memory.planner.config = s.config.retrieval(engine.info.max_model_len)
                     t0 = time.perf_counter()
                     for q in hs.questions:
+                        if args.tasks and q.task not in args.tasks.split(","):
+                            continue
                         r = await s.ask(q.prompt_ids, SamplingSpec(max_tokens=cfg.get("max_tokens", 12)))
                         text = tok.decode(r.token_ids)
                         cov = min(window_coverage(sp, r.window) for sp in q.spans)
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", required=True, help="results file of a bench/recall.py --keep run")
     ap.add_argument("--variant", action="append", type=parse_variant, default=[],
                     help="NAME=JSON of question_* overrides (repeatable; today's defaults are always asked)")
+    ap.add_argument("--tasks", default="", help="ask only these tasks, e.g. kv,split (default: every task)")
     ap.add_argument("--out", default="recall_variants")
     args = ap.parse_args(argv)
     args.variants = {"defaults": {}, **dict(args.variant)}
