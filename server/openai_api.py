@@ -135,6 +135,29 @@ def _usage(c: Completion) -> dict[str, int]:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": n, "total_tokens": c.prompt_tokens + n}
 
 
+async def _events(head: dict[str, Any], chat: bool, first: Chunk | Completion,
+                  items: AsyncIterator[Chunk | Completion]) -> AsyncIterator[bytes]:
+    """A streamed answer as server-sent events: (chat: the role first) the text chunks, the last chunk with
+    its finish reason and usage, ``[DONE]``; a failure mid-stream is an error event before ``[DONE]``."""
+    chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    if chat:
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield f"data: {json.dumps({**chunk_head, 'choices': [role]})}\n\n".encode()
+    item: Chunk | Completion | None = first
+    try:
+        while item is not None:
+            if isinstance(item, Completion):
+                last = {**chunk_head, "choices": [_choice(chat, "", item.finish_reason, True)], "usage": _usage(item)}
+                yield f"data: {json.dumps(last)}\n\n".encode()
+            elif item.text:
+                out = {**chunk_head, "choices": [_choice(chat, item.text, None, True)]}
+                yield f"data: {json.dumps(out)}\n\n".encode()
+            item = await anext(items, None)
+    except Exception as e:  # noqa: BLE001 - mid-stream: an error event, then the end
+        yield f"data: {json.dumps(_error(e)[1])}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
 def build_app(door: OpenAIDoor) -> Any:
     """The FastAPI application of the door (imported only with ``--openai-port``: FastAPI comes with vLLM)."""
     app = FastAPI(title="emserve (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
@@ -187,28 +210,7 @@ def build_app(door: OpenAIDoor) -> Any:
         except Exception as e:  # noqa: BLE001
             return fail(e)
 
-        async def events() -> AsyncIterator[bytes]:
-            chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-            if chat:
-                role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}
-                yield f"data: {json.dumps({**chunk_head, 'choices': [role]})}\n\n".encode()
-            item: Chunk | Completion | None = first
-            try:
-                while item is not None:
-                    if isinstance(item, Completion):
-                        last = {**chunk_head, "choices": [_choice(chat, "", item.finish_reason, True)],
-                                "usage": _usage(item)}
-                        yield f"data: {json.dumps(last)}\n\n".encode()
-                    elif item.text:
-                        out = {**chunk_head, "choices": [_choice(chat, item.text, None, True)]}
-                        yield f"data: {json.dumps(out)}\n\n".encode()
-                    item = await anext(items, None)
-            except Exception as e:  # noqa: BLE001 - mid-stream: an error event, then the end
-                yield f"data: {json.dumps(_error(e)[1])}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_events(head, chat, first, items), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
