@@ -132,10 +132,11 @@ class MemoryConfig:
     """A question's best lexical matches (events holding the rare words it names, at least half the
     best match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking,
     each with its neighbours; 0: the attention scores alone rank."""
-    question_neighbours: int = 2
-    """A question's similarity hits bring this many temporal neighbours each side, before any
-    lower-ranked event (``RetrievalConfig``): a value is often cut from the words that name it."""
-    question_reach: int = 24
+    question_neighbours: int = 6
+    """A question's hits bring this many temporal neighbours each side, before any lower-ranked event
+    (``RetrievalConfig``): a value is often cut from the words that name it, and a hit read in its
+    passage beats more hits read as fragments (docs/recall.md, rule 7)."""
+    question_reach: int = 96
     """A question's hits also bring the neighbours that start or end within this many tokens of them
     (``RetrievalConfig``): ``question_neighbours`` events each side at least, more where they are short."""
     question_contiguity: bool = False

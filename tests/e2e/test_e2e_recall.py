@@ -37,7 +37,7 @@ def test_recall_quick_smoke(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "smoke.json").read_text())
     assert res["complete"] is True and res["quick"] is True and res["model"]["name"] == "smollm2-135m"
     assert res["config"]["lengths"] == [4096] and res["config"]["systems"] == ["emserve"]
-    assert res["default_memory"]["question_neighbours"] == 2
+    assert res["default_memory"]["question_neighbours"] == 6
     answers = res["answers"]
     served = [a for a in answers if a["system"] == "emserve"]
     full = [a for a in answers if a["system"] == "full@2k"]
