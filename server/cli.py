@@ -21,6 +21,9 @@ and the demo's report; each subcommand is a short function of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import logging
 import os
 import random
@@ -150,36 +153,70 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(args.server, token=args.token)
 
 
-def _fail(e: Exception) -> int:
+def _fail(e: Exception | str) -> int:
     print(f"emserve: {e}", file=sys.stderr)
     return 1
 
 
+class Progress:
+    """One progress line on stderr: redrawn in place on a terminal, else printed every ``every_s`` seconds
+    (a log file gets lines, not one line of carriage returns). ``final()`` prints the last state."""
+
+    def __init__(self, every_s: float = 10.0, out: Any = None) -> None:
+        self.out = out or sys.stderr
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self.every_s = every_s
+        self._last = -1e9
+        self._line = ""
+
+    def show(self, line: str) -> None:
+        self._line = line
+        if self.tty:
+            print(f"\r{line}", end="", file=self.out, flush=True)
+        elif time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            print(line, file=self.out, flush=True)
+
+    def final(self) -> None:
+        if self.tty:
+            print(file=self.out)
+        elif self._line:
+            print(self._line, file=self.out, flush=True)
+
+
+def _open_text(name: str) -> Any:
+    """The text stream ``emserve ingest`` reads: a file, or standard input for ``-``."""
+    if name == "-":
+        return contextlib.nullcontext(sys.stdin)
+    return open(name, encoding="utf-8", errors="replace")  # noqa: SIM115 - the caller's with closes it
+
+
 def _ingest(args: argparse.Namespace) -> int:
-    from emserve.client import ClientError, IngestProgress, split_text
+    from emserve.client import ClientError, IngestProgress, split_stream
 
-    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    total_chars = len(text)
-    sent_chars = [0]
-
-    def pieces() -> Any:
-        for piece in split_text(text, args.piece_chars):
-            sent_chars[0] += len(piece)
-            yield piece
-
-    t0 = time.perf_counter()
-    start = [None]
+    source = "standard input" if args.file == "-" else args.file
+    try:
+        f_cm = _open_text(args.file)
+    except OSError as e:
+        return _fail(f"cannot read {source}: {e.strerror or e}")
+    size = 0 if args.file == "-" else os.path.getsize(args.file)
+    sent = [0]
+    t0, start = time.perf_counter(), [None]
+    bar = Progress()
 
     def progress(p: IngestProgress) -> None:
         if start[0] is None:
             start[0] = p.committed_offset  # type: ignore[assignment]
-        dt = max(time.perf_counter() - t0, 1e-9)
-        done = p.committed_offset - (start[0] or 0)
-        pct = 100.0 * sent_chars[0] / max(total_chars, 1)
-        print(f"\r  {pct:5.1f}% of {args.file} sent  {p.committed_offset:>9} tokens committed  "
-              f"{done / dt:7.0f} tok/s  {p.num_events:>6} events", end="", file=sys.stderr, flush=True)
+        rate = (p.committed_offset - (start[0] or 0)) / max(time.perf_counter() - t0, 1e-9)
+        where = f"{100.0 * sent[0] / size:5.1f}% of {source} sent" if size else f"{sent[0]} characters of {source} sent"
+        bar.show(f"  {where}  {p.committed_offset:>9} tokens committed  {rate:7.0f} tok/s  {p.num_events:>6} events")
 
-    with _client(args) as c:
+    with f_cm as f, _client(args) as c:
+        def pieces() -> Any:
+            for piece in split_stream(f, args.piece_chars):
+                sent[0] += len(piece.encode("utf-8")) if size else len(piece)
+                yield piece
+
         try:
             try:
                 c.get_session(args.session)
@@ -190,13 +227,23 @@ def _ingest(args: argparse.Namespace) -> int:
                 print(f"created session {args.session}", file=sys.stderr)
             res = c.ingest(args.session, pieces(), finish=args.finish, on_progress=progress)
         except ClientError as e:
-            print(file=sys.stderr)
+            bar.final()
             return _fail(e)
-    print(file=sys.stderr)
-    print(f"{res.session_id}: +{res.tokens} tokens in {res.seconds:.1f} s ({res.tokens / max(res.seconds, 1e-9):.0f} "
-          f"tok/s), committed offset {res.committed_offset}, {res.num_events} events"
-          + (", finished" if res.finished else "") + (f", {res.reconnects} reconnects" if res.reconnects else ""))
+    bar.final()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(res) | {"tokens": res.tokens}))
+    else:
+        print(f"{res.session_id}: +{res.tokens} tokens in {res.seconds:.1f} s "
+              f"({res.tokens / max(res.seconds, 1e-9):.0f} tok/s), committed offset {res.committed_offset}, "
+              f"{res.num_events} events" + (", finished" if res.finished else "")
+              + (f", {res.reconnects} reconnects" if res.reconnects else ""))
     return 0
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -208,18 +255,24 @@ def _ask(args: argparse.Namespace) -> int:
                                 temperature=args.temperature, stop=args.stop or (), chat_template=args.chat,
                                 trace=args.trace, remember=args.remember, preview_tokens=args.preview)
             for piece in stream.text():
-                print(piece, end="", flush=True)
-            print()
+                if not args.json:
+                    print(piece, end="", flush=True)
+            if not args.json:
+                print()
         except ClientError as e:
             return _fail(e)
     done = stream.complete
-    if done is not None:
-        t, u = done.timings, done.usage
-        print(f"[{u.completion_tokens} tokens, finish {'stop' if done.finish_reason == 1 else 'length'}, "
-              f"first token {t.first_token_s:.2f} s, "
-              f"total {t.total_s:.2f} s, memory {u.memory_tokens} tokens, window {u.window_tokens}]", file=sys.stderr)
-        if args.trace:
-            print_trace(done.trace if done.HasField("trace") else None)
+    if done is None:
+        return _fail("the answer ended without a completion")
+    if args.json:  # the whole GenerateComplete: text, token ids, finish reason, usage, timings, trace
+        print(json.dumps(_as_dict(done)))
+        return 0
+    t, u = done.timings, done.usage
+    print(f"[{u.completion_tokens} tokens, finish {'stop' if done.finish_reason == 1 else 'length'}, "
+          f"first token {t.first_token_s:.2f} s, "
+          f"total {t.total_s:.2f} s, memory {u.memory_tokens} tokens, window {u.window_tokens}]", file=sys.stderr)
+    if args.trace:
+        print_trace(done.trace if done.HasField("trace") else None)
     return 0
 
 
@@ -267,6 +320,13 @@ def _events(args: argparse.Namespace) -> int:
     with _client(args) as c:
         try:
             s = c.get_session(args.session)
+            if args.json:  # one event per line
+                for i, e in enumerate(c.list_events(args.session, preview=args.preview > 0,
+                                                    preview_tokens=args.preview)):
+                    if args.limit and i >= args.limit:
+                        break
+                    print(json.dumps(_as_dict(e)))
+                return 0
             print(f"{s.session_id}: {s.num_tokens} tokens, {s.num_events} events ({s.event_tokens} tokens in events; "
                   f"the rest is the sink and the local window)")
             print(f"{'id':>6} {'start':>8} {'end':>8} {'size':>5} {'boundary':>8} {'mean':>6} {'max':>6}  preview")
@@ -303,6 +363,10 @@ def _sessions(args: argparse.Namespace) -> int:
             rows = list(c.list_sessions())
         except ClientError as e:
             return _fail(e)
+    if args.json:  # one session per line
+        for s in rows:
+            print(json.dumps(_as_dict(s)))
+        return 0
     print(f"{'session':<28} {'state':<9} {'tokens':>9} {'events':>7} {'disk MB':>8}  created")
     for s in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.create_time.seconds))
@@ -560,24 +624,30 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve_flags(s)
     s.set_defaults(fn=_serve)
 
-    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+    def client_parser(name: str, help_: str, json_help: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--server", default=os.environ.get("EMSERVE_SERVER", DEFAULT_SERVER))
-        p.add_argument("--token", default=os.environ.get("EMSERVE_AUTH_TOKEN"))
+        p.add_argument("--server", default=os.environ.get("EMSERVE_SERVER", DEFAULT_SERVER),
+                       help=f"host:port of the server (EMSERVE_SERVER; default {DEFAULT_SERVER})")
+        p.add_argument("--token", default=os.environ.get("EMSERVE_AUTH_TOKEN"),
+                       help="bearer token (EMSERVE_AUTH_TOKEN)")
+        if json_help:
+            p.add_argument("--json", action="store_true", help=json_help)
         return p
 
-    i = client_parser("ingest", "stream a text file into a session (created if missing)")
-    i.add_argument("file")
-    i.add_argument("--session", required=True)
+    i = client_parser("ingest", "stream a text file into a session (created if missing)",
+                      "print the result as one JSON object (IngestResult's fields)")
+    i.add_argument("file", help="a UTF-8 text file, or - for standard input (read as it comes)")
+    i.add_argument("--session", required=True, help="session id (created with the server's defaults if missing)")
     i.add_argument("--finish", action="store_true", help="seal the session afterwards (questions only)")
     i.add_argument("--piece-chars", type=int, default=8192, help="characters per message")
     i.set_defaults(fn=_ingest)
 
-    a = client_parser("ask", "ask a question against a session's memory (streams the answer)")
+    a = client_parser("ask", "ask a question against a session's memory (streams the answer)",
+                      "print the whole GenerateComplete as one JSON object at the end instead")
     a.add_argument("session")
     a.add_argument("question")
-    a.add_argument("--max-tokens", type=int, default=64)
-    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--max-tokens", type=int, default=64, help="longest answer, tokens")
+    a.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic)")
     a.add_argument("--stop", action="append", help="stop string (repeatable)")
     a.add_argument("--chat", action="store_true", help="wrap the question in the model's chat template")
     a.add_argument("--trace", action="store_true", help="print the retrieval trace")
@@ -585,10 +655,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--preview", type=int, default=12, help="preview tokens per traced event")
     a.set_defaults(fn=_ask)
 
-    e = client_parser("events", "list a session's events")
+    e = client_parser("events", "list a session's events", "one JSON object per event and line")
     e.add_argument("session")
     e.add_argument("--preview", type=int, default=0, help="preview tokens per event")
-    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--limit", type=int, default=0, help="the first this many events (0: all)")
     e.set_defaults(fn=_events)
 
     h = client_parser("health", "check the server's grpc.health.v1 status (exit 0: SERVING)")
@@ -596,15 +666,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="health service name: readiness (engine loaded, the default) or '' (liveness)")
     h.set_defaults(fn=_health)
 
-    ss = client_parser("sessions", "list sessions")
+    ss = client_parser("sessions", "list sessions", "one JSON object per session and line")
     ss.set_defaults(fn=_sessions)
 
     dl = client_parser("delete", "delete a session")
-    dl.add_argument("session")
+    dl.add_argument("session", help="session id (its folder and memory are removed)")
     dl.set_defaults(fn=_delete)
 
     p = sub.add_parser("prepare", help="convert and verify the model")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
     p.set_defaults(fn=_prepare)
     return ap
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from google.rpc import error_details_pb2
@@ -33,7 +33,8 @@ from grpc_status import rpc_status
 from emserve.proto.emserve.v1 import emserve_pb2 as pb
 from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
 
-__all__ = ["Answer", "Client", "ClientError", "GenerateStream", "IngestProgress", "IngestResult", "pb", "split_text"]
+__all__ = ["Answer", "Client", "ClientError", "GenerateStream", "IngestProgress", "IngestResult", "pb", "split_stream",
+           "split_text"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _DETAIL_TYPES = (error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo, error_details_pb2.BadRequest,
@@ -100,6 +101,25 @@ def split_text(text: str, max_chars: int) -> Iterator[str]:
                 j = k
         yield text[i:j]
         i = j
+
+
+def split_stream(f: TextIO, max_chars: int) -> Iterator[str]:
+    """:func:`split_text` over a text stream (a file, stdin), read ``max_chars`` at a time: memory stays
+    bounded by a few pieces however long the stream is. The pieces are those of :func:`split_text` on
+    the whole text."""
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    buf = ""
+    while True:
+        block = f.read(max_chars)
+        buf += block
+        if not block:
+            yield from split_text(buf, max_chars)
+            return
+        while len(buf) > max_chars:  # a whole piece and the character after its end are known
+            piece = next(split_text(buf, max_chars))
+            yield piece
+            buf = buf[len(piece):]
 
 
 @dataclass(frozen=True)

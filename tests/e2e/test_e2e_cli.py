@@ -6,6 +6,7 @@ The reference engine and a tiny random model keep it fast (the real model: test_
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,11 +36,35 @@ def _start(tmp: Path, model: Path, name: str) -> ServerProcess:
     return proc
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "EMSERVE_AUTH_TOKEN": ""}
     env.pop("EMSERVE_AUTH_TOKEN")
     return subprocess.run([sys.executable, "-m", "emserve.server.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=120, env=env, input=stdin)
+
+
+def _check_scripting(addr: str, n: int) -> None:
+    """What a script needs: text from standard input, JSON output, a clear error for a missing file,
+    and a progress log of lines (stderr is not a terminal here)."""
+    r = _cli("ingest", "-", "--session", "piped", "--server", addr, "--piece-chars", "300", "--json", stdin=TEXT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["session_id"] == "piped" and res["tokens"] == res["committed_offset"] == n  # the same text as book
+    assert "\r" not in r.stderr and "tokens committed" in r.stderr
+    r = _cli("ingest", "/no/such/file.txt", "--session", "x", "--server", addr)
+    assert r.returncode == 1 and "cannot read /no/such/file.txt" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("ask", "piped", "Once upon a time", "--server", addr, "--max-tokens", "4", "--trace", "--json")
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)
+    assert len(done["token_ids"]) == done["usage"]["completion_tokens"] == 4 and "trace" in done and "timings" in done
+    r = _cli("sessions", "--server", addr, "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and {"book", "piped"} <= {s["session_id"] for s in rows}
+    r = _cli("events", "piped", "--server", addr, "--json", "--limit", "3", "--preview", "2")
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and len(events) == 3 and all("start" in e or e.get("id", 0) == 0 for e in events)
+    with Client(addr) as c:
+        c.delete_session("piped")
 
 
 @pytest.fixture
@@ -79,6 +104,7 @@ def test_serve_cli_sigterm_restart_resume(tmp_path: Path, tiny_model_dir: Path, 
     assert r.returncode == 0 and "book" in r.stdout and str(n) in r.stdout
     r = _cli("ask", "nobody", "hi", "--server", addr)
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+    _check_scripting(addr, n)
 
     assert server.stop() == 0  # SIGTERM: graceful
     log = server.log_path.read_text()

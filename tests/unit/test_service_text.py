@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import random
 from pathlib import Path
 
 import pytest
 
-from emserve.client import split_text
+from emserve.client import split_stream, split_text
 from emserve.client import split_text as client_split
 from emserve.server.text import StreamDecoder, TextCodec
 
@@ -27,6 +29,17 @@ def test_split_before_whitespace_keeps_tokens(codec: TextCodec, size: int) -> No
     assert all(p[0].isspace() for p in pieces[1:] if len(p) > 1 and p.strip())  # cut before whitespace
     assert [t for p in pieces for t in codec.encode(p)] == codec.encode(TEXT)
     assert list(client_split(TEXT, size)) == pieces
+
+
+def test_split_stream_reads_a_stream_into_the_same_pieces() -> None:
+    """``emserve ingest`` reads files and stdin through split_stream, a block at a time."""
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("ab \n\tcé") for _ in range(rng.randint(0, 400)))
+        size = rng.randint(1, 40)
+        assert list(split_stream(io.StringIO(text), size)) == list(split_text(text, size)), (text, size)
+    with pytest.raises(ValueError):
+        list(split_stream(io.StringIO("x"), 0))
 
 
 def test_split_long_word_is_cut_anyway() -> None:
