@@ -54,18 +54,23 @@ def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = 
     """Resolve the model (converting an embedded one on first use) and start the configured engine."""
     import dataclasses
 
+    from emserve.server.engine.admission import Admission
     from emserve.server.models import resolve_model
 
     cfg = dataclasses.replace(config.engine, log_stats=config.metrics_port is not None)
     spec = resolve_model(cfg.model, progress=progress)
+    engine: Engine
     if cfg.backend == "reference":
         from emserve.server.engine.reference import ReferenceEngine
 
-        return ReferenceEngine(str(spec.path), dtype=cfg.dtype, log_dtype=cfg.log_dtype,
-                               max_model_len=cfg.max_model_len, name=spec.name), "reference"
-    from emserve.server.engine.vllm_engine import VLLMEngine
+        engine = ReferenceEngine(str(spec.path), dtype=cfg.dtype, log_dtype=cfg.log_dtype,
+                                 max_model_len=cfg.max_model_len, name=spec.name)
+    else:
+        from emserve.server.engine.vllm_engine import VLLMEngine
 
-    return VLLMEngine(dataclasses.replace(cfg, model=str(spec.path))), "vllm"
+        engine = VLLMEngine(dataclasses.replace(cfg, model=str(spec.path)))
+    engine.admission = Admission(cfg.ingest_slots or 0)  # resolved by EngineConfig (never None here)
+    return engine, cfg.backend
 
 
 class EmserveServer:

@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = build_config({
         "host": args.host, "port": args.port, "sessions_dir": args.sessions_dir, "model": args.model,
         "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
-        "max_model_len": args.max_model_len, "max_sessions": args.max_sessions,
+        "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots, "max_sessions": args.max_sessions,
         "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "auth_token": args.auth_token, "grace_s": args.grace,
         "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
@@ -109,6 +109,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default auto: bfloat16 where the hardware has it natively, else float32)")
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--ingest-slots", type=int, default=None,
+                   help="ingestion steps in the engine at once, all sessions (EMSERVE_INGEST_SLOTS; 0: no limit; "
+                        "default 1 on a CPU, no limit on a GPU); "
+                        "questions go first either way")
     p.add_argument("--max-sessions", type=int, default=None)
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--max-inflight", type=int, default=None, help="ingest messages ahead of receipts")

@@ -210,14 +210,14 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     """Defaults < ``EMSERVE_*`` environment < ``overrides`` (CLI flags; ``None`` values are ignored).
 
     Override keys: the ServerConfig field names, plus the engine's ``model``, ``backend``, ``dtype``,
-    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, and ``memory`` (a dict of MemoryConfig
+    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, ``ingest_slots``, and ``memory`` (a dict of MemoryConfig
     fields).
     """
     env = os.environ if env is None else env
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     server_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs")
+    engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs", "ingest_slots")
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",

@@ -24,10 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-PHASES = ("wait", "probe", "retrieve", "inject", "compute", "write", "segment", "close", "index", "save")
+PHASES = ("wait", "admit", "probe", "retrieve", "inject", "compute", "write", "segment", "close", "index", "save")
 """Parts of a step, in order:
 
 * ``wait``: for the session's lock (another call stepping the same session);
+* ``admit``: an ingestion step waiting to enter the engine (a question of any session goes first, or
+  every ingestion slot is taken: :mod:`emserve.server.engine.admission`);
 * ``probe``: a question's probe step (the engine computes the question's queries);
 * ``retrieve``: choosing the window: lexical matches, retrieval (similarity search, neighbours,
   contiguity) and the window's layout;

@@ -37,6 +37,7 @@ lock and state; what stands alone is out (retrieval, segmenter, contrast, genera
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -79,6 +80,10 @@ MAX_CONTRAST = 10.0
 """The largest ``MemoryConfig.question_contrast``."""
 MAX_EXCHANGES = 64
 """Remembered exchanges kept by request id (the oldest are forgotten)."""
+
+
+OnPlan = Callable[[RetrievalResult | None, dict[str, float], tuple[tuple[int, int], ...]], None]
+"""``ask_stream``'s ``on_plan``: called with the retrieval, the timings so far and the window."""
 
 
 class SessionError(EmserveError):
@@ -541,6 +546,14 @@ class Session:
         """``fn(*args, **kwargs)`` in a worker thread, to its end (the session's lock is held until then)."""
         return await _to_the_end(asyncio.to_thread(fn, *args, **kwargs))
 
+    @contextlib.asynccontextmanager
+    async def _admitted(self, clock: PhaseClock) -> AsyncIterator[None]:
+        """An ingestion step's engine call, once the engine's admission lets it in (the ``admit`` phase)."""
+        t0 = time.perf_counter()
+        async with self.engine.admission.ingest():
+            clock.add("admit", time.perf_counter() - t0)
+            yield
+
     async def _ingest_chunk(self, chunk: list[int], clock: PhaseClock | None = None) -> StepReport:
         clock = clock or PhaseClock()
         offset = self.num_tokens
@@ -553,9 +566,10 @@ class Session:
             planner = self.memory.planner
             queries = self._last_queries
             if queries is None:  # no previous step to lag from (e.g. a log restored without state): probe
-                with clock("probe"):
-                    probe = await self.engine.step(planner.probe_plan(offset, chunk),
-                                                   options=StepOptions(surprise=False))
+                async with self._admitted(clock):
+                    with clock("probe"):
+                        probe = await self.engine.step(planner.probe_plan(offset, chunk),
+                                                       options=StepOptions(surprise=False))
                 queries = probe.queries
             with clock("retrieve"):
                 before = planner.retriever.buffer_state()
@@ -566,7 +580,8 @@ class Session:
                 with clock("save"):
                     await self._host(self._save_state)
         try:
-            res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
+            async with self._admitted(clock):
+                res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
             clock.engine(res.timings)
             if res.log_offset != offset:
                 raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
@@ -672,8 +687,7 @@ class Session:
         question_ids: Sequence[int],
         sampling: SamplingSpec,
         *,
-        on_plan: Callable[[RetrievalResult | None, dict[str, float], tuple[tuple[int, int], ...]], None]
-        | None = None,
+        on_plan: OnPlan | None = None,
         on_report: Callable[[StepReport], None] | None = None,
     ) -> AsyncIterator[TokenDelta | AskResult]:
         """Answer against the memory without changing it: yields TokenDeltas, then an AskResult.
@@ -682,11 +696,11 @@ class Session:
         tokens in every layer's window, ``WindowPlan.log_ranges``) once the step is planned, before the
         first token (a caller that stops early still learns what was retrieved). ``on_report`` is
         called once with the question's :class:`StepReport` when its step ends, also when the caller
-        stops early (then ``output_tokens`` counts what was streamed).
+        stops early (then ``output_tokens`` counts what was streamed). Holding the session, it holds
+        all ingestion back from the engine until its first token (:mod:`.engine.admission`).
         """
-        q = [int(t) for t in question_ids]
-        clock = PhaseClock()
-        async with self.lock:
+        q, clock = [int(t) for t in question_ids], PhaseClock()
+        async with self.lock, self.engine.admission.question() as hold:
             self._check_usable()
             clock.add("wait", clock.elapsed())
             offset = self.num_tokens
@@ -696,8 +710,7 @@ class Session:
             if on_plan is not None:
                 on_plan(retrieval, timings, window)
             ttft: float | None = None
-            streamed, done = 0, False
-            t_engine = clock.elapsed()
+            streamed, done, t_engine = 0, False, clock.elapsed()
 
             def report(output_tokens: int) -> StepReport:
                 decode_s = 0.0 if ttft is None else clock.elapsed() - ttft
@@ -718,6 +731,7 @@ class Session:
                 if first is not None:  # the answer goes on after its first token (question_contrast)
                     token, step = first
                     ttft = clock.elapsed()
+                    await hold.release()
                     streamed = 1
                     yield TokenDelta((token,))
                     if step.finish_reason is not None:  # it ended the answer
@@ -741,6 +755,7 @@ class Session:
                     else:
                         if ttft is None and item.token_ids:
                             ttft = clock.elapsed()
+                            await hold.release()
                         streamed += len(item.token_ids)
                         yield item
             finally:

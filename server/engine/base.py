@@ -28,6 +28,7 @@ import numpy as np
 from emserve.retrieval.errors import EmserveError, PlanError
 from emserve.retrieval.kvlog import KVLayout
 from emserve.retrieval.plan import WindowPlan
+from emserve.server.engine.admission import Admission
 
 
 class EngineError(EmserveError):
@@ -152,6 +153,19 @@ class Engine(ABC):
 
     info: ModelInfo
     log_dtype: str
+
+    @property
+    def admission(self) -> Admission:
+        """The admission rules every session on this engine follows (:mod:`.admission`): one object per
+        engine; without one set, questions first and no ingestion slot limit."""
+        adm = self.__dict__.get("_admission")
+        if adm is None:
+            adm = self.__dict__["_admission"] = Admission()
+        return adm
+
+    @admission.setter
+    def admission(self, value: Admission) -> None:
+        self.__dict__["_admission"] = value
 
     def check_plan(self, plan: WindowPlan, options: StepOptions) -> None:
         plan.check_layers(self.info.num_layers)

@@ -37,6 +37,11 @@ class EngineConfig:
     max_num_seqs: int = 16
     """Most requests (session steps) vLLM batches together."""
 
+    ingest_slots: int | None = None
+    """Ingestion steps in the engine at once, all sessions together (0: no limit); questions go first
+    either way (``emserve.server.engine.admission``). None resolves on construction
+    (:func:`auto_ingest_slots`): 1 with a CPU-only torch, else 0."""
+
     max_num_batched_tokens: int | None = None
     """Token budget of one vLLM step. None: max_model_len (a whole window fits in one step)."""
 
@@ -63,9 +68,26 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
+        slots = auto_ingest_slots() if self.ingest_slots is None else self.ingest_slots
+        if slots < 0:
+            raise ConfigError(f"ingest_slots must be >= 0 (0: no limit), got {slots}")
+        object.__setattr__(self, "ingest_slots", slots)
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def auto_ingest_slots() -> int:
+    """The ``ingest_slots`` that None stands for. Rule: 1 with a CPU-only torch build, else 0 (no limit).
+
+    On a CPU, steps batched together take as long as run one after another, so a question waits behind
+    every ingestion step in the engine, and batching gained nothing in ingest throughput either (measured
+    with 8 sessions: docs/reliability.md, "Load"). A GPU's batching is where its throughput comes from;
+    there vLLM batches every step (not measured here)."""
+    import torch
+
+    cuda = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+    return 0 if cuda else 1
 
 
 def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:

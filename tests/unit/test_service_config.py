@@ -80,3 +80,20 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_it():
     assert auto_dtype("") == "float32"
     assert EngineConfig(model="x").dtype in ("bfloat16", "float32")  # resolved on construction
     assert EngineConfig(model="x", dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_ingest_slots_default_to_one_on_a_cpu_and_reach_the_engine_admission(tmp_path: Path) -> None:
+    import torch
+
+    from emserve.server.engine.admission import Admission
+    from emserve.server.engine.config import auto_ingest_slots
+
+    cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+    assert auto_ingest_slots() == (1 if cpu_only else 0)
+    env = {"EMSERVE_SESSIONS_DIR": str(tmp_path)}
+    assert build_config({}, env=env).engine.ingest_slots == auto_ingest_slots()
+    assert build_config({}, env={**env, "EMSERVE_INGEST_SLOTS": "3"}).engine.ingest_slots == 3
+    assert build_config({"ingest_slots": 0}, env={**env, "EMSERVE_INGEST_SLOTS": "3"}).engine.ingest_slots == 0
+    with pytest.raises(ConfigError):
+        build_config({"ingest_slots": -1}, env=env)
+    assert Admission(build_config({"ingest_slots": 2}, env=env).engine.ingest_slots or 0).ingest_slots == 2

@@ -651,3 +651,56 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
         del engine.stream
     s.close()
     assert differ > 0  # the rule changed some first tokens on this random stream (else the test shows nothing)
+
+
+class _Recording:
+    """Delegates to an engine and records when each kind of step starts and streams its first token."""
+
+    def __init__(self, inner: ReferenceEngine) -> None:
+        from emserve.server.engine.admission import Admission
+
+        self.inner, self.info, self.log_dtype = inner, inner.info, inner.log_dtype
+        self.admission = Admission()
+        self.events: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def stream(self, plan: Any, sampling: SamplingSpec | None = None,
+                     options: StepOptions = StepOptions()) -> Any:
+        gen = sampling is not None and sampling.max_tokens > 0
+        kind = "answer" if gen else "ingest" if options.surprise else "probe"
+        self.events.append(("start", kind))
+        async for item in self.inner.stream(plan, sampling, options):
+            if getattr(item, "token_ids", None):
+                self.events.append(("token", kind))
+            yield item
+
+    async def step(self, plan: Any, sampling: SamplingSpec | None = None, options: StepOptions = StepOptions()) -> Any:
+        result = None
+        async for item in self.stream(plan, sampling, options):
+            result = item
+        return result
+
+
+def test_a_question_holds_other_sessions_ingestion_back_until_its_first_token(engine: ReferenceEngine,
+                                                                               tmp_path: Path) -> None:
+    rec = _Recording(engine)
+    a = Session.create(tmp_path / "a", rec, CFG)  # type: ignore[arg-type]
+    b = Session.create(tmp_path / "b", rec, CFG)  # type: ignore[arg-type]
+    asyncio.run(a.append(_ids(200, 5), flush=True))
+    asyncio.run(b.append(_ids(40, 6)))
+
+    async def both() -> None:
+        question = asyncio.create_task(a.ask(_ids(5, 7), SamplingSpec(max_tokens=3, ignore_eos=True)))
+        await asyncio.sleep(0)  # the question holds its session, and with it the admission
+        await asyncio.gather(question, b.append(_ids(96, 8)))
+
+    rec.events.clear()
+    asyncio.run(both())
+    first_token = rec.events.index(("token", "answer"))
+    ingest_starts = [i for i, e in enumerate(rec.events) if e == ("start", "ingest")]
+    assert rec.events[0] == ("start", "probe") and len(ingest_starts) == 3, rec.events
+    assert min(ingest_starts) > first_token, rec.events  # B's chunks waited for the answer's first token
+    a.close()
+    b.close()

@@ -1,0 +1,99 @@
+"""Admission of session steps into the shared engine: questions first.
+
+All sessions share one engine, which batches whatever steps are in it. An ingestion step computes a
+whole chunk (512 tokens by default); a question's first token needs only its short window. Left to
+the engine, a question that arrives while many sessions ingest waits behind their chunks, in every
+step it needs (the probe and the answer). Rules, for every session on one engine:
+
+1. **A question holds ingestion back until its first token.** From the moment a question has its
+   session (:meth:`Admission.question`, taken inside the session's lock) until its first token is out
+   (or it ends), no ingestion step *enters* the engine; steps already in it finish. A question never
+   waits for another question or for a slot.
+2. **At most ``ingest_slots`` ingestion steps are in the engine at once** (0: no limit), so a question
+   never waits for more than that many chunks. Steps of different sessions still overlap their host
+   work (retrieval, segmentation, index adds) with each other's engine steps.
+3. Ingestion steps enter in the order they asked (FIFO among themselves).
+
+A question's decode (after its first token) shares the engine with ingestion again. Questions that
+arrive without pause starve ingestion: that is the rule, not an accident. The ingestion step's
+session lock is held while it waits, so a question on that same session waits for it (rule 1 cannot
+deadlock: a question is admitted only once it holds its session).
+
+Single event loop: the object is created and used on the loop that runs the sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from emserve.retrieval.errors import ConfigError
+
+
+class Admission:
+    """Rules 1-3 of the module docstring. ``waiting_ingest`` and ``questions`` are for reports."""
+
+    def __init__(self, ingest_slots: int = 0) -> None:
+        if ingest_slots < 0:
+            raise ConfigError(f"ingest_slots must be >= 0 (0: no limit), got {ingest_slots}")
+        self.ingest_slots = ingest_slots
+        self.questions = 0  # questions admitted and before their first token
+        self.ingesting = 0  # ingestion steps in the engine
+        self.waiting_ingest = 0
+        self._cond: asyncio.Condition | None = None
+
+    @property
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def _ingest_may_enter(self) -> bool:
+        return self.questions == 0 and (self.ingest_slots == 0 or self.ingesting < self.ingest_slots)
+
+    @contextlib.asynccontextmanager
+    async def ingest(self) -> AsyncIterator[None]:
+        """Around an ingestion step's engine call: waits while rule 1 or 2 holds it back."""
+        cond = self._condition
+        async with cond:
+            self.waiting_ingest += 1
+            try:
+                await cond.wait_for(self._ingest_may_enter)  # Condition wakes waiters in FIFO order
+            finally:
+                self.waiting_ingest -= 1
+            self.ingesting += 1
+        try:
+            yield
+        finally:
+            async with cond:
+                self.ingesting -= 1
+                cond.notify_all()
+
+    def question(self) -> QuestionHold:
+        """A question's hold on ingestion (rule 1): ``async with admission.question() as hold``;
+        ``await hold.release()`` at its first token (idempotent; leaving the block releases it too)."""
+        return QuestionHold(self)
+
+
+class QuestionHold:
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._held = False
+
+    async def __aenter__(self) -> QuestionHold:
+        self._admission.questions += 1  # no await before it: takes effect for the next ingestion step
+        self._held = True
+        return self
+
+    async def release(self) -> None:
+        if self._held:
+            self._held = False
+            adm = self._admission
+            adm.questions -= 1
+            if adm.questions == 0:
+                async with adm._condition:
+                    adm._condition.notify_all()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()

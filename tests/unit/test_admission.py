@@ -1,0 +1,108 @@
+"""The engine admission rules (emserve.server.engine.admission), on the event loop alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from emserve.retrieval.errors import ConfigError
+from emserve.server.engine.admission import Admission
+
+
+async def _enter(adm: Admission, name: str, log: list[str], gate: asyncio.Event) -> None:
+    async with adm.ingest():
+        log.append(f"in {name}")
+        await gate.wait()
+    log.append(f"out {name}")
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_ingestion_enters_at_once_without_questions_or_limit() -> None:
+    async def run() -> list[str]:
+        adm, log, gate = Admission(), [], asyncio.Event()
+        tasks = [asyncio.create_task(_enter(adm, str(i), log, gate)) for i in range(4)]
+        await _settle()
+        assert adm.ingesting == 4
+        gate.set()
+        await asyncio.gather(*tasks)
+        return log
+
+    assert asyncio.run(run())[:4] == ["in 0", "in 1", "in 2", "in 3"]
+
+
+def test_a_question_holds_ingestion_back_until_it_releases() -> None:
+    async def run() -> None:
+        adm, log, gate = Admission(), [], asyncio.Event()
+        gate.set()
+        async with adm.question() as hold:
+            task = asyncio.create_task(_enter(adm, "a", log, gate))
+            await _settle()
+            assert log == [] and adm.waiting_ingest == 1
+            await hold.release()
+            await _settle()
+            assert log == ["in a", "out a"]
+            await hold.release()  # idempotent: the count does not go below zero
+            assert adm.questions == 0
+        await task
+
+    asyncio.run(run())
+
+
+def test_leaving_the_block_releases_a_question_that_never_got_a_token() -> None:
+    async def run() -> None:
+        adm, log, gate = Admission(), [], asyncio.Event()
+        gate.set()
+        with pytest.raises(RuntimeError):
+            async with adm.question():
+                task = asyncio.create_task(_enter(adm, "a", log, gate))
+                await _settle()
+                raise RuntimeError("the question failed before its first token")
+        await asyncio.wait_for(task, 1.0)
+        assert log == ["in a", "out a"] and adm.questions == 0
+
+    asyncio.run(run())
+
+
+def test_a_question_does_not_wait_for_steps_already_in_the_engine() -> None:
+    async def run() -> None:
+        adm, log, gate = Admission(ingest_slots=1), [], asyncio.Event()
+        first = asyncio.create_task(_enter(adm, "a", log, gate))
+        await _settle()
+        assert adm.ingesting == 1
+        async with adm.question():  # entered while a step runs and the only slot is taken
+            assert adm.questions == 1
+        gate.set()
+        await first
+
+    asyncio.run(run())
+
+
+def test_slots_bound_the_steps_in_the_engine_and_keep_their_order() -> None:
+    async def run() -> list[str]:
+        adm, log = Admission(ingest_slots=2), []
+        gates = [asyncio.Event() for _ in range(4)]
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(_enter(adm, str(i), log, gates[i])))
+            await _settle()
+        assert log == ["in 0", "in 1"] and adm.waiting_ingest == 2
+        gates[1].set()
+        await _settle()
+        assert log == ["in 0", "in 1", "out 1", "in 2"]
+        for g in gates:
+            g.set()
+        await asyncio.gather(*tasks)
+        return log
+
+    log = asyncio.run(run())
+    assert [x for x in log if x.startswith("in")] == ["in 0", "in 1", "in 2", "in 3"]
+
+
+def test_negative_slots_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        Admission(ingest_slots=-1)
