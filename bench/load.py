@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  error:", e)
     command = "python bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"name": args.out, "command": command,
-              "git": git_rev(), "machine": machine(), "model": spec.name if hasattr(spec, "name") else str(spec.path),
+              "git": git_rev(), "machine": machine(), "model": spec.name,
               "config": vars(args), "question_session_tokens": qtokens, "stats": stats, "ttft_p99_ratio": ratio,
               "ingest_tok_s_loaded": ingest_tok_s, "ingested_tokens": {s: after[s] for s in after},
               "errors": errors, "wall_s": wall, "rss": rss, "phases": phases}

@@ -515,20 +515,21 @@ def _demo_document(c: Any, tok: Any, args: argparse.Namespace, seed: int, depth:
         print(f"session    {s.session_id}  (window: {m.n_init} sink + {m.n_mem} memory + {m.n_local} local, "
               f"chunks of {m.exc_block_size}{question})")
     t0 = time.perf_counter()
+    bar = Progress(out=sys.stdout) if verbose else None
 
     def progress(p: Any) -> None:
-        if verbose:
+        if bar is not None:
             dt = time.perf_counter() - t0
-            print(f"\r  ingest   {p.committed_offset:>7} tokens  {p.committed_offset / dt:6.0f} tok/s  "
-                  f"{p.num_events:>5} events", end="", flush=True)
+            bar.show(f"  ingest   {p.committed_offset:>7} tokens  {p.committed_offset / dt:6.0f} tok/s  "
+                     f"{p.num_events:>5} events")
 
     head = list(split_text(before, 8192))
     landed: dict[int, tuple[int, int]] = {}
     pieces = [*head, needle, *split_text(after, 8192)]
     r = c.ingest(s.session_id, pieces, on_progress=progress,
                  on_receipt=lambda i, start, end: landed.__setitem__(i, (start, end)))
-    if verbose:
-        print()
+    if bar is not None:
+        bar.final()
     mark = landed[len(head)]
     where = f"pass key {key} at tokens [{mark[0]}, {mark[1]}) ({100 * mark[0] / max(r.committed_offset, 1):.0f}% depth)"
     answer = c.ask(s.session_id, DEMO_QUESTION, max_tokens=12, trace=True, preview_tokens=12)

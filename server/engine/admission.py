@@ -32,7 +32,8 @@ from emserve.retrieval.errors import ConfigError
 
 
 class Admission:
-    """Rules 1-3 of the module docstring. ``waiting_ingest`` and ``questions`` are for reports."""
+    """Rules 1-3 of the module docstring. ``questions``, ``ingesting`` and ``waiting_ingest``: the current
+    counts (for inspection; the rules read the first two)."""
 
     def __init__(self, ingest_slots: int = 0) -> None:
         if ingest_slots < 0:

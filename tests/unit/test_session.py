@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from emserve.retrieval.kvlog import KVLog
-from emserve.server.engine.base import SamplingSpec, StepOptions
+from emserve.server.engine.base import Engine, SamplingSpec, StepOptions
 from emserve.server.engine.reference import ReferenceEngine
 from emserve.server.session import MemoryConfig, Session, SessionError
 
@@ -653,18 +653,19 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
     assert differ > 0  # the rule changed some first tokens on this random stream (else the test shows nothing)
 
 
-class _Recording:
-    """Delegates to an engine and records when each kind of step starts and streams its first token."""
+class _Recording(Engine):
+    """Delegates to an engine (with an admission of its own, the base class's) and records when each kind
+    of step starts and streams its first token."""
 
     def __init__(self, inner: ReferenceEngine) -> None:
-        from emserve.server.engine.admission import Admission
-
         self.inner, self.info, self.log_dtype = inner, inner.info, inner.log_dtype
-        self.admission = Admission()
         self.events: list[tuple[str, str]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    async def close(self) -> None:  # the inner engine is the module's fixture: it stays open
+        pass
 
     async def stream(self, plan: Any, sampling: SamplingSpec | None = None,
                      options: StepOptions = StepOptions()) -> Any:
@@ -676,18 +677,12 @@ class _Recording:
                 self.events.append(("token", kind))
             yield item
 
-    async def step(self, plan: Any, sampling: SamplingSpec | None = None, options: StepOptions = StepOptions()) -> Any:
-        result = None
-        async for item in self.stream(plan, sampling, options):
-            result = item
-        return result
-
 
 def test_a_question_holds_other_sessions_ingestion_back_until_its_first_token(engine: ReferenceEngine,
                                                                                tmp_path: Path) -> None:
     rec = _Recording(engine)
-    a = Session.create(tmp_path / "a", rec, CFG)  # type: ignore[arg-type]
-    b = Session.create(tmp_path / "b", rec, CFG)  # type: ignore[arg-type]
+    a = Session.create(tmp_path / "a", rec, CFG)
+    b = Session.create(tmp_path / "b", rec, CFG)
     asyncio.run(a.append(_ids(200, 5), flush=True))
     asyncio.run(b.append(_ids(40, 6)))
 
