@@ -12,7 +12,7 @@ comma  := ,
 
 .PHONY: setup model demo test test-fast lint bench-inject clean
 
-$(STAMP): pyproject.toml deploy/docker/install.sh
+$(STAMP): pyproject.toml client/pyproject.toml deploy/docker/install.sh
 	@# the one install script, shared with the container images (deploy/docker/Dockerfile.*)
 	EXTRAS=$(EXTRAS) VENV=$(VENV) PYTHON=$(PYTHON) bash deploy/docker/install.sh --editable
 	touch $(STAMP)
@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy segmenter retrieval server
+	$(VENV)/bin/mypy segmenter retrieval server client/emserve/client
 
 bench-inject: setup
 	$(PY) bench/inject.py

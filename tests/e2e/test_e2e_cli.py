@@ -12,12 +12,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from emserve.api.v1 import emserve_pb2 as pb
+from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.client import Client
 from emserve.server.cli import ServerProcess
 
@@ -103,7 +106,7 @@ def test_serve_cli_sigterm_restart_resume(tmp_path: Path, tiny_model_dir: Path, 
     r = _cli("sessions", "--server", addr)
     assert r.returncode == 0 and "book" in r.stdout and str(n) in r.stdout
     r = _cli("ask", "nobody", "hi", "--server", addr)
-    assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "Traceback" not in r.stderr
     _check_scripting(addr, n)
 
     assert server.stop() == 0  # SIGTERM: graceful
@@ -123,3 +126,89 @@ def test_serve_cli_sigterm_restart_resume(tmp_path: Path, tiny_model_dir: Path, 
         assert r.returncode == 0
     finally:
         assert again.stop() == 0
+
+
+def test_client_commands_without_a_server_fail_with_one_line_and_exit_1(tmp_path: Path) -> None:
+    """Server down (nothing listens on the port): every client command says UNAVAILABLE in one line on
+    stderr and exits 1, after the client's retries; no traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"  # closed again below: nothing listens there
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    for cmd in (["sessions"], ["ask", "x", "hello"], ["events", "x"], ["ingest", str(book), "--session", "x"],
+                ["delete", "x"], ["health"]):
+        r = _cli(*cmd, "--server", addr)
+        assert r.returncode == 1, (cmd, r.returncode, r.stderr)
+        assert "UNAVAILABLE" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (cmd, r.stderr)
+
+
+class _AckingService(pb_grpc.SessionServiceServicer):
+    """A stand-in server for the CLI's memory test: GetSession answers, Ingest acknowledges every message at
+    once (one 'token' per character) and keeps nothing. emserve itself would take hours over this much text."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def GetSession(self, request: Any, context: Any) -> Any:
+        return pb.Session(session_id=request.session_id)
+
+    def Ingest(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        yield pb.IngestResponse(ready=pb.IngestReady(committed_offset=self.received, max_inflight_messages=4))
+        for i, req in enumerate(requests):
+            start = self.received
+            self.received += len(req.text)
+            yield pb.IngestResponse(ack=pb.IngestAck(committed_offset=self.received, received_offset=self.received,
+                                                     receipt=pb.MessageReceipt(index=i, start=start,
+                                                                              end=self.received)))
+
+
+def test_ingest_from_stdin_streams_more_text_than_the_process_may_hold(tmp_path: Path) -> None:
+    """``emserve ingest -`` under an address-space limit (RLIMIT_AS) smaller than the text piped into it:
+    it reads, sends and forgets a piece at a time, so it finishes; the whole text arrives."""
+    import resource
+    import threading
+    from concurrent import futures
+
+    service = _AckingService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_SessionServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    limit = 512 << 20  # 512 MiB of address space for the CLI process (it peaks near 130 MiB); it is sent 640 MiB
+    block = ("word " * 200_000).encode()  # 1 MB
+    blocks = (limit + limit // 4) // len(block) + 1
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    # one malloc arena: glibc reserves 64 MiB of address space per thread arena, which the limit counts
+    env = {k: v for k, v in os.environ.items() if k != "EMSERVE_AUTH_TOKEN"} | {"MALLOC_ARENA_MAX": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "emserve.server.cli", "ingest", "-", "--session", "big",
+                             "--server", f"127.0.0.1:{port}", "--piece-chars", "1000000", "--json"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(tmp_path / "err").open("wb"),
+                            preexec_fn=limited, env=env)
+
+    def feed() -> None:
+        assert proc.stdin is not None
+        try:
+            for _ in range(blocks):
+                proc.stdin.write(block)
+        finally:
+            proc.stdin.close()
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.wait(600)
+    finally:
+        server.stop(0)
+    writer.join(10)
+    assert proc.returncode == 0, (tmp_path / "err").read_text()[-2000:]
+    assert json.loads(out.decode().strip().splitlines()[-1])["committed_offset"] == blocks * len(block) > limit
+    assert service.received == blocks * len(block)

@@ -10,7 +10,7 @@ from emserve.proto import generate
 
 
 def test_regenerating_gives_no_diff() -> None:
-    from emserve.proto.emserve.v1 import emserve_pb2_grpc
+    from emserve.api.v1 import emserve_pb2_grpc
 
     tools = importlib.metadata.version("grpcio-tools")
     if tools != emserve_pb2_grpc.GRPC_GENERATED_VERSION:
@@ -20,7 +20,7 @@ def test_regenerating_gives_no_diff() -> None:
 
 
 def test_generated_modules_use_package_imports() -> None:
-    from emserve.proto.emserve.v1 import emserve_pb2, emserve_pb2_grpc
+    from emserve.api.v1 import emserve_pb2, emserve_pb2_grpc
 
     assert emserve_pb2.DESCRIPTOR.name == "emserve/v1/emserve.proto"
     assert emserve_pb2.DESCRIPTOR.package == "emserve.v1"
@@ -33,6 +33,6 @@ def test_generated_modules_use_package_imports() -> None:
     assert ingest.client_streaming and ingest.server_streaming
     gen = svc.methods_by_name["Generate"]
     assert gen.server_streaming and not gen.client_streaming
-    src = (generate.PROTO_ROOT / "emserve" / "v1" / "emserve_pb2_grpc.py").read_text()
-    assert "from emserve.v1 import" not in src and "from emserve.proto.emserve.v1 import" in src
+    src = (generate.OUT_ROOT / "v1" / "emserve_pb2_grpc.py").read_text()
+    assert "from emserve.v1 import" not in src and "from emserve.api.v1 import" in src
     assert emserve_pb2_grpc.SessionServiceStub is not None

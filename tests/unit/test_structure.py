@@ -3,7 +3,8 @@ inside a function), and the one error root.
 
 Rules: the libraries (``segmenter``, ``retrieval``) import neither the server, the
 proto, vLLM nor gRPC; the engine (``server/engine``, part of it runs inside vLLM's engine core) imports
-no other part of the server; the client imports only the proto, gRPC and protobuf; no emserve module
+no other part of the server; the client distribution (``client/``: ``emserve.client``, ``emserve.api``)
+imports only itself, gRPC and protobuf; no emserve module
 imports itself back through others (no cycle).
 """
 
@@ -25,21 +26,24 @@ RULES: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "emserve.retrieval": (("emserve.retrieval",), RPC_AND_WIRE),
     "emserve.server.engine": (("emserve.server.engine", "emserve.retrieval"),
                               {"grpc", "grpc_health", "grpc_reflection", "prometheus_client"}),
-    "emserve.client": (("emserve.client", "emserve.proto"),
+    "emserve.client": (("emserve.client", "emserve.api"),
                        {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
+    "emserve.api": (("emserve.api",), {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
 }
 
 
 def _modules() -> dict[str, Path]:
-    """Every emserve module of this tree, by import name (pyproject's package-dir)."""
-    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    """Every emserve module of this tree, by import name (the server's package-dir and the client
+    distribution's packages, found in ``client/``)."""
+    dirs = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"])
+    dirs.update({"emserve.client": "client/emserve/client", "emserve.api": "client/emserve/api"})
     out: dict[str, Path] = {}
     for pkg, folder in dirs.items():
         for f in (ROOT / folder).rglob("*.py"):
             rel = f.relative_to(ROOT / folder).with_suffix("").parts
             if "_pb2" in f.name or any(p.startswith(".") for p in rel):
                 continue
-            # a sub-folder mapped as its own package (server/client -> emserve.client) is that package's
+            # a sub-folder mapped as its own package is that package's
             if any(other != pkg and (ROOT / sub).is_relative_to(ROOT / folder) and f.is_relative_to(ROOT / sub)
                    for other, sub in dirs.items()):
                 continue
@@ -92,7 +96,8 @@ def test_the_graph_sees_the_imports() -> None:
     assert "emserve.server.app" in GRAPH["emserve.server.cli"]  # imported inside _serve()
     assert "vllm" in EXTERNAL["emserve.server.engine.vllm_engine"]
     assert {"emserve.segmenter.segmenter", "emserve.retrieval.retriever", "emserve.client"} <= set(GRAPH)
-    assert "emserve.server.client" not in GRAPH  # server/client is the client distribution's package
+    assert "emserve.api.v1" in GRAPH["emserve.client"]
+    assert "emserve.client" in GRAPH["emserve.server.cli"]  # the server depends on the client, not the reverse
 
 
 @pytest.mark.parametrize("layer", sorted(RULES))

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from emserve.proto.emserve.v1 import emserve_pb2 as emserve_dot_v1_dot_emserve__pb2
+from emserve.api.v1 import emserve_pb2 as emserve_dot_v1_dot_emserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

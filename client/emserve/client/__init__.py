@@ -1,23 +1,45 @@
-"""``emserve.client``: a small typed, blocking Python client of the emserve gRPC API.
+"""``emserve.client``: a small typed Python client of the emserve gRPC API, blocking (:class:`Client`);
+the asyncio twin is :class:`emserve.client.aio.AsyncClient`.
 
-    from emserve.client import Client
+    from emserve.client import Client, split_stream
 
     with Client("127.0.0.1:50051") as c:
         c.wait_ready()
         s = c.create_session()
-        c.ingest_text(s.session_id, open("book.txt").read())
+        with open("book.txt") as f:
+            c.ingest(s.session_id, split_stream(f, 8192))
         print(c.ask(s.session_id, "Who is the narrator?").text)
 
-Responses are the API's protobuf messages (``emserve.proto.emserve.v1.emserve_pb2``, typed through
+Responses are the API's protobuf messages (``emserve.api.v1.emserve_pb2``, typed through
 their ``.pyi`` stubs); failures raise :class:`ClientError` with the status code and the server's
-google.rpc details. :meth:`Client.ingest` resumes after a dropped connection or a server restart
-from the last committed offset without duplicating anything (see the Ingest RPC in the .proto).
+google.rpc details.
 
-Size: the whole client is one module, so that its users read one file.
+Contract:
+
+* Every call has a deadline: ``timeout`` (60 s) for unary calls, ``generate_timeout`` (600 s) for a
+  generation; ``None`` waits forever.
+* A call that fails with UNAVAILABLE before the server answered anything (server restarting, engine
+  loading, connection refused) is tried again with exponential backoff, up to ``retries`` more
+  attempts: the reads (GetServerInfo, GetSession, ListSessions, ListEvents, GetSurprise) by gRPC
+  itself (:func:`service_config`), Generate by the client (:class:`GenerateStream`; gRPC's retry
+  policy on a server-streaming call hung in the crash harness, grpcio 1.85). A Generate carries a
+  request id (one is made up when not given), so a retried remembering generation is stored once
+  (see ``request_id`` in the .proto). CreateSession and DeleteSession are not retried: a lost answer
+  would turn a retry into ALREADY_EXISTS / NOT_FOUND.
+* :meth:`Client.ingest` resumes after a dropped connection or a server restart from the last
+  committed offset without duplicating anything (see the Ingest RPC in the .proto); its memory is
+  bounded by ``max_inflight`` pieces whatever the length of the source.
+* :meth:`Client.wait_ready` follows the health service's ``Watch`` of ``readiness`` (no polling while
+  connected).
+
+Size: the blocking client is one module, so that its users read one file; ``aio`` reuses its
+messages, errors and ingest bookkeeping.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import threading
 import time
 import uuid
@@ -30,16 +52,73 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from emserve.proto.emserve.v1 import emserve_pb2 as pb
-from emserve.proto.emserve.v1 import emserve_pb2_grpc as pb_grpc
+from emserve.api.v1 import emserve_pb2 as pb
+from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 
-__all__ = ["Answer", "Client", "ClientError", "GenerateStream", "IngestProgress", "IngestResult", "pb", "split_stream",
-           "split_text"]
+__all__ = ["Answer", "Client", "ClientError", "GenerateStream", "IngestProgress", "IngestResult", "pb",
+           "service_config", "split_stream", "split_text"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+SERVICE = "emserve.v1.SessionService"
+# Methods gRPC retries on UNAVAILABLE (see the module's contract): the reads. Generate: GenerateStream.
+RETRIED_METHODS = ("GetServerInfo", "GetSession", "ListSessions", "ListEvents", "GetSurprise")
 _DETAIL_TYPES = (error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo, error_details_pb2.BadRequest,
                  error_details_pb2.QuotaFailure, error_details_pb2.PreconditionFailure, error_details_pb2.RetryInfo)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def service_config(retries: int = 4) -> str:
+    """The channel's gRPC service config: ``retries`` more attempts (0: none) of :data:`RETRIED_METHODS`
+    and the health Check on UNAVAILABLE, with backoff from 0.2 s doubling to at most 5 s (gRPC jitters
+    it). gRPC retries a call only while the server has not answered anything, so no streamed answer is
+    ever replayed."""
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    names = [{"service": SERVICE, "method": m} for m in RETRIED_METHODS]
+    names.append({"service": "grpc.health.v1.Health", "method": "Check"})
+    method: dict[str, Any] = {"name": names}
+    if retries:
+        method["retryPolicy"] = {"maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+                                 "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
+                                 "retryableStatusCodes": ["UNAVAILABLE"]}
+    return json.dumps({"methodConfig": [method]})
+
+
+def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any]]:
+    """The options of the channels both clients open (message sizes, retries)."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1 if retries else 0),
+            ("grpc.service_config", service_config(retries))]
+
+
+def new_request_id() -> str:
+    """A fresh Generate request id (the key that makes a remembering generation idempotent)."""
+    return f"r-{uuid.uuid4().hex}"
+
+
+def generate_request(session_id: str, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+                     temperature: float = 0.0, top_p: float | None = None, top_k: int = 0, seed: int | None = None,
+                     stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                     chat_template: bool = False, trace: bool = False, remember: bool = False,
+                     preview_tokens: int = 0, request_id: str = "") -> pb.GenerateRequest:
+    """The GenerateRequest of :meth:`Client.generate` (a request id made up when empty)."""
+    sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, stop=list(stop),
+                                 stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(session_id=session_id, sampling=sampling, chat_template=chat_template,
+                             include_trace=trace, remember=remember, preview_tokens=preview_tokens,
+                             request_id=request_id or new_request_id())
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    else:
+        req.prompt_tokens.ids.extend(int(t) for t in prompt)
+    return req
 
 
 def new_session_id() -> str:
@@ -166,21 +245,43 @@ class _Msg:
     end: int | None = None
 
 
-class GenerateStream:
-    """Iterate for ``GenerateResponse`` chunks; ``complete`` is set at the end; ``cancel()`` aborts."""
+def retry_delay(attempt: int) -> float:
+    """Backoff before retry ``attempt`` (1, 2, ...): 0.2 s doubling, at most 5 s, jittered by ±20%."""
+    return min(0.2 * 2 ** (attempt - 1), 5.0) * random.uniform(0.8, 1.2)
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+
+class GenerateStream:
+    """Iterate for ``GenerateResponse`` chunks; ``complete`` is set at the end; ``cancel()`` aborts.
+
+    A call that fails with UNAVAILABLE before its first response is started again (the same request,
+    so the same request id), up to ``retries`` times with :func:`retry_delay`; once a response has
+    arrived, a failure is the caller's."""
+
+    def __init__(self, start: Callable[[], Any], retries: int = 0) -> None:
+        self._start = start
+        self._retries = retries
+        self._call = start()
+        self._cancelled = False
         self.complete: pb.GenerateComplete | None = None
 
     def __iter__(self) -> Iterator[pb.GenerateResponse]:
-        try:
-            for resp in self._call:
-                if resp.HasField("complete"):
-                    self.complete = resp.complete
-                yield resp
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
+        attempt = 0
+        while True:
+            answered = False
+            try:
+                for resp in self._call:
+                    answered = True
+                    if resp.HasField("complete"):
+                        self.complete = resp.complete
+                    yield resp
+                return
+            except grpc.RpcError as e:
+                err = ClientError.from_rpc(e)
+                if err.code not in _RETRYABLE or answered or self._cancelled or attempt >= self._retries:
+                    raise err from None
+            attempt += 1
+            time.sleep(retry_delay(attempt))
+            self._call = self._start()
 
     def text(self) -> Iterator[str]:
         """Just the text pieces."""
@@ -189,6 +290,7 @@ class GenerateStream:
                 yield resp.chunk.text
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -209,23 +311,27 @@ class _IngestState:
     inflight: int = 8
     unreceipted: int = 0
     sent_total: int = 0
-    sent: list[_Msg] = field(default_factory=list)  # this stream's messages in sending order
+    sent: dict[int, _Msg] = field(default_factory=dict)  # this stream's unreceipted messages by stream index
+    sent_in_stream: int = 0     # data messages sent on this stream (the next one's index)
     pieces: int = 0             # pieces taken from the source so far
 
 
 class Client:
-    """Blocking client. ``token``: bearer token; ``timeout``: default deadline of unary calls (s)."""
+    """Blocking client. ``token``: bearer token; ``timeout``: default deadline of unary calls (s);
+    ``generate_timeout``: of a generation; ``retries``: see :func:`service_config`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout: float | None = 60.0,
-                 max_message_bytes: int = 4 << 20, channel: grpc.Channel | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 generate_timeout: float | None = 600.0, retries: int = 4, max_message_bytes: int = 4 << 20,
+                 channel: grpc.Channel | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
         """``credentials``: TLS to a server started with a certificate, e.g.
-        ``grpc.ssl_channel_credentials(ca_pem)`` (with ``private_key`` and ``certificate_chain`` for mutual TLS)."""
+        ``grpc.ssl_channel_credentials(ca_pem)`` (with ``private_key`` and ``certificate_chain`` for mutual TLS).
+        ``channel``: a channel of your own (its options replace the client's retries and message sizes)."""
         self.address = address
         self.timeout = timeout
+        self.generate_timeout = generate_timeout
+        self.retries = retries
         self._token = token
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+        options = channel_options(max_message_bytes, retries)
         if channel is None:
             channel = (grpc.insecure_channel(address, options=options) if credentials is None
                        else grpc.secure_channel(address, credentials, options=options))
@@ -267,16 +373,20 @@ class Client:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_ready(self, timeout: float = 600.0, poll_s: float = 0.5) -> pb.ServerInfo:
-        """Wait until readiness is SERVING (the engine is loaded); returns the server info."""
+        """Wait until readiness is SERVING (the engine is loaded); returns the server info. Follows the
+        health service's Watch stream; while the server cannot be reached it tries again every ``poll_s``."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                if self.health("readiness") == "SERVING":
-                    return self.server_info()
-            except ClientError as e:
-                last = e
-            time.sleep(poll_s)
+                for resp in self.health_stub.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=left):
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self.server_info()
+            except grpc.RpcError as e:
+                last = ClientError.from_rpc(e)
+                if last.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         raise TimeoutError(f"server at {self.address} not ready after {timeout:.0f} s (last error: {last})")
 
     def server_info(self) -> pb.ServerInfo:
@@ -361,7 +471,8 @@ class Client:
                     st.stream += 1  # releases a request thread still waiting on this stream
                     st.ready = False
                     st.unreceipted = 0
-                    st.sent = []
+                    st.sent = {}
+                    st.sent_in_stream = 0
                     st.cond.notify_all()
         if st.base is None:  # nothing was sent
             st.base = st.committed = self.get_session(session_id).num_tokens
@@ -410,7 +521,8 @@ class Client:
                     return
                 st.unreceipted += 1
                 st.sent_total += 1
-                st.sent.append(msg)
+                st.sent[st.sent_in_stream] = msg
+                st.sent_in_stream += 1
             first = False
             yield req
         if finish:
@@ -431,7 +543,7 @@ class Client:
                 ack = resp.ack
                 if ack.HasField("receipt"):
                     st.unreceipted -= 1
-                    landed = st.sent[ack.receipt.index]  # this stream's messages, in sending order
+                    landed = st.sent.pop(ack.receipt.index)  # kept until answered, then forgotten
                     landed.start, landed.end = ack.receipt.start, ack.receipt.end
                 st.committed = ack.committed_offset
                 st.events = ack.num_events
@@ -448,23 +560,16 @@ class Client:
                  chat_template: bool = False, trace: bool = False, remember: bool = False,
                  preview_tokens: int = 0, request_id: str = "", timeout: float | None = None) -> GenerateStream:
         """Start a generation; iterate the returned stream (cancel() aborts it on the server).
-        ``request_id`` names the call in the server's logs (empty: the server makes one up)."""
-        sampling = pb.SamplingParams(temperature=temperature, top_k=top_k, stop=list(stop),
-                                     stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
-        if max_tokens is not None:
-            sampling.max_tokens = max_tokens
-        if top_p is not None:
-            sampling.top_p = top_p
-        if seed is not None:
-            sampling.seed = seed
-        req = pb.GenerateRequest(session_id=session_id, sampling=sampling, chat_template=chat_template,
-                                 include_trace=trace, remember=remember, preview_tokens=preview_tokens,
-                                 request_id=request_id)
-        if isinstance(prompt, str):
-            req.prompt = prompt
-        else:
-            req.prompt_tokens.ids.extend(int(t) for t in prompt)
-        return GenerateStream(self.stub.Generate(req, timeout=timeout, metadata=self._md(session_id)))
+        ``request_id`` names the call in the server's logs and makes a remembering generation
+        idempotent (empty: the client makes one up); ``timeout``: the deadline (default
+        ``generate_timeout``)."""
+        req = generate_request(session_id, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                               chat_template=chat_template, trace=trace, remember=remember,
+                               preview_tokens=preview_tokens, request_id=request_id)
+        deadline = timeout or self.generate_timeout
+        return GenerateStream(lambda: self.stub.Generate(req, timeout=deadline, metadata=self._md(session_id)),
+                              self.retries)
 
     def ask(self, session_id: str, prompt: str | Sequence[int], **kw: Any) -> Answer:
         """:meth:`generate` to the end; returns the whole answer."""
