@@ -4,7 +4,10 @@ Compiles every ``proto/emserve/**/*.proto`` with grpcio-tools (its bundled ``pro
 well-known types it ships) into ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py``, written into the
 client distribution: ``proto/emserve/v1/x.proto`` gives ``client/emserve/api/v1/x_pb2.py``, imported
 as ``emserve.api.v1.x_pb2`` (the client and the server both import the API from there; the client
-distribution must not need this folder). The proto root is ``proto/``, so descriptors are registered
+distribution must not need this folder). The ``.proto`` files themselves are copied next to their code
+(``client/emserve/api/v1/x.proto``): the client distribution ships them, and
+``python -m emserve.api.protos DIR`` writes them with the google.rpc protos a client in another language
+needs to decode error details. The proto root is ``proto/``, so descriptors are registered
 under their canonical names (``emserve/v1/emserve.proto``); protoc then writes imports such as ``from
 emserve.v1 import x_pb2``, which are rewritten to ``from emserve.api.v1 import x_pb2``.
 
@@ -69,6 +72,9 @@ def generate(out: Path, root: Path = PROTO_ROOT) -> list[Path]:
             src.unlink()
             dest.write_text(rewritten)
             written.append(dest)
+        copy = out / rel_dir / p.name
+        shutil.copyfile(p, copy)
+        written.append(copy)
     return written
 
 

@@ -288,20 +288,37 @@ class SessionManager:
     def memory_config(self, overrides: Mapping[str, Any]) -> MemoryConfig:
         """The defaults with ``overrides``. A question's memory and sink are at most the ingestion
         window's: a ``question_n_mem`` / ``question_n_init`` given above ``n_mem`` / ``n_init`` is
-        INVALID_ARGUMENT; a default one above them takes their value (and is reported as it is used)."""
+        INVALID_ARGUMENT; a default one above them takes their value (and is reported as it is used).
+        An invalid config is INVALID_ARGUMENT naming one field, ``memory.<name>``: the first override
+        (in field order) with which the defaults stop being valid."""
         over = dict(overrides)
         for q_field, window_field in QUESTION_LIMITS:  # given ones must fit; defaults are fitted below
             q_value = over.get(q_field)
             limit = over.get(window_field, getattr(self.defaults, window_field))
             if isinstance(q_value, int) and isinstance(limit, int) and q_value > limit:
-                raise InvalidArgument("memory", f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
+                raise InvalidArgument(f"memory.{q_field}",
+                                      f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
         try:
-            cfg = question_within(dataclasses.replace(self.defaults, **over))
-            cfg.retrieval(self.engine.info.max_model_len)
-            cfg.segmenter()
+            return self._checked(over)
         except (ConfigError, SegmenterError, PlanError, ValueError, TypeError) as e:
-            raise InvalidArgument("memory", f"invalid memory settings: {e}") from None
+            names = list(over)
+            broken = next((name for i, name in enumerate(names) if not self._valid(dict(
+                (k, over[k]) for k in names[: i + 1]))), "")
+            raise InvalidArgument(f"memory.{broken}" if broken else "memory",
+                                  f"invalid memory settings: {e}") from None
+
+    def _checked(self, over: Mapping[str, Any]) -> MemoryConfig:
+        cfg = question_within(dataclasses.replace(self.defaults, **over))
+        cfg.retrieval(self.engine.info.max_model_len)
+        cfg.segmenter()
         return cfg
+
+    def _valid(self, over: Mapping[str, Any]) -> bool:
+        try:
+            self._checked(over)
+        except (ConfigError, SegmenterError, PlanError, ValueError, TypeError):
+            return False
+        return True
 
     async def create(self, session_id: str | None, overrides: Mapping[str, Any] | None = None,
                      labels: Mapping[str, str] | None = None) -> SessionInfo:

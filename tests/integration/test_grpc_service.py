@@ -293,11 +293,11 @@ def test_invalid_arguments(client: Client) -> None:
 
     bad(lambda: client.create_session("../escape"), "session_id")
     bad(lambda: client.create_session("x" * 200), "session_id")
-    bad(lambda: client.create_session("m1", memory={"n_local": 0}), "memory")
+    bad(lambda: client.create_session("m1", memory={"n_local": 0}), "memory.n_local")
     assert "n_local must be >= 1, got 0" in str(_code(lambda: client.create_session("m1", memory={"n_local": 0})))
-    bad(lambda: client.create_session("m2", memory={"question_rank": "max"}), "memory")
-    bad(lambda: client.create_session("m2", memory={"similarity_metric": "cosine"}), "memory")
-    bad(lambda: client.create_session("m3", memory={"n_local": 5000}), "memory")  # beyond the context
+    bad(lambda: client.create_session("m2", memory={"question_rank": "max"}), "memory.question_rank")
+    bad(lambda: client.create_session("m2", memory={"similarity_metric": "cosine"}), "memory.similarity_metric")
+    bad(lambda: client.create_session("m3", memory={"n_local": 5000}), "memory.n_local")  # beyond the context
     e = _code(lambda: client.create_session("m4", memory={"n_mem": 64, "question_n_mem": 128}))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "question_n_mem (128) must be at most n_mem (64)" in str(e)
     no_memory = client.create_session("m5", memory={"n_mem": 0})  # the question's default follows: reported as used
