@@ -36,11 +36,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Per token id: ``canonical`` word id (equal for tokens of equal lowercased, stripped text) and
-    ``content`` (the text holds a letter or a digit)."""
+    """Per token id: ``canonical`` word id (equal for tokens of equal lowercased, stripped text),
+    ``content`` (the text holds a letter or a digit) and ``joins`` (it continues the word before it: no
+    leading whitespace, and a letter or a digit)."""
 
     canonical: np.ndarray  # int64 [vocab]
     content: np.ndarray  # bool [vocab]
+    joins: np.ndarray  # bool [vocab]
 
     @classmethod
     def from_texts(cls, texts: Sequence[str]) -> Vocabulary:
@@ -49,7 +51,17 @@ class Vocabulary:
         ids: dict[str, int] = {}
         canonical = np.fromiter((ids.setdefault(k, len(ids)) for k in keys), np.int64, len(keys))
         content = np.fromiter((any(ch.isalnum() for ch in k) for k in keys), bool, len(keys))
-        return cls(canonical, content)
+        joins = np.fromiter((bool(t) and not t[0].isspace() and any(ch.isalnum() for ch in t) for t in texts),
+                            bool, len(texts))
+        return cls(canonical, content, joins)
+
+    def first_word(self, token_ids: Sequence[int] | np.ndarray) -> int:
+        """How many of ``token_ids`` make up their first word: the first token and those that join it."""
+        ids = np.asarray(token_ids, np.int64)
+        n = 1 if ids.size else 0
+        while n < ids.size and 0 <= ids[n] < self.joins.shape[0] and self.joins[ids[n]]:
+            n += 1
+        return n
 
     def words(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The distinct canonical words of the content tokens among ``token_ids`` (ids outside the
@@ -147,3 +159,44 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
             if len(out) == limit:
                 break
     return np.asarray(out, np.int64)
+
+
+def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.ndarray]], vocab: Vocabulary,
+                 min_match: int) -> tuple[int, int, int] | None:
+    """What followed the question's last words where the window says them verbatim: ``(token id, its
+    stream offset, match length)`` of the token after the longest run of the window that equals the
+    question's last tokens (compared as words: ``Vocabulary.canonical``), at least ``min_match`` tokens
+    long and followed by a token of the same segment; ties go to the latest run (the most recent
+    statement). None when there is none.
+
+    ``segments``: the window's contiguous runs of the stream, ``(offset of the first token, token ids)``.
+    A question that restates a fact's lead-in ("... The pass key is") finds that fact ("The pass key is
+    27611"); its look-alikes, which name another key, match fewer tokens.
+    """
+    q = np.asarray(question_ids, np.int64)
+    if min_match <= 0 or q.size < min_match:
+        return None
+    size = vocab.canonical.shape[0]
+    qc = vocab.canonical[np.clip(q, 0, size - 1)][::-1]  # the question's words, last first
+    best: tuple[int, int, int] | None = None
+    for offset, ids in segments:
+        ids = np.asarray(ids, np.int64)
+        if ids.size < min_match + 1:
+            continue
+        tc = vocab.canonical[np.clip(ids, 0, size - 1)]
+        ends = np.flatnonzero(tc[:-1] == qc[0])  # a run ends at j, followed by j + 1 in the segment
+        if ends.size == 0:
+            continue
+        length = np.ones(ends.size, np.int64)
+        alive = np.ones(ends.size, bool)
+        for k in range(1, int(qc.size)):
+            pos = ends - k
+            alive &= pos >= 0
+            alive[alive] &= tc[pos[alive]] == qc[k]
+            if not alive.any():
+                break
+            length += alive
+        for j, n in zip(ends.tolist(), length.tolist(), strict=True):
+            if n >= min_match and (best is None or (n, offset + j) >= (best[2], best[1] - 1)):
+                best = (int(ids[j + 1]), offset + j + 1, n)
+    return best

@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -55,7 +56,7 @@ import torch
 from emserve.retrieval.errors import ConfigError, EmserveError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
-from emserve.retrieval.lexical import Vocabulary, lexical_hits
+from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.planner import RetrievalConfig
 from emserve.retrieval.queries import QUERY_MEAN_FILE
@@ -78,6 +79,12 @@ LOG_DIR = "log"
 EXCHANGES_FILE = "exchanges.json"
 MAX_CONTRAST = 10.0
 """The largest ``MemoryConfig.question_contrast``."""
+COPY_PLAUSIBLE = 0.001
+"""``question_copy`` copies a token only if the model gives it at least this probability (after the window,
+the question and the tokens copied before it). A weak guard on purpose: the verbatim run is the evidence;
+the guard keeps out what the model all but rules out."""
+MAX_COPY = 16
+"""The most tokens ``question_copy`` copies (the first word of what followed)."""
 MAX_EXCHANGES = 64
 """Remembered exchanges kept by request id (the oldest are forgotten)."""
 
@@ -157,6 +164,13 @@ class MemoryConfig:
     question alone (:mod:`emserve.server.contrast`); 0 (default): plain greedy. Off: it turned the demo's
     " the pass key." into the key but picked words over the value on the recall suite (docs/recall.md,
     "Tried and not kept"). Costs two one-token engine requests before the answer."""
+    question_copy: int = 3
+    """A greedy answer starts with the word that followed the question's last words where its window says
+    them verbatim (:func:`emserve.retrieval.lexical.continuation`: the longest such run, at least this
+    many tokens), token by token as long as the model gives each at least :data:`COPY_PLAUSIBLE`; the
+    answer goes on greedily after it. A question that restates a fact's lead-in ("The pass key is") then
+    answers with the fact, not with a continuation the model prefers (" the pass key."), and copies its
+    digits as written. 0: off. Costs one engine request (the question and the word) when a run is found."""
     question_n_local: int | None = 64
     question_n_mem: int | None = 256
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
@@ -168,6 +182,8 @@ class MemoryConfig:
     the window."""
 
     def __post_init__(self) -> None:
+        if self.question_copy < 0:
+            raise ConfigError(f"question_copy must be >= 0 (0: off), got {self.question_copy}")
         if not 0 <= self.question_contrast <= MAX_CONTRAST:  # NaN fails too
             raise ConfigError(f"question_contrast must be in [0, {MAX_CONTRAST:g}], got {self.question_contrast}")
 
@@ -228,6 +244,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_memory_last": False,
     "question_lexical": 0,
     "question_reach": 0,
+    "question_copy": 0,
 }
 """Values of the fields added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`)."""
@@ -727,20 +744,20 @@ class Session:
 
             options = StepOptions(surprise=False, queries=False)
             try:
-                first = await self._contrasted_first(plan, q, sampling, options)
-                if first is not None:  # the answer goes on after its first token (question_contrast)
-                    token, step = first
+                first = await self._first_tokens(plan, q, window, sampling, options)
+                if first is not None:  # the answer goes on after its first tokens (question_copy, _contrast)
+                    tokens, step = first
                     ttft = clock.elapsed()
                     await hold.release()
-                    streamed = 1
-                    yield TokenDelta((token,))
-                    if step.finish_reason is not None:  # it ended the answer
+                    streamed = len(tokens)
+                    yield TokenDelta(tuple(tokens))
+                    if step.finish_reason is not None:  # they ended the answer
                         clock.add("compute", clock.elapsed() - t_engine)
-                        yield AskResult([token], step.finish_reason, retrieval, step, timings, window, finish(1))
+                        yield AskResult(list(tokens), step.finish_reason, retrieval, step, timings, window,
+                                        finish(len(tokens)))
                         return
-                    # the rest of the answer: the same window with the first token computed after the question
-                    run_plan = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, token))
-                    run_sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - 1)
+                    run_plan = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, *tokens))  # the rest
+                    run_sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
                 else:
                     run_plan, run_sampling = plan, sampling
                 async for item in self.engine.stream(run_plan, run_sampling, options):
@@ -748,8 +765,8 @@ class Session:
                         clock.engine(item.timings)
                         if first is not None:
                             item = dataclasses.replace(
-                                item, output_token_ids=[first[0], *item.output_token_ids],
-                                output_logprobs=first[1].output_logprobs[:1] + item.output_logprobs)
+                                item, output_token_ids=[*first[0], *item.output_token_ids],
+                                output_logprobs=first[1].output_logprobs + item.output_logprobs)
                         yield AskResult(item.output_token_ids, item.finish_reason, retrieval, item, timings,
                                         window, finish(len(item.output_token_ids)))
                     else:
@@ -800,30 +817,67 @@ class Session:
         rid = current_request_id()  # the engine's request carries the call's (vLLM's logs, aborts)
         return (dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}") if rid else plan), retrieval
 
-    async def _contrasted_first(self, plan: WindowPlan, question: list[int], sampling: SamplingSpec,
-                                options: StepOptions) -> tuple[int, StepResult] | None:
-        """The answer's first token chosen by contrast with the model's prior (``question_contrast``;
-        :mod:`emserve.server.contrast`), and a StepResult of that one token (``finish_reason`` set when it
-        ends the answer: a stop or end-of-sequence token, or ``max_tokens`` 1). None where the rule does not
-        apply: turned off, sampling (temperature > 0), or no memory in the window."""
+    async def _first_tokens(self, plan: WindowPlan, question: list[int], window: Sequence[tuple[int, int]],
+                            sampling: SamplingSpec, options: StepOptions) -> tuple[list[int], StepResult] | None:
+        """The answer's first tokens chosen by a rule, and a StepResult of them (``finish_reason`` set when
+        they end the answer: a stop or end-of-sequence token, or ``max_tokens``): the copied word
+        (``question_copy``) as far as the model finds it plausible, else the first token by contrast with
+        the model's prior (``question_contrast``; :mod:`emserve.server.contrast`). None where no rule
+        applies (then the answer is plain greedy): both off, nothing to copy and no contrast, sampling
+        (temperature > 0), or no memory in the window."""
+        if sampling.temperature > 0 or plan.num_injected == 0 or sampling.max_tokens < 1:
+            return None
+        rid = plan.request_id
+        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.engine.info.eos_token_ids))
+        draft = await self._host(self._continuation, question, window) if self.config.question_copy > 0 else []
+        draft = draft[: sampling.max_tokens]
+        if draft:
+            check = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, *draft),
+                                        request_id=None if rid is None else f"{rid}-copy")
+            res = await self.engine.step(check, None, StepOptions(surprise=True, queries=False))
+            nats = res.surprise[len(plan.new_token_ids):].tolist()
+            limit = -math.log(COPY_PLAUSIBLE)
+            kept: list[int] = []
+            for token, s_k in zip(draft, nats, strict=True):
+                if s_k > limit or token in stops:
+                    break
+                kept.append(token)
+            if kept:
+                finish = "length" if len(kept) >= sampling.max_tokens else None
+                logprobs = [-x for x in nats[: len(kept)]]
+                return kept, dataclasses.replace(res, output_token_ids=kept, output_logprobs=logprobs,
+                                                 finish_reason=finish, surprise=np.zeros(0, np.float32))
         alpha = self.config.question_contrast
-        if alpha <= 0 or sampling.temperature > 0 or plan.num_injected == 0 or sampling.max_tokens < 1:
+        if alpha <= 0:
             return None
         from emserve.retrieval.plan import WindowPlan
         from emserve.server.contrast import TOP_K, contrast_choice
 
         one = dataclasses.replace(sampling, max_tokens=1, top_logprobs=TOP_K, stop=())
-        rid = plan.request_id
         prior = WindowPlan.build(question, request_id=None if rid is None else f"{rid}-prior")
         with_memory = plan if rid is None else dataclasses.replace(plan, request_id=f"{rid}-first")
         mem, base = await asyncio.gather(self.engine.step(with_memory, one, options),
                                          self.engine.step(prior, one, options))
         token = contrast_choice(mem.top_logprobs[0], base.top_logprobs[0], alpha)
-        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.engine.info.eos_token_ids))
         finish = "stop" if token in stops else ("length" if sampling.max_tokens == 1 else None)
         lp = mem.top_logprobs[0][token]  # contrast_choice picks among the window's listed tokens
-        return token, dataclasses.replace(mem, output_token_ids=[token], output_logprobs=[lp], finish_reason=finish,
-                                          top_logprobs=[])
+        return [token], dataclasses.replace(mem, output_token_ids=[token], output_logprobs=[lp], finish_reason=finish,
+                                            top_logprobs=[])
+
+    def _continuation(self, question: list[int], window: Sequence[tuple[int, int]]) -> list[int]:
+        """``question_copy``'s draft: the word that followed the question's last words in the window, as
+        far as the window holds it (empty: nothing to copy)."""
+        vocab = _vocabulary(self.engine.info.path)
+        if vocab is None:
+            return []
+        segments = [(a, self.tokens(a, b)) for a, b in window if b > a]
+        found = continuation(question, segments, vocab, self.config.question_copy)
+        if found is None:
+            return []
+        at = found[1]
+        end = next(b for a, b in window if a <= at < b)
+        following = self.tokens(at, min(end, at + MAX_COPY))
+        return [int(t) for t in following[: vocab.first_word(following)]]
 
     def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[int, ...]:
         """The question's lexical matches among the first ``num_events`` events (``question_lexical``)."""

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emserve.retrieval.lexical import Vocabulary, lexical_hits, lexical_scores
+from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits, lexical_scores
 
 TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
          " 42", ".", "\n", " Tender", " glacier", "?"]
@@ -103,3 +103,39 @@ def test_passage_scores_match_brute_force(events, question, span):
     want = [max(passage(p) for p in range(max(0, e - span + 1), e + 1)) for e in range(n)]
     got = lexical_scores(question, tokens, starts, ends, VOCAB, span=span)
     assert np.allclose(got, want)
+
+
+# ------------------------------------------------------------------------------------------ continuation
+def _seg(offset: int, *words: str) -> tuple[int, np.ndarray]:
+    return offset, np.array(ids(*words))
+
+
+def test_continuation_follows_the_longest_verbatim_run_of_the_question_end():
+    question = ids("?", "The", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", " is")
+    asked = _seg(500, " the", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", " is", " 42", ".")
+    lookalike = _seg(900, " the", " magic", " number", " for", " proud", "-", "gl", "ac", "ier", " is", "\n", ".")
+    # the look-alike is later and shares the last five tokens; the asked fact matches ten (case folded)
+    assert continuation(question, [asked, lookalike], VOCAB, 3) == (ID[" 42"], 510, 10)
+    assert continuation(question, [lookalike], VOCAB, 3) == (ID["\n"], 910, 5)
+    assert continuation(question, [lookalike], VOCAB, 6) is None  # shorter than asked for
+
+
+def test_continuation_needs_a_following_token_in_the_same_segment_and_prefers_the_latest():
+    question = ids(" magic", " number", " is")
+    cut = _seg(100, " the", " magic", " number", " is")  # the value is not in the window
+    assert continuation(question, [cut], VOCAB, 2) is None
+    early, late = _seg(100, " magic", " number", " is", " 42"), _seg(300, " magic", " number", " is", ".")
+    assert continuation(question, [early, late], VOCAB, 2) == (ID["."], 303, 3)  # equal runs: the latest
+    assert continuation(question, [late, early], VOCAB, 2) == (ID["."], 303, 3)
+    # a run never spans two segments (they are not adjacent in the stream)
+    assert continuation(question, [_seg(100, " the", " magic"), _seg(400, " number", " is", " 42")], VOCAB, 3) is None
+    assert continuation(question, [], VOCAB, 2) is None and continuation(question, [early], VOCAB, 0) is None
+
+
+def test_first_word_is_the_first_token_and_those_that_join_it():
+    texts = [" ", "8", "4", ".", " The", "rap", " pass", "-", "word"]
+    vocab = Vocabulary.from_texts(texts)
+    assert vocab.first_word([0, 1, 2, 3, 4]) == 3  # " 84" then "."
+    assert vocab.first_word([4, 5, 6]) == 2  # " The" "rap", then " pass" starts a word
+    assert vocab.first_word([6, 7, 8]) == 1  # "-" is no letter or digit
+    assert vocab.first_word([]) == 0 and vocab.first_word([1, 10**6]) == 1

@@ -653,6 +653,50 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
     assert differ > 0  # the rule changed some first tokens on this random stream (else the test shows nothing)
 
 
+def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: ReferenceEngine, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """question_copy: a greedy answer starts with the word that followed the question's last words where
+    the window holds them verbatim, token by token while the model finds each plausible; the rest is
+    greedy after it (the same tokens as a greedy answer to the question followed by the copied ones)."""
+    import emserve.server.session as session_mod
+    from emserve.retrieval.plan import WindowPlan
+
+    lead = [41, 42, 43, 44]
+    ids = _ids(300, 9)
+    ids[250:250] = lead  # in the local tail of a question: in its window
+    s = Session.create(tmp_path / "s", engine, dataclasses.replace(CFG, question_copy=0))
+    asyncio.run(s.append(ids, flush=True))
+    vocab = session_mod._vocabulary(engine.info.path)
+    assert vocab is not None
+    after = ids[254:270]
+    word = after[: vocab.first_word(after)]
+    question = [*_ids(5, 10), *lead]
+    greedy = SamplingSpec(max_tokens=6, ignore_eos=True)
+    plans: list[WindowPlan] = []
+    real_stream = engine.stream
+
+    def spying(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        plans.append(plan)
+        return real_stream(plan, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", spying)
+    plain = asyncio.run(s.ask(question, greedy))
+    assert plain.token_ids[: len(word)] != word  # (else the rule shows nothing here)
+    monkeypatch.setattr(session_mod, "COPY_PLAUSIBLE", 1e-30)  # every token plausible: the copy decides
+    s.config = dataclasses.replace(s.config, question_copy=3)
+    copied = asyncio.run(s.ask(question, greedy))
+    assert copied.token_ids[: len(word)] == word and len(copied.token_ids) == 6
+    rest = asyncio.run(engine.step(plans[-1], dataclasses.replace(greedy, max_tokens=6 - len(word)),
+                                   StepOptions(surprise=False, queries=False)))
+    assert plans[-1].new_token_ids[-len(word):] == tuple(word) and copied.token_ids[len(word):] == rest.output_token_ids
+    s.config = dataclasses.replace(s.config, question_copy=5)  # the run is 4 tokens: nothing to copy
+    assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
+    monkeypatch.setattr(session_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
+    s.config = dataclasses.replace(s.config, question_copy=3)
+    assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
+    s.close()
+
+
 class _Recording(Engine):
     """Delegates to an engine (with an admission of its own, the base class's) and records when each kind
     of step starts and streams its first token."""
