@@ -672,3 +672,24 @@ def test_list_events_and_surprise_describe_the_same_memory(stub: pb_grpc.Session
     assert session.surprise.max == pytest.approx(max(curve.surprise), rel=1e-6)
     err = fails(stub.GetSurprise, pb.GetSurpriseRequest(session_id="insp", start=0, end=501))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_question_copy_answers_with_what_followed_the_question_words(stub: pb_grpc.SessionServiceStub) -> None:
+    """MemoryConfig.question_copy: "A greedy answer starts with the word that followed the question's last
+    words where its window holds them verbatim (the longest such run, at least question_copy tokens ...),
+    token by token while the model gives each at least 0.1% probability; then greedy. 0: off"."""
+    lead, value = [41, 42, 43, 44], 45
+    ids = random_ids(300, 14)
+    ids[250:250] = [*lead, value]  # in the question's local window
+    answers = {}
+    for copy in (0, 3, 5):
+        sid = f"copy{copy}"
+        stub.CreateSession(pb.CreateSessionRequest(session_id=sid, memory=pb.MemoryConfig(question_copy=copy)),
+                           timeout=10)
+        ingest(stub, sid, ids)
+        done = generate(stub, session_id=sid, prompt_tokens=pb.TokenIds(ids=[7, 8, *lead]),
+                        sampling=greedy(3))[-1].complete
+        answers[copy] = list(done.token_ids)
+    assert answers[3][0] == value and answers[0][0] != value  # the tiny model gives every token > 0.1%
+    assert answers[5] == answers[0]  # a 4-token run is shorter than asked for: plain greedy
+    assert stub.GetSession(pb.GetSessionRequest(session_id="copy3"), timeout=10).memory.question_copy == 3
