@@ -28,22 +28,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from emserve.api.v1 import emserve_pb2 as pb
 from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
-from emserve.server.engine.reference import ReferenceEngine
 from emserve.server.logs import ContextFilter
 
 CHUNK = TINY_MEMORY["exc_block_size"]
 DOMAIN = "emserve.dev"
 SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"]
-
-
-@pytest.fixture(scope="module")
-def ref_engine(tiny_model_dir: Path) -> ReferenceEngine:
-    return ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
-
-
-@pytest.fixture
-def engine(ref_engine: ReferenceEngine) -> WatchedEngine:
-    return WatchedEngine(ref_engine)
 
 
 @pytest.fixture

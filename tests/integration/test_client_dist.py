@@ -25,11 +25,6 @@ from emserve.server.engine.reference import ReferenceEngine
 TEXT = "The quick brown fox jumps over the lazy dog. Retrieval picks similar and contiguous events. " * 24
 
 
-@pytest.fixture(scope="module")
-def ref_engine(tiny_model_dir: Path) -> ReferenceEngine:
-    return ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
-
-
 @pytest.fixture
 def srv(tiny_model_dir: Path, tmp_path: Path, ref_engine: ReferenceEngine) -> Iterator[ServerThread]:
     s = ServerThread(tiny_config(tiny_model_dir, tmp_path / "sessions"), WatchedEngine(ref_engine))

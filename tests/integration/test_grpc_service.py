@@ -24,19 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from emserve.client import Client, ClientError, pb
-from emserve.server.engine.reference import ReferenceEngine
 
 CHUNK = 32  # exc_block_size of the tiny memory config
-
-
-@pytest.fixture(scope="module")
-def ref_engine(tiny_model_dir: Path) -> ReferenceEngine:
-    return ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
-
-
-@pytest.fixture
-def engine(ref_engine: ReferenceEngine) -> WatchedEngine:
-    return WatchedEngine(ref_engine)
 
 
 def _server(tiny_model_dir: Path, tmp_path: Path, engine: Any, **kw: Any) -> ServerThread:
