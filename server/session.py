@@ -875,8 +875,8 @@ class Session:
         if found is None:
             return []
         at = found[1]
-        end = next(b for a, b in window if a <= at < b)
-        following = self.tokens(at, min(end, at + MAX_COPY))
+        start, ids = next((a, ids) for a, ids in segments if a <= at < a + len(ids))
+        following = ids[at - start : at - start + MAX_COPY]
         return [int(t) for t in following[: vocab.first_word(following)]]
 
     def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[int, ...]:
