@@ -169,6 +169,10 @@ def question_within(cfg: MemoryConfig) -> MemoryConfig:
     return dataclasses.replace(cfg, **over) if over else cfg
 
 
+_CONFIG_ERRORS = (ConfigError, SegmenterError, PlanError, ValueError, TypeError)
+"""What an invalid memory config raises while it is built and checked (:meth:`SessionManager.memory_config`)."""
+
+
 class SessionManager:
     def __init__(self, root: str | os.PathLike[str], engine: Engine, defaults: MemoryConfig, *,
                  max_sessions: int = 256, max_open: int = 32, score_device: str | None = "auto",
@@ -300,10 +304,9 @@ class SessionManager:
                                       f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
         try:
             return self._checked(over)
-        except (ConfigError, SegmenterError, PlanError, ValueError, TypeError) as e:
+        except _CONFIG_ERRORS as e:
             names = list(over)
-            broken = next((name for i, name in enumerate(names) if not self._valid(dict(
-                (k, over[k]) for k in names[: i + 1]))), "")
+            broken = next((n for i, n in enumerate(names) if not self._valid({k: over[k] for k in names[: i + 1]})), "")
             raise InvalidArgument(f"memory.{broken}" if broken else "memory",
                                   f"invalid memory settings: {e}") from None
 
@@ -316,7 +319,7 @@ class SessionManager:
     def _valid(self, over: Mapping[str, Any]) -> bool:
         try:
             self._checked(over)
-        except (ConfigError, SegmenterError, PlanError, ValueError, TypeError):
+        except _CONFIG_ERRORS:
             return False
         return True
 
