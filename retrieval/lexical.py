@@ -200,3 +200,95 @@ def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.n
             if n >= min_match and (best is None or (n, offset + j) >= (best[2], best[1] - 1)):
                 best = (int(ids[j + 1]), offset + j + 1, n)
     return best
+
+
+BRIDGE_RARE = 0.75
+"""A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
+about ``E ** 0.25`` of ``E`` events or fewer, rare enough to name one thing (:func:`bridge_hit`)."""
+ASKED_RARE = 0.6
+"""A question word the second hop looks for weighs at least this share of the largest idf (about
+``E ** 0.4`` events or fewer): "code" in a question about a code, not "what" or "which"."""
+
+
+def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+               vocab: Vocabulary, first: int, spacing: int, span: int = PASSAGE_EVENTS) -> int | None:
+    """The second hop of a question whose first lexical hit (event ``first``) names a thing the asked
+    fact is stated about elsewhere: "Maria hid the treasure in the cobalt chest" found by "Maria", and
+    "The cobalt chest is locked with the code 51234" found by "cobalt" with "code". None when there is
+    no such passage.
+
+    * The *bridge* words: the words of the first hit's passage (its best-scoring ``span``-event passage)
+      that the question does not name, rare enough to name one thing (idf >= :data:`BRIDGE_RARE` of the
+      largest).
+    * The *missing* words: the question's words that the first hit's neighbourhood (``spacing`` events
+      each side) does not hold, not common (idf >= :data:`ASKED_RARE` of the largest).
+    * The hit: the ``span``-event passage more than ``spacing + 1`` events from ``first`` that holds at
+      least one bridge word and one missing word, scored by the sum of the distinct such words'
+      weights (ties: the later); returned as its event holding a bridge word (the first if both do).
+
+    Same weights and arguments as :func:`lexical_hits`. A single-hop question whose first hit holds
+    the asked fact has no passage elsewhere that joins one of that hit's rare words to a rare word
+    the question asks for and the hit lacks, or one that does not matter: the rule adds one passage.
+    """
+    n_events = int(starts.shape[0])
+    if n_events < 2 or tokens.size == 0 or not 0 <= first < n_events:
+        return None
+    base, size = int(starts[0]), vocab.canonical.shape[0]
+    ids = np.clip(np.asarray(tokens, np.int64), 0, size - 1)
+    canon = vocab.canonical[ids]
+    content = vocab.content[ids]
+    pos = np.arange(canon.shape[0], dtype=np.int64) + base
+    ev = np.searchsorted(starts, pos, side="right") - 1
+    inside = content & (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
+
+    def words_of(lo: int, hi: int) -> np.ndarray:  # the distinct words of events lo .. hi-1
+        lo, hi = max(lo, 0), min(hi, n_events)
+        if hi <= lo:
+            return np.zeros(0, np.int64)
+        a, b = int(starts[lo]) - base, int(ends[hi - 1]) - base
+        return np.unique(canon[a:b][inside[a:b]])
+
+    asked = vocab.words(question_ids)
+    around = [(p, words_of(p, p + span)) for p in range(first - span + 1, first + 1) if p >= 0]
+    cand = np.union1d(asked, np.concatenate([w for _, w in around]))
+    sel = inside & np.isin(canon, cand)
+    pairs = np.unique(np.stack([canon[sel], ev[sel]], 1), axis=0)  # (word, event), each once
+    uw, df = np.unique(pairs[:, 0], return_counts=True)
+    idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
+    top = float(np.log((n_events - 0.5) / 1.5))
+
+    def weight_of(words: np.ndarray) -> float:
+        return float(idf[np.searchsorted(uw, words)].sum()) if words.size else 0.0
+
+    # the first hit's passage: the one its question words weigh most in (ties: the later, at the hit)
+    found = max(reversed(around), key=lambda pw: weight_of(np.intersect1d(pw[1], asked)))[1]
+    bridge = np.setdiff1d(found, asked)
+    missing = np.setdiff1d(asked, words_of(first - spacing, first + spacing + 1))
+    is_bridge = np.isin(uw, bridge) & (idf >= BRIDGE_RARE * top)
+    is_missing = np.isin(uw, missing) & (idf >= ASKED_RARE * top)
+    if not is_bridge.any() or not is_missing.any():
+        return None
+    pairs = pairs[np.isin(pairs[:, 0], uw[is_bridge | is_missing])]
+    k = np.searchsorted(uw, pairs[:, 0])
+    word_b, word_m, weight = is_bridge[k], is_missing[k], idf[k]
+    # passage p = events p .. p+span-1: each (word, passage) once
+    rows = np.concatenate([np.stack([pairs[:, 0], pairs[:, 1] - d, np.arange(pairs.shape[0])], 1)
+                           for d in range(max(1, span))])
+    rows = rows[(rows[:, 1] >= 0) & (np.abs(rows[:, 1] - first) > spacing + 1)]
+    if rows.size == 0:
+        return None
+    _, once = np.unique(rows[:, :2], axis=0, return_index=True)
+    rows = rows[once]
+    p, r = rows[:, 1], rows[:, 2]
+    score = np.zeros(n_events, np.float64)
+    has_b = np.zeros(n_events, bool)
+    has_m = np.zeros(n_events, bool)
+    np.add.at(score, p, np.where(word_b[r] | word_m[r], weight[r], 0.0))
+    has_b[p[word_b[r]]] = True
+    has_m[p[word_m[r]]] = True
+    score[~(has_b & has_m)] = 0.0
+    if score.max() <= 0.0:
+        return None
+    best = int(n_events - 1 - np.argmax(score[::-1]))  # ties: the later passage
+    holders = np.unique(pairs[word_b & (pairs[:, 1] >= best) & (pairs[:, 1] < best + span), 1])
+    return int(holders[0])

@@ -56,7 +56,7 @@ import torch
 from emserve.retrieval.errors import ConfigError, EmserveError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
-from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits
+from emserve.retrieval.lexical import Vocabulary, bridge_hit, continuation, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.planner import RetrievalConfig
 from emserve.retrieval.queries import QUERY_MEAN_FILE
@@ -144,6 +144,12 @@ class MemoryConfig:
     """A question's best lexical matches (events holding the rare words it names, at least half the
     best match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking,
     each with its neighbours; 0: the attention scores alone rank."""
+    question_bridge: bool = False
+    """A question's first lexical match may name the thing its asked fact is stated about elsewhere
+    ("Maria hid the treasure in the cobalt chest"; "The cobalt chest is locked with the code ..."): the
+    passage joining a rare word of that match to a rare word the question asks for and the match lacks
+    goes second in its ranking, with its neighbours (:func:`emserve.retrieval.lexical.bridge_hit`).
+    Needs ``question_lexical``."""
     question_neighbours: int = 6
     """A question's hits bring this many temporal neighbours each side, before any lower-ranked event
     (``RetrievalConfig``): a value is often cut from the words that name it, and a hit read in its
@@ -245,6 +251,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_lexical": 0,
     "question_reach": 0,
     "question_copy": 0,
+    "question_bridge": False,
 }
 """Values of the fields added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`)."""
@@ -889,9 +896,14 @@ class Session:
         ends = starts + np.asarray(table.sizes[:num_events], np.int64)
         tokens = self.tokens(int(starts[0]), int(ends[-1]))
         # each hit brings its neighbours (question_neighbours): the next hit is another place
-        hits = lexical_hits(question_ids, tokens, starts, ends, vocab, self.config.question_lexical,
-                            spacing=self.config.question_neighbours)
-        return tuple(int(h) for h in hits)
+        spacing = self.config.question_neighbours
+        hits = [int(h) for h in lexical_hits(question_ids, tokens, starts, ends, vocab,
+                                             self.config.question_lexical, spacing=spacing)]
+        if hits and self.config.question_bridge:  # the second hop goes right after the first hit
+            hop = bridge_hit(question_ids, tokens, starts, ends, vocab, hits[0], spacing)
+            if hop is not None:
+                hits = [hits[0], hop, *(h for h in hits[1:] if h != hop)]
+        return tuple(hits)
 
     async def ask(self, question_ids: Sequence[int], sampling: SamplingSpec) -> AskResult:
         result = None

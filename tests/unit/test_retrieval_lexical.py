@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits, lexical_scores
+from emserve.retrieval.lexical import Vocabulary, bridge_hit, continuation, lexical_hits, lexical_scores
 
 TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
          " 42", ".", "\n", " Tender", " glacier", "?"]
@@ -139,3 +139,56 @@ def test_first_word_is_the_first_token_and_those_that_join_it():
     assert vocab.first_word([4, 5, 6]) == 2  # " The" "rap", then " pass" starts a word
     assert vocab.first_word([6, 7, 8]) == 1  # "-" is no letter or digit
     assert vocab.first_word([]) == 0 and vocab.first_word([1, 10**6]) == 1
+
+
+HOP_TEXTS = ["<s>", " the", "The", " a", " of", ".", " Maria", " Hugo", " hid", " treasure", " in", " cobalt",
+             " teal", " chest", " code", " is", " 51234", " 777", "What", "?", " locked", " with", " where"]
+HOP = Vocabulary.from_texts(HOP_TEXTS)
+HID = {t: i for i, t in enumerate(HOP_TEXTS)}
+
+
+def hop_ids(text: str) -> list[int]:
+    return [HID[" " + w] if " " + w in HID else HID[w] for w in text.split()]
+
+
+def _hop_stream(facts: dict[int, str], n: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    filler = ["the a of .", "a of the .", "of the a ."]
+    return _stream([hop_ids(facts.get(i, filler[i % 3])) for i in range(n)])
+
+
+TWO_HOP = {10: "Maria hid the treasure in the cobalt chest .", 20: "Hugo hid the treasure in the teal chest .",
+           30: "The teal chest is locked with the code 777 .", 40: "The cobalt chest is locked with the code 51234 ."}
+TWO_HOP_Q = hop_ids("What is the code of the chest where Maria hid the treasure ?")
+
+
+def test_bridge_hit_finds_the_fact_stated_about_a_rare_word_of_the_first_hit():
+    """The first hit names the thing ("cobalt"), the asked fact ("code") is stated about it elsewhere:
+    the second hop is the passage holding both, not the look-alike holding "code" and "teal"."""
+    tokens, starts, ends = _hop_stream(TWO_HOP)
+    assert lexical_hits(TWO_HOP_Q, tokens, starts, ends, HOP, limit=1, spacing=2).tolist() == [10]
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) == 40
+    # from the look-alike's link the hop goes to the look-alike's fact
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=20, spacing=2) == 30
+
+
+def test_bridge_hit_needs_a_missing_question_word_and_a_rare_bridge_word():
+    tokens, starts, ends = _hop_stream(TWO_HOP)
+    # everything the question names is in the first hit's neighbourhood: nothing is missing
+    assert bridge_hit(hop_ids("where hid Maria the treasure ?"), tokens, starts, ends, HOP, first=10, spacing=2) is None
+    # "code" is asked and missing, but the link holds no rare word the question does not name
+    plain = {**TWO_HOP, 10: "Maria hid the treasure in the chest ."}
+    tokens, starts, ends = _hop_stream(plain)
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) is None
+    # "cobalt" in many events names nothing: no bridge
+    common = {**TWO_HOP, **{i: "the cobalt a ." for i in range(45, 60)}}
+    tokens, starts, ends = _hop_stream(common)
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) is None
+
+
+def test_bridge_hit_is_another_place_than_the_first_hit():
+    """A passage within ``spacing + 1`` events of the first hit is its neighbourhood, not a second hop."""
+    near = {10: "Maria hid the treasure in the cobalt chest .", 13: "The cobalt chest is locked with the code 51234 ."}
+    tokens, starts, ends = _hop_stream(near)
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) is None
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=1) == 13
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=99, spacing=2) is None  # no such event

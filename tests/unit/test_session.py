@@ -560,6 +560,45 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     s.close()
 
 
+def test_question_bridge_brings_the_fact_stated_about_a_rare_word_of_the_first_hit(
+        engine: ReferenceEngine, tmp_path: Path) -> None:
+    """question_bridge: the question names A1 A2 (held at 300 with B) and asks C, which the stream holds
+    only at 900, next to B: the second hop brings 900 into the window; without it only 300 is there."""
+    from emserve.server.session import _vocabulary
+
+    vocab = _vocabulary(engine.info.path)
+    assert vocab is not None
+    common = set(vocab.canonical[:500].tolist())
+    rare: list[int] = []
+    for t in range(500, engine.info.vocab_size):
+        if vocab.content[t] and vocab.canonical[t] not in common | {vocab.canonical[r] for r in rare}:
+            rare.append(t)
+        if len(rare) == 4:
+            break
+    a1, a2, b, c = rare
+    ids = _ids(1200, 8)
+    ids[300:303] = [a1, a2, b]
+    ids[900:902] = [b, c]
+    cfg = dataclasses.replace(CFG, question_lexical=1, question_n_mem=64, question_n_local=16,
+                              question_neighbours=1, question_reach=0, question_copy=0)
+    s = Session.create(tmp_path / "s", engine, cfg)
+    asyncio.run(s.append(ids, flush=True))
+
+    def ask(bridge: bool) -> tuple[list[tuple[int, int]], list[int]]:
+        s.config = dataclasses.replace(cfg, question_bridge=bridge)
+        res = asyncio.run(s.ask([a1, a2, c], SamplingSpec(max_tokens=2, ignore_eos=True)))
+        assert res.retrieval is not None
+        lexical = [e.start for e in res.retrieval.layers[0].events if e.source == "lexical"]
+        return list(res.window), lexical
+
+    window, lexical = ask(False)
+    assert len(lexical) == 1 and all(any(a <= t < b_ for a, b_ in window) for t in range(300, 303))
+    assert not any(a <= 901 < b_ for a, b_ in window)
+    window, lexical = ask(True)
+    assert len(lexical) == 2 and all(any(a <= t < b_ for a, b_ in window) for t in (300, 301, 302, 900, 901))
+    s.close()
+
+
 def test_every_step_reports_its_sizes_and_phases(engine: ReferenceEngine, tmp_path: Path) -> None:
     from emserve.server.report import PHASES
 
