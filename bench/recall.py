@@ -5,6 +5,8 @@
                                                       #   emserve, truncation, InfLLM-style; full attention 1k/2k/4k
     .venv/bin/python bench/recall.py --lengths 128k   # the same grid at 128k
     .venv/bin/python bench/recall.py --plan           # the haystacks and questions, nothing run
+    .venv/bin/python bench/recall.py --phrasings heldout  # needles and questions in other words (the rules
+                                                      #   of docs/recall.md were chosen on the suite's)
 
 Haystacks and tasks: ``recall_tasks.py`` (many needles per haystack, every needle asked, look-alike
 distractors, phrasings drawn per needle). Per (task, length, system) the run reports:
@@ -39,7 +41,7 @@ from common import RESULTS, machine, sigterm_exits, wilson  # noqa: E402
 from eval import _ints, git_rev  # noqa: E402
 from eval_server import Job, Server, log, overrides, run_jobs  # noqa: E402
 from eval_tasks import Haystack  # noqa: E402
-from recall_tasks import NOISE, SOURCES, TASKS, build, reference_prompt, source_filler  # noqa: E402
+from recall_tasks import NOISE, PHRASINGS, SOURCES, TASKS, build, reference_prompt, source_filler  # noqa: E402
 
 SYSTEMS = ("emserve", "truncation", "infllm")
 
@@ -66,7 +68,7 @@ class Run:
 
 
 def haystacks(tok: Any, model: str, lengths: Sequence[int], sources: Sequence[str], tasks: Sequence[str],
-              per_task: int, seed: int) -> tuple[list[Haystack], dict[str, Any]]:
+              per_task: int, seed: int, phrasings: str = "suite") -> tuple[list[Haystack], dict[str, Any]]:
     """The grid's haystacks (a prose haystack per source and length, a noise haystack per length holding
     ``per_task`` pass keys per source) and the filler of each source."""
     fillers: dict[str, Any] = {}
@@ -75,10 +77,10 @@ def haystacks(tok: Any, model: str, lengths: Sequence[int], sources: Sequence[st
         for src in sources:
             if any(t != "passkey" for t in tasks):
                 f = fillers.setdefault(src, source_filler(tok, model, src))
-                out.append(build(f, src, n, per_task, seed, tasks))
+                out.append(build(f, src, n, per_task, seed, tasks, phrasings))
         if "passkey" in tasks:
             f = fillers.setdefault(NOISE, source_filler(tok, model, NOISE))
-            out.append(build(f, NOISE, n, per_task * len(sources), seed, ("passkey",)))
+            out.append(build(f, NOISE, n, per_task * len(sources), seed, ("passkey",), phrasings))
     return out, fillers
 
 
@@ -143,7 +145,8 @@ def main_run(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(spec.path)
     native = int(getattr(AutoConfig.from_pretrained(spec.path), "max_position_embeddings", 0) or 8192)
     t = time.perf_counter()
-    hss, fillers = haystacks(tok, spec.name, args.lengths, args.sources, args.tasks, args.per_task, args.seed)
+    hss, fillers = haystacks(tok, spec.name, args.lengths, args.sources, args.tasks, args.per_task, args.seed,
+                             args.phrasings)
     nq = sum(len(h.questions) for h in hss)
     log(f"{len(hss)} haystacks, {nq} questions ({time.perf_counter() - t:.0f} s to build); "
         f"{sum(h.length for h in hss) * len(args.systems)} tokens to ingest")
@@ -154,6 +157,7 @@ def main_run(args: argparse.Namespace) -> int:
     run = Run(args)
     run.res.update({"config": {"lengths": args.lengths, "sources": args.sources, "tasks": args.tasks,
                                "per_task": args.per_task, "systems": args.systems, "seed": args.seed,
+                               "phrasings": args.phrasings,
                                "reference_lengths": args.reference_lengths, "max_tokens": args.max_tokens},
                     "haystack_specs": [h.summary() for h in hss]})
     if args.workdir:
@@ -209,6 +213,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="full-attention reference windows, e.g. 1k,2k,4k (default); '' for none")
     ap.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phrasings", choices=sorted(PHRASINGS), default="suite",
+                    help="needle and question templates: suite (the rules were chosen on it) or heldout")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--restart-gib", type=float, default=16.0, help="see bench/eval.py")
     ap.add_argument("--results-dir", default=str(RESULTS))

@@ -94,6 +94,40 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
                "\n\nQuestion: {name} hid the treasure in a chest. What is the code of that chest?\n"
                "Answer: The code of the chest where {name} hid the treasure is"),
 }
+# Held-out phrasings (``--phrasings heldout``): other words for every task, none of the suite's needle
+# or question templates, and other things for two-hop (letters in a box, not a treasure in a chest). The
+# rules of docs/recall.md were chosen on the suite's phrasings; these check that they do not depend on them.
+HELDOUT_NEEDLES: dict[str, tuple[str, ...]] = {
+    "passkey": (" The secret key for the {label} door is {v}; do not forget {v}.",
+                " Write this down: the {label} door takes the secret key {v}."),
+    "kv": (" Note that the registry value stored under {label} equals {v}.",
+           " In the registry, {label} holds the value {v}."),
+    "split": (" The combination for the {label} safe, {clause}, reads {v}.",
+              " The {label} safe was set to a combination, {clause}, namely {v}."),
+    "after": (" The courier passed the {label} bridge without a word. Next she scribbled the figure {v} on her hand.",
+              " Crossing the {label} bridge, the courier said nothing. Straight afterwards she scribbled the"
+              " figure {v} on a card."),
+}
+HELDOUT_LINKS = (" {name} left the letters inside the {color} box.",
+                 " The letters of {name} were left inside the {color} box.")
+HELDOUT_FACTS = (" The {color} box is marked with the number {v}.", " The number painted on the {color} box is {v}.")
+HELDOUT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "passkey": ("\n\nWhich secret key does the {label} door take? The secret key for the {label} door is",
+                "\n\nQ: the secret key of the {label} door?\nA: The secret key for the {label} door is"),
+    "kv": ("\n\nWhich registry value is stored under {label}? The registry value stored under {label} is",
+           "\n\nQ: what value does {label} hold in the registry?\nA: The registry value of {label} is"),
+    "split": ("\n\nWhat does the combination for the {label} safe read? The combination for the {label} safe reads",
+              "\n\nQ: the combination of the {label} safe?\nA: The combination for the {label} safe is"),
+    "after": ("\n\nWhich figure did the courier scribble straight after the {label} bridge? The figure was",
+              "\n\nQ: after passing the {label} bridge, what figure did the courier scribble?\nA: The figure was"),
+    "twohop": ("\n\n{name} left the letters inside a box. What number is marked on that box? The number on the box"
+               " where {name} left the letters is",
+               "\n\nQ: in which box did {name} leave the letters, and what is its number?\nA: The number of the box"
+               " where {name} left the letters is"),
+}
+PHRASINGS = {"suite": (NEEDLES, LINKS, FACTS, QUESTIONS),
+             "heldout": (HELDOUT_NEEDLES, HELDOUT_LINKS, HELDOUT_FACTS, HELDOUT_QUESTIONS)}
+"""Needle and question templates by name: ``suite`` (the rules were chosen on it) and ``heldout``."""
 DIGITS = {"passkey": 5, "kv": 7, "split": 6, "after": 6, "twohop": 5}
 LABEL_SEP = {"kv": "-"}  # kv labels are one word ("quiet-lantern"), the others two ("quiet lantern")
 
@@ -137,8 +171,11 @@ def _value(rng: np.random.Generator, digits: int, taken: set[str]) -> str:
             return v
 
 
-def needles(rng: np.random.Generator, task: str, n: int, values: set[str], labels: set[str]) -> list[Needle]:
-    """``n`` needles of ``task`` with distinct labels (look-alike pairs) and values new to ``values``."""
+def needles(rng: np.random.Generator, task: str, n: int, values: set[str], labels: set[str],
+            phrasings: str = "suite") -> list[Needle]:
+    """``n`` needles of ``task`` with distinct labels (look-alike pairs) and values new to ``values``,
+    worded by the templates ``phrasings`` names (:data:`PHRASINGS`)."""
+    needles_t, links_t, facts_t, questions_t = PHRASINGS[phrasings]
     base = _base_task(task)
     out = []
     if base == "twohop":
@@ -148,16 +185,16 @@ def needles(rng: np.random.Generator, task: str, n: int, values: set[str], label
         colors = [COLORS[int(i)] for i in rng.permutation(len(COLORS))[:n]]
         for name, color in zip(names, colors, strict=True):
             v = _value(rng, DIGITS[base], values)
-            link = LINKS[int(rng.integers(len(LINKS)))].format(name=name, color=color)
-            fact = FACTS[int(rng.integers(len(FACTS)))].format(color=color, v=v)
-            q = QUESTIONS[base][int(rng.integers(len(QUESTIONS[base])))].format(name=name)
+            link = links_t[int(rng.integers(len(links_t)))].format(name=name, color=color)
+            fact = facts_t[int(rng.integers(len(facts_t)))].format(color=color, v=v)
+            q = questions_t[base][int(rng.integers(len(questions_t[base])))].format(name=name)
             out.append(Needle(task, name, v, (link, fact), q))
         return out
     for label in _labels(rng, n, labels, LABEL_SEP.get(base, " ")):
         v = _value(rng, DIGITS[base], values)
-        text = NEEDLES[base][int(rng.integers(len(NEEDLES[base])))].format(
+        text = needles_t[base][int(rng.integers(len(needles_t[base])))].format(
             label=label, v=v, clause=CLAUSES[int(rng.integers(len(CLAUSES)))])
-        q = QUESTIONS[base][int(rng.integers(len(QUESTIONS[base])))].format(label=label)
+        q = questions_t[base][int(rng.integers(len(questions_t[base])))].format(label=label)
         out.append(Needle(task, label, v, (text,), q))
     return out
 
@@ -194,9 +231,10 @@ def _rng(seed: int, source: str, length: int, salt: int = 0) -> np.random.Genera
 
 
 def build(filler_src: Any, source: str, length: int, per_task: int, seed: int,
-          tasks: Sequence[str] = TASKS) -> Haystack:
+          tasks: Sequence[str] = TASKS, phrasings: str = "suite") -> Haystack:
     """The haystack of ``source`` at ``length`` tokens with ``per_task`` needles of each task it holds
-    (``noise``: ``passkey`` only; a prose source: the prose tasks), each asked once."""
+    (``noise``: ``passkey`` only; a prose source: the prose tasks), each asked once, worded by the
+    templates ``phrasings`` names (another name than ``suite`` is in the haystack's id)."""
     held = [t for t in tasks if (t == "passkey") == (source == NOISE)]
     if not held:
         raise ValueError(f"source {source!r} holds none of the tasks {list(tasks)}")
@@ -204,7 +242,7 @@ def build(filler_src: Any, source: str, length: int, per_task: int, seed: int,
     u = float(rng.random())
     values: set[str] = set()
     labels: set[str] = set()
-    asked = [nd for t in held for nd in needles(rng, t, per_task, values, labels)]
+    asked = [nd for t in held for nd in needles(rng, t, per_task, values, labels, phrasings)]
     texts = [(nd, j) for nd in asked for j in range(len(nd.texts))]
     # stratified depths: one slot per insert, a random place inside it, slots shuffled over the inserts
     slots = (np.arange(len(texts)) + rng.uniform(0.1, 0.9, len(texts))) / len(texts)
@@ -212,7 +250,7 @@ def build(filler_src: Any, source: str, length: int, per_task: int, seed: int,
     inserts = [(float(depth[i]), "target" if j == 0 else "fact", nd.texts[j], f"{nd.task}:{nd.label}")
                for i, (nd, j) in enumerate(texts)]
     ids, items, start = assemble(filler_src, length, inserts, u)
-    hid = f"{source}-{length}-s{seed}"
+    hid = f"{source}-{length}-s{seed}" + ("" if phrasings == "suite" else f"-{phrasings}")
     questions: list[Question] = []
     for k, nd in enumerate(asked):
         its = [it for it in items if it.label == f"{nd.task}:{nd.label}"]

@@ -61,7 +61,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = src["config"]
     spec = resolve_model(src["model"]["name"])
     tok = AutoTokenizer.from_pretrained(spec.path)
-    hss, _ = haystacks(tok, spec.name, cfg["lengths"], cfg["sources"], cfg["tasks"], cfg["per_task"], cfg["seed"])
+    hss, _ = haystacks(tok, spec.name, cfg["lengths"], cfg["sources"], cfg["tasks"], cfg["per_task"], cfg["seed"],
+                        cfg.get("phrasings", "suite"))
     today = question_defaults()
     engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
     answers: list[dict[str, Any]] = []

@@ -76,6 +76,23 @@ def test_prose_haystack_holds_every_needle_its_questions_name(rt, prose) -> None
     assert again.ids == hs.ids and rt.build(prose, "narrative", 30000, 4, seed=4).ids != hs.ids
 
 
+def test_heldout_phrasings_share_no_template_with_the_suite(rt, prose) -> None:  # type: ignore[no-untyped-def]
+    needles, links, facts, questions = rt.PHRASINGS["suite"]
+    h_needles, h_links, h_facts, h_questions = rt.PHRASINGS["heldout"]
+    assert set(h_needles) == set(needles) and set(h_questions) == set(questions)
+    suite = {*links, *facts, *(t for ts in needles.values() for t in ts), *(t for ts in questions.values() for t in ts)}
+    held = [*h_links, *h_facts, *(t for ts in h_needles.values() for t in ts),
+            *(t for ts in h_questions.values() for t in ts)]
+    assert not suite & set(held)
+    hs = rt.build(prose, "narrative", 30000, 4, seed=3, phrasings="heldout")
+    assert hs.hid.endswith("-heldout") and rt.build(prose, "narrative", 30000, 4, seed=3).hid == "narrative-30000-s3"
+    for q in hs.questions:
+        texts = [_text(hs, s) for s in q.spans]
+        assert q.expected in texts[-1] and "treasure" not in q.prompt and "chest" not in q.prompt
+        if q.task == "twohop":
+            assert " box" in texts[0] and " box" in texts[1] and " box" in q.prompt
+
+
 def test_labels_come_in_look_alike_pairs(rt) -> None:  # type: ignore[no-untyped-def]
     labels = rt._labels(np.random.default_rng(0), 10, set(), " ")
     assert len(set(labels)) == 10
