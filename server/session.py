@@ -144,7 +144,7 @@ class MemoryConfig:
     """A question's best lexical matches (events holding the rare words it names, at least half the
     best match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking,
     each with its neighbours; 0: the attention scores alone rank."""
-    question_bridge: bool = False
+    question_bridge: bool = True
     """A question's first lexical match may name the thing its asked fact is stated about elsewhere
     ("Maria hid the treasure in the cobalt chest"; "The cobalt chest is locked with the code ..."): the
     passage joining a rare word of that match to a rare word the question asks for and the match lacks
