@@ -269,6 +269,14 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     if not is_bridge.any() or not is_missing.any():
         return None
     pairs = pairs[np.isin(pairs[:, 0], uw[is_bridge | is_missing])]
+    return _bridge_passage(pairs, uw, idf, is_bridge, is_missing, n_events, first, spacing, span)
+
+
+def _bridge_passage(pairs: np.ndarray, uw: np.ndarray, idf: np.ndarray, is_bridge: np.ndarray,
+                    is_missing: np.ndarray, n_events: int, first: int, spacing: int, span: int) -> int | None:
+    """:func:`bridge_hit`'s last step: over the ``(word, event)`` pairs of the bridge and missing words
+    (``uw``: the words, sorted, with their ``idf`` and kinds), the best passage away from ``first``
+    holding one of each, as its first event holding a bridge word; None when none does."""
     k = np.searchsorted(uw, pairs[:, 0])
     word_b, word_m, weight = is_bridge[k], is_missing[k], idf[k]
     # passage p = events p .. p+span-1: each (word, passage) once
