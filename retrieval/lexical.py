@@ -79,9 +79,15 @@ def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.
                     vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(word, event)`` pairs of the question's content words in the events, and each
     pair's word weight (idf)."""
+    return _word_pairs(vocab.words(question_ids), tokens, starts, ends, vocab)
+
+
+def _word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``(word, event)`` pairs of ``words`` (canonical content words) in the events, and
+    each pair's word weight (idf)."""
     empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
     n_events = int(starts.shape[0])
-    words = vocab.words(question_ids)
     if n_events == 0 or words.size == 0 or tokens.size == 0:
         return empty
     base = int(starts[0])
@@ -233,28 +239,26 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     n_events = int(starts.shape[0])
     if n_events < 2 or tokens.size == 0 or not 0 <= first < n_events:
         return None
-    base, size = int(starts[0]), vocab.canonical.shape[0]
-    ids = np.clip(np.asarray(tokens, np.int64), 0, size - 1)
-    canon = vocab.canonical[ids]
-    content = vocab.content[ids]
-    pos = np.arange(canon.shape[0], dtype=np.int64) + base
-    ev = np.searchsorted(starts, pos, side="right") - 1
-    inside = content & (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
+    base = int(starts[0])
 
-    def words_of(lo: int, hi: int) -> np.ndarray:  # the distinct words of events lo .. hi-1
+    def words_of(lo: int, hi: int) -> np.ndarray:  # the distinct content words of events lo .. hi-1
         lo, hi = max(lo, 0), min(hi, n_events)
         if hi <= lo:
             return np.zeros(0, np.int64)
         a, b = int(starts[lo]) - base, int(ends[hi - 1]) - base
-        return np.unique(canon[a:b][inside[a:b]])
+        ids = np.clip(np.asarray(tokens[a:b], np.int64), 0, vocab.canonical.shape[0] - 1)
+        pos = np.arange(a, b, dtype=np.int64) + base
+        inside = pos < ends[lo + np.searchsorted(starts[lo:hi], pos, side="right") - 1]  # not between events
+        return np.unique(vocab.canonical[ids][vocab.content[ids] & inside])
 
     asked = vocab.words(question_ids)
     around = [(p, words_of(p, p + span)) for p in range(first - span + 1, first + 1) if p >= 0]
-    cand = np.union1d(asked, np.concatenate([w for _, w in around]))
-    sel = inside & np.isin(canon, cand)
-    pairs = np.unique(np.stack([canon[sel], ev[sel]], 1), axis=0)  # (word, event), each once
-    uw, df = np.unique(pairs[:, 0], return_counts=True)
-    idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
+    pairs, weight = _word_pairs(np.union1d(asked, np.concatenate([w for _, w in around])), tokens, starts, ends,
+                                vocab)
+    if pairs.size == 0:
+        return None
+    uw, at = np.unique(pairs[:, 0], return_index=True)
+    idf = weight[at]
     top = float(np.log((n_events - 0.5) / 1.5))
 
     def weight_of(words: np.ndarray) -> float:
