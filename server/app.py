@@ -39,6 +39,7 @@ from emserve.server.ingest import Ingestor
 from emserve.server.interceptors import GRPC_RECEIVE_HEADROOM, Auth, Decoding
 from emserve.server.logs import log_step
 from emserve.server.metrics import GrpcMetrics, Metrics, serve_metrics
+from emserve.server.quota import DiskQuota
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService
 from emserve.server.sessions import SessionManager, question_within
 from emserve.server.tenants import load_tenants
@@ -83,7 +84,8 @@ class EmserveServer:
         self._owns_engine = engine is None
         self.service = SessionService(
             Limits(config.max_sessions, config.max_message_bytes, config.max_inflight_messages,
-                   config.max_session_tokens, question_within(config.memory)),
+                   config.max_session_tokens, question_within(config.memory),
+                   int(config.max_session_disk_gib * 2**30), int(config.max_disk_gib * 2**30)),
             version(),
             tenants=load_tenants(config.tenants_file, config.auth_token) if config.tenants_file else None,
         )
@@ -211,7 +213,8 @@ class EmserveServer:
         codec = await asyncio.to_thread(TextCodec, engine.info.path)
         manager = SessionManager(cfg.sessions_dir, engine, cfg.memory, max_sessions=cfg.max_sessions,
                                  max_open=cfg.max_open_sessions, score_device=cfg.retrieval_device,
-                                 device_budget=int(cfg.retrieval_device_gib * 2**30))
+                                 device_budget=int(cfg.retrieval_device_gib * 2**30),
+                                 quota=DiskQuota(int(cfg.max_session_disk_gib * 2**30), int(cfg.max_disk_gib * 2**30)))
         ingestor = Ingestor(manager, codec, max_inflight_messages=cfg.max_inflight_messages,
                             max_message_bytes=cfg.max_message_bytes, max_session_tokens=cfg.max_session_tokens,
                             draining=self.service.draining)

@@ -58,7 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
         "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
         "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots, "max_sessions": args.max_sessions,
         "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
-        "max_session_tokens": args.max_session_tokens, "auth_token": args.auth_token, "grace_s": args.grace,
+        "max_session_tokens": args.max_session_tokens, "max_session_disk_gib": args.max_session_disk_gib,
+        "max_disk_gib": args.max_disk_gib, "auth_token": args.auth_token, "grace_s": args.grace,
         "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
         "metrics_port": args.metrics_port, "memory": memory or None, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "health_port": args.health_port,
@@ -117,6 +118,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--max-inflight", type=int, default=None, help="ingest messages ahead of receipts")
     p.add_argument("--max-session-tokens", type=int, default=None, help="0: unlimited")
+    p.add_argument("--max-session-disk-gib", type=float, default=None,
+                   help="disk quota of one session, GiB (EMSERVE_MAX_SESSION_DISK_GIB; default 0: none)")
+    p.add_argument("--max-disk-gib", type=float, default=None,
+                   help="disk quota of all sessions together, GiB (EMSERVE_MAX_DISK_GIB; default 0: none)")
     p.add_argument("--auth-token", default=None, help="require 'authorization: Bearer <token>' (EMSERVE_AUTH_TOKEN)")
     p.add_argument("--grace", type=float, default=None, help="graceful shutdown grace period, s")
     p.add_argument("--log-format", choices=["text", "json"], default=None,

@@ -15,6 +15,8 @@ Environment variables (all optional)::
     EMSERVE_MAX_MESSAGE_BYTES    largest gRPC message, default 4 MiB
     EMSERVE_MAX_INFLIGHT         ingest messages a client may send ahead of their receipts, default 8
     EMSERVE_MAX_SESSION_TOKENS   0 (default): unlimited
+    EMSERVE_MAX_SESSION_DISK_GIB disk quota of one session, GiB; 0 (default): none
+    EMSERVE_MAX_DISK_GIB         disk quota of all sessions together, GiB; 0 (default): none
     EMSERVE_AUTH_TOKEN           when set, calls need ``authorization: Bearer <token>``
     EMSERVE_GRACE_S              graceful-shutdown grace period, default 30
     EMSERVE_METRICS_PORT         Prometheus /metrics port (default: none, no metrics); 0: any free port
@@ -26,6 +28,7 @@ Environment variables (all optional)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -88,6 +91,14 @@ class ServerConfig:
 
     max_session_tokens: int = 0
     """Longest session in tokens; 0: unlimited. Ingest beyond it: RESOURCE_EXHAUSTED."""
+
+    max_session_disk_gib: float = 0.0
+    """Disk quota of one session, GiB (0: none): a step that would take the session past it is refused
+    with RESOURCE_EXHAUSTED (QuotaFailure ``session_disk``) before it writes (:mod:`emserve.server.quota`)."""
+
+    max_disk_gib: float = 0.0
+    """Disk quota of all sessions together, GiB (0: none; QuotaFailure ``disk``). Set it below the volume's
+    size so that the quota, not a full disk, stops ingestion."""
 
     auth_token: str | None = None
     """When set, every call but health and reflection needs ``authorization: Bearer <token>``."""
@@ -156,6 +167,9 @@ class ServerConfig:
             raise ConfigError(f"openai_port must be in 0..65535, got {self.openai_port}")
         if self.health_port is not None and not 0 <= self.health_port < 65536:
             raise ConfigError(f"health_port must be in 0..65535, got {self.health_port}")
+        for name in ("max_session_disk_gib", "max_disk_gib"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be >= 0 (0: no quota), got {getattr(self, name)}")
         if not self.retrieval_device_gib >= 0:
             raise ConfigError(f"retrieval_device_gib must be >= 0, got {self.retrieval_device_gib}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.retrieval_device):
@@ -221,7 +235,8 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
-                 "max_session_tokens", "auth_token", "grace_s", "retrieval_device", "retrieval_device_gib",
+                 "max_session_tokens", "max_session_disk_gib", "max_disk_gib", "auth_token", "grace_s",
+                 "retrieval_device", "retrieval_device_gib",
                  "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file", "openai_port"):
         key = ENV_PREFIX + name.upper()
         if key in env:

@@ -138,7 +138,7 @@ class Generator:
         out = tuple(int(t) for t in rec["token_ids"])
         rest = [*prompt_ids, *out][held:]
         if rest:
-            appended = await entry.run_commit(lambda: session.append(rest, flush=True))
+            appended = await entry.run_commit(lambda: session.append(rest, flush=True), tokens=len(rest))
             self.manager.report(*appended.steps)
         return [Chunk(out, str(rec["text"])), Completion(
             finish_reason=str(rec["finish_reason"]), stop_string=str(rec["stop_string"]), token_ids=out,
@@ -158,7 +158,7 @@ class Generator:
                       "text": decoder.text, "stop_string": decoder.stopped or "", "finish_reason": reason,
                       "memory_tokens": memory_tokens, "committed_offset": start + len(stored)}
             await asyncio.to_thread(session.record_exchange, p.request_id, record)
-        appended = await entry.run_commit(lambda: session.append(stored, flush=True))
+        appended = await entry.run_commit(lambda: session.append(stored, flush=True))  # quota: admitted up front
         self.manager.report(*appended.steps)
         return appended.committed
 
@@ -222,6 +222,8 @@ class Generator:
                 memory_tokens = session.num_tokens
                 if p.remember:
                     self._check_room(memory_tokens + len(prompt_ids) + p.sampling.max_tokens)
+                    if entry.quota is not None:  # the disk quota, before anything is generated
+                        entry.quota.admit(entry.folder, memory_tokens, len(prompt_ids) + p.sampling.max_tokens)
                 planned: dict[str, object] = {}
 
                 def on_plan(retrieval: RetrievalResult | None, timings: dict[str, float],

@@ -203,7 +203,8 @@ class _Stream:
         chunk = self.session.config.exc_block_size
         while len(self.pending) >= chunk or (force and self.pending):
             take = self.pending[:chunk]
-            res = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True))
+            res = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True),
+                                                 tokens=len(take))
             self.committed = res.committed
             self.ingestor.manager.report(*res.steps)
             del self.pending[: len(take)]

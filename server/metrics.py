@@ -36,6 +36,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
+from emserve.server.quota import allocated_files
 from emserve.server.report import PHASES, Kind, StepReport
 
 if TYPE_CHECKING:
@@ -191,20 +192,15 @@ def disk_parts(root: Path) -> dict[str, int]:
     """Allocated bytes under ``root`` by part: ``kv_log`` (K/V rows), ``table`` (event records and
     representatives), ``index`` (HNSW graphs), ``other`` (tokens, positions, surprise, state)."""
     parts = {"kv_log": 0, "table": 0, "index": 0, "other": 0}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            try:
-                size = os.stat(os.path.join(dirpath, name)).st_blocks * 512
-            except FileNotFoundError:  # deleted meanwhile
-                continue
-            if name.endswith(".hnsw"):
-                parts["index"] += size
-            elif name.startswith(("k_", "v_")) and name.endswith(".bin"):
-                parts["kv_log"] += size
-            elif name.startswith(("reps_", "events.")):
-                parts["table"] += size
-            else:
-                parts["other"] += size
+    for name, size in allocated_files(root):
+        if name.endswith(".hnsw"):
+            parts["index"] += size
+        elif name.startswith(("k_", "v_")) and name.endswith(".bin"):
+            parts["kv_log"] += size
+        elif name.startswith(("reps_", "events.")):
+            parts["table"] += size
+        else:
+            parts["other"] += size
     return parts
 
 

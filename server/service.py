@@ -404,6 +404,8 @@ class Limits:
     max_inflight_messages: int
     max_session_tokens: int
     default_memory: MemoryConfig
+    max_session_disk_bytes: int = 0
+    max_disk_bytes: int = 0
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
@@ -429,7 +431,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                              default_memory=memory_to_pb(lim.default_memory), max_sessions=lim.max_sessions,
                              max_message_bytes=lim.max_message_bytes,
                              max_inflight_messages=lim.max_inflight_messages,
-                             max_session_tokens=lim.max_session_tokens)
+                             max_session_tokens=lim.max_session_tokens,
+                             max_session_disk_bytes=lim.max_session_disk_bytes, max_disk_bytes=lim.max_disk_bytes)
         if self.runtime is not None:
             m = self.runtime.manager.engine.info
             info.model, info.model_path, info.max_model_len = m.name, m.path, m.max_model_len

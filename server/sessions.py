@@ -58,6 +58,7 @@ from emserve.server.errors import (
     SessionFinished,
     SessionNotFound,
 )
+from emserve.server.quota import DiskQuota
 from emserve.server.report import StepReport
 from emserve.server.session import MemoryConfig, Session, SessionStats, needs_recovery, session_stats
 from emserve.server.tenants import TENANT_NAME, current_tenant, folder_name, split_folder
@@ -114,6 +115,7 @@ class Entry:
     writer: str | None = None
     commit: asyncio.Task[Any] | None = None
     last_used: float = field(default_factory=time.monotonic)
+    quota: DiskQuota | None = None
 
     @property
     def session_id(self) -> str:
@@ -133,11 +135,25 @@ class Entry:
         """No call uses it, no writer holds it, no commit runs: it may be closed."""
         return self.refs == 0 and self.writer is None and (self.commit is None or self.commit.done())
 
-    async def run_commit(self, work: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``work`` (a step that changes the session) to completion even if the caller is
-        cancelled: a cancelled caller gets CancelledError at once, the step finishes in the background
-        and the next writer waits for it (:meth:`SessionManager.attach`)."""
-        task: asyncio.Task[_T] = asyncio.ensure_future(work())
+    async def run_commit(self, work: Callable[[], Awaitable[_T]], tokens: int = 0) -> _T:
+        """Run ``work`` (a step that writes ``tokens`` more tokens into the session) to completion even if
+        the caller is cancelled: a cancelled caller gets CancelledError at once, the step finishes in the
+        background and the next writer waits for it (:meth:`SessionManager.attach`). A step the disk
+        quota does not admit raises LimitExceeded before it starts (:mod:`emserve.server.quota`);
+        ``tokens`` 0: admitted by the caller already (the session's usage is measured afterwards anyway)."""
+        quota = self.quota
+        if quota is not None and quota.enabled:
+            quota.admit(self.folder, self.session.num_tokens, tokens)
+
+            async def measured() -> _T:
+                try:
+                    return await work()
+                finally:
+                    await quota.refresh(self.folder)
+
+            task: asyncio.Task[_T] = asyncio.ensure_future(measured())
+        else:
+            task = asyncio.ensure_future(work())
         self.commit = task
         return await asyncio.shield(task)
 
@@ -176,8 +192,10 @@ _CONFIG_ERRORS = (ConfigError, SegmenterError, PlanError, ValueError, TypeError)
 class SessionManager:
     def __init__(self, root: str | os.PathLike[str], engine: Engine, defaults: MemoryConfig, *,
                  max_sessions: int = 256, max_open: int = 32, score_device: str | None = "auto",
-                 device_budget: int = 0) -> None:
+                 device_budget: int = 0, quota: DiskQuota | None = None) -> None:
         self.root = Path(root)
+        self.quota = quota or DiskQuota()
+        """Disk quotas of the sessions' writing steps (:mod:`emserve.server.quota`); none by default."""
         self.score_device = score_device
         self.device_budget = device_budget
         """Bytes of device memory the open sessions' retrieval mirrors may hold (0: no limit); beyond it
@@ -268,6 +286,8 @@ class SessionManager:
         and ListSessions tell the truth at once, not after the session's next use. Returns (leftover
         folders removed, sessions repaired)."""
         removed = 0
+        if self.quota.enabled:
+            await asyncio.to_thread(self.quota.scan, [self.root / k for k in self._keys()])
         for p in sorted(self.root.glob(".deleted-*")):
             await asyncio.to_thread(shutil.rmtree, p, True)
             removed += not p.exists()
@@ -346,7 +366,8 @@ class SessionManager:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             meta.write(folder)
-            self._open[key] = Entry(meta, folder, session)
+            self._open[key] = Entry(meta, folder, session, quota=self.quota)
+            await self.quota.refresh(folder)
             await self._evict(keep=key)
         return self.info(sid)
 
@@ -364,6 +385,7 @@ class SessionManager:
                 await self._close(entry, checkpoint=False)  # deleted next: nothing to persist (a full disk)
             trash = self.root / f".deleted-{key}-{uuid.uuid4().hex[:8]}"
             os.replace(folder, trash)
+            self.quota.forget(key)
             self.engine.release_log(str(folder / meta.data / "log"))
         await asyncio.to_thread(shutil.rmtree, trash, True)
 
@@ -415,7 +437,7 @@ class SessionManager:
                                                     score_device=self.score_device)
             logger.info("opened session %s (%d tokens) in %.2f s", key, session.num_tokens,
                         time.perf_counter() - t0)
-            entry = self._open[key] = Entry(meta, folder, session)
+            entry = self._open[key] = Entry(meta, folder, session, quota=self.quota)
             await self._evict(keep=key)
             return entry
 

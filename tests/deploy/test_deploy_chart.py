@@ -204,6 +204,9 @@ def test_values_files_meet_the_schema(values_file: Path) -> None:
         ({"probes": {"startup": {"failureThreshold": 0}}}, "/probes/startup/failureThreshold"),
         ({"image": {"digest": "latest"}}, "/image/digest"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+        ({"server": {"maxDiskGiB": -1}}, "/server/maxDiskGiB"),
+        ({"server": {"maxDiskGiB": "most"}}, "/server/maxDiskGiB"),
+        ({"server": {"maxSessionDiskGiB": -1}}, "/server/maxSessionDiskGiB"),
     ],
 )
 def test_schema_rejects_bad_values(bad: dict[str, Any], where: str) -> None:
@@ -368,6 +371,32 @@ def test_sessions_live_on_a_per_replica_volume_claim(values_file: Path) -> None:
     storage_class = values["persistence"]["sessions"]["storageClassName"]
     rendered_class = templates["sessions"]["spec"].get("storageClassName")
     assert rendered_class == {"": None, "-": ""}.get(storage_class, storage_class)
+
+
+_QUANTITY_GIB = {"": 2**-30, "Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "k": 1e3 / 2**30, "M": 1e6 / 2**30,
+                 "G": 1e9 / 2**30, "T": 1e12 / 2**30}
+
+
+@by_values
+def test_the_disk_quota_defaults_to_90_percent_of_the_sessions_volume(values_file: Path) -> None:
+    values = _chart().merge_values(_values(values_file))
+    env = _env(_container(_one(_objects(_render_file(values_file)), "StatefulSet")))
+    size = str(values["persistence"]["sessions"]["size"])
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", size)
+    assert m, size
+    expected = float(m[1]) * _QUANTITY_GIB[m[2]] * 0.9
+    if values["server"]["maxDiskGiB"] != "auto":
+        expected = float(values["server"]["maxDiskGiB"])
+    assert float(env["EMSERVE_MAX_DISK_GIB"]) == pytest.approx(expected, abs=1e-3)
+    assert float(env["EMSERVE_MAX_SESSION_DISK_GIB"]) == float(values["server"]["maxSessionDiskGiB"])
+
+
+@pytest.mark.parametrize(("size", "gib"), [("20Gi", 18.0), ("1Ti", 921.6), ("500M", 0.419), ("512Mi", 0.45)])
+def test_the_automatic_disk_quota_reads_every_quantity_suffix(size: str, gib: float) -> None:
+    sts = _one(_objects(_render_raw({"persistence": {"sessions": {"size": size}}})), "StatefulSet")
+    assert float(_env(_container(sts))["EMSERVE_MAX_DISK_GIB"]) == pytest.approx(gib, abs=1e-3)
+    sts = _one(_objects(_render_raw({"server": {"maxDiskGiB": 7.5}})), "StatefulSet")
+    assert _env(_container(sts))["EMSERVE_MAX_DISK_GIB"] == "7.5"
 
 
 @by_values

@@ -127,3 +127,23 @@ storageClassName: ""
 storageClassName: {{ .storageClassName | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+EMSERVE_MAX_DISK_GIB: server.maxDiskGiB, or for "auto" 90% of persistence.sessions.size (a quantity
+with a binary or decimal suffix, or bytes).
+*/}}
+{{- define "emserve.maxDiskGiB" -}}
+{{- $quota := .Values.server.maxDiskGiB }}
+{{- if eq (toString $quota) "auto" }}
+{{- $size := toString .Values.persistence.sessions.size }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$" $size) }}
+{{- fail (printf "server.maxDiskGiB auto cannot read persistence.sessions.size %q; set server.maxDiskGiB" $size) }}
+{{- end }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $size }}
+{{- $unit := trimPrefix $num $size }}
+{{- $gib := dict "" 9.313225746154785e-10 "Ki" 9.5367431640625e-07 "Mi" 0.0009765625 "Gi" 1.0 "Ti" 1024.0 "Pi" 1048576.0 "k" 9.313225746154785e-07 "M" 0.0009313225746154785 "G" 0.9313225746154785 "T" 931.3225746154785 "P" 931322.5746154785 }}
+{{- printf "%.3f" (mulf (float64 $num) (get $gib $unit) 0.9) }}
+{{- else }}
+{{- print $quota }}
+{{- end }}
+{{- end }}
