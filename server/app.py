@@ -85,7 +85,8 @@ class EmserveServer:
         self.service = SessionService(
             Limits(config.max_sessions, config.max_message_bytes, config.max_inflight_messages,
                    config.max_session_tokens, question_within(config.memory),
-                   int(config.max_session_disk_gib * 2**30), int(config.max_disk_gib * 2**30)),
+                   int(config.max_session_disk_gib * 2**30), int(config.max_disk_gib * 2**30),
+                   config.max_message_tokens),
             version(),
             tenants=load_tenants(config.tenants_file, config.auth_token) if config.tenants_file else None,
         )
@@ -217,7 +218,7 @@ class EmserveServer:
                                  quota=DiskQuota(int(cfg.max_session_disk_gib * 2**30), int(cfg.max_disk_gib * 2**30)))
         ingestor = Ingestor(manager, codec, max_inflight_messages=cfg.max_inflight_messages,
                             max_message_bytes=cfg.max_message_bytes, max_session_tokens=cfg.max_session_tokens,
-                            draining=self.service.draining)
+                            max_message_tokens=cfg.max_message_tokens, draining=self.service.draining)
         generator = Generator(manager, codec, max_session_tokens=cfg.max_session_tokens)
         if backend == "given":
             backend = type(engine).__name__.removesuffix("Engine").lower()

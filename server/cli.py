@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "sessions_dir": args.sessions_dir, "model": args.model,
         "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
         "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots, "max_sessions": args.max_sessions,
-        "max_message_bytes": args.max_message_bytes, "max_inflight_messages": args.max_inflight,
+        "max_message_bytes": args.max_message_bytes, "max_message_tokens": args.max_message_tokens,
+        "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "max_session_disk_gib": args.max_session_disk_gib,
         "max_disk_gib": args.max_disk_gib, "auth_token": args.auth_token, "grace_s": args.grace,
         "retrieval_device": args.retrieval_device, "retrieval_device_gib": args.retrieval_device_gib,
@@ -117,6 +118,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=None)
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--max-inflight", type=int, default=None, help="ingest messages ahead of receipts")
+    p.add_argument("--max-message-tokens", type=int, default=None,
+                   help="most tokens of one Ingest message (EMSERVE_MAX_MESSAGE_TOKENS; default 65536; 0: no limit)")
     p.add_argument("--max-session-tokens", type=int, default=None, help="0: unlimited")
     p.add_argument("--max-session-disk-gib", type=float, default=None,
                    help="disk quota of one session, GiB (EMSERVE_MAX_SESSION_DISK_GIB; default 0: none)")

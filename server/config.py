@@ -13,6 +13,7 @@ Environment variables (all optional)::
     EMSERVE_MAX_SESSIONS         default 256
     EMSERVE_MAX_OPEN_SESSIONS    sessions kept open in memory (LRU), default 32
     EMSERVE_MAX_MESSAGE_BYTES    largest gRPC message, default 4 MiB
+    EMSERVE_MAX_MESSAGE_TOKENS   most tokens of one Ingest message, default 65536; 0: no limit
     EMSERVE_MAX_INFLIGHT         ingest messages a client may send ahead of their receipts, default 8
     EMSERVE_MAX_SESSION_TOKENS   0 (default): unlimited
     EMSERVE_MAX_SESSION_DISK_GIB disk quota of one session, GiB; 0 (default): none
@@ -89,6 +90,11 @@ class ServerConfig:
     max_inflight_messages: int = 8
     """Ingest flow control: messages a client may send ahead of their receipts (advertised)."""
 
+    max_message_tokens: int = 65536
+    """Most tokens of one Ingest message, its text tokenized (0: no limit): beyond it RESOURCE_EXHAUSTED
+    (QuotaFailure ``message_tokens``), so that the work one message asks for is bounded. The Python client
+    sends 8192-character or 2048-token pieces."""
+
     max_session_tokens: int = 0
     """Longest session in tokens; 0: unlimited. Ingest beyond it: RESOURCE_EXHAUSTED."""
 
@@ -143,8 +149,8 @@ class ServerConfig:
             raise ConfigError("max_message_bytes must be >= 1024")
         if self.max_inflight_messages < 1:
             raise ConfigError("max_inflight_messages must be >= 1")
-        if self.max_session_tokens < 0 or self.grace_s < 0:
-            raise ConfigError("max_session_tokens and grace_s must be >= 0")
+        if self.max_session_tokens < 0 or self.max_message_tokens < 0 or self.grace_s < 0:
+            raise ConfigError("max_session_tokens, max_message_tokens and grace_s must be >= 0")
         if self.engine.backend not in ("vllm", "reference"):
             raise ConfigError(f"backend must be 'vllm' or 'reference', got {self.engine.backend!r}")
         if self.engine.dtype not in ("bfloat16", "float32", "float16"):
@@ -234,7 +240,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs", "ingest_slots")
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
-    for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes",
+    for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes", "max_message_tokens",
                  "max_session_tokens", "max_session_disk_gib", "max_disk_gib", "auth_token", "grace_s",
                  "retrieval_device", "retrieval_device_gib",
                  "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file", "openai_port"):

@@ -45,6 +45,7 @@ class Ready:
     chunk_tokens: int
     max_inflight_messages: int
     max_message_bytes: int
+    max_message_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,18 +80,21 @@ class Ingestor:
     """Runs ingest streams against a :class:`SessionManager`."""
 
     def __init__(self, manager: SessionManager, codec: TextCodec, *, max_inflight_messages: int,
-                 max_message_bytes: int, max_session_tokens: int = 0,
+                 max_message_bytes: int, max_session_tokens: int = 0, max_message_tokens: int = 0,
                  draining: asyncio.Event | None = None) -> None:
         self.manager = manager
         self.codec = codec
         self.max_inflight_messages = max_inflight_messages
         self.max_message_bytes = max_message_bytes
         self.max_session_tokens = max_session_tokens
+        self.max_message_tokens = max_message_tokens
+        """Most tokens of one message (0: no limit): the work one message may ask for is bounded."""
         self.draining = draining or asyncio.Event()
         self.stats = IngestStats()
 
     async def _tokens(self, msg: IngestMessage) -> list[int]:
         if msg.tokens is not None:
+            self._check_size(len(msg.tokens))  # before reading them: a message's work is bounded
             ids = [int(t) for t in msg.tokens]
             vocab = self.manager.engine.info.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -99,8 +103,17 @@ class Ingestor:
             return ids
         text = msg.text or ""
         if len(text) <= _TOKENIZE_INLINE_CHARS:
-            return self.codec.encode(text)
-        return await asyncio.to_thread(self.codec.encode, text)
+            ids = self.codec.encode(text)
+        else:
+            ids = await asyncio.to_thread(self.codec.encode, text)
+        self._check_size(len(ids))
+        return ids
+
+    def _check_size(self, n: int) -> None:
+        cap = self.max_message_tokens
+        if cap and n > cap:
+            raise LimitExceeded("message_tokens", f"an Ingest message of {n} tokens is over the limit of {cap} "
+                                "tokens per message; send it in smaller pieces", limit=cap)
 
     async def run(self, messages: AsyncIterator[IngestMessage], session_id: str = "") -> AsyncIterator[Ready | Ack]:
         """``session_id``: the stream's session named by the call's ``x-session-id`` header; then
@@ -119,7 +132,7 @@ class Ingestor:
         async with self.manager.lease(sid) as entry, self.manager.attach(entry, "an ingest stream"):
             stream = _Stream(self, entry)
             yield Ready(stream.committed, entry.session.config.exc_block_size, self.max_inflight_messages,
-                        self.max_message_bytes)
+                        self.max_message_bytes, self.max_message_tokens)
             msg: IngestMessage | None = first if first is not None else await anext(messages, None)
             while msg is not None:
                 if msg.session_id and msg.session_id != sid:

@@ -273,7 +273,8 @@ def ingest_to_pb(item: Ready | Ack) -> pb.IngestResponse:
     if isinstance(item, Ready):
         return pb.IngestResponse(ready=pb.IngestReady(
             committed_offset=item.committed_offset, chunk_tokens=item.chunk_tokens,
-            max_inflight_messages=item.max_inflight_messages, max_message_bytes=item.max_message_bytes))
+            max_inflight_messages=item.max_inflight_messages, max_message_bytes=item.max_message_bytes,
+            max_message_tokens=item.max_message_tokens))
     ack = pb.IngestAck(committed_offset=item.committed_offset, received_offset=item.received_offset,
                        num_events=item.num_events, finished=item.finished)
     if item.receipt is not None:
@@ -406,6 +407,7 @@ class Limits:
     default_memory: MemoryConfig
     max_session_disk_bytes: int = 0
     max_disk_bytes: int = 0
+    max_message_tokens: int = 0
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
@@ -432,7 +434,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                              max_message_bytes=lim.max_message_bytes,
                              max_inflight_messages=lim.max_inflight_messages,
                              max_session_tokens=lim.max_session_tokens,
-                             max_session_disk_bytes=lim.max_session_disk_bytes, max_disk_bytes=lim.max_disk_bytes)
+                             max_session_disk_bytes=lim.max_session_disk_bytes, max_disk_bytes=lim.max_disk_bytes,
+                             max_message_tokens=lim.max_message_tokens)
         if self.runtime is not None:
             m = self.runtime.manager.engine.info
             info.model, info.model_path, info.max_model_len = m.name, m.path, m.max_model_len

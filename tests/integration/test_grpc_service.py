@@ -325,6 +325,32 @@ def test_ingest_offset_gap_and_conflicting_resend(client: Client) -> None:
 
 
 # ------------------------------------------------------------------------------------------ limits
+def test_an_ingest_message_over_the_token_cap_is_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path,
+                                                                         engine: WatchedEngine) -> None:
+    """One message may not ask for unbounded work: more tokens than ``max_message_tokens`` (ids, or text once
+    tokenized) is RESOURCE_EXHAUSTED, nothing of it committed; the cap is advertised in IngestReady and
+    GetServerInfo. Before, one 1.33M-token message kept the engine busy for minutes."""
+    s = _server(tiny_model_dir, tmp_path, engine, max_message_tokens=100)
+    try:
+        with Client(s.address) as c:
+            assert c.server_info().max_message_tokens == 100
+            c.create_session("m")
+            raw = RawIngest(c, "m")
+            raw.tokens(random_ids(101, 1))
+            raw.half_close()
+            assert raw.next().ready.max_message_tokens == 100
+            with pytest.raises(grpc.RpcError) as ei:
+                raw.rest()
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "101 tokens" in (ei.value.details() or "")
+            e = _code(c.ingest, "m", ["word " * 150])  # text: counted once tokenized
+            assert e.detail(E.QuotaFailure).violations[0].subject == "message_tokens"
+            assert c.get_session("m").num_tokens == 0
+            assert c.ingest_tokens("m", random_ids(300, 2), piece_tokens=100).committed_offset == 300
+    finally:
+        s.stop()
+
+
 def test_limits_are_resource_exhausted(tiny_model_dir: Path, tmp_path: Path, engine: WatchedEngine) -> None:
     s = _server(tiny_model_dir, tmp_path, engine, max_sessions=2, max_session_tokens=100,
                 max_message_bytes=16 * 1024)

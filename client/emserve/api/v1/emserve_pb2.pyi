@@ -95,7 +95,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "model_path", "max_model_len", "vocab_size", "num_layers", "backend", "ready", "default_memory", "max_sessions", "max_message_bytes", "max_inflight_messages", "max_session_tokens", "eos_token_ids", "max_session_disk_bytes", "max_disk_bytes")
+    __slots__ = ("version", "model", "model_path", "max_model_len", "vocab_size", "num_layers", "backend", "ready", "default_memory", "max_sessions", "max_message_bytes", "max_inflight_messages", "max_session_tokens", "eos_token_ids", "max_session_disk_bytes", "max_disk_bytes", "max_message_tokens")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ServerInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     model_path: str
@@ -128,7 +129,8 @@ class ServerInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_session_disk_bytes: int
     max_disk_bytes: int
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_path: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., default_memory: _Optional[_Union[MemoryConfig, _Mapping]] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_inflight_messages: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_session_disk_bytes: _Optional[int] = ..., max_disk_bytes: _Optional[int] = ...) -> None: ...
+    max_message_tokens: int
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_path: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., default_memory: _Optional[_Union[MemoryConfig, _Mapping]] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_inflight_messages: _Optional[int] = ..., max_session_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_session_disk_bytes: _Optional[int] = ..., max_disk_bytes: _Optional[int] = ..., max_message_tokens: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "memory", "labels")
@@ -257,16 +259,18 @@ class IngestResponse(_message.Message):
     def __init__(self, ready: _Optional[_Union[IngestReady, _Mapping]] = ..., ack: _Optional[_Union[IngestAck, _Mapping]] = ...) -> None: ...
 
 class IngestReady(_message.Message):
-    __slots__ = ("committed_offset", "chunk_tokens", "max_inflight_messages", "max_message_bytes")
+    __slots__ = ("committed_offset", "chunk_tokens", "max_inflight_messages", "max_message_bytes", "max_message_tokens")
     COMMITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     committed_offset: int
     chunk_tokens: int
     max_inflight_messages: int
     max_message_bytes: int
-    def __init__(self, committed_offset: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., max_inflight_messages: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_message_tokens: int
+    def __init__(self, committed_offset: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., max_inflight_messages: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_message_tokens: _Optional[int] = ...) -> None: ...
 
 class IngestAck(_message.Message):
     __slots__ = ("committed_offset", "received_offset", "receipt", "num_events", "finished")
