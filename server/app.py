@@ -70,7 +70,7 @@ def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = 
         from emserve.server.engine.vllm_engine import VLLMEngine
 
         engine = VLLMEngine(dataclasses.replace(cfg, model=str(spec.path)))
-    engine.admission = Admission(cfg.ingest_slots or 0)  # resolved by EngineConfig (never None here)
+    engine.admission = Admission(cfg.ingest_slots or 0, serial=cfg.deterministic)  # slots: never None here
     return engine, cfg.backend
 
 

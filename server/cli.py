@@ -56,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = build_config({
         "host": args.host, "port": args.port, "sessions_dir": args.sessions_dir, "model": args.model,
         "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
-        "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots, "max_sessions": args.max_sessions,
+        "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots,
+        "deterministic": args.deterministic, "max_sessions": args.max_sessions,
         "max_message_bytes": args.max_message_bytes, "max_message_tokens": args.max_message_tokens,
         "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "max_session_disk_gib": args.max_session_disk_gib,
@@ -115,6 +116,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="ingestion steps in the engine at once, all sessions (EMSERVE_INGEST_SLOTS; 0: no limit; "
                         "default 1 on a CPU, no limit on a GPU); "
                         "questions go first either way")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="one session step at a time in the engine, so a session's results do not depend on other "
+                        "sessions' traffic (EMSERVE_DETERMINISTIC; costs the overlap of their engine work)")
     p.add_argument("--max-sessions", type=int, default=None)
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--max-inflight", type=int, default=None, help="ingest messages ahead of receipts")

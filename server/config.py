@@ -16,6 +16,7 @@ Environment variables (all optional)::
     EMSERVE_MAX_MESSAGE_TOKENS   most tokens of one Ingest message, default 65536; 0: no limit
     EMSERVE_MAX_INFLIGHT         ingest messages a client may send ahead of their receipts, default 8
     EMSERVE_MAX_SESSION_TOKENS   0 (default): unlimited
+    EMSERVE_DETERMINISTIC        1: one session step at a time in the engine (results independent of traffic)
     EMSERVE_MAX_SESSION_DISK_GIB disk quota of one session, GiB; 0 (default): none
     EMSERVE_MAX_DISK_GIB         disk quota of all sessions together, GiB; 0 (default): none
     EMSERVE_AUTH_TOKEN           when set, calls need ``authorization: Bearer <token>``
@@ -230,14 +231,15 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     """Defaults < ``EMSERVE_*`` environment < ``overrides`` (CLI flags; ``None`` values are ignored).
 
     Override keys: the ServerConfig field names, plus the engine's ``model``, ``backend``, ``dtype``,
-    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, ``ingest_slots``, and ``memory`` (a dict of MemoryConfig
-    fields).
+    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, ``ingest_slots``, ``deterministic``, and ``memory``
+    (a dict of MemoryConfig fields).
     """
     env = os.environ if env is None else env
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     server_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs", "ingest_slots")
+    engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs", "ingest_slots",
+                   "deterministic")
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes", "max_message_tokens",

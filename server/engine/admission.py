@@ -13,6 +13,12 @@ step it needs (the probe and the answer). Rules, for every session on one engine
    never waits for more than that many chunks. Steps of different sessions still overlap their host
    work (retrieval, segmentation, index adds) with each other's engine steps.
 3. Ingestion steps enter in the order they asked (FIFO among themselves).
+4. **Serial mode** (``serial``, the server's ``--deterministic``): one session step at a time in the
+   engine. An ingestion step enters only when no other step is in it, and a question holds the engine
+   alone from its admission to its last token (its decode included); waiting questions still go before
+   waiting ingestion steps. Every step then computes in a batch of its own, so a session's surprise,
+   events and answers do not depend on other sessions' traffic (vLLM batches change the floating-point
+   sums otherwise). It costs the overlap of sessions' engine work: measured in ``docs/reliability.md``.
 
 A question's decode (after its first token) shares the engine with ingestion again. Questions that
 arrive without pause starve ingestion: that is the rule, not an accident. The ingestion step's
@@ -35,10 +41,12 @@ class Admission:
     """Rules 1-3 of the module docstring. ``questions``, ``ingesting`` and ``waiting_ingest``: the current
     counts (for inspection; the rules read the first two)."""
 
-    def __init__(self, ingest_slots: int = 0) -> None:
+    def __init__(self, ingest_slots: int = 0, *, serial: bool = False) -> None:
         if ingest_slots < 0:
             raise ConfigError(f"ingest_slots must be >= 0 (0: no limit), got {ingest_slots}")
         self.ingest_slots = ingest_slots
+        self.serial = serial
+        self.busy = False  # serial mode: a step holds the engine alone
         self.questions = 0  # questions admitted and before their first token
         self.ingesting = 0  # ingestion steps in the engine
         self.waiting_ingest = 0
@@ -51,6 +59,8 @@ class Admission:
         return self._cond
 
     def _ingest_may_enter(self) -> bool:
+        if self.serial and self.busy:
+            return False
         return self.questions == 0 and (self.ingest_slots == 0 or self.ingesting < self.ingest_slots)
 
     @contextlib.asynccontextmanager
@@ -64,11 +74,13 @@ class Admission:
             finally:
                 self.waiting_ingest -= 1
             self.ingesting += 1
+            self.busy = self.serial
         try:
             yield
         finally:
             async with cond:
                 self.ingesting -= 1
+                self.busy = False
                 cond.notify_all()
 
     def question(self) -> QuestionHold:
@@ -81,10 +93,21 @@ class QuestionHold:
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._held = False
+        self._engine = False  # serial mode: this question holds the engine alone
 
     async def __aenter__(self) -> QuestionHold:
-        self._admission.questions += 1  # no await before it: takes effect for the next ingestion step
+        adm = self._admission
+        adm.questions += 1  # no await before it: takes effect for the next ingestion step
         self._held = True
+        if adm.serial:  # rule 4: wait for the engine to be free, then hold it to the last token
+            try:
+                async with adm._condition:
+                    await adm._condition.wait_for(lambda: not adm.busy)
+                    adm.busy = True
+            except BaseException:
+                await self.release()
+                raise
+            self._engine = True
         return self
 
     async def release(self) -> None:
@@ -98,3 +121,9 @@ class QuestionHold:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
+        if self._engine:
+            self._engine = False
+            adm = self._admission
+            async with adm._condition:
+                adm.busy = False
+                adm._condition.notify_all()

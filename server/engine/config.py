@@ -42,6 +42,11 @@ class EngineConfig:
     either way (``emserve.server.engine.admission``). None resolves on construction
     (:func:`auto_ingest_slots`): 1 with a CPU-only torch, else 0."""
 
+    deterministic: bool = False
+    """One session step at a time in the engine (``emserve.server.engine.admission``, rule 4), so that a
+    session's surprise, events and answers do not depend on other sessions' traffic. Off: steps of
+    different sessions share vLLM batches, which changes their floating-point results slightly."""
+
     max_num_batched_tokens: int | None = None
     """Token budget of one vLLM step. None: max_model_len (a whole window fits in one step)."""
 

@@ -106,3 +106,61 @@ def test_slots_bound_the_steps_in_the_engine_and_keep_their_order() -> None:
 def test_negative_slots_are_refused() -> None:
     with pytest.raises(ConfigError):
         Admission(ingest_slots=-1)
+
+
+async def _ask(adm: Admission, name: str, log: list[str], first: asyncio.Event, last: asyncio.Event) -> None:
+    async with adm.question() as hold:
+        log.append(f"in {name}")
+        await first.wait()
+        await hold.release()  # its first token
+        log.append(f"first {name}")
+        await last.wait()
+    log.append(f"out {name}")
+
+
+def test_serial_mode_runs_one_step_at_a_time_and_questions_hold_the_engine_to_their_last_token() -> None:
+    async def run() -> list[str]:
+        adm, log = Admission(serial=True), []
+        g = {k: asyncio.Event() for k in ("a", "b", "q1", "q2", "end1")}
+        a = asyncio.create_task(_enter(adm, "a", log, g["a"]))
+        b = asyncio.create_task(_enter(adm, "b", log, g["b"]))
+        await _settle()
+        assert log == ["in a"]  # no slot limit, but one step at a time
+        q = asyncio.create_task(_ask(adm, "q", log, g["q1"], g["end1"]))
+        await _settle()
+        assert log == ["in a"]  # the question waits for the step in the engine
+        g["a"].set()
+        await _settle()
+        assert log == ["in a", "out a", "in q"]  # ... and goes before the waiting ingestion step
+        g["q1"].set()
+        await _settle()
+        assert log[-1] == "first q" and "in b" not in log  # its decode still holds the engine alone
+        g["end1"].set()
+        await _settle()
+        assert log[-2:] == ["out q", "in b"]
+        g["b"].set()
+        await asyncio.gather(a, b, q)
+        assert not adm.busy and adm.questions == 0
+        return log
+
+    asyncio.run(run())
+
+
+def test_serial_mode_frees_the_engine_when_a_waiting_question_is_cancelled() -> None:
+    async def run() -> None:
+        adm, log, gate = Admission(serial=True), [], asyncio.Event()
+        a = asyncio.create_task(_enter(adm, "a", log, gate))
+        await _settle()
+        never = asyncio.Event()
+        q = asyncio.create_task(_ask(adm, "q", log, never, never))
+        await _settle()
+        q.cancel()
+        await _settle()
+        assert adm.questions == 0
+        gate.set()
+        await a
+        b = asyncio.create_task(_enter(adm, "b", log, gate))
+        await asyncio.wait_for(b, 1.0)
+        assert log == ["in a", "out a", "in b", "out b"] and not adm.busy
+
+    asyncio.run(run())

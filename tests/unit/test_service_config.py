@@ -97,3 +97,17 @@ def test_ingest_slots_default_to_one_on_a_cpu_and_reach_the_engine_admission(tmp
     with pytest.raises(ConfigError):
         build_config({"ingest_slots": -1}, env=env)
     assert Admission(build_config({"ingest_slots": 2}, env=env).engine.ingest_slots or 0).ingest_slots == 2
+
+
+def test_deterministic_mode_reaches_the_engine_admission(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from emserve.server.app import build_engine
+
+    env = {"EMSERVE_SESSIONS_DIR": str(tmp_path)}
+    assert build_config({}, env=env).engine.deterministic is False
+    assert build_config({}, env={**env, "EMSERVE_DETERMINISTIC": "1"}).engine.deterministic is True
+    cfg = build_config({"deterministic": True, "backend": "reference", "model": str(tiny_model_dir)}, env=env)
+    engine, _ = build_engine(cfg, lambda line: None)
+    assert engine.admission.serial is True
+    engine, _ = build_engine(build_config({"backend": "reference", "model": str(tiny_model_dir)}, env=env),
+                             lambda line: None)
+    assert engine.admission.serial is False
