@@ -95,6 +95,14 @@ class Metrics:
         self.device = device = Gauge("emserve_device_mirror_bytes",
                                      "Device memory held by the sessions' retrieval mirrors", registry=None)
         device.set_function(lambda: self._manager.device_bytes() if self._manager else 0)
+        self.quota = quota = Gauge("emserve_sessions_disk_quota_bytes",
+                                   "The server's disk quota of all sessions together (0: none)", registry=None)
+        quota.set_function(lambda: self._manager.quota.total_bytes if self._manager else 0)
+        self.quota_used = used = Gauge("emserve_sessions_disk_quota_used_bytes",
+                                       "What the disk quota counts: the sessions' bytes as last measured after "
+                                       "their steps (0 without a quota)", registry=None)
+        used.set_function(lambda: self._manager.quota.total() if self._manager and self._manager.quota.enabled
+                          else 0)
         self.ready_fn: Callable[[], bool] = lambda: False
         self.ready = ready = Gauge("emserve_ready", "1 when the server takes session calls (engine loaded, not "
                                    "draining): the gRPC health service's readiness", registry=None)

@@ -100,7 +100,7 @@ class Server:
         self.log = folder / "server.log"
         self.proc = ServerProcess(folder / "sessions", self.log, [
             "--backend", "vllm", "--model", str(model), "--dtype", "float32", "--max-model-len", "1024",
-            "--kv-cache-gib", "1", "--metrics-port", "0", "--grace", "2", *memory])
+            "--kv-cache-gib", "1", "--metrics-port", "0", "--grace", "2", "--max-disk-gib", "1", *memory])
         self.address = ""
         self.metrics = ""
 

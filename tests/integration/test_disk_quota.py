@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2 as E
-from grpc_harness import ServerThread, WatchedEngine, log_tokens, random_ids, tiny_config
+from grpc_harness import ServerThread, WatchedEngine, log_tokens, random_ids, scrape, tiny_config, value
+from prometheus_client import CollectorRegistry
 
 from emserve.client import Client, ClientError
 from emserve.server.quota import DiskQuota, folder_bytes
@@ -68,8 +69,8 @@ def test_a_session_quota_refuses_the_step_that_would_pass_it(tiny_model_dir: Pat
 def test_the_server_quota_counts_every_session_and_a_delete_frees_it(tiny_model_dir: Path, tmp_path: Path,
                                                                      engine: WatchedEngine) -> None:
     quota = 2 * MIB
-    cfg = tiny_config(tiny_model_dir, tmp_path / "sessions", max_disk_gib=quota / 2**30)
-    s = ServerThread(cfg, engine)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "sessions", max_disk_gib=quota / 2**30, metrics_port=0)
+    s = ServerThread(cfg, engine, CollectorRegistry())
     try:
         with Client(s.address, timeout=60) as c:
             assert c.server_info().max_disk_bytes == quota
@@ -81,6 +82,10 @@ def test_the_server_quota_counts_every_session_and_a_delete_frees_it(tiny_model_
             _check_refusal(e, "disk", quota)
             used_b = folder_bytes(_session_folder(s, "b"))
             assert used_a + used_b <= quota < used_a + used_b + 2 * used_a  # filled, within a step
+            assert s.server.metrics_port
+            m = scrape(s.server.metrics_port)
+            assert value(m, "emserve_sessions_disk_quota_bytes") == quota
+            assert value(m, "emserve_sessions_disk_quota_used_bytes") == used_a + used_b
             c.delete_session("a")  # frees its share: b can go on
             assert c.ingest_tokens("b", random_ids(256, 4)).committed_offset > 0
     finally:

@@ -70,6 +70,7 @@ def test_every_metric_moves_with_the_calls(srv: ServerThread) -> None:
     assert value(m, "emserve_question_output_tokens_total") == 4
     assert value(m, "emserve_sessions") == 1 and value(m, "emserve_sessions_open") == 1
     assert value(m, "emserve_sessions_active") == 0 and value(m, "emserve_device_mirror_bytes") == 0
+    assert value(m, "emserve_sessions_disk_quota_bytes") == value(m, "emserve_sessions_disk_quota_used_bytes") == 0
     assert value(m, "emserve_session_disk_bytes", part="kv_log") >= 300 * per_token
     assert value(m, "emserve_session_disk_bytes", part="table") > 0
     assert value(m, "emserve_errors_total", grpc_code="NOT_FOUND") == 1
