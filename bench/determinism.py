@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 from eval import git_rev  # noqa: E402
-from eval_server import Server, log  # noqa: E402
+from eval_server import Server, add_server_args, harness_inputs, log  # noqa: E402
 
 QUESTIONS = ("Who speaks first in the passage above?", "Name one person mentioned above.",
              "What place is described in the text?", "What happened at the end of the passage?",
@@ -159,19 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="default,deterministic")
     ap.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                     help="ask raw prompts (a model without a chat template)")
-    ap.add_argument("--model", default=None, help="smollm2-135m (default) or an HF folder")
-    ap.add_argument("--server-arg", action="append", default=[], help="extra `emserve serve` flag (repeat)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default="determinism")
-    ap.add_argument("--no-write", action="store_true")
+    add_server_args(ap, "determinism")
     args = ap.parse_args(argv)
 
-    from emserve.server.corpus import text_path
-    from emserve.server.models import resolve_model
-
-    spec = resolve_model(args.model, progress=log)
-    text = Path(text_path("big")).read_text()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emserve-determinism-"))
+    spec, text, workdir = harness_inputs(args, "emserve-determinism-")
     modes = {m: run_mode(m, str(spec.path), text, args, workdir) for m in args.modes.split(",")}
     rows = [[m, r["compare"]["tokens"], r["compare"]["surprise_max_abs_diff"],
              r["compare"]["surprise_tokens_differing"], r["compare"]["boundaries_not_in_both"],

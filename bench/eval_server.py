@@ -60,6 +60,31 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")
 
 
+def add_server_args(ap: Any, out: str) -> None:
+    """The flags every harness driving one ``emserve serve`` shares: ``--model``, ``--server-arg``,
+    ``--workdir``, ``--out`` (default ``out``), ``--no-write``."""
+    ap.add_argument("--model", default=None, help="smollm2-135m (default) or an HF folder")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `emserve serve` flag (repeat)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--no-write", action="store_true")
+
+
+def harness_inputs(args: Any, prefix: str) -> tuple[Any, str, Path]:
+    """For :func:`add_server_args`' flags: the resolved model, the long public-domain text, and the work
+    folder (``--workdir``, created; else a fresh temporary one named ``prefix...``)."""
+    import tempfile
+
+    from emserve.server.corpus import text_path
+    from emserve.server.models import resolve_model
+
+    spec = resolve_model(args.model, progress=log)
+    text = Path(text_path("big")).read_text()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return spec, text, workdir
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 from eval import git_rev  # noqa: E402
-from eval_server import Server, log  # noqa: E402
+from eval_server import Server, add_server_args, harness_inputs, log  # noqa: E402
 
 QUESTIONS = (
     "Who speaks first in the passage above?",
@@ -112,20 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--piece-chars", type=int, default=2048, help="characters per ingest message")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds of load before the first loaded question")
-    ap.add_argument("--model", default=None, help="smollm2-135m (default) or an HF folder")
-    ap.add_argument("--server-arg", action="append", default=[], help="extra `emserve serve` flag (repeat)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default="load")
-    ap.add_argument("--no-write", action="store_true")
+    add_server_args(ap, "load")
     args = ap.parse_args(argv)
 
-    from emserve.server.corpus import text_path
-    from emserve.server.models import resolve_model
-
-    spec = resolve_model(args.model, progress=log)
-    text = Path(text_path("big")).read_text()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emserve-load-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    spec, text, workdir = harness_inputs(args, "emserve-load-")
     server = Server(str(spec.path), workdir, extra=args.server_arg)
     errors: list[str] = []
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 from eval import git_rev  # noqa: E402
-from eval_server import Server, log  # noqa: E402
+from eval_server import Server, add_server_args, harness_inputs, log  # noqa: E402
 
 QUESTIONS = ("Who speaks first in the passage above?", "Name one person mentioned above.",
              "What place is described in the text?")
@@ -64,12 +63,6 @@ def sample_processes(server: Server) -> dict[str, int]:
         except psutil.Error:  # exited meanwhile
             continue
     return out
-
-
-def folder_bytes(root: Path) -> int:
-    from emserve.server.quota import folder_bytes as walk
-
-    return walk(root)
 
 
 class Writer(threading.Thread):
@@ -117,6 +110,7 @@ class Writer(threading.Thread):
 
 def probe(server: Server, sid: str, t0: float, args: argparse.Namespace) -> dict[str, float]:
     from emserve.client import Client
+    from emserve.server.quota import folder_bytes
 
     row: dict[str, float] = {"minute": (time.perf_counter() - t0) / 60}
     row.update(sample_processes(server))
@@ -133,7 +127,7 @@ def probe(server: Server, sid: str, t0: float, args: argparse.Namespace) -> dict
                 first = time.perf_counter() - t
         row["ttft_s"] = first if first is not None else time.perf_counter() - t
         row["sessions"] = sum(1 for _ in c.list_sessions())
-    row["disk_bytes"] = folder_bytes(server.workdir / "sessions")
+    row["disk_bytes"] = folder_bytes(server.workdir / "sessions")  # what the server's disk quota counts
     return row
 
 
@@ -177,20 +171,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                     help="ask raw prompts (a model without a chat template)")
-    ap.add_argument("--model", default=None, help="smollm2-135m (default) or an HF folder")
-    ap.add_argument("--server-arg", action="append", default=[], help="extra `emserve serve` flag (repeat)")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default="soak")
-    ap.add_argument("--no-write", action="store_true")
+    add_server_args(ap, "soak")
     args = ap.parse_args(argv)
 
-    from emserve.server.corpus import text_path
-    from emserve.server.models import resolve_model
-
-    spec = resolve_model(args.model, progress=log)
-    text = Path(text_path("big")).read_text()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emserve-soak-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    spec, text, workdir = harness_inputs(args, "emserve-soak-")
     server = Server(str(spec.path), workdir, extra=args.server_arg)
     errors: list[str] = []
     samples: list[dict[str, float]] = []
