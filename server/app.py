@@ -82,11 +82,11 @@ class EmserveServer:
         self.config = config
         self.engine = engine
         self._owns_engine = engine is None
+        self.quota = DiskQuota(int(config.max_session_disk_gib * 2**30), int(config.max_disk_gib * 2**30))
         self.service = SessionService(
             Limits(config.max_sessions, config.max_message_bytes, config.max_inflight_messages,
                    config.max_session_tokens, question_within(config.memory),
-                   int(config.max_session_disk_gib * 2**30), int(config.max_disk_gib * 2**30),
-                   config.max_message_tokens),
+                   self.quota.session_bytes, self.quota.total_bytes, config.max_message_tokens),
             version(),
             tenants=load_tenants(config.tenants_file, config.auth_token) if config.tenants_file else None,
         )
@@ -215,7 +215,7 @@ class EmserveServer:
         manager = SessionManager(cfg.sessions_dir, engine, cfg.memory, max_sessions=cfg.max_sessions,
                                  max_open=cfg.max_open_sessions, score_device=cfg.retrieval_device,
                                  device_budget=int(cfg.retrieval_device_gib * 2**30),
-                                 quota=DiskQuota(int(cfg.max_session_disk_gib * 2**30), int(cfg.max_disk_gib * 2**30)))
+                                 quota=self.quota)
         ingestor = Ingestor(manager, codec, max_inflight_messages=cfg.max_inflight_messages,
                             max_message_bytes=cfg.max_message_bytes, max_session_tokens=cfg.max_session_tokens,
                             max_message_tokens=cfg.max_message_tokens, draining=self.service.draining)

@@ -217,7 +217,7 @@ class _Stream:
         while len(self.pending) >= chunk or (force and self.pending):
             take = self.pending[:chunk]
             res = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True),
-                                                 tokens=len(take))
+                                              tokens=len(take))
             self.committed = res.committed
             self.ingestor.manager.report(*res.steps)
             del self.pending[: len(take)]

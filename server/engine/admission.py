@@ -20,9 +20,9 @@ step it needs (the probe and the answer). Rules, for every session on one engine
    events and answers do not depend on other sessions' traffic (vLLM batches change the floating-point
    sums otherwise). It costs the overlap of sessions' engine work: measured in ``docs/reliability.md``.
 
-A question's decode (after its first token) shares the engine with ingestion again. Questions that
-arrive without pause starve ingestion: that is the rule, not an accident. The ingestion step's
-session lock is held while it waits, so a question on that same session waits for it (rule 1 cannot
+Outside serial mode, a question's decode (after its first token) shares the engine with ingestion
+again. Questions that arrive without pause starve ingestion: that is the rule, not an accident. The
+ingestion step's session lock is held while it waits, so a question on that same session waits for it (rule 1 cannot
 deadlock: a question is admitted only once it holds its session).
 
 Single event loop: the object is created and used on the loop that runs the sessions.
@@ -38,7 +38,7 @@ from emserve.retrieval.errors import ConfigError
 
 
 class Admission:
-    """Rules 1-3 of the module docstring. ``questions``, ``ingesting`` and ``waiting_ingest``: the current
+    """Rules 1-4 of the module docstring. ``questions``, ``ingesting`` and ``waiting_ingest``: the current
     counts (for inspection; the rules read the first two)."""
 
     def __init__(self, ingest_slots: int = 0, *, serial: bool = False) -> None:
