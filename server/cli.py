@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "sessions_dir": args.sessions_dir, "model": args.model,
         "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
         "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots,
-        "deterministic": args.deterministic, "max_sessions": args.max_sessions,
+        "deterministic": args.deterministic, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "long_prefill_token_threshold": args.long_prefill_token_threshold, "max_sessions": args.max_sessions,
         "max_message_bytes": args.max_message_bytes, "max_message_tokens": args.max_message_tokens,
         "max_inflight_messages": args.max_inflight,
         "max_session_tokens": args.max_session_tokens, "max_session_disk_gib": args.max_session_disk_gib,
@@ -119,6 +120,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="one session step at a time in the engine, so a session's results do not depend on other "
                         "sessions' traffic (EMSERVE_DETERMINISTIC; costs the overlap of their engine work)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens of one vLLM iteration, all sessions together; longer steps run in several "
+                        "(EMSERVE_MAX_NUM_BATCHED_TOKENS; default: max_model_len)")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None, metavar="N",
+                   help="most tokens of one session's step per iteration while other steps wait, so a question "
+                        "need not wait for a whole ingestion chunk (EMSERVE_LONG_PREFILL_TOKEN_THRESHOLD; 0: no cap)")
     p.add_argument("--max-sessions", type=int, default=None)
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--max-inflight", type=int, default=None, help="ingest messages ahead of receipts")

@@ -231,7 +231,8 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     """Defaults < ``EMSERVE_*`` environment < ``overrides`` (CLI flags; ``None`` values are ignored).
 
     Override keys: the ServerConfig field names, plus the engine's ``model``, ``backend``, ``dtype``,
-    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, ``ingest_slots``, ``deterministic``, and ``memory``
+    ``kv_cache_gib``, ``max_model_len``, ``max_num_seqs``, ``ingest_slots``, ``deterministic``,
+    ``max_num_batched_tokens``, ``long_prefill_token_threshold``, and ``memory``
     (a dict of MemoryConfig fields).
     """
     env = os.environ if env is None else env
@@ -239,7 +240,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     server_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     engine_fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     engine_keys = ("model", "backend", "dtype", "kv_cache_gib", "max_model_len", "max_num_seqs", "ingest_slots",
-                   "deterministic")
+                   "deterministic", "max_num_batched_tokens", "long_prefill_token_threshold")
     values: dict[str, Any] = {}
     engine: dict[str, Any] = {"model": "smollm2-135m"}
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes", "max_message_tokens",

@@ -48,7 +48,16 @@ class EngineConfig:
     different sessions share vLLM batches, which changes their floating-point results slightly."""
 
     max_num_batched_tokens: int | None = None
-    """Token budget of one vLLM step. None: max_model_len (a whole window fits in one step)."""
+    """Token budget of one vLLM iteration, all requests together (vLLM's ``max_num_batched_tokens``). A
+    step with more new tokens runs over several iterations (chunked prefill); a question that arrives
+    while another session's step is in the engine waits at most one iteration. None: max_model_len
+    (a whole window fits in one iteration). vLLM backend only."""
+
+    long_prefill_token_threshold: int = 0
+    """Most new tokens of one request per iteration while other requests wait or run (vLLM's
+    ``long_prefill_token_threshold``; vLLM lets a lone request use the whole budget), so that a question
+    shares the iteration after its arrival with an ingestion step instead of waiting for all of it.
+    0: no cap. vLLM backend only."""
 
     enforce_eager: bool = True
     """No torch.compile / CUDA graphs (fast start; on CPU compile gains ~20% decode for 3x start)."""
@@ -73,6 +82,15 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(f"max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}), "
+                              f"got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError(f"long_prefill_token_threshold must be >= 0 (0: no cap), "
+                              f"got {self.long_prefill_token_threshold}")
+        if self.max_model_len is not None and self.long_prefill_token_threshold > self.max_model_len:
+            raise ConfigError(f"long_prefill_token_threshold must be <= max_model_len ({self.max_model_len}), "
+                              f"got {self.long_prefill_token_threshold}")
         slots = auto_ingest_slots() if self.ingest_slots is None else self.ingest_slots
         if slots < 0:
             raise ConfigError(f"ingest_slots must be >= 0 (0: no limit), got {slots}")

@@ -34,10 +34,19 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model_dir: Path, loop: asyncio.AbstractEventLoop) -> Iterator[tuple[VLLMEngine, ReferenceEngine]]:
+# One iteration per step (the default), and steps split over 32-token iterations with a 16-token cap per
+# request while others wait (chunked prefill; --max-num-batched-tokens / --long-prefill-token-threshold):
+# the connector must inject, capture and report surprise the same way when a step spans iterations.
+ITERATIONS = {"whole": {}, "chunked": {"max_num_batched_tokens": 32, "long_prefill_token_threshold": 16}}
+
+
+@pytest.fixture(scope="module", params=list(ITERATIONS))
+def engines(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, loop: asyncio.AbstractEventLoop
+) -> Iterator[tuple[VLLMEngine, ReferenceEngine]]:
     cfg = EngineConfig(
-        model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048, kv_cache_gib=1
+        model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048, kv_cache_gib=1,
+        **ITERATIONS[request.param],
     )
     v = VLLMEngine(cfg)
     r = ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048)

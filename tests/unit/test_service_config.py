@@ -99,6 +99,23 @@ def test_ingest_slots_default_to_one_on_a_cpu_and_reach_the_engine_admission(tmp
     assert Admission(build_config({"ingest_slots": 2}, env=env).engine.ingest_slots or 0).ingest_slots == 2
 
 
+def test_iteration_budget_reaches_the_engine_config(tmp_path: Path) -> None:
+    env = {"EMSERVE_SESSIONS_DIR": str(tmp_path)}
+    eng = build_config({}, env=env).engine
+    assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == (None, 0)
+    env2 = {**env, "EMSERVE_MAX_NUM_BATCHED_TOKENS": "128", "EMSERVE_LONG_PREFILL_TOKEN_THRESHOLD": "64"}
+    eng = build_config({}, env=env2).engine
+    assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == (128, 64)
+    eng = build_config({"long_prefill_token_threshold": 32}, env=env2).engine
+    assert eng.long_prefill_token_threshold == 32
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        build_config({"max_num_batched_tokens": 8, "max_num_seqs": 16}, env=env)
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold"):
+        build_config({"long_prefill_token_threshold": -1}, env=env)
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold"):
+        build_config({"long_prefill_token_threshold": 4096, "max_model_len": 2048}, env=env)
+
+
 def test_deterministic_mode_reaches_the_engine_admission(tmp_path: Path, tiny_model_dir: Path) -> None:
     from emserve.server.app import build_engine
 
