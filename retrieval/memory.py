@@ -209,8 +209,10 @@ class EpisodicMemory:
     def disk_bytes(self) -> int:
         return self.table.disk_bytes() + self.index.disk_bytes()
 
-    def close(self) -> None:
-        self.index.close()
+    def close(self, *, save: bool = True) -> None:
+        """Close the files and give the device mirror back. ``save``: persist indexes that changed since
+        the last :meth:`checkpoint` first (False writes nothing: a session about to be deleted, a full disk)."""
+        self.index.close(save=save)
         self.table.close()
         if self.scorer is not None:  # give the device memory back now, not when the object is collected
             self.scorer.release()

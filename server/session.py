@@ -429,7 +429,7 @@ class Session:
                     if checkpoint:
                         self._memory.checkpoint()
                 finally:
-                    self._memory.close()
+                    self._memory.close(save=checkpoint)
         finally:  # the files are closed even when the checkpoint fails (e.g. disk full)
             if self._log is not None:
                 self._log.close()

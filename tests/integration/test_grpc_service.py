@@ -835,13 +835,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_a_full_disk_refuses_writes_cleanly_and_space_can_be_freed(tiny_model_dir: Path, small_disk: Path,
-                                                                   engine: WatchedEngine) -> None:
+@pytest.mark.parametrize("retrieval_device", ["cpu", "torch-cpu"])
+def test_a_full_disk_refuses_writes_cleanly_and_space_can_be_freed(
+        tiny_model_dir: Path, small_disk: Path, engine: WatchedEngine, retrieval_device: str) -> None:
     """The disk fills during an ingest: the ingest fails with RESOURCE_EXHAUSTED (reason DISK_FULL), nothing
     acknowledged is lost, and while the disk is full the session can still be read and deleted, which frees
     the space for new sessions. Before, DeleteSession failed too (closing checkpointed the index first),
-    so space could not be freed through the API."""
+    so space could not be freed through the API; on the device path (``torch-cpu`` here, a GPU in
+    production) closing a session for its delete still wrote the index's metadata, and failed."""
     s = ServerThread(tiny_config(tiny_model_dir, small_disk / "sessions", max_open_sessions=1), engine)
+    s.runtime.manager.score_device = retrieval_device  # "torch-cpu": what "auto" picks on a GPU machine
     try:
         with Client(s.address, timeout=30) as c:
             c.create_session("keep")

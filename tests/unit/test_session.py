@@ -552,7 +552,9 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     res = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
     assert res.retrieval is not None
     lexical = [e for e in res.retrieval.layers[0].events if e.source == "lexical"]
-    assert len(lexical) == 1 and lexical[0].start <= 300 < lexical[0].end
+    # one pick, holding some of the words (where a boundary falls among them depends on the engine's
+    # numerics: on a GPU one fell at 302), and all four in the window
+    assert len(lexical) == 1 and any(lexical[0].start <= t < lexical[0].end for t in range(300, 304))
     assert all(any(a <= t < b for a, b in res.window) for t in range(300, 304))
     s.config = dataclasses.replace(cfg, question_lexical=0)
     res0 = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
