@@ -49,15 +49,15 @@ class EngineConfig:
 
     max_num_batched_tokens: int | None = None
     """Token budget of one vLLM iteration, all requests together (vLLM's ``max_num_batched_tokens``). A
-    step with more new tokens runs over several iterations (chunked prefill); a question that arrives
-    while another session's step is in the engine waits at most one iteration. None: max_model_len
-    (a whole window fits in one iteration). vLLM backend only."""
+    step with more new tokens runs over several iterations (chunked prefill), so a question that arrives
+    while another session's step is in the engine waits at most one iteration. 0: max_model_len (a whole
+    window in one iteration). None resolves on construction (:func:`auto_iteration_budget`). vLLM only."""
 
-    long_prefill_token_threshold: int = 0
+    long_prefill_token_threshold: int | None = None
     """Most new tokens of one request per iteration while other requests wait or run (vLLM's
     ``long_prefill_token_threshold``; vLLM lets a lone request use the whole budget), so that a question
     shares the iteration after its arrival with an ingestion step instead of waiting for all of it.
-    0: no cap. vLLM backend only."""
+    0: no cap. None resolves on construction (:func:`auto_iteration_budget`). vLLM only."""
 
     enforce_eager: bool = True
     """No torch.compile / CUDA graphs (fast start; on CPU compile gains ~20% decode for 3x start)."""
@@ -82,15 +82,19 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
-            raise ConfigError(f"max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}), "
-                              f"got {self.max_num_batched_tokens}")
-        if self.long_prefill_token_threshold < 0:
-            raise ConfigError(f"long_prefill_token_threshold must be >= 0 (0: no cap), "
-                              f"got {self.long_prefill_token_threshold}")
-        if self.max_model_len is not None and self.long_prefill_token_threshold > self.max_model_len:
+        auto_budget, auto_cap = auto_iteration_budget()
+        budget = auto_budget if self.max_num_batched_tokens is None else self.max_num_batched_tokens
+        cap = auto_cap if self.long_prefill_token_threshold is None else self.long_prefill_token_threshold
+        if budget < 0 or 0 < budget < self.max_num_seqs:
+            raise ConfigError(f"max_num_batched_tokens must be 0 (max_model_len) or >= max_num_seqs "
+                              f"({self.max_num_seqs}), got {budget}")
+        if cap < 0:
+            raise ConfigError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {cap}")
+        if self.max_model_len is not None and cap > self.max_model_len:
             raise ConfigError(f"long_prefill_token_threshold must be <= max_model_len ({self.max_model_len}), "
-                              f"got {self.long_prefill_token_threshold}")
+                              f"got {cap}")
+        object.__setattr__(self, "max_num_batched_tokens", budget)
+        object.__setattr__(self, "long_prefill_token_threshold", cap)
         slots = auto_ingest_slots() if self.ingest_slots is None else self.ingest_slots
         if slots < 0:
             raise ConfigError(f"ingest_slots must be >= 0 (0: no limit), got {slots}")
@@ -111,6 +115,20 @@ def auto_ingest_slots() -> int:
 
     cuda = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
     return 0 if cuda else 1
+
+
+def auto_iteration_budget() -> tuple[int, int]:
+    """The ``(max_num_batched_tokens, long_prefill_token_threshold)`` that None stands for. Rule: (128, 64)
+    with a CPU-only torch build, else (0, 0): one iteration per step, as vLLM's scheduler was tuned for GPUs.
+
+    On a CPU a 512-token ingestion step takes seconds in one iteration, and a question arriving meanwhile
+    waited for all of it; in 128-token iterations, with a step capped at 64 tokens while a question waits,
+    it waits a fraction of a second (measured with 8 sessions ingesting: docs/reliability.md, "Load"),
+    at a cost of a few percent of one session's ingest speed alone."""
+    import torch
+
+    cuda = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+    return (0, 0) if cuda else (128, 64)
 
 
 def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:

@@ -83,7 +83,7 @@ class VLLMEngine(Engine):
             max_model_len=max_len,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens or max_len,
-            long_prefill_token_threshold=min(config.long_prefill_token_threshold, max_len),
+            long_prefill_token_threshold=min(config.long_prefill_token_threshold or 0, max_len),
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=False,
             gpu_memory_utilization=config.gpu_memory_utilization,

@@ -34,10 +34,12 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
-# One iteration per step (the default), and steps split over 32-token iterations with a 16-token cap per
-# request while others wait (chunked prefill; --max-num-batched-tokens / --long-prefill-token-threshold):
-# the connector must inject, capture and report surprise the same way when a step spans iterations.
-ITERATIONS = {"whole": {}, "chunked": {"max_num_batched_tokens": 32, "long_prefill_token_threshold": 16}}
+# One iteration per step (the default on a GPU), and steps split over 32-token iterations with a 16-token cap
+# per request while others wait (chunked prefill, as the CPU default's 128 / 64; --max-num-batched-tokens /
+# --long-prefill-token-threshold): the connector must inject, capture and report surprise the same way when
+# a step spans iterations.
+ITERATIONS = {"whole": {"max_num_batched_tokens": 0, "long_prefill_token_threshold": 0},
+              "chunked": {"max_num_batched_tokens": 32, "long_prefill_token_threshold": 16}}
 
 
 @pytest.fixture(scope="module", params=list(ITERATIONS))

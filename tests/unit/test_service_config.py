@@ -101,8 +101,16 @@ def test_ingest_slots_default_to_one_on_a_cpu_and_reach_the_engine_admission(tmp
 
 def test_iteration_budget_reaches_the_engine_config(tmp_path: Path) -> None:
     env = {"EMSERVE_SESSIONS_DIR": str(tmp_path)}
+    import torch
+
+    from emserve.server.engine.config import auto_iteration_budget
+
+    cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+    assert auto_iteration_budget() == ((128, 64) if cpu_only else (0, 0))
     eng = build_config({}, env=env).engine
-    assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == (None, 0)
+    assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == auto_iteration_budget()
+    eng = build_config({"max_num_batched_tokens": 0, "long_prefill_token_threshold": 0}, env=env).engine
+    assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == (0, 0)
     env2 = {**env, "EMSERVE_MAX_NUM_BATCHED_TOKENS": "128", "EMSERVE_LONG_PREFILL_TOKEN_THRESHOLD": "64"}
     eng = build_config({}, env=env2).engine
     assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == (128, 64)
