@@ -7,7 +7,10 @@ Run by ``bench/eval.py`` after the emserve server has stopped (two engines never
 JOB: ``{"model": path, "max_model_len": n, "max_tokens": m, "prompts": [{"id": .., "ids": [..]}],
 "prefill_tokens": [n, ..], "prefill_reps": r}``. Each prompt is answered alone, greedy, with
 ``max_tokens`` (wall time recorded). ``prefill_tokens``: prompts of that many tokens with
-``max_tokens=1``, timed ``prefill_reps`` times (prefill throughput). vLLM runs with chunked prefill
+``max_tokens=1``, timed ``prefill_reps`` times (prefill throughput). ``decode``: ``[{"id": .., "ids": [..],
+"max_tokens": n}]``, each prompt generated greedily with ``ignore_eos`` ``decode_reps`` times (default 3),
+streamed, its decode rate ``(n - 1) / (last token - first token)`` recorded (the server's ``tokens_per_s``
+rule). vLLM runs with chunked prefill
 in chunks of 512 tokens (emserve's ``exc_block_size``), the job's ``dtype`` (default bfloat16; ``auto``: the
 server's rule, ``EngineConfig``), no prefix caching, eager mode,
 the same KV-cache size as the server (``VLLM_CPU_KVCACHE_SPACE`` 2 GiB).
@@ -60,7 +63,37 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             dt = time.perf_counter() - t
             prefill.append({"tokens": n, "rep": r, "seconds": dt, "tok_s": n / dt})
             print(f"vanilla prefill {n} tokens: {n / dt:.0f} tok/s", file=sys.stderr, flush=True)
-    return {"start_s": start_s, "chunk_tokens": CHUNK, "answers": answers, "prefill": prefill, "dtype": cfg.dtype}
+    decode = [dict(d, **_decode_rate(llm, d, r)) for d in job.get("decode", [])
+              for r in range(int(job.get("decode_reps", 3)))]
+    for d in decode:
+        d.pop("ids", None)
+    return {"start_s": start_s, "chunk_tokens": CHUNK, "answers": answers, "prefill": prefill, "decode": decode,
+            "dtype": cfg.dtype}
+
+
+def _decode_rate(llm: Any, d: dict[str, Any], rep: int) -> dict[str, Any]:
+    """One greedy generation of ``d["max_tokens"]`` tokens after ``d["ids"]``, streamed through the engine's
+    step loop: the time of each new token, and the decode rate between the first and the last."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=int(d["max_tokens"]), temperature=0.0, ignore_eos=True)
+    rid = f"decode-{d['id']}-{rep}"
+    engine.add_request(rid, TokensPrompt(prompt_token_ids=d["ids"]), params)
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    n = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid and len(out.outputs[0].token_ids) > n:
+                n = len(out.outputs[0].token_ids)
+                stamps.append(time.perf_counter())
+    rate = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 and stamps[-1] > stamps[0] else 0.0
+    print(f"vanilla decode {d['id']} ({len(d['ids'])} tokens of context): {rate:.1f} tok/s", file=sys.stderr,
+          flush=True)
+    return {"rep": rep, "context_tokens": len(d["ids"]), "tokens": n, "first_token_s": stamps[0] - t0,
+            "tokens_per_s": rate}
 
 
 def run_subprocess(job: dict[str, Any], workdir: Path, timeout: float | None = None) -> dict[str, Any]:
