@@ -1,11 +1,8 @@
 """Exact scoring of a shared selection on a torch device (a GPU): no HNSW, every event scored.
 
-Why: on CPU a step's exact scoring of every event grows with the memory (20 layers x 4 vectors x
-192 values per event: ~2 s at 1M tokens on one core), and the HNSW path that replaces it there keeps
-float32 graphs in RAM (7.5 GiB at 1M tokens) and still costs ~150 ms per step
-(``bench/results/retrieval_index.md``). A GPU reads the same representatives at ~3 TB/s: a 1M-token
-session's scoring layers (~3 GB in float16) are one batched matrix product per step
-(``bench/retrieval_device.py`` measures it). Where the engine runs on a GPU, retrieval scores there.
+Why: on a CPU, exact scoring of every event grows with the memory and the HNSW path that replaces it
+keeps graphs in RAM; a GPU scores a 1M-token session's representatives in one batched product per step
+(``docs/decisions.md``, "Retrieval on a GPU"). Where the engine runs on a GPU, retrieval scores there.
 
 Contract
 --------

@@ -22,11 +22,9 @@ Contract
   ``build_threshold`` events (default: half the exact-search threshold). From then on each
   :meth:`EventIndex.sync` of a writer adds at most ``catchup_events`` events, oldest first, so the
   backlog is added over the next steps instead of stalling one of them, and once caught up every sync
-  adds just the new events (capacity doubles with ``resize_index``). Why: exact search is faster than
-  this HNSW path up to thousands of events (``bench/results/retrieval_index.md``: 165 vs 507 ms p50 at
-  9.3k events), and the adds were a third of a session's ingest time at 16k tokens
-  (~8 ms per event for 20 layers at ``ef_construction`` 200), all of it spent on indexes no search
-  used. Opening an index catches up fully (a lost or stale index is rebuilt at once).
+  adds just the new events (capacity doubles with ``resize_index``). Why: exact search beats this HNSW path up to
+  thousands of events, and adds made early would cost ingest time for indexes no search uses
+  (``docs/decisions.md``, "Lazy HNSW"). Opening an index catches up fully (a lost or stale index is rebuilt at once).
 * Search: below ``exact_threshold`` events, or while the HNSW indexes lag the table, exact
   (``max_j reps_j @ q`` over the memory-mapped table, then ``argpartition``); otherwise HNSW with
   ``ef`` (``max(ef, k V)`` in effect; ``k V`` vectors are asked for, so at least ``k`` distinct events
@@ -94,8 +92,8 @@ class IndexParams:
     """... and the unsaved events are at least this fraction of the saved ones."""
     num_threads: int = 0
     """hnswlib threads for adds (0: one per CPU core, at most 4). Adds run between the session's
-    engine steps, when its own step leaves the cores idle: 2 threads halve the add time on 2 cores
-    (188 vectors into a 60k-vector graph: 93 -> 46 ms). Queries are single-thread."""
+    engine steps, when its own step leaves the cores idle (``docs/decisions.md``, "Lazy HNSW"). Queries
+    are single-thread."""
     initial_capacity: int = 1024
     """Initial hnswlib capacity (events); doubles as needed."""
     seed: int = 100

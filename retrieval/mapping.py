@@ -4,13 +4,9 @@ A session's files outgrow the page cache in long sessions, and then a read of ol
 fault. On a fault in an ordinary file mapping Linux reads around it, up to the device's readahead
 (``read_ahead_kb``: 8 MiB on the development VM). That suits scans and dense gathers, and is ruinous
 for the KV log: a step's window reads each retrieved event's few KiB per layer, scattered over the
-whole session. Measured on a 1M-token session with a cold page cache (``bench/session_profile.py``,
-8k tokens appended): vLLM's step 7.9 s -> 1.5 s p50 with ``random=True`` on the KV log.
-
-The representatives are better left to readahead: exact search scans them whole (a cold scan of
-6 GB took 69 s fault by fault), and the HNSW path rescoring gathers thousands of events per step
-(2.5 s with readahead vs 3.2 s without, same session). Recent data (the local window, just written)
-is in the page cache either way.
+whole session. The representatives are left to readahead: exact search scans them whole and HNSW rescoring gathers
+thousands of events per step. Recent data (the local window, just written) is in the page cache either
+way. Measurements: ``docs/decisions.md``, "KV log reads".
 """
 
 from __future__ import annotations

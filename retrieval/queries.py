@@ -20,34 +20,13 @@ summary (ingestion chunks, ``n = 1``). The score of ``e`` in layer ``l`` is::
    estimated on an evenly spaced sample of the memory's representatives: every query token and every
    layer votes with the same weight (no effect on one query's ranking within one layer).
 4. **Shared selection** (``per_layer=False``) ranks by ``sum_l s_l(e)`` over the *scoring layers*
-   (default: the first 2/3 of the layers: adding the last third made the ranking worse, see the
-   table below).
+   (default: the first 2/3 of the layers).
 
 Queries are pre-RoPE (de-rotated to distance 0) and stay so: scoring at a RoPE distance (EM-LLM
 rotates the query by ``n_local``; averaging over a distance range) helped the uncentered mean-key
 score but hurt every centered variant.
 
-Measured offline on streams ingested through the product engine (SmolLM2-135M, passkey in ``big``
-text, depths 0.1/0.5/0.9; ``bench/needle.py`` makes the trials): rank of the best needle event in
-the shared ranking. About 60 events fit the similarity share of the 1024-token budget::
-
-                                                   8k, 6 trials    32k, 5 trials
-    mean key, mean query (the first version)       25-311          -
-    + centering, last 8 tokens, z-averaged          1-5             10-237
-    + scoring layers 0-19 of 30                     0-1             0-103
-    MaxSim over the 4 largest-norm keys, 0-19       0-1             0-22
-    ... last 4 question tokens (the default)        0               0-1
-    ... last 4, all 30 layers                       0-1             0-122
-    ... last 4, no centering                        -               5-1437
-    ... last 4, 8 keys / every key of the event     -               0 / 0-17
-
-These use EM-LLM's surprise threshold gamma 1.0 (events of ~11 tokens). With gamma 3.0 (events of
-~75 tokens, ~10 of them per budget) the same scoring ranks the needle 0-313 at 32k; gamma 3.0 with
-``max_block_size`` 16 ranks it 0-143 (4 keys) or 0-39 (8 keys). Hence the session default gamma 1.0.
-
-Per-layer selection (each layer its own ranking) found the needle in 19-29 of 30 layers at 8k but
-only 7-26 at 32k, hence shared selection is the session default. All question tokens instead of the
-last few ("\\n\\nWhat is the" included) rank far worse (32k: 15-189 with mean keys).
+Why each part is there, with the measurements that chose it: ``docs/decisions.md``, "Queries".
 """
 
 from __future__ import annotations

@@ -14,13 +14,7 @@ of the same token, ``num_kv_heads * head_dim`` values, *not* expanded to the que
 ``retriever``) with the query summed over each GQA group of query heads, which equals the score of
 the GQA-expanded key (``sum_h q_h . k_{h // g} = sum_kv (sum_{h in kv} q_h) . k_kv``) at a third of
 the storage for SmolLM2 (9 query heads, 3 kv heads). Events shorter than ``repr_topk`` repeat their tokens
-(the max is unchanged). Why (``bench/needle.py`` trials, SmolLM2-135M): a passkey question's
-queries match single needle tokens (" pass", " key") strongly, among tens of thousands of tokens;
-averaging an event's 8-16 keys (``"mean"``) dilutes that match below the noise of 3,000 events at
-32k tokens (needle ranks 24-237 in the shared ranking), while a max over a *fixed, small* number of
-keys per event keeps it (ranks 0-22; with every token of the event the max favours long events:
-ranks 1-43). Selecting the 4 keys by norm, by distance to the event's mean key or to the stream's
-mean key gave the same ranks within noise; norm needs no state.
+(the max is unchanged). Why a max over a few keys, chosen by norm: ``docs/decisions.md``, "Representatives".
 
 Keys come from the KV log post-RoPE; they are de-rotated to position 0 (``rotate(k, -positions)``)
 so that representatives and queries are both position-free. ``rotate`` is passed in (the engine's

@@ -5,7 +5,7 @@ an event scores ``s_l(e) = mean_i max_j (q_il - q̄_l) . rep_e,j / sigma_il`` ov
 vectors ``i`` (a mean summary, or a question's last tokens) and the event's representative vectors
 ``j`` (:mod:`~emserve.retrieval.queries`: centered on the stream's mean query, MaxSim, standardized;
 with the defaults of this class, no centering and no standardization: ``mean_i max_j q_i . rep_j``).
-Why each part is there, with the measurements, is in ``queries`` and ``representatives``.
+Why each part is there: ``queries``, ``representatives`` and ``docs/decisions.md``.
 
 * **All fits.** When the retrievable events hold ``<= B`` tokens, every layer takes all of them
   (source ``"similarity"``). The contiguity buffers are not touched.
@@ -34,12 +34,10 @@ Why each part is there, with the measurements, is in ``queries`` and ``represent
   does not hold, so ``UB(e) = sum_il w_il * (s_il(e) if e is in the list else tau_il)``
   (``w_il = scale_il / n``) is an upper bound of the exact score (up to HNSW misses). Candidates are
   ranked by ``UB``, and only the best covering ``rescore_factor * (B + k_c)`` tokens are scored
-  exactly and ranked (``bench/retrieval_index.py``, factor 3: 4-8x faster than the union at 100k-1M
-  tokens; selection recall vs exact 0.98 on real events at 10k tokens, 0.69 on synthetic events at
-  100k (top-10 recall 0.99 / 0.89); the needle selected wherever exact selects it).
+  exactly and ranked (speed and recall vs exact: ``docs/decisions.md``, "Bounded rescoring").
 * **On a device** (``scorer``, a shared selection; ``EpisodicMemory`` on a GPU): every event is scored
   exactly at every step from representatives held in device memory
-  (:mod:`~emserve.retrieval.device_scorer`: ~2.6 ms per ingestion step at 1M tokens on an H100), and
+  (:mod:`~emserve.retrieval.device_scorer`), and
   only the ranking's prefix that the walk below can need comes back to the host. No HNSW.
 * Selected events are returned in temporal order with their exact scores.
 

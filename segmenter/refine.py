@@ -13,9 +13,8 @@ start ``n_init`` for the first) and β the boundary to move, with ``β − α >=
 ``h = (β − α) // 2`` and take the window ``W = [max(α, floor), min(β + h, end))``, where
 ``floor`` is the first non-sink token and ``end`` the stream length. (EM-LLM's window starts at
 ``α − h``: then the previous event's tail forms the left community and the best split collapses to α,
-clamped to ``α + min_size`` — on the seam benchmark ``bench/segmentation.py`` a quarter of the events
-came out at exactly ``min_size`` and F1 dropped; a window that starts at α splits only the event
-being decided from what follows it.) Inside W, with
+clamped to ``α + min_size``; a window that starts at α splits only the event being decided from what
+follows it: ``docs/decisions.md``, "Refinement window".) Inside W, with
 ``k_i = Σ_{j∈W} A_ij``, ``2m = Σ_{i,j∈W} A_ij``, a candidate t splits W into ``S = [lo, t)`` and
 ``S̄ = [t, hi)``; with ``in(X) = Σ_{i,j∈X} A_ij``, ``vol(X) = Σ_{i∈X} k_i``:
 

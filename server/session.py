@@ -108,10 +108,8 @@ class MemoryConfig:
     min_block_size: int = 8
     max_block_size: int = 128
     surprisal_threshold_gamma: float = 1.0
-    """EM-LLM's 1.0. bench/segmentation.py finds the best seam F1 at 3.0, but bench/needle.py needs the
-    finer events of 1.0 (avg ~11 tokens vs ~75; ~60 vs ~10 of them fit the retrieval budget): at 32k
-    tokens the passkey's event ranked 0-1 in the shared ranking with 1.0, 0-313 with 3.0, 0-39 with
-    3.0 and max_block_size 16 (5 trials; ``emserve.retrieval.queries``)."""
+    """A boundary where a token's surprise exceeds mean + gamma x std of the recent window (EM-LLM's 1.0;
+    why not the 3.0 the seam benchmark prefers: docs/decisions.md)."""
     similarity_metric: str = "modularity"
     splitter: str = "surprise"
     repr_topk: int = 4
@@ -120,7 +118,7 @@ class MemoryConfig:
     contiguity_buffer_size: float = 0.3
     per_layer: bool = False
     """False (default): one selection for all layers, scored on the first ``shared_score_layers`` of
-    them; per-layer selection found a passkey needle in far fewer layers (``emserve.retrieval.queries``)."""
+    them; True: each layer selects its own events (EM-LLM)."""
     shared_score_layers: float = 2 / 3
     center_queries: bool = True
     standardize_queries: bool = True
@@ -130,13 +128,8 @@ class MemoryConfig:
     query summary."""
     question_rank: str = "interleave"
     """``"interleave"``: each question token ranks the events by its own score and their lists are
-    interleaved (``Retriever.retrieve``); ``"mean"``: by the tokens' mean score (the default before,
-    with the last 4 tokens; sessions saved before this field keep it). ``bench/question_queries.py``
-    (SmolLM2-135M, 16k and 32k haystacks): a question takes the prose needle's event in 11/12 with
-    interleaving vs 0/12 with the mean of its last 4 tokens (" the provided text is" names nothing in
-    it), the pass key's in 12/12 with both; through the server at 32k the needle is answered 3/5 vs 0/5
-    (``bench/results/question_queries.md``). Exact scoring then costs ``t`` (<= 64) query tokens instead
-    of 4 per event: more of a question's time in long sessions (not measured past 32k)."""
+    interleaved (``Retriever.retrieve``); ``"mean"``: by the tokens' mean score (sessions saved before
+    this field keep it). Exact scoring costs every query token (``question_query_tokens``) per event."""
     question_content_queries: bool = False
     """A question ranks the events with the query tokens whose text holds a letter or a digit only
     (:func:`content_rows`): a newline or a question mark names nothing to look up."""
@@ -180,12 +173,9 @@ class MemoryConfig:
     question_n_local: int | None = 64
     question_n_mem: int | None = 256
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
-    tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Chosen
-    by ``bench/needle.py --question-windows``: SmolLM2-135M reads a 32k stream's pass key far more
-    often from this short window than from the ingestion window (``bench/results/needle.json``: 9/9
-    vs 3/9). Events close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so
-    the recent ones are retrievable by a question too; the tokens after the last closed event are in
-    the window."""
+    tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Events
+    close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so the recent ones are
+    retrievable by a question too; the tokens after the last closed event are in the window."""
 
     def __post_init__(self) -> None:
         if self.question_copy < 0:

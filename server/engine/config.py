@@ -60,7 +60,7 @@ class EngineConfig:
     0: no cap. None resolves on construction (:func:`auto_iteration_budget`). vLLM only."""
 
     enforce_eager: bool = True
-    """No torch.compile / CUDA graphs (fast start; on CPU compile gains ~20% decode for 3x start)."""
+    """No torch.compile / CUDA graphs: a fast start (``docs/decisions.md``, "Eager mode")."""
 
     scratch_dir: str | None = None
     """Where the engine core writes per-step results. None: a fresh temp dir."""
@@ -136,7 +136,7 @@ def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:
 
     Rule: bfloat16 unless torch is a CPU-only build and the CPU lacks native bf16 arithmetic (none of
     :data:`BF16_CPU_FLAGS` in ``/proc/cpuinfo``), where float32: without those instructions bf16
-    matrix products are emulated and far slower than float32 ones (measured: README, Configuration).
+    matrix products are emulated and far slower than float32 ones (measured: docs/configuration.md).
     The KV log keeps its own dtype (``log_dtype``) either way. ``cpuinfo``: the text of
     ``/proc/cpuinfo`` (read when None; unreadable: assumed without the flags).
     """
