@@ -7,7 +7,7 @@ runs: the same text ingested into a fresh session by a server started with each 
 (A B A B ..., one server at a time), then the same questions asked of it. Reported per pair: ingest
 tokens/s and question TTFT p50 of each side and their ratio B/A; the median ratio over the pairs.
 
-    .venv/bin/python bench/iteration_budget.py                 # default vs 128/64: results/iteration_budget.json
+    .venv/bin/python bench/iteration_budget.py                 # defaults vs one iteration per step
     .venv/bin/python bench/iteration_budget.py --pairs 1 --tokens 2048 --no-write   # a smoke run
 """
 
@@ -55,9 +55,9 @@ def measure(model: str, workdir: Path, extra: list[str], ids: list[int], questio
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--a", default="", help="`emserve serve` flags of side A (default: none, the server's defaults)")
-    ap.add_argument("--b", default="--max-num-batched-tokens 128 --long-prefill-token-threshold 64",
-                    help="`emserve serve` flags of side B")
+    ap.add_argument("--a", default="--max-num-batched-tokens 0 --long-prefill-token-threshold 0",
+                    help="`emserve serve` flags of side A (default: one iteration per step)")
+    ap.add_argument("--b", default="", help="`emserve serve` flags of side B (default: none, the server's defaults)")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens ingested per measurement")
     ap.add_argument("--questions", type=int, default=10, help="questions per measurement")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [[i + 1, p["A"]["ingest_tok_s"], p["B"]["ingest_tok_s"], p["ingest_ratio"], p["A"]["ttft_p50_s"],
              p["B"]["ttft_p50_s"], p["ttft_ratio"]] for i, p in enumerate(pairs)]
-    print(f"A: {args.a or '(defaults)'}\nB: {args.b}")
+    print(f"A: {args.a or '(defaults)'}\nB: {args.b or '(defaults)'}")
     print(table(["pair", "A tok/s", "B tok/s", "B/A", "A TTFT p50 s", "B TTFT p50 s", "B/A"], rows))
     med_ingest = float(np.median([p["ingest_ratio"] for p in pairs]))
     med_ttft = float(np.median([p["ttft_ratio"] for p in pairs]))

@@ -122,7 +122,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "sessions' traffic (EMSERVE_DETERMINISTIC; costs the overlap of their engine work)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                    help="tokens of one vLLM iteration, all sessions together; longer steps run in several "
-                        "(EMSERVE_MAX_NUM_BATCHED_TOKENS; 0: max_model_len; default 128 on a CPU, 0 on a GPU)")
+                        "(EMSERVE_MAX_NUM_BATCHED_TOKENS; 0: max_model_len; default 256 on a CPU, 0 on a GPU)")
     p.add_argument("--long-prefill-token-threshold", type=int, default=None, metavar="N",
                    help="most tokens of one session's step per iteration while other steps wait, so a question "
                         "need not wait for a whole ingestion chunk (EMSERVE_LONG_PREFILL_TOKEN_THRESHOLD; 0: no cap; "

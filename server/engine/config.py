@@ -118,17 +118,17 @@ def auto_ingest_slots() -> int:
 
 
 def auto_iteration_budget() -> tuple[int, int]:
-    """The ``(max_num_batched_tokens, long_prefill_token_threshold)`` that None stands for. Rule: (128, 64)
+    """The ``(max_num_batched_tokens, long_prefill_token_threshold)`` that None stands for. Rule: (256, 64)
     with a CPU-only torch build, else (0, 0): one iteration per step, as vLLM's scheduler was tuned for GPUs.
 
-    On a CPU a 512-token ingestion step takes seconds in one iteration, and a question arriving meanwhile
-    waited for all of it; in 128-token iterations, with a step capped at 64 tokens while a question waits,
-    it waits a fraction of a second (measured with 8 sessions ingesting: docs/reliability.md, "Load"),
-    at a cost of a few percent of one session's ingest speed alone."""
+    On a CPU a 512-token ingestion step takes a second or more in one iteration, and a question arriving
+    meanwhile waited for all of it; in 256-token iterations, with a step capped at 64 tokens while a
+    question waits, it waits a fraction of that. Measured with 8 sessions ingesting, and what it costs one
+    session alone: docs/reliability.md, "Load"."""
     import torch
 
     cuda = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
-    return (0, 0) if cuda else (128, 64)
+    return (0, 0) if cuda else (256, 64)
 
 
 def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:

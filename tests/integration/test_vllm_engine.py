@@ -35,7 +35,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 # One iteration per step (the default on a GPU), and steps split over 32-token iterations with a 16-token cap
-# per request while others wait (chunked prefill, as the CPU default's 128 / 64; --max-num-batched-tokens /
+# per request while others wait (chunked prefill, as the CPU default's 256 / 64; --max-num-batched-tokens /
 # --long-prefill-token-threshold): the connector must inject, capture and report surprise the same way when
 # a step spans iterations.
 ITERATIONS = {"whole": {"max_num_batched_tokens": 0, "long_prefill_token_threshold": 0},

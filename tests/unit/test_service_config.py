@@ -106,7 +106,7 @@ def test_iteration_budget_reaches_the_engine_config(tmp_path: Path) -> None:
     from emserve.server.engine.config import auto_iteration_budget
 
     cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
-    assert auto_iteration_budget() == ((128, 64) if cpu_only else (0, 0))
+    assert auto_iteration_budget() == ((256, 64) if cpu_only else (0, 0))
     eng = build_config({}, env=env).engine
     assert (eng.max_num_batched_tokens, eng.long_prefill_token_threshold) == auto_iteration_budget()
     eng = build_config({"max_num_batched_tokens": 0, "long_prefill_token_threshold": 0}, env=env).engine
