@@ -27,7 +27,7 @@ from emserve.server.engine.base import SamplingSpec, TokenDelta
 from emserve.server.errors import InvalidArgument, LimitExceeded
 from emserve.server.session import AskResult
 from emserve.server.sessions import Entry, SessionManager, check_session_id
-from emserve.server.text import StreamDecoder, TextCodec
+from emserve.server.text import StreamDecoder, TextCodec, checked_ids
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_PREVIEW_TOKENS = 16
@@ -93,11 +93,7 @@ class Generator:
         if p.prompt_tokens is not None:
             if p.chat_template:
                 raise InvalidArgument("chat_template", "chat_template needs a text prompt, not prompt_tokens")
-            ids = [int(t) for t in p.prompt_tokens]
-            vocab = self.manager.engine.info.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidArgument("prompt_tokens", f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+            ids = checked_ids(p.prompt_tokens, self.manager.engine.info.vocab_size, "prompt_tokens")
         else:
             text = p.prompt or ""
             ids = self.codec.chat_prompt(text) if p.chat_template else self.codec.encode(text)

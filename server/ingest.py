@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from emserve.server.errors import InvalidArgument, LimitExceeded, ShuttingDown
 from emserve.server.sessions import Entry, SessionManager, check_session_id
-from emserve.server.text import TextCodec
+from emserve.server.text import TextCodec, checked_ids
 
 _TOKENIZE_INLINE_CHARS = 4096  # shorter texts are tokenized on the event loop
 
@@ -95,12 +95,7 @@ class Ingestor:
     async def _tokens(self, msg: IngestMessage) -> list[int]:
         if msg.tokens is not None:
             self._check_size(len(msg.tokens))  # before reading them: a message's work is bounded
-            ids = [int(t) for t in msg.tokens]
-            vocab = self.manager.engine.info.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidArgument("tokens", f"token ids outside the vocabulary (size {vocab}): {bad[:5]}")
-            return ids
+            return checked_ids(msg.tokens, self.manager.engine.info.vocab_size, "tokens")
         text = msg.text or ""
         if len(text) <= _TOKENIZE_INLINE_CHARS:
             ids = self.codec.encode(text)

@@ -12,9 +12,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from emserve.server.errors import InvalidArgument
 
 REPLACEMENT = "\ufffd"
+
+
+def checked_ids(values: Sequence[int], vocab_size: int, field: str) -> list[int]:
+    """``values`` as a list of ints, all in ``[0, vocab_size)``; else InvalidArgument on ``field`` naming the
+    first five outside it. One vectorized pass (a message holds up to ``max_message_tokens`` ids)."""
+    try:
+        a = np.asarray(values, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        raise InvalidArgument(field, f"token ids must be integers in [0, {vocab_size})") from None
+    bad = a[(a < 0) | (a >= vocab_size)]
+    if bad.size:
+        raise InvalidArgument(field, f"token ids outside the vocabulary (size {vocab_size}): {bad[:5].tolist()}")
+    return a.tolist()
 
 
 class TextCodec:

@@ -10,7 +10,8 @@ import pytest
 
 from emserve.client import split_stream, split_text
 from emserve.client import split_text as client_split
-from emserve.server.text import StreamDecoder, TextCodec
+from emserve.server.errors import InvalidArgument
+from emserve.server.text import StreamDecoder, TextCodec, checked_ids
 
 TEXT = ("The quick brown fox jumps over the lazy dog.  Episodic memory segments a stream of tokens\n\n"
         "into events by surprise. Hello world! This is a tiny tokenizer trained offline. ") * 6
@@ -116,3 +117,18 @@ def test_chat_template_of_the_default_model() -> None:
     text = codec.tokenizer.decode(ids)
     assert "<|im_start|>user\nWhat is the pass key?<|im_end|>" in text and text.rstrip().endswith("assistant")
     assert codec.decode(ids).count("What is the pass key?") == 1
+
+
+def test_checked_ids_accepts_the_vocabulary_and_names_what_is_outside_it() -> None:
+    from emserve.api.v1 import emserve_pb2 as pb
+
+    msg = pb.IngestRequest(tokens=pb.TokenIds(ids=[0, 5, 99]))
+    assert checked_ids(msg.tokens.ids, 100, "tokens") == [0, 5, 99]  # a protobuf repeated field
+    assert checked_ids([], 100, "tokens") == []
+    assert all(type(t) is int for t in checked_ids((1, 2), 100, "tokens"))
+    with pytest.raises(InvalidArgument, match=r"size 100\): \[100, 4294967295, 100, 100, 100\]") as ei:
+        checked_ids([1, 100, 4294967295, 2, 100, 100, 100, 100], 100, "prompt_tokens")
+    assert ei.value.field == "prompt_tokens"
+    for bad in ([-1], [2**70], ["x"]):
+        with pytest.raises(InvalidArgument):
+            checked_ids(bad, 100, "tokens")
