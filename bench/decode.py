@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 from eval import git_rev  # noqa: E402
-from eval_server import Server, add_server_args, harness_inputs, log  # noqa: E402
+from eval_server import Server, add_server_args, harness_inputs, log, text_ids  # noqa: E402
 from eval_vanilla import run_subprocess  # noqa: E402
 from load import QUESTIONS  # noqa: E402
 
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     spec, text, workdir = harness_inputs(args, "emserve-decode-")
-    from transformers import AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(str(spec.path))(text[: args.tokens * 8])["input_ids"][: args.tokens]
+    ids = text_ids(spec, text, args.tokens)
     server = Server(str(spec.path), workdir, extra=args.server_arg)
     rows: list[dict[str, Any]] = []
     try:

@@ -85,6 +85,13 @@ def harness_inputs(args: Any, prefix: str) -> tuple[Any, str, Path]:
     return spec, text, workdir
 
 
+def text_ids(spec: Any, text: str, n: int) -> list[int]:
+    """The first ``n`` token ids of ``text`` as ``spec``'s tokenizer encodes it with its own defaults."""
+    from transformers import AutoTokenizer
+
+    return list(AutoTokenizer.from_pretrained(str(spec.path))(text[: n * 8])["input_ids"][:n])
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

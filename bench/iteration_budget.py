@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_results  # noqa: E402
 from eval import git_rev  # noqa: E402
-from eval_server import Server, add_server_args, harness_inputs, log  # noqa: E402
+from eval_server import Server, add_server_args, harness_inputs, log, text_ids  # noqa: E402
 from load import QUESTIONS, ask_timed  # noqa: E402
 
 
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     spec, text, workdir = harness_inputs(args, "emserve-iteration-budget-")
-    from transformers import AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(str(spec.path))(text[: args.tokens * 8])["input_ids"][: args.tokens]
+    ids = text_ids(spec, text, args.tokens)
     sides = {"A": [*args.server_arg, *shlex.split(args.a)], "B": [*args.server_arg, *shlex.split(args.b)]}
     pairs: list[dict[str, Any]] = []
     for i in range(args.pairs):
