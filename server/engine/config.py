@@ -104,6 +104,13 @@ class EngineConfig:
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def gpu_build() -> bool:
+    """Whether torch is a CUDA or ROCm build (the ``auto`` defaults below split on it, not on a visible GPU)."""
+    import torch
+
+    return torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+
+
 def auto_ingest_slots() -> int:
     """The ``ingest_slots`` that None stands for. Rule: 1 with a CPU-only torch build, else 0 (no limit).
 
@@ -111,10 +118,7 @@ def auto_ingest_slots() -> int:
     every ingestion step in the engine, and batching gained nothing in ingest throughput either (measured
     with 8 sessions: docs/reliability.md, "Load"). A GPU's batching is where its throughput comes from;
     there vLLM batches every step (not measured here)."""
-    import torch
-
-    cuda = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
-    return 0 if cuda else 1
+    return 0 if gpu_build() else 1
 
 
 def auto_iteration_budget() -> tuple[int, int]:
@@ -125,10 +129,7 @@ def auto_iteration_budget() -> tuple[int, int]:
     meanwhile waited for all of it; in 256-token iterations, with a step capped at 64 tokens while a
     question waits, it waits a fraction of that. Measured with 8 sessions ingesting, and what it costs one
     session alone: docs/reliability.md, "Load"."""
-    import torch
-
-    cuda = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
-    return (0, 0) if cuda else (256, 64)
+    return (0, 0) if gpu_build() else (256, 64)
 
 
 def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:
@@ -140,9 +141,7 @@ def auto_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:
     The KV log keeps its own dtype (``log_dtype``) either way. ``cpuinfo``: the text of
     ``/proc/cpuinfo`` (read when None; unreadable: assumed without the flags).
     """
-    import torch
-
-    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+    if gpu_build():
         return "bfloat16"
     if cpuinfo is None:
         try:
