@@ -254,14 +254,18 @@ class Generator:
                     yield Chunk((), tail)
                 t_end = time.perf_counter()
                 out_ids = list(decoder.ids)
-                if result is not None and decoder.stopped is None and len(result.token_ids) > len(out_ids):
-                    # the engine's final output is the truth; streamed deltas can trail it
-                    logger.warning("generation: %d streamed tokens, engine result has %d",
-                                   len(out_ids), len(result.token_ids))
-                    tail = decoder.push(result.token_ids[len(out_ids):]) + decoder.finish()
-                    if tail:
-                        yield Chunk(tuple(result.token_ids[len(out_ids):]), tail)
-                    out_ids = list(decoder.ids)
+                final_ids = list(result.token_ids) if result is not None else out_ids
+                if decoder.stopped is None and final_ids != out_ids:
+                    if final_ids[:len(out_ids)] == out_ids:  # the deltas trail the engine's final output: send the rest
+                        logger.warning("generation: %d streamed tokens, engine result has %d",
+                                       len(out_ids), len(final_ids))
+                        tail = decoder.push(final_ids[len(out_ids):]) + decoder.finish()
+                        if tail:
+                            yield Chunk(tuple(final_ids[len(out_ids):]), tail)
+                        out_ids = list(decoder.ids)
+                    else:  # an engine bug: what the client saw is what is kept (and remembered)
+                        logger.error("generation: the streamed tokens differ from the engine's result "
+                                     "(%d vs %d tokens); keeping the streamed ones", len(out_ids), len(final_ids))
                 reason = _finish_reason(decoder, result)
                 committed = session.num_tokens
                 if p.remember:

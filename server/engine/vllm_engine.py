@@ -167,12 +167,15 @@ class VLLMEngine(Engine):
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=rid):
                 final = out
                 if gen:
+                    # vLLM hands out its live token list (no detokenizer): it grows while this generator is
+                    # suspended in ``yield``, so what was sent is counted before yielding, never after
                     toks = out.outputs[0].token_ids
                     if len(toks) > sent:
                         if t_first is None:
                             t_first = time.perf_counter()
-                        yield TokenDelta(tuple(toks[sent:]))
-                        sent = len(toks)
+                        delta = tuple(toks[sent:])
+                        sent += len(delta)
+                        yield TokenDelta(delta)
             if final is None:
                 raise EngineError(f"vLLM returned no output for request {rid}")
             surprise = np.zeros(0, np.float32)

@@ -16,7 +16,7 @@ import torch
 
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
-from emserve.server.engine.base import SamplingSpec, StepOptions
+from emserve.server.engine.base import SamplingSpec, StepOptions, TokenDelta
 from emserve.server.engine.config import EngineConfig
 
 vllm = pytest.importorskip("vllm")
@@ -251,6 +251,33 @@ def test_generation_streams_and_can_be_cancelled(engines, loop, tmp_path: Path) 
     # the engine is still healthy afterwards
     r = loop.run_until_complete(v.step(WindowPlan.build(_ids(10, 9)), SamplingSpec(max_tokens=4, ignore_eos=True)))
     assert len(r.output_token_ids) == 4
+
+
+def test_a_slow_consumer_receives_every_token_once(engines, loop, tmp_path: Path) -> None:
+    """The streamed deltas concatenate to the step's final tokens even when the consumer is slower than
+    decoding (vLLM's token list grows while the stream waits in ``yield``). Before, the tokens decoded
+    during that wait were counted as sent and never streamed (found by bench/crash.py: an answer with a
+    token missing and its last token repeated by the caller's fix-up)."""
+    v, _ = engines
+
+    async def run() -> tuple[list[int], list[int], int]:
+        streamed: list[int] = []
+        final: list[int] = []
+        deltas = 0
+        async for item in v.stream(WindowPlan.build(_ids(10, 11)), SamplingSpec(max_tokens=48, ignore_eos=True),
+                                   StepOptions(surprise=False, queries=False)):
+            if isinstance(item, TokenDelta):
+                streamed.extend(item.token_ids)
+                deltas += 1
+                await asyncio.sleep(0.05)  # a slow client: decoding goes on meanwhile
+            else:
+                final = list(item.output_token_ids)
+        return streamed, final, deltas
+
+    streamed, final, deltas = loop.run_until_complete(run())
+    assert len(final) == 48
+    assert streamed == final
+    assert deltas < 48  # the test exercised the wait: some deltas carried several tokens
 
 
 def test_plan_errors_are_clear(engines, loop, tmp_path: Path) -> None:
