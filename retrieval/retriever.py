@@ -206,6 +206,9 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np
     (preceding) within ``reach`` tokens of the hit (``starts``/``ends``: the events' bounds; at most
     :data:`MAX_NEIGHBOURS` a side): short events bring more of them, so a neighbourhood spans about
     the same text whatever the segmentation. ``radius`` 0 and ``reach`` 0: ``ranked`` unchanged.
+    With ``reach`` the neighbours come nearest text first: by the tokens between the hit and the
+    neighbour (ties: the following one first), so a long event on one side does not push the near
+    text of the other side out of a tight budget; without it they alternate ``+1, -1, +2, -2, ...``.
 
     Why: a fact is often cut in two by a surprise boundary right before its unpredictable value (a
     number, a name), so the sentence naming the key is one event and its value the next; similarity
@@ -232,12 +235,19 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np
     steps = [0]
     for d in range(1, k + 1):
         steps += [d, -d]
-    offs = np.asarray(steps, np.int64)
+    offs = np.broadcast_to(np.asarray(steps, np.int64)[None, :], (ranked.shape[0], len(steps)))
     dist = np.abs(offs)
-    use = (offs[None, :] == 0) | ((offs[None, :] > 0) & (dist[None, :] <= fwd[:, None])) | (
-        (offs[None, :] < 0) & (dist[None, :] <= back[:, None]))
-    cand = (ranked[:, None] + offs[None, :])[use]
-    via = np.broadcast_to(offs[None, :] != 0, use.shape)[use]
+    use = (offs == 0) | ((offs > 0) & (dist <= fwd[:, None])) | ((offs < 0) & (dist <= back[:, None]))
+    if reach > 0:  # nearest text first: by the tokens between the hit and the neighbour (ties: following first)
+        n = max(num_events, 1)
+        nb = np.clip(ranked[:, None] + offs, 0, n - 1)
+        gap = np.where(offs > 0, st[nb] - en[c][:, None], st[c][:, None] - en[nb])
+        gap = np.where(inside[:, None], np.where(offs == 0, -1, gap), np.arange(offs.shape[1])[None, :])
+        gap = np.where(use, gap, np.iinfo(np.int64).max)
+        by = np.argsort(gap, axis=1, kind="stable")
+        offs, use = np.take_along_axis(offs, by, 1), np.take_along_axis(use, by, 1)
+    cand = (ranked[:, None] + offs)[use]
+    via = (offs != 0)[use]
     ok = (cand >= 0) & (cand < num_events)
     cand, via = cand[ok], via[ok]
     _, first = np.unique(cand, return_index=True)

@@ -278,6 +278,16 @@ def test_reach_brings_the_neighbours_within_that_many_tokens():
     # preceding events ending after 122 - 8 = 114: 3 [118, 122), 2 [114, 118) ends at 118 > 114, 1 ends at 114: not
     order, via = with_neighbours(np.array([4]), 10, 1, starts, ends, reach=8)
     assert order.tolist() == [4, 5, 3, 6, 2, 7] and via.tolist() == [False] + [True] * 5
+    # nearest text first: a long event on one side comes after the short ones of the other side
+    sizes = np.array([4, 4, 40, 4, 4, 4, 4])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ends = starts + sizes
+    # hit 3 [48, 52): 4 (gap 0), 2 (gap 0), 5 (gap 4), 6 (gap 8), 1 (gap 40), 0 (gap 44)
+    assert with_neighbours(np.array([3]), 7, 3, starts, ends, reach=1)[0].tolist() == [3, 4, 2, 5, 6, 1, 0]
+    assert with_neighbours(np.array([3]), 7, 3)[0].tolist() == [3, 4, 2, 5, 1, 6, 0]  # no bounds: alternate
+    sizes = np.array([10, 4, 4, 4, 10, 3, 3, 3, 3, 20])
+    starts = 100 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ends = starts + sizes
     # radius is a floor: reach 0 is the radius alone; reach without bounds is ignored
     assert with_neighbours(np.array([4]), 10, 1, starts, ends, reach=0)[0].tolist() == [4, 5, 3]
     assert with_neighbours(np.array([4]), 10, 1, reach=8)[0].tolist() == [4, 5, 3]
@@ -301,14 +311,30 @@ def test_with_neighbours_matches_brute_force(sizes, data):
         fwd = max([radius] + [j - c for j in range(c + 1, n) if starts[j] < ends[c] + reach]) if reach else radius
         back = max([radius] + [c - j for j in range(c) if ends[j] > starts[c] - reach]) if reach else radius
         fwd, back = min(fwd, MAX_NEIGHBOURS), min(back, MAX_NEIGHBOURS)
-        for j in [c] + [c + s * d for d in range(1, max(fwd, back) + 1) for s in (1, -1)
-                        if (s > 0 and d <= fwd) or (s < 0 and d <= back)]:
+        side = [c + s * d for d in range(1, max(fwd, back) + 1) for s in (1, -1)
+                if (s > 0 and d <= fwd) or (s < 0 and d <= back)]
+        if reach:  # nearest text first (tokens between the hit and the neighbour), ties as listed
+            side.sort(key=lambda j: (starts[j] - ends[c] if j > c else starts[c] - ends[j]) if 0 <= j < n else 0)
+        for j in [c] + side:
             if 0 <= j < n and j not in want:
                 want.append(j)
                 near.append(j != c)  # first seen as a neighbour of c
     order, via = with_neighbours(np.array(ranked, np.int64), n, radius, starts, ends, reach)
     assert order.tolist() == want
     assert via.tolist() == near
+
+
+def test_a_long_event_does_not_push_the_near_text_of_the_other_side_out_of_the_budget():
+    """Hit 2 between a long event before it (1) and short ones after it (3, 4, 5): the text right after the
+    hit comes before what lies beyond the long event (0), so the budget ends on the far side, not the near."""
+    from emserve.retrieval.retriever import select_ranked, with_neighbours
+
+    sizes = np.array([40, 40, 4, 4, 4, 4])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order, via = with_neighbours(np.array([2]), 6, 3, starts, starts + sizes, reach=1)
+    assert order.tolist() == [2, 3, 1, 4, 5, 0]  # alternating would take 0 (gap 40) before 5 (gap 8)
+    picks = select_ranked(order, sizes, 6, 56, 0, None, via)
+    assert [(c, t) for c, t, _ in picks] == [(2, 4), (3, 4), (1, 40), (4, 4), (5, 4)]
 
 
 def test_neighbours_bring_a_split_fact_whole(tmp_path):
