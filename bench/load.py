@@ -13,7 +13,7 @@ over the idle p99 (one run, same questions); the ingesting sessions' tokens/s to
 every error of any call (the harness fails on one). Questions do not ``remember``: the question session
 is the same in both phases.
 
-    .venv/bin/python bench/load.py                   # 8 sessions, 30 questions: results/load.json
+    .venv/bin/python bench/load.py                   # 8 sessions, 100 questions per phase: results/load.json
     .venv/bin/python bench/load.py --sessions 2 --questions 5 --no-write   # a smoke run
 """
 
@@ -106,7 +106,8 @@ def run_phase(server: Server, sid: str, questions: list[str], max_tokens: int, n
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, default=8, help="ingesting sessions in the loaded phase")
-    ap.add_argument("--questions", type=int, default=30, help="questions per phase")
+    ap.add_argument("--questions", type=int, default=100,
+                    help="questions per phase (a p99 needs about 100: of 30 it is nearly the slowest one)")
     ap.add_argument("--question-tokens", type=int, default=16384, help="text in the question session (about)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--piece-chars", type=int, default=2048, help="characters per ingest message")
