@@ -278,20 +278,22 @@ def test_reach_brings_the_neighbours_within_that_many_tokens():
     # preceding events ending after 122 - 8 = 114: 3 [118, 122), 2 [114, 118) ends at 118 > 114, 1 ends at 114: not
     order, via = with_neighbours(np.array([4]), 10, 1, starts, ends, reach=8)
     assert order.tolist() == [4, 5, 3, 6, 2, 7] and via.tolist() == [False] + [True] * 5
-    # nearest text first: a long event on one side comes after the short ones of the other side
+    # radius is a floor: reach 0 is the radius alone; reach without bounds is ignored
+    assert with_neighbours(np.array([4]), 10, 1, starts, ends, reach=0)[0].tolist() == [4, 5, 3]
+    assert with_neighbours(np.array([4]), 10, 1, reach=8)[0].tolist() == [4, 5, 3]
+    assert with_neighbours(np.array([4]), 10, 0, starts, ends, reach=1)[0].tolist() == [4, 5, 3]
+
+
+def test_with_reach_the_neighbours_come_nearest_text_first():
+    """A long event on one side comes after the short ones of the other side; without bounds they alternate."""
+    from emserve.retrieval.retriever import with_neighbours
+
     sizes = np.array([4, 4, 40, 4, 4, 4, 4])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     ends = starts + sizes
     # hit 3 [48, 52): 4 (gap 0), 2 (gap 0), 5 (gap 4), 6 (gap 8), 1 (gap 40), 0 (gap 44)
     assert with_neighbours(np.array([3]), 7, 3, starts, ends, reach=1)[0].tolist() == [3, 4, 2, 5, 6, 1, 0]
-    assert with_neighbours(np.array([3]), 7, 3)[0].tolist() == [3, 4, 2, 5, 1, 6, 0]  # no bounds: alternate
-    sizes = np.array([10, 4, 4, 4, 10, 3, 3, 3, 3, 20])
-    starts = 100 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    ends = starts + sizes
-    # radius is a floor: reach 0 is the radius alone; reach without bounds is ignored
-    assert with_neighbours(np.array([4]), 10, 1, starts, ends, reach=0)[0].tolist() == [4, 5, 3]
-    assert with_neighbours(np.array([4]), 10, 1, reach=8)[0].tolist() == [4, 5, 3]
-    assert with_neighbours(np.array([4]), 10, 0, starts, ends, reach=1)[0].tolist() == [4, 5, 3]
+    assert with_neighbours(np.array([3]), 7, 3)[0].tolist() == [3, 4, 2, 5, 1, 6, 0]
 
 
 @settings(max_examples=80, deadline=None)
