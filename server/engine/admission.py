@@ -20,6 +20,10 @@ step it needs (the probe and the answer). Rules, for every session on one engine
    events and answers do not depend on other sessions' traffic (vLLM batches change the floating-point
    sums otherwise). It costs the overlap of sessions' engine work: measured in ``docs/reliability.md``.
 
+The engine sees the count of holding questions (:attr:`Admission.listener`, called at every change): with
+chunked iterations on vLLM its scheduler then gives the ingestion steps already in it no tokens either
+(:mod:`.scheduler`), so a question's steps run alone in their iterations.
+
 Outside serial mode, a question's decode (after its first token) shares the engine with ingestion
 again. Questions that arrive without pause starve ingestion: that is the rule, not an accident. The
 ingestion step's session lock is held while it waits, so a question on that same session waits for it (rule 1 cannot
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from emserve.retrieval.errors import ConfigError
 
@@ -50,7 +54,14 @@ class Admission:
         self.questions = 0  # questions admitted and before their first token
         self.ingesting = 0  # ingestion steps in the engine
         self.waiting_ingest = 0
+        self.listener: Callable[[int], None] | None = None
+        """Called with ``questions`` each time it changes (synchronously, on the loop): the engine's view."""
         self._cond: asyncio.Condition | None = None
+
+    def _questions_changed(self, delta: int) -> None:
+        self.questions += delta
+        if self.listener is not None:
+            self.listener(self.questions)
 
     @property
     def _condition(self) -> asyncio.Condition:
@@ -97,7 +108,7 @@ class QuestionHold:
 
     async def __aenter__(self) -> QuestionHold:
         adm = self._admission
-        adm.questions += 1  # no await before it: takes effect for the next ingestion step
+        adm._questions_changed(+1)  # no await before it: takes effect for the next ingestion step
         self._held = True
         if adm.serial:  # rule 4: wait for the engine to be free, then hold it to the last token
             try:
@@ -114,7 +125,7 @@ class QuestionHold:
         if self._held:
             self._held = False
             adm = self._admission
-            adm.questions -= 1
+            adm._questions_changed(-1)
             if adm.questions == 0:
                 async with adm._condition:
                     adm._condition.notify_all()

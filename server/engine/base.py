@@ -160,12 +160,16 @@ class Engine(ABC):
         engine; without one set, questions first and no ingestion slot limit."""
         adm = self.__dict__.get("_admission")
         if adm is None:
-            adm = self.__dict__["_admission"] = Admission()
+            adm = self.admission = Admission()
         return adm
 
     @admission.setter
     def admission(self, value: Admission) -> None:
+        value.listener = self.questions_holding
         self.__dict__["_admission"] = value
+
+    def questions_holding(self, n: int) -> None:  # noqa: B027 - a hook; most engines need nothing
+        """Hook: ``n`` questions now hold ingestion back (admission rule 1). Default: nothing."""
 
     def check_plan(self, plan: WindowPlan, options: StepOptions) -> None:
         plan.check_layers(self.info.num_layers)

@@ -10,6 +10,10 @@ Settings that matter (see research/vllm-cpu/REPORT.md): prefix caching is off (p
 must never hit a cache); ``prompt_logprobs`` needs ``skip_reading_prefix_cache=False`` (otherwise
 vLLM silently ignores the connector's claim) and ``detokenize=False`` (vLLM's detokenizer crashes on
 the placeholder entries); entries of injected positions are garbage and are never read.
+
+With a CPU-only torch and chunked iterations (``max_num_batched_tokens`` > 0) the engine core runs
+:class:`~.scheduler.QuestionFirstScheduler`, and :meth:`VLLMEngine.questions_holding` tells it how many
+questions hold ingestion back (admission rule 1 carried into the engine's iterations).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from emserve.server.engine.base import (
     StepResult,
     TokenDelta,
 )
-from emserve.server.engine.config import EngineConfig
+from emserve.server.engine.config import EngineConfig, gpu_build
 
 CONNECTOR_MODULE = "emserve.server.engine.connector"
 MAX_OPEN_LOGS = 64  # anchor-token readers kept open (one per recently stepped session)
@@ -77,6 +81,15 @@ class VLLMEngine(Engine):
         self._scratch = Path(config.scratch_dir or tempfile.mkdtemp(prefix="emserve-engine-"))
         self._scratch.mkdir(parents=True, exist_ok=True)
         self._readers: OrderedDict[str, KVLog] = OrderedDict()  # anchor-token readers, LRU-bounded
+        extra: dict[str, Any] = {"log_dtype": config.log_dtype}
+        self._questions = None
+        scheduler_cls = None
+        if config.max_num_batched_tokens and not gpu_build():  # a step spans iterations: hold it for questions
+            from emserve.server.engine.scheduler import COUNTER_KEY, QuestionCounter, QuestionFirstScheduler
+
+            self._questions = QuestionCounter(self._scratch / "questions.i64", create=True)
+            extra[COUNTER_KEY] = str(self._questions.path)
+            scheduler_cls = f"{QuestionFirstScheduler.__module__}.{QuestionFirstScheduler.__qualname__}"
         args = AsyncEngineArgs(
             model=config.model,
             dtype=config.dtype,
@@ -89,11 +102,12 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
             disable_log_stats=not config.log_stats,
+            scheduler_cls=scheduler_cls,
             kv_transfer_config=KVTransferConfig(
                 kv_connector="EMConnector",
                 kv_connector_module_path=CONNECTOR_MODULE,
                 kv_role="kv_both",
-                kv_connector_extra_config={"log_dtype": config.log_dtype},
+                kv_connector_extra_config=extra,
             ),
         )
         self.llm = AsyncLLM.from_engine_args(args)
@@ -229,6 +243,10 @@ class VLLMEngine(Engine):
             out[j] = -lp.logprob
         return out
 
+    def questions_holding(self, n: int) -> None:
+        if self._questions is not None:
+            self._questions.set(n)
+
     def release_log(self, path: str) -> None:
         for key in {path, os.path.abspath(path)}:  # a KVLog is falsy when empty: no `or` between the pops
             r = self._readers.pop(key, None)
@@ -241,6 +259,8 @@ class VLLMEngine(Engine):
             self.llm.shutdown()
             for r in self._readers.values():
                 r.close()
+            if self._questions is not None:
+                self._questions.close()
             # Drop AsyncLLM now: its __del__ calls shutdown() again, which fails if it only runs at
             # interpreter teardown (module globals already gone).
             del self.llm

@@ -280,6 +280,36 @@ def test_a_slow_consumer_receives_every_token_once(engines, loop, tmp_path: Path
     assert deltas < 48  # the test exercised the wait: some deltas carried several tokens
 
 
+def test_a_holding_question_pauses_the_ingestion_step_in_the_engine(engines, loop, tmp_path: Path) -> None:
+    """Admission rule 1 inside the engine (``scheduler.py``): while a question holds, an ingestion step
+    already in the engine gets no tokens, a question's step runs, and the ingestion step ends after the
+    release exactly as it would have without the pause."""
+    v, _ = engines
+    if v._questions is None:
+        pytest.skip("one iteration per step: a step in the engine has nothing left to hold")
+    ids = _ids(640, 13)
+    alone = loop.run_until_complete(v.step(WindowPlan.build(ids, capture_log=str(tmp_path / "alone"))))  # also warms up
+
+    async def run() -> tuple[object, object, bool]:
+        async with v.admission.question() as hold:
+            ingest = asyncio.create_task(v.step(WindowPlan.build(ids, capture_log=str(tmp_path / "held"))))
+            await asyncio.sleep(1.0)  # unheld and warm, the step takes about a tenth of this
+            paused = not ingest.done()
+            answer = await asyncio.wait_for(
+                v.step(WindowPlan.build(_ids(12, 14)), SamplingSpec(max_tokens=4, ignore_eos=True),
+                       StepOptions(surprise=False, queries=False)), 30)
+            still = not ingest.done()
+            await hold.release()
+        return await asyncio.wait_for(ingest, 30), answer, paused and still
+
+    held, answer, paused = loop.run_until_complete(run())
+    assert paused
+    assert len(answer.output_token_ids) == 4
+    np.testing.assert_allclose(held.surprise, alone.surprise, atol=TOL)
+    a, b = KVLog.open(tmp_path / "held"), KVLog.open(tmp_path / "alone")
+    torch.testing.assert_close(a.keys(1, 0, 640), b.keys(1, 0, 640), atol=TOL, rtol=0)
+
+
 def test_plan_errors_are_clear(engines, loop, tmp_path: Path) -> None:
     from emserve.retrieval.errors import PlanError
 

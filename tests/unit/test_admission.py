@@ -164,3 +164,20 @@ def test_serial_mode_frees_the_engine_when_a_waiting_question_is_cancelled() -> 
         assert log == ["in a", "out a", "in b", "out b"] and not adm.busy
 
     asyncio.run(run())
+
+
+def test_the_listener_sees_every_change_of_the_question_count() -> None:
+    async def run() -> list[int]:
+        adm, seen = Admission(), []
+        adm.listener = seen.append
+        async with adm.question() as first:
+            async with adm.question():
+                pass
+            await first.release()
+            await first.release()  # idempotent: no second change
+        with pytest.raises(RuntimeError):
+            async with adm.question():
+                raise RuntimeError("the question failed before its first token")
+        return seen
+
+    assert asyncio.run(run()) == [1, 2, 1, 0, 1, 0]
