@@ -181,3 +181,14 @@ def test_the_listener_sees_every_change_of_the_question_count() -> None:
         return seen
 
     assert asyncio.run(run()) == [1, 2, 1, 0, 1, 0]
+
+
+def test_ingestion_alone_lingers_in_short_iterations_only_after_a_question() -> None:
+    sched = pytest.importorskip("emserve.server.engine.scheduler")  # imports vLLM's scheduler
+    linger = sched.LINGER_S
+    assert not sched.lingering(100.0, float("-inf"), holding=False, questions_in_engine=False)  # no question yet
+    assert sched.lingering(100.0, 100.0 - linger / 2, holding=False, questions_in_engine=False)
+    assert not sched.lingering(100.0, 100.0 - linger, holding=False, questions_in_engine=False)  # it has passed
+    # with a question holding or in the engine, the hold and vLLM's own per-request cap decide instead
+    assert not sched.lingering(100.0, 100.0, holding=True, questions_in_engine=False)
+    assert not sched.lingering(100.0, 100.0, holding=False, questions_in_engine=True)
