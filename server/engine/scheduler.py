@@ -41,6 +41,8 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from emserve.server.engine.connector import plan_of
+
 COUNTER_KEY = "question_counter"
 HOLD_POLL_S = 0.002
 LINGER_S = 2.0
@@ -72,8 +74,7 @@ class QuestionCounter:
 
 def captures(request: Any) -> bool:
     """Whether ``request`` is an ingestion step (its wire plan captures into a KV log)."""
-    params = request.kv_transfer_params or {}
-    em = params.get("em") if isinstance(params, dict) else None
+    em = plan_of(request.kv_transfer_params)
     return bool(em and em.get("capture_log"))
 
 
