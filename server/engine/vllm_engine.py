@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -80,6 +81,9 @@ class VLLMEngine(Engine):
         self.config = config
         self._scratch = Path(config.scratch_dir or tempfile.mkdtemp(prefix="emserve-engine-"))
         self._scratch.mkdir(parents=True, exist_ok=True)
+        self._own_scratch = config.scratch_dir is None
+        """The engine made its scratch dir, so :meth:`close` removes it (a given one is left, emptied of
+        the engine's files)."""
         self._readers: OrderedDict[str, KVLog] = OrderedDict()  # anchor-token readers, LRU-bounded
         extra: dict[str, Any] = {"log_dtype": config.log_dtype}
         self._questions = None
@@ -261,10 +265,20 @@ class VLLMEngine(Engine):
                 r.close()
             if self._questions is not None:
                 self._questions.close()
+            self._remove_scratch()
             # Drop AsyncLLM now: its __del__ calls shutdown() again, which fails if it only runs at
             # interpreter teardown (module globals already gone).
             del self.llm
             gc.collect()
+
+    def _remove_scratch(self) -> None:
+        """The engine's files in its scratch dir (step results of aborted requests, the question counter),
+        and the dir itself when the engine made it: nothing is left behind a closed engine."""
+        if self._own_scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            return
+        for f in [*self._scratch.glob("*.npz"), self._scratch / "questions.i64"]:
+            f.unlink(missing_ok=True)
 
 
 def _sampled_logprobs(completion: object) -> list[float]:

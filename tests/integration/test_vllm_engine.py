@@ -344,3 +344,20 @@ def test_qwen2_family_matches_oracle(tiny_qwen_dir: Path, loop, tmp_path: Path) 
     finally:
         loop.run_until_complete(v.close())
         loop.run_until_complete(r.close())
+
+
+def test_a_closed_engine_leaves_no_scratch_behind(tiny_model_dir: Path, loop, tmp_path: Path) -> None:
+    """Its temp dir (step results, the question counter) goes with it; a given dir is left, emptied of its files."""
+    given = tmp_path / "scratch"
+    for scratch in (None, str(given)):
+        cfg = EngineConfig(model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024,
+                           kv_cache_gib=1, max_num_batched_tokens=32, long_prefill_token_threshold=16,
+                           scratch_dir=scratch)
+        v = VLLMEngine(cfg)
+        try:
+            _ingest(loop, v, str(tmp_path / f"log-{scratch is None}"), _ids(40, 30), chunk=40)
+            made = v._scratch
+            assert made.is_dir() and any(made.iterdir())  # the question counter at least
+        finally:
+            loop.run_until_complete(v.close())
+        assert not made.exists() if scratch is None else (made.is_dir() and not any(made.iterdir()))
