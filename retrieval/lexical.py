@@ -17,10 +17,14 @@ Rules:
   distinct question words it holds. An event scores its best passage: a sentence cut in two by a
   surprise boundary (a name in one event, "hid the treasure in the ... chest" in the next) still
   matches as one.
-* :func:`lexical_hits` returns the events scoring at least ``ratio`` of the best, best first (ties: the
-  event holding more of the words on its own, then the later event: the most recent statement of a
-  fact), at most ``limit``, each more than ``spacing`` events from those before it (a hit's neighbours
-  come with it; the next hit is another place).
+* :func:`lexical_hits` takes the events scoring at least ``ratio`` of the best (the *candidates*) and
+  ranks them by what tells them apart (:func:`_discriminating_scores`): look-alike facts share the
+  question's form words ("the courier wrote down the number", "hid the treasure in the chest") and
+  differ in the few words that name the asked one, so among the candidates a word found in most of
+  their places weighs its idf alone and a word found in few weighs more. Ties: the plain score, then
+  the event holding more of the words on its own, then the later event (the most recent statement of
+  a fact). At most ``limit`` hits, each more than ``spacing`` events from those before it (a hit's
+  neighbours come with it; the next hit is another place).
 
 Pure numpy, no tokenizer: the caller builds the :class:`Vocabulary` from its tokenizer's texts.
 Cost: one pass over the stream's token ids per question (``np.isin`` on ``[num_tokens]``).
@@ -157,7 +161,8 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
     if top <= 0.0:
         return np.zeros(0, np.int64)
     keep = np.flatnonzero(scores >= ratio * top)
-    order = keep[np.lexsort((-keep, -own[keep], -scores[keep]))]
+    apart = _discriminating_scores(pairs, weight, keep, n_events, span)
+    order = keep[np.lexsort((-keep, -own[keep], -scores[keep], -apart[keep]))]
     out: list[int] = []
     for c in order.tolist():
         if all(abs(c - h) > spacing for h in out):
@@ -165,6 +170,38 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
             if len(out) == limit:
                 break
     return np.asarray(out, np.int64)
+
+
+def _discriminating_scores(pairs: np.ndarray, weight: np.ndarray, candidates: np.ndarray, n_events: int,
+                           span: int) -> np.ndarray:
+    """Per event: its best ``span``-event passage score with each question word weighed
+    ``idf * (1 + idf among the candidates' places)``.
+
+    A *place* is a run of candidate events less than ``span + 1`` apart, with the events its passages
+    reach (``span - 1`` each side). Among ``P`` places a word found in ``d`` of them weighs
+    ``max(0, ln((P - d + 0.5) / (d + 0.5)))`` there, as idf does among events: 0 for the words most
+    places share (the form of a look-alike fact, which made them candidates), up to ``ln(2P - 1)`` for a
+    word only one place holds. With one or two places every word's local weight is 0 and the order is
+    the plain score's.
+    """
+    if candidates.size == 0:
+        return np.zeros(n_events, np.float64)
+    span = max(1, int(span))
+    place = np.cumsum(np.concatenate([[1], np.diff(candidates) > span])) - 1
+    places = int(place[-1]) + 1
+    of_event = np.full(n_events, -1, np.int64)
+    for d in range(-(span - 1), span):  # a place reaches its passages' events (an event two reach: the first)
+        at = candidates + d
+        ok = (at >= 0) & (at < n_events)
+        free = of_event[at[ok]] < 0
+        of_event[at[ok][free]] = place[ok][free]
+    where = of_event[pairs[:, 1]]
+    held = np.unique(np.stack([pairs[:, 0], where], 1)[where >= 0], axis=0)  # (word, place), each once
+    uw, df = np.unique(held[:, 0], return_counts=True)
+    local = np.maximum(np.log((places - df + 0.5) / (df + 0.5)), 0.0)
+    k = np.clip(np.searchsorted(uw, pairs[:, 0]), 0, max(uw.size - 1, 0))
+    boost = np.where(uw[k] == pairs[:, 0], local[k], 0.0) if uw.size else np.zeros(pairs.shape[0])
+    return _passage_scores(pairs, weight * (1.0 + boost), n_events, span)
 
 
 def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.ndarray]], vocab: Vocabulary,

@@ -85,6 +85,26 @@ def test_a_fact_cut_in_two_events_matches_as_one_passage():
     assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2, ratio=0.1, spacing=5).tolist() == [4]
 
 
+def test_among_look_alikes_the_word_that_tells_them_apart_decides():
+    """Four look-alikes say the question's form ("magic number for ... is") and one more of its words than
+    the asked fact, which alone names "tender": by plain idf a look-alike wins; among the candidates'
+    places the shared words weigh their idf alone and "tender" more, so the asked fact comes first."""
+    filler = [ids(" the", ".")] * 4
+    asked = ids(" the", " magic", " number", " tender", ".")
+    looks = [ids(" the", " magic", " number", " for", w, " is", ".") for w in (" proud", " 42", " proud", " 42")]
+    events = filler + [asked] + [e for look in looks for e in (*filler, look)] + filler
+    tokens, starts, ends = _stream(events)
+    q = ids("The", " magic", " number", " for", " tender", " is", "?")
+    plain = lexical_scores(q, tokens, starts, ends, VOCAB, span=1)
+    at = [4] + [4 + 5 * k for k in range(1, 5)]
+    assert all(plain[a] > plain[4] for a in at[1:])  # each look-alike holds "for" and "is"
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=3, span=1, spacing=1).tolist()[0] == 4
+    # with only two candidate places nothing tells words apart among them: the plain order stands
+    two = filler + [asked] + filler + [looks[0]] + filler
+    tokens, starts, ends = _stream(two)
+    assert lexical_hits(q, tokens, starts, ends, VOCAB, limit=2, span=1, spacing=1).tolist() == [9, 4]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(1, len(TEXTS) - 1), min_size=1, max_size=5), min_size=1, max_size=12),
        st.lists(st.integers(1, len(TEXTS) - 1), min_size=1, max_size=6), st.integers(1, 3))
