@@ -295,13 +295,15 @@ class WindowPlanner:
         request_id: str | None = None,
         question: bool = False,
         lead: Sequence[int] = (),
+        lead_joint: int = 1,
     ) -> WindowPlan:
         """The step's plan: [sink | retrieved | remainder + local | anchor] + new tokens, captured to the log.
 
         ``queries``: the step's per-layer query summaries (``StepResult.queries`` of a probe, or of
         the previous step) or per-token queries (``StepResult.query_tokens``); may be None when
         nothing must be selected (everything fits). ``question``: a question's window (``layout``);
-        ``lead``: events its ranking starts with (``Retriever.retrieve``; questions only).
+        ``lead``: events its ranking starts with, the first ``lead_joint`` of them read together
+        (``Retriever.retrieve``'s ``first`` and ``joint``; questions only).
         The retrieval is kept in :attr:`last_retrieval`.
         """
         lay = self.layout(offset, len(new_token_ids), reserve=reserve, question=question)
@@ -318,7 +320,7 @@ class WindowPlanner:
                                           neighbours=cfg.question_neighbours if question else 0,
                                           reach=cfg.question_reach if question else 0,
                                           contiguity=cfg.question_contiguity or not question,
-                                          first=lead if question else ())
+                                          first=lead if question else (), joint=lead_joint)
             self.last_retrieval = res
             if question and cfg.question_memory_last:
                 fixed_head, fixed_tail = fixed_head + fixed_tail + [(lay.local[1], offset)], []

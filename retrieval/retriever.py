@@ -196,7 +196,7 @@ MAX_NEIGHBOURS = 16
 
 
 def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np.ndarray | None = None,
-                    ends: np.ndarray | None = None, reach: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                    ends: np.ndarray | None = None, reach: int = 0, joint: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """``ranked`` with each event followed at once by its temporal neighbours ``+1, -1, +2, -2, ...``
     (those in ``0 .. num_events-1``; each event at its first appearance): a hit's neighbours rank with
     the hit, before any lower-ranked event. Returns ``(order, via)``, ``via`` True where the event
@@ -209,6 +209,11 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np
     With ``reach`` the neighbours come nearest text first: by the tokens between the hit and the
     neighbour (ties: the following one first), so a long event on one side does not push the near
     text of the other side out of a tight budget; without it they alternate ``+1, -1, +2, -2, ...``.
+
+    With ``reach``, the first ``joint`` events of ``ranked`` are read together: the hits first, then
+    all their neighbours in one order, nearest text first (ties: the earlier hit's), so that two
+    passages one answer needs (a two-hop question's link and fact) both get their near text before
+    either gets its far text.
 
     Why: a fact is often cut in two by a surprise boundary right before its unpredictable value (a
     number, a name), so the sentence naming the key is one event and its value the next; similarity
@@ -245,9 +250,15 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np
         gap = np.where(inside[:, None], np.where(offs == 0, -1, gap), np.arange(offs.shape[1])[None, :])
         gap = np.where(use, gap, np.iinfo(np.int64).max)
         by = np.argsort(gap, axis=1, kind="stable")
-        offs, use = np.take_along_axis(offs, by, 1), np.take_along_axis(use, by, 1)
+        offs, use, gap = np.take_along_axis(offs, by, 1), np.take_along_axis(use, by, 1), np.take_along_axis(gap, by, 1)
     cand = (ranked[:, None] + offs)[use]
     via = (offs != 0)[use]
+    j = min(max(int(joint), 1), ranked.shape[0]) if reach > 0 else 1
+    if j > 1:  # the first j rows' entries in one order: by gap (hits: -1), ties by row, then by column
+        head = int(use[:j].sum())
+        rows = np.broadcast_to(np.arange(j)[:, None], use[:j].shape)[use[:j]]
+        by = np.lexsort((np.arange(head), rows, gap[:j][use[:j]]))
+        cand[:head], via[:head] = cand[:head][by], via[:head][by]
     ok = (cand >= 0) & (cand < num_events)
     cand, via = cand[ok], via[ok]
     _, first = np.unique(cand, return_index=True)
@@ -447,7 +458,7 @@ class Retriever:
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
                  num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0, reach: int = 0,
-                 contiguity: bool = True, first: Sequence[int] = ()) -> RetrievalResult:
+                 contiguity: bool = True, first: Sequence[int] = (), joint: int = 1) -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
 
         ``rank``: how several query tokens rank the events (module docstring, "Ranking"): by their mean
@@ -466,7 +477,9 @@ class Retriever:
         its share going to the rank walk.
         ``first``: events ranked before the similarity ranking, in this order (a question's lexical
         matches, :mod:`emserve.retrieval.lexical`), reported as ``"lexical"``; each brings its
-        neighbours like a hit. Those ``>= num_events`` are skipped.
+        neighbours like a hit. Those ``>= num_events`` are skipped. ``joint``: the first this-many of
+        ``first`` are read together, their neighbours nearest text first across them
+        (:func:`with_neighbours`).
         """
         n_layers = self.index.num_layers
         n = len(self.table)
@@ -496,9 +509,10 @@ class Retriever:
             raise PlanError(f"unknown rank {rank!r}; use one of {RANKS}")
 
         kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer and contiguity else 0
-        pre = np.asarray([c for c in first if 0 <= int(c) < m], np.int64)
+        inside = [0 <= int(c) < m for c in first]
+        pre = np.asarray([c for c, ok in zip(first, inside, strict=True) if ok], np.int64)
         walk = partial(self._walk, num_events=m, budget=budget, kc=kc, neighbours=neighbours, reach=reach,
-                       first=pre)
+                       first=pre, joint=sum(inside[:max(1, joint)]))
         layers = self._select(q, walk, rank, exact, m, memory, budget + kc, use_buffers=kc > 0)
         distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
         assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"
@@ -519,13 +533,15 @@ class Retriever:
         return LayerSelection(tuple(events))
 
     def _walk(self, ranked: np.ndarray, buf: ContiguityBuffer | None, *, num_events: int, budget: int, kc: int,
-              neighbours: int, reach: int, first: np.ndarray) -> list[tuple[int, int, Source]]:
-        """Events ``first`` (lexical matches), then ``ranked``, each with its temporal neighbours, selected
-        into ``budget`` tokens (:func:`select_ranked`); ``first``'s similarity picks reported as lexical."""
+              neighbours: int, reach: int, first: np.ndarray, joint: int = 1) -> list[tuple[int, int, Source]]:
+        """Events ``first`` (lexical matches), then ``ranked``, each with its temporal neighbours (the first
+        ``joint`` read together), selected into ``budget`` tokens (:func:`select_ranked`); ``first``'s
+        similarity picks reported as lexical."""
         starts, sizes = self.table.starts, self.table.sizes
         if first.size:
             ranked = np.concatenate([first, ranked[~np.isin(ranked, first)]])
-        order, via = with_neighbours(ranked, num_events, neighbours, starts, starts + sizes, reach)
+        order, via = with_neighbours(ranked, num_events, neighbours, starts, starts + sizes, reach,
+                                     joint=joint if first.size else 1)
         picks = select_ranked(order, sizes, num_events, budget, kc, buf, via)
         if first.size:
             lexical = set(first.tolist())

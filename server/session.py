@@ -805,10 +805,11 @@ class Session:
                     rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
                     queries = queries[rows]
                 lead: tuple[int, ...] = ()
+                joint = 1
                 if lay.num_events and lay.budget and self.config.question_lexical > 0:
-                    lead = await self._host(self._lexical_hits, q, lay.num_events)
+                    lead, joint = await self._host(self._lexical_hits, q, lay.num_events)
                 plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
-                                        question=True, lead=lead)
+                                        question=True, lead=lead, lead_joint=joint)
             plan = dataclasses.replace(plan, capture_log=None)
             retrieval = planner.last_retrieval
         rid = current_request_id()  # the engine's request carries the call's (vLLM's logs, aborts)
@@ -876,11 +877,13 @@ class Session:
         following = ids[at - start : at - start + MAX_COPY]
         return [int(t) for t in following[: vocab.first_word(following)]]
 
-    def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[int, ...]:
-        """The question's lexical matches among the first ``num_events`` events (``question_lexical``)."""
+    def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[tuple[int, ...], int]:
+        """The question's lexical matches among the first ``num_events`` events (``question_lexical``), and
+        how many of them are read together: 2 when the first has a second hop (``question_bridge``, right
+        after it: the two halves of one answer get their near text first), else 1."""
         vocab = _vocabulary(self.engine.info.path)
         if vocab is None or num_events <= 0:
-            return ()
+            return (), 1
         table = self.memory.table
         starts = np.asarray(table.starts[:num_events], np.int64)
         ends = starts + np.asarray(table.sizes[:num_events], np.int64)
@@ -892,8 +895,8 @@ class Session:
         if hits and self.config.question_bridge:  # the second hop goes right after the first hit
             hop = bridge_hit(question_ids, tokens, starts, ends, vocab, hits[0], spacing)
             if hop is not None:
-                hits = [hits[0], hop, *(h for h in hits[1:] if h != hop)]
-        return tuple(hits)
+                return (hits[0], hop, *(h for h in hits[1:] if h != hop)), 2
+        return tuple(hits), 1
 
     async def ask(self, question_ids: Sequence[int], sampling: SamplingSpec) -> AskResult:
         result = None

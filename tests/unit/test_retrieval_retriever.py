@@ -305,25 +305,55 @@ def test_with_neighbours_matches_brute_force(sizes, data):
     radius = data.draw(st.integers(0, 3))
     reach = data.draw(st.integers(0, 30))
     ranked = data.draw(st.lists(st.integers(0, n - 1), max_size=6, unique=True))
+    joint = data.draw(st.integers(1, 3))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     ends = starts + np.asarray(sizes)
-    want: list[int] = []
-    near: list[bool] = []
-    for c in ranked:
+    entries: list[tuple[int, int, int, int]] = []  # (gap, row, position in the row, event)
+    for r, c in enumerate(ranked):
         fwd = max([radius] + [j - c for j in range(c + 1, n) if starts[j] < ends[c] + reach]) if reach else radius
         back = max([radius] + [c - j for j in range(c) if ends[j] > starts[c] - reach]) if reach else radius
         fwd, back = min(fwd, MAX_NEIGHBOURS), min(back, MAX_NEIGHBOURS)
         side = [c + s * d for d in range(1, max(fwd, back) + 1) for s in (1, -1)
                 if (s > 0 and d <= fwd) or (s < 0 and d <= back)]
+        side = [j for j in side if 0 <= j < n]
+
+        def gap(j: int, c: int = c) -> int:
+            return starts[j] - ends[c] if j > c else starts[c] - ends[j]
+
         if reach:  # nearest text first (tokens between the hit and the neighbour), ties as listed
-            side.sort(key=lambda j: (starts[j] - ends[c] if j > c else starts[c] - ends[j]) if 0 <= j < n else 0)
-        for j in [c] + side:
-            if 0 <= j < n and j not in want:
-                want.append(j)
-                near.append(j != c)  # first seen as a neighbour of c
-    order, via = with_neighbours(np.array(ranked, np.int64), n, radius, starts, ends, reach)
+            side.sort(key=gap)
+        entries += [(-1 if j == c else gap(j), r, k, j) for k, j in enumerate([c] + side)]
+    if reach:  # the first `joint` hits read together: their entries by gap, then hit, then position
+        head = [e for e in entries if e[1] < joint]
+        entries = sorted(head) + entries[len(head):]
+    want: list[int] = []
+    near: list[bool] = []
+    for _, r, _, j in entries:
+        if j not in want:
+            want.append(j)
+            near.append(j != ranked[r])  # first seen as a neighbour
+    order, via = with_neighbours(np.array(ranked, np.int64), n, radius, starts, ends, reach, joint=joint)
     assert order.tolist() == want
     assert via.tolist() == near
+
+
+def test_hits_read_together_get_their_near_text_before_either_gets_its_far_text():
+    """A two-hop question's link (hit 2) and fact (hit 8): read together, the fact's sentence (8, 9) comes
+    before the link's far neighbours; read one after the other, a tight budget ends inside the link's."""
+    from emserve.retrieval.retriever import with_neighbours
+
+    sizes = np.full(12, 5)
+    starts = np.arange(12) * 5
+    ends = starts + 5
+    apart = with_neighbours(np.array([2, 8]), 12, 2, starts, ends, reach=10)[0].tolist()
+    together = with_neighbours(np.array([2, 8]), 12, 2, starts, ends, reach=10, joint=2)[0].tolist()
+    assert apart == [2, 3, 1, 4, 0, 8, 9, 7, 10, 6]
+    assert together == [2, 8, 3, 1, 9, 7, 4, 0, 10, 6]
+    assert with_neighbours(np.array([2, 8]), 12, 2, starts, ends, reach=0, joint=2)[0].tolist() == [2, 3, 1, 4, 0,
+                                                                                                 8, 9, 7, 10, 6]
+    budget = 30  # six events
+    assert 9 not in apart[:budget // 5] and {8, 9} <= set(together[:budget // 5])
+    assert sizes.sum() > budget
 
 
 def test_a_long_event_does_not_push_the_near_text_of_the_other_side_out_of_the_budget():
