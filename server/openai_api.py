@@ -30,7 +30,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from emserve.server.engine.base import SamplingSpec
+from emserve.server.engine.base import SamplingError, SamplingSpec
 from emserve.server.errors import InvalidArgument, Unauthenticated
 from emserve.server.generation import DEFAULT_MAX_TOKENS, Chunk, Completion, GenerateParams
 from emserve.server.service import SessionService, status_of
@@ -77,6 +77,8 @@ def _params(body: Mapping[str, Any], session_id: str, prompt_ids: list[int] | No
             temperature=float(body.get("temperature") or 0.0),
             top_p=float(1.0 if body.get("top_p") is None else body["top_p"]),
             seed=None if body.get("seed") is None else int(body["seed"]))
+    except SamplingError as e:  # the body's field of the same name
+        raise InvalidArgument(e.field, str(e)) from None
     except (TypeError, ValueError) as e:
         raise InvalidArgument("sampling", str(e)) from None
     return GenerateParams(session_id=session_id, prompt=prompt, prompt_tokens=prompt_ids, sampling=sampling,

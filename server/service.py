@@ -33,7 +33,7 @@ from emserve.api.v1 import emserve_pb2 as pb
 from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.retrieval.errors import ConfigError, DeviceMemoryError, EmserveError, PlanError
 from emserve.segmenter.errors import SegmenterError
-from emserve.server.engine.base import EngineError, SamplingSpec
+from emserve.server.engine.base import EngineError, SamplingError, SamplingSpec
 from emserve.server.errors import (
     SESSION_RESOURCE,
     InvalidArgument,
@@ -295,8 +295,8 @@ def generate_from_pb(req: pb.GenerateRequest) -> GenerateParams:
             stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
         )
-    except PlanError as e:
-        raise InvalidArgument("sampling", str(e)) from None
+    except SamplingError as e:
+        raise InvalidArgument(f"sampling.{e.field}", str(e)) from None
     kind = req.WhichOneof("prompt_input")
     return GenerateParams(
         session_id=req.session_id,

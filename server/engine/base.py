@@ -81,6 +81,14 @@ MAX_TOP_LOGPROBS = 20
 """The most ``SamplingSpec.top_logprobs`` an engine reports (vLLM's default ``max_logprobs``)."""
 
 
+class SamplingError(PlanError):
+    """A :class:`SamplingSpec` field out of its range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """Generation after the new tokens. ``max_tokens == 0``: no generation (an ingest or probe step)."""
@@ -99,11 +107,17 @@ class SamplingSpec:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
-            raise PlanError("max_tokens must be >= 0")
+            raise SamplingError("max_tokens", f"max_tokens must be >= 0, got {self.max_tokens}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise PlanError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}")
-        if not (0 <= self.temperature <= MAX_TEMPERATURE) or not (0 < self.top_p <= 1) or self.top_k < 0:
-            raise PlanError(f"need 0 <= temperature <= {MAX_TEMPERATURE:g} (finite), 0 < top_p <= 1, top_k >= 0")
+            raise SamplingError("top_logprobs",
+                                f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails too
+            raise SamplingError("temperature",
+                                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SamplingError("top_k", f"top_k must be >= 0 (0: off), got {self.top_k}")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,15 @@ def fails(call: Any, *args: Any, **kw: Any) -> grpc.RpcError:
     return err
 
 
+def fails_or(stub: pb_grpc.SessionServiceStub, request: pb.GenerateRequest) -> list[pb.GenerateResponse] | None:
+    """A Generate's replies, or None where it is refused as INVALID_ARGUMENT."""
+    try:
+        return list(stub.Generate(request, timeout=60))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+        return None
+
+
 class Ingest:
     """One Ingest stream, message by message."""
 
@@ -225,11 +234,11 @@ def test_auth_token_guards_every_call_but_health_and_reflection(tiny_model_dir: 
                 health_pb2.HealthCheckResponse.SERVING
             assert SERVICE.full_name in set(ProtoReflectionDescriptorDatabase(ch).get_services())
             for md in (None, [("authorization", "Bearer wrong")], [("authorization", "t0ken")]):
-                err = fails(stub.GetServerInfo, pb.GetServerInfoRequest(), metadata=md)
-                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-                err = fails(stub.Ingest, iter([pb.IngestRequest(session_id="a", tokens=pb.TokenIds(ids=[5]))]),
-                            metadata=md)
-                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                for method in SERVICE.methods:  # every RPC, with an empty request of its type
+                    request = getattr(pb, method.input_type.name)()
+                    err = fails(getattr(stub, method.name), iter([request]) if method.client_streaming else request,
+                                metadata=md)
+                    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
             good = [("authorization", "Bearer t0ken")]
             assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10, metadata=good).ready
             stub.CreateSession(pb.CreateSessionRequest(session_id="a"), timeout=10, metadata=good)
@@ -304,6 +313,26 @@ def test_server_info_and_session_memory_report_every_field_as_used(stub: pb_grpc
         n_mem=32, question_n_mem=48)))  # given above its limit: refused with the reason, not clamped
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "question_n_mem (48)" in err.details()
     assert details(err)["BadRequest"].field_violations[0].field == "memory.question_n_mem"
+    for broken in (dict(top_p=2.0), dict(temperature=-1.0), dict(max_tokens=0)):
+        err = fails(stub.Generate, pb.GenerateRequest(session_id="plain", prompt_tokens=pb.TokenIds(ids=[5, 6]),
+                                                      sampling=pb.SamplingParams(**broken)))
+        (name, _), = broken.items()
+        assert details(err)["BadRequest"].field_violations[0].field == f"sampling.{name}", broken
+        assert name in err.details()  # the broken rule, not a list of every rule
+
+    # "question_n_mem is a bound": a prompt that leaves the window less room retrieves fewer tokens, and the
+    # trace says how many; one that leaves none for the rest of the window is refused
+    n = info.max_model_len
+    while True:
+        n -= 8
+        replies = fails_or(stub, pb.GenerateRequest(session_id="plain", prompt_tokens=pb.TokenIds(ids=[5] * n),
+                                                    sampling=greedy(1), include_trace=True))
+        if replies is not None:
+            break
+    trace = replies[-1].complete.trace
+    assert 0 <= trace.budget < plain.memory.question_n_mem
+    assert all(sum(e.end - e.start for e in lay.events) == trace.budget for lay in trace.layers)
+
     err = fails(stub.CreateSession, pb.CreateSessionRequest(session_id="bad", memory=pb.MemoryConfig(
         n_local=64, question_rank="max")))  # one broken rule, named
     violation = details(err)["BadRequest"].field_violations[0]
@@ -339,7 +368,9 @@ def test_create_get_list_delete(stub: pb_grpc.SessionServiceStub) -> None:
         if not token:
             break
     assert seen == everyone
-    assert fails(stub.ListSessions, pb.ListSessionsRequest(page_size=1001)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = fails(stub.ListSessions, pb.ListSessionsRequest(page_size=1001))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(err)["BadRequest"].field_violations[0].field == "page_size"
     stub.DeleteSession(pb.DeleteSessionRequest(session_id="n000"), timeout=10)
     assert fails(stub.GetSession, pb.GetSessionRequest(session_id="n000")).code() == grpc.StatusCode.NOT_FOUND
     assert stub.CreateSession(pb.CreateSessionRequest(session_id="n000"), timeout=10).num_tokens == 0
@@ -661,6 +692,7 @@ def test_list_events_and_surprise_describe_the_same_memory(stub: pb_grpc.Session
     assert session.surprise.max == pytest.approx(max(curve.surprise), rel=1e-6)
     err = fails(stub.GetSurprise, pb.GetSurpriseRequest(session_id="insp", start=0, end=501))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(err)["BadRequest"].field_violations[0].field == "end"
 
 
 def test_question_copy_answers_with_what_followed_the_question_words(stub: pb_grpc.SessionServiceStub) -> None:

@@ -292,7 +292,7 @@ def test_invalid_arguments(client: Client) -> None:
     no_memory = client.create_session("m5", memory={"n_mem": 0})  # the question's default follows: reported as used
     assert no_memory.memory.n_mem == 0 and no_memory.memory.question_n_mem == 0
     bad(lambda: client.ingest_tokens("v", [1, 2, 600]), "tokens")
-    bad(lambda: client.ask("v", [5, 6], top_p=2.0), "sampling")
+    bad(lambda: client.ask("v", [5, 6], top_p=2.0), "sampling.top_p")
     bad(lambda: client.ask("v", [5, 6], max_tokens=0), "sampling.max_tokens")
     bad(lambda: client.ask("v", ""), "prompt")
     bad(lambda: client.ask("v", [700]), "prompt_tokens")
