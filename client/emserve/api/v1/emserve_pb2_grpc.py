@@ -113,7 +113,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Delete a session and its directory. FAILED_PRECONDITION while a writer (ingest stream) is attached.
+        """Delete a session and its directory. FAILED_PRECONDITION while a writer (ingest stream) is attached
+        or another call (a Generate, a commit) is using the session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
