@@ -561,6 +561,28 @@ def test_generate_streams_chunks_then_complete_and_leaves_memory_unchanged(
     assert stub.GetSession(pb.GetSessionRequest(session_id="gen"), timeout=10).num_tokens == 307
 
 
+def test_a_text_prompt_and_stop_strings(stub: pb_grpc.SessionServiceStub, tiny_model_dir: Path) -> None:
+    """GenerateRequest.prompt: text, tokenized on the server (no special tokens); SamplingParams.stop: "stop
+    strings (excluded from the output)"; complete.stop_string: "the stop string that ended generation";
+    STOP: "a stop string"; chunk text "held back while a ... stop string is open"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    stub.CreateSession(pb.CreateSessionRequest(session_id="words"), timeout=10)
+    ingest(stub, "words", random_ids(200, 11))
+    prompt = "Tell me what you read."
+    plain = generate(stub, session_id="words", prompt=prompt, sampling=greedy(24))[-1].complete
+    assert plain.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert plain.finish_reason == pb.LENGTH and not plain.stop_string
+    at = next(i for i in range(3, len(plain.text) - 3) if plain.text[i:i + 3].strip() == plain.text[i:i + 3])
+    stop = plain.text[at:at + 3]
+    out = generate(stub, session_id="words", prompt=prompt, sampling=greedy(24, stop=[stop, "never-said"]))
+    done = out[-1].complete
+    assert done.finish_reason == pb.STOP and done.stop_string == stop
+    assert done.text == plain.text[:plain.text.index(stop)] and stop not in done.text
+    assert "".join(r.chunk.text for r in out[:-1]) == done.text  # no piece of the stop string was streamed
+
+
 def test_trace_is_set_when_asked_also_when_nothing_was_retrieved(stub: pb_grpc.SessionServiceStub) -> None:
     """complete.trace "when include_trace (empty when nothing was retrieved)"; RetrievalTrace.window: "Set
     also when nothing was retrieved"; sorted, disjoint ranges; every selected event lies inside it."""
