@@ -15,6 +15,16 @@ class PlanError(EmserveError, ValueError):
     """A WindowPlan is malformed (bad ranges, unequal per-layer lengths, ...)."""
 
 
+class WindowFull(PlanError):
+    """A step's window cannot hold its new tokens and the generation room it reserves next to the fixed
+    part of the window. ``cause``: ``"reserve"`` when the new tokens alone would fit (the reserved room is
+    too large), ``"new"`` when they would not."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class LogError(EmserveError):
     """A KV log is missing, inconsistent with the model, or read out of range."""
 

@@ -47,7 +47,7 @@ from typing import Literal
 
 import numpy as np
 
-from emserve.retrieval.errors import ConfigError, PlanError
+from emserve.retrieval.errors import ConfigError, PlanError, WindowFull
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import IndexParams
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
@@ -269,10 +269,11 @@ class WindowPlanner:
                 layout = WindowLayout(offset, base.sink, base.remainder, base.local, base.anchor, m,
                                       max(budget, 0))
         if layout.fixed_tokens > limit:
-            raise PlanError(
+            raise WindowFull(
                 f"step at offset {offset} with {num_new} new tokens (+{reserve} reserved) needs "
                 f"{layout.fixed_tokens + num_new + reserve + 1} window positions, "
-                f"max_window is {cfg.max_window}"
+                f"max_window is {cfg.max_window}",
+                cause="reserve" if layout.fixed_tokens <= limit + reserve else "new",
             )
         return layout
 

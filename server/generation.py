@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 
+from emserve.retrieval.errors import WindowFull
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.server.engine.base import SamplingSpec, TokenDelta
 from emserve.server.errors import InvalidArgument, LimitExceeded
@@ -245,6 +246,8 @@ class Generator:
                         else:
                             result = item
                     done = True
+                except WindowFull as e:
+                    raise InvalidArgument(_window_field(e, p), str(e)) from None
                 finally:
                     if not done:
                         self.cancelled += 1
@@ -272,6 +275,14 @@ class Generator:
                     committed = await self._remember(entry, p, prompt_ids, out_ids, decoder, reason, memory_tokens)
                 yield self._completion(entry, p, planned, result, decoder, reason, len(prompt_ids), memory_tokens,
                                        committed, (t0, t_first, t_end))
+
+
+def _window_field(e: WindowFull, p: GenerateParams) -> str:
+    """The request field a window too small for the prompt and ``max_tokens`` names: ``sampling.max_tokens``
+    when the prompt alone would fit, else the prompt."""
+    if e.cause == "reserve":
+        return "sampling.max_tokens"
+    return "prompt" if p.prompt is not None else "prompt_tokens"
 
 
 def _finish_reason(decoder: StreamDecoder, result: AskResult | None) -> str:

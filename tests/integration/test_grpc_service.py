@@ -297,7 +297,8 @@ def test_invalid_arguments(client: Client) -> None:
     bad(lambda: client.ask("v", ""), "prompt")
     bad(lambda: client.ask("v", [700]), "prompt_tokens")
     bad(lambda: client.ask("v", "hi", chat_template=True), "chat_template")
-    bad(lambda: client.ask("v", [5, 6], max_tokens=2000))  # the window cannot hold it
+    bad(lambda: client.ask("v", [5, 6], max_tokens=2000), "sampling.max_tokens")  # the window cannot hold it
+    bad(lambda: client.ask("v", [5] * 1100, max_tokens=1), "prompt_tokens")  # nor this prompt, whatever max_tokens
     bad(lambda: client.surprise("v", 0, 81), "end")
     bad(lambda: client._unary(client.stub.ListEvents, pb.ListEventsRequest(session_id="v", page_token="x")),
         "page_token")
