@@ -605,6 +605,24 @@ def test_trace_is_set_when_asked_also_when_nothing_was_retrieved(stub: pb_grpc.S
     assert [e.start for e in tr.events] == sorted(e.start for e in tr.events)  # temporal order
     assert all(e.preview and e.layers >= 1 for e in tr.events)
 
+    # the trace's counts and the usage agree with the session's own events and the window
+    own = {e.id: e for e in stub.ListEvents(pb.ListEventsRequest(session_id="many", page_size=1000,
+                                                                 include_preview=True), timeout=10).events}
+    assert 0 < tr.num_events <= len(own) and tr.exact  # a few events: exact search
+    assert tr.memory_tokens == sum(own[i].size for i in range(tr.num_events))  # "tokens in those events"
+    for lay in tr.layers:
+        for e in lay.events:  # "end: before the event's own end when truncated"
+            assert e.start == own[e.id].start and e.truncated == (e.end < own[e.id].end) and e.end <= own[e.id].end
+    done = generate(stub, session_id="many", prompt_tokens=pb.TokenIds(ids=[5]), sampling=greedy(4),
+                    include_trace=True)[-1].complete  # preview_tokens unset: 16
+    cut = {e.id for lay in done.trace.layers for e in lay.events if e.truncated}
+    assert all(e.preview == own[e.id].preview for e in done.trace.events if e.id not in cut)  # both 16 tokens
+    usage, t = done.usage, done.timings
+    assert usage.retrieved_tokens == done.trace.budget == sum(e.end - e.start for e in done.trace.layers[0].events)
+    assert usage.window_tokens == sum(r.end - r.start for r in done.trace.window) - 1  # the anchor is computed
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.memory_tokens) == (1, 4, 700)
+    assert t.wait_s >= 0 and 0 < t.retrieval_s <= t.first_token_s <= t.total_s and t.tokens_per_s > 0
+
 
 def test_request_id_is_echoed_in_logs_and_makes_remember_idempotent(stub: pb_grpc.SessionServiceStub) -> None:
     """request_id: "Echoed in logs; empty: generated. With remember it makes the call idempotent: retried
