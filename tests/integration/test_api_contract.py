@@ -421,6 +421,19 @@ def test_ingest_ready_first_then_acks_receipts_chunks_and_flushes(stub: pb_grpc.
     tail = s.close()  # the end of the stream commits the partial chunk
     assert tail[-1].ack.committed_offset == 103
     assert stub.GetSession(pb.GetSessionRequest(session_id="acks"), timeout=10).num_tokens == 103
+
+    # "Only committed tokens survive a disconnect": a chunk and a half sent, the stream cancelled
+    s = Ingest(stub, "acks", header=True)
+    assert s.next().ready.committed_offset == 103
+    s.tokens(random_ids(CHUNK + CHUNK // 2, 4))
+    assert s.next().ack.received_offset == 103 + CHUNK + CHUNK // 2
+    assert s.next().ack.committed_offset == 103 + CHUNK
+    s.call.cancel()
+    deadline = time.monotonic() + 10
+    while stub.GetSession(pb.GetSessionRequest(session_id="acks"), timeout=10).writer_attached:
+        assert time.monotonic() < deadline, "the cancelled stream's writer is still attached"
+        time.sleep(0.05)
+    assert stub.GetSession(pb.GetSessionRequest(session_id="acks"), timeout=10).num_tokens == 103 + CHUNK
     # and a first message without it is refused, naming the field
     err = fails(stub.Ingest, iter([pb.IngestRequest(tokens=pb.TokenIds(ids=[5]))]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
