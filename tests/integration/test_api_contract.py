@@ -705,6 +705,26 @@ def test_cancelling_generate_aborts_the_engine_request(srv: ServerThread, stub: 
     engine.token_delay = 0.0
 
 
+def test_a_remembering_generate_holds_the_session_as_its_writer(stub: pb_grpc.SessionServiceStub,
+                                                                engine: WatchedEngine) -> None:
+    """Session.writer_attached: "an ingest stream (or a remembering Generate) holds the session"; a plain
+    Generate does not."""
+    stub.CreateSession(pb.CreateSessionRequest(session_id="talk"), timeout=10)
+    ingest(stub, "talk", random_ids(100, 13))
+    engine.token_delay = 0.05
+    try:
+        for remember in (False, True):
+            call = stub.Generate(pb.GenerateRequest(session_id="talk", prompt_tokens=pb.TokenIds(ids=[5]),
+                                                    sampling=greedy(20), remember=remember), timeout=60)
+            assert next(call).HasField("chunk")  # answering now
+            held = stub.GetSession(pb.GetSessionRequest(session_id="talk"), timeout=10).writer_attached
+            assert held == remember, remember
+            list(call)
+    finally:
+        engine.token_delay = 0.0
+    assert not stub.GetSession(pb.GetSessionRequest(session_id="talk"), timeout=10).writer_attached
+
+
 # ------------------------------------------------------------------------------------------ inspect
 def test_list_events_and_surprise_describe_the_same_memory(stub: pb_grpc.SessionServiceStub) -> None:
     """ListEvents: "The session's closed events ..., in temporal order, paginated"; total_events, num_tokens
