@@ -180,7 +180,7 @@ def _discriminating_scores(pairs: np.ndarray, weight: np.ndarray, candidates: np
     A *place* is a run of candidate events less than ``span + 1`` apart, with the events its passages
     reach (``span - 1`` each side). Among ``P`` places a word found in ``d`` of them weighs
     ``max(0, ln((P - d + 0.5) / (d + 0.5)))`` there, as idf does among events: 0 for the words most
-    places share (the form of a look-alike fact, which made them candidates), up to ``ln(2P - 1)`` for a
+    places share (the form of a look-alike fact, which made them candidates), ``ln((2P - 1) / 3)`` for a
     word only one place holds. With one or two places every word's local weight is 0 and the order is
     the plain score's.
     """
