@@ -277,7 +277,8 @@ class VLLMEngine(Engine):
         if self._own_scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
             return
-        for f in [*self._scratch.glob("*.npz"), self._scratch / "questions.i64"]:
+        counter = [self._questions.path] if self._questions is not None else []
+        for f in [*self._scratch.glob("*.npz"), *counter]:
             f.unlink(missing_ok=True)
 
 

@@ -322,13 +322,13 @@ def test_server_info_and_session_memory_report_every_field_as_used(stub: pb_grpc
 
     # "question_n_mem is a bound": a prompt that leaves the window less room retrieves fewer tokens, and the
     # trace says how many; one that leaves none for the rest of the window is refused
-    n = info.max_model_len
-    while True:
-        n -= 8
+    for n in range(info.max_model_len - 8, 0, -8):  # the longest prompt the window takes
         replies = fails_or(stub, pb.GenerateRequest(session_id="plain", prompt_tokens=pb.TokenIds(ids=[5] * n),
                                                     sampling=greedy(1), include_trace=True))
         if replies is not None:
             break
+    else:
+        pytest.fail("every prompt length was refused")
     trace = replies[-1].complete.trace
     assert 0 <= trace.budget < plain.memory.question_n_mem
     assert all(sum(e.end - e.start for e in lay.events) == trace.budget for lay in trace.layers)
