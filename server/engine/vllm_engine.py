@@ -29,7 +29,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,9 +46,50 @@ from emserve.server.engine.base import (
 )
 from emserve.server.engine.config import EngineConfig, gpu_build
 
+if TYPE_CHECKING:
+    from emserve.server.engine.scheduler import QuestionCounter
+
 CONNECTOR_MODULE = "emserve.server.engine.connector"
 MAX_OPEN_LOGS = 64  # anchor-token readers kept open (one per recently stepped session)
 PLACEHOLDER_TOKEN = 0
+
+
+SCRATCH_PREFIX = "emserve-engine-"
+OWNER_FILE = "owner.pid"
+STALE_AFTER_S = 60.0
+"""A scratch dir without an owner file is another engine's only while it is being made: left alone this long."""
+
+
+def sweep_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the scratch dirs that engines made under ``root`` (the temp dir) and whose owner process is
+    gone (a killed server's; :data:`OWNER_FILE` holds its pid), and those older than :data:`STALE_AFTER_S`
+    without an owner file (made before owners were recorded). Returns the dirs removed."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    gone = []
+    for d in root.glob(SCRATCH_PREFIX + "*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            try:
+                stale = time.time() - d.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+        else:
+            stale = pid != os.getpid() and not _alive(pid)
+        if stale and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _prepare_env(config: EngineConfig) -> None:
@@ -63,9 +104,6 @@ class VLLMEngine(Engine):
     def __init__(self, config: EngineConfig) -> None:
         _prepare_env(config)
         from transformers import AutoConfig
-        from vllm import AsyncEngineArgs
-        from vllm.config import KVTransferConfig
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         hf = AutoConfig.from_pretrained(config.model)
         native = int(getattr(hf, "max_position_embeddings", 0) or 0) or 8192
@@ -79,14 +117,39 @@ class VLLMEngine(Engine):
         )
         self.log_dtype = config.log_dtype
         self.config = config
-        self._scratch = Path(config.scratch_dir or tempfile.mkdtemp(prefix="emserve-engine-"))
-        self._scratch.mkdir(parents=True, exist_ok=True)
         self._own_scratch = config.scratch_dir is None
         """The engine made its scratch dir, so :meth:`close` removes it (a given one is left, emptied of
-        the engine's files)."""
+        the engine's files). The dir the engine makes records its owner's pid, so the next engine removes
+        it if this process dies without closing (:func:`sweep_stale_scratch`)."""
+        sweep_stale_scratch()
+        made = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+        (made / OWNER_FILE).write_text(str(os.getpid()))
+        self._ipc = made / "ipc"
+        """vLLM's IPC sockets (its engine core's ZMQ endpoints) go here, under the temp dir whatever the
+        scratch dir (a socket's path must stay under 108 bytes); gone when the engine closes."""
+        self._ipc.mkdir()
+        if self._own_scratch:
+            self._scratch = made
+        else:
+            self._scratch = Path(str(config.scratch_dir))
+            self._scratch.mkdir(parents=True, exist_ok=True)
+        self._made = made
         self._readers: OrderedDict[str, KVLog] = OrderedDict()  # anchor-token readers, LRU-bounded
+        self._questions: QuestionCounter | None = None
+        try:
+            self._start(config, max_len)
+        except BaseException:  # a failed start leaves nothing behind either
+            self._remove_scratch()
+            raise
+        self._closed = False
+
+    def _start(self, config: EngineConfig, max_len: int) -> None:
+        """Start vLLM's AsyncLLM (its engine core in another process) with the EM connector."""
+        from vllm import AsyncEngineArgs
+        from vllm.config import KVTransferConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         extra: dict[str, Any] = {"log_dtype": config.log_dtype}
-        self._questions = None
         scheduler_cls = None
         if config.max_num_batched_tokens and not gpu_build():  # a step spans iterations: hold it for questions
             from emserve.server.engine.scheduler import COUNTER_KEY, QuestionCounter, QuestionFirstScheduler
@@ -114,8 +177,17 @@ class VLLMEngine(Engine):
                 kv_connector_extra_config=extra,
             ),
         )
-        self.llm = AsyncLLM.from_engine_args(args)
-        self._closed = False
+        # vLLM's IPC sockets go into a dir that goes with the engine, instead of one socket file per
+        # endpoint left in the temp dir for every start (vLLM never removes them)
+        before = os.environ.get("VLLM_RPC_BASE_PATH")
+        os.environ["VLLM_RPC_BASE_PATH"] = str(self._ipc)
+        try:
+            self.llm = AsyncLLM.from_engine_args(args)
+        finally:
+            if before is None:
+                os.environ.pop("VLLM_RPC_BASE_PATH", None)
+            else:
+                os.environ["VLLM_RPC_BASE_PATH"] = before
 
     # ------------------------------------------------------------------ helpers
     def _anchor_token(self, anchor: Anchor) -> int:
@@ -263,8 +335,6 @@ class VLLMEngine(Engine):
             self.llm.shutdown()
             for r in self._readers.values():
                 r.close()
-            if self._questions is not None:
-                self._questions.close()
             self._remove_scratch()
             # Drop AsyncLLM now: its __del__ calls shutdown() again, which fails if it only runs at
             # interpreter teardown (module globals already gone).
@@ -272,14 +342,16 @@ class VLLMEngine(Engine):
             gc.collect()
 
     def _remove_scratch(self) -> None:
-        """The engine's files in its scratch dir (step results of aborted requests, the question counter),
-        and the dir itself when the engine made it: nothing is left behind a closed engine."""
-        if self._own_scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            return
-        counter = [self._questions.path] if self._questions is not None else []
-        for f in [*self._scratch.glob("*.npz"), *counter]:
-            f.unlink(missing_ok=True)
+        """The engine's files in its scratch dir (step results of aborted requests, the question counter,
+        vLLM's IPC sockets), and the dir itself when the engine made it: nothing is left behind a closed
+        engine, or one that failed to start."""
+        if self._questions is not None:
+            self._questions.close()
+        shutil.rmtree(self._made, ignore_errors=True)  # the own scratch dir, or the IPC sockets' dir
+        if not self._own_scratch:
+            counter = [self._questions.path] if self._questions is not None else []
+            for f in [*self._scratch.glob("*.npz"), *counter]:
+                f.unlink(missing_ok=True)
 
 
 def _sampled_logprobs(completion: object) -> list[float]:

@@ -7,6 +7,8 @@ The real-model acceptance checks live in ``test_vllm_engine_real.py``.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -358,6 +360,12 @@ def test_a_closed_engine_leaves_no_scratch_behind(tiny_model_dir: Path, loop, tm
             _ingest(loop, v, str(tmp_path / f"log-{scratch is None}"), _ids(40, 30), chunk=40)
             made = v._scratch
             assert made.is_dir() and any(made.iterdir())  # the question counter at least
+            ipc = v._ipc
+            sockets = [p.name for p in ipc.iterdir() if p.is_socket()]
+            assert sockets  # vLLM's IPC endpoints are in the engine's own dir, not loose in the temp dir
         finally:
             loop.run_until_complete(v.close())
         assert not made.exists() if scratch is None else (made.is_dir() and not any(made.iterdir()))
+        assert not ipc.exists()
+        assert not any((Path(tempfile.gettempdir()) / name).exists() for name in sockets)
+        assert "VLLM_RPC_BASE_PATH" not in os.environ
