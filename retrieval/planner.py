@@ -83,6 +83,9 @@ class RetrievalConfig:
     question_reach: int = 0
     """...and, beyond those, the neighbours that start or end within this many tokens of the hit
     (``Retriever.retrieve``; 0: ``question_neighbours`` alone)."""
+    question_parts: int = 0
+    """With ``question_reach``: a hit's neighbours are read in parts of this many tokens, nearest the
+    hit first, each only as far as the reach (``Retriever.retrieve``); 0: whole events, nearest first."""
     question_contiguity: bool = True
     """A question uses the contiguity buffer (False: its share goes to the rank walk, and the
     buffer is left as ingestion left it)."""
@@ -160,6 +163,8 @@ class RetrievalConfig:
             raise ConfigError(f"question_neighbours must be >= 0, got {self.question_neighbours}")
         if self.question_reach < 0:
             raise ConfigError(f"question_reach must be >= 0, got {self.question_reach}")
+        if self.question_parts < 0:
+            raise ConfigError(f"question_parts must be >= 0 (0: whole events), got {self.question_parts}")
         if self.question_rank not in RANKS:
             raise ConfigError(f"question_rank must be one of {RANKS}, got {self.question_rank!r}")
         if not self.contiguity_buffer_size >= 0:
@@ -320,6 +325,7 @@ class WindowPlanner:
                                           rank=cfg.question_rank if question else "mean",
                                           neighbours=cfg.question_neighbours if question else 0,
                                           reach=cfg.question_reach if question else 0,
+                                          part=cfg.question_parts if question else 0,
                                           contiguity=cfg.question_contiguity or not question,
                                           first=lead if question else (), joint=lead_joint)
             self.last_retrieval = res

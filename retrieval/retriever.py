@@ -137,6 +137,11 @@ class RetrievalResult:
         return self.layers[0].tokens if self.layers else 0
 
 
+Pick = tuple[int, int, int, Source]
+"""A selected event part: ``(event id, first, last, source)``, tokens ``[first, last)`` of the event
+(offsets from its start)."""
+
+
 def select_ranked(
     ranked: np.ndarray,
     sizes: np.ndarray,
@@ -145,47 +150,61 @@ def select_ranked(
     kc: int,
     buffer: ContiguityBuffer | None,
     via: np.ndarray | None = None,
-) -> list[tuple[int, int, Source]]:
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> list[Pick]:
     """Steps 1-3 of the module docstring over a ranked candidate list.
 
-    Returns ``(event id, tokens taken, source)`` in selection order; tokens taken are the event's
-    size except for a truncated last event. Candidates ``>= num_events`` are skipped. ``via[i]``
-    (optional, parallel to ``ranked``): True where ``ranked[i]`` is there as a temporal neighbour of a
-    hit (:func:`with_neighbours`); such events are reported as ``"contiguity"`` and never fed to the
-    contiguity buffer as hits.
+    Returns the picks in selection order: whole events, except a truncated last one (its prefix).
+    Candidates ``>= num_events`` are skipped. ``via[i]`` (optional, parallel to ``ranked``): True
+    where ``ranked[i]`` is there as a temporal neighbour of a hit (:func:`with_neighbours`); such
+    events are reported as ``"contiguity"`` and never fed to the contiguity buffer as hits.
+
+    ``parts`` (optional, parallel to ``ranked``; :func:`near_parts`): ``(first, last, tail)``, entry
+    ``i`` is tokens ``[first[i], last[i])`` of its event instead of the whole event, and an event may
+    have several entries (its parts); a truncated last entry keeps its end when ``tail[i]`` (a part
+    before its hit: the text nearest the hit), else its start. Without a contiguity buffer the picks
+    are a prefix of ``ranked``'s entries.
     """
+    if parts is not None and buffer is not None and kc > 0:
+        raise PlanError("an event's parts are walked without a contiguity buffer")
     keep = ranked < num_events
     ranked = ranked[keep]
     near = np.zeros(ranked.shape[0], bool) if via is None else np.asarray(via, bool)[keep]
+    if parts is None:
+        lo = np.zeros(ranked.shape[0], np.int64)
+        hi = np.asarray(sizes, np.int64)[ranked] if ranked.size else lo
+        tail = np.zeros(ranked.shape[0], bool)
+    else:
+        lo, hi, tail = (np.asarray(a)[keep] for a in parts)
     ks = budget - kc
     used = 0
     i = 0
     similar: list[int] = []
-    out: list[tuple[int, int, Source]] = []
+    out: list[Pick] = []
     while i < ranked.shape[0]:
-        c = int(ranked[i])
-        size = int(sizes[c])
-        if used + size > ks:
+        c, a, b = int(ranked[i]), int(lo[i]), int(hi[i])
+        if used + b - a > ks:
             break
-        out.append((c, size, "contiguity" if near[i] else "similarity"))
+        out.append((c, a, b, "contiguity" if near[i] else "similarity"))
         if not near[i]:
             similar.append(c)
-        used += size
+        used += b - a
         i += 1
-    chosen = {c for c, _, _ in out}
+    chosen = {c for c, _, _, _ in out}
     if buffer is not None and kc > 0:
         buffer.update(similar, sizes, num_events, kc)
         for c in buffer.select(chosen, sizes, num_events, kc):
-            out.append((c, int(sizes[c]), "contiguity"))
+            out.append((c, 0, int(sizes[c]), "contiguity"))
             chosen.add(c)
             used += int(sizes[c])
     while used < budget and i < ranked.shape[0]:
-        c = int(ranked[i])
+        c, a, b = int(ranked[i]), int(lo[i]), int(hi[i])
         i += 1
-        if c in chosen:
+        if parts is None and c in chosen:  # (parts: the walk is a prefix of the entries, each once)
             continue
-        take = min(int(sizes[c]), budget - used)
-        out.append((c, take, "contiguity" if near[i - 1] else "similarity"))
+        take = min(b - a, budget - used)
+        a, b = (b - take, b) if tail[i - 1] else (a, a + take)
+        out.append((c, a, b, "contiguity" if near[i - 1] else "similarity"))
         chosen.add(c)
         used += take
     return out
@@ -219,10 +238,18 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np
     number, a name), so the sentence naming the key is one event and its value the next; similarity
     finds the first. The following neighbour goes first: a value comes after what names it.
     """
+    order, via, _ = neighbour_walk(ranked, num_events, radius, starts, ends, reach, joint)
+    return order, via
+
+
+def neighbour_walk(ranked: np.ndarray, num_events: int, radius: int, starts: np.ndarray | None = None,
+                   ends: np.ndarray | None = None, reach: int = 0,
+                   joint: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`with_neighbours`, and with each entry the index in ``ranked`` of the hit it came with."""
     ranked = np.asarray(ranked, np.int64)
     reach = 0 if starts is None or ends is None else max(0, int(reach))
     if (radius <= 0 and reach <= 0) or ranked.size == 0:
-        return ranked, np.zeros(ranked.shape[0], bool)
+        return ranked, np.zeros(ranked.shape[0], bool), np.arange(ranked.shape[0], dtype=np.int64)
     fwd = np.full(ranked.shape[0], max(0, radius), np.int64)
     back = fwd.copy()
     if reach > 0:
@@ -253,17 +280,63 @@ def with_neighbours(ranked: np.ndarray, num_events: int, radius: int, starts: np
         offs, use, gap = np.take_along_axis(offs, by, 1), np.take_along_axis(use, by, 1), np.take_along_axis(gap, by, 1)
     cand = (ranked[:, None] + offs)[use]
     via = (offs != 0)[use]
+    row = np.broadcast_to(np.arange(ranked.shape[0])[:, None], use.shape)[use]
     j = min(max(int(joint), 1), ranked.shape[0]) if reach > 0 else 1
     if j > 1:  # the first j rows' entries in one order: by gap (hits: -1), ties by row, then by column
         head = int(use[:j].sum())
-        rows = np.broadcast_to(np.arange(j)[:, None], use[:j].shape)[use[:j]]
-        by = np.lexsort((np.arange(head), rows, gap[:j][use[:j]]))
-        cand[:head], via[:head] = cand[:head][by], via[:head][by]
+        by = np.lexsort((np.arange(head), row[:head], gap[:j][use[:j]]))
+        cand[:head], via[:head], row[:head] = cand[:head][by], via[:head][by], row[:head][by]
     ok = (cand >= 0) & (cand < num_events)
-    cand, via = cand[ok], via[ok]
+    cand, via, row = cand[ok], via[ok], row[ok]
     _, first = np.unique(cand, return_index=True)
     first = np.sort(first)
-    return cand[first], via[first]
+    return cand[first], via[first], row[first]
+
+
+def near_parts(order: np.ndarray, via: np.ndarray, row: np.ndarray, ranked: np.ndarray, starts: np.ndarray,
+               ends: np.ndarray, reach: int, joint: int = 1,
+               part: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A walk of hits and neighbours (:func:`with_neighbours` with a reach; ``row[i]``: the index in
+    ``ranked`` of the hit that ``order[i]`` came with) read nearest text first, token by token rather
+    than event by event. Returns ``(events, first, last, tail, via)``: entry ``i`` is tokens
+    ``[first[i], last[i])`` of event ``events[i]`` (offsets from its start), ``tail[i]`` True for a
+    part before its hit (its end is the nearer text), for :func:`select_ranked`.
+
+    * A hit is one entry, the whole event.
+    * A neighbour is only read as far as the reach: its tokens within ``reach`` tokens of the hit, cut
+      into parts of ``part`` tokens from its near end; a neighbour wholly beyond the reach (there by
+      the radius) is left out.
+    * Each hit's entries (the first ``joint`` hits': together) go by the tokens between the hit and
+      the part, ties in the walk's order, so a long event on one side of a hit no longer takes the
+      budget before the near text on the other side.
+
+    Why: in predictable text surprise makes events of up to ``max_block_size`` tokens; taken whole, a
+    long neighbour right after a hit spent a small budget on filler while the short events just
+    before the hit, holding the start of its sentence, were left out.
+    """
+    order = np.asarray(order, np.int64)
+    n = order.shape[0]
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return order, empty, empty, np.zeros(0, bool), np.zeros(0, bool)
+    hit = np.asarray(ranked, np.int64)[row]
+    st, en = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    size = en[order] - st[order]
+    before = order < hit
+    gap = np.where(before, st[hit] - en[order], st[order] - en[hit])
+    span = np.where(via, np.clip(reach - gap, 0, size), size)  # tokens within reach, from the near end
+    count = np.where(via, -(-span // part), 1)
+    idx = np.repeat(np.arange(n), count)
+    k = np.arange(idx.shape[0]) - np.repeat(np.cumsum(count) - count, count)  # part number within the entry
+    near_end = np.where(via[idx], np.minimum(k * part, span[idx]), 0)
+    far_end = np.where(via[idx], np.minimum((k + 1) * part, span[idx]), size[idx])
+    tail = before[idx] & via[idx]
+    first = np.where(tail, size[idx] - far_end, near_end)
+    last = np.where(tail, size[idx] - near_end, far_end)
+    dist = np.where(via[idx], gap[idx] + k * part, -1)
+    group = np.where(row[idx] < max(int(joint), 1), 0, row[idx])
+    by = np.lexsort((k, idx, dist, group))
+    return order[idx][by], first[by], last[by], tail[by], via[idx][by]
 
 
 def interleave(per_token: np.ndarray) -> np.ndarray:
@@ -458,7 +531,7 @@ class Retriever:
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
                  num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0, reach: int = 0,
-                 contiguity: bool = True, first: Sequence[int] = (), joint: int = 1) -> RetrievalResult:
+                 contiguity: bool = True, first: Sequence[int] = (), joint: int = 1, part: int = 0) -> RetrievalResult:
         """Select among events ``0 .. num_events-1`` (default: all) within ``budget`` tokens.
 
         ``rank``: how several query tokens rank the events (module docstring, "Ranking"): by their mean
@@ -472,7 +545,9 @@ class Retriever:
 
         ``neighbours``: each similarity hit brings its temporal neighbours up to this many events
         each side right after it in the rank walk (:func:`with_neighbours`; 0: none); ``reach``: and
-        those within this many tokens of it.
+        those within this many tokens of it. ``part`` > 0 (with a reach): the neighbours are read in parts
+        of this many tokens, nearest the hit first, each only as far as the reach (:func:`near_parts`);
+        0: whole events, nearest first.
         ``contiguity``: False leaves the contiguity buffer out of this step (neither read nor updated),
         its share going to the rank walk.
         ``first``: events ranked before the similarity ranking, in this order (a question's lexical
@@ -497,7 +572,7 @@ class Retriever:
             empty = LayerSelection(())
             return RetrievalResult((empty,) * n_layers, budget, m, memory, not self.per_layer, exact)
         if memory <= budget:
-            everything: list[tuple[int, int, Source]] = [(c, int(sizes[c]), "similarity") for c in range(m)]
+            everything: list[Pick] = [(c, 0, int(sizes[c]), "similarity") for c in range(m)]
             if self.per_layer:
                 layers = tuple(self._layer_selection(q, everything, lay) for lay in range(n_layers))
             else:
@@ -512,44 +587,52 @@ class Retriever:
         inside = [0 <= int(c) < m for c in first]
         pre = np.asarray([c for c, ok in zip(first, inside, strict=True) if ok], np.int64)
         walk = partial(self._walk, num_events=m, budget=budget, kc=kc, neighbours=neighbours, reach=reach,
-                       first=pre, joint=sum(inside[:max(1, joint)]))
+                       first=pre, joint=sum(inside[:max(1, joint)]), part=max(0, int(part)))
         layers = self._select(q, walk, rank, exact, m, memory, budget + kc, use_buffers=kc > 0)
         distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
         assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"
         return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
 
-    def _layer_selection(self, q: EncodedQuery | None, picks: list[tuple[int, int, Source]],
-                         layer: int | None) -> LayerSelection:
-        """``picks`` (event, tokens taken, source) in temporal order with their exact scores (NaN without queries)."""
+    def _layer_selection(self, q: EncodedQuery | None, picks: list[Pick], layer: int | None) -> LayerSelection:
+        """``picks`` in temporal order with their exact scores (NaN without queries); an event's parts
+        (:func:`near_parts`) are one contiguous range."""
         starts, sizes = self.table.starts, self.table.sizes
-        ids = np.array(sorted(p[0] for p in picks), np.int64)
+        span: dict[int, tuple[int, int, int, Source]] = {}
+        for c, a, b, source in picks:
+            lo, hi, n, src = span.get(c, (a, b, 0, source))
+            span[c] = (min(lo, a), max(hi, b), n + b - a, src)
+        ids = np.array(sorted(span), np.int64)
         scores = np.full(ids.shape[0], np.nan, np.float32) if q is None else self.scores(q, layer, ids)
-        by_id = {p[0]: p for p in picks}
         events = []
         for j, c in enumerate(ids.tolist()):
-            _, take, source = by_id[c]
+            a, b, n, source = span[c]
+            assert n == b - a, "an event's parts must be taken as one contiguous range"
             s = int(starts[c])
-            events.append(SelectedEvent(c, s, s + take, float(scores[j]), source, take < int(sizes[c])))
+            events.append(SelectedEvent(c, s + a, s + b, float(scores[j]), source, b - a < int(sizes[c])))
         return LayerSelection(tuple(events))
 
     def _walk(self, ranked: np.ndarray, buf: ContiguityBuffer | None, *, num_events: int, budget: int, kc: int,
-              neighbours: int, reach: int, first: np.ndarray, joint: int = 1) -> list[tuple[int, int, Source]]:
+              neighbours: int, reach: int, first: np.ndarray, joint: int = 1, part: int = 0) -> list[Pick]:
         """Events ``first`` (lexical matches), then ``ranked``, each with its temporal neighbours (the first
-        ``joint`` read together), selected into ``budget`` tokens (:func:`select_ranked`); ``first``'s
-        similarity picks reported as lexical."""
+        ``joint`` read together; with a reach and ``part``, nearest tokens first, :func:`near_parts`), selected into
+        ``budget`` tokens (:func:`select_ranked`); ``first``'s similarity picks reported as lexical."""
         starts, sizes = self.table.starts, self.table.sizes
         if first.size:
             ranked = np.concatenate([first, ranked[~np.isin(ranked, first)]])
-        order, via = with_neighbours(ranked, num_events, neighbours, starts, starts + sizes, reach,
-                                     joint=joint if first.size else 1)
-        picks = select_ranked(order, sizes, num_events, budget, kc, buf, via)
+        joint = joint if first.size else 1
+        order, via, row = neighbour_walk(ranked, num_events, neighbours, starts, starts + sizes, reach, joint=joint)
+        if reach > 0 and part > 0:
+            order, lo, hi, tail, via = near_parts(order, via, row, ranked, starts, starts + sizes, reach, joint, part)
+            picks = select_ranked(order, sizes, num_events, budget, kc, buf, via, (lo, hi, tail))
+        else:
+            picks = select_ranked(order, sizes, num_events, budget, kc, buf, via)
         if first.size:
             lexical = set(first.tolist())
-            picks = [(c, t, "lexical" if c in lexical and src == "similarity" else src) for c, t, src in picks]
+            picks = [(c, a, b, "lexical" if c in lexical and src == "similarity" else src) for c, a, b, src in picks]
         return picks
 
     def _select(self, q: EncodedQuery, walk: Callable[[np.ndarray, ContiguityBuffer | None],
-                                                      list[tuple[int, int, Source]]],
+                                                      list[Pick]],
                 rank: Rank, exact: bool, m: int, memory: int, need: int,
                 use_buffers: bool) -> tuple[LayerSelection, ...]:
         """Every layer's selection: its own ranking and buffer per layer, else one shared list (ranked on

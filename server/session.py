@@ -150,6 +150,11 @@ class MemoryConfig:
     question_reach: int = 96
     """A question's hits also bring the neighbours that start or end within this many tokens of them
     (``RetrievalConfig``): ``question_neighbours`` events each side at least, more where they are short."""
+    question_parts: int = 16
+    """A question's hits' neighbours are read in parts of this many tokens, nearest the hit first, each only
+    as far as ``question_reach`` (``RetrievalConfig``): a long event beside a hit gives its near text, not
+    all of it, and does not keep the short events on the other side out (docs/recall.md, rule 13); 0:
+    whole events, nearest first."""
     question_contiguity: bool = False
     """A question also uses ingestion's contiguity buffer (``RetrievalConfig``); off: its neighbours
     come from ``question_neighbours`` and the whole budget follows the question's own ranking."""
@@ -171,7 +176,7 @@ class MemoryConfig:
     answers with the fact, not with a continuation the model prefers (" the pass key."), and copies its
     digits as written. 0: off. Costs one engine request (the question and the word) when a run is found."""
     question_n_local: int | None = 64
-    question_n_mem: int | None = 256
+    question_n_mem: int | None = 160
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
     tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Events
     close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so the recent ones are
@@ -224,6 +229,7 @@ class MemoryConfig:
             question_rank=self.question_rank,  # type: ignore[arg-type]
             question_neighbours=self.question_neighbours,
             question_reach=self.question_reach,
+            question_parts=self.question_parts,
             question_contiguity=self.question_contiguity,
             question_memory_last=self.question_memory_last,
             question_n_init=self.question_n_init,
@@ -242,6 +248,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_reach": 0,
     "question_copy": 0,
     "question_bridge": False,
+    "question_parts": 0,
 }
 """Values of the fields added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`)."""

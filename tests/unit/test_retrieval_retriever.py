@@ -337,6 +337,67 @@ def test_with_neighbours_matches_brute_force(sizes, data):
     assert via.tolist() == near
 
 
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=14), st.data())
+def test_near_parts_read_the_tokens_nearest_the_hit_first(sizes, data):
+    """With one-token parts, a hit's window is the hit, then its neighbours' tokens within the reach
+    by distance from the hit (ties: the event earlier in the neighbour walk), cut at the budget."""
+    from emserve.retrieval.retriever import near_parts, neighbour_walk, select_ranked
+
+    n = len(sizes)
+    c = data.draw(st.integers(0, n - 1))
+    radius = data.draw(st.integers(0, 3))
+    reach = data.draw(st.integers(1, 30))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    ends = starts + np.asarray(sizes)
+    budget = data.draw(st.integers(int(sizes[c]), int(sum(sizes))))
+    ranked = np.array([c], np.int64)
+    order, via, row = neighbour_walk(ranked, n, radius, starts, ends, reach)
+    rank = {int(e): i for i, e in enumerate(order)}
+    near = []  # (distance, the event's place in the walk, token)
+    for e in order[1:].tolist():
+        for t in range(int(starts[e]), int(ends[e])):
+            d = t - int(ends[c]) if e > c else int(starts[c]) - 1 - t
+            if d < reach:
+                near.append((d, rank[e], t))
+    want = set(range(int(starts[c]), int(ends[c]))) | {t for _, _, t in sorted(near)[:budget - int(sizes[c])]}
+    ev, lo, hi, tail, via2 = near_parts(order, via, row, ranked, starts, ends, reach, part=1)
+    picks = select_ranked(ev, np.asarray(sizes), n, budget, 0, None, via2, (lo, hi, tail))
+    got = [t for e, a, b, _ in picks for t in range(int(starts[e]) + a, int(starts[e]) + b)]
+    assert len(got) == len(set(got)) and set(got) == want
+
+
+def test_a_long_neighbour_is_read_from_its_near_end_as_far_as_the_reach():
+    """Hit 2 (66 tokens) with a 95-token event after it and short ones before it (the pass-key filler's
+    shape): a 100-token budget takes the text nearest the hit on both sides in parts of 16 tokens;
+    taken whole, the long event took all of it."""
+    from emserve.retrieval.retriever import near_parts, neighbour_walk, select_ranked, with_neighbours
+
+    sizes = np.array([8, 8, 66, 95, 11])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    ends = starts + sizes
+    ranked = np.array([2])
+    order, via = with_neighbours(ranked, 5, 6, starts, ends, reach=96)
+    whole = select_ranked(order, sizes, 5, 100, 0, None, via)
+    assert [(c, b - a) for c, a, b, _ in whole] == [(2, 66), (3, 34)]  # 0 and 1 left out
+    order, via, row = neighbour_walk(ranked, 5, 6, starts, ends, reach=96)
+    parts = near_parts(order, via, row, ranked, starts, ends, reach=96)
+    picks = select_ranked(parts[0], sizes, 5, 100, 0, None, parts[4], parts[1:4])
+    assert picks[0] == (2, 0, 66, "similarity")
+    taken: dict[int, list[tuple[int, int]]] = {}
+    for c, a, b, _ in picks:
+        taken.setdefault(c, []).append((a, b))
+    # 3's first 16 tokens and 1 (distance 0), 0 (distance 8), then 3's next part up to the budget's end
+    assert taken == {2: [(0, 66)], 3: [(0, 16), (16, 18)], 1: [(0, 8)], 0: [(0, 8)]}
+    last = select_ranked(parts[0], sizes, 5, 86, 0, None, parts[4], parts[1:4])
+    assert last[-1][:3] == (1, 4, 8)  # a preceding event cut by the budget keeps its end, the hit's side
+    # a 10-token reach: 3 read as far as 10 tokens after the hit, 0 as far as 10 before it (its last 2)
+    order, via, row = neighbour_walk(ranked, 5, 0, starts, ends, reach=10)
+    parts = near_parts(order, via, row, ranked, starts, ends, reach=10)
+    got = sorted(zip(parts[0].tolist(), parts[1].tolist(), parts[2].tolist(), strict=True))
+    assert got == [(0, 6, 8), (1, 0, 8), (2, 0, 66), (3, 0, 10)]
+
+
 def test_hits_read_together_get_their_near_text_before_either_gets_its_far_text():
     """A two-hop question's link (hit 2) and fact (hit 8): read together, the fact's sentence (8, 9) comes
     before the link's far neighbours; read one after the other, a tight budget ends inside the link's."""
@@ -366,7 +427,7 @@ def test_a_long_event_does_not_push_the_near_text_of_the_other_side_out_of_the_b
     order, via = with_neighbours(np.array([2]), 6, 3, starts, starts + sizes, reach=1)
     assert order.tolist() == [2, 3, 1, 4, 5, 0]  # alternating would take 0 (gap 40) before 5 (gap 8)
     picks = select_ranked(order, sizes, 6, 56, 0, None, via)
-    assert [(c, t) for c, t, _ in picks] == [(2, 4), (3, 4), (1, 40), (4, 4), (5, 4)]
+    assert [(c, b - a) for c, a, b, _ in picks] == [(2, 4), (3, 4), (1, 40), (4, 4), (5, 4)]
 
 
 def test_neighbours_bring_a_split_fact_whole(tmp_path):
@@ -400,6 +461,11 @@ def test_reach_brings_short_neighbours_in_the_rank_walk(tmp_path):
     # 2 [120, 130): following events starting before 139: 3, 4, 5 (130, 133, 136); preceding: 1
     assert sel.ids == [1, 2, 3, 4, 5]
     assert [e.source for e in sel.events] == ["contiguity", "similarity", "contiguity", "contiguity", "contiguity"]
+    # in parts: 1 is read as far as the reach (its last 9 tokens); the budget's last token goes to the next hit
+    sel = r.retrieve(q, 29, neighbours=1, reach=9, part=4).layers[0]
+    assert sel.ids == [1, 2, 3, 4, 5, 8]
+    assert sel.ranges == [(111, 120), (120, 130), (130, 133), (133, 136), (136, 139), (159, 160)]
+    assert [e.truncated for e in sel.events] == [True, False, False, False, False, True]
 
 
 def test_question_without_contiguity_buffer_leaves_it_untouched(tmp_path):

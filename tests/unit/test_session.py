@@ -658,8 +658,9 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
         plans.append(plan)
         return real_stream(plan, *args, **kwargs)
 
-    # a window (2 neighbours, reach 24) on which the rule changes some first tokens of this random stream
-    cfg = dataclasses.replace(CFG, question_contrast=0.0, question_neighbours=2, question_reach=24)
+    # a window (2 neighbours, reach 24, whole events) on which the rule changes some first tokens of this random stream
+    cfg = dataclasses.replace(CFG, question_contrast=0.0, question_neighbours=2, question_reach=24,
+                              question_parts=0)
     s = Session.create(tmp_path / "s", engine, cfg)
     asyncio.run(s.append(ids, flush=True))
     greedy = SamplingSpec(max_tokens=6, ignore_eos=True)
