@@ -72,7 +72,7 @@ from emserve.retrieval.plan import Anchor, Segment, WindowPlan  # noqa: E402
 from emserve.segmenter.config import SegmenterConfig  # noqa: E402
 from emserve.segmenter.segmenter import OnlineSegmenter  # noqa: E402
 from emserve.server.corpus import load_text  # noqa: E402
-from emserve.server.session import RefinementKeys, refinement_keys  # noqa: E402
+from emserve.server.session.keys import RefinementKeys, refinement_keys  # noqa: E402
 
 CHUNK = 512
 TOLS = (1, 4, 16)
@@ -328,7 +328,7 @@ class LogKeys:
     def __call__(self, start: int, end: int) -> torch.Tensor:
         self.calls += 1
         self.tokens += end - start
-        if self.mode == "session":  # the product's callback (server/session.py)
+        if self.mode == "session":  # the product's callback (server/session/keys.py)
             return self._cache(start, end)
         if self.mode == "uncached":
             return refinement_keys(self.log, self.rope, (self.layers.start, self.layers.stop), start, end)

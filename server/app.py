@@ -41,7 +41,7 @@ from emserve.server.logs import log_step
 from emserve.server.metrics import GrpcMetrics, Metrics, serve_metrics
 from emserve.server.quota import DiskQuota
 from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService
-from emserve.server.sessions import SessionManager, question_within
+from emserve.server.session.manager import SessionManager, question_within
 from emserve.server.tenants import load_tenants
 from emserve.server.text import TextCodec
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emserve.server.errors import InvalidArgument
-from emserve.server.sessions import Entry
+from emserve.server.session.manager import Entry
 from emserve.server.text import TextCodec
 
 MAX_PAGE = 1000

@@ -40,7 +40,7 @@ from emserve.server.quota import allocated_files
 from emserve.server.report import PHASES, Kind, StepReport
 
 if TYPE_CHECKING:
-    from emserve.server.sessions import SessionManager
+    from emserve.server.session.manager import SessionManager
 
 logger = logging.getLogger(__name__)
 

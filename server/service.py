@@ -53,7 +53,7 @@ from emserve.server.ingest import Ack, IngestMessage, Ingestor, Ready
 from emserve.server.inspection import Curve, EventPage, list_events, page_size, parse_page_token, surprise_curve
 from emserve.server.logs import bind_session, call_context, request_id_of
 from emserve.server.session import MemoryConfig, SessionError
-from emserve.server.sessions import SessionInfo, SessionManager, check_session_id
+from emserve.server.session.manager import SessionInfo, SessionManager, check_session_id
 from emserve.server.tenants import tenant_context
 from emserve.server.text import TextCodec
 

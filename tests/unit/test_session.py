@@ -180,7 +180,7 @@ def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine,
     import json
 
     from emserve.server.session import SAVED_BEFORE
-    from emserve.server.sessions import SessionManager
+    from emserve.server.session.manager import SessionManager
 
     async def run() -> None:
         mgr = SessionManager(tmp_path / "root", engine, CFG)
@@ -245,7 +245,7 @@ def test_errors(engine: ReferenceEngine, tmp_path: Path) -> None:
 
 def test_refinement_key_cache_matches_direct_reads(engine: ReferenceEngine, tmp_path: Path) -> None:
     from emserve.server.engine.rope import RopeSpec
-    from emserve.server.session import RefinementKeys, refinement_keys
+    from emserve.server.session.keys import RefinementKeys, refinement_keys
 
     s = Session.create(tmp_path / "s", engine, CFG)
     asyncio.run(s.append(_ids(300, 3)))
@@ -437,7 +437,7 @@ def test_the_manager_repairs_what_a_crash_left_before_it_serves(engine: Referenc
     reported the events of the saved state until the session's next use, and ``.deleted-*`` folders
     stayed forever."""
     from emserve.server.session import needs_recovery
-    from emserve.server.sessions import SessionManager
+    from emserve.server.session.manager import SessionManager
 
     root = tmp_path / "root"
     ids = _ids(400, 6)
@@ -519,7 +519,7 @@ def test_opening_out_of_device_memory_fails_cleanly(engine: ReferenceEngine, tmp
 def test_content_rows_keep_the_tokens_that_name_something(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from emserve.server.session import content_rows
+    from emserve.server.session.words import content_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok.encode("\n\nWhat is 42? The", add_special_tokens=False)
@@ -537,9 +537,9 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     """Four words the rest of the stream never uses (ids above _ids' range, whose text no other token
     shares) are named by the question: with question_lexical the event holding them is a lexical pick
     and in the answer step's window."""
-    from emserve.server.session import _vocabulary
+    from emserve.server.session.words import model_vocabulary
 
-    vocab = _vocabulary(engine.info.path)
+    vocab = model_vocabulary(engine.info.path)
     assert vocab is not None  # the tiny model has a tokenizer: the test means something
     common = set(vocab.canonical[:500].tolist())
     rare = [t for t in range(500, engine.info.vocab_size) if vocab.content[t] and vocab.canonical[t] not in common][:4]
@@ -566,9 +566,9 @@ def test_question_bridge_brings_the_fact_stated_about_a_rare_word_of_the_first_h
         engine: ReferenceEngine, tmp_path: Path) -> None:
     """question_bridge: the question names A1 A2 (held at 300 with B) and asks C, which the stream holds
     only at 900, next to B: the second hop brings 900 into the window; without it only 300 is there."""
-    from emserve.server.session import _vocabulary
+    from emserve.server.session.words import model_vocabulary
 
-    vocab = _vocabulary(engine.info.path)
+    vocab = model_vocabulary(engine.info.path)
     assert vocab is not None
     common = set(vocab.canonical[:500].tolist())
     rare: list[int] = []
@@ -700,7 +700,7 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     """question_copy: a greedy answer starts with the word that followed the question's last words where
     the window holds them verbatim, token by token while the model finds each plausible; the rest is
     greedy after it (the same tokens as a greedy answer to the question followed by the copied ones)."""
-    import emserve.server.session as session_mod
+    import emserve.server.session.session as session_mod
     from emserve.retrieval.plan import WindowPlan
 
     lead = [41, 42, 43, 44]
@@ -708,7 +708,7 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     ids[250:250] = lead  # in the local tail of a question: in its window
     s = Session.create(tmp_path / "s", engine, dataclasses.replace(CFG, question_copy=0))
     asyncio.run(s.append(ids, flush=True))
-    vocab = session_mod._vocabulary(engine.info.path)
+    vocab = session_mod.model_vocabulary(engine.info.path)
     assert vocab is not None
     after = ids[254:270]
     word = after[: vocab.first_word(after)]

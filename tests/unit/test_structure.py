@@ -3,7 +3,9 @@ inside a function), and the one error root.
 
 Rules: the libraries (``segmenter``, ``retrieval``) import neither the server, the
 proto, vLLM nor gRPC; the engine (``server/engine``, part of it runs inside vLLM's engine core) imports
-no other part of the server; the client distribution (``client/``: ``emserve.client``, ``emserve.api``)
+no other part of the server; the sessions (``server/session``) import the libraries, the engine and the
+server's leaf modules (errors, report, logs, quotas, tenants, contrast), not the RPC layer, the process,
+vLLM nor gRPC; the client distribution (``client/``: ``emserve.client``, ``emserve.api``)
 imports only itself, gRPC and protobuf; no emserve module
 imports itself back through others (no cycle).
 """
@@ -26,6 +28,10 @@ RULES: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "emserve.retrieval": (("emserve.retrieval",), RPC_AND_WIRE),
     "emserve.server.engine": (("emserve.server.engine", "emserve.retrieval"),
                               {"grpc", "grpc_health", "grpc_reflection", "prometheus_client"}),
+    "emserve.server.session": (("emserve.server.session", "emserve.server.engine", "emserve.retrieval",
+                                "emserve.segmenter", "emserve.server.contrast", "emserve.server.errors",
+                                "emserve.server.logs", "emserve.server.quota", "emserve.server.report",
+                                "emserve.server.tenants"), RPC_AND_WIRE),
     "emserve.client": (("emserve.client", "emserve.api"),
                        {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
     "emserve.api": (("emserve.api",), {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
@@ -92,7 +98,7 @@ GRAPH, EXTERNAL = _graph()
 
 def test_the_graph_sees_the_imports() -> None:
     # the analysis itself: known edges, lazy imports included (a graph without them proves nothing)
-    assert "emserve.retrieval.memory" in GRAPH["emserve.server.session"]
+    assert "emserve.retrieval.memory" in GRAPH["emserve.server.session.session"]
     assert "emserve.server.app" in GRAPH["emserve.server.cli"]  # imported inside _serve()
     assert "vllm" in EXTERNAL["emserve.server.engine.vllm_engine"]
     assert {"emserve.segmenter.segmenter", "emserve.retrieval.retriever", "emserve.client"} <= set(GRAPH)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -51,17 +50,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from emserve.retrieval.errors import ConfigError, EmserveError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
-from emserve.retrieval.lexical import Vocabulary, bridge_hit, continuation, lexical_hits
+from emserve.retrieval.lexical import bridge_hit, continuation, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
-from emserve.retrieval.planner import RetrievalConfig
 from emserve.retrieval.queries import QUERY_MEAN_FILE
 from emserve.retrieval.retriever import RetrievalResult
-from emserve.segmenter import OnlineSegmenter, SegmenterConfig
+from emserve.segmenter import OnlineSegmenter
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.engine.rope import RopeSpec
 from emserve.server.errors import SessionReopening
@@ -70,15 +66,24 @@ from emserve.server.report import Kind, PhaseClock, StepReport, retrieval_second
 
 if TYPE_CHECKING:
     from emserve.retrieval.plan import WindowPlan
+from emserve.server.session.config import MemoryConfig
+from emserve.server.session.keys import RefinementKeys
+from emserve.server.session.state import (
+    EXCHANGES_FILE,
+    LEGACY_QUERIES_FILE,
+    LOG_DIR,
+    QUERIES_FILE,
+    SESSION_FILE,
+    SURPRISE_FILE,
+    SessionError,
+    SessionStats,
+    from_json,
+    session_stats,
+    to_json,
+    write_json,
+)
+from emserve.server.session.words import content_rows, model_vocabulary
 
-SESSION_FILE = "session.json"
-SURPRISE_FILE = "surprise.f32"
-QUERIES_FILE = "queries.npz"  # the last step's query summary (lagged queries for the next chunk), see _save_queries
-LEGACY_QUERIES_FILE = "queries.npy"  # sessions saved before queries.npz: the summary alone
-LOG_DIR = "log"
-EXCHANGES_FILE = "exchanges.json"
-MAX_CONTRAST = 10.0
-"""The largest ``MemoryConfig.question_contrast``."""
 COPY_PLAUSIBLE = 0.001
 """``question_copy`` copies a token only if the model gives it at least this probability (after the window,
 the question and the tokens copied before it). A weak guard on purpose: the verbatim run is the evidence;
@@ -91,167 +96,6 @@ MAX_EXCHANGES = 64
 
 OnPlan = Callable[[RetrievalResult | None, dict[str, float], tuple[tuple[int, int], ...]], None]
 """``ask_stream``'s ``on_plan``: called with the retrieval, the timings so far and the window."""
-
-
-class SessionError(EmserveError):
-    """A session is missing, corrupt, or used against its configuration."""
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    """Per-session memory knobs (EM-LLM names). Defaults are sized for SmolLM2-135M (8k context)."""
-
-    n_init: int = 128
-    n_local: int = 1024
-    n_mem: int = 1024
-    exc_block_size: int = 512
-    min_block_size: int = 8
-    max_block_size: int = 128
-    surprisal_threshold_gamma: float = 1.0
-    """A boundary where a token's surprise exceeds mean + gamma x std of the recent window (EM-LLM's 1.0;
-    why not the 3.0 the seam benchmark prefers: docs/decisions.md)."""
-    similarity_metric: str = "modularity"
-    splitter: str = "surprise"
-    repr_topk: int = 4
-    repr_proxy: str = "topk"
-    use_contiguity_buffer: bool = True
-    contiguity_buffer_size: float = 0.3
-    per_layer: bool = False
-    """False (default): one selection for all layers, scored on the first ``shared_score_layers`` of
-    them; True: each layer selects its own events (EM-LLM)."""
-    shared_score_layers: float = 2 / 3
-    center_queries: bool = True
-    standardize_queries: bool = True
-    question_query_tokens: int = 64
-    """A question retrieves with the queries of its last this-many tokens, each scored on its own
-    (centered, standardized; ``emserve.retrieval.queries``) and ranked by ``question_rank``; 0: its mean
-    query summary."""
-    question_rank: str = "interleave"
-    """``"interleave"``: each question token ranks the events by its own score and their lists are
-    interleaved (``Retriever.retrieve``); ``"mean"``: by the tokens' mean score (sessions saved before
-    this field keep it). Exact scoring costs every query token (``question_query_tokens``) per event."""
-    question_content_queries: bool = False
-    """A question ranks the events with the query tokens whose text holds a letter or a digit only
-    (:func:`content_rows`): a newline or a question mark names nothing to look up."""
-    question_lexical: int = 2
-    """A question's best lexical matches (events holding the rare words it names, at least half the
-    best match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking,
-    each with its neighbours; 0: the attention scores alone rank."""
-    question_bridge: bool = True
-    """A question's first lexical match may name the thing its asked fact is stated about elsewhere
-    ("Maria hid the treasure in the cobalt chest"; "The cobalt chest is locked with the code ..."): the
-    passage joining a rare word of that match to a rare word the question asks for and the match lacks
-    goes second in its ranking, with its neighbours (:func:`emserve.retrieval.lexical.bridge_hit`).
-    Needs ``question_lexical``."""
-    question_neighbours: int = 6
-    """A question's hits bring this many temporal neighbours each side, before any lower-ranked event
-    (``RetrievalConfig``): a value is often cut from the words that name it, and a hit read in its
-    passage beats more hits read as fragments (docs/recall.md, rule 7)."""
-    question_reach: int = 96
-    """A question's hits also bring the neighbours that start or end within this many tokens of them
-    (``RetrievalConfig``): ``question_neighbours`` events each side at least, more where they are short."""
-    question_parts: int = 16
-    """A question's hits' neighbours are read in parts of this many tokens, nearest the hit first, each only
-    as far as ``question_reach`` (``RetrievalConfig``): a long event beside a hit gives its near text, not
-    all of it, and does not keep the short events on the other side out (docs/recall.md, rule 13); 0:
-    whole events, nearest first."""
-    question_contiguity: bool = False
-    """A question also uses ingestion's contiguity buffer (``RetrievalConfig``); off: its neighbours
-    come from ``question_neighbours`` and the whole budget follows the question's own ranking."""
-    question_n_init: int | None = 0
-    """A question's sink tokens (``RetrievalConfig``; None: ``n_init``). 0: the question's window starts
-    with its retrieved events; the stream's first tokens are not in it."""
-    question_memory_last: bool = False
-    """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
-    question_contrast: float = 0.0
-    """``alpha`` > 0: a greedy answer's first token is chosen by contrast with what the model answers to the
-    question alone (:mod:`emserve.server.contrast`); 0 (default): plain greedy. Off: it turned the demo's
-    " the pass key." into the key but picked words over the value on the recall suite (docs/recall.md,
-    "Tried and not kept"). Costs two one-token engine requests before the answer."""
-    question_copy: int = 3
-    """A greedy answer starts with the word that followed the question's last words where its window says
-    them verbatim (:func:`emserve.retrieval.lexical.continuation`: the longest such run, at least this
-    many tokens), token by token as long as the model gives each at least :data:`COPY_PLAUSIBLE`; the
-    answer goes on greedily after it. A question that restates a fact's lead-in ("The pass key is") then
-    answers with the fact, not with a continuation the model prefers (" the pass key."), and copies its
-    digits as written. 0: off. Costs one engine request (the question and the word) when a run is found."""
-    question_n_local: int | None = 64
-    question_n_mem: int | None = 160
-    """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
-    tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Events
-    close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so the recent ones are
-    retrievable by a question too; the tokens after the last closed event are in the window."""
-
-    def __post_init__(self) -> None:
-        if self.question_copy < 0:
-            raise ConfigError(f"question_copy must be >= 0 (0: off), got {self.question_copy}")
-        if not 0 <= self.question_contrast <= MAX_CONTRAST:  # NaN fails too
-            raise ConfigError(f"question_contrast must be in [0, {MAX_CONTRAST:g}], got {self.question_contrast}")
-
-    @classmethod
-    def from_saved(cls, saved: dict[str, Any]) -> MemoryConfig:
-        """The config a ``session.json`` describes (its ``"config"`` object). The only reader of saved
-        configs: a field the file lacks was added after the session was created, and takes the value
-        the session was created with (:data:`SAVED_BEFORE`), not today's default."""
-        return cls(**{**SAVED_BEFORE, **saved})
-
-    def segmenter(self) -> SegmenterConfig:
-        return SegmenterConfig(
-            n_init=self.n_init,
-            n_local=self.n_local,
-            # events enter the table (and the index) as soon as their boundaries are final, so that a
-            # question with a short local window can retrieve the recent ones; ingestion steps still
-            # retrieve only events that have left their local window (the planner): same plans.
-            close_lag=self.min_block_size,
-            surprisal_threshold_gamma=self.surprisal_threshold_gamma,
-            min_block_size=self.min_block_size,
-            max_block_size=self.max_block_size,
-            splitter=self.splitter,  # type: ignore[arg-type]
-            similarity_metric=self.similarity_metric,  # type: ignore[arg-type]
-        )
-
-    def retrieval(self, max_window: int) -> RetrievalConfig:
-        return RetrievalConfig(
-            n_init=self.n_init,
-            n_local=self.n_local,
-            n_mem=self.n_mem,
-            exc_block_size=self.exc_block_size,
-            repr_topk=self.repr_topk,
-            repr_proxy=self.repr_proxy,  # type: ignore[arg-type]
-            use_contiguity_buffer=self.use_contiguity_buffer,
-            contiguity_buffer_size=self.contiguity_buffer_size,
-            per_layer=self.per_layer,
-            shared_score_layers=self.shared_score_layers,
-            center_queries=self.center_queries,
-            standardize_queries=self.standardize_queries,
-            question_n_local=self.question_n_local,
-            question_n_mem=self.question_n_mem,
-            question_rank=self.question_rank,  # type: ignore[arg-type]
-            question_neighbours=self.question_neighbours,
-            question_reach=self.question_reach,
-            question_parts=self.question_parts,
-            question_contiguity=self.question_contiguity,
-            question_memory_last=self.question_memory_last,
-            question_n_init=self.question_n_init,
-            max_window=max_window,
-        )
-
-
-SAVED_BEFORE: dict[str, Any] = {
-    "question_rank": "mean",
-    "question_content_queries": False,
-    "question_neighbours": 0,
-    "question_contiguity": True,
-    "question_n_init": None,
-    "question_memory_last": False,
-    "question_lexical": 0,
-    "question_reach": 0,
-    "question_copy": 0,
-    "question_bridge": False,
-    "question_parts": 0,
-}
-"""Values of the fields added after the first sessions were saved, as those sessions behave
-(:meth:`MemoryConfig.from_saved`)."""
 
 
 @dataclass
@@ -276,20 +120,6 @@ class AppendResult:
 
     committed: int
     steps: tuple[StepReport, ...] = ()
-
-
-@dataclass(frozen=True)
-class SessionStats:
-    """A session's size, read from its files (cheap; no engine involved)."""
-
-    num_tokens: int
-    num_events: int
-    event_tokens: int
-    disk_bytes: int
-    surprise_mean: float
-    surprise_std: float
-    surprise_min: float
-    surprise_max: float
 
 
 class Session:
@@ -346,7 +176,7 @@ class Session:
         except FileNotFoundError:
             raise SessionError(f"no session at {p}") from None
         cfg = MemoryConfig.from_saved(state["config"])
-        seg = OnlineSegmenter.from_state_dict(_from_json(state["segmenter"]), cfg.segmenter())
+        seg = OnlineSegmenter.from_state_dict(from_json(state["segmenter"]), cfg.segmenter())
         s = cls(p, engine, cfg, seg, score_device=score_device)
         try:
             saved = s._load_queries()
@@ -467,11 +297,11 @@ class Session:
     def _save_state(self) -> None:
         state = {
             "config": dataclasses.asdict(self.config),
-            "segmenter": _to_json(self.segmenter.state_dict()),
+            "segmenter": to_json(self.segmenter.state_dict()),
         }
         if self._contiguity is not None:
             state["contiguity"] = self._contiguity
-        _write_json(self.path / SESSION_FILE, state)
+        write_json(self.path / SESSION_FILE, state)
 
     @property
     def _keys(self) -> RefinementKeys:
@@ -679,7 +509,7 @@ class Session:
         records[request_id] = record
         while len(records) > MAX_EXCHANGES:
             records.pop(next(iter(records)))
-        _write_json(self.path / EXCHANGES_FILE, records)
+        write_json(self.path / EXCHANGES_FILE, records)
 
     def exchange(self, request_id: str) -> tuple[dict[str, Any], int] | None:
         """The record kept under ``request_id`` and how many of its tokens (``prompt`` + ``token_ids``)
@@ -872,7 +702,7 @@ class Session:
     def _continuation(self, question: list[int], window: Sequence[tuple[int, int]]) -> list[int]:
         """``question_copy``'s draft: the word that followed the question's last words in the window, as
         far as the window holds it (empty: nothing to copy)."""
-        vocab = _vocabulary(self.engine.info.path)
+        vocab = model_vocabulary(self.engine.info.path)
         if vocab is None:
             return []
         segments = [(a, self.tokens(a, b)) for a, b in window if b > a]
@@ -888,7 +718,7 @@ class Session:
         """The question's lexical matches among the first ``num_events`` events (``question_lexical``), and
         how many of them are read together: 2 when the first has a second hop (``question_bridge``, right
         after it: the two halves of one answer get their near text first), else 1."""
-        vocab = _vocabulary(self.engine.info.path)
+        vocab = model_vocabulary(self.engine.info.path)
         if vocab is None or num_events <= 0:
             return (), 1
         table = self.memory.table
@@ -925,133 +755,6 @@ async def _to_the_end(aw: Any) -> Any:
         raise
 
 
-def session_stats(path: str | os.PathLike[str]) -> SessionStats:
-    """Statistics of the session directory ``path`` from its files alone (open or not)."""
-    from emserve.retrieval.events import RECORDS_FILE
-
-    p = Path(path)
-    sur = p / SURPRISE_FILE
-    n = sur.stat().st_size // 4 if sur.exists() else 0
-    records = p / LOG_DIR / RECORDS_FILE
-    rows = records.stat().st_size // 16 if records.exists() else 0
-    bounds = np.fromfile(records, dtype=np.int64, count=2 * rows).reshape(-1, 2) if rows else np.zeros((0, 2))
-    disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    values = np.fromfile(sur, dtype=np.float32, count=n) if n else np.zeros(0, np.float32)
-    values = values[np.isfinite(values)]
-    if values.size:
-        mean, std = float(values.mean()), float(values.std())
-        lo, hi = float(values.min()), float(values.max())
-    else:
-        mean = std = lo = hi = 0.0
-    return SessionStats(n, int(bounds.shape[0]), int((bounds[:, 1] - bounds[:, 0]).sum()), disk, mean, std, lo, hi)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Replace ``path`` with ``obj`` as JSON atomically (a reader or a crash sees the old file or the new)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def needs_recovery(path: str | os.PathLike[str]) -> bool:
-    """Whether the session directory ``path`` holds a step its saved state does not (a crash between a
-    step's files and its state): :meth:`Session.open` repairs it (replays the segmenter over the
-    surprise, or drops K/V whose surprise never arrived), and until then its files tell stale statistics."""
-    from emserve.retrieval.kvlog import TOKENS_FILE
-
-    p = Path(path)
-    try:
-        seen = int(json.loads((p / SESSION_FILE).read_text())["segmenter"]["seen"])
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
-        return False  # not a session (yet): nothing to replay
-    sur = p / SURPRISE_FILE
-    n_sur = sur.stat().st_size // 4 if sur.exists() else 0
-    tokens = p / LOG_DIR / TOKENS_FILE
-    n_log = tokens.stat().st_size // 4 if tokens.exists() else 0
-    return n_sur != seen or n_log != n_sur
-
-
-def refinement_keys(log: KVLog, rope: RopeSpec, layers: tuple[int, int], start: int, end: int) -> torch.Tensor:
-    """Pre-RoPE keys ``[L, T, H, D]`` (fp32) of layers ``[layers[0], layers[1])`` for the segmenter's
-    refinement graph: one de-rotation for all layers (the angles are computed once)."""
-    pos = torch.from_numpy(log.positions(start, end).astype(np.int64))
-    k = torch.stack([log.keys(layer, start, end) for layer in range(*layers)], dim=1).float()  # [T, L, H, D]
-    t, n_layers, h, d = k.shape
-    k = rope.rotate(k.view(t, n_layers * h, d), -pos).view(t, n_layers, h, d)
-    return k.transpose(0, 1)
-
-
-class RefinementKeys:
-    """The segmenter's ``keys(start, end)`` callback with a cache: :func:`refinement_keys` of a range
-    is read and de-rotated once, not once per boundary window (windows of neighbouring boundaries
-    overlap, and a chunk decides tens of boundaries at γ=1).
-
-    The cache covers ``[lo, hi)`` of the log; a call past ``hi`` reads only the missing tail, a call
-    starting after ``lo`` drops the prefix (requests start at the last refined boundary, which only
-    moves forward), a call before ``lo`` re-reads. Log rows are immutable once written, so cached rows
-    stay valid; :meth:`reset` after a truncation.
-    """
-
-    READ_AHEAD = 2048
-
-    def __init__(self, log: Callable[[], KVLog], rope: RopeSpec, layers: tuple[int, int]) -> None:
-        self._log, self._rope, self._layers = log, rope, layers
-        self._lo = self._hi = 0
-        self._keys: torch.Tensor | None = None  # [L, hi - lo, H, D]
-
-    def reset(self) -> None:
-        self._lo = self._hi = 0
-        self._keys = None
-
-    def __call__(self, start: int, end: int) -> torch.Tensor:
-        if end < start:
-            raise SessionError(f"refinement keys: invalid range [{start}, {end}) (end before start)")
-        if self._keys is None or start < self._lo or start > self._hi:
-            self._keys, self._lo, self._hi = None, start, start
-        elif start > self._lo:
-            self._keys = self._keys[:, start - self._lo :]
-            self._lo = start
-        if end > self._hi:
-            # read ahead to what the log holds (bounded): the next windows of this chunk need it
-            log = self._log()
-            stop = max(end, min(len(log), end + self.READ_AHEAD))
-            tail = refinement_keys(log, self._rope, self._layers, self._hi, stop)
-            self._keys = tail if self._keys is None else torch.cat([self._keys, tail], dim=1)
-            self._hi = stop
-        assert self._keys is not None
-        return self._keys[:, start - self._lo : end - self._lo]
-
-
-@functools.lru_cache(maxsize=4)
-def _vocabulary(model_path: str) -> Vocabulary | None:
-    """The words of the model's tokens (None: no tokenizer at the path)."""
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_path)
-    except Exception:  # noqa: BLE001 - a model folder without a usable tokenizer
-        return None
-    return Vocabulary.from_texts(tok.batch_decode([[i] for i in range(len(tok))]))
-
-
-def _content_vocab(model_path: str) -> np.ndarray | None:
-    """bool ``[vocab]``: the token's text holds a letter or a digit (None: no tokenizer at the path)."""
-    vocab = _vocabulary(model_path)
-    return None if vocab is None else vocab.content
-
-
-def content_rows(model_path: str, token_ids: Sequence[int]) -> np.ndarray:
-    """Indices of the tokens of ``token_ids`` that name something (a letter or a digit in their text):
-    a question's query tokens without its newlines and punctuation. All of them when none does, or
-    when the model has no tokenizer to tell."""
-    vocab = _content_vocab(model_path)
-    ids = np.asarray(token_ids, np.int64)
-    if vocab is None:
-        return np.arange(ids.shape[0])
-    keep = np.flatnonzero((ids < vocab.shape[0]) & vocab[np.clip(ids, 0, vocab.shape[0] - 1)])
-    return keep if keep.size else np.arange(ids.shape[0])
-
-
 def _segmenter_surprise(surprise: np.ndarray, offset: int) -> np.ndarray:
     """The segmenter takes 0 for the stream's first token (the engine reports ln V: no context)."""
     if offset == 0 and surprise.size:
@@ -1064,25 +767,3 @@ def _hf_config(engine: Engine) -> Any:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(engine.info.path)
-
-
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, dict):
-        return {k: _to_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_to_json(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _from_json(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if "__ndarray__" in obj:
-            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-        return {k: _from_json(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_json(v) for v in obj]
-    return obj

@@ -60,7 +60,9 @@ from emserve.server.errors import (
 )
 from emserve.server.quota import DiskQuota
 from emserve.server.report import StepReport
-from emserve.server.session import MemoryConfig, Session, SessionStats, needs_recovery, session_stats
+from emserve.server.session.config import MemoryConfig
+from emserve.server.session.session import Session
+from emserve.server.session.state import SessionStats, needs_recovery, session_stats
 from emserve.server.tenants import TENANT_NAME, current_tenant, folder_name, split_folder
 
 logger = logging.getLogger(__name__)
