@@ -194,3 +194,17 @@ def test_functions_stay_short_and_long_modules_say_why() -> None:
             unexplained.append(f"{name}: {len(src.splitlines())} lines")
     assert not long_functions, long_functions
     assert not unexplained, unexplained
+
+
+def test_every_package_folder_is_installed() -> None:
+    """A sub-package missing from pyproject's ``packages`` works from this tree (editable install) but is
+    left out of a wheel and of the images."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for pkg, folder in tool["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            if not any(p.startswith((".", "__")) for p in rel):
+                found.add(".".join([pkg, *rel]))
+    assert found - listed == set(), "add these to [tool.setuptools] packages"
