@@ -20,7 +20,8 @@ Why each part is there: ``queries``, ``representatives`` and ``docs/decisions.md
      tokens (``k_c = 0`` when the buffer is off);
   3. *top-up*: the rank walk resumes where step 1 stopped, skipping events already taken, until the
      budget is full; the last event taken is **truncated to a prefix** ``[start, start + r)`` when
-     only ``r`` tokens are left. (Deviation from EM-LLM, whose nearest-fit rule lets totals differ
+     only ``r`` tokens are left (a neighbour before its hit read in parts: to a suffix, the text nearer
+     the hit; :func:`near_parts`). (Deviation from EM-LLM, whose nearest-fit rule lets totals differ
      per layer and exceed the cap. Also, a contiguity share left unused returns to similarity.)
 
   Below the index's exact threshold every event is scored exactly; above it, candidates are the
@@ -87,7 +88,8 @@ RANKS: tuple[Rank, ...] = ("mean", "interleave")
 class SelectedEvent:
     """Event ``id`` placed in the window as tokens ``[start, end)`` of the log.
 
-    ``end`` is before the event's own end when the event was truncated to fit the budget.
+    ``truncated``: ``[start, end)`` is a part of the event: its start when the budget ended inside it, or
+    (a neighbour read in parts, :func:`near_parts`) the part nearest its hit.
     """
 
     id: int

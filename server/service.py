@@ -333,7 +333,7 @@ def trace_to_pb(trace: Trace) -> pb.RetrievalTrace:
                            truncated=e.truncated)
             a = agg.setdefault(e.id, {"start": e.start, "end": e.end, "scores": [], "similarity": 0, "contiguity": 0,
                                       "lexical": 0})
-            a["end"] = max(a["end"], e.end)
+            a["start"], a["end"] = min(a["start"], e.start), max(a["end"], e.end)
             a["scores"].append(e.score)
             a[e.source] += 1
     weight = len(r.layers) if r.shared else 1  # a shared list stands for every layer
