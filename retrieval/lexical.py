@@ -10,7 +10,8 @@ no term frequency: events are sentence-sized).
 Rules:
 
 * Tokens are compared by their text, lowercased and stripped of spaces (``Vocabulary.canonical``:
-  " Harbor" and "harbor" are one word); only tokens holding a letter or a digit count.
+  " Harbor" and "harbor" are one word); only tokens holding a letter or a digit count, and a question's
+  line-opening labels ("Question:", "Answer:") do not (``Vocabulary.question_words``).
 * A word found in ``df`` of the ``E`` retrievable events weighs ``idf = ln((E - df + 0.5) / (df + 0.5))``,
   0 when negative (a word in half the events or more names nothing).
 * A passage is :data:`PASSAGE_EVENTS` consecutive events; its score is the sum of the weights of the
@@ -37,16 +38,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+LABEL_TOKENS = 3
+"""The most tokens of a line-opening label (``Question:``, ``User:``) that :meth:`Vocabulary.question_words` drops."""
+
 
 @dataclass(frozen=True)
 class Vocabulary:
     """Per token id: ``canonical`` word id (equal for tokens of equal lowercased, stripped text),
-    ``content`` (the text holds a letter or a digit) and ``joins`` (it continues the word before it: no
-    leading whitespace, and a letter or a digit)."""
+    ``content`` (the text holds a letter or a digit), ``joins`` (it continues the word before it: no
+    leading whitespace, and a letter or a digit), ``breaks`` (the text holds a newline) and ``colon``
+    (the text, leading spaces aside, starts with a colon)."""
 
     canonical: np.ndarray  # int64 [vocab]
     content: np.ndarray  # bool [vocab]
     joins: np.ndarray  # bool [vocab]
+    breaks: np.ndarray  # bool [vocab]
+    colon: np.ndarray  # bool [vocab]
 
     @classmethod
     def from_texts(cls, texts: Sequence[str]) -> Vocabulary:
@@ -57,7 +64,26 @@ class Vocabulary:
         content = np.fromiter((any(ch.isalnum() for ch in k) for k in keys), bool, len(keys))
         joins = np.fromiter((bool(t) and not t[0].isspace() and any(ch.isalnum() for ch in t) for t in texts),
                             bool, len(texts))
-        return cls(canonical, content, joins)
+        breaks = np.fromiter(("\n" in t for t in texts), bool, len(texts))
+        colon = np.fromiter((t.lstrip(" ").startswith(":") for t in texts), bool, len(texts))
+        return cls(canonical, content, joins, breaks, colon)
+
+    def question_words(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """:meth:`words` of a question without its line-opening labels: the words from the start of a
+        line to a colon on it, when at most :data:`LABEL_TOKENS` tokens (``Question:``, ``Answer:``,
+        ``User:``). A label names the prompt's format, not the asked fact; matched against the stream
+        it finds what happens to hold the word (an index listing "question", a quiz), and its idf is
+        high exactly where the stream never uses it as a label."""
+        ids = np.asarray(token_ids, np.int64)
+        ids = ids[(ids >= 0) & (ids < self.canonical.shape[0])]
+        keep = np.ones(ids.shape[0], bool)
+        start = 0  # the first token of the current line
+        for i in range(ids.shape[0]):
+            if self.colon[ids[i]] and 0 < i - start <= LABEL_TOKENS:
+                keep[start:i] = False
+            if self.breaks[ids[i]]:
+                start = i + 1
+        return self.words(ids[keep])
 
     def first_word(self, token_ids: Sequence[int] | np.ndarray) -> int:
         """How many of ``token_ids`` make up their first word: the first token and those that join it."""
@@ -81,9 +107,9 @@ PASSAGE_EVENTS = 2
 
 def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                     vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ``(word, event)`` pairs of the question's content words in the events, and each
-    pair's word weight (idf)."""
-    return _word_pairs(vocab.words(question_ids), tokens, starts, ends, vocab)
+    """The distinct ``(word, event)`` pairs of the question's content words (labels aside:
+    :meth:`Vocabulary.question_words`) in the events, and each pair's word weight (idf)."""
+    return _word_pairs(vocab.question_words(question_ids), tokens, starts, ends, vocab)
 
 
 def _word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -288,7 +314,7 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
         inside = pos < ends[lo + np.searchsorted(starts[lo:hi], pos, side="right") - 1]  # not between events
         return np.unique(vocab.canonical[ids][vocab.content[ids] & inside])
 
-    asked = vocab.words(question_ids)
+    asked = vocab.question_words(question_ids)
     around = [(p, words_of(p, p + span)) for p in range(first - span + 1, first + 1) if p >= 0]
     pairs, weight = _word_pairs(np.union1d(asked, np.concatenate([w for _, w in around])), tokens, starts, ends,
                                 vocab)

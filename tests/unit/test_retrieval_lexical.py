@@ -212,3 +212,45 @@ def test_bridge_hit_is_another_place_than_the_first_hit():
     assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) is None
     assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=1) == 13
     assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=99, spacing=2) is None  # no such event
+
+
+LABEL_TEXTS = ["<s>", "Question", ":", " Where", " did", " Rosa", " hide", " the", " treasure", "?", "\n", "Answer",
+               " question", ",", " 5", " Greta", " hid", " was", " hidden", " in", " chest", ".", " 10", ":", "30",
+               "Note"]
+LABEL = Vocabulary.from_texts(LABEL_TEXTS)
+LID = {t: i for i, t in enumerate(LABEL_TEXTS)}
+
+
+def lids(*words: str) -> list[int]:
+    return [LID[w] for w in words]
+
+
+def test_a_question_s_line_opening_labels_are_not_its_words():
+    q = lids("Question", ":", " Where", " did", " Rosa", " hide", " the", " treasure", "?", "\n", "Answer", ":",
+             " Rosa")
+    words = set(LABEL.question_words(q).tolist())
+    assert LABEL.canonical[LID["Question"]] not in words and LABEL.canonical[LID["Answer"]] not in words
+    assert {LABEL.canonical[LID[w]] for w in (" Where", " Rosa", " treasure")} <= words
+    assert LABEL.canonical[LID["Question"]] in set(LABEL.words(q).tolist())  # words() keeps them
+    # a colon later in the line, or after a longer run, marks no label
+    late = lids(" Rosa", " hid", " the", " treasure", " in", " 10", ":", "30")
+    assert set(LABEL.question_words(late).tolist()) == set(LABEL.words(late).tolist())
+
+
+def test_a_label_word_in_the_stream_does_not_pull_the_first_hit_to_a_look_alike():
+    """An index line listing "question" beside a look-alike ("Greta hid the treasure in the chest") matched
+    the prompt's "Question:" and outscored the asked sentence, which names Rosa."""
+    filler = lids(" the", ".")
+    events = [filler] * 12 + [
+        lids(" Greta", " hid", " the", " treasure", " in", " the", " chest", "."), lids(" question", ",", " 5"),
+        filler, filler,
+        lids(" the", " treasure", " Rosa", " was", " hidden", " in", " the", " chest", "."), lids("Note", "."),
+    ]
+    tokens, starts, ends = _stream(events)
+    q = lids("Question", ":", " Where", " did", " Rosa", " hide", " the", " treasure", "?", "\n", "Answer", ":",
+             " the", " treasure", " hid", " in", " the", " chest")
+    assert lexical_hits(q, tokens, starts, ends, LABEL, limit=1).tolist() == [16]
+    from emserve.retrieval import lexical
+
+    plain = Vocabulary(LABEL.canonical, LABEL.content, LABEL.joins, LABEL.breaks, np.zeros_like(LABEL.colon))
+    assert lexical.lexical_hits(q, tokens, starts, ends, plain, limit=1).tolist() != [16]  # labels counted: lost
