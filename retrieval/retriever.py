@@ -174,7 +174,7 @@ def select_ranked(
     near = np.zeros(ranked.shape[0], bool) if via is None else np.asarray(via, bool)[keep]
     if parts is None:
         lo = np.zeros(ranked.shape[0], np.int64)
-        hi = np.asarray(sizes, np.int64)[ranked] if ranked.size else lo
+        hi = np.asarray(sizes, np.int64)[ranked]
         tail = np.zeros(ranked.shape[0], bool)
     else:
         lo, hi, tail = (np.asarray(a)[keep] for a in parts)
