@@ -8,7 +8,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emserve.retrieval.lexical import Vocabulary, bridge_hit, continuation, lexical_hits, lexical_scores
+from emserve.retrieval.lexical import (
+    Vocabulary,
+    _whole_word_runs,
+    bridge_hit,
+    continuation,
+    lexical_hits,
+    lexical_scores,
+)
 
 TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
          " 42", ".", "\n", " Tender", " glacier", "?"]
@@ -162,7 +169,8 @@ def test_first_word_is_the_first_token_and_those_that_join_it():
 
 
 HOP_TEXTS = ["<s>", " the", "The", " a", " of", ".", " Maria", " Hugo", " hid", " treasure", " in", " cobalt",
-             " teal", " chest", " code", " is", " 51234", " 777", "What", "?", " locked", " with", " where"]
+             " teal", " chest", " code", " is", " 51234", " 777", "What", "?", " locked", " with", " where", " gate",
+             " amb", "er", " box"]
 HOP = Vocabulary.from_texts(HOP_TEXTS)
 HID = {t: i for i, t in enumerate(HOP_TEXTS)}
 
@@ -254,3 +262,38 @@ def test_a_label_word_in_the_stream_does_not_pull_the_first_hit_to_a_look_alike(
 
     plain = Vocabulary(LABEL.canonical, LABEL.content, LABEL.joins, LABEL.breaks, np.zeros_like(LABEL.colon))
     assert lexical.lexical_hits(q, tokens, starts, ends, plain, limit=1).tolist() != [16]  # labels counted: lost
+
+
+def test_bridge_phrase_names_the_thing_where_its_words_alone_are_not_rare():
+    """"cobalt" is in a few events besides the link (a colour the text uses), too many for a bridge word
+    (rule 12 finds no hop), while "cobalt chest" is said twice: the phrase finds the fact; and the
+    look-alike that holds "cobalt" and the asked "code" but is about a gate is not the hop, though it is
+    later (ties and the word rule go to the later)."""
+    uses = {i: "the cobalt a ." for i in (3, 55)}
+    facts = {**TWO_HOP, **uses}
+    tokens, starts, ends = _hop_stream(facts)
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) == 40
+    decoy = {**facts, 50: "the cobalt gate code is 777 ."}
+    tokens, starts, ends = _hop_stream(decoy)
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) == 40
+    # without the phrase the rarer lone word "cobalt" would be the bridge, and the later passage wins
+    plain = {**TWO_HOP, 40: "The cobalt is locked with the code 51234 .", 50: "the cobalt gate code is 777 ."}
+    tokens, starts, ends = _hop_stream(plain)
+    assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) == 50
+
+
+def test_bridge_phrase_of_a_word_cut_into_tokens_is_found_as_whole_words():
+    """"amber" is two tokens (" amb" "er"); the phrase is matched as whole words, and the hop is the
+    event where it starts, also when a boundary falls inside it."""
+    link = {10: "Maria hid the treasure in the amb er chest ."}
+    q = hop_ids("What is the code of the chest where Maria hid the treasure ?")
+    filler = ["the a of .", "a of the .", "of the a ."]
+    events = [hop_ids(link.get(i, filler[i % 3])) for i in range(60)]
+    events[40], events[41] = hop_ids("The amb"), hop_ids("er chest is locked with the code 51234 .")
+    tokens, starts, ends = _stream(events)
+    assert bridge_hit(q, tokens, starts, ends, HOP, first=10, spacing=2) == 40
+    canon = HOP.canonical[tokens]
+    joins = HOP.joins[tokens]
+    amber = tuple(HOP.canonical[hop_ids("amb er")].tolist())
+    found = _whole_word_runs(canon, joins, [amber, amber[:1]])
+    assert [len(f) for f in found] == [2, 0]  # " amb" alone is never a whole word here
