@@ -62,7 +62,7 @@ class MemoryConfig:
     """A question's first lexical match may name the thing its asked fact is stated about elsewhere
     ("Maria hid the treasure in the cobalt chest"; "The cobalt chest is locked with the code ..."): the
     passage joining a rare word of that match to a rare word the question asks for and the match lacks
-    goes second in its ranking, with its neighbours (:func:`emserve.retrieval.lexical.bridge_hit`).
+    goes second in its ranking, with its neighbours (:func:`emserve.retrieval.bridge.bridge_hit`).
     Needs ``question_lexical``."""
     question_neighbours: int = 6
     """A question's hits bring this many temporal neighbours each side, before any lower-ranked event

@@ -51,9 +51,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emserve.retrieval.bridge import bridge_hit
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
-from emserve.retrieval.lexical import bridge_hit, continuation, lexical_hits
+from emserve.retrieval.lexical import continuation, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.queries import QUERY_MEAN_FILE
 from emserve.retrieval.retriever import RetrievalResult

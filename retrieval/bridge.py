@@ -1,0 +1,237 @@
+"""A two-hop question's second hop: the passage stating the asked fact about a thing its first lexical
+hit names (:func:`bridge_hit`).
+
+"Maria hid the treasure in a chest. What is the code of that chest?": the first hit
+(:func:`emserve.retrieval.lexical.lexical_hits`) is Maria's sentence, "Maria hid the treasure in the
+cobalt chest"; the asked fact, "The cobalt chest is locked with the code 51234", names neither Maria nor
+anything the question says but "code". This module finds it by what joins the two: the phrase the
+first hit names the thing with ("cobalt chest"), else a rare word of the first hit ("cobalt"), together
+with a word the question asks for that the first hit lacks ("code"). Same weights as
+:mod:`emserve.retrieval.lexical` (idf over the retrievable events); pure numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, word_pairs
+
+BRIDGE_RARE = 0.75
+"""A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
+about ``E ** 0.25`` of ``E`` events or fewer, rare enough to name one thing (:func:`bridge_hit`)."""
+ASKED_RARE = 0.6
+"""A question word the second hop looks for weighs at least this share of the largest idf (about
+``E ** 0.4`` events or fewer): "code" in a question about a code, not "what" or "which"."""
+
+
+def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+               vocab: Vocabulary, first: int, spacing: int, span: int = PASSAGE_EVENTS) -> int | None:
+    """The second hop of a question whose first lexical hit (event ``first``) names a thing the asked
+    fact is stated about elsewhere: "Maria hid the treasure in the cobalt chest" found by "Maria", and
+    "The cobalt chest is locked with the code 51234" found by "cobalt chest" with "code". None when
+    there is no such passage.
+
+    * The *missing* words: the question's words that the first hit's neighbourhood (``spacing`` events
+      each side) does not hold, not common (idf >= :data:`ASKED_RARE` of the largest).
+    * The *bridge phrases* (:func:`_bridge_phrases`): where the first hit's sentence (``span - 1``
+      events each side of it) names the thing with a question word ("the cobalt chest"), the two words
+      together. The hop is the ``span``-event passage more than ``spacing + 1`` events from ``first``
+      that holds a bridge phrase and a missing word, scored by its best phrase's weight plus the
+      distinct missing words' weights (ties: the later); returned as its first event where a phrase
+      starts. A phrase is rarer than either of its words: a colour or a material that the stream uses
+      elsewhere ("silver", "slate") still names one chest with the word "chest", and the look-alike
+      fact about another thing of the same name ("the crimson gate") does not hold the phrase.
+    * Else the *bridge words*: the words of the first hit's passage (its best-scoring ``span``-event
+      passage) that the question does not name, rare enough to name one thing (idf >= :data:`BRIDGE_RARE`
+      of the largest); the hop is the passage away from ``first`` holding one and a missing word,
+      scored by the sum of the distinct such words' weights, as its event holding a bridge word.
+
+    Same weights and arguments as :func:`~emserve.retrieval.lexical.lexical_hits`. A single-hop
+    question whose first hit holds the asked fact has no passage elsewhere that joins that hit's thing
+    to a rare word the question asks for and the hit lacks, or one that does not matter: the rule adds
+    one passage.
+    """
+    n_events = int(starts.shape[0])
+    if n_events < 2 or tokens.size == 0 or not 0 <= first < n_events:
+        return None
+    base = int(starts[0])
+
+    def words_of(lo: int, hi: int) -> np.ndarray:  # the distinct content words of events lo .. hi-1
+        lo, hi = max(lo, 0), min(hi, n_events)
+        if hi <= lo:
+            return np.zeros(0, np.int64)
+        a, b = int(starts[lo]) - base, int(ends[hi - 1]) - base
+        ids = np.clip(np.asarray(tokens[a:b], np.int64), 0, vocab.canonical.shape[0] - 1)
+        pos = np.arange(a, b, dtype=np.int64) + base
+        inside = pos < ends[lo + np.searchsorted(starts[lo:hi], pos, side="right") - 1]  # not between events
+        return np.unique(vocab.canonical[ids][vocab.content[ids] & inside])
+
+    asked = vocab.question_words(question_ids)
+    around = [(p, words_of(p, p + span)) for p in range(first - span + 1, first + 1) if p >= 0]
+    pairs, weight = word_pairs(np.union1d(asked, np.concatenate([w for _, w in around])), tokens, starts, ends,
+                                vocab)
+    if pairs.size == 0:
+        return None
+    uw, at = np.unique(pairs[:, 0], return_index=True)
+    idf = weight[at]
+    top = float(np.log((n_events - 0.5) / 1.5))
+
+    def weight_of(words: np.ndarray) -> float:
+        return float(idf[np.searchsorted(uw, words)].sum()) if words.size else 0.0
+
+    missing = np.setdiff1d(asked, words_of(first - spacing, first + spacing + 1))
+    is_missing = np.isin(uw, missing) & (idf >= ASKED_RARE * top)
+    if not is_missing.any():
+        return None
+    missing_pairs = pairs[np.isin(pairs[:, 0], uw[is_missing])]
+    hop = _phrase_passage(tokens, starts, ends, vocab, first, spacing, span, asked[np.isin(asked, uw)],
+                          (uw, idf), missing_pairs)
+    if hop is not None:
+        return hop
+    # the first hit's passage: the one its question words weigh most in (ties: the later, at the hit)
+    found = max(reversed(around), key=lambda pw: weight_of(np.intersect1d(pw[1], asked)))[1]
+    is_bridge = np.isin(uw, np.setdiff1d(found, asked)) & (idf >= BRIDGE_RARE * top)
+    if not is_bridge.any():
+        return None
+    pairs = pairs[np.isin(pairs[:, 0], uw[is_bridge | is_missing])]
+    return _bridge_passage(pairs, uw, idf, is_bridge, is_missing, n_events, first, spacing, span)
+
+
+def _whole_word_runs(canon: np.ndarray, joins: np.ndarray, seqs: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Per sequence of canonical words: the positions in ``canon`` where it is said as whole words (it
+    starts a word, and the token after it does not continue one). One pass over the stream."""
+    n = int(canon.shape[0])
+    if not seqs or n == 0:
+        return [np.zeros(0, np.int64) for _ in seqs]
+    at = np.flatnonzero(np.isin(canon, np.unique([s[0] for s in seqs])) & ~joins)
+    out = []
+    for seq in seqs:
+        k = len(seq)
+        pos = at[(canon[at] == seq[0]) & (at + k <= n)]
+        for j in range(1, k):
+            pos = pos[canon[pos + j] == seq[j]]
+        after = pos + k
+        out.append(pos[(after >= n) | ~joins[np.minimum(after, n - 1)]])
+    return out
+
+
+def _bridge_phrases(ids: np.ndarray, vocab: Vocabulary, asked: np.ndarray,
+                    named: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The pairs of adjacent words of ``ids`` (a word: a token and the tokens joining it) where one is a
+    question word that names something (every content token of it in ``named``) and the other a content
+    word the question does not name (not every content token in ``asked``): ``(the pair, the other
+    word)`` as canonical words. "the cobalt chest" asked about a chest gives (("cobalt", "chest"),
+    ("cobalt",))."""
+    canon = vocab.canonical[ids]
+    heads = np.flatnonzero(~vocab.joins[ids])
+    if heads.size == 0 or heads[0] != 0:
+        heads = np.concatenate([[0], heads])
+    bounds = list(zip(heads.tolist(), [*heads[1:].tolist(), int(ids.shape[0])], strict=True))
+
+    def kind(a: int, b: int) -> int:  # 1: a question word naming something, 2: no question word, 0: else
+        words = canon[a:b][vocab.content[ids[a:b]]]
+        if words.size == 0:
+            return 0
+        if np.isin(words, asked).all():
+            return 1 if np.isin(words, named).all() else 0
+        return 2
+
+    kinds = [kind(a, b) for a, b in bounds]
+    found: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for i in range(len(bounds) - 1):
+        (one, k1), (two, k2) = (bounds[i], kinds[i]), (bounds[i + 1], kinds[i + 1])
+        if {k1, k2} == {1, 2}:
+            other = one if k1 == 2 else two
+            found.setdefault(tuple(canon[one[0] : two[1]].tolist()), tuple(canon[other[0] : other[1]].tolist()))
+    return list(found.items())
+
+
+def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vocab: Vocabulary, first: int,
+                    spacing: int, span: int, asked: np.ndarray, weights: tuple[np.ndarray, np.ndarray],
+                    missing_pairs: np.ndarray) -> int | None:
+    """:func:`bridge_hit` by its bridge phrases: the best passage away from ``first`` holding a phrase
+    and a missing word (``missing_pairs``: their ``(word, event)`` pairs), as its first event where a
+    phrase starts; None when none does. ``asked``/``weights``: the question's words found in the
+    stream and the ``(words, idf)`` of those and the missing ones. A phrase counts when its question
+    word is not common (idf >= :data:`ASKED_RARE` of the largest), its other word is not common as a
+    whole word, and the phrase is in few events (idf >= :data:`BRIDGE_RARE` of the largest)."""
+    n_events = int(starts.shape[0])
+    base = int(starts[0])
+    top = float(np.log((n_events - 0.5) / 1.5))
+    uw, idf = weights
+    named = asked[idf[np.searchsorted(uw, asked)] >= ASKED_RARE * top]
+    lo, hi = max(first - span + 1, 0), min(first + span, n_events)
+    ids = np.clip(np.asarray(tokens, np.int64), 0, vocab.canonical.shape[0] - 1)
+    found = _bridge_phrases(ids[int(starts[lo]) - base : int(ends[hi - 1]) - base], vocab, asked, named)
+    if not found:
+        return None
+    phrases, others = [p for p, _ in found], [o for _, o in found]
+    runs = _whole_word_runs(vocab.canonical[ids], vocab.joins[ids], [*phrases, *others])
+
+    def events_holding(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # of the first, last token
+        at = pos + base
+        return (np.searchsorted(starts, at, side="right") - 1, np.searchsorted(starts, at + k - 1, side="right") - 1)
+
+    def idf_in(events: np.ndarray) -> float:
+        df = np.unique(events[events >= 0]).size
+        return max(float(np.log((n_events - df + 0.5) / (df + 0.5))), 0.0)
+
+    best = np.zeros(n_events, np.float64)  # per passage: its best phrase's weight
+    holder = np.full(n_events, n_events, np.int64)  # per passage: its first event where a phrase starts
+    for phrase, other, pos, other_pos in zip(phrases, others, runs[: len(phrases)], runs[len(phrases) :],
+                                             strict=True):
+        if idf_in(events_holding(other_pos, len(other))[0]) < ASKED_RARE * top:
+            continue  # the other word is common: it names nothing
+        a, b = events_holding(pos, len(phrase))
+        w = idf_in(np.concatenate([a, b]))
+        if w < BRIDGE_RARE * top:
+            continue
+        for start_event in a[a >= 0].tolist():
+            for p in range(max(start_event - span + 1, 0), start_event + 1):
+                best[p] = max(best[p], w)
+                holder[p] = min(holder[p], start_event)
+    far = np.abs(np.arange(n_events) - first) > spacing + 1
+    if not (best > 0)[far].any():
+        return None
+    word, event = missing_pairs[:, 0], missing_pairs[:, 1]
+    rows = np.unique(np.concatenate([np.stack([word, event - d], 1) for d in range(max(1, span))]), axis=0)
+    rows = rows[rows[:, 1] >= 0]
+    missing = np.zeros(n_events, np.float64)
+    np.add.at(missing, rows[:, 1], idf[np.searchsorted(uw, rows[:, 0])])
+    score = np.where((best > 0) & (missing > 0) & far, best + missing, 0.0)
+    if score.max() <= 0.0:
+        return None
+    chosen = int(n_events - 1 - np.argmax(score[::-1]))  # ties: the later passage
+    return int(holder[chosen])
+
+
+def _bridge_passage(pairs: np.ndarray, uw: np.ndarray, idf: np.ndarray, is_bridge: np.ndarray,
+                    is_missing: np.ndarray, n_events: int, first: int, spacing: int, span: int) -> int | None:
+    """:func:`bridge_hit`'s last step: over the ``(word, event)`` pairs of the bridge and missing words
+    (``uw``: the words, sorted, with their ``idf`` and kinds), the best passage away from ``first``
+    holding one of each, as its first event holding a bridge word; None when none does."""
+    k = np.searchsorted(uw, pairs[:, 0])
+    word_b, word_m, weight = is_bridge[k], is_missing[k], idf[k]
+    # passage p = events p .. p+span-1: each (word, passage) once
+    rows = np.concatenate([np.stack([pairs[:, 0], pairs[:, 1] - d, np.arange(pairs.shape[0])], 1)
+                           for d in range(max(1, span))])
+    rows = rows[(rows[:, 1] >= 0) & (np.abs(rows[:, 1] - first) > spacing + 1)]
+    if rows.size == 0:
+        return None
+    _, once = np.unique(rows[:, :2], axis=0, return_index=True)
+    rows = rows[once]
+    p, r = rows[:, 1], rows[:, 2]
+    score = np.zeros(n_events, np.float64)
+    has_b = np.zeros(n_events, bool)
+    has_m = np.zeros(n_events, bool)
+    np.add.at(score, p, np.where(word_b[r] | word_m[r], weight[r], 0.0))
+    has_b[p[word_b[r]]] = True
+    has_m[p[word_m[r]]] = True
+    score[~(has_b & has_m)] = 0.0
+    if score.max() <= 0.0:
+        return None
+    best = int(n_events - 1 - np.argmax(score[::-1]))  # ties: the later passage
+    holders = np.unique(pairs[word_b & (pairs[:, 1] >= best) & (pairs[:, 1] < best + span), 1])
+    return int(holders[0])
