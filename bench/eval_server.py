@@ -128,7 +128,7 @@ class Server:
         try:
             address = self.proc.wait_listening(timeout=300)
             self.client = Client(address, timeout=600)
-            self.info = self.client.wait_ready(timeout=900)
+            self.info = self.proc.wait_ready(self.client, timeout=900)
         except BaseException:
             self.proc.stop()
             raise

@@ -442,6 +442,21 @@ class ServerProcess:
                 return self.address
         raise TimeoutError(f"server did not start in {timeout:.0f} s; see {self.log_path}")
 
+    def wait_ready(self, client: Any, timeout: float = 900.0, slice_s: float = 5.0) -> Any:
+        """``client.wait_ready`` (the engine is loaded; returns the server info), failing as soon as the
+        server process has exited instead of at ``timeout``: a server whose engine does not load exits,
+        and its log says why."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}) before it was ready; see {self.log_path}")
+            left = deadline - time.monotonic()
+            try:
+                return client.wait_ready(timeout=max(0.1, min(slice_s, left)))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+
     def _copy_output(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -594,7 +609,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"server     emserve serve on {address} (log {workdir / 'server.log'})")
     try:
         with Client(address) as c:
-            info = c.wait_ready()
+            info = c.wait_ready() if server is None else server.wait_ready(c, timeout=600)
             if server is not None:
                 print(f"           engine {info.backend} ready in {time.perf_counter() - t:.1f} s")
             print(f"model      {info.model} ({info.model_path}), context {info.max_model_len} tokens")

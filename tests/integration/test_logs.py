@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,22 @@ def test_json_logs_carry_session_and_request_ids(tiny_model_dir: Path, tmp_path:
     assert len({r["request_id"] for r in ingested}) == 1  # one Ingest call, one generated request id
     missing = find(method="GetSession", session_id="missing")
     assert [r["message"].split(" in ")[0] for r in missing] == ["GetSession NOT_FOUND"]
+
+
+def test_a_server_whose_engine_does_not_load_is_reported_at_once(tmp_path: Path) -> None:
+    """The server listens before its engine loads; when the engine cannot load, the process exits and
+    ``ServerProcess.wait_ready`` says so with the log's path, not after its whole timeout."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    srv = ServerProcess(tmp_path / "sessions", tmp_path / "server.log", [
+        "--backend", "reference", "--model", str(broken), "--max-model-len", "1024"])
+    try:
+        address = srv.wait_listening()
+        with Client(address, timeout=60) as c:
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeError, match="server exited .* before it was ready; see .*server.log"):
+                srv.wait_ready(c, timeout=600)
+            assert time.monotonic() - t0 < 120
+    finally:
+        srv.stop()
