@@ -12,6 +12,7 @@ with a word the question asks for that the first hit lacks ("code"). Same weight
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,10 +53,14 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     question whose first hit holds the asked fact has no passage elsewhere that joins that hit's thing
     to a rare word the question asks for and the hit lacks, or one that does not matter: the rule adds
     one passage.
+    Words are compared exactly here (``Vocabulary.verbatim``, not the stems the first hit is found by):
+    the rule's rarity bounds were set on exact words, and stems that merge a rare word with a common
+    one ("textiles", "textile") opened the gate on single-hop questions (docs/recall.md, rule 16).
     """
     n_events = int(starts.shape[0])
     if n_events < 2 or tokens.size == 0 or not 0 <= first < n_events:
         return None
+    vocab = dataclasses.replace(vocab, canonical=vocab.verbatim)
     base = int(starts[0])
 
     def words_of(lo: int, hi: int) -> np.ndarray:  # the distinct content words of events lo .. hi-1

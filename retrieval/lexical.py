@@ -1,4 +1,4 @@
-"""Lexical matching of a question against the stream's events: the words a question names, found verbatim.
+"""Lexical matching of a question against the stream's events: the words a question names, found in the stream.
 
 A question usually names what it asks about ("the special magic number for tender-glacier", "the pass
 key of the amber harbor door"). The attention scores of its query tokens rank every sentence of the
@@ -9,8 +9,9 @@ no term frequency: events are sentence-sized).
 
 Rules:
 
-* Tokens are compared by their text, lowercased and stripped of spaces (``Vocabulary.canonical``:
-  " Harbor" and "harbor" are one word); only tokens holding a letter or a digit count, and a question's
+* Tokens are compared by their text, lowercased, stripped of spaces and of an English inflection
+  (``Vocabulary.canonical``, :func:`light_stem`: " Harbor" and "harbor" are one word, and so are
+  "stopped" and "stopping"); only tokens holding a letter or a digit count, and a question's
   line-opening labels ("Question:", "Answer:") do not (``Vocabulary.question_words``).
 * A word found in ``df`` of the ``E`` retrievable events weighs ``idf = ln((E - df + 0.5) / (df + 0.5))``,
   0 when negative (a word in half the events or more names nothing).
@@ -42,31 +43,62 @@ LABEL_TOKENS = 3
 """The most tokens of a line-opening label (``Question:``, ``User:``) that :meth:`Vocabulary.question_words` drops."""
 
 
+_VOWELS = frozenset("aeiouy")
+
+
+def light_stem(word: str) -> str:
+    """``word`` (lowercase) without its English inflection, as a search engine's light stemmer takes it
+    off (Harman's S-stemmer for plurals, Porter's step 1b for "-ed" and "-ing"): "keys" -> "key",
+    "stories" -> "story", "stopped" and "stopping" -> "stop", "hidden" and "wrote" unchanged (no
+    irregular forms). Words of three letters or fewer, and anything not purely alphabetic, are
+    unchanged; so are "-ss", "-us", "-is" and "-eed" endings ("glass", "bus", "speed")."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith("sses"):
+        return word[:-2]
+    if word.endswith("s"):
+        return word if word.endswith(("ss", "us", "is")) else word[:-1]
+    for suffix in ("ing", "ed"):
+        root = word[: -len(suffix)]
+        if word.endswith(suffix) and not word.endswith("eed") and len(root) >= 3 and _VOWELS & set(root):
+            if root[-1] == root[-2] and root[-1] not in "lsz" and root[-1] not in _VOWELS:
+                root = root[:-1]  # "stopp" -> "stop"
+            return root
+    return word
+
+
 @dataclass(frozen=True)
 class Vocabulary:
-    """Per token id: ``canonical`` word id (equal for tokens of equal lowercased, stripped text),
-    ``content`` (the text holds a letter or a digit), ``joins`` (it continues the word before it: no
-    leading whitespace, and a letter or a digit), ``breaks`` (the text holds a newline) and ``colon``
-    (the text, leading spaces aside, starts with a colon)."""
+    """Per token id: ``canonical`` word id, what the lexical rules match (equal for tokens whose
+    lowercased, stripped text has the same :func:`light_stem`), ``content`` (the text holds a letter or
+    a digit), ``joins`` (it continues the word before it: no leading whitespace, and a letter or a
+    digit), ``breaks`` (the text holds a newline), ``colon`` (the text, leading spaces aside, starts
+    with a colon) and ``verbatim`` (equal for tokens of equal lowercased, stripped text: what
+    :func:`continuation` compares, a copy being only as good as its match)."""
 
     canonical: np.ndarray  # int64 [vocab]
     content: np.ndarray  # bool [vocab]
     joins: np.ndarray  # bool [vocab]
     breaks: np.ndarray  # bool [vocab]
     colon: np.ndarray  # bool [vocab]
+    verbatim: np.ndarray  # int64 [vocab]
 
     @classmethod
     def from_texts(cls, texts: Sequence[str]) -> Vocabulary:
         """From the decoded text of every token id (``texts[i]``: token ``i``)."""
         keys = [t.strip().lower() for t in texts]
-        ids: dict[str, int] = {}
-        canonical = np.fromiter((ids.setdefault(k, len(ids)) for k in keys), np.int64, len(keys))
+        exact: dict[str, int] = {}
+        verbatim = np.fromiter((exact.setdefault(k, len(exact)) for k in keys), np.int64, len(keys))
+        stems: dict[str, int] = {}
+        canonical = np.fromiter((stems.setdefault(light_stem(k), len(stems)) for k in keys), np.int64, len(keys))
         content = np.fromiter((any(ch.isalnum() for ch in k) for k in keys), bool, len(keys))
         joins = np.fromiter((bool(t) and not t[0].isspace() and any(ch.isalnum() for ch in t) for t in texts),
                             bool, len(texts))
         breaks = np.fromiter(("\n" in t for t in texts), bool, len(texts))
         colon = np.fromiter((t.lstrip(" ").startswith(":") for t in texts), bool, len(texts))
-        return cls(canonical, content, joins, breaks, colon)
+        return cls(canonical, content, joins, breaks, colon, verbatim)
 
     def question_words(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """:meth:`words` of a question without its line-opening labels: the words from the start of a
@@ -234,7 +266,7 @@ def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.n
                  min_match: int) -> tuple[int, int, int] | None:
     """What followed the question's last words where the window says them verbatim: ``(token id, its
     stream offset, match length)`` of the token after the longest run of the window that equals the
-    question's last tokens (compared as words: ``Vocabulary.canonical``), at least ``min_match`` tokens
+    question's last tokens (compared as words: ``Vocabulary.verbatim``), at least ``min_match`` tokens
     long and followed by a token of the same segment; ties go to the latest run (the most recent
     statement). None when there is none.
 
@@ -245,14 +277,14 @@ def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.n
     q = np.asarray(question_ids, np.int64)
     if min_match <= 0 or q.size < min_match:
         return None
-    size = vocab.canonical.shape[0]
-    qc = vocab.canonical[np.clip(q, 0, size - 1)][::-1]  # the question's words, last first
+    size = vocab.verbatim.shape[0]
+    qc = vocab.verbatim[np.clip(q, 0, size - 1)][::-1]  # the question's words, last first
     best: tuple[int, int, int] | None = None
     for offset, ids in segments:
         ids = np.asarray(ids, np.int64)
         if ids.size < min_match + 1:
             continue
-        tc = vocab.canonical[np.clip(ids, 0, size - 1)]
+        tc = vocab.verbatim[np.clip(ids, 0, size - 1)]
         ends = np.flatnonzero(tc[:-1] == qc[0])  # a run ends at j, followed by j + 1 in the segment
         if ends.size == 0:
             continue

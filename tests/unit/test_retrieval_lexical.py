@@ -254,7 +254,8 @@ def test_a_label_word_in_the_stream_does_not_pull_the_first_hit_to_a_look_alike(
     assert lexical_hits(q, tokens, starts, ends, LABEL, limit=1).tolist() == [16]
     from emserve.retrieval import lexical
 
-    plain = Vocabulary(LABEL.canonical, LABEL.content, LABEL.joins, LABEL.breaks, np.zeros_like(LABEL.colon))
+    plain = Vocabulary(LABEL.canonical, LABEL.content, LABEL.joins, LABEL.breaks, np.zeros_like(LABEL.colon),
+                       LABEL.verbatim)
     assert lexical.lexical_hits(q, tokens, starts, ends, plain, limit=1).tolist() != [16]  # labels counted: lost
 
 
@@ -291,3 +292,32 @@ def test_bridge_phrase_of_a_word_cut_into_tokens_is_found_as_whole_words():
     amber = tuple(HOP.canonical[hop_ids("amb er")].tolist())
     found = _whole_word_runs(canon, joins, [amber, amber[:1]])
     assert [len(f) for f in found] == [2, 0]  # " amb" alone is never a whole word here
+
+
+def test_light_stem_takes_off_english_inflections_only():
+    from emserve.retrieval.lexical import light_stem
+
+    cases = {"stopped": "stop", "stopping": "stop", "stop": "stop", "keys": "key", "stories": "story",
+             "classes": "class", "wished": "wish", "falling": "fall", "glass": "glass", "bus": "bus",
+             "speed": "speed", "hidden": "hidden", "wrote": "wrote", "is": "is", "was": "was", "ring": "ring",
+             "42nd": "42nd", "sing": "sing"}
+    assert {w: light_stem(w) for w in cases} == cases
+
+
+def test_inflected_words_match_and_the_copy_stays_verbatim():
+    """"stopping" in the question finds "stopped" in the stream (one stem); the continuation rule compares
+    exact words, so "The keys are" is no run of "The key is"."""
+    texts = ["<s>", " the", " courier", " stopped", " stopping", " rested", " at", " gate", " key", " keys", " is",
+             " are", " 7", "."]
+    v = Vocabulary.from_texts(texts)
+    tid = {t: i for i, t in enumerate(texts)}
+    filler = [tid[" the"], tid[" at"], tid["."]]
+    events = [filler] * 8 + [[tid[" the"], tid[" courier"], tid[" stopped"], tid[" at"], tid[" gate"], tid["."]],
+                             [tid[" the"], tid[" courier"], tid[" rested"], tid[" at"], tid[" gate"], tid["."]]]
+    tokens, starts, ends = _stream(events)
+    q = [tid[" courier"], tid[" stopping"], tid[" at"], tid[" gate"]]
+    assert lexical_hits(q, tokens, starts, ends, v, limit=1, span=1).tolist() == [8]
+    assert v.canonical[tid[" key"]] == v.canonical[tid[" keys"]] and v.verbatim[tid[" key"]] != v.verbatim[tid[" keys"]]
+    window = [(0, np.array([tid[" the"], tid[" key"], tid[" is"], tid[" 7"]]))]
+    assert continuation([tid[" the"], tid[" keys"], tid[" is"]], window, v, 2) is None
+    assert continuation([tid[" the"], tid[" key"], tid[" is"]], window, v, 2) == (tid[" 7"], 3, 3)
