@@ -57,41 +57,45 @@ from emserve.retrieval.retriever import RANKS, RetrievalResult, Retriever
 
 @dataclass(frozen=True, kw_only=True)
 class RetrievalConfig:
-    """Retrieval and window settings of a session (EM-LLM's names where they mean the same)."""
+    """Retrieval and window settings of a session (EM-LLM's names where they mean the same).
+
+    The defaults are the product's, sized for SmolLM2-135M (8k context), and the only ones: a session's
+    ``MemoryConfig`` takes its defaults from here. Where EM-LLM's value differs, the field says it."""
 
     n_init: int = 128
     """Sink tokens: the first ``n_init`` tokens of the stream, in every window."""
-    n_local: int = 4096
-    """Local window: the ``n_local`` tokens just before the new tokens (the last one is the anchor)."""
-    n_mem: int = 2048
-    """Memory budget: retrieved event tokens per layer per step (never exceeded)."""
+    n_local: int = 1024
+    """Local window: the ``n_local`` tokens just before the new tokens (the last one is the anchor;
+    EM-LLM: 4096)."""
+    n_mem: int = 1024
+    """Memory budget: retrieved event tokens per layer per step (never exceeded; EM-LLM: 2048)."""
     exc_block_size: int = 512
     """Tokens computed per step (the chunk size of ingestion and of re-planning while generating)."""
-    question_n_local: int | None = None
+    question_n_local: int | None = 64
     """A question's local window (``plan_step(question=True)``): its last ``question_n_local`` tokens;
     the events that end before it are retrievable, the tokens between the last of them and it are
     the remainder. None: the same as ingestion (EM-LLM). See the module docstring."""
-    question_n_mem: int | None = None
+    question_n_mem: int | None = 160
     """A question's memory budget (at most ``n_mem``: a question's window is never larger than a
-    step's); None: ``n_mem``."""
-    question_rank: Literal["mean", "interleave"] = "mean"
+    step's); None: ``n_mem`` (EM-LLM)."""
+    question_rank: Literal["mean", "interleave"] = "interleave"
     """How a question's query tokens rank the events (``Retriever.retrieve``): their mean score, or
     each token by its own scores, interleaved. Ingestion steps rank by the mean."""
-    question_neighbours: int = 0
+    question_neighbours: int = 6
     """A question's similarity hits bring their temporal neighbours, this many events each side,
-    before any lower-ranked event (``Retriever.retrieve``; 0: none)."""
-    question_reach: int = 0
+    before any lower-ranked event (``Retriever.retrieve``; 0: none, EM-LLM)."""
+    question_reach: int = 96
     """...and, beyond those, the neighbours that start or end within this many tokens of the hit
     (``Retriever.retrieve``; 0: ``question_neighbours`` alone)."""
-    question_parts: int = 0
+    question_parts: int = 16
     """With ``question_reach``: a hit's neighbours are read in parts of this many tokens, nearest the
     hit first, each only as far as the reach (``Retriever.retrieve``); 0: whole events, nearest first."""
-    question_contiguity: bool = True
-    """A question uses the contiguity buffer (False: its share goes to the rank walk, and the
-    buffer is left as ingestion left it)."""
-    question_n_init: int | None = None
+    question_contiguity: bool = False
+    """A question uses the contiguity buffer (EM-LLM); False: its share goes to the rank walk, and the
+    buffer is left as ingestion left it."""
+    question_n_init: int | None = 0
     """A question's sink: the first ``question_n_init`` tokens of the stream (at most ``n_init``; the
-    tokens between it and ``n_init`` are then out of the question's window). None: ``n_init``."""
+    tokens between it and ``n_init`` are then out of the question's window). None: ``n_init`` (EM-LLM)."""
     question_memory_last: bool = False
     """A question's window puts the retrieved events after the local window, right before the question:
     ``[ sink | remainder + local + last token | retrieved events ] + question`` (no anchor: a question
@@ -104,7 +108,7 @@ class RetrievalConfig:
     """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
     contiguity_buffer_size: float = 0.3
     """Share of the budget for the contiguity buffer (``< 1``: fraction; ``>= 1``: tokens)."""
-    per_layer: bool = True
+    per_layer: bool = False
     """Retrieve per layer (EM-LLM); False: one list for all layers, scored by the sum over the
     scoring layers (``shared_score_layers``)."""
     shared_score_layers: float = 2 / 3

@@ -1,8 +1,10 @@
 """A session's memory settings (``MemoryConfig``) and how a saved session's are read back.
 
-The defaults are the product's (sized for SmolLM2-135M, 8k context); the libraries' own configs
-(:class:`~emserve.segmenter.SegmenterConfig`, :class:`~emserve.retrieval.planner.RetrievalConfig`) are
-derived from one of these by :meth:`MemoryConfig.segmenter` and :meth:`MemoryConfig.retrieval`.
+The defaults are the product's (sized for SmolLM2-135M, 8k context) and each is defined once: a field
+the libraries' configs (:class:`~emserve.segmenter.SegmenterConfig`,
+:class:`~emserve.retrieval.planner.RetrievalConfig`) also have takes their default, and the fields only a
+session has (the question's lexical rules, copy, contrast, query tokens) are defined here. The libraries'
+configs are derived from one of these by :meth:`MemoryConfig.segmenter` and :meth:`MemoryConfig.retrieval`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from emserve.retrieval.errors import ConfigError
 from emserve.retrieval.planner import RetrievalConfig
 from emserve.segmenter import SegmenterConfig
 
+_SEGMENTER = SegmenterConfig()
+_RETRIEVAL = RetrievalConfig()
+
 MAX_CONTRAST = 10.0
 """The largest ``MemoryConfig.question_contrast``."""
 
@@ -22,32 +27,32 @@ MAX_CONTRAST = 10.0
 class MemoryConfig:
     """Per-session memory knobs (EM-LLM names). Defaults are sized for SmolLM2-135M (8k context)."""
 
-    n_init: int = 128
-    n_local: int = 1024
-    n_mem: int = 1024
-    exc_block_size: int = 512
-    min_block_size: int = 8
-    max_block_size: int = 128
-    surprisal_threshold_gamma: float = 1.0
+    n_init: int = _RETRIEVAL.n_init
+    n_local: int = _RETRIEVAL.n_local
+    n_mem: int = _RETRIEVAL.n_mem
+    exc_block_size: int = _RETRIEVAL.exc_block_size
+    min_block_size: int = _SEGMENTER.min_block_size
+    max_block_size: int = _SEGMENTER.max_block_size
+    surprisal_threshold_gamma: float = _SEGMENTER.surprisal_threshold_gamma
     """A boundary where a token's surprise exceeds mean + gamma x std of the recent window (EM-LLM's 1.0;
     why not the 3.0 the seam benchmark prefers: docs/decisions.md)."""
-    similarity_metric: str = "modularity"
-    splitter: str = "surprise"
-    repr_topk: int = 4
-    repr_proxy: str = "topk"
-    use_contiguity_buffer: bool = True
-    contiguity_buffer_size: float = 0.3
-    per_layer: bool = False
+    similarity_metric: str = _SEGMENTER.similarity_metric
+    splitter: str = _SEGMENTER.splitter
+    repr_topk: int = _RETRIEVAL.repr_topk
+    repr_proxy: str = _RETRIEVAL.repr_proxy
+    use_contiguity_buffer: bool = _RETRIEVAL.use_contiguity_buffer
+    contiguity_buffer_size: float = _RETRIEVAL.contiguity_buffer_size
+    per_layer: bool = _RETRIEVAL.per_layer
     """False (default): one selection for all layers, scored on the first ``shared_score_layers`` of
     them; True: each layer selects its own events (EM-LLM)."""
-    shared_score_layers: float = 2 / 3
-    center_queries: bool = True
-    standardize_queries: bool = True
+    shared_score_layers: float = _RETRIEVAL.shared_score_layers
+    center_queries: bool = _RETRIEVAL.center_queries
+    standardize_queries: bool = _RETRIEVAL.standardize_queries
     question_query_tokens: int = 64
     """A question retrieves with the queries of its last this-many tokens, each scored on its own
     (centered, standardized; ``emserve.retrieval.queries``) and ranked by ``question_rank``; 0: its mean
     query summary."""
-    question_rank: str = "interleave"
+    question_rank: str = _RETRIEVAL.question_rank
     """``"interleave"``: each question token ranks the events by its own score and their lists are
     interleaved (``Retriever.retrieve``); ``"mean"``: by the tokens' mean score (sessions saved before
     this field keep it). Exact scoring costs every query token (``question_query_tokens``) per event."""
@@ -64,25 +69,25 @@ class MemoryConfig:
     passage joining a rare word of that match to a rare word the question asks for and the match lacks
     goes second in its ranking, with its neighbours (:func:`emserve.retrieval.bridge.bridge_hit`).
     Needs ``question_lexical``."""
-    question_neighbours: int = 6
+    question_neighbours: int = _RETRIEVAL.question_neighbours
     """A question's hits bring this many temporal neighbours each side, before any lower-ranked event
     (``RetrievalConfig``): a value is often cut from the words that name it, and a hit read in its
     passage beats more hits read as fragments (docs/recall.md, rule 7)."""
-    question_reach: int = 96
+    question_reach: int = _RETRIEVAL.question_reach
     """A question's hits also bring the neighbours that start or end within this many tokens of them
     (``RetrievalConfig``): ``question_neighbours`` events each side at least, more where they are short."""
-    question_parts: int = 16
+    question_parts: int = _RETRIEVAL.question_parts
     """A question's hits' neighbours are read in parts of this many tokens, nearest the hit first, each only
     as far as ``question_reach`` (``RetrievalConfig``): a long event beside a hit gives its near text, not
     all of it, and does not keep the short events on the other side out (docs/recall.md, rule 13); 0:
     whole events, nearest first."""
-    question_contiguity: bool = False
+    question_contiguity: bool = _RETRIEVAL.question_contiguity
     """A question also uses ingestion's contiguity buffer (``RetrievalConfig``); off: its neighbours
     come from ``question_neighbours`` and the whole budget follows the question's own ranking."""
-    question_n_init: int | None = 0
+    question_n_init: int | None = _RETRIEVAL.question_n_init
     """A question's sink tokens (``RetrievalConfig``; None: ``n_init``). 0: the question's window starts
     with its retrieved events; the stream's first tokens are not in it."""
-    question_memory_last: bool = False
+    question_memory_last: bool = _RETRIEVAL.question_memory_last
     """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
     question_contrast: float = 0.0
     """``alpha`` > 0: a greedy answer's first token is chosen by contrast with what the model answers to the
@@ -96,8 +101,8 @@ class MemoryConfig:
     answer goes on greedily after it. A question that restates a fact's lead-in ("The pass key is") then
     answers with the fact, not with a continuation the model prefers (" the pass key."), and copies its
     digits as written. 0: off. Costs one engine request (the question and the word) when a run is found."""
-    question_n_local: int | None = 64
-    question_n_mem: int | None = 160
+    question_n_local: int | None = _RETRIEVAL.question_n_local
+    question_n_mem: int | None = _RETRIEVAL.question_n_mem
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
     tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Events
     close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so the recent ones are

@@ -23,9 +23,15 @@ L, D, LOG = 2, 8, "/sessions/s1"
 FIRST = 64  # events tile [FIRST, ...)
 
 
+# EM-LLM's window: per-layer retrieval, and a question planned like an ingestion step (these tests are
+# about the planner's mechanics; the product's question window is set field by field where tested)
+EMLLM = dict(per_layer=True, question_n_local=None, question_n_mem=None, question_rank="mean", question_neighbours=0,
+             question_reach=0, question_parts=0, question_contiguity=True, question_n_init=None)
+
+
 def small(**kw) -> RetrievalConfig:
     # 64 positions of slack for the remainder (events here are up to 64 tokens)
-    base = dict(n_init=16, n_local=64, n_mem=48, exc_block_size=16, max_window=16 + 48 + 64 + 16 + 1 + 64)
+    base = dict(n_init=16, n_local=64, n_mem=48, exc_block_size=16, max_window=16 + 48 + 64 + 16 + 1 + 64, **EMLLM)
     base.update(kw)
     return RetrievalConfig(**base)
 
@@ -49,12 +55,12 @@ def planner(index: EventIndex, cfg: RetrievalConfig) -> WindowPlanner:
 
 def test_config_defaults_and_validation():
     cfg = RetrievalConfig()
-    assert (cfg.n_init, cfg.n_local, cfg.n_mem) == (128, 4096, 2048)
+    assert (cfg.n_init, cfg.n_local, cfg.n_mem) == (128, 1024, 1024)  # the product's (EM-LLM: 4096, 2048)
     assert (cfg.exc_block_size, cfg.repr_topk) == (512, 4)
-    assert cfg.contiguity_buffer_size == 0.3 and cfg.use_contiguity_buffer and cfg.per_layer
+    assert cfg.contiguity_buffer_size == 0.3 and cfg.use_contiguity_buffer and not cfg.per_layer
     assert cfg.index_params().m == 16 and cfg.index_params().ef == 64
     with pytest.raises(ConfigError):
-        RetrievalConfig(max_window=4096)  # 128 + 2048 + 4096 + 512 + 1 > 4096
+        RetrievalConfig(max_window=2048)  # 128 + 1024 + 1024 + 512 + 1 > 2048
     for bad in (dict(n_local=0), dict(repr_topk=0), dict(repr_proxy="max"), dict(contiguity_buffer_size=-1),
                 dict(hnsw_m=1), dict(hnsw_ef=0), dict(exc_block_size=0)):
         with pytest.raises(ConfigError):

@@ -109,9 +109,9 @@ configs = st.builds(
 # -- config ----------------------------------------------------------------------------------
 
 
-def test_config_defaults_follow_emllm() -> None:
-    c = SegmenterConfig()
-    assert (c.n_init, c.n_local, c.tau, c.min_block_size, c.max_block_size) == (128, 4096, 4096, 8, 128)
+def test_config_defaults_follow_emllm_but_the_local_window() -> None:
+    c = SegmenterConfig()  # EM-LLM's but the product's local window (EM-LLM: 4096)
+    assert (c.n_init, c.n_local, c.tau, c.min_block_size, c.max_block_size) == (128, 1024, 1024, 8, 128)
     assert c.surprisal_threshold_gamma == 1.0 and c.warmup == 32
     assert c.layer_range(32) == (21, 32) and c.layer_range(30) == (20, 30)
     assert SegmenterConfig(refine_layers=(20, 32)).layer_range(32) == (20, 32)
@@ -333,7 +333,7 @@ def test_default_config_long_stream_512_chunks_vs_random_chunks() -> None:
     n = 20000
     s = surprise_stream(11, n)
     keys = ClusterKeys(n, 11)
-    cfg = SegmenterConfig()  # EM-LLM defaults, modularity refinement
+    cfg = SegmenterConfig()  # the defaults: modularity refinement
     rng = np.random.default_rng(0)
     whole = run(cfg, s, [(i, i + 512) for i in range(0, n, 512)], keys)
     check_tiling(cfg, whole, n)
