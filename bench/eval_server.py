@@ -213,28 +213,39 @@ class Job:
     haystack: Haystack
 
 
-def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, tag: str, keep: bool = False
-            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, tag: str, keep: bool = False,
+            resume: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Ingest one haystack into a new session of ``job.system``, ask its questions, delete the session
-    (``keep``: leave it in the server's store, for later inspection)."""
+    (``keep``: leave it in the server's store, for later inspection). ``resume``: a session of this job
+    that the server still holds (a stopped run's) goes on from its committed tokens instead of starting
+    again; its row says from where (``resumed_from``) and its ingest rate counts the tokens ingested now."""
     c = server.client
     hs = job.haystack
     sid = f"{job.system}-{hs.hid}"
-    with contextlib.suppress(Exception):  # absent: the usual case
-        c.delete_session(sid)
-    c.create_session(sid, memory=memory)
+    start = 0
+    if resume:
+        with contextlib.suppress(Exception):  # absent: the job had not started
+            start = int(c.get_session(sid).num_tokens)
+    if start:
+        log(f"{tag} {sid}: resumed at {start} of {hs.length} tokens")
+    else:
+        with contextlib.suppress(Exception):  # absent: the usual case
+            c.delete_session(sid)
+        c.create_session(sid, memory=memory)
     disk = 0
     try:
         t0 = time.perf_counter()
-        res = c.ingest_tokens(sid, hs.ids, piece_tokens=2048)
+        committed = start
+        if start < hs.length:
+            committed = c.ingest_tokens(sid, hs.ids[start:], piece_tokens=2048).committed_offset
         ingest_s = time.perf_counter() - t0
-        if res.committed_offset != hs.length:
-            raise RuntimeError(f"{sid}: committed {res.committed_offset} of {hs.length} tokens")
+        if committed != hs.length:
+            raise RuntimeError(f"{sid}: committed {committed} of {hs.length} tokens")
         info = c.get_session(sid)
         disk = int(info.disk_bytes)
         row = {"system": job.system, "hid": hs.hid, "task": hs.task, "length": hs.length, "ingest_s": ingest_s,
-               "ingest_tok_s": hs.length / ingest_s, "events": int(info.num_events), "disk_bytes": disk,
-               **server.rss()}
+               "ingest_tok_s": (hs.length - start) / ingest_s if ingest_s > 0 else 0.0, "events": int(info.num_events),
+               "disk_bytes": disk, **server.rss(), **({"resumed_from": start} if start else {})}
         answers = []
         for q in hs.questions:
             a = ask(c, sid, q, max_tokens)
@@ -250,10 +261,12 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
 
 
 def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: int,
-             on_done: Callable[[dict[str, Any], list[dict[str, Any]]], None], keep: bool = False) -> None:
+             on_done: Callable[[dict[str, Any], list[dict[str, Any]]], None], keep: bool = False,
+             resume: bool = False) -> None:
     """Run ``jobs``, ``concurrency`` sessions at a time (the engine batches their steps), in waves;
     between waves the server is restarted when the deleted sessions' bytes reach its limit. ``keep``:
-    the sessions stay in the server's store (:func:`run_job`)."""
+    the sessions stay in the server's store; ``resume``: a job's session left by a stopped run goes on
+    where it stopped (:func:`run_job`)."""
     default = server.default_memory()
     t0 = time.perf_counter()
     total_tokens = sum(j.haystack.length for j in jobs)
@@ -264,7 +277,7 @@ def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: 
             server.maybe_restart()
             wave = list(enumerate(jobs))[w : w + width]
             futures = [pool.submit(run_job, server, j, overrides(j.system, default), max_tokens,
-                                   f"[{i + 1}/{len(jobs)}]", keep) for i, j in wave]
+                                   f"[{i + 1}/{len(jobs)}]", keep, resume) for i, j in wave]
             for f, (i, j) in zip(futures, wave, strict=True):
                 row, answers = f.result()
                 on_done(row, answers)

@@ -5,6 +5,7 @@
                                                       #   emserve, truncation, InfLLM-style; full attention 1k/2k/4k
     .venv/bin/python bench/recall.py --lengths 128k   # the same grid at 128k
     .venv/bin/python bench/recall.py --plan           # the haystacks and questions, nothing run
+    .venv/bin/python bench/recall.py --lengths 1m --resume  # go on with a stopped run of that grid
     .venv/bin/python bench/recall.py --phrasings heldout  # needles and questions in other words (the rules
                                                       #   of docs/recall.md were chosen on the suite's)
 
@@ -56,6 +57,25 @@ class Run:
         self.res: dict[str, Any] = {"name": args.out, "suite": "recall", "quick": args.quick, "complete": False,
                                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                                     "git": git_rev(), "machine": machine(), "answers": [], "haystacks": []}
+
+    def resume(self, config: dict[str, Any]) -> Path:
+        """Take up the saved results of a stopped run of the same grid (``--resume``): its answers and
+        finished haystacks stay, and its work folder (sessions and logs) is used again."""
+        if not self.path.exists():
+            raise SystemExit(f"--resume: no results at {self.path} to resume")
+        saved = json.loads(self.path.read_text())
+        if saved.get("complete"):
+            raise SystemExit(f"--resume: {self.path} is a finished run")
+        if saved.get("config") != config:
+            raise SystemExit(f"--resume: {self.path} ran another grid: {saved.get('config')}")
+        workdir = Path(saved.get("workdir", ""))
+        if not saved.get("workdir") or not workdir.is_dir():
+            raise SystemExit(f"--resume: the stopped run's work folder {saved.get('workdir')!r} is gone")
+        self.t0 -= float(saved.get("wall_s", 0.0))
+        resumed = [*saved.get("resumed", []), {"command": self.res["command"], "git": self.res["git"],
+                                               "haystacks_done": len(saved["haystacks"])}]
+        self.res = {**saved, "resumed": resumed}
+        return workdir
 
     def save(self, complete: bool = False) -> Path:
         self.res["complete"] = complete
@@ -155,14 +175,22 @@ def main_run(args: argparse.Namespace) -> int:
             print(hs.hid, [(q.task, q.expected, round(q.depth, 3)) for q in hs.questions])
         return 0
     run = Run(args)
-    run.res.update({"config": {"lengths": args.lengths, "sources": args.sources, "tasks": args.tasks,
-                               "per_task": args.per_task, "systems": args.systems, "seed": args.seed,
-                               "phrasings": args.phrasings,
-                               "reference_lengths": args.reference_lengths, "max_tokens": args.max_tokens},
-                    "haystack_specs": [h.summary() for h in hss]})
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="emserve-recall-", dir=args.workdir))
+    config = {"lengths": args.lengths, "sources": args.sources, "tasks": args.tasks, "per_task": args.per_task,
+              "systems": args.systems, "seed": args.seed, "phrasings": args.phrasings,
+              "reference_lengths": args.reference_lengths, "max_tokens": args.max_tokens}
+    done_jobs: set[tuple[str, str]] = set()
+    if args.resume:
+        workdir = run.resume(config)
+        done_jobs = {(h["system"], h["hid"]) for h in run.res["haystacks"]}
+        log(f"resuming {run.path.name}: {len(done_jobs)} haystacks done, work folder {workdir}")
+    else:
+        run.res.update({"config": config, "haystack_specs": [h.summary() for h in hss]})
+        if args.workdir:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="emserve-recall-", dir=args.workdir))
+        run.res["workdir"] = str(workdir)  # a stopped run is resumed from it (--resume)
+        run.save()
+    finished = False
     try:
         if args.systems:
             server = Server(str(spec.path), workdir, restart_bytes=args.restart_gib * 2**30)
@@ -176,18 +204,19 @@ def main_run(args: argparse.Namespace) -> int:
                     run.res["answers"].extend(answers)
                     run.save()
 
-                jobs = [Job(s, hs) for hs in hss for s in args.systems]
-                run_jobs(server, jobs, args.max_tokens, 1, done, keep=args.keep)
+                jobs = [Job(s, hs) for hs in hss for s in args.systems if (s, hs.hid) not in done_jobs]
+                run_jobs(server, jobs, args.max_tokens, 1, done, keep=args.keep, resume=args.resume)
             finally:
                 server.stop()
-        if args.reference_lengths:
+        if args.reference_lengths and not any(a["system"].startswith("full@") for a in run.res["answers"]):
             run_reference(run, hss, fillers, args.reference_lengths, native, str(spec.path), workdir)
+        finished = True
     finally:
-        if args.keep:
-            run.res["workdir"] = str(workdir)  # bench/recall_variants.py asks its sessions again
-            log(f"kept {workdir}")
+        if args.keep or not finished:  # kept sessions are asked again by bench/recall_variants.py
+            log(f"kept {workdir}" + ("" if finished else f" (resume with --resume --out {args.out})"))
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            run.res.pop("workdir", None)
     out = run.save(complete=True)
     headers, rows = summary(run.res["answers"])
     run.res["summary"] = {"headers": headers, "rows": rows}
@@ -220,7 +249,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--out", default=None, help="results name (default recall-<lengths>[-quick][-model])")
     ap.add_argument("--workdir", default=None, help="where sessions and logs go (default: a temp folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder and the sessions in it")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder and the sessions in it (a run that "
+                                                         "stops before its end always keeps them)")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with the stopped run of the same grid and --out: its finished haystacks are kept "
+                         "and the session it stopped in continues from its committed tokens")
     ap.add_argument("--plan", action="store_true", help="print the haystacks and questions, run nothing")
     args = ap.parse_args(argv)
     quick = args.quick

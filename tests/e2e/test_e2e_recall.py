@@ -55,3 +55,34 @@ def test_recall_quick_smoke(tmp_path: Path) -> None:
     assert {(r[0], r[2]) for r in rows} == {(t, s) for t in TASKS for s in ("emserve", "full@2k")}
     assert all(r[3] == 2 for r in rows)
     assert "retrieval recall" in proc.stdout
+
+
+@pytest.mark.timeout(2400)
+def test_a_stopped_run_is_resumed_where_it_stopped(tmp_path: Path) -> None:
+    """``--resume`` takes up a stopped run: its finished haystacks stay as measured, the haystack it
+    stopped in continues from the session's committed tokens (here all of them: the run stopped before
+    saving that haystack's answers), and the answers are those of an uninterrupted run (greedy)."""
+    base = [sys.executable, str(ROOT / "bench" / "recall.py"), "--quick", "--tasks", "passkey,kv",
+            "--reference-lengths", "", "--results-dir", str(tmp_path), "--out", "resumed",
+            "--workdir", str(tmp_path / "work")]
+    whole = subprocess.run([*base, "--keep"], capture_output=True, text=True, timeout=1080, cwd=ROOT)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    path = tmp_path / "resumed.json"
+    first = json.loads(path.read_text())
+    last = first["haystacks"][-1]["hid"]
+    stopped = {**first, "complete": False, "haystacks": first["haystacks"][:-1],
+               "answers": [a for a in first["answers"] if a["hid"] != last]}
+    path.write_text(json.dumps(stopped))
+
+    again = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=1080, cwd=ROOT)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    res = json.loads(path.read_text())
+    assert res["complete"] is True and len(res["resumed"]) == 1 and res["resumed"][0]["haystacks_done"] == 1
+    row = res["haystacks"][-1]
+    assert row["hid"] == last and row["resumed_from"] == row["length"]  # nothing left to ingest
+    key = lambda a: (a["qid"], a["answer"], a["correct"], a["in_window"])  # noqa: E731
+    assert sorted(map(key, res["answers"])) == sorted(map(key, first["answers"]))
+    assert "workdir" not in res and list((tmp_path / "work").iterdir()) == []  # finished, not --keep: removed
+    # a finished run is not resumed
+    done = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0 and "finished run" in done.stderr
