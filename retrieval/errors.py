@@ -2,7 +2,7 @@
 
 Every error emserve raises on purpose derives from :class:`EmserveError` (the segmenter's, the
 server's, the engine's); one class per name. The server maps them to gRPC status codes in one place
-(``emserve.server.service.status_of``). The client distribution has its own root (``ClientError``): it
+(``emserve.server.rpc.service.status_of``). The client distribution has its own root (``ClientError``): it
 depends on nothing of the server.
 """
 

@@ -34,16 +34,16 @@ from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.server import version
 from emserve.server.config import ServerConfig
 from emserve.server.engine.base import Engine
-from emserve.server.generation import Generator
-from emserve.server.ingest import Ingestor
-from emserve.server.interceptors import GRPC_RECEIVE_HEADROOM, Auth, Decoding
 from emserve.server.logs import log_step
 from emserve.server.metrics import GrpcMetrics, Metrics, serve_metrics
 from emserve.server.quota import DiskQuota
-from emserve.server.service import SERVICE_NAME, Limits, Runtime, SessionService
+from emserve.server.rpc.generation import Generator
+from emserve.server.rpc.ingest import Ingestor
+from emserve.server.rpc.interceptors import GRPC_RECEIVE_HEADROOM, Auth, Decoding
+from emserve.server.rpc.service import SERVICE_NAME, Limits, Runtime, SessionService
+from emserve.server.rpc.text import TextCodec
 from emserve.server.session.manager import SessionManager, question_within
 from emserve.server.tenants import load_tenants
-from emserve.server.text import TextCodec
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class EmserveServer:
 
         import uvicorn
 
-        from emserve.server.openai_api import OpenAIDoor, build_app
+        from emserve.server.rpc.openai_api import OpenAIDoor, build_app
 
         class _Server(uvicorn.Server):
             @_contextlib.contextmanager

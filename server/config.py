@@ -128,7 +128,7 @@ class ServerConfig:
     none; 0: any free port (tests)."""
 
     openai_port: int | None = None
-    """Serve the OpenAI-compatible HTTP endpoint (``emserve.server.openai_api``) on this port, on the
+    """Serve the OpenAI-compatible HTTP endpoint (``emserve.server.rpc.openai_api``) on this port, on the
     same address; None: none; 0: any free port (tests)."""
 
     metrics_port: int | None = None

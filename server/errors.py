@@ -1,4 +1,4 @@
-"""Domain errors of the server process. No gRPC here: ``service.py`` maps them to status codes.
+"""Domain errors of the server process. No gRPC here: ``rpc/service.py`` maps them to status codes.
 
 Each error names what a client needs to react: the session (``resource``), the offending request
 field (``field``), the limit (``subject``), the violated precondition (``kind``). The mapping (one

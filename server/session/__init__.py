@@ -8,7 +8,7 @@ de-rotated keys), ``words`` (the model's words, for the lexical rules).
 
 May import: the libraries (``emserve.segmenter``, ``emserve.retrieval``), the engine
 (``emserve.server.engine``) and the server's leaf modules (``errors``, ``report``, ``logs``, ``quota``,
-``tenants``, ``contrast``); not the RPC layer (``service``, ``ingest``, ``generation``, ``inspection``),
+``tenants``, ``contrast``); not the RPC layer (``emserve.server.rpc``),
 the process (``app``, ``cli``), vLLM nor gRPC (``tests/unit/test_structure.py``).
 """
 

@@ -12,7 +12,7 @@ from emserve.api.v1 import emserve_pb2 as pb
 from emserve.retrieval.planner import RetrievalConfig
 from emserve.segmenter import SegmenterConfig
 from emserve.server.config import build_config
-from emserve.server.service import memory_to_pb
+from emserve.server.rpc.service import memory_to_pb
 from emserve.server.session import MemoryConfig
 
 

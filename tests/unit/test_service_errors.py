@@ -21,7 +21,7 @@ from emserve.server.errors import (
     ShuttingDown,
     Unauthenticated,
 )
-from emserve.server.service import status_of
+from emserve.server.rpc.service import status_of
 from emserve.server.session import SessionError
 
 E = error_details_pb2

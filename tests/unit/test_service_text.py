@@ -11,7 +11,7 @@ import pytest
 from emserve.client import split_stream, split_text
 from emserve.client import split_text as client_split
 from emserve.server.errors import InvalidArgument
-from emserve.server.text import StreamDecoder, TextCodec, checked_ids
+from emserve.server.rpc.text import StreamDecoder, TextCodec, checked_ids
 
 TEXT = ("The quick brown fox jumps over the lazy dog.  Episodic memory segments a stream of tokens\n\n"
         "into events by surprise. Hello world! This is a tiny tokenizer trained offline. ") * 6

@@ -1,13 +1,14 @@
-"""The code's structure: the packages' layering, read from the source (every import, at module level or
-inside a function), and the one error root.
+"""The code's structure: the packages' layering, read from the source (every import, at module level or inside a
+function), and the one error root.
 
-Rules: the libraries (``segmenter``, ``retrieval``) import neither the server, the
-proto, vLLM nor gRPC; the engine (``server/engine``, part of it runs inside vLLM's engine core) imports
-no other part of the server; the sessions (``server/session``) import the libraries, the engine and the
-server's leaf modules (errors, report, logs, quotas, tenants, contrast), not the RPC layer, the process,
-vLLM nor gRPC; the client distribution (``client/``: ``emserve.client``, ``emserve.api``)
-imports only itself, gRPC and protobuf; no emserve module
-imports itself back through others (no cycle).
+Rules: the libraries (``segmenter``, ``retrieval``) import neither the server, the proto, vLLM nor gRPC; the
+engine (``server/engine``, part of it runs inside vLLM's engine core) imports no other part of the server; the
+sessions (``server/session``) import the libraries, the engine and the server's leaf modules (errors, report,
+logs, quotas, tenants, contrast), not the RPC layer, the process, vLLM nor gRPC; the RPC layer
+(``server/rpc``) imports the sessions, the engine, the libraries, the wire and the server's leaf modules, not
+the process (app, cli, config) that builds it; the client distribution (``client/``: ``emserve.client``,
+``emserve.api``) imports only itself, gRPC and protobuf; no emserve module imports itself back through others
+(no cycle).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ RULES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                 "emserve.segmenter", "emserve.server.contrast", "emserve.server.errors",
                                 "emserve.server.logs", "emserve.server.quota", "emserve.server.report",
                                 "emserve.server.tenants"), RPC_AND_WIRE),
+    "emserve.server.rpc": (("emserve.server.rpc", "emserve.server.session", "emserve.server.engine",
+                            "emserve.retrieval", "emserve.segmenter", "emserve.api", "emserve.server.errors",
+                            "emserve.server.metrics", "emserve.server.tenants", "emserve.server.report",
+                            "emserve.server.logs"), set()),
     "emserve.client": (("emserve.client", "emserve.api"),
                        {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
     "emserve.api": (("emserve.api",), {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from emserve.server.errors import InvalidArgument
+from emserve.server.rpc.text import TextCodec
 from emserve.server.session.manager import Entry
-from emserve.server.text import TextCodec
 
 MAX_PAGE = 1000
 MAX_POINTS = 1 << 18  # points in one surprise curve (1 MiB of float32)

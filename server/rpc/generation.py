@@ -26,9 +26,9 @@ from emserve.retrieval.errors import WindowFull
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.server.engine.base import SamplingSpec, TokenDelta
 from emserve.server.errors import InvalidArgument, LimitExceeded
+from emserve.server.rpc.text import StreamDecoder, TextCodec, checked_ids
 from emserve.server.session import AskResult
 from emserve.server.session.manager import Entry, SessionManager, check_session_id
-from emserve.server.text import StreamDecoder, TextCodec, checked_ids
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_PREVIEW_TOKENS = 16

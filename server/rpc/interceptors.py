@@ -16,7 +16,7 @@ import grpc
 
 from emserve.server.errors import InvalidArgument, LimitExceeded, Unauthenticated
 from emserve.server.metrics import method_kind, replace_behavior
-from emserve.server.service import abort
+from emserve.server.rpc.service import abort
 
 GRPC_RECEIVE_HEADROOM = 16 << 20
 """gRPC's own receive limit is ``max_message_bytes`` plus this: messages between the two get emserve's

@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from emserve.server.errors import InvalidArgument, LimitExceeded, ShuttingDown
+from emserve.server.rpc.text import TextCodec, checked_ids
 from emserve.server.session.manager import Entry, SessionManager, check_session_id
-from emserve.server.text import TextCodec, checked_ids
 
 _TOKENIZE_INLINE_CHARS = 4096  # shorter texts are tokenized on the event loop
 

@@ -48,14 +48,14 @@ from emserve.server.errors import (
     ShuttingDown,
     Unauthenticated,
 )
-from emserve.server.generation import DEFAULT_MAX_TOKENS, Chunk, Completion, GenerateParams, Generator, Trace
-from emserve.server.ingest import Ack, IngestMessage, Ingestor, Ready
-from emserve.server.inspection import Curve, EventPage, list_events, page_size, parse_page_token, surprise_curve
 from emserve.server.logs import bind_session, call_context, request_id_of
+from emserve.server.rpc.generation import DEFAULT_MAX_TOKENS, Chunk, Completion, GenerateParams, Generator, Trace
+from emserve.server.rpc.ingest import Ack, IngestMessage, Ingestor, Ready
+from emserve.server.rpc.inspection import Curve, EventPage, list_events, page_size, parse_page_token, surprise_curve
+from emserve.server.rpc.text import TextCodec
 from emserve.server.session import MemoryConfig, SessionError
 from emserve.server.session.manager import SessionInfo, SessionManager, check_session_id
 from emserve.server.tenants import tenant_context
-from emserve.server.text import TextCodec
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from emserve.server.engine.base import SamplingError, SamplingSpec
 from emserve.server.errors import InvalidArgument, Unauthenticated
-from emserve.server.generation import DEFAULT_MAX_TOKENS, Chunk, Completion, GenerateParams
-from emserve.server.service import SessionService, status_of
+from emserve.server.rpc.generation import DEFAULT_MAX_TOKENS, Chunk, Completion, GenerateParams
+from emserve.server.rpc.service import SessionService, status_of
 from emserve.server.tenants import bind_tenant
 
 HTTP_STATUS = {
