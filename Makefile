@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml client/pyproject.toml deploy/docker/install.sh
 setup: $(STAMP) model
 
 model: $(STAMP)
-	$(PY) -m emserve.server.models prepare
-	$(PY) -c "from emserve.server.corpus import text_path; print(text_path('big'))"
+	$(PY) -m emserve.server.provision.models prepare
+	$(PY) -c "from emserve.server.provision.corpus import text_path; print(text_path('big'))"
 
 demo: setup
 	$(VENV)/bin/emserve demo

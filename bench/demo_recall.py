@@ -145,7 +145,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.cli import DEMO_QUESTION, demo_depths
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(spec.path)

@@ -243,7 +243,7 @@ def run_vanilla(run: Run, corpus: Corpus, specs: Sequence[HaystackSpec], native:
 def main_run(args: argparse.Namespace, mode: Mode) -> int:
     from transformers import AutoTokenizer
 
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model, progress=lambda m: log(m))
     tok = AutoTokenizer.from_pretrained(spec.path)

@@ -75,8 +75,8 @@ def harness_inputs(args: Any, prefix: str) -> tuple[Any, str, Path]:
     folder (``--workdir``, created; else a fresh temporary one named ``prefix...``)."""
     import tempfile
 
-    from emserve.server.corpus import text_path
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.corpus import text_path
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model, progress=log)
     text = Path(text_path("big")).read_text()

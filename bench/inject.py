@@ -17,11 +17,11 @@ from pathlib import Path
 from common import machine, sigterm_exits, table, timeit, write_results
 
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
-from emserve.server.corpus import load_text
 from emserve.server.engine.base import StepOptions
 from emserve.server.engine.config import EngineConfig
 from emserve.server.engine.vllm_engine import VLLMEngine
-from emserve.server.models import resolve_model
+from emserve.server.provision.corpus import load_text
+from emserve.server.provision.models import resolve_model
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def main() -> None:
 
     from emserve.retrieval.kvlog import KVLog
     from emserve.server.engine.rope import RopeSpec
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=2048)

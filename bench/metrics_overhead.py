@@ -83,8 +83,8 @@ def main() -> int:
     sigterm_exits()
     from transformers import AutoTokenizer
 
-    from emserve.server.corpus import load_text
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.corpus import load_text
+    from emserve.server.provision.models import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
     text = load_text("big")

@@ -6,7 +6,7 @@ Per trial (``--tokens`` N, depth d, trial t): a 5-digit passkey (seeded by (t, d
 * ``--haystack noise`` (default): the pass-key task as the literature runs it (InfiniteBench passkey,
   RULER niah_single_1): an instruction, then filler sentences repeated (``corpus.noise_haystack``);
   the needle goes at the filler sentence group nearest token ``d * N``. Results: ``needle.json``.
-* ``--haystack text``: ``big`` prose (``server/corpus.py``), needle at token ``d * N``; the start
+* ``--haystack text``: ``big`` prose (``server/provision/corpus.py``), needle at token ``d * N``; the start
   offset is seeded by (t, d) too, so the same trial at another length streams the same text from the
   same place. Results: ``needle-text.json``. SmolLM2-135M misses a key in prose even in a short
   full-attention context (``--baseline-tokens 512``), so this variant measures the model as much as
@@ -96,7 +96,7 @@ def make_trial(tok: Any, text: str | None, n_tokens: int, depth: float, seed: in
     key = str(int(rng.integers(10000, 100000)))
     needle = tok(NEEDLE.format(key=key))["input_ids"]
     if text is None:
-        from emserve.server.corpus import noise_haystack
+        from emserve.server.provision.corpus import noise_haystack
 
         ids, pos = noise_haystack(tok, n_tokens, depth)
         return Trial(ids[:pos] + needle + ids[pos:], (pos, pos + len(needle)), key, depth, seed, -1)
@@ -345,10 +345,10 @@ HEADERS = ["tokens", "depth", "trials", "needle retrieved (in memory)", "needle 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from emserve.server.corpus import load_text
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.corpus import load_text
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(spec.path)

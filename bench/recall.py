@@ -159,7 +159,7 @@ def run_reference(run: Run, hss: Sequence[Haystack], fillers: dict[str, Any], le
 def main_run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model, progress=lambda m: log(m))
     tok = AutoTokenizer.from_pretrained(spec.path)

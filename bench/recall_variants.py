@@ -52,7 +52,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.engine.base import SamplingSpec
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
     from emserve.server.session import Session
 
     src = json.loads(Path(args.source).read_text())

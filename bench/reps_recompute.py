@@ -73,7 +73,7 @@ def main() -> int:
         from transformers import AutoConfig
 
         from emserve.retrieval.events import EventTable
-        from emserve.server.models import resolve_model
+        from emserve.server.provision.models import resolve_model
 
         logdir = Path(args.session) / "log"
         log = KVLog.open(logdir)

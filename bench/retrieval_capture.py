@@ -36,11 +36,11 @@ async def capture(tokens: int, depth: float, asks: int, out: Path) -> dict[str, 
     from needle import QUESTION, make_trial  # type: ignore[import-not-found]
     from transformers import AutoTokenizer
 
-    from emserve.server.corpus import load_text
     from emserve.server.engine.base import StepOptions
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.corpus import load_text
+    from emserve.server.provision.models import resolve_model
     from emserve.server.session import MemoryConfig, Session
 
     spec = resolve_model(None)

@@ -4,7 +4,7 @@ The stream: a 128-token sink, then ``--passages`` passages (``--passage-tokens``
 drawn, then cut back to a sentence end keeping >= 70%), each a run of whole paragraphs from one of 8
 public-domain works (Sherlock Holmes, History of the United States, Manual of Surgery, War and
 Peace, Alice in Wonderland, Paradise Lost, the LOC workshop proceedings, As You Like It; texts from
-``server/corpus.py``), never the same work twice in a row, joined with a blank line. The whole text
+``server/provision/corpus.py``), never the same work twice in a row, joined with a blank line. The whole text
 is tokenized once with the model's tokenizer; the true seams are the first tokens of passages 2..
 (passage 1 starts at ``n_init``, which is always an event start and is not counted).
 
@@ -71,7 +71,7 @@ from emserve.retrieval.kvlog import KVLog  # noqa: E402
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan  # noqa: E402
 from emserve.segmenter.config import SegmenterConfig  # noqa: E402
 from emserve.segmenter.segmenter import OnlineSegmenter  # noqa: E402
-from emserve.server.corpus import load_text  # noqa: E402
+from emserve.server.provision.corpus import load_text  # noqa: E402
 from emserve.server.session.keys import RefinementKeys, refinement_keys  # noqa: E402
 
 CHUNK = 512
@@ -496,7 +496,7 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model)
     model_path = str(spec.path)

@@ -62,11 +62,11 @@ def stats(ts: list[float]) -> dict[str, float]:
 async def profile(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from emserve.server.corpus import load_text
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.metrics import disk_parts
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.corpus import load_text
+    from emserve.server.provision.models import resolve_model
     from emserve.server.session import MemoryConfig, Session
 
     spec = resolve_model(args.model)

@@ -56,7 +56,7 @@ def build_engine(config: ServerConfig, progress: Callable[[str], None] | None = 
     import dataclasses
 
     from emserve.server.engine.admission import Admission
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     cfg = dataclasses.replace(config.engine, log_stats=config.metrics_port is not None)
     spec = resolve_model(cfg.model, progress=progress)

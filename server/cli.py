@@ -489,7 +489,7 @@ def demo_document(tokens: int, depth: float, seed: int, tokenizer: Any,
     ``haystack``: ``"text"``, public-domain prose (``big``); ``"noise"``, the pass-key task of the
     literature (an instruction, then repeated filler sentences: ``corpus.noise_haystack``).
     """
-    from emserve.server.corpus import load_text, noise_haystack
+    from emserve.server.provision.corpus import load_text, noise_haystack
 
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
@@ -589,7 +589,7 @@ def _demo(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from emserve.client import Client, ClientError
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(args.model, progress=lambda m: print(f"  {m}", file=sys.stderr))
     tok = AutoTokenizer.from_pretrained(spec.path)
@@ -631,7 +631,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from emserve.server.models import main as models_main
+    from emserve.server.provision.models import main as models_main
 
     return models_main(["prepare"] + (["--model", args.model] if args.model else []))
 

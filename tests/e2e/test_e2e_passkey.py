@@ -5,7 +5,7 @@ key, get it; SIGTERM the server, start a new one on the same sessions directory,
 ask again (the session resumes from its directory), get it again.
 
 The haystack is the pass-key task as the literature runs it (InfiniteBench passkey, RULER
-niah_single_1: an instruction, then filler sentences repeated; ``emserve.server.corpus.noise_haystack``).
+niah_single_1: an instruction, then filler sentences repeated; ``emserve.server.provision.corpus.noise_haystack``).
 A key hidden in prose is beyond this 135M model even in a 512-token full-attention context (measured in
 ``bench/needle.py --haystack text``), so prose would test the model, not the memory.
 
@@ -48,7 +48,7 @@ def _needle_in_trace(trace: Any, mark: tuple[int, int]) -> int:
 def test_passkey_in_32k_tokens_survives_a_restart(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     spec = resolve_model(None)
     tok = AutoTokenizer.from_pretrained(spec.path)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from emserve.server.models import MARKER_FILE, ModelSpec, read_marker, resolve_model
+from emserve.server.provision.models import MARKER_FILE, ModelSpec, read_marker, resolve_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -138,7 +138,7 @@ def test_cli_prepare_reuses(converted: tuple[ModelSpec, float, list[str]], home:
     spec = converted[0]
     env = {**os.environ, "EMSERVE_HOME": str(home)}
     result = subprocess.run(
-        [sys.executable, "-m", "emserve.server.models", "prepare"],
+        [sys.executable, "-m", "emserve.server.provision.models", "prepare"],
         env=env,
         capture_output=True,
         text=True,

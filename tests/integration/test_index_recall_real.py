@@ -35,11 +35,11 @@ QUESTIONS = ("\n\nWhat is the pass key? The pass key is", "\n\nWho wrote the let
 async def _ingest_and_probe(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     from transformers import AutoTokenizer
 
-    from emserve.server.corpus import load_text
     from emserve.server.engine.base import StepOptions
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.corpus import load_text
+    from emserve.server.provision.models import resolve_model
     from emserve.server.session import MemoryConfig, Session
 
     model = resolve_model(None)

@@ -45,7 +45,7 @@ def setup() -> Iterator[tuple[Any, Any, Any, asyncio.AbstractEventLoop]]:
 
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     model = resolve_model(None)
     loop = asyncio.new_event_loop()
@@ -58,7 +58,7 @@ def setup() -> Iterator[tuple[Any, Any, Any, asyncio.AbstractEventLoop]]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_needle_is_retrieved(setup, depth: float, tmp_path: Path) -> None:
-    from emserve.server.corpus import load_text
+    from emserve.server.provision.corpus import load_text
 
     bench, engine, tok, loop = setup
     trial = bench.make_trial(tok, load_text("big"), TOKENS, depth, seed=0)

@@ -34,7 +34,7 @@ BF16_TOL = 0.25
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from emserve.server.models import resolve_model
+    from emserve.server.provision.models import resolve_model
 
     return Path(resolve_model(None).path)
 
@@ -43,7 +43,7 @@ def model_dir() -> Path:
 def text_ids(model_dir: Path) -> list[int]:
     from transformers import AutoTokenizer
 
-    from emserve.server.corpus import load_text
+    from emserve.server.provision.corpus import load_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return list(tok(load_text("big")[20_000:40_000])["input_ids"])

@@ -101,7 +101,7 @@ def test_labels_come_in_look_alike_pairs(rt) -> None:  # type: ignore[no-untyped
 
 
 def test_noise_haystack_holds_pass_keys_between_noise_groups(rt) -> None:  # type: ignore[no-untyped-def]
-    from emserve.server.corpus import PASSKEY_NOISE
+    from emserve.server.provision.corpus import PASSKEY_NOISE
 
     noise = rt.NoiseFiller(CharTok())
     hs = rt.build(noise, rt.NOISE, 20000, 6, seed=0, tasks=("passkey",))

@@ -18,8 +18,8 @@ from typing import Any
 import platformdirs
 import pytest
 
-from emserve.server import models
-from emserve.server.models import (
+from emserve.server.provision import models
+from emserve.server.provision.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
     MARKER_FILE,

@@ -106,7 +106,7 @@ def test_chat_template_refused_without_template(codec: TextCodec) -> None:
 
 
 def test_chat_template_of_the_default_model() -> None:
-    from emserve.server.models import MARKER_FILE, emserve_home
+    from emserve.server.provision.models import MARKER_FILE, emserve_home
 
     folder = emserve_home() / "models" / "smollm2-135m"
     if not (folder / MARKER_FILE).exists():

@@ -6,9 +6,9 @@ engine (``server/engine``, part of it runs inside vLLM's engine core) imports no
 sessions (``server/session``) import the libraries, the engine and the server's leaf modules (errors, report,
 logs, quotas, tenants, contrast), not the RPC layer, the process, vLLM nor gRPC; the RPC layer
 (``server/rpc``) imports the sessions, the engine, the libraries, the wire and the server's leaf modules, not
-the process (app, cli, config) that builds it; the client distribution (``client/``: ``emserve.client``,
-``emserve.api``) imports only itself, gRPC and protobuf; no emserve module imports itself back through others
-(no cycle).
+the process (app, cli, config) that builds it; provisioning (``server/provision``: models, texts) imports only
+itself and the error root; the client distribution (``client/``: ``emserve.client``, ``emserve.api``) imports
+only itself, gRPC and protobuf; no emserve module imports itself back through others (no cycle).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ RULES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                             "emserve.retrieval", "emserve.segmenter", "emserve.api", "emserve.server.errors",
                             "emserve.server.metrics", "emserve.server.tenants", "emserve.server.report",
                             "emserve.server.logs"), set()),
+    "emserve.server.provision": (("emserve.server.provision", "emserve.retrieval.errors"), RPC_AND_WIRE),
     "emserve.client": (("emserve.client", "emserve.api"),
                        {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),
     "emserve.api": (("emserve.api",), {"torch", "numpy", "transformers", "vllm", "hnswlib", "prometheus_client"}),

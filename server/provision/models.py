@@ -11,7 +11,7 @@ both transformers and vLLM load:
 An embedded model is converted once (GGUF -> dequantized bf16 safetensors, tokenizer repaired),
 verified, and cached in ``<home>/models/<name>/``; later calls reuse the folder after a cheap check.
 
-Contract: called at setup time (``python -m emserve.server.models prepare``) and at server start,
+Contract: called at setup time (``python -m emserve.server.provision.models prepare``) and at server start,
 from the main process, never from the hot path. Conversion takes 25-140 s and 2-4 GB RAM;
 it is serialized across processes by an ``fcntl.flock`` lock file, written into a temporary folder
 and renamed into place, so a folder that carries the marker file is always complete. Nothing is
@@ -565,9 +565,9 @@ def verify_folder(path: Path, model: EmbeddedModel) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m emserve.server.models prepare [--model SPEC] [--home DIR]``; prints the path last."""
+    """``python -m emserve.server.provision.models prepare [--model SPEC] [--home DIR]``; prints the path last."""
     parser = argparse.ArgumentParser(
-        prog="python -m emserve.server.models", description=__doc__.split("\n")[0]
+        prog="python -m emserve.server.provision.models", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     prepare = sub.add_parser("prepare", help="convert (once) and verify a model; print its folder")

@@ -56,7 +56,7 @@ TEXTS: dict[str, TextSource] = {
 
 def data_dir(home: Path | None = None) -> Path:
     if home is None:
-        from emserve.server.models import emserve_home
+        from emserve.server.provision.models import emserve_home
 
         home = emserve_home()
     d = Path(home) / "data"
