@@ -1,10 +1,11 @@
 """Sessions: one stream's memory loop (:class:`Session`) and the server's set of them
 (:class:`~emserve.server.session.manager.SessionManager`).
 
-Modules: ``session`` (the step loop, its crash-consistent files, the question path), ``manager``
-(open, lease, close LRU, delete, recover), ``config`` (``MemoryConfig``, read back from a saved
-session), ``state`` (a session directory's files, read without opening it), ``keys`` (the segmenter's
-de-rotated keys), ``words`` (the model's words, for the lexical rules).
+Modules: ``session`` (the step loop, its crash-consistent files, an answer's streaming), ``question`` (a
+question's window and its answer's first tokens), ``manager`` (open, lease, close LRU, delete, recover),
+``config`` (``MemoryConfig``, read back from a saved session), ``state`` (a session directory's files, read
+without opening it), ``keys`` (the segmenter's de-rotated keys), ``words`` (the model's words, for the
+lexical rules).
 
 May import: the libraries (``emserve.segmenter``, ``emserve.retrieval``), the engine
 (``emserve.server.engine``) and the server's leaf modules (``errors``, ``report``, ``logs``, ``quota``,

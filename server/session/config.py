@@ -97,10 +97,11 @@ class MemoryConfig:
     question_copy: int = 3
     """A greedy answer starts with the word that followed the question's last words where its window says
     them verbatim (:func:`emserve.retrieval.lexical.continuation`: the longest such run, at least this
-    many tokens), token by token as long as the model gives each at least :data:`COPY_PLAUSIBLE`; the
-    answer goes on greedily after it. A question that restates a fact's lead-in ("The pass key is") then
-    answers with the fact, not with a continuation the model prefers (" the pass key."), and copies its
-    digits as written. 0: off. Costs one engine request (the question and the word) when a run is found."""
+    many tokens), token by token as long as the model gives each at least
+    :data:`~emserve.server.session.question.COPY_PLAUSIBLE`; the answer goes on greedily after it. A
+    question that restates a fact's lead-in ("The pass key is") then answers with the fact, not with a
+    continuation the model prefers (" the pass key."), and copies its digits as written. 0: off. Costs one
+    engine request (the question and the word) when a run is found."""
     question_n_local: int | None = _RETRIEVAL.question_n_local
     question_n_mem: int | None = _RETRIEVAL.question_n_mem
     """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``

@@ -30,8 +30,9 @@ Contract
   the stream's mean query, fed by every ingestion step) and generates. The memory is unchanged by a
   question.
 
-Size: a session's step loop, its crash-consistent files and its question path share the session's
-lock and state; what stands alone is out (retrieval, segmenter, contrast, generation, ingest).
+Size: a session's step loop, its crash-consistent files and the streaming of an answer share the
+session's lock and state; what stands alone is out (a question's window and first tokens: ``question``;
+retrieval, segmenter, contrast, generation, ingest).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import threading
 import time
@@ -51,10 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emserve.retrieval.bridge import bridge_hit
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.kvlog import KVLog
-from emserve.retrieval.lexical import continuation, lexical_hits
 from emserve.retrieval.memory import EpisodicMemory
 from emserve.retrieval.queries import QUERY_MEAN_FILE
 from emserve.retrieval.retriever import RetrievalResult
@@ -62,13 +60,13 @@ from emserve.segmenter import OnlineSegmenter
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.engine.rope import RopeSpec
 from emserve.server.errors import SessionReopening
-from emserve.server.logs import current_request_id
 from emserve.server.report import Kind, PhaseClock, StepReport, retrieval_seconds
 
 if TYPE_CHECKING:
     from emserve.retrieval.plan import WindowPlan
 from emserve.server.session.config import MemoryConfig
 from emserve.server.session.keys import RefinementKeys
+from emserve.server.session.question import first_tokens, plan_question
 from emserve.server.session.state import (
     EXCHANGES_FILE,
     LEGACY_QUERIES_FILE,
@@ -83,14 +81,7 @@ from emserve.server.session.state import (
     to_json,
     write_json,
 )
-from emserve.server.session.words import content_rows, model_vocabulary
 
-COPY_PLAUSIBLE = 0.001
-"""``question_copy`` copies a token only if the model gives it at least this probability (after the window,
-the question and the tokens copied before it). A weak guard on purpose: the verbatim run is the evidence;
-the guard keeps out what the model all but rules out."""
-MAX_COPY = 16
-"""The most tokens ``question_copy`` copies (the first word of what followed)."""
 MAX_EXCHANGES = 64
 """Remembered exchanges kept by request id (the oldest are forgotten)."""
 
@@ -394,7 +385,7 @@ class Session:
         return reports
 
     @staticmethod
-    async def _host(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def host(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` in a worker thread, to its end (the session's lock is held until then)."""
         return await _to_the_end(asyncio.to_thread(fn, *args, **kwargs))
 
@@ -425,19 +416,19 @@ class Session:
                 queries = probe.queries
             with clock("retrieve"):
                 before = planner.retriever.buffer_state()
-                plan = await self._host(planner.plan_step, offset, chunk, queries)
+                plan = await self.host(planner.plan_step, offset, chunk, queries)
             retrieval = planner.last_retrieval
             if self.config.use_contiguity_buffer:  # saved before the step runs: a crash in it keeps them
                 self._contiguity = {"offset": offset, "before": before, "after": planner.retriever.buffer_state()}
                 with clock("save"):
-                    await self._host(self._save_state)
+                    await self.host(self._save_state)
         try:
             async with self._admitted(clock):
                 res = await self.engine.step(plan, options=StepOptions(surprise=True, queries=True))
             clock.engine(res.timings)
             if res.log_offset != offset:
                 raise SessionError(f"engine appended at {res.log_offset}, session expected {offset}")
-            closed = await self._host(self._after_step, res, len(chunk), clock)
+            closed = await self.host(self._after_step, res, len(chunk), clock)
         except Exception as e:
             if self._moved_past(offset):  # the log or the surprise holds the step: memory may be behind
                 self.failed = e
@@ -556,7 +547,7 @@ class Session:
             self._check_usable()
             clock.add("wait", clock.elapsed())
             offset = self.num_tokens
-            plan, retrieval = await self._plan_question(offset, q, sampling, clock)
+            plan, retrieval = await plan_question(self, offset, q, sampling, clock)
             timings = {"wait_s": clock.phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(clock.phases)}
             window = plan.log_ranges(self.log_path)
             if on_plan is not None:
@@ -579,7 +570,7 @@ class Session:
 
             options = StepOptions(surprise=False, queries=False)
             try:
-                first = await self._first_tokens(plan, q, window, sampling, options)
+                first = await first_tokens(self, plan, q, window, sampling, options)
                 if first is not None:  # the answer goes on after its first tokens (question_copy, _contrast)
                     tokens, step = first
                     ttft = clock.elapsed()
@@ -614,127 +605,6 @@ class Session:
                 if not done and on_report is not None:  # stopped early (or failed): what ran is reported
                     clock.add("compute", clock.elapsed() - t_engine)
                     on_report(report(streamed))
-
-    async def _plan_question(self, offset: int, q: list[int], sampling: SamplingSpec,
-                             clock: PhaseClock) -> tuple[WindowPlan, RetrievalResult | None]:
-        """A question's window (probe step, lexical matches, retrieval; the question rules of
-        docs/recall.md) and what was retrieved (None: nothing to select)."""
-        retrieval = None
-        if offset == 0:
-            from emserve.retrieval.plan import WindowPlan
-
-            plan = WindowPlan.build(q)
-        else:
-            planner = self.memory.planner
-            lay = planner.layout(offset, len(q), reserve=sampling.max_tokens, question=True)
-            queries = None
-            per_token = False  # the probe reported one query per question token
-            if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
-                n_tok = self.config.question_query_tokens
-                with clock("probe"):
-                    probe = await self.engine.step(
-                        planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
-                    )
-                per_token = probe.query_tokens is not None
-                queries = probe.query_tokens if per_token else probe.queries
-            with clock("retrieve"):
-                if queries is not None and per_token and self.config.question_content_queries:
-                    # off the event loop: the first call per model reads its vocabulary (seconds)
-                    rows = await self._host(content_rows, self.engine.info.path, q[len(q) - queries.shape[0]:])
-                    queries = queries[rows]
-                lead: tuple[int, ...] = ()
-                joint = 1
-                if lay.num_events and lay.budget and self.config.question_lexical > 0:
-                    lead, joint = await self._host(self._lexical_hits, q, lay.num_events)
-                plan = await self._host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
-                                        question=True, lead=lead, lead_joint=joint)
-            plan = dataclasses.replace(plan, capture_log=None)
-            retrieval = planner.last_retrieval
-        rid = current_request_id()  # the engine's request carries the call's (vLLM's logs, aborts)
-        return (dataclasses.replace(plan, request_id=f"{rid}-{os.urandom(4).hex()}") if rid else plan), retrieval
-
-    async def _first_tokens(self, plan: WindowPlan, question: list[int], window: Sequence[tuple[int, int]],
-                            sampling: SamplingSpec, options: StepOptions) -> tuple[list[int], StepResult] | None:
-        """The answer's first tokens chosen by a rule, and a StepResult of them (``finish_reason`` set when
-        they end the answer: a stop or end-of-sequence token, or ``max_tokens``): the copied word
-        (``question_copy``) as far as the model finds it plausible, else the first token by contrast with
-        the model's prior (``question_contrast``; :mod:`emserve.server.contrast`). None where no rule
-        applies (then the answer is plain greedy): both off, nothing to copy and no contrast, sampling
-        (temperature > 0), or no memory in the window."""
-        if sampling.temperature > 0 or plan.num_injected == 0 or sampling.max_tokens < 1:
-            return None
-        rid = plan.request_id
-        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.engine.info.eos_token_ids))
-        draft = await self._host(self._continuation, question, window) if self.config.question_copy > 0 else []
-        draft = draft[: sampling.max_tokens]
-        if draft:
-            check = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, *draft),
-                                        request_id=None if rid is None else f"{rid}-copy")
-            res = await self.engine.step(check, None, StepOptions(surprise=True, queries=False))
-            nats = res.surprise[len(plan.new_token_ids):].tolist()
-            limit = -math.log(COPY_PLAUSIBLE)
-            kept: list[int] = []
-            for token, s_k in zip(draft, nats, strict=True):
-                if s_k > limit or token in stops:
-                    break
-                kept.append(token)
-            if kept:
-                finish = "length" if len(kept) >= sampling.max_tokens else None
-                logprobs = [-x for x in nats[: len(kept)]]
-                return kept, dataclasses.replace(res, output_token_ids=kept, output_logprobs=logprobs,
-                                                 finish_reason=finish, surprise=np.zeros(0, np.float32))
-        alpha = self.config.question_contrast
-        if alpha <= 0:
-            return None
-        from emserve.retrieval.plan import WindowPlan
-        from emserve.server.contrast import TOP_K, contrast_choice
-
-        one = dataclasses.replace(sampling, max_tokens=1, top_logprobs=TOP_K, stop=())
-        prior = WindowPlan.build(question, request_id=None if rid is None else f"{rid}-prior")
-        with_memory = plan if rid is None else dataclasses.replace(plan, request_id=f"{rid}-first")
-        mem, base = await asyncio.gather(self.engine.step(with_memory, one, options),
-                                         self.engine.step(prior, one, options))
-        token = contrast_choice(mem.top_logprobs[0], base.top_logprobs[0], alpha)
-        finish = "stop" if token in stops else ("length" if sampling.max_tokens == 1 else None)
-        lp = mem.top_logprobs[0][token]  # contrast_choice picks among the window's listed tokens
-        return [token], dataclasses.replace(mem, output_token_ids=[token], output_logprobs=[lp], finish_reason=finish,
-                                            top_logprobs=[])
-
-    def _continuation(self, question: list[int], window: Sequence[tuple[int, int]]) -> list[int]:
-        """``question_copy``'s draft: the word that followed the question's last words in the window, as
-        far as the window holds it (empty: nothing to copy)."""
-        vocab = model_vocabulary(self.engine.info.path)
-        if vocab is None:
-            return []
-        segments = [(a, self.tokens(a, b)) for a, b in window if b > a]
-        found = continuation(question, segments, vocab, self.config.question_copy)
-        if found is None:
-            return []
-        at = found[1]
-        start, ids = next((a, ids) for a, ids in segments if a <= at < a + len(ids))
-        following = ids[at - start : at - start + MAX_COPY]
-        return [int(t) for t in following[: vocab.first_word(following)]]
-
-    def _lexical_hits(self, question_ids: Sequence[int], num_events: int) -> tuple[tuple[int, ...], int]:
-        """The question's lexical matches among the first ``num_events`` events (``question_lexical``), and
-        how many of them are read together: 2 when the first has a second hop (``question_bridge``, right
-        after it: the two halves of one answer get their near text first), else 1."""
-        vocab = model_vocabulary(self.engine.info.path)
-        if vocab is None or num_events <= 0:
-            return (), 1
-        table = self.memory.table
-        starts = np.asarray(table.starts[:num_events], np.int64)
-        ends = starts + np.asarray(table.sizes[:num_events], np.int64)
-        tokens = self.tokens(int(starts[0]), int(ends[-1]))
-        # each hit brings its neighbours (question_neighbours): the next hit is another place
-        spacing = self.config.question_neighbours
-        hits = [int(h) for h in lexical_hits(question_ids, tokens, starts, ends, vocab,
-                                             self.config.question_lexical, spacing=spacing)]
-        if hits and self.config.question_bridge:  # the second hop goes right after the first hit
-            hop = bridge_hit(question_ids, tokens, starts, ends, vocab, hits[0], spacing)
-            if hop is not None:
-                return (hits[0], hop, *(h for h in hits[1:] if h != hop)), 2
-        return tuple(hits), 1
 
     async def ask(self, question_ids: Sequence[int], sampling: SamplingSpec) -> AskResult:
         result = None

@@ -700,15 +700,16 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     """question_copy: a greedy answer starts with the word that followed the question's last words where
     the window holds them verbatim, token by token while the model finds each plausible; the rest is
     greedy after it (the same tokens as a greedy answer to the question followed by the copied ones)."""
-    import emserve.server.session.session as session_mod
+    import emserve.server.session.question as question_mod
     from emserve.retrieval.plan import WindowPlan
+    from emserve.server.session.words import model_vocabulary
 
     lead = [41, 42, 43, 44]
     ids = _ids(300, 9)
     ids[250:250] = lead  # in the local tail of a question: in its window
     s = Session.create(tmp_path / "s", engine, dataclasses.replace(CFG, question_copy=0))
     asyncio.run(s.append(ids, flush=True))
-    vocab = session_mod.model_vocabulary(engine.info.path)
+    vocab = model_vocabulary(engine.info.path)
     assert vocab is not None
     after = ids[254:270]
     word = after[: vocab.first_word(after)]
@@ -724,7 +725,7 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     monkeypatch.setattr(engine, "stream", spying)
     plain = asyncio.run(s.ask(question, greedy))
     assert plain.token_ids[: len(word)] != word  # (else the rule shows nothing here)
-    monkeypatch.setattr(session_mod, "COPY_PLAUSIBLE", 1e-30)  # every token plausible: the copy decides
+    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1e-30)  # every token plausible: the copy decides
     s.config = dataclasses.replace(s.config, question_copy=3)
     copied = asyncio.run(s.ask(question, greedy))
     assert copied.token_ids[: len(word)] == word and len(copied.token_ids) == 6
@@ -733,7 +734,7 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     assert plans[-1].new_token_ids[-len(word):] == tuple(word) and copied.token_ids[len(word):] == rest.output_token_ids
     s.config = dataclasses.replace(s.config, question_copy=5)  # the run is 4 tokens: nothing to copy
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
-    monkeypatch.setattr(session_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
+    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
     s.config = dataclasses.replace(s.config, question_copy=3)
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
     s.close()
