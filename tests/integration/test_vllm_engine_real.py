@@ -17,7 +17,7 @@ import torch
 
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
-from emserve.server.engine.base import SamplingSpec, StepOptions
+from emserve.server.engine.base import SamplingSpec, StepOptions, StepResult
 from emserve.server.engine.config import EngineConfig
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,21 @@ def _plans(log: str, ids: list[int], cap: str | None) -> tuple[WindowPlan, Windo
     return shared, layered
 
 
+def _comparable(rv: StepResult, rr: StepResult, tol: float, name: str) -> int:
+    """How many greedy tokens the engine and the oracle share: all of them, or up to a position where the
+    oracle's top tokens are within ``tol`` nats of each other (a near-tie the engines' rounding may break
+    either way; after it they continue different texts) and the engine's token is one of those."""
+    m = 0
+    while m < len(rr.output_token_ids) and m < len(rv.output_token_ids) \
+            and rv.output_token_ids[m] == rr.output_token_ids[m]:
+        m += 1
+    if m < len(rr.output_token_ids):
+        top = rr.top_logprobs[m]
+        mine = rv.output_token_ids[m]
+        assert mine in top and max(top.values()) - top[mine] <= tol, (name, m, mine, top)
+    return m
+
+
 def _compare(dtype: str, tol: float, model_dir: Path, text_ids: list[int], loop, tmp: Path) -> dict[str, float]:
     cfg = EngineConfig(model=str(model_dir), dtype=dtype, log_dtype="float32", max_model_len=4096, kv_cache_gib=1)
     v = VLLMEngine(cfg)
@@ -78,7 +93,7 @@ def _compare(dtype: str, tol: float, model_dir: Path, text_ids: list[int], loop,
     try:
         log = str(tmp / "src")
         loop.run_until_complete(v.step(WindowPlan.build(text_ids[:1456], capture_log=log), options=StepOptions()))
-        spec = SamplingSpec(max_tokens=16, ignore_eos=True)
+        spec = SamplingSpec(max_tokens=16, ignore_eos=True, top_logprobs=2)
         errs: dict[str, float] = {}
         shared_v, layered = _plans(log, text_ids, str(tmp / "cap_v"))
         shared_r, _ = _plans(log, text_ids, str(tmp / "cap_r"))
@@ -86,8 +101,10 @@ def _compare(dtype: str, tol: float, model_dir: Path, text_ids: list[int], loop,
             rv = loop.run_until_complete(v.step(pv, spec))
             rr = r.run(pr, spec)
             assert rv.num_injected == 4 + 200 + 200 + 255
-            assert rv.output_token_ids == rr.output_token_ids, name
-            errs[f"{name}_gen_logprob"] = float(np.abs(np.subtract(rv.output_logprobs, rr.output_logprobs)).max())
+            n = _comparable(rv, rr, tol, name)
+            errs[f"{name}_gen_logprob"] = float(np.abs(np.subtract(rv.output_logprobs[:n],
+                                                                   rr.output_logprobs[:n])).max(initial=0.0))
+            errs[f"{name}_tokens_shared"] = n
             errs[f"{name}_surprise"] = float(np.abs(rv.surprise - rr.surprise).max())
             assert errs[f"{name}_gen_logprob"] < tol, errs
             assert errs[f"{name}_surprise"] < tol, errs
