@@ -95,10 +95,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def session_retrieval_config(log: Path, max_window: int = 8192) -> Any:
     """The ``RetrievalConfig`` of the session whose KV log folder is ``log`` (its saved ``MemoryConfig``;
     the defaults when it has none)."""
-    from emserve.server.session import SESSION_FILE, MemoryConfig
+    from emserve.server.session import SESSION_FILE, MemoryConfig, read_state
 
-    state = Path(log).parent / SESSION_FILE
-    mem = MemoryConfig(**json.loads(state.read_text())["config"]) if state.exists() else MemoryConfig()
+    folder = Path(log).parent
+    mem = read_state(folder).config if (folder / SESSION_FILE).exists() else MemoryConfig()
     return mem.retrieval(max_window)
 
 

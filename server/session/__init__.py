@@ -20,10 +20,13 @@ from emserve.server.session.session import AppendResult, AskResult, OnPlan, Sess
 from emserve.server.session.state import (
     LOG_DIR,
     SESSION_FILE,
+    STATE_VERSION,
     SURPRISE_FILE,
+    SavedState,
     SessionError,
     SessionStats,
     needs_recovery,
+    read_state,
     session_stats,
 )
 
@@ -32,14 +35,17 @@ __all__ = [
     "MAX_CONTRAST",
     "SAVED_BEFORE",
     "SESSION_FILE",
+    "STATE_VERSION",
     "SURPRISE_FILE",
     "AppendResult",
     "AskResult",
     "MemoryConfig",
     "OnPlan",
+    "SavedState",
     "Session",
     "SessionError",
     "SessionStats",
     "needs_recovery",
+    "read_state",
     "session_stats",
 ]

@@ -9,6 +9,7 @@ configs are derived from one of these by :meth:`MemoryConfig.segmenter` and :met
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +118,18 @@ class MemoryConfig:
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> MemoryConfig:
-        """The config a ``session.json`` describes (its ``"config"`` object). The only reader of saved
-        configs: a field the file lacks was added after the session was created, and takes the value
-        the session was created with (:data:`SAVED_BEFORE`), not today's default."""
+        """The config a ``session.json`` describes (its ``"config"`` object; read through
+        :func:`~emserve.server.session.state.read_state`). A field the file lacks was added after the
+        session was created and takes the value the session ran with (:data:`SAVED_BEFORE`), not today's
+        default; a field the file lacks that :data:`SAVED_BEFORE` does not name, or one this code does not
+        know, raises :class:`ConfigError` naming it (the file is damaged, or written by a newer emserve)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - fields)
+        if unknown:
+            raise ConfigError(f"unknown memory setting(s) {', '.join(unknown)}")
+        missing = sorted(fields - set(saved) - set(SAVED_BEFORE))
+        if missing:
+            raise ConfigError(f"memory setting(s) {', '.join(missing)} missing")
         return cls(**{**SAVED_BEFORE, **saved})
 
     def segmenter(self) -> SegmenterConfig:

@@ -62,7 +62,7 @@ from emserve.server.quota import DiskQuota
 from emserve.server.report import StepReport
 from emserve.server.session.config import MemoryConfig
 from emserve.server.session.session import Session
-from emserve.server.session.state import SessionStats, needs_recovery, session_stats
+from emserve.server.session.state import SessionError, SessionStats, needs_recovery, read_state, session_stats
 from emserve.server.tenants import TENANT_NAME, current_tenant, folder_name, split_folder
 
 logger = logging.getLogger(__name__)
@@ -255,9 +255,9 @@ class SessionManager:
         folder = self.root / key
         data = folder / meta.data
         try:
-            state = json.loads((data / "session.json").read_text())
-            memory = MemoryConfig.from_saved(state["config"])
-        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            memory = read_state(data).config
+        except SessionError as e:  # not saved yet (a create in flight), or damaged: opening it says why
+            logger.warning("session %s: %s; reporting the server's default memory settings", session_id, e)
             memory = self.defaults
         return SessionInfo(meta.session_id, meta.create_time, meta.state == FINISHED, dict(meta.labels), memory,
                            session_stats(data), entry.writer if entry is not None else None)

@@ -76,9 +76,9 @@ from emserve.server.session.state import (
     SURPRISE_FILE,
     SessionError,
     SessionStats,
-    from_json,
+    read_state,
     session_stats,
-    to_json,
+    state_dict,
     write_json,
 )
 
@@ -163,12 +163,9 @@ class Session:
     @classmethod
     def open(cls, path: str | os.PathLike[str], engine: Engine, *, score_device: str | None = "auto") -> Session:
         p = Path(path)
-        try:
-            state = json.loads((p / SESSION_FILE).read_text())
-        except FileNotFoundError:
-            raise SessionError(f"no session at {p}") from None
-        cfg = MemoryConfig.from_saved(state["config"])
-        seg = OnlineSegmenter.from_state_dict(from_json(state["segmenter"]), cfg.segmenter())
+        state = read_state(p)
+        cfg = state.config
+        seg = OnlineSegmenter.from_state_dict(state.segmenter, cfg.segmenter())
         s = cls(p, engine, cfg, seg, score_device=score_device)
         try:
             saved = s._load_queries()
@@ -177,7 +174,7 @@ class Session:
             if s.num_tokens:
                 s.memory  # noqa: B018 - open the table and the indexes here, not on the event loop at the first step
                 s.memory.query_mean.restore(s.num_tokens)
-                s._restore_contiguity(state.get("contiguity"))
+                s._restore_contiguity(state.contiguity)
             elif (Path(s.log_path) / QUERY_MEAN_FILE).exists():  # a first step observed, never done
                 (Path(s.log_path) / QUERY_MEAN_FILE).unlink()
         except BaseException:  # e.g. out of device memory recomputing the mirror: no file stays open
@@ -287,13 +284,7 @@ class Session:
         return os.fstat(self._surprise_fd).st_size // 4
 
     def _save_state(self) -> None:
-        state = {
-            "config": dataclasses.asdict(self.config),
-            "segmenter": to_json(self.segmenter.state_dict()),
-        }
-        if self._contiguity is not None:
-            state["contiguity"] = self._contiguity
-        write_json(self.path / SESSION_FILE, state)
+        write_json(self.path / SESSION_FILE, state_dict(self.config, self.segmenter.state_dict(), self._contiguity))
 
     @property
     def _keys(self) -> RefinementKeys:

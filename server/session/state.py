@@ -1,8 +1,10 @@
 """A session directory's files: their names, the statistics read from them alone, the crash check, and
-the JSON codec of the saved state (``session.json``)."""
+the saved state (``session.json``): its one reader (:func:`read_state`), its writer (:func:`state_dict`)
+and their JSON codec."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from emserve.retrieval.errors import EmserveError
+from emserve.server.session.config import MemoryConfig
 
 SESSION_FILE = "session.json"
 SURPRISE_FILE = "surprise.f32"
@@ -21,8 +24,67 @@ LOG_DIR = "log"
 EXCHANGES_FILE = "exchanges.json"
 
 
+STATE_VERSION = 2
+"""The layout of ``session.json``. 1 (no ``"version"``): written before versions; 2: ``{"version",
+"config", "segmenter", "contiguity"?}``. Every version is read by :func:`read_state`; a file of a newer
+version is refused, not misread. A ``MemoryConfig`` field added later needs no new version: files without
+it take its :data:`~emserve.server.session.config.SAVED_BEFORE` value; a change of the layout does."""
+
+
 class SessionError(EmserveError):
     """A session is missing, corrupt, or used against its configuration."""
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A ``session.json`` as the running code reads it, whatever version wrote it."""
+
+    version: int
+    config: MemoryConfig
+    segmenter: dict[str, Any]
+    """The segmenter's state (``OnlineSegmenter.state_dict``), decoded."""
+    contiguity: dict[str, Any] | None
+    """The contiguity buffers of the last planned step (None: saved before they were, or none yet)."""
+
+
+def read_state(path: str | os.PathLike[str]) -> SavedState:
+    """The saved state of the session directory ``path``, migrated to today's layout. The one reader of
+    ``session.json`` (opening a session, GetSession / ListSessions, the crash check, the benchmarks).
+    Raises :class:`SessionError` when there is none, it is damaged, or a newer emserve wrote it."""
+    file = Path(path) / SESSION_FILE
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise SessionError(f"no session at {path}") from None
+    except ValueError as e:
+        raise SessionError(f"{file} is not JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise SessionError(f"{file} is not a session state")
+    version = raw.get("version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise SessionError(f"{file}: bad version {version!r}")
+    if version > STATE_VERSION:
+        raise SessionError(f"{file} was written by a newer emserve (state version {version}; this one reads "
+                           f"up to {STATE_VERSION})")
+    try:
+        config = MemoryConfig.from_saved(raw["config"])
+        segmenter = from_json(raw["segmenter"])
+    except KeyError as e:
+        raise SessionError(f"{file}: no {e.args[0]!r}") from None
+    except (TypeError, ValueError, EmserveError) as e:  # ConfigError: a damaged or foreign config
+        raise SessionError(f"{file}: {e}") from None
+    if not isinstance(segmenter, dict):
+        raise SessionError(f"{file}: the segmenter state is not an object")
+    return SavedState(version, config, segmenter, raw.get("contiguity"))
+
+
+def state_dict(config: MemoryConfig, segmenter: dict[str, Any], contiguity: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``session.json`` of today's layout (:data:`STATE_VERSION`), as :func:`read_state` reads it."""
+    state: dict[str, Any] = {"version": STATE_VERSION, "config": dataclasses.asdict(config),
+                             "segmenter": to_json(segmenter)}
+    if contiguity is not None:
+        state["contiguity"] = contiguity
+    return state
 
 
 @dataclass(frozen=True)
@@ -75,9 +137,9 @@ def needs_recovery(path: str | os.PathLike[str]) -> bool:
 
     p = Path(path)
     try:
-        seen = int(json.loads((p / SESSION_FILE).read_text())["segmenter"]["seen"])
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
-        return False  # not a session (yet): nothing to replay
+        seen = int(read_state(p).segmenter["seen"])
+    except (SessionError, KeyError, TypeError, ValueError):
+        return False  # not a session (yet), or one that opening will refuse: nothing to replay
     sur = p / SURPRISE_FILE
     n_sur = sur.stat().st_size // 4 if sur.exists() else 0
     tokens = p / LOG_DIR / TOKENS_FILE

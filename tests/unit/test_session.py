@@ -173,6 +173,50 @@ def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: Refer
     old.close()
 
 
+def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """A session saved today carries ``STATE_VERSION``; one written before versions (no ``"version"``)
+    opens as before; a newer version, an unknown or a missing setting is refused with the reason, by
+    opening and by the crash check alike (not misread with today's defaults)."""
+    import json
+
+    from emserve.server.session import STATE_VERSION, needs_recovery, read_state
+
+    d = tmp_path / "s"
+    s = Session.create(d, engine, CFG)
+    asyncio.run(s.append(_ids(100, 4), flush=True))
+    s.close()
+    state_file = d / "session.json"
+    state = json.loads(state_file.read_text())
+    assert state["version"] == STATE_VERSION == 2
+    saved = read_state(d)
+    assert saved.version == 2 and saved.config == CFG and saved.segmenter["seen"] == 100
+
+    def write(st: dict[str, Any]) -> None:
+        state_file.write_text(json.dumps(st))
+
+    v1 = {k: v for k, v in state.items() if k != "version"}
+    write(v1)
+    assert read_state(d).version == 1 and read_state(d).config == CFG
+    Session.open(d, engine).close()
+
+    for bad, reason in (({**state, "version": STATE_VERSION + 1}, "newer emserve"),
+                        ({**state, "config": {**state["config"], "n_lokal": 64}}, "unknown memory setting.*n_lokal"),
+                        ({**state, "config": {k: v for k, v in state["config"].items() if k != "n_local"}},
+                         "n_local missing"),
+                        ({k: v for k, v in state.items() if k != "segmenter"}, "no 'segmenter'")):
+        write(bad)
+        with pytest.raises(SessionError, match=reason):
+            read_state(d)
+        with pytest.raises(SessionError, match=reason):
+            Session.open(d, engine)
+        assert not needs_recovery(d)
+    state_file.write_text("{not json")
+    with pytest.raises(SessionError, match="not JSON"):
+        read_state(d)
+    write(state)
+    Session.open(d, engine).close()
+
+
 def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine, tmp_path: Path) -> None:
     """GetSession / ListSessions read a closed session's config through the same migration as opening
     it: a session saved before question_rank (and the later question fields) reports the values it
@@ -190,6 +234,7 @@ def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine,
         await mgr.close_all()
         data = tmp_path / "root" / "old" / info_data(tmp_path / "root" / "old")
         state = json.loads((data / "session.json").read_text())
+        del state["version"]  # as written before versions, and before the fields SAVED_BEFORE names
         for name in SAVED_BEFORE:
             del state["config"][name]
         (data / "session.json").write_text(json.dumps(state))
