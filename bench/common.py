@@ -16,14 +16,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def question_defaults() -> dict[str, Any]:
-    """Today's ``MemoryConfig`` defaults of the ``question_*`` fields: what a question-window variant
-    overrides (a kept session may have been saved with others)."""
-    import dataclasses
+    """Today's defaults of the ``question_*`` settings: what a question-window variant overrides (a kept
+    session may have been saved with others)."""
+    from emserve.server.session import SETTINGS, MemoryConfig
 
-    from emserve.server.session import MemoryConfig
-
-    return {f.name: getattr(MemoryConfig(), f.name) for f in dataclasses.fields(MemoryConfig)
-            if f.name.startswith("question_")}
+    return {name: MemoryConfig().setting(name) for name in SETTINGS if name.startswith("question_")}
 
 
 def machine() -> dict[str, Any]:
@@ -99,7 +96,7 @@ def session_retrieval_config(log: Path, max_window: int = 8192) -> Any:
 
     folder = Path(log).parent
     mem = read_state(folder).config if (folder / SESSION_FILE).exists() else MemoryConfig()
-    return mem.retrieval(max_window)
+    return mem.bound(max_window).retrieval
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -109,11 +108,9 @@ async def ask_variants(engine: Any, tok: Any, path: Path, meta: dict[str, Any],
         q = tok.encode(QUESTION, add_special_tokens=False)
         digits = set(meta["digits"])
         base_mc = s.config
-        plan_fields = {f.name for f in dataclasses.fields(base)}
         for name, over in variants.items():
-            over = {**today, **over}
-            planner.config = dataclasses.replace(base, **{k: v for k, v in over.items() if k in plan_fields})
-            s.config = dataclasses.replace(base_mc, **{k: v for k, v in over.items() if k not in plan_fields})
+            s.config = base_mc.with_settings(**{**today, **over})
+            planner.config = s.config.retrieval
             planner.retriever.buffers = copy.deepcopy(buffers)
             res = await s.ask(q, SamplingSpec(max_tokens=12))
             answer = tok.decode(res.token_ids)

@@ -62,7 +62,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], wor
     from emserve.server.engine.base import SamplingSpec
     from emserve.server.session import MemoryConfig, Session
 
-    cfg = MemoryConfig(**mc)
+    cfg = MemoryConfig.of(**mc)
     session = Session.create(tempfile.mkdtemp(dir=workdir), engine, cfg)
     try:
         ingest_s = await ingest_all(session, trial.ids)
@@ -147,7 +147,7 @@ async def run_trial(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], wor
         ask_s = time.perf_counter() - t1
         a, b = trial.span
         table_ = session.event_table
-        retrievable = table_.count_ending_by(session.num_tokens - cfg.n_local) if table_ is not None else 0
+        retrievable = table_.count_ending_by(session.num_tokens - cfg.retrieval.n_local) if table_ is not None else 0
         rem_start = int(table_.ends[retrievable - 1]) if retrievable else 0
         in_local = a >= rem_start  # remainder + local window: in every window, no retrieval needed
         layers = 0
@@ -216,7 +216,7 @@ async def run_compare(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], w
     from emserve.server.engine.base import SamplingSpec, StepOptions
     from emserve.server.session import MemoryConfig, Session
 
-    cfg = MemoryConfig(**mc)
+    cfg = MemoryConfig.of(**mc)
     session = Session.create(tempfile.mkdtemp(dir=workdir), engine, cfg)
     orig = session._ingest_chunk
     step_s: list[float] = []
@@ -262,7 +262,7 @@ async def run_compare(engine: Any, tok: Any, trial: Trial, mc: dict[str, Any], w
             if variant == "lagged":
                 queries = lagged
             else:
-                n_tok = cfg.question_query_tokens if variant == "probe_tokens" else 0
+                n_tok = cfg.question.query_tokens if variant == "probe_tokens" else 0
                 probe = await engine.step(planner.probe_plan(offset, q),
                                           options=StepOptions(surprise=False, query_tokens=n_tok))
                 queries = probe.query_tokens if n_tok else probe.queries
@@ -401,7 +401,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare_queries:
         print(table(COMPARE_HEADERS, summarize_compare(rows)))
         return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
-                "memory_config": asdict(MemoryConfig(**mc)),
+                "memory_config": MemoryConfig.of(**mc).settings(),
                 "summary": {"headers": COMPARE_HEADERS, "rows": summarize_compare(rows)}, "trials": rows}
     print(table(HEADERS, summarize(rows)))
     windows = {}
@@ -418,7 +418,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         windows = {"headers": ["question window", "answers correct"], "rows": win_rows}
 
     return {"machine": machine(), "model": spec.name, "question": QUESTION, "needle": NEEDLE,
-            "haystack": args.haystack, "memory_config": asdict(MemoryConfig(**mc)),
+            "haystack": args.haystack, "memory_config": MemoryConfig.of(**mc).settings(),
             "baseline_tokens": args.baseline_tokens,
             "summary": {"headers": HEADERS, "rows": summarize(rows)}, "question_windows": windows, "trials": rows}
 

@@ -85,7 +85,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for q in h.questions:
                     lay = memory.planner.layout(session.num_tokens, len(q.prompt_ids), reserve=10, question=True)
                     m = lay.num_events
-                    ks = lay.budget - contiguity_tokens(lay.budget, cfg.contiguity_buffer_size)
+                    ks = lay.budget - contiguity_tokens(lay.budget, cfg.retrieval.contiguity_buffer_size)
                     probe = await engine.step(memory.planner.probe_plan(session.num_tokens, q.prompt_ids),
                                               options=StepOptions(surprise=False, query_tokens=len(q.prompt_ids)))
                     qt = probe.query_tokens
@@ -142,7 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.close()
     return {"model": spec.name, "length": args.length, "depths": list(depths), "seed": args.seed,
-            "question_n_mem": cfg.question_n_mem, "variants": NAMES, "rows": rows}
+            "question_n_mem": cfg.retrieval.question_n_mem, "variants": NAMES, "rows": rows}
 
 
 def main() -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import dataclasses
 import glob
 import json
 import sys
@@ -76,8 +75,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             saved, planner_cfg = s.config, s.memory.planner.config
             try:
                 for name, over in args.variants.items():
-                    s.config = dataclasses.replace(saved, **{**today, **over})
-                    s.memory.planner.config = s.config.retrieval(engine.info.max_model_len)
+                    s.config = saved.with_settings(**{**today, **over})
+                    s.memory.planner.config = s.config.retrieval
                     t0 = time.perf_counter()
                     for q in hs.questions:
                         if args.tasks and q.task not in args.tasks.split(","):

@@ -74,7 +74,7 @@ async def capture(tokens: int, depth: float, asks: int, out: Path) -> dict[str, 
         ask_q = []
         for q in questions:
             probe = await engine.step(planner.probe_plan(session.num_tokens, q),
-                                      options=StepOptions(surprise=False, query_tokens=cfg.question_query_tokens))
+                                      options=StepOptions(surprise=False, query_tokens=cfg.question.query_tokens))
             assert probe.query_tokens is not None
             ask_q.append(probe.query_tokens.astype(np.float32))
         table = session.memory.table

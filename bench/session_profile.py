@@ -124,10 +124,10 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
 
     tick = asyncio.ensure_future(ticker())
     t = time.perf_counter()
-    every = 8 * session.config.exc_block_size
+    every = 8 * session.config.retrieval.exc_block_size
     for a in range(0, len(ids), every):
         record((await session.append(ids[a: a + every])).steps)
-        print(f"  +{len(times['step']) * session.config.exc_block_size} tokens, "
+        print(f"  +{len(times['step']) * session.config.retrieval.exc_block_size} tokens, "
               f"step p50 {np.median(times['step']) * 1e3:.0f} ms", flush=True)
     record((await session.flush()).steps)
     wall = time.perf_counter() - t

@@ -60,7 +60,7 @@ class RetrievalConfig:
     """Retrieval and window settings of a session (EM-LLM's names where they mean the same).
 
     The defaults are the product's, sized for SmolLM2-135M (8k context), and the only ones: a session's
-    ``MemoryConfig`` takes its defaults from here. Where EM-LLM's value differs, the field says it."""
+    ``MemoryConfig`` holds one of these as its ``retrieval`` part. Where EM-LLM's value differs, the field says it."""
 
     n_init: int = 128
     """Sink tokens: the first ``n_init`` tokens of the stream, in every window."""
@@ -127,8 +127,9 @@ class RetrievalConfig:
     """Scale each query vector (per layer) to unit score spread over a sample of the events."""
     query_sample: int = 256
     """Events sampled (evenly spaced) to estimate that spread."""
-    max_window: int = 8192
-    """The model's native context: every window position stays below it."""
+    max_window: int | None = None
+    """The model's native context: every window position stays below it. None: not known yet (a session
+    sets its engine's); a planner needs it."""
     hnsw_m: int = 16
     """HNSW graph degree (hnswlib ``M``)."""
     hnsw_ef_construction: int = 200
@@ -174,7 +175,7 @@ class RetrievalConfig:
         if not self.contiguity_buffer_size >= 0:
             raise ConfigError(f"contiguity_buffer_size must be >= 0, got {self.contiguity_buffer_size}")
         need = self.n_init + self.n_mem + self.n_local + self.exc_block_size + 1
-        if need > self.max_window:
+        if self.max_window is not None and need > self.max_window:
             raise ConfigError(
                 f"n_init + n_mem + n_local + exc_block_size + 1 = {need} exceeds max_window {self.max_window}"
             )
@@ -237,6 +238,8 @@ class WindowPlanner:
     """Plans the steps of one session (server side). Not thread-safe: one stepping thread per session."""
 
     def __init__(self, config: RetrievalConfig, log: str, table: EventTable, retriever: Retriever) -> None:
+        if config.max_window is None:
+            raise ConfigError("a planner needs the model's context (RetrievalConfig.max_window)")
         self.config = config
         self.log = log
         self.table = table
@@ -252,6 +255,8 @@ class WindowPlanner:
             raise PlanError(
                 f"need offset >= 0, num_new >= 1, reserve >= 0; got {offset}, {num_new}, {reserve}"
             )
+        if cfg.max_window is None:
+            raise ConfigError("a planner needs the model's context (RetrievalConfig.max_window)")
         limit = cfg.max_window - 1 - reserve - num_new
         if offset == 0:
             layout = WindowLayout(0, (0, 0), (0, 0), (0, 0), None, 0, 0)
@@ -346,7 +351,7 @@ class WindowPlanner:
                 segments = ()
         plan = WindowPlan.build(new_token_ids, segments, layer_segments=layer_segments, anchor=anchor,
                                 capture_log=self.log, request_id=request_id)
-        assert plan.window_len + reserve + 1 <= self.config.max_window, "window exceeds max_window"
+        assert plan.window_len + reserve + 1 <= (self.config.max_window or 0), "window exceeds max_window"
         return plan
 
     def probe_plan(self, offset: int, new_token_ids: Sequence[int], *,
@@ -356,5 +361,5 @@ class WindowPlanner:
         anchor = None if lay.anchor is None else Anchor(self.log, lay.anchor)
         plan = WindowPlan.build(new_token_ids, _merge([lay.sink, lay.local], self.log), anchor=anchor,
                                 request_id=request_id)
-        assert plan.window_len + 1 <= self.config.max_window, "window exceeds max_window"
+        assert plan.window_len + 1 <= (self.config.max_window or 0), "window exceeds max_window"
         return plan

@@ -24,7 +24,7 @@ Environment variables (all optional)::
     EMSERVE_METRICS_PORT         Prometheus /metrics port (default: none, no metrics); 0: any free port
     EMSERVE_LOG_FORMAT           text (default) | json (``emserve.server.logs``)
     EMSERVE_LOG_LEVEL            WARNING (default) | INFO (a line per call) | DEBUG (a line per step)
-    EMSERVE_MEMORY_<FIELD>       default MemoryConfig, e.g. EMSERVE_MEMORY_N_LOCAL=2048
+    EMSERVE_MEMORY_<NAME>        a memory setting's default (its flat name), e.g. EMSERVE_MEMORY_N_LOCAL=2048
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 from emserve.retrieval.errors import ConfigError
 from emserve.server.engine.config import EngineConfig
-from emserve.server.session import MemoryConfig
+from emserve.server.session import SETTINGS, MemoryConfig
 
 ENV_PREFIX = "EMSERVE_"
 DEFAULT_PORT = 50051
@@ -220,11 +220,11 @@ def _coerce(value: str, kind: str, name: str) -> Any:
 
 def _memory_from_env(env: Mapping[str, str], base: MemoryConfig) -> MemoryConfig:
     changes = {}
-    for f in dataclasses.fields(MemoryConfig):
-        key = f"{ENV_PREFIX}MEMORY_{f.name.upper()}"
+    for name in SETTINGS:
+        key = f"{ENV_PREFIX}MEMORY_{name.upper()}"
         if key in env:
-            changes[f.name] = _coerce(env[key], str(f.type), key)
-    return dataclasses.replace(base, **changes)
+            changes[name] = _coerce(env[key], MemoryConfig.setting_type(name), key)
+    return base.with_settings(**changes)
 
 
 def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
@@ -264,7 +264,7 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
         if k in engine_keys:
             engine[k] = v
         elif k == "memory":
-            memory = dataclasses.replace(memory, **dict(v))
+            memory = memory.with_settings(**dict(v))
         elif k == "sessions_dir":
             values[k] = Path(v).expanduser()
         elif k == "metrics_port" and v == "off":  # the flag's way to override EMSERVE_METRICS_PORT

@@ -11,7 +11,7 @@ unlikely is never picked for the contrast alone). ``alpha = 0`` is plain greedy.
 "Trusting Your Evidence: Hallucinate Less with Context-aware Decoding", apply it at every token; here it
 decides the first token only, the rest of the answer continues greedily after it (the first token is where
 a small model's prior answer, e.g. " the pass key." after "The pass key is", overrides the fact it has in
-its window). Off by default (``MemoryConfig.question_contrast``): the question alone also predicts the
+its window). Off by default (``question_contrast``, ``QuestionRules.contrast``): the question alone also predicts the
 answer's *type* (a number after "The access code is"), and the contrast then penalizes the right value's
 first digits (docs/recall.md, "Tried and not kept").
 

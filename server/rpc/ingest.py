@@ -126,7 +126,7 @@ class Ingestor:
         self.stats.streams += 1
         async with self.manager.lease(sid) as entry, self.manager.attach(entry, "an ingest stream"):
             stream = _Stream(self, entry)
-            yield Ready(stream.committed, entry.session.config.exc_block_size, self.max_inflight_messages,
+            yield Ready(stream.committed, entry.session.config.retrieval.exc_block_size, self.max_inflight_messages,
                         self.max_message_bytes, self.max_message_tokens)
             msg: IngestMessage | None = first if first is not None else await anext(messages, None)
             while msg is not None:
@@ -208,7 +208,7 @@ class _Stream:
         return self.ack(receipt)
 
     async def commit(self, *, force: bool) -> AsyncIterator[Ack]:
-        chunk = self.session.config.exc_block_size
+        chunk = self.session.config.retrieval.exc_block_size
         while len(self.pending) >= chunk or (force and self.pending):
             take = self.pending[:chunk]
             res = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True),

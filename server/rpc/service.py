@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -53,7 +52,7 @@ from emserve.server.rpc.generation import DEFAULT_MAX_TOKENS, Chunk, Completion,
 from emserve.server.rpc.ingest import Ack, IngestMessage, Ingestor, Ready
 from emserve.server.rpc.inspection import Curve, EventPage, list_events, page_size, parse_page_token, surprise_curve
 from emserve.server.rpc.text import TextCodec
-from emserve.server.session import MemoryConfig, SessionError
+from emserve.server.session import SETTINGS, MemoryConfig, SessionError
 from emserve.server.session.manager import SessionInfo, SessionManager, check_session_id
 from emserve.server.tenants import tenant_context
 
@@ -222,19 +221,19 @@ def _streaming(fn: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncGenerator
 
 
 # ---------------------------------------------------------------------------------- conversions
-# Knobs exposed in the API: those both in the proto and in MemoryConfig (new MemoryConfig fields stay
-# server-side, at their defaults, until the proto names them).
-_MEMORY_FIELDS = [
-    f.name for f in dataclasses.fields(MemoryConfig) if f.name in pb.MemoryConfig.DESCRIPTOR.fields_by_name
-]
+# Settings exposed in the API: the flat names of the config tree (SETTINGS) that the proto has, by the
+# same name (a new setting stays server-side, at its default, until the proto names it).
+_MEMORY_FIELDS = [name for name in SETTINGS if name in pb.MemoryConfig.DESCRIPTOR.fields_by_name]
 
 
 def memory_overrides_from_pb(m: pb.MemoryConfig) -> dict[str, Any]:
+    """The settings a request's ``MemoryConfig`` gives (flat names; the fields it leaves unset are not)."""
     return {name: getattr(m, name) for name in _MEMORY_FIELDS if m.HasField(name)}
 
 
 def memory_to_pb(cfg: MemoryConfig) -> pb.MemoryConfig:
-    return pb.MemoryConfig(**{name: getattr(cfg, name) for name in _MEMORY_FIELDS})
+    """The settings ``cfg`` has, as the API reports them."""
+    return pb.MemoryConfig(**{name: cfg.setting(name) for name in _MEMORY_FIELDS})
 
 
 def session_to_pb(info: SessionInfo) -> pb.Session:

@@ -3,7 +3,7 @@
 
 Modules: ``session`` (the step loop, its crash-consistent files, an answer's streaming), ``question`` (a
 question's window and its answer's first tokens), ``manager`` (open, lease, close LRU, delete, recover),
-``config`` (``MemoryConfig``, read back from a saved session), ``state`` (a session directory's files, read
+``config`` (``MemoryConfig``: the settings tree and their flat names), ``state`` (a session directory's files, read
 without opening it), ``keys`` (the segmenter's de-rotated keys), ``words`` (the model's words, for the
 lexical rules).
 
@@ -15,7 +15,7 @@ the process (``app``, ``cli``), vLLM nor gRPC (``tests/unit/test_structure.py``)
 
 from __future__ import annotations
 
-from emserve.server.session.config import MAX_CONTRAST, SAVED_BEFORE, MemoryConfig
+from emserve.server.session.config import MAX_CONTRAST, SAVED_BEFORE, SETTINGS, MemoryConfig, QuestionRules
 from emserve.server.session.session import AppendResult, AskResult, OnPlan, Session
 from emserve.server.session.state import (
     LOG_DIR,
@@ -34,6 +34,7 @@ __all__ = [
     "LOG_DIR",
     "MAX_CONTRAST",
     "SAVED_BEFORE",
+    "SETTINGS",
     "SESSION_FILE",
     "STATE_VERSION",
     "SURPRISE_FILE",
@@ -41,6 +42,7 @@ __all__ = [
     "AskResult",
     "MemoryConfig",
     "OnPlan",
+    "QuestionRules",
     "SavedState",
     "Session",
     "SessionError",

@@ -1,177 +1,227 @@
-"""A session's memory settings (``MemoryConfig``) and how a saved session's are read back.
+"""A session's memory settings: one tree (:class:`MemoryConfig`), the flat names the API, the environment
+and old session files give its settings by (:data:`SETTINGS`), and how a saved session's are read back.
 
-The defaults are the product's (sized for SmolLM2-135M, 8k context) and each is defined once: a field
-the libraries' configs (:class:`~emserve.segmenter.SegmenterConfig`,
-:class:`~emserve.retrieval.planner.RetrievalConfig`) also have takes their default, and the fields only a
-session has (the question's lexical rules, copy, contrast, query tokens) are defined here. The libraries'
-configs are derived from one of these by :meth:`MemoryConfig.segmenter` and :meth:`MemoryConfig.retrieval`.
+The tree has three parts, each the config of the code that uses it:
+
+* ``segmenter``: :class:`~emserve.segmenter.SegmenterConfig` (where events begin and end);
+* ``retrieval``: :class:`~emserve.retrieval.planner.RetrievalConfig` (the windows, how events are scored
+  and selected, the indexes);
+* ``question``: :class:`QuestionRules` (a question's query tokens, lexical rules and answer start; only a
+  session has them).
+
+Every default is defined once, in its part's class. The session's tree differs from those defaults in two
+places only: ``segmenter.close_lag`` (events close as soon as their boundaries are final, so that a
+question with a short local window can retrieve the recent ones; ingestion steps still retrieve only
+events that have left their local window) and ``retrieval.max_window`` (the model's context, set when a
+session binds the config to its engine: :meth:`MemoryConfig.bound`).
+
+The flat names (``n_local``, ``question_copy``, ...) are the public vocabulary: the proto's
+``MemoryConfig`` fields, ``EMSERVE_MEMORY_<NAME>``, the benchmarks' overrides and the ``session.json`` of
+layout versions 1 and 2. Each names its place in the tree in :data:`SETTINGS`, the one mapping; a setting
+of two libraries is one flat name (``n_init``, ``n_local``), and ``min_block_size`` sets the close lag too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from emserve.retrieval.errors import ConfigError
 from emserve.retrieval.planner import RetrievalConfig
 from emserve.segmenter import SegmenterConfig
 
-_SEGMENTER = SegmenterConfig()
-_RETRIEVAL = RetrievalConfig()
-
 MAX_CONTRAST = 10.0
-"""The largest ``MemoryConfig.question_contrast``."""
+"""The largest ``QuestionRules.contrast``."""
+
+PARTS = ("segmenter", "retrieval", "question")
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
-    """Per-session memory knobs (EM-LLM names). Defaults are sized for SmolLM2-135M (8k context)."""
+@dataclass(frozen=True, kw_only=True)
+class QuestionRules:
+    """How a session asks its memory a question and starts the answer, beyond the window the retrieval
+    part plans (:mod:`emserve.server.session.question`). Validated on construction."""
 
-    n_init: int = _RETRIEVAL.n_init
-    n_local: int = _RETRIEVAL.n_local
-    n_mem: int = _RETRIEVAL.n_mem
-    exc_block_size: int = _RETRIEVAL.exc_block_size
-    min_block_size: int = _SEGMENTER.min_block_size
-    max_block_size: int = _SEGMENTER.max_block_size
-    surprisal_threshold_gamma: float = _SEGMENTER.surprisal_threshold_gamma
-    """A boundary where a token's surprise exceeds mean + gamma x std of the recent window (EM-LLM's 1.0;
-    why not the 3.0 the seam benchmark prefers: docs/decisions.md)."""
-    similarity_metric: str = _SEGMENTER.similarity_metric
-    splitter: str = _SEGMENTER.splitter
-    repr_topk: int = _RETRIEVAL.repr_topk
-    repr_proxy: str = _RETRIEVAL.repr_proxy
-    use_contiguity_buffer: bool = _RETRIEVAL.use_contiguity_buffer
-    contiguity_buffer_size: float = _RETRIEVAL.contiguity_buffer_size
-    per_layer: bool = _RETRIEVAL.per_layer
-    """False (default): one selection for all layers, scored on the first ``shared_score_layers`` of
-    them; True: each layer selects its own events (EM-LLM)."""
-    shared_score_layers: float = _RETRIEVAL.shared_score_layers
-    center_queries: bool = _RETRIEVAL.center_queries
-    standardize_queries: bool = _RETRIEVAL.standardize_queries
-    question_query_tokens: int = 64
+    query_tokens: int = 64
     """A question retrieves with the queries of its last this-many tokens, each scored on its own
-    (centered, standardized; ``emserve.retrieval.queries``) and ranked by ``question_rank``; 0: its mean
-    query summary."""
-    question_rank: str = _RETRIEVAL.question_rank
-    """``"interleave"``: each question token ranks the events by its own score and their lists are
-    interleaved (``Retriever.retrieve``); ``"mean"``: by the tokens' mean score (sessions saved before
-    this field keep it). Exact scoring costs every query token (``question_query_tokens``) per event."""
-    question_content_queries: bool = False
+    (centered, standardized; ``emserve.retrieval.queries``) and ranked by ``retrieval.question_rank``; 0:
+    its mean query summary."""
+    content_queries: bool = False
     """A question ranks the events with the query tokens whose text holds a letter or a digit only
-    (:func:`content_rows`): a newline or a question mark names nothing to look up."""
-    question_lexical: int = 2
-    """A question's best lexical matches (events holding the rare words it names, at least half the
-    best match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking,
-    each with its neighbours; 0: the attention scores alone rank."""
-    question_bridge: bool = True
+    (:func:`~emserve.server.session.question.content_rows`): a newline or a question mark names nothing
+    to look up."""
+    lexical: int = 2
+    """A question's best lexical matches (events holding the rare words it names, at least half the best
+    match's score; :mod:`emserve.retrieval.lexical`), at most this many, go first in its ranking, each
+    with its neighbours; 0: the attention scores alone rank."""
+    bridge: bool = True
     """A question's first lexical match may name the thing its asked fact is stated about elsewhere
     ("Maria hid the treasure in the cobalt chest"; "The cobalt chest is locked with the code ..."): the
     passage joining a rare word of that match to a rare word the question asks for and the match lacks
-    goes second in its ranking, with its neighbours (:func:`emserve.retrieval.bridge.bridge_hit`).
-    Needs ``question_lexical``."""
-    question_neighbours: int = _RETRIEVAL.question_neighbours
-    """A question's hits bring this many temporal neighbours each side, before any lower-ranked event
-    (``RetrievalConfig``): a value is often cut from the words that name it, and a hit read in its
-    passage beats more hits read as fragments (docs/recall.md, rule 7)."""
-    question_reach: int = _RETRIEVAL.question_reach
-    """A question's hits also bring the neighbours that start or end within this many tokens of them
-    (``RetrievalConfig``): ``question_neighbours`` events each side at least, more where they are short."""
-    question_parts: int = _RETRIEVAL.question_parts
-    """A question's hits' neighbours are read in parts of this many tokens, nearest the hit first, each only
-    as far as ``question_reach`` (``RetrievalConfig``): a long event beside a hit gives its near text, not
-    all of it, and does not keep the short events on the other side out (docs/recall.md, rule 13); 0:
-    whole events, nearest first."""
-    question_contiguity: bool = _RETRIEVAL.question_contiguity
-    """A question also uses ingestion's contiguity buffer (``RetrievalConfig``); off: its neighbours
-    come from ``question_neighbours`` and the whole budget follows the question's own ranking."""
-    question_n_init: int | None = _RETRIEVAL.question_n_init
-    """A question's sink tokens (``RetrievalConfig``; None: ``n_init``). 0: the question's window starts
-    with its retrieved events; the stream's first tokens are not in it."""
-    question_memory_last: bool = _RETRIEVAL.question_memory_last
-    """A question's retrieved events go after the local window, right before the question (``RetrievalConfig``)."""
-    question_contrast: float = 0.0
-    """``alpha`` > 0: a greedy answer's first token is chosen by contrast with what the model answers to the
-    question alone (:mod:`emserve.server.contrast`); 0 (default): plain greedy. Off: it turned the demo's
-    " the pass key." into the key but picked words over the value on the recall suite (docs/recall.md,
-    "Tried and not kept"). Costs two one-token engine requests before the answer."""
-    question_copy: int = 3
+    goes second in its ranking, with its neighbours (:func:`emserve.retrieval.bridge.bridge_hit`). Needs
+    ``lexical``."""
+    contrast: float = 0.0
+    """``alpha`` > 0: a greedy answer's first token is chosen by contrast with what the model answers to
+    the question alone (:mod:`emserve.server.contrast`); 0: plain greedy. Costs two one-token engine
+    requests before the answer."""
+    copy: int = 3
     """A greedy answer starts with the word that followed the question's last words where its window says
     them verbatim (:func:`emserve.retrieval.lexical.continuation`: the longest such run, at least this
     many tokens), token by token as long as the model gives each at least
     :data:`~emserve.server.session.question.COPY_PLAUSIBLE`; the answer goes on greedily after it. A
     question that restates a fact's lead-in ("The pass key is") then answers with the fact, not with a
-    continuation the model prefers (" the pass key."), and copies its digits as written. 0: off. Costs one
-    engine request (the question and the word) when a run is found."""
-    question_n_local: int | None = _RETRIEVAL.question_n_local
-    question_n_mem: int | None = _RETRIEVAL.question_n_mem
-    """A question's window: sink + ``question_n_mem`` retrieved tokens + the last ``question_n_local``
-    tokens (``RetrievalConfig``; None: the ingestion window's ``n_local`` / ``n_mem``, EM-LLM). Events
-    close as soon as their boundaries are final (``SegmenterConfig.close_lag``), so the recent ones are
-    retrievable by a question too; the tokens after the last closed event are in the window."""
+    continuation the model prefers (" the pass key."), and copies its digits as written. 0: off. Costs
+    one engine request (the question and the word) when a run is found."""
 
     def __post_init__(self) -> None:
-        if self.question_copy < 0:
-            raise ConfigError(f"question_copy must be >= 0 (0: off), got {self.question_copy}")
-        if not 0 <= self.question_contrast <= MAX_CONTRAST:  # NaN fails too
-            raise ConfigError(f"question_contrast must be in [0, {MAX_CONTRAST:g}], got {self.question_contrast}")
+        for name in ("query_tokens", "lexical", "copy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"question_{name} must be an int >= 0 (0: off), got {value!r}")
+        if not 0 <= self.contrast <= MAX_CONTRAST:  # NaN fails too
+            raise ConfigError(f"question_contrast must be in [0, {MAX_CONTRAST:g}], got {self.contrast}")
 
+
+def _places(part: str, *names: str) -> tuple[tuple[str, str], ...]:
+    return tuple((part, n) for n in names)
+
+
+SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
+    # the windows: one setting of both libraries
+    "n_init": (("retrieval", "n_init"), ("segmenter", "n_init")),
+    "n_local": (("retrieval", "n_local"), ("segmenter", "n_local")),
+    **{n: _places("retrieval", n) for n in ("n_mem", "exc_block_size")},
+    # event boundaries; an event closes as soon as its boundaries are final
+    "min_block_size": (("segmenter", "min_block_size"), ("segmenter", "close_lag")),
+    **{n: _places("segmenter", n) for n in ("max_block_size", "surprisal_threshold_gamma", "similarity_metric",
+                                            "splitter")},
+    # scoring and selection
+    **{n: _places("retrieval", n) for n in ("repr_topk", "repr_proxy", "use_contiguity_buffer",
+                                            "contiguity_buffer_size", "per_layer", "shared_score_layers",
+                                            "center_queries", "standardize_queries")},
+    # a question: its window and ranking (retrieval), its query tokens and rules (question)
+    **{n: _places("retrieval", n) for n in ("question_rank", "question_neighbours", "question_reach",
+                                            "question_parts", "question_contiguity", "question_n_init",
+                                            "question_memory_last", "question_n_local", "question_n_mem")},
+    **{f"question_{n}": _places("question", n) for n in ("query_tokens", "content_queries", "lexical", "bridge",
+                                                         "contrast", "copy")},
+}
+"""Each flat setting name and the places in the tree it sets (the first is where it is read)."""
+
+
+def _session_segmenter() -> SegmenterConfig:
+    retrieval, segmenter = RetrievalConfig(), SegmenterConfig()
+    return SegmenterConfig(n_init=retrieval.n_init, n_local=retrieval.n_local, close_lag=segmenter.min_block_size)
+
+
+def _part_types() -> dict[str, type]:
+    return {"segmenter": SegmenterConfig, "retrieval": RetrievalConfig, "question": QuestionRules}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """A session's memory settings: the segmenter's, the retrieval's and the question's (module doc).
+    Defaults are sized for SmolLM2-135M (8k context). Validated on construction: each part by its own
+    class, and the settings two parts share agree."""
+
+    segmenter: SegmenterConfig = field(default_factory=_session_segmenter)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    question: QuestionRules = field(default_factory=QuestionRules)
+
+    def __post_init__(self) -> None:
+        for name in ("n_init", "n_local"):
+            seg, ret = getattr(self.segmenter, name), getattr(self.retrieval, name)
+            if seg != ret:
+                raise ConfigError(f"{name}: the segmenter's ({seg}) and the retrieval's ({ret}) must be one value")
+
+    # ------------------------------------------------------------------ the flat names
     @classmethod
-    def from_saved(cls, saved: dict[str, Any]) -> MemoryConfig:
-        """The config a ``session.json`` describes (its ``"config"`` object; read through
-        :func:`~emserve.server.session.state.read_state`). A field the file lacks was added after the
-        session was created and takes the value the session ran with (:data:`SAVED_BEFORE`), not today's
-        default; a field the file lacks that :data:`SAVED_BEFORE` does not name, or one this code does not
-        know, raises :class:`ConfigError` naming it (the file is damaged, or written by a newer emserve)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(saved) - fields)
+    def of(cls, **settings: Any) -> MemoryConfig:
+        """The defaults with ``settings`` (flat names, :data:`SETTINGS`)."""
+        return cls().with_settings(**settings)
+
+    def with_settings(self, **settings: Any) -> MemoryConfig:
+        """This config with ``settings`` (flat names) changed; raises :class:`ConfigError` for an unknown
+        name, and the parts' errors for an invalid value."""
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError(f"unknown memory setting(s) {', '.join(unknown)}")
-        missing = sorted(fields - set(saved) - set(SAVED_BEFORE))
+        changes: dict[str, dict[str, Any]] = {part: {} for part in PARTS}
+        for name, value in settings.items():
+            for part, attr in SETTINGS[name]:
+                changes[part][attr] = value
+        parts = {}
+        for part in ("retrieval", "segmenter", "question"):  # the windows' own rules ("n_local >= 1") first
+            ch = changes[part]
+            parts[part] = dataclasses.replace(getattr(self, part), **ch) if ch else getattr(self, part)
+        return MemoryConfig(**parts)
+
+    def setting(self, name: str) -> Any:
+        """The value of the flat setting ``name``."""
+        part, attr = SETTINGS[name][0]
+        return getattr(getattr(self, part), attr)
+
+    def settings(self) -> dict[str, Any]:
+        """Every flat setting and its value (what the API reports)."""
+        return {name: self.setting(name) for name in SETTINGS}
+
+    @staticmethod
+    def setting_type(name: str) -> str:
+        """The annotation of the flat setting ``name`` (a string: annotations are lazy), e.g. ``"int | None"``."""
+        part, attr = SETTINGS[name][0]
+        return str({f.name: f.type for f in dataclasses.fields(_part_types()[part])}[attr])
+
+    # ------------------------------------------------------------------ binding and the libraries
+    def bound(self, max_window: int) -> MemoryConfig:
+        """This config for a model whose context is ``max_window`` tokens (``retrieval.max_window``);
+        raises :class:`ConfigError` when its windows do not fit."""
+        if self.retrieval.max_window == max_window:
+            return self
+        return dataclasses.replace(self, retrieval=dataclasses.replace(self.retrieval, max_window=max_window))
+
+    # ------------------------------------------------------------------ session.json
+    def to_saved(self) -> dict[str, Any]:
+        """The tree as ``session.json`` (layout 3) holds it: every field of every part."""
+        return {part: dataclasses.asdict(getattr(self, part)) for part in PARTS}
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any], version: int) -> MemoryConfig:
+        """The config a ``session.json`` of layout ``version`` holds (read through
+        :func:`~emserve.server.session.state.read_state`).
+
+        * Layout 3: the tree, every field of every part; a field a part lacks was added after the session
+          was saved and takes the value it ran with (:data:`ADDED_TO_TREE`).
+        * Layouts 1 and 2: the flat settings. A setting the file lacks was added after the session was
+          created and takes the value the session ran with (:data:`SAVED_BEFORE`), not today's default;
+          the fields no flat name sets take their defaults, as they did then.
+
+        Raises :class:`ConfigError` naming a field this code does not know (a damaged file, or one a
+        newer emserve wrote), or one missing that those tables do not name."""
+        if version >= 3:
+            parts = {}
+            for part in PARTS:
+                values = dict(saved.get(part, {}))
+                known = {f.name for f in dataclasses.fields(_part_types()[part])}
+                unknown = sorted(set(values) - known)
+                if unknown:
+                    raise ConfigError(f"unknown {part} setting(s) {', '.join(unknown)}")
+                absent = {f: v for f, v in ADDED_TO_TREE.get(part, {}).items() if f not in values}
+                missing = sorted(known - set(values) - set(absent))
+                if missing:
+                    raise ConfigError(f"{part} setting(s) {', '.join(missing)} missing")
+                values.update(absent)
+                if isinstance(values.get("refine_layers"), list):  # a tuple in the tree, a list in JSON
+                    values["refine_layers"] = tuple(values["refine_layers"])
+                parts[part] = _part_types()[part](**values)
+            unknown_parts = sorted(set(saved) - set(PARTS))
+            if unknown_parts:
+                raise ConfigError(f"unknown memory part(s) {', '.join(unknown_parts)}")
+            return cls(**parts)
+        missing = sorted(set(SETTINGS) - set(saved) - set(SAVED_BEFORE))
         if missing:
             raise ConfigError(f"memory setting(s) {', '.join(missing)} missing")
-        return cls(**{**SAVED_BEFORE, **saved})
-
-    def segmenter(self) -> SegmenterConfig:
-        return SegmenterConfig(
-            n_init=self.n_init,
-            n_local=self.n_local,
-            # events enter the table (and the index) as soon as their boundaries are final, so that a
-            # question with a short local window can retrieve the recent ones; ingestion steps still
-            # retrieve only events that have left their local window (the planner): same plans.
-            close_lag=self.min_block_size,
-            surprisal_threshold_gamma=self.surprisal_threshold_gamma,
-            min_block_size=self.min_block_size,
-            max_block_size=self.max_block_size,
-            splitter=self.splitter,  # type: ignore[arg-type]
-            similarity_metric=self.similarity_metric,  # type: ignore[arg-type]
-        )
-
-    def retrieval(self, max_window: int) -> RetrievalConfig:
-        return RetrievalConfig(
-            n_init=self.n_init,
-            n_local=self.n_local,
-            n_mem=self.n_mem,
-            exc_block_size=self.exc_block_size,
-            repr_topk=self.repr_topk,
-            repr_proxy=self.repr_proxy,  # type: ignore[arg-type]
-            use_contiguity_buffer=self.use_contiguity_buffer,
-            contiguity_buffer_size=self.contiguity_buffer_size,
-            per_layer=self.per_layer,
-            shared_score_layers=self.shared_score_layers,
-            center_queries=self.center_queries,
-            standardize_queries=self.standardize_queries,
-            question_n_local=self.question_n_local,
-            question_n_mem=self.question_n_mem,
-            question_rank=self.question_rank,  # type: ignore[arg-type]
-            question_neighbours=self.question_neighbours,
-            question_reach=self.question_reach,
-            question_parts=self.question_parts,
-            question_contiguity=self.question_contiguity,
-            question_memory_last=self.question_memory_last,
-            question_n_init=self.question_n_init,
-            max_window=max_window,
-        )
+        return cls.of(**{**SAVED_BEFORE, **saved})
 
 
 SAVED_BEFORE: dict[str, Any] = {
@@ -187,5 +237,10 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_bridge": False,
     "question_parts": 0,
 }
-"""Values of the fields added after the first sessions were saved, as those sessions behave
-(:meth:`MemoryConfig.from_saved`)."""
+"""Values of the flat settings added after the first sessions were saved, as those sessions behave
+(:meth:`MemoryConfig.from_saved`, layouts 1 and 2)."""
+
+ADDED_TO_TREE: dict[str, dict[str, Any]] = {}
+"""Per part, the values of the fields added after layout 3 (``session.json`` holding the tree) as the
+sessions saved before them behave (:meth:`MemoryConfig.from_saved`). A field added to a part's class
+needs its entry here, or the sessions saved before it do not open."""

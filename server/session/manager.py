@@ -181,10 +181,10 @@ def question_within(cfg: MemoryConfig) -> MemoryConfig:
     reported."""
     over: dict[str, int] = {}
     for q_field, window_field in QUESTION_LIMITS:
-        q_value, limit = getattr(cfg, q_field), getattr(cfg, window_field)
+        q_value, limit = cfg.setting(q_field), cfg.setting(window_field)
         if q_value is not None and q_value > limit:
             over[q_field] = limit
-    return dataclasses.replace(cfg, **over) if over else cfg
+    return cfg.with_settings(**over) if over else cfg
 
 
 _CONFIG_ERRORS = (ConfigError, SegmenterError, PlanError, ValueError, TypeError)
@@ -255,7 +255,7 @@ class SessionManager:
         folder = self.root / key
         data = folder / meta.data
         try:
-            memory = read_state(data).config
+            memory = read_state(data).config.bound(self.engine.info.max_model_len)
         except SessionError as e:  # not saved yet (a create in flight), or damaged: opening it says why
             logger.warning("session %s: %s; reporting the server's default memory settings", session_id, e)
             memory = self.defaults
@@ -320,7 +320,7 @@ class SessionManager:
         over = dict(overrides)
         for q_field, window_field in QUESTION_LIMITS:  # given ones must fit; defaults are fitted below
             q_value = over.get(q_field)
-            limit = over.get(window_field, getattr(self.defaults, window_field))
+            limit = over.get(window_field, self.defaults.setting(window_field))
             if isinstance(q_value, int) and isinstance(limit, int) and q_value > limit:
                 raise InvalidArgument(f"memory.{q_field}",
                                       f"{q_field} ({q_value}) must be at most {window_field} ({limit})")
@@ -333,10 +333,7 @@ class SessionManager:
                                   f"invalid memory settings: {e}") from None
 
     def _checked(self, over: Mapping[str, Any]) -> MemoryConfig:
-        cfg = question_within(dataclasses.replace(self.defaults, **over))
-        cfg.retrieval(self.engine.info.max_model_len)
-        cfg.segmenter()
-        return cfg
+        return question_within(self.defaults.with_settings(**over)).bound(self.engine.info.max_model_len)
 
     def _valid(self, over: Mapping[str, Any]) -> bool:
         try:

@@ -75,7 +75,7 @@ async def plan_question(session: AskedSession, offset: int, q: list[int], sampli
         queries = None
         per_token = False  # the probe reported one query per question token
         if lay.num_events and lay.budget:  # something to select: a probe step gives the queries
-            n_tok = session.config.question_query_tokens
+            n_tok = session.config.question.query_tokens
             with clock("probe"):
                 probe = await session.engine.step(
                     planner.probe_plan(offset, q), options=StepOptions(surprise=False, query_tokens=n_tok)
@@ -83,13 +83,13 @@ async def plan_question(session: AskedSession, offset: int, q: list[int], sampli
             per_token = probe.query_tokens is not None
             queries = probe.query_tokens if per_token else probe.queries
         with clock("retrieve"):
-            if queries is not None and per_token and session.config.question_content_queries:
+            if queries is not None and per_token and session.config.question.content_queries:
                 # off the event loop: the first call per model reads its vocabulary (seconds)
                 rows = await session.host(content_rows, session.engine.info.path, q[len(q) - queries.shape[0]:])
                 queries = queries[rows]
             lead: tuple[int, ...] = ()
             joint = 1
-            if lay.num_events and lay.budget and session.config.question_lexical > 0:
+            if lay.num_events and lay.budget and session.config.question.lexical > 0:
                 lead, joint = await session.host(lexical_leads, session, q, lay.num_events)
             plan = await session.host(planner.plan_step, offset, q, queries, reserve=sampling.max_tokens,
                                     question=True, lead=lead, lead_joint=joint)
@@ -110,7 +110,7 @@ async def first_tokens(session: AskedSession, plan: WindowPlan, question: list[i
         return None
     rid = plan.request_id
     stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
-    draft = await session.host(copy_draft, session, question, window) if session.config.question_copy > 0 else []
+    draft = await session.host(copy_draft, session, question, window) if session.config.question.copy > 0 else []
     draft = draft[: sampling.max_tokens]
     if draft:
         check = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, *draft),
@@ -128,7 +128,7 @@ async def first_tokens(session: AskedSession, plan: WindowPlan, question: list[i
             logprobs = [-x for x in nats[: len(kept)]]
             return kept, dataclasses.replace(res, output_token_ids=kept, output_logprobs=logprobs,
                                              finish_reason=finish, surprise=np.zeros(0, np.float32))
-    alpha = session.config.question_contrast
+    alpha = session.config.question.contrast
     if alpha <= 0:
         return None
     from emserve.retrieval.plan import WindowPlan
@@ -152,7 +152,7 @@ def copy_draft(session: AskedSession, question: list[int], window: Sequence[tupl
     if vocab is None:
         return []
     segments = [(a, session.tokens(a, b)) for a, b in window if b > a]
-    found = continuation(question, segments, vocab, session.config.question_copy)
+    found = continuation(question, segments, vocab, session.config.question.copy)
     if found is None:
         return []
     at = found[1]
@@ -172,10 +172,10 @@ def lexical_leads(session: AskedSession, question_ids: Sequence[int], num_events
     ends = starts + np.asarray(table.sizes[:num_events], np.int64)
     tokens = session.tokens(int(starts[0]), int(ends[-1]))
     # each hit brings its neighbours (question_neighbours): the next hit is another place
-    spacing = session.config.question_neighbours
+    spacing = session.config.retrieval.question_neighbours
     hits = [int(h) for h in lexical_hits(question_ids, tokens, starts, ends, vocab,
-                                         session.config.question_lexical, spacing=spacing)]
-    if hits and session.config.question_bridge:  # the second hop goes right after the first hit
+                                         session.config.question.lexical, spacing=spacing)]
+    if hits and session.config.question.bridge:  # the second hop goes right after the first hit
         hop = bridge_hit(question_ids, tokens, starts, ends, vocab, hits[0], spacing)
         if hop is not None:
             return (hits[0], hop, *(h for h in hits[1:] if h != hop)), 2

@@ -123,7 +123,8 @@ class Session:
         self.score_device = score_device
         """Where retrieval scores (``EpisodicMemory``): ``"auto"`` a GPU when torch sees one, else the CPU."""
         self.engine = engine
-        self.config = config
+        self.config = config.bound(engine.info.max_model_len)
+        """The session's settings, bound to its engine's context (``retrieval.max_window``)."""
         self.segmenter = segmenter
         self.lock = asyncio.Lock()
         self.log_path = str(path / LOG_DIR)
@@ -154,9 +155,8 @@ class Session:
         if (p / SESSION_FILE).exists():
             raise SessionError(f"session already exists at {p}")
         p.mkdir(parents=True, exist_ok=True)
-        cfg = config or MemoryConfig()
-        cfg.retrieval(engine.info.max_model_len)  # validate against the model now
-        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter()), score_device=score_device)
+        cfg = (config or MemoryConfig()).bound(engine.info.max_model_len)  # validates against the model now
+        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter), score_device=score_device)
         s._save_state()
         return s
 
@@ -165,7 +165,7 @@ class Session:
         p = Path(path)
         state = read_state(p)
         cfg = state.config
-        seg = OnlineSegmenter.from_state_dict(state.segmenter, cfg.segmenter())
+        seg = OnlineSegmenter.from_state_dict(state.segmenter, cfg.segmenter)
         s = cls(p, engine, cfg, seg, score_device=score_device)
         try:
             saved = s._load_queries()
@@ -266,7 +266,7 @@ class Session:
                 if self._memory is None:
                     self._memory = EpisodicMemory(
                         self.log,
-                        self.config.retrieval(self.engine.info.max_model_len),
+                        self.config.retrieval,
                         num_heads=self.engine.info.num_heads,
                         rotate=self._rope.rotate,
                         score_device=self.score_device,
@@ -289,7 +289,7 @@ class Session:
     @property
     def _keys(self) -> RefinementKeys:
         if self._refinement_keys is None:
-            layers = self.config.segmenter().layer_range(self.engine.info.num_layers)
+            layers = self.config.segmenter.layer_range(self.engine.info.num_layers)
             self._refinement_keys = RefinementKeys(lambda: self.log, self._rope, layers)
         return self._refinement_keys
 
@@ -364,7 +364,7 @@ class Session:
         return len(self._pending)
 
     async def _drain(self, flush: bool, wait_s: float = 0.0) -> list[StepReport]:
-        step = self.config.exc_block_size
+        step = self.config.retrieval.exc_block_size
         reports: list[StepReport] = []
         while len(self._pending) >= step or (flush and self._pending):
             # a started step finishes (engine, surprise, events, pending trimmed) before a cancellation goes
@@ -409,7 +409,7 @@ class Session:
                 before = planner.retriever.buffer_state()
                 plan = await self.host(planner.plan_step, offset, chunk, queries)
             retrieval = planner.last_retrieval
-            if self.config.use_contiguity_buffer:  # saved before the step runs: a crash in it keeps them
+            if self.config.retrieval.use_contiguity_buffer:  # saved before the step runs: a crash in it keeps them
                 self._contiguity = {"offset": offset, "before": before, "after": planner.retriever.buffer_state()}
                 with clock("save"):
                     await self.host(self._save_state)

@@ -4,7 +4,6 @@ and their JSON codec."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -24,11 +23,12 @@ LOG_DIR = "log"
 EXCHANGES_FILE = "exchanges.json"
 
 
-STATE_VERSION = 2
-"""The layout of ``session.json``. 1 (no ``"version"``): written before versions; 2: ``{"version",
-"config", "segmenter", "contiguity"?}``. Every version is read by :func:`read_state`; a file of a newer
-version is refused, not misread. A ``MemoryConfig`` field added later needs no new version: files without
-it take its :data:`~emserve.server.session.config.SAVED_BEFORE` value; a change of the layout does."""
+STATE_VERSION = 3
+"""The layout of ``session.json``: ``{"version", "config", "segmenter", "contiguity"?}``, where ``config``
+is, in layout 1 (no ``"version"``: written before versions) and 2, the flat settings, and from 3 the
+tree (``MemoryConfig.to_saved``: every field of every part). Every layout is read by :func:`read_state`;
+a file of a newer one is refused, not misread. A config field added later needs no new layout (files
+without it take the value sessions ran with before it: ``SAVED_BEFORE``, ``ADDED_TO_TREE``)."""
 
 
 class SessionError(EmserveError):
@@ -67,7 +67,7 @@ def read_state(path: str | os.PathLike[str]) -> SavedState:
         raise SessionError(f"{file} was written by a newer emserve (state version {version}; this one reads "
                            f"up to {STATE_VERSION})")
     try:
-        config = MemoryConfig.from_saved(raw["config"])
+        config = MemoryConfig.from_saved(raw["config"], version)
         segmenter = from_json(raw["segmenter"])
     except KeyError as e:
         raise SessionError(f"{file}: no {e.args[0]!r}") from None
@@ -80,7 +80,7 @@ def read_state(path: str | os.PathLike[str]) -> SavedState:
 
 def state_dict(config: MemoryConfig, segmenter: dict[str, Any], contiguity: dict[str, Any] | None) -> dict[str, Any]:
     """The ``session.json`` of today's layout (:data:`STATE_VERSION`), as :func:`read_state` reads it."""
-    state: dict[str, Any] = {"version": STATE_VERSION, "config": dataclasses.asdict(config),
+    state: dict[str, Any] = {"version": STATE_VERSION, "config": config.to_saved(),
                              "segmenter": to_json(segmenter)}
     if contiguity is not None:
         state["contiguity"] = contiguity

@@ -57,7 +57,7 @@ async def _ingest_and_probe(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
         queries = []
         for q in QUESTIONS:
             probe = await engine.step(planner.probe_plan(session.num_tokens, tok(q)["input_ids"]),
-                                      options=StepOptions(surprise=False, query_tokens=cfg.question_query_tokens))
+                                      options=StepOptions(surprise=False, query_tokens=cfg.question.query_tokens))
             assert probe.query_tokens is not None
             queries.append(probe.query_tokens)
     finally:
@@ -85,7 +85,7 @@ def test_hnsw_recall_vs_exact_on_real_representatives(tmp_path: Path) -> None:
     table = EventTable.open(log)
     n = len(table)
     assert n > 4 * K, f"only {n} events"
-    cfg = MemoryConfig().retrieval(8192)
+    cfg = MemoryConfig().bound(8192).retrieval
     num_layers = table.num_layers
     params = replace(cfg.index_params(), exact_threshold=0)
     layers = cfg.indexed_layers(num_layers)

@@ -16,7 +16,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.sessions_dir == tmp_path / "sessions"
     assert cfg.engine.model == "smollm2-135m" and cfg.engine.backend == "vllm"
     assert cfg.auth_token is None and cfg.max_session_tokens == 0
-    assert cfg.memory.n_local == 1024
+    assert cfg.memory.retrieval.n_local == 1024
     assert cfg.retrieval_device == "auto"
 
 
@@ -31,12 +31,12 @@ def test_env_then_flags(tmp_path: Path) -> None:
     cfg = build_config(env=env)
     assert (cfg.host, cfg.port, cfg.max_sessions, cfg.auth_token) == ("0.0.0.0", 6000, 7, "s3cret")
     assert cfg.engine.backend == "reference" and cfg.engine.dtype == "float32"  # reference defaults to fp32
-    assert cfg.memory.n_local == 512 and cfg.memory.per_layer is False
+    assert cfg.memory.retrieval.n_local == 512 and cfg.memory.retrieval.per_layer is False
     assert cfg.max_inflight_messages == 3 and cfg.sessions_dir == tmp_path / "elsewhere"
     assert cfg.engine.max_model_len is None and cfg.retrieval_device == "cpu" and cfg.retrieval_device_gib == 6.5
     cfg = build_config({"port": 0, "max_sessions": None, "memory": {"n_mem": 256}, "model": "/m"}, env=env)
     assert cfg.port == 0 and cfg.max_sessions == 7  # None flags do not override
-    assert cfg.memory.n_mem == 256 and cfg.memory.n_local == 512 and cfg.engine.model == "/m"
+    assert cfg.memory.retrieval.n_mem == 256 and cfg.memory.retrieval.n_local == 512 and cfg.engine.model == "/m"
 
 
 @pytest.mark.parametrize(

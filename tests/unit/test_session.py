@@ -19,7 +19,7 @@ from emserve.server.engine.base import Engine, SamplingSpec, StepOptions
 from emserve.server.engine.reference import ReferenceEngine
 from emserve.server.session import MemoryConfig, Session, SessionError
 
-CFG = MemoryConfig(
+CFG = MemoryConfig.of(
     n_init=16,
     n_local=64,
     n_mem=64,
@@ -50,16 +50,17 @@ def test_ingest_builds_events_and_a_bounded_window(engine: ReferenceEngine, tmp_
     assert len(log) == 600 and log.tokens().tolist() == ids
     # window positions stay bounded (sink + memory + remainder + local + chunk), not growing with the stream
     pos = log.positions()
-    assert int(pos.max()) < 300 and int(pos[300:].max()) <= int(pos[:300].max()) + CFG.max_block_size
+    assert int(pos.max()) < 300 and int(pos[300:].max()) <= int(pos[:300].max()) + CFG.segmenter.max_block_size
     table = s.memory.table
     assert len(table) > 0
     starts, ends = table.starts, table.ends
     assert starts[0] == 16 and np.all(starts[1:] == ends[:-1])  # events tile the stream after the sink
     # events close as soon as their boundaries are final (close_lag), not when they leave the local window
-    assert 600 - CFG.n_local < ends[-1] <= 600 - CFG.min_block_size
+    assert 600 - CFG.retrieval.n_local < ends[-1] <= 600 - CFG.segmenter.min_block_size
     ans = asyncio.run(s.ask(_ids(5, 1), SamplingSpec(max_tokens=4, ignore_eos=True)))
     assert len(ans.token_ids) == 4
-    assert ans.retrieval is not None and sum(e.end - e.start for e in ans.retrieval.layers[0].events) <= CFG.n_mem
+    assert ans.retrieval is not None
+    assert sum(e.end - e.start for e in ans.retrieval.layers[0].events) <= CFG.retrieval.n_mem
     assert len(KVLog.open(tmp_path / "s" / "log")) == 600  # a question leaves the memory unchanged
     s.close()
 
@@ -96,7 +97,7 @@ def test_a_restart_changes_nothing_the_session_computes_afterwards(engine: Refer
     computes the same surprise and events as one that ran uninterrupted. Before, the buffers started empty
     after a reopen and the first windows after it differed (the real model: up to 2 nats, one event more
     over 14k tokens)."""
-    cfg = dataclasses.replace(CFG, n_mem=96, contiguity_buffer_size=0.8, min_block_size=2, max_block_size=8)
+    cfg = CFG.with_settings(n_mem=96, contiguity_buffer_size=0.8, min_block_size=2, max_block_size=8)
     ids = _ids(800, 5)
     a = Session.create(tmp_path / "a", engine, cfg)
     for i in range(0, 800, 32):
@@ -134,7 +135,7 @@ def test_a_kill_between_a_steps_query_statistics_and_its_surprise_changes_nothin
     close) leaves them one step ahead, and reopening takes that step back. Before, they were saved after
     the surprise, and a kill in between left them a step behind: the next windows differed (up to 2.2 nats
     on this model, found by bench/crash.py)."""
-    cfg = dataclasses.replace(CFG, n_mem=96, min_block_size=2, max_block_size=8)
+    cfg = CFG.with_settings(n_mem=96, min_block_size=2, max_block_size=8)
     ids = _ids(640, 6)
     a = Session.create(tmp_path / "a", engine, cfg)
     asyncio.run(a.append(ids, flush=True))
@@ -160,23 +161,25 @@ def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: Refer
     s.close()
     state_file = tmp_path / "s" / "session.json"
     state = json.loads(state_file.read_text())
-    assert state["config"]["question_rank"] == "interleave"  # the default now, saved with the session
+    assert state["config"]["retrieval"]["question_rank"] == "interleave"  # the default now, saved with the session
     reopened = Session.open(tmp_path / "s", engine)
-    assert reopened.config.question_rank == "interleave"
+    assert reopened.config.retrieval.question_rank == "interleave"
     reopened.close()
-    del state["config"]["question_rank"]
-    state["config"]["question_query_tokens"] = 4
-    state_file.write_text(json.dumps(state))  # as a session saved before the field
+    flat = CFG.settings()
+    del flat["question_rank"]
+    flat["question_query_tokens"] = 4
+    state_file.write_text(json.dumps({**state, "version": 2, "config": flat}))  # as a session saved before the field
     old = Session.open(tmp_path / "s", engine)
-    assert old.config.question_rank == "mean" and old.config.question_query_tokens == 4
+    assert old.config.retrieval.question_rank == "mean" and old.config.question.query_tokens == 4
     assert old.memory.planner.config.question_rank == "mean"
     old.close()
 
 
 def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEngine, tmp_path: Path) -> None:
-    """A session saved today carries ``STATE_VERSION``; one written before versions (no ``"version"``)
-    opens as before; a newer version, an unknown or a missing setting is refused with the reason, by
-    opening and by the crash check alike (not misread with today's defaults)."""
+    """A session saved today holds its config tree under ``STATE_VERSION``; those written as flat settings
+    (layout 2, and 1: no ``"version"``) open with the same config; a newer layout, an unknown or a
+    missing setting is refused with the reason, by opening and by the crash check alike (not misread with
+    today's defaults)."""
     import json
 
     from emserve.server.session import STATE_VERSION, needs_recovery, read_state
@@ -187,22 +190,35 @@ def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEng
     s.close()
     state_file = d / "session.json"
     state = json.loads(state_file.read_text())
-    assert state["version"] == STATE_VERSION == 2
+    assert state["version"] == STATE_VERSION == 3
+    assert set(state["config"]) == {"segmenter", "retrieval", "question"}
+    bound = CFG.bound(engine.info.max_model_len)
     saved = read_state(d)
-    assert saved.version == 2 and saved.config == CFG and saved.segmenter["seen"] == 100
+    assert saved.version == 3 and saved.config == bound and saved.segmenter["seen"] == 100
 
     def write(st: dict[str, Any]) -> None:
         state_file.write_text(json.dumps(st))
 
-    v1 = {k: v for k, v in state.items() if k != "version"}
-    write(v1)
-    assert read_state(d).version == 1 and read_state(d).config == CFG
-    Session.open(d, engine).close()
+    flat = {**state, "version": 2, "config": CFG.settings()}
+    v1 = {k: v for k, v in flat.items() if k != "version"}
+    for old, version in ((flat, 2), (v1, 1)):
+        write(old)
+        assert read_state(d).version == version and read_state(d).config == CFG
+        reopened = Session.open(d, engine)
+        assert reopened.config == bound
+        reopened.close()
 
+    tree = state["config"]
     for bad, reason in (({**state, "version": STATE_VERSION + 1}, "newer emserve"),
-                        ({**state, "config": {**state["config"], "n_lokal": 64}}, "unknown memory setting.*n_lokal"),
-                        ({**state, "config": {k: v for k, v in state["config"].items() if k != "n_local"}},
+                        ({**flat, "config": {**flat["config"], "n_lokal": 64}}, "unknown memory setting.*n_lokal"),
+                        ({**flat, "config": {k: v for k, v in flat["config"].items() if k != "n_local"}},
                          "n_local missing"),
+                        ({**state, "config": {**tree, "question": {**tree["question"], "kopy": 1}}},
+                         "unknown question setting.*kopy"),
+                        ({**state, "config": {**tree, "retrieval": {k: v for k, v in tree["retrieval"].items()
+                                                                    if k != "hnsw_m"}}}, "hnsw_m missing"),
+                        ({**state, "config": {**tree, "segmenter": {**tree["segmenter"], "n_local": 32}}},
+                         "must be one value"),
                         ({k: v for k, v in state.items() if k != "segmenter"}, "no 'segmenter'")):
         write(bad)
         with pytest.raises(SessionError, match=reason):
@@ -234,13 +250,12 @@ def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine,
         await mgr.close_all()
         data = tmp_path / "root" / "old" / info_data(tmp_path / "root" / "old")
         state = json.loads((data / "session.json").read_text())
-        del state["version"]  # as written before versions, and before the fields SAVED_BEFORE names
-        for name in SAVED_BEFORE:
-            del state["config"][name]
+        del state["version"]  # as written before versions (flat settings), and before the ones SAVED_BEFORE names
+        state["config"] = {k: v for k, v in CFG.settings().items() if k not in SAVED_BEFORE}
         (data / "session.json").write_text(json.dumps(state))
         got = mgr.info("old").memory
         for name, value in SAVED_BEFORE.items():
-            assert getattr(got, name) == value, name
+            assert got.setting(name) == value, name
         async with mgr.lease("old") as entry:
             assert entry.session.config == got
         await mgr.close_all()
@@ -269,7 +284,7 @@ def test_crash_between_log_and_surprise_is_repaired(engine: ReferenceEngine, tmp
     assert s.num_tokens == 160 and len(s.log) == 160
     assert asyncio.run(s.append(_ids(32, 4))).committed == 192  # the client re-sends from its last ack
     ends = s.memory.table.ends
-    assert np.all(np.diff(ends) > 0) and ends[-1] <= 192 - CFG.min_block_size  # no duplicated events
+    assert np.all(np.diff(ends) > 0) and ends[-1] <= 192 - CFG.segmenter.min_block_size  # no duplicated events
     # the same events as a session that never crashed
     clean = Session.create(tmp_path / "clean", engine, CFG)
     asyncio.run(clean.append(_ids(160, 3) + _ids(32, 4)))
@@ -285,7 +300,7 @@ def test_errors(engine: ReferenceEngine, tmp_path: Path) -> None:
     with pytest.raises(SessionError, match="already exists"):
         Session.create(tmp_path / "s", engine, CFG)
     with pytest.raises(ValueError, match="max_window"):
-        Session.create(tmp_path / "t", engine, MemoryConfig(n_local=4096, n_mem=4096))
+        Session.create(tmp_path / "t", engine, MemoryConfig.of(n_local=4096, n_mem=4096))
 
 
 def test_refinement_key_cache_matches_direct_reads(engine: ReferenceEngine, tmp_path: Path) -> None:
@@ -338,8 +353,8 @@ def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: Referenc
             steps.append(plan)
         return await real_step(plan, *args, **kwargs)
 
-    for cfg, probes in ((CFG, 1), (dataclasses.replace(CFG, n_mem=0), 0)):
-        s = Session.create(tmp_path / f"m{cfg.n_mem}", engine, cfg)
+    for cfg, probes in ((CFG, 1), (CFG.with_settings(n_mem=0), 0)):
+        s = Session.create(tmp_path / f"m{cfg.retrieval.n_mem}", engine, cfg)
         asyncio.run(s.append(ids, flush=True))
         assert len(s.memory.table) > 0
         steps.clear()
@@ -348,7 +363,7 @@ def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: Referenc
             ans = asyncio.run(s.ask(q, sampling))
         finally:
             del engine.step  # back to the class's method
-        assert len(steps) == probes, f"n_mem={cfg.n_mem}: {len(steps)} probe steps"
+        assert len(steps) == probes, f"n_mem={cfg.retrieval.n_mem}: {len(steps)} probe steps"
         assert len(ans.token_ids) == 3 and (ans.retrieval is None) == (probes == 0)
         s.close()
 
@@ -420,7 +435,7 @@ def test_a_cancelled_append_finishes_the_step_it_started(engine: ReferenceEngine
     asyncio.run(main())
     mem.close_events = close_events  # type: ignore[method-assign]
     n = s.num_tokens
-    assert n > 64 and n % CFG.exc_block_size == 0
+    assert n > 64 and n % CFG.retrieval.exc_block_size == 0
     assert len(KVLog.open(tmp_path / "s" / "log")) == n  # the log is not ahead of the session
     assert s.pending_tokens == 256 - n  # the committed chunk left the pending tokens
     assert asyncio.run(s.flush()).committed == 256
@@ -591,7 +606,7 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     assert len(rare) == 4
     ids = _ids(1200, 7)
     ids[300:304] = rare
-    cfg = dataclasses.replace(CFG, question_lexical=1, question_n_mem=32, question_n_local=16)
+    cfg = CFG.with_settings(question_lexical=1, question_n_mem=32, question_n_local=16)
     s = Session.create(tmp_path / "s", engine, cfg)
     asyncio.run(s.append(ids, flush=True))
     res = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
@@ -601,7 +616,7 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     # numerics: on a GPU one fell at 302), and all four in the window
     assert len(lexical) == 1 and any(lexical[0].start <= t < lexical[0].end for t in range(300, 304))
     assert all(any(a <= t < b for a, b in res.window) for t in range(300, 304))
-    s.config = dataclasses.replace(cfg, question_lexical=0)
+    s.config = cfg.with_settings(question_lexical=0)
     res0 = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
     assert res0.retrieval is not None and all(e.source != "lexical" for e in res0.retrieval.layers[0].events)
     s.close()
@@ -626,13 +641,13 @@ def test_question_bridge_brings_the_fact_stated_about_a_rare_word_of_the_first_h
     ids = _ids(1200, 8)
     ids[300:303] = [a1, a2, b]
     ids[900:902] = [b, c]
-    cfg = dataclasses.replace(CFG, question_lexical=1, question_n_mem=64, question_n_local=16,
+    cfg = CFG.with_settings(question_lexical=1, question_n_mem=64, question_n_local=16,
                               question_neighbours=1, question_reach=0, question_copy=0)
     s = Session.create(tmp_path / "s", engine, cfg)
     asyncio.run(s.append(ids, flush=True))
 
     def ask(bridge: bool) -> tuple[list[tuple[int, int]], list[int]]:
-        s.config = dataclasses.replace(cfg, question_bridge=bridge)
+        s.config = cfg.with_settings(question_bridge=bridge)
         res = asyncio.run(s.ask([a1, a2, c], SamplingSpec(max_tokens=2, ignore_eos=True)))
         assert res.retrieval is not None
         lexical = [e.start for e in res.retrieval.layers[0].events if e.source == "lexical"]
@@ -664,7 +679,7 @@ def test_every_step_reports_its_sizes_and_phases(engine: ReferenceEngine, tmp_pa
         assert sum(r.phases.values()) <= r.seconds + 1e-6
         assert r.bytes_written == r.new_tokens * per_token and r.bytes_read == r.injected_tokens * per_token
         assert r.window_tokens == r.injected_tokens + r.new_tokens + (r.offset > 0)  # the anchor token
-        assert r.retrieved_tokens <= CFG.n_mem and r.events_closed == len(r.event_tokens)
+        assert r.retrieved_tokens <= CFG.retrieval.n_mem and r.events_closed == len(r.event_tokens)
     assert "retrieve" not in steps[0].phases and "retrieve" in steps[-1].phases  # the first step has no memory
     # the events the reports closed are the table's events
     assert sum(r.events_closed for r in steps) == len(s.memory.table)
@@ -704,7 +719,7 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
         return real_stream(plan, *args, **kwargs)
 
     # a window (2 neighbours, reach 24, whole events) on which the rule changes some first tokens of this random stream
-    cfg = dataclasses.replace(CFG, question_contrast=0.0, question_neighbours=2, question_reach=24,
+    cfg = CFG.with_settings(question_contrast=0.0, question_neighbours=2, question_reach=24,
                               question_parts=0)
     s = Session.create(tmp_path / "s", engine, cfg)
     asyncio.run(s.append(ids, flush=True))
@@ -714,10 +729,10 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
         differ = 0
         for seed in range(8):
             q = _ids(6, 100 + seed)
-            s.config = dataclasses.replace(s.config, question_contrast=0.0)
+            s.config = s.config.with_settings(question_contrast=0.0)
             plain = asyncio.run(s.ask(q, greedy))
             window_plan = plans[-1]
-            s.config = dataclasses.replace(s.config, question_contrast=1.0)
+            s.config = s.config.with_settings(question_contrast=1.0)
             plans.clear()
             got = asyncio.run(s.ask(q, greedy))
             one = dataclasses.replace(greedy, max_tokens=1, top_logprobs=TOP_K)
@@ -752,7 +767,7 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     lead = [41, 42, 43, 44]
     ids = _ids(300, 9)
     ids[250:250] = lead  # in the local tail of a question: in its window
-    s = Session.create(tmp_path / "s", engine, dataclasses.replace(CFG, question_copy=0))
+    s = Session.create(tmp_path / "s", engine, CFG.with_settings(question_copy=0))
     asyncio.run(s.append(ids, flush=True))
     vocab = model_vocabulary(engine.info.path)
     assert vocab is not None
@@ -771,16 +786,16 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     plain = asyncio.run(s.ask(question, greedy))
     assert plain.token_ids[: len(word)] != word  # (else the rule shows nothing here)
     monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1e-30)  # every token plausible: the copy decides
-    s.config = dataclasses.replace(s.config, question_copy=3)
+    s.config = s.config.with_settings(question_copy=3)
     copied = asyncio.run(s.ask(question, greedy))
     assert copied.token_ids[: len(word)] == word and len(copied.token_ids) == 6
     rest = asyncio.run(engine.step(plans[-1], dataclasses.replace(greedy, max_tokens=6 - len(word)),
                                    StepOptions(surprise=False, queries=False)))
     assert plans[-1].new_token_ids[-len(word):] == tuple(word) and copied.token_ids[len(word):] == rest.output_token_ids
-    s.config = dataclasses.replace(s.config, question_copy=5)  # the run is 4 tokens: nothing to copy
+    s.config = s.config.with_settings(question_copy=5)  # the run is 4 tokens: nothing to copy
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
     monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
-    s.config = dataclasses.replace(s.config, question_copy=3)
+    s.config = s.config.with_settings(question_copy=3)
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
     s.close()
 
