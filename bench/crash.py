@@ -40,16 +40,13 @@ from typing import Any
 import grpc
 import psutil
 
+from common import machine, table, write_results
+from emserve.client import Client, pb
+from emserve.retrieval.kvlog import KVLog
+from emserve.server.cli import ServerProcess
+from eval import git_rev
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from common import machine, table, write_results  # noqa: E402
-from eval import git_rev  # noqa: E402
-
-from emserve.client import Client, pb  # noqa: E402
-from emserve.retrieval.kvlog import KVLog  # noqa: E402
-from emserve.server.cli import ServerProcess  # noqa: E402
 
 SESSIONS = ("s0", "s1")
 MEMORY = dict(n_init=16, n_local=64, n_mem=64, exc_block_size=32, min_block_size=4, max_block_size=24,
@@ -338,7 +335,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="emserve-crash-"))
     if not args.model:
-        from tinymodel import make_tiny_llama
+        import importlib.util  # the tests' tiny model builder, loaded from its file (tests/ is not a package)
+
+        spec = importlib.util.spec_from_file_location("tinymodel", ROOT / "tests" / "tinymodel.py")
+        assert spec is not None and spec.loader is not None
+        tinymodel = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tinymodel)
+        make_tiny_llama = tinymodel.make_tiny_llama
 
         args.model = str(make_tiny_llama(work / "tiny-llama", arch="llama"))
     vocab = 500

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
-from eval import git_rev  # noqa: E402
-from eval_server import Server, add_server_args, harness_inputs, log, text_ids  # noqa: E402
-from eval_vanilla import run_subprocess  # noqa: E402
-from load import QUESTIONS  # noqa: E402
+from common import machine, table, write_results
+from eval import git_rev
+from eval_server import Server, add_server_args, harness_inputs, log, text_ids
+from eval_vanilla import run_subprocess
+from load import QUESTIONS
 
 
 def main(argv: list[str] | None = None) -> int:

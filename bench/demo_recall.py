@@ -23,14 +23,11 @@ import argparse
 import asyncio
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, question_defaults, table, wilson, write_results  # noqa: E402
+from common import machine, question_defaults, table, wilson, write_results
 
 # "before": the question window of the sessions saved before this benchmark's rules (the contiguity
 # buffer, the 128-token sink); "rules 1-4": docs/recall.md's first four rules (its tables' "now" before the

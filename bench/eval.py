@@ -58,10 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_report  # noqa: E402
-from common import RESULTS, machine, sigterm_exits  # noqa: E402
-from eval_server import (  # noqa: E402
+import eval_report
+from common import RESULTS, machine, sigterm_exits
+from eval_server import (
     ABLATIONS,
     ALL_SYSTEMS,
     SERVER_SYSTEMS,
@@ -72,7 +71,7 @@ from eval_server import (  # noqa: E402
     run_jobs,
     run_stream,
 )
-from eval_tasks import SHAREABLE, TASKS, Corpus, Haystack, HaystackSpec, build, build_labelled, plan  # noqa: E402
+from eval_tasks import SHAREABLE, TASKS, Corpus, Haystack, HaystackSpec, build, build_labelled, plan
 
 DEPTHS_11 = [round(0.1 * i, 1) for i in range(11)]
 LABEL_DEPTHS = (0.1, 0.5, 0.9)

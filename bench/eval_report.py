@@ -12,14 +12,12 @@ import contextlib
 import csv
 import json
 import statistics
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, table  # noqa: E402
+from common import RESULTS, table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "results.md"

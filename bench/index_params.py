@@ -27,22 +27,19 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import time
+from pathlib import Path
+from typing import Any
 
-import hnswlib  # noqa: E402
-import numpy as np  # noqa: E402
+import hnswlib
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, session_retrieval_config, table, write_results  # noqa: E402
-
-from emserve.retrieval.events import EventTable  # noqa: E402
-from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
-from emserve.retrieval.memory import build_retriever  # noqa: E402
-from emserve.retrieval.queries import QueryMean  # noqa: E402
+from common import machine, session_retrieval_config, table, write_results
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex, IndexParams
+from emserve.retrieval.memory import build_retriever
+from emserve.retrieval.queries import QueryMean
 
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 SCORE_LAYERS, KV_HEADS, HEAD_DIM, HEADS = 20, 3, 64, 9

@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 from common import machine, sigterm_exits, table, timeit, write_results
-
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
 from emserve.server.engine.base import StepOptions
 from emserve.server.engine.config import EngineConfig

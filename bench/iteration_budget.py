@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
-from eval import git_rev  # noqa: E402
-from eval_server import Server, add_server_args, harness_inputs, log, text_ids  # noqa: E402
-from load import QUESTIONS, ask_timed  # noqa: E402
+from common import machine, table, write_results
+from eval import git_rev
+from eval_server import Server, add_server_args, harness_inputs, log, text_ids
+from load import QUESTIONS, ask_timed
 
 
 def measure(model: str, workdir: Path, extra: list[str], ids: list[int], questions: int) -> dict[str, Any]:

@@ -22,15 +22,13 @@ the engines read bf16 (a design note is in ``bench/results/retrieval_index.md``)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
+from common import machine, table, write_results
 
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 

@@ -24,9 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, sigterm_exits, table, write_results  # noqa: E402
+from common import machine, sigterm_exits, table, write_results
 
 
 def run_one(metrics: bool, ids: list[int], scrape_s: float, work: Path, tag: str) -> dict[str, Any]:

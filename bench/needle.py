@@ -59,7 +59,6 @@ import copy
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -68,8 +67,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ingest_all, machine, sigterm_exits, table, write_results  # noqa: E402
+from common import ingest_all, machine, sigterm_exits, table, write_results
 
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "

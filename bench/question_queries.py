@@ -41,8 +41,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 VARIANTS: list[tuple[str, str, int]] = [
     ("last 4", "last", 4), ("last 8", "last", 8), ("last 16", "last", 16), ("all", "last", 0),
     ("top 1 of all", "top", 1), ("top 2 of all", "top", 2), ("top 4 of all", "top", 4), ("top 8 of all", "top", 8)]
@@ -50,7 +48,6 @@ NAMES = [v[0] for v in VARIANTS] + ["best token (oracle)", "round robin"]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from eval_tasks import Corpus, HaystackSpec, build  # type: ignore[import-not-found]
     from transformers import AutoTokenizer
 
     from emserve.retrieval.buffers import contiguity_tokens
@@ -59,6 +56,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.provision.models import resolve_model
     from emserve.server.session import MemoryConfig, Session
+    from eval_tasks import Corpus, HaystackSpec, build  # type: ignore[import-not-found]
 
     spec = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(spec.path)

@@ -37,12 +37,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, sigterm_exits, wilson  # noqa: E402
-from eval import _ints, git_rev  # noqa: E402
-from eval_server import Job, Server, log, overrides, run_jobs  # noqa: E402
-from eval_tasks import Haystack  # noqa: E402
-from recall_tasks import NOISE, PHRASINGS, SOURCES, TASKS, build, reference_prompt, source_filler  # noqa: E402
+from common import RESULTS, machine, sigterm_exits, wilson
+from eval import _ints, git_rev
+from eval_server import Job, Server, log, overrides, run_jobs
+from eval_tasks import Haystack
+from recall_tasks import NOISE, PHRASINGS, SOURCES, TASKS, build, reference_prompt, source_filler
 
 SYSTEMS = ("emserve", "truncation", "infllm")
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from eval_tasks import Corpus, Haystack, Question, assemble
 
 SOURCES = {"narrative": "big", "reference": "wiki", "dialogue": "plays"}

@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, question_defaults, table, wilson, write_results  # noqa: E402
-from eval_server import window_coverage  # noqa: E402
-from recall import haystacks  # noqa: E402
+from common import machine, question_defaults, table, wilson, write_results
+from eval_server import window_coverage
+from recall import haystacks
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:

@@ -30,13 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
-
-from emserve.retrieval.kvlog import KVLayout, KVLog  # noqa: E402
-from emserve.retrieval.memory import RECOMPUTE_BATCH  # noqa: E402
-from emserve.retrieval.representatives import event_representatives  # noqa: E402
-from emserve.server.engine.rope import RopeSpec  # noqa: E402
+from common import machine, table, write_results
+from emserve.retrieval.kvlog import KVLayout, KVLog
+from emserve.retrieval.memory import RECOMPUTE_BATCH
+from emserve.retrieval.representatives import event_representatives
+from emserve.server.engine.rope import RopeSpec
 
 LAYERS, KV_HEADS, HEAD_DIM, HEADS, THETA, SCORE = 30, 3, 64, 9, 100000.0, 20  # SmolLM2-135M
 
@@ -69,9 +67,9 @@ def main() -> int:
     args = ap.parse_args()
     stored: Any = None
     if args.session:
-        from common import session_retrieval_config
         from transformers import AutoConfig
 
+        from common import session_retrieval_config
         from emserve.retrieval.events import EventTable
         from emserve.server.provision.models import resolve_model
 

@@ -20,28 +20,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 DEFAULT_OUT = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 
 
 async def capture(tokens: int, depth: float, asks: int, out: Path) -> dict[str, Any]:
-    from common import ingest_all  # type: ignore[import-not-found]
-    from needle import QUESTION, make_trial  # type: ignore[import-not-found]
     from transformers import AutoTokenizer
 
+    from common import ingest_all  # type: ignore[import-not-found]
     from emserve.server.engine.base import StepOptions
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.provision.corpus import load_text
     from emserve.server.provision.models import resolve_model
     from emserve.server.session import MemoryConfig, Session
+    from needle import QUESTION, make_trial  # type: ignore[import-not-found]
 
     spec = resolve_model(None)
     tok = AutoTokenizer.from_pretrained(spec.path)

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import long_questions, machine, table  # noqa: E402
-from retrieval_index import (  # noqa: E402  # noqa: E402
+from common import long_questions, machine, table
+from emserve.retrieval.device_scorer import DeviceScorer
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex, IndexParams
+from emserve.retrieval.memory import NO_GRAPH
+from emserve.retrieval.queries import QueryMean
+from emserve.retrieval.retriever import RetrievalResult, Retriever
+from retrieval_index import (
     HEAD_DIM,
     HEADS,
     KV_HEADS,
@@ -55,13 +59,6 @@ from retrieval_index import (  # noqa: E402  # noqa: E402
     make_data,
     rss,
 )
-
-from emserve.retrieval.device_scorer import DeviceScorer  # noqa: E402
-from emserve.retrieval.events import EventTable  # noqa: E402
-from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
-from emserve.retrieval.memory import NO_GRAPH  # noqa: E402
-from emserve.retrieval.queries import QueryMean  # noqa: E402
-from emserve.retrieval.retriever import RetrievalResult, Retriever  # noqa: E402
 
 BUDGETS = {"ingest": 1024, "ask4": 256, "ask64": 256}
 RANKS = {"ingest": "mean", "ask4": "interleave", "ask64": "interleave"}

@@ -50,28 +50,26 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
 
-import hnswlib  # noqa: E402
-import numpy as np  # noqa: E402
+import hnswlib
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
-
-from emserve.retrieval.buffers import contiguity_tokens  # noqa: E402
-from emserve.retrieval.events import EventTable  # noqa: E402
-from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
-from emserve.retrieval.queries import QueryMean  # noqa: E402
-from emserve.retrieval.retriever import Retriever, select_ranked  # noqa: E402
+from common import machine, table, write_results
+from emserve.retrieval.buffers import contiguity_tokens
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex, IndexParams
+from emserve.retrieval.queries import QueryMean
+from emserve.retrieval.retriever import Retriever, select_ranked
 
 LAYERS, SCORE_LAYERS, V, KV_HEADS, HEAD_DIM, HEADS = 30, 20, 4, 3, 64, 9
 D = KV_HEADS * HEAD_DIM

@@ -29,24 +29,21 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import long_questions, machine, session_retrieval_config, table, write_results  # noqa: E402
-
-from emserve.retrieval.events import EventTable  # noqa: E402
-from emserve.retrieval.index import EventIndex, IndexParams  # noqa: E402
-from emserve.retrieval.memory import build_retriever  # noqa: E402
-from emserve.retrieval.planner import RetrievalConfig  # noqa: E402
-from emserve.retrieval.queries import QueryMean  # noqa: E402
-from emserve.retrieval.retriever import RetrievalResult, Retriever, interleave  # noqa: E402
+from common import long_questions, machine, session_retrieval_config, table, write_results
+from emserve.retrieval.events import EventTable
+from emserve.retrieval.index import EventIndex, IndexParams
+from emserve.retrieval.memory import build_retriever
+from emserve.retrieval.planner import RetrievalConfig
+from emserve.retrieval.queries import QueryMean
+from emserve.retrieval.retriever import RetrievalResult, Retriever, interleave
 
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
 HEADS, HEAD_DIM = 9, 64

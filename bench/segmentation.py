@@ -64,15 +64,13 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, sigterm_exits, table, write_results  # noqa: E402
-
-from emserve.retrieval.kvlog import KVLog  # noqa: E402
-from emserve.retrieval.plan import Anchor, Segment, WindowPlan  # noqa: E402
-from emserve.segmenter.config import SegmenterConfig  # noqa: E402
-from emserve.segmenter.segmenter import OnlineSegmenter  # noqa: E402
-from emserve.server.provision.corpus import load_text  # noqa: E402
-from emserve.server.session.keys import RefinementKeys, refinement_keys  # noqa: E402
+from common import machine, sigterm_exits, table, write_results
+from emserve.retrieval.kvlog import KVLog
+from emserve.retrieval.plan import Anchor, Segment, WindowPlan
+from emserve.segmenter.config import SegmenterConfig
+from emserve.segmenter.segmenter import OnlineSegmenter
+from emserve.server.provision.corpus import load_text
+from emserve.server.session.keys import RefinementKeys, refinement_keys
 
 CHUNK = 512
 TOLS = (1, 4, 16)

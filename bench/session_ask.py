@@ -19,10 +19,7 @@ import asyncio
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def coverage(ranges: list[tuple[int, int]], span: tuple[int, int]) -> float:
@@ -32,8 +29,6 @@ def coverage(ranges: list[tuple[int, int]], span: tuple[int, int]) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from eval import LABEL_DEPTHS  # type: ignore[import-not-found]
-    from eval_tasks import Corpus, build_labelled  # type: ignore[import-not-found]
     from transformers import AutoTokenizer
 
     from emserve.server.engine.base import SamplingSpec
@@ -41,6 +36,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.provision.models import resolve_model
     from emserve.server.session import AskResult, Session
+    from eval import LABEL_DEPTHS  # type: ignore[import-not-found]
+    from eval_tasks import Corpus, build_labelled  # type: ignore[import-not-found]
 
     spec = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(spec.path)

@@ -40,8 +40,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 PHASES = ("step", "retrieve", "inject", "compute", "write", "segment", "close", "index", "save")
 TICK_S = 0.005
 

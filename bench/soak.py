@@ -26,15 +26,13 @@ import argparse
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_results  # noqa: E402
-from eval import git_rev  # noqa: E402
-from eval_server import Server, add_server_args, harness_inputs, log  # noqa: E402
+from common import machine, table, write_results
+from eval import git_rev
+from eval_server import Server, add_server_args, harness_inputs, log
 
 QUESTIONS = ("Who speaks first in the passage above?", "Name one person mentioned above.",
              "What place is described in the text?")
