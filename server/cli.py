@@ -35,9 +35,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emserve.server import version
+
+if TYPE_CHECKING:
+    from emserve.server.config import ServerConfig
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -46,14 +49,33 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from emserve.retrieval.errors import EmserveError
     from emserve.server.app import serve
-    from emserve.server.config import build_config
 
     memory: dict[str, Any] = {}
     for item in args.memory or []:
         key, _, value = item.partition("=")
         memory[key.strip()] = _parse_value(value.strip())
-    config = build_config({
+    try:
+        config = _serve_config(args, memory)
+    except EmserveError as e:  # a setting (flag or EMSERVE_* variable) that is unknown or invalid
+        print(f"emserve serve: {e}", file=sys.stderr)
+        return 2
+    status = serve(config)
+    # Every session is checkpointed and closed and the engine is shut down: nothing is left to save.
+    # Skip the interpreter's teardown (vLLM / ZMQ / torch threads and atexit hooks): it takes seconds,
+    # and once, under heavy load, it did not end in 120 s after "emserve stopped".
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _serve_config(args: argparse.Namespace, memory: dict[str, Any]) -> ServerConfig:
+    """The server's config from ``serve``'s flags over the environment (``build_config``)."""
+    from emserve.server.config import build_config
+
+    return build_config({
         "host": args.host, "port": args.port, "sessions_dir": args.sessions_dir, "model": args.model,
         "backend": args.backend, "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
         "max_model_len": args.max_model_len, "ingest_slots": args.ingest_slots,
@@ -68,14 +90,6 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "health_port": args.health_port,
         "tenants_file": args.tenants_file, "openai_port": args.openai_port,
     })
-    status = serve(config)
-    # Every session is checkpointed and closed and the engine is shut down: nothing is left to save.
-    # Skip the interpreter's teardown (vLLM / ZMQ / torch threads and atexit hooks): it takes seconds,
-    # and once, under heavy load, it did not end in 120 s after "emserve stopped".
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def _metrics_port(value: str) -> int | str:

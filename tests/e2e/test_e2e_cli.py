@@ -146,6 +146,20 @@ def test_client_commands_without_a_server_fail_with_one_line_and_exit_1(tmp_path
         assert len(r.stderr.strip().splitlines()) == 1, (cmd, r.stderr)
 
 
+def test_serve_with_an_unknown_or_invalid_memory_setting_says_which_and_exits_2(tmp_path: Path) -> None:
+    """A memory setting given by flag or environment that does not exist or is invalid: one line naming it
+    on stderr, exit 2, before any model is loaded; no traceback."""
+    env = {**os.environ, "EMSERVE_HOME": str(tmp_path)}
+    for extra, env_extra, says in ((["--memory", "n_lokal=5"], {}, "unknown memory setting(s) n_lokal"),
+                                   (["--memory", "n_local=0"], {}, "n_local must be >= 1, got 0"),
+                                   ([], {"EMSERVE_MEMORY_QUESTION_RANK": "max"}, "question_rank must be one of")):
+        r = subprocess.run([sys.executable, "-m", "emserve.server.cli", "serve", "--port", "0", *extra],
+                           capture_output=True, text=True, timeout=120, env={**env, **env_extra})
+        assert r.returncode == 2, (extra, env_extra, r.returncode, r.stderr[-2000:])
+        assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 class _AckingService(pb_grpc.SessionServiceServicer):
     """A stand-in server for the CLI's memory test: GetSession answers, Ingest acknowledges every message at
     once (one 'token' per character) and keeps nothing. emserve itself would take hours over this much text."""
