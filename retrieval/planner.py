@@ -234,12 +234,18 @@ def _merge(ranges: Sequence[tuple[int, int]], log: str) -> tuple[Segment, ...]:
     return tuple(Segment(log, s, e) for s, e in out)
 
 
+def _context(config: RetrievalConfig) -> int:
+    """``config.max_window``, which a planner needs (ConfigError while it is None)."""
+    if config.max_window is None:
+        raise ConfigError("a planner needs the model's context (RetrievalConfig.max_window)")
+    return config.max_window
+
+
 class WindowPlanner:
     """Plans the steps of one session (server side). Not thread-safe: one stepping thread per session."""
 
     def __init__(self, config: RetrievalConfig, log: str, table: EventTable, retriever: Retriever) -> None:
-        if config.max_window is None:
-            raise ConfigError("a planner needs the model's context (RetrievalConfig.max_window)")
+        _context(config)
         self.config = config
         self.log = log
         self.table = table
@@ -255,9 +261,7 @@ class WindowPlanner:
             raise PlanError(
                 f"need offset >= 0, num_new >= 1, reserve >= 0; got {offset}, {num_new}, {reserve}"
             )
-        if cfg.max_window is None:
-            raise ConfigError("a planner needs the model's context (RetrievalConfig.max_window)")
-        limit = cfg.max_window - 1 - reserve - num_new
+        limit = _context(cfg) - 1 - reserve - num_new
         if offset == 0:
             layout = WindowLayout(0, (0, 0), (0, 0), (0, 0), None, 0, 0)
         else:
@@ -351,7 +355,7 @@ class WindowPlanner:
                 segments = ()
         plan = WindowPlan.build(new_token_ids, segments, layer_segments=layer_segments, anchor=anchor,
                                 capture_log=self.log, request_id=request_id)
-        assert plan.window_len + reserve + 1 <= (self.config.max_window or 0), "window exceeds max_window"
+        assert plan.window_len + reserve + 1 <= _context(self.config), "window exceeds max_window"
         return plan
 
     def probe_plan(self, offset: int, new_token_ids: Sequence[int], *,
@@ -361,5 +365,5 @@ class WindowPlanner:
         anchor = None if lay.anchor is None else Anchor(self.log, lay.anchor)
         plan = WindowPlan.build(new_token_ids, _merge([lay.sink, lay.local], self.log), anchor=anchor,
                                 request_id=request_id)
-        assert plan.window_len + 1 <= (self.config.max_window or 0), "window exceeds max_window"
+        assert plan.window_len + 1 <= _context(self.config), "window exceeds max_window"
         return plan

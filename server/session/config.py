@@ -35,8 +35,6 @@ from emserve.segmenter import SegmenterConfig
 MAX_CONTRAST = 10.0
 """The largest ``QuestionRules.contrast``."""
 
-PARTS = ("segmenter", "retrieval", "question")
-
 
 @dataclass(frozen=True, kw_only=True)
 class QuestionRules:
@@ -115,8 +113,8 @@ def _session_segmenter() -> SegmenterConfig:
     return SegmenterConfig(n_init=retrieval.n_init, n_local=retrieval.n_local, close_lag=segmenter.min_block_size)
 
 
-def _part_types() -> dict[str, type]:
-    return {"segmenter": SegmenterConfig, "retrieval": RetrievalConfig, "question": QuestionRules}
+PARTS: dict[str, type] = {"segmenter": SegmenterConfig, "retrieval": RetrievalConfig, "question": QuestionRules}
+"""The tree's parts: each name and the class of its config."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +168,7 @@ class MemoryConfig:
     def setting_type(name: str) -> str:
         """The annotation of the flat setting ``name`` (a string: annotations are lazy), e.g. ``"int | None"``."""
         part, attr = SETTINGS[name][0]
-        return str({f.name: f.type for f in dataclasses.fields(_part_types()[part])}[attr])
+        return str({f.name: f.type for f in dataclasses.fields(PARTS[part])}[attr])
 
     # ------------------------------------------------------------------ binding and the libraries
     def bound(self, max_window: int) -> MemoryConfig:
@@ -202,7 +200,7 @@ class MemoryConfig:
             parts = {}
             for part in PARTS:
                 values = dict(saved.get(part, {}))
-                known = {f.name for f in dataclasses.fields(_part_types()[part])}
+                known = {f.name for f in dataclasses.fields(PARTS[part])}
                 unknown = sorted(set(values) - known)
                 if unknown:
                     raise ConfigError(f"unknown {part} setting(s) {', '.join(unknown)}")
@@ -213,7 +211,7 @@ class MemoryConfig:
                 values.update(absent)
                 if isinstance(values.get("refine_layers"), list):  # a tuple in the tree, a list in JSON
                     values["refine_layers"] = tuple(values["refine_layers"])
-                parts[part] = _part_types()[part](**values)
+                parts[part] = PARTS[part](**values)
             unknown_parts = sorted(set(saved) - set(PARTS))
             if unknown_parts:
                 raise ConfigError(f"unknown memory part(s) {', '.join(unknown_parts)}")

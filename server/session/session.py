@@ -155,8 +155,8 @@ class Session:
         if (p / SESSION_FILE).exists():
             raise SessionError(f"session already exists at {p}")
         p.mkdir(parents=True, exist_ok=True)
-        cfg = (config or MemoryConfig()).bound(engine.info.max_model_len)  # validates against the model now
-        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter), score_device=score_device)
+        cfg = config or MemoryConfig()
+        s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter), score_device=score_device)  # binds: validates
         s._save_state()
         return s
 
