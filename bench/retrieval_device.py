@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from common import long_questions, machine, table
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.device_scorer import DeviceScorer
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams
@@ -123,9 +124,9 @@ def one(tokens: int, real: dict[str, Any], device: str | None, workdir: Path, st
     index = EventIndex.open(tbl.path, tbl, IndexParams(exact_threshold=NO_GRAPH), layers=())
     qm = QueryMean(None, SCORE_LAYERS, HEADS * HEAD_DIM)
     qm.observe(real["mean"][:SCORE_LAYERS], 1)
-    common = dict(per_layer=False, query_mean=qm, center_queries=True, standardize_queries=True,
-                  score_layers=range(SCORE_LAYERS), query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
-    cpu = Retriever(index, **common)  # type: ignore[arg-type]
+    cfg = RetrievalConfig(shared_score_layers=1.0)  # the table holds the scoring layers only
+    common = dict(query_mean=qm, query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
+    cpu = Retriever(index, cfg, **common)  # type: ignore[arg-type]
     qsets = query_sets(real)
     out: dict[str, Any] = {"tokens": tokens, "events": n, "build_s": round(t_build, 1),
                            "memory_tokens": int(tbl.sizes.sum()), "paths": {}}
@@ -158,7 +159,7 @@ def one(tokens: int, real: dict[str, Any], device: str | None, workdir: Path, st
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t_sync = time.perf_counter() - t0
-        dev = Retriever(index, **common, scorer=scorer)  # type: ignore[arg-type]
+        dev = Retriever(index, cfg, **common, scorer=scorer)  # type: ignore[arg-type]
         row: dict[str, Any] = {"sync_s": round(t_sync, 3), "device_bytes": scorer.nbytes}
         for kind, qs in qsets.items():
             times: list[float] = []

@@ -66,6 +66,7 @@ import numpy as np
 
 from common import machine, table, write_results
 from emserve.retrieval.buffers import contiguity_tokens
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams
 from emserve.retrieval.queries import QueryMean
@@ -238,10 +239,11 @@ def one(tokens: int, layers: int, steps: int, workdir: str, concat_dim: int, mul
 
     qm = QueryMean(None, layers, HEADS * HEAD_DIM)
     qm.observe(real["mean"][:layers], 1)
-    common = dict(per_layer=False, query_mean=qm, center_queries=True, standardize_queries=True,
-                  score_layers=range(layers), query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
-    retr = Retriever(ix, **common)  # type: ignore[arg-type]
-    bounded = {f: Retriever(ix, rescore_factor=f, search_vectors=search_vectors, **common)  # type: ignore[arg-type]
+    cfg = RetrievalConfig(shared_score_layers=1.0)  # the table holds the scoring layers only
+    common = dict(query_mean=qm, query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
+    retr = Retriever(ix, cfg, **common)  # type: ignore[arg-type]
+    bounded = {f: Retriever(ix, replace(cfg, shared_rescore_factor=f, shared_search_vectors=search_vectors),
+                            **common)  # type: ignore[arg-type]
                for f in factors}
     kinds = {"ask": [q[:, :layers] for q in real["ask"]], "ingest": [q[:layers] for q in real["chunk"]]}
     kc = contiguity_tokens(BUDGET, 0.3)
@@ -359,8 +361,8 @@ def sweep_real(layers: list[int], k: int = 50) -> dict[str, Any]:
     qm = QueryMean(None, LAYERS, HEADS * HEAD_DIM)
     qm.observe(real["mean"], 1)
     ix = EventIndex.open(path, tbl, IndexParams(), writable=False)
-    retr = Retriever(ix, per_layer=False, query_mean=qm, center_queries=True, standardize_queries=True,
-                     score_layers=range(SCORE_LAYERS), query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
+    cfg = RetrievalConfig(shared_score_layers=SCORE_LAYERS / LAYERS)
+    retr = Retriever(ix, cfg, query_mean=qm, query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
     enc = [retr.encode(q) for q in real["ask"]]
     out: dict[str, Any] = {"events": n, "k": k, "layers": layers, "rows": []}
     for layer in layers:

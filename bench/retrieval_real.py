@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from common import long_questions, machine, session_retrieval_config, table, write_results
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams
 from emserve.retrieval.memory import build_retriever
-from emserve.retrieval.planner import RetrievalConfig
 from emserve.retrieval.queries import QueryMean
 from emserve.retrieval.retriever import RetrievalResult, Retriever, interleave
 

@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.device_scorer import DeviceScorer, resolve_device
 from emserve.retrieval.errors import DeviceMemoryError, EventTableError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.kvlog import KVLog
-from emserve.retrieval.planner import RetrievalConfig, WindowPlanner
+from emserve.retrieval.planner import WindowPlanner
 from emserve.retrieval.queries import QueryMean
 from emserve.retrieval.representatives import (
     RotateFn,
@@ -60,23 +61,8 @@ def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: Quer
     """The retriever of a session with ``config`` over ``index`` (what :class:`EpisodicMemory` uses;
     benches build the same one over a kept session). Queries are folded over the GQA groups of the
     table's vectors (``index.dim // head_dim`` heads per vector)."""
-    return Retriever(
-        index,
-        per_layer=config.per_layer,
-        use_contiguity_buffer=config.use_contiguity_buffer,
-        contiguity_buffer_size=config.contiguity_buffer_size,
-        query_mean=query_mean,
-        center_queries=config.center_queries,
-        standardize_queries=config.standardize_queries,
-        query_sample=config.query_sample,
-        score_layers=config.score_layers(index.num_layers),
-        query_group=num_heads // (index.dim // head_dim),
-        head_dim=head_dim,
-        rescore_factor=config.shared_rescore_factor,
-        search_vectors=config.shared_search_vectors,
-        candidate_factor=candidate_factor,
-        scorer=scorer,
-    )
+    return Retriever(index, config, query_mean=query_mean, query_group=num_heads // (index.dim // head_dim),
+                     head_dim=head_dim, candidate_factor=candidate_factor, scorer=scorer)
 
 
 RECOMPUTE_BATCH = 2048
@@ -130,7 +116,7 @@ class EpisodicMemory:
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = build_retriever(self.index, config, self.query_mean, num_heads=num_heads,
                                          head_dim=layout.head_dim, scorer=self.scorer)
-        self.planner = WindowPlanner(config, str(log.path), self.table, self.retriever)
+        self.planner = WindowPlanner(self.retriever, str(log.path))
 
     def close_events(
         self,

@@ -4,7 +4,7 @@ Per layer ``l`` (EM-LLM retrieves per layer), with the step's queries and a budg
 an event scores ``s_l(e) = mean_i max_j (q_il - q̄_l) . rep_e,j / sigma_il`` over the step's query
 vectors ``i`` (a mean summary, or a question's last tokens) and the event's representative vectors
 ``j`` (:mod:`~emserve.retrieval.queries`: centered on the stream's mean query, MaxSim, standardized;
-with the defaults of this class, no centering and no standardization: ``mean_i max_j q_i . rep_j``).
+with ``center_queries`` and ``standardize_queries`` off: ``mean_i max_j q_i . rep_j``).
 Why each part is there: ``queries``, ``representatives`` and ``docs/decisions.md``.
 
 * **All fits.** When the retrievable events hold ``<= B`` tokens, every layer takes all of them
@@ -74,14 +74,13 @@ from typing import Literal
 import numpy as np
 
 from emserve.retrieval.buffers import ContiguityBuffer, contiguity_tokens
+from emserve.retrieval.config import RANKS, Rank, RetrievalConfig
 from emserve.retrieval.device_scorer import DeviceScorer
 from emserve.retrieval.errors import PlanError
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.queries import EncodedQuery, QueryMean, encode_queries
 
 Source = Literal["similarity", "contiguity", "lexical"]
-Rank = Literal["mean", "interleave"]
-RANKS: tuple[Rank, ...] = ("mean", "interleave")
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,67 +375,54 @@ class Retriever:
     def __init__(
         self,
         index: EventIndex,
+        config: RetrievalConfig | None = None,
         *,
-        per_layer: bool = True,
-        use_contiguity_buffer: bool = True,
-        contiguity_buffer_size: float = 0.3,
         query_mean: QueryMean | None = None,
-        center_queries: bool = False,
-        standardize_queries: bool = False,
-        query_sample: int = 256,
-        score_layers: Sequence[int] | None = None,
         query_group: int = 1,
         head_dim: int = 0,
-        rescore_factor: float = 0.0,
-        search_vectors: int = 128,
         candidate_factor: float = 1.5,
         scorer: DeviceScorer | None = None,
     ) -> None:
-        """Defaults score with the raw queries; sessions get centering and standardization on
-        through :class:`~emserve.retrieval.planner.RetrievalConfig`.
+        """``config``: the session's retrieval settings (None: the defaults); the retriever reads
+        ``per_layer``, the contiguity buffer, the query scoring (``center_queries``,
+        ``standardize_queries``, ``query_sample``), the scoring layers (``shared_score_layers``) and the
+        bounded rescoring (``shared_rescore_factor``, ``shared_search_vectors``).
 
-        ``score_layers``: the layers whose scores a shared selection sums (None: all).
-        ``query_group``: query heads per kv head when the table's vectors are kv-head keys (queries are
-        then summed over each group; ``head_dim`` needed), else 1.
-        ``rescore_factor`` / ``search_vectors``: bounded rescoring of a shared selection's HNSW
-        candidates (module docstring; 0: score the whole union).
+        The rest is what the session knows and the config does not: ``query_mean``, the stream's mean
+        query (needed to center); ``query_group``: query heads per kv head when the table's vectors are
+        kv-head keys (queries are then summed over each group; ``head_dim`` needed), else 1.
         ``candidate_factor``: each HNSW list of the union path asks for enough events to cover this many
         times the budget (+ contiguity share), at the memory's mean event size.
         ``scorer``: score a shared selection exactly on a device (:mod:`~emserve.retrieval.device_scorer`)
-        instead of the CPU exact / HNSW paths; its layers must be ``score_layers``.
+        instead of the CPU exact / HNSW paths; its layers must be the scoring layers.
         """
-        if rescore_factor < 0 or search_vectors < 1:
-            raise PlanError(f"need rescore_factor >= 0 and search_vectors >= 1, got {rescore_factor}, {search_vectors}")
+        config = RetrievalConfig() if config is None else config
         if candidate_factor <= 0:
             raise PlanError(f"need candidate_factor > 0, got {candidate_factor}")
+        self.config = config
         self.candidate_factor = candidate_factor
-        self.rescore_factor = rescore_factor
-        self.search_vectors = search_vectors
         self.index = index
         self.table = index.table
-        self.per_layer = per_layer
-        self.use_contiguity_buffer = use_contiguity_buffer
-        self.contiguity_buffer_size = contiguity_buffer_size
         self.query_mean = query_mean
-        self.center_queries = center_queries
-        self.standardize_queries = standardize_queries
-        self.query_sample = query_sample
         n_layers = index.num_layers
-        self.score_layers = tuple(range(n_layers)) if score_layers is None else tuple(int(x) for x in score_layers)
-        if not self.score_layers or not all(0 <= x < n_layers for x in self.score_layers):
-            raise PlanError(f"score_layers must be a non-empty subset of 0 .. {n_layers - 1}")
+        self.score_layers = tuple(config.score_layers(n_layers))
         self.query_group = query_group
         self.head_dim = head_dim
         self.query_dim = index.dim * query_group
         self._sample: np.ndarray | None = None
         self._sample_ids: np.ndarray | None = None
         self._sample_n = 0
-        if scorer is not None and (per_layer or scorer.layers != self.score_layers or scorer.table is not self.table):
+        if scorer is not None and (config.per_layer or scorer.layers != self.score_layers
+                                   or scorer.table is not self.table):
             raise PlanError("a device scorer serves a shared selection (per_layer=False) of the same table "
                             "and scoring layers")
         self.scorer = scorer
-        nbuf = n_layers if per_layer else 1
+        nbuf = n_layers if config.per_layer else 1
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
+
+    @property
+    def per_layer(self) -> bool:
+        return self.config.per_layer
 
     def _sync_scorer(self) -> None:
         """The device mirror must hold every event of the table (rows on disk are copied here; the
@@ -466,11 +452,12 @@ class Retriever:
         then at each 25% of growth). A function of the table's length alone, so a reopened session
         samples what an uninterrupted one does (the span once depended on when the steps came)."""
         n = len(self.table)
-        if n < 2 or self.query_sample < 2:
+        if n < 2 or self.config.query_sample < 2:
             return None
-        m = sample_span(n, self.query_sample)
+        m = sample_span(n, self.config.query_sample)
         if self._sample_ids is None or m != self._sample_n:
-            self._sample_ids = np.unique(np.linspace(0, m - 1, min(m, self.query_sample)).round().astype(np.int64))
+            count = min(m, self.config.query_sample)
+            self._sample_ids = np.unique(np.linspace(0, m - 1, count).round().astype(np.int64))
             self._sample_n = m
             self._sample = None
         return self._sample_ids
@@ -489,16 +476,16 @@ class Retriever:
 
         ``queries``: a summary ``[L, H*D]`` / ``[L, H, D]`` or query tokens ``[n, L, H, D]``.
         """
-        mean = self.query_mean.mean if (self.center_queries and self.query_mean is not None) else None
+        mean = self.query_mean.mean if (self.config.center_queries and self.query_mean is not None) else None
         if self.scorer is not None:  # standardized on the device, from the mirror (one batched product)
             q = encode_queries(queries, num_layers=self.index.num_layers, query_dim=self.query_dim,
                                group=self.query_group, head_dim=self.head_dim, mean=mean)
-            ids = self.sample_ids() if self.standardize_queries else None
+            ids = self.sample_ids() if self.config.standardize_queries else None
             if ids is None:
                 return q
             self._sync_scorer()
             return EncodedQuery(q.tokens, self.scorer.scales(ids, q.tokens))
-        sample = self.rep_sample() if self.standardize_queries else None
+        sample = self.rep_sample() if self.config.standardize_queries else None
         return encode_queries(
             queries, num_layers=self.index.num_layers, query_dim=self.query_dim, group=self.query_group,
             head_dim=self.head_dim, mean=mean, rep_sample=sample, vectors=self.index.vectors,
@@ -585,7 +572,8 @@ class Retriever:
         if rank not in RANKS:
             raise PlanError(f"unknown rank {rank!r}; use one of {RANKS}")
 
-        kc = contiguity_tokens(budget, self.contiguity_buffer_size) if self.use_contiguity_buffer and contiguity else 0
+        cfg = self.config
+        kc = contiguity_tokens(budget, cfg.contiguity_buffer_size) if cfg.use_contiguity_buffer and contiguity else 0
         inside = [0 <= int(c) < m for c in first]
         pre = np.asarray([c for c, ok in zip(first, inside, strict=True) if ok], np.int64)
         walk = partial(self._walk, num_events=m, budget=budget, kc=kc, neighbours=neighbours, reach=reach,
@@ -656,7 +644,7 @@ class Retriever:
                 ranked = self.scorer.ranked_interleave(q, m, sizes, need)
             else:
                 ranked = self.scorer.ranked_mean(q, m, sizes, need)
-        elif not exact and self.rescore_factor > 0:
+        elif not exact and self.config.shared_rescore_factor > 0:
             ranked = self._ranked_bounded(q, n, m, sizes, need)
         else:
             ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
@@ -707,7 +695,7 @@ class Retriever:
         upper bound ``UB`` covering ``rescore_factor * need`` tokens; lists grow (doubling) until the
         candidates before ``m`` cover ``need`` tokens, and the exact path takes over when they cannot."""
         nq = q.tokens.shape[0]
-        kv = self.search_vectors
+        kv = self.config.shared_search_vectors
         if not set(self.score_layers) <= set(self.index.layers):  # a layer without an HNSW index: exact
             scores = self.scores(q, None)[:m]
             return np.lexsort((np.arange(m), -scores)).astype(np.int64)
@@ -735,7 +723,7 @@ class Retriever:
                 if not covered.size or covered[-1] < need:  # the lists hold everything and still fall short
                     scores = self.scores(q, None)[:m]
                     return np.lexsort((np.arange(m), -scores)).astype(np.int64)
-                take = order[: int(np.searchsorted(covered, max(1.0, self.rescore_factor) * need)) + 1]
+                take = order[: int(np.searchsorted(covered, max(1.0, self.config.shared_rescore_factor) * need)) + 1]
                 scores = self.scores(q, None, take)
                 return take[np.lexsort((take, -scores))]
             kv *= 2

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.errors import ConfigError
-from emserve.retrieval.planner import RetrievalConfig
 from emserve.segmenter import SegmenterConfig
 
 MAX_CONTRAST = 10.0

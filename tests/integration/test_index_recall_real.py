@@ -98,12 +98,11 @@ def test_hnsw_recall_vs_exact_on_real_representatives(tmp_path: Path) -> None:
                              writable=False, layers=layers)
     heads, head_dim = queries[0].shape[2:]
     mean = QueryMean(log, num_layers, heads * head_dim)
-    kw = dict(per_layer=cfg.per_layer, query_mean=mean, center_queries=cfg.center_queries,
-              standardize_queries=cfg.standardize_queries, score_layers=cfg.score_layers(num_layers),
-              query_group=heads * head_dim // table.vector_dim, head_dim=head_dim)
-    hnsw = Retriever(index, **kw)  # type: ignore[arg-type]
-    exact = Retriever(exact_index, **kw)  # type: ignore[arg-type]
-    bounded = Retriever(index, rescore_factor=3.0, search_vectors=128, **kw)  # type: ignore[arg-type]
+    kw = dict(query_mean=mean, query_group=heads * head_dim // table.vector_dim, head_dim=head_dim)
+    hnsw = Retriever(index, cfg, **kw)  # type: ignore[arg-type]
+    exact = Retriever(exact_index, cfg, **kw)  # type: ignore[arg-type]
+    bounded = Retriever(index, replace(cfg, shared_rescore_factor=3.0, shared_search_vectors=128),
+                        **kw)  # type: ignore[arg-type]
 
     hits = total = 0
     for q in queries:

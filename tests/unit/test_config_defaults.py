@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from emserve.api.v1 import emserve_pb2 as pb
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.errors import ConfigError
-from emserve.retrieval.planner import RetrievalConfig
 from emserve.segmenter import SegmenterConfig
 from emserve.server.config import build_config
 from emserve.server.rpc.service import memory_to_pb

@@ -7,9 +7,12 @@ same tests run there too (float32, then float16 against a recall bar).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from retrieval_configs import raw
 
 from emserve.retrieval.device_scorer import DeviceScorer, resolve_device
 from emserve.retrieval.errors import DeviceMemoryError, PlanError
@@ -36,9 +39,9 @@ def make_table(path, n=N, seed=0):
 def pair(table, device, dtype=torch.float32, form="rq"):
     """A CPU-exact retriever and a device retriever over the same table, centred + standardized."""
     index = EventIndex.open(table.path, table, IndexParams(exact_threshold=NO_GRAPH), layers=())
-    kw = dict(per_layer=False, score_layers=SCORE, standardize_queries=True, query_sample=64)
-    cpu = Retriever(index, **kw)
-    dev = Retriever(index, **kw, scorer=DeviceScorer(table, SCORE, device=device, dtype=dtype, form=form))
+    cfg = raw(per_layer=False, shared_score_layers=len(SCORE) / L, standardize_queries=True, query_sample=64)
+    cpu = Retriever(index, cfg)
+    dev = Retriever(index, cfg, scorer=DeviceScorer(table, SCORE, device=device, dtype=dtype, form=form))
     return cpu, dev
 
 
@@ -139,7 +142,8 @@ def test_float16_keeps_the_selection(tmp_path):
     table = make_table(tmp_path)
     cpu, dev = pair(table, "cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float16)
     rng = np.random.default_rng(5)
-    cpu.use_contiguity_buffer = dev.use_contiguity_buffer = False
+    for r in (cpu, dev):
+        r.config = dataclasses.replace(r.config, use_contiguity_buffer=False)
     agree = []
     for _ in range(10):
         q = queries(rng, 1)
@@ -154,9 +158,9 @@ def test_config_errors(tmp_path):
     index = EventIndex.open(table.path, table, IndexParams(), layers=())
     scorer = DeviceScorer(table, SCORE, device="cpu")
     with pytest.raises(PlanError, match="shared selection"):
-        Retriever(index, per_layer=True, scorer=scorer)
+        Retriever(index, raw(per_layer=True, shared_score_layers=len(SCORE) / L), scorer=scorer)
     with pytest.raises(PlanError, match="shared selection"):
-        Retriever(index, per_layer=False, score_layers=(0, 1), scorer=scorer)
+        Retriever(index, raw(per_layer=False, shared_score_layers=2 / L), scorer=scorer)
     with pytest.raises(PlanError):
         DeviceScorer(table, (7,), device="cpu")
     assert resolve_device("cpu") is None and resolve_device(None) is None
@@ -236,9 +240,9 @@ def test_a_count_written_before_a_crash_does_not_hide_later_rows(tmp_path):
 
 def _memory_pair(tmp_path, device):
     """A KV log of random keys and the same memory config; ``device`` None: the CPU writer."""
+    from emserve.retrieval.config import RetrievalConfig
     from emserve.retrieval.kvlog import KVLayout, KVLog
     from emserve.retrieval.memory import EpisodicMemory
-    from emserve.retrieval.planner import RetrievalConfig
     from emserve.server.engine.rope import RopeSpec
 
     rope = RopeSpec(inv_freq=1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)), rot_dim=8, head_dim=8)

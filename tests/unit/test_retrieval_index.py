@@ -189,13 +189,15 @@ def test_indexed_layer_subset(tmp_path):
     assert json.loads((tmp_path / META_FILE).read_text())["layers"] == [1]
     q = clustered(1, D, 5)[0]
     np.testing.assert_array_equal(ix.search(0, q, 10)[0], ix.search(0, q, 10, exact=True)[0])  # no index: exact
+    from retrieval_configs import raw
+
     from emserve.retrieval.retriever import Retriever
 
     qs = clustered(2 * L, D, 6).reshape(2, L, 1, D)  # 2 query tokens [n, L, heads, head_dim]
     for per_layer in (True, False):  # a layer without an index is searched exactly: same as all-exact
-        got = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=False).retrieve(qs, 500)
+        got = Retriever(ix, raw(per_layer=per_layer, use_contiguity_buffer=False)).retrieve(qs, 500)
         ix.params = IndexParams(exact_threshold=10**6)
-        want = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=False).retrieve(qs, 500)
+        want = Retriever(ix, raw(per_layer=per_layer, use_contiguity_buffer=False)).retrieve(qs, 500)
         ix.params = params
         assert [s.ids for s in got.layers] == [s.ids for s in want.layers]
     # reopened with every layer indexed: layer 0's index is built from the table, layer 1's is loaded

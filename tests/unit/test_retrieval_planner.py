@@ -10,12 +10,13 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.errors import ConfigError, PlanError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams
 from emserve.retrieval.kvlog import TOKENS_FILE, KVLayout, KVLog
 from emserve.retrieval.memory import EpisodicMemory
-from emserve.retrieval.planner import RetrievalConfig, WindowPlanner
+from emserve.retrieval.planner import WindowPlanner
 from emserve.retrieval.retriever import Retriever
 from emserve.server.engine.rope import RopeSpec
 
@@ -48,9 +49,7 @@ def events(tmp_path_factory):
 
 
 def planner(index: EventIndex, cfg: RetrievalConfig) -> WindowPlanner:
-    r = Retriever(index, per_layer=cfg.per_layer, use_contiguity_buffer=cfg.use_contiguity_buffer,
-                  contiguity_buffer_size=cfg.contiguity_buffer_size)
-    return WindowPlanner(cfg, LOG, index.table, r)
+    return WindowPlanner(Retriever(index, cfg), LOG)
 
 
 def test_config_defaults_and_validation():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from retrieval_configs import raw
 
-from emserve.retrieval.errors import PlanError
+from emserve.retrieval.errors import ConfigError, PlanError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams, max_scores
 from emserve.retrieval.queries import QueryMean, as_query_tokens, encode_queries, fold_heads
@@ -83,10 +84,10 @@ def test_centering_removes_what_every_query_attends_to(tmp_path):
     mean = QueryMean(None, 1, d)
     mean.observe(np.array([[1.0, 0, 0, 0]]), 100)
     question = np.array([[1.0, 1.0, 0, 0]], np.float32)  # average query + its own direction
-    raw = Retriever(ix, use_contiguity_buffer=False, query_mean=mean)
-    centered = Retriever(ix, use_contiguity_buffer=False, query_mean=mean, center_queries=True,
-                         standardize_queries=True)
-    assert raw.retrieve(question, 4).layers[0].ids == [0]
+    plain = Retriever(ix, raw(use_contiguity_buffer=False), query_mean=mean)
+    centered = Retriever(ix, raw(use_contiguity_buffer=False, center_queries=True, standardize_queries=True),
+                         query_mean=mean)
+    assert plain.retrieve(question, 4).layers[0].ids == [0]
     assert centered.retrieve(question, 4).layers[0].ids == [1]
 
 
@@ -123,10 +124,10 @@ def test_retriever_multi_token_queries_and_score_layers(tmp_path):
     reps[2, 1] = [5, 5]  # layer 1 (not scored) likes event 2
     reps[3, 0] = [0.6, 0.6]  # both tokens like event 3 a bit
     ix = EventIndex.open(tmp_path, _table(tmp_path, reps), IndexParams())
-    r = Retriever(ix, per_layer=False, use_contiguity_buffer=False, score_layers=[0])
+    r = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False, shared_score_layers=0.5))  # layer 0 of 2
     tokens = np.array([[[1, 0], [1, 0]], [[0, 1], [0, 1]]], np.float32)[:, :, None, :]  # [n=2, L, H=1, D]
     sel = r.retrieve(tokens, 4).layers[0]
     assert sel.ids == [3]  # mean over tokens: 0.6 beats 0.5 (events 0 and 1 each score 1 for one token)
     assert sel.events[0].score == pytest.approx(0.6)
-    with pytest.raises(PlanError):
-        Retriever(ix, score_layers=[2])
+    with pytest.raises(ConfigError):
+        raw(shared_score_layers=1.5)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from retrieval_configs import raw
 
 from emserve.retrieval.buffers import contiguity_tokens
-from emserve.retrieval.errors import PlanError
+from emserve.retrieval.errors import ConfigError, PlanError
 from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex, IndexParams
 from emserve.retrieval.retriever import Retriever
@@ -47,7 +48,7 @@ def one_layer_index(tmp_path, sizes, scores_order):
 
 def test_greedy_rank_order_truncates_last_event(tmp_path):
     ix = one_layer_index(tmp_path, [10] * 5, [2, 0, 4, 1, 3])
-    r = Retriever(ix, use_contiguity_buffer=False)
+    r = Retriever(ix, raw(use_contiguity_buffer=False))
     res = r.retrieve(np.ones((1, 1), np.float32), 25)
     sel = res.layers[0]
     assert sel.ids == [0, 2, 4]  # temporal order
@@ -59,7 +60,7 @@ def test_greedy_rank_order_truncates_last_event(tmp_path):
 
 def test_contiguity_share_and_topup(tmp_path):
     ix = one_layer_index(tmp_path, [10] * 6, [2, 0, 4, 1, 3, 5])
-    r = Retriever(ix, use_contiguity_buffer=True, contiguity_buffer_size=0.3)
+    r = Retriever(ix, raw(use_contiguity_buffer=True, contiguity_buffer_size=0.3))
     q = np.ones((1, 1), np.float32)
     # budget 30: k_c = int(0.3*30+1) = 10, k_s = 20 -> hits 2, 0; neighbour 3 fills k_c
     sel = r.retrieve(q, 30).layers[0]
@@ -75,7 +76,7 @@ def test_contiguity_share_and_topup(tmp_path):
 
 def test_everything_fits_takes_all_and_leaves_buffers(tmp_path):
     ix = one_layer_index(tmp_path, [10, 20, 5], [1, 0, 2])
-    r = Retriever(ix)
+    r = Retriever(ix, raw())
     res = r.retrieve(None, 35)
     assert res.layers[0].ids == [0, 1, 2] and res.tokens == 35
     assert np.isnan(res.layers[0].events[0].score)
@@ -102,9 +103,9 @@ def test_budget_exact_equal_per_layer_and_temporal_order(
 ):
     ix = indexes[kind.split("-")[0]]
     table = ix.table
-    bounded = {"rescore_factor": 1.5, "search_vectors": 8} if kind == "hnsw-bounded" else {}
-    r = Retriever(ix, per_layer=per_layer, use_contiguity_buffer=use_buffer, contiguity_buffer_size=size,
-                  **bounded)  # type: ignore[arg-type]
+    bounded = {"shared_rescore_factor": 1.5, "shared_search_vectors": 8} if kind == "hnsw-bounded" else {}
+    r = Retriever(ix, raw(per_layer=per_layer, use_contiguity_buffer=use_buffer, contiguity_buffer_size=size,
+                          **bounded))
     memory = int(table.sizes[:m].sum())
     kc = contiguity_tokens(budget, size) if use_buffer else 0
     for seed in seeds:
@@ -132,35 +133,35 @@ def test_budget_exact_equal_per_layer_and_temporal_order(
 def test_per_layer_selections_differ_and_shared_sums_layers(indexes):
     ix = indexes["exact"]
     q = np.random.default_rng(5).standard_normal((L, D)).astype(np.float32)
-    res = Retriever(ix, use_contiguity_buffer=False).retrieve(q, 300)
+    res = Retriever(ix, raw(use_contiguity_buffer=False)).retrieve(q, 300)
     assert len({tuple(sel.ids) for sel in res.layers}) > 1
     # per layer, the similarity picks are the top of that layer's exact ranking
     for layer, sel in enumerate(res.layers):
         scores = ix.table.reps(layer) @ q[layer]
         best = int(np.argmax(scores))
         assert best in sel.ids
-    shared = Retriever(ix, per_layer=False, use_contiguity_buffer=False).retrieve(q, 300)
+    shared = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False)).retrieve(q, 300)
     total = sum(ix.table.reps(layer) @ q[layer] for layer in range(L))
     assert int(np.argmax(total)) in shared.layers[0].ids
     e = shared.layers[0].events[0]
     assert e.score == pytest.approx(float(total[e.id]), rel=1e-5)
     # queries as StepResult.queries: [layers, heads, head_dim]
-    same = Retriever(ix, use_contiguity_buffer=False).retrieve(q.reshape(L, 4, 4), 300)
+    same = Retriever(ix, raw(use_contiguity_buffer=False)).retrieve(q.reshape(L, 4, 4), 300)
     assert [s.ids for s in same.layers] == [s.ids for s in res.layers]
 
 
 def test_hnsw_and_exact_agree_on_clear_winners(indexes):
     q = np.random.default_rng(2).standard_normal((L, D)).astype(np.float32)
     q[0] = 5 * indexes["exact"].table.reps(0)[123]  # event 123 is by far the best of layer 0
-    a = Retriever(indexes["exact"], use_contiguity_buffer=False).retrieve(q, 200)
-    b = Retriever(indexes["hnsw"], use_contiguity_buffer=False).retrieve(q, 200)
+    a = Retriever(indexes["exact"], raw(use_contiguity_buffer=False)).retrieve(q, 200)
+    b = Retriever(indexes["hnsw"], raw(use_contiguity_buffer=False)).retrieve(q, 200)
     assert 123 in a.layers[0].ids and 123 in b.layers[0].ids
     assert a.exact and not b.exact
 
 
 def test_buffer_state_persists_across_steps(tmp_path):
     ix = one_layer_index(tmp_path, [10] * 40, list(range(40)))
-    r = Retriever(ix, contiguity_buffer_size=0.5)
+    r = Retriever(ix, raw(contiguity_buffer_size=0.5))
     reps = np.zeros((1, 1), np.float32)
     reps[0, 0] = 1.0
     # budget 40: k_c = 21, k_s = 19 -> one hit (event 0, score 40), neighbour 1 -> buffer (1,)
@@ -173,11 +174,11 @@ def test_buffer_state_persists_across_steps(tmp_path):
 def test_bounded_rescoring_matches_exact_when_lists_hold_everything(indexes):
     """With lists as long as the index, the upper bound is exact: the bounded path selects as exact."""
     qs = np.random.default_rng(7).standard_normal((4, 2, L, 1, D)).astype(np.float32)  # 2 query tokens
-    exact = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False)
-    full = Retriever(indexes["hnsw"], per_layer=False, use_contiguity_buffer=False, rescore_factor=1.0,
-                     search_vectors=N)
-    short = Retriever(indexes["hnsw"], per_layer=False, use_contiguity_buffer=False, rescore_factor=3.0,
-                      search_vectors=16)
+    exact = Retriever(indexes["exact"], raw(per_layer=False, use_contiguity_buffer=False))
+    full = Retriever(indexes["hnsw"], raw(per_layer=False, use_contiguity_buffer=False, shared_rescore_factor=1.0,
+                                          shared_search_vectors=N))
+    short = Retriever(indexes["hnsw"], raw(per_layer=False, use_contiguity_buffer=False, shared_rescore_factor=3.0,
+                                           shared_search_vectors=16))
     for q in qs:
         want = exact.retrieve(q, 500)
         assert full.retrieve(q, 500).layers[0].ids == want.layers[0].ids
@@ -185,8 +186,8 @@ def test_bounded_rescoring_matches_exact_when_lists_hold_everything(indexes):
         assert got.tokens == 500
         top = max(want.layers[0].events, key=lambda e: e.score)
         assert top.id in got.ids  # the best event survives short lists
-    with pytest.raises(PlanError):
-        Retriever(indexes["hnsw"], rescore_factor=-1.0)
+    with pytest.raises(ConfigError):
+        raw(shared_rescore_factor=-1.0)
 
 
 def test_candidate_factor_sets_the_hnsw_list_length(indexes, monkeypatch):
@@ -203,23 +204,24 @@ def test_candidate_factor_sets_the_hnsw_list_length(indexes, monkeypatch):
     monkeypatch.setattr(hnsw, "search_batch", spy)
     q = np.random.default_rng(11).standard_normal((2, L, 1, D)).astype(np.float32)
     lengths = {}
+    shared = raw(per_layer=False, use_contiguity_buffer=False)
     for factor in (1.5, 3.0):
         asked.clear()
-        Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=factor).retrieve(q, 300)
+        Retriever(hnsw, shared, candidate_factor=factor).retrieve(q, 300)
         lengths[factor] = asked[0]
     mean_size = indexes["exact"].table.sizes.mean()
     assert lengths[1.5] == hnsw.vectors * (16 + np.ceil(1.5 * 300 / mean_size))
     assert lengths[3.0] == hnsw.vectors * (16 + np.ceil(3.0 * 300 / mean_size))
-    exact = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False).retrieve(q, 300)
-    everything = Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=1e6).retrieve(q, 300)
+    exact = Retriever(indexes["exact"], shared).retrieve(q, 300)
+    everything = Retriever(hnsw, shared, candidate_factor=1e6).retrieve(q, 300)
     assert everything.layers[0].ids == exact.layers[0].ids and not everything.exact
-    exact_i = Retriever(indexes["exact"], per_layer=False, use_contiguity_buffer=False).retrieve(
+    exact_i = Retriever(indexes["exact"], shared).retrieve(
         q, 300, rank="interleave")
-    every_i = Retriever(hnsw, per_layer=False, use_contiguity_buffer=False, candidate_factor=1e6).retrieve(
+    every_i = Retriever(hnsw, shared, candidate_factor=1e6).retrieve(
         q, 300, rank="interleave")
     assert every_i.layers[0].ids == exact_i.layers[0].ids != exact.layers[0].ids
     with pytest.raises(PlanError):
-        Retriever(hnsw, candidate_factor=0.0)
+        Retriever(hnsw, raw(), candidate_factor=0.0)
 
 
 def test_interleave_takes_each_tokens_best_in_turn():
@@ -245,7 +247,7 @@ def test_interleave_rank_finds_what_one_token_asks_for(tmp_path):
     table.append(np.stack([np.arange(n) * 10, np.arange(n) * 10 + 10], 1), reps)
     ix = EventIndex.open(tmp_path, table, IndexParams())
     q = np.array([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]]], np.float32)[:, :, None, :]  # [4, L, 1, D]
-    r = Retriever(ix, per_layer=False, use_contiguity_buffer=False)
+    r = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False))
     assert 5 not in r.retrieve(q, 30, rank="mean").layers[0].ids
     assert r.retrieve(q, 30, rank="interleave").layers[0].ids == [0, 1, 5]
     one = q[:1]
@@ -436,7 +438,7 @@ def test_neighbours_bring_a_split_fact_whole(tmp_path):
     neighbour comes right after it, then the one before, and only then the next-ranked event; an
     event between two hits is in."""
     ix = one_layer_index(tmp_path, [10] * 10, [3, 7, 0, 9, 1, 5, 6, 2, 8, 4])
-    r = Retriever(ix, use_contiguity_buffer=False)
+    r = Retriever(ix, raw(use_contiguity_buffer=False))
     q = np.ones((1, 1), np.float32)
     assert r.retrieve(q, 30).layers[0].ids == [0, 3, 7]
     sel = r.retrieve(q, 30, neighbours=1).layers[0]
@@ -446,7 +448,7 @@ def test_neighbours_bring_a_split_fact_whole(tmp_path):
     assert r.retrieve(q, 50, neighbours=1).layers[0].ids == [2, 3, 4, 7, 8]
     # a gap between hits: ranks 3 and 5 first; 4 is the neighbour of both
     ix2 = one_layer_index(tmp_path / "b", [10] * 10, [3, 5, 0, 9, 1, 7, 6, 2, 8, 4])
-    r2 = Retriever(ix2, use_contiguity_buffer=False)
+    r2 = Retriever(ix2, raw(use_contiguity_buffer=False))
     assert 4 in r2.retrieve(q, 40, neighbours=1).layers[0].ids
 
 
@@ -454,7 +456,7 @@ def test_reach_brings_short_neighbours_in_the_rank_walk(tmp_path):
     """``reach``: a hit also brings the neighbours within that many tokens; with short events after it
     (a value three events on), one neighbour each side is not enough and a 9-token reach is."""
     ix = one_layer_index(tmp_path, [10, 10, 10, 3, 3, 3, 10, 10, 10, 10], [2, 8, 0, 9, 1, 7, 6, 3, 4, 5])
-    r = Retriever(ix, use_contiguity_buffer=False)
+    r = Retriever(ix, raw(use_contiguity_buffer=False))
     q = np.ones((1, 1), np.float32)
     assert r.retrieve(q, 29, neighbours=1).layers[0].ids == [1, 2, 3, 8]  # 2 with 3 and 1, then 8 (cut)
     sel = r.retrieve(q, 29, neighbours=1, reach=9).layers[0]
@@ -470,7 +472,7 @@ def test_reach_brings_short_neighbours_in_the_rank_walk(tmp_path):
 
 def test_question_without_contiguity_buffer_leaves_it_untouched(tmp_path):
     ix = one_layer_index(tmp_path, [10] * 6, [2, 0, 4, 1, 3, 5])
-    r = Retriever(ix, use_contiguity_buffer=True, contiguity_buffer_size=0.3)
+    r = Retriever(ix, raw(use_contiguity_buffer=True, contiguity_buffer_size=0.3))
     q = np.ones((1, 1), np.float32)
     r.retrieve(q, 30)
     assert r.buffers[0].ids == (3,)
@@ -483,7 +485,7 @@ def test_lead_events_rank_first_with_their_neighbours(tmp_path):
     """Events given as ``first`` (a question's lexical matches) go before the similarity ranking, in
     their order, each with its neighbours, and are reported as lexical; ids past num_events are skipped."""
     ix = one_layer_index(tmp_path, [10] * 10, [3, 7, 0, 9, 1, 5, 6, 2, 8, 4])
-    r = Retriever(ix, use_contiguity_buffer=False)
+    r = Retriever(ix, raw(use_contiguity_buffer=False))
     q = np.ones((1, 1), np.float32)
     sel = r.retrieve(q, 30, first=[8]).layers[0]
     assert sel.ids == [3, 7, 8] and [e.source for e in sel.events] == ["similarity", "similarity", "lexical"]
