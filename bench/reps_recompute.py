@@ -116,7 +116,8 @@ def main() -> int:
                                              device=None if device == "cpu" else device)
                 if stored is not None:
                     for j, lay in enumerate(score if layers is not None else range(stored.num_layers)):
-                        worst = max(worst, float(np.abs(reps[:, j] - stored.reps(lay)[a + lo:a + hi]).max()))
+                        if lay in stored.layers:  # a session's table stores the layers its retrieval reads
+                            worst = max(worst, float(np.abs(reps[:, j] - stored.reps(lay)[a + lo:a + hi]).max()))
                 elif layers is not None:
                     parts.append(reps)
             dt = time.perf_counter() - t0

@@ -8,13 +8,19 @@ Contract
   object; other processes may open the directory read-only and :meth:`EventTable.refresh`.
 * Files (raw, little-endian), in the session directory next to the KV log::
 
-      events.json            {"version", "num_layers", "dim", "vectors"}   written once, atomically
+      events.json            {"version", "num_layers", "dim", "vectors", "layers"}   written once, atomically
       events.i64             int64 [n, 2]                      (start, end) per event
       reps_LLL.f32           float32 [capacity, dim]           representative of each event, layer LLL
 
   A row may hold several vectors of ``vector_dim = dim // vectors`` values each (an event kept as
   ``vectors`` separate keys, scored by the best of them; ``representatives``). ``vectors`` is
   optional in the header (1 when absent).
+
+* **Stored layers.** A table stores the representatives of ``layers`` (a subset of the model's
+  ``0 .. num_layers-1``; the ones its retrieval scores: a shared selection reads only its scoring
+  layers) and has no file for the others; reading one of those is an error. Format 1 (no ``layers``
+  in the header) stores every layer; a table of fewer layers is written as format 2, so a build that
+  knows only format 1 refuses it instead of taking the missing files for a torn table.
 
       reps.count             int64: events 0 .. k-1 have representatives on disk   (optional)
 
@@ -39,7 +45,10 @@ Contract
   the rows are in place, so a reader sees a whole table, before or after an append.
 * Resident memory: the ``(start, end)`` arrays (16 bytes per event). Representatives stay in the
   memory-mapped files (page cache), read per query.
-* Disk: 16 bytes per event, plus ``num_layers x dim x 4`` bytes per event with representatives.
+* Disk: 16 bytes per event, plus ``len(layers) x dim x 4`` bytes per event with representatives.
+
+Size: one on-disk format (two header versions, the rows kept elsewhere, crash recovery), read and written
+here only; most of the length is its contract and the checks that keep it.
 """
 
 from __future__ import annotations
@@ -57,7 +66,9 @@ from emserve.retrieval.mapping import map_array
 HEADER_FILE = "events.json"
 RECORDS_FILE = "events.i64"
 REPS_COUNT_FILE = "reps.count"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Format of a table of a subset of the layers (format 1: every layer, the only one older builds read)."""
+ALL_LAYERS_VERSION = 1
 _RECORD = 16  # two int64
 _MIN_CAPACITY = 64
 
@@ -66,22 +77,41 @@ def _reps_file(layer: int) -> str:
     return f"reps_{layer:03d}.f32"
 
 
+def _stored_layers(num_layers: int, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """``layers`` checked and sorted (None: every layer)."""
+    if layers is None:
+        return tuple(range(num_layers))
+    out = tuple(sorted({int(x) for x in layers}))
+    if not out or not all(0 <= x < num_layers for x in out):
+        raise EventTableError(f"stored layers must be a non-empty subset of 0 .. {num_layers - 1}, got {list(layers)}")
+    return out
+
+
+def _span(layers: Sequence[int]) -> str:
+    """``0-19`` for a contiguous run, else the list."""
+    ls = list(layers)
+    return f"{ls[0]}-{ls[-1]}" if ls and ls == list(range(ls[0], ls[-1] + 1)) else str(ls)
+
+
 class EventTable:
     """Closed events of one session. Not thread-safe for writing; one writer."""
 
     def __init__(self, path: str | os.PathLike[str], num_layers: int, dim: int, *, writable: bool,
-                 fsync: bool = False, vectors: int = 1) -> None:
+                 fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None) -> None:
         self.path = Path(path)
         self.num_layers = num_layers
         self.dim = dim
         self.vectors = vectors
         if vectors < 1 or dim % vectors:
             raise EventTableError(f"row width {dim} is not a multiple of {vectors} vectors")
+        self.layers: tuple[int, ...] = _stored_layers(num_layers, layers)
+        """The layers whose representatives the table stores (ascending)."""
+        self._slot = {layer: i for i, layer in enumerate(self.layers)}
         self.writable = writable
         self.fsync = fsync
         # (bounds [capacity, 2], n): rows < n valid; replaced as one pair, after the rows are in place
         self._view: tuple[np.ndarray, int] = (np.zeros((0, 2), np.int64), 0)
-        self._maps: list[tuple[np.ndarray, int] | None] = [None] * num_layers  # (mapping, rows)
+        self._maps: list[tuple[np.ndarray, int] | None] = [None] * len(self.layers)  # (mapping, rows) per slot
         self._fds: dict[str, int] = {}
         self._capacity = 0
         self._reps_count: int | None = None  # events with rows on disk; None: all of them (no reps.count)
@@ -92,18 +122,23 @@ class EventTable:
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
-               fsync: bool = False, vectors: int = 1) -> EventTable:
+               fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None) -> EventTable:
+        """A new table storing the representatives of ``layers`` (None: every layer)."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         if (p / HEADER_FILE).exists():
             raise EventTableError(f"an event table already exists at {p}")
         if num_layers <= 0 or dim <= 0 or vectors < 1 or dim % vectors:
             raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}, {vectors} vectors")
+        stored = _stored_layers(num_layers, layers)
+        head: dict[str, object] = {"version": ALL_LAYERS_VERSION, "num_layers": num_layers, "dim": dim,
+                                   "vectors": vectors}
+        if len(stored) < num_layers:
+            head.update(version=FORMAT_VERSION, layers=list(stored))
         tmp = p / (HEADER_FILE + ".tmp")
-        head = {"version": FORMAT_VERSION, "num_layers": num_layers, "dim": dim, "vectors": vectors}
         tmp.write_text(json.dumps(head))
         os.replace(tmp, p / HEADER_FILE)
-        return cls(p, num_layers, dim, writable=True, fsync=fsync, vectors=vectors)
+        return cls(p, num_layers, dim, writable=True, fsync=fsync, vectors=vectors, layers=stored)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False, fsync: bool = False) -> EventTable:
@@ -112,27 +147,33 @@ class EventTable:
             head = json.loads((p / HEADER_FILE).read_text())
         except FileNotFoundError:
             raise EventTableError(f"no event table at {p}") from None
-        if head.get("version") != FORMAT_VERSION:
+        if head.get("version") not in (ALL_LAYERS_VERSION, FORMAT_VERSION):
             raise EventTableError(
-                f"event table at {p} has format {head.get('version')}, need {FORMAT_VERSION}"
+                f"event table at {p} has format {head.get('version')}, need {ALL_LAYERS_VERSION} or {FORMAT_VERSION}"
             )
+        layers = head.get("layers") if head["version"] == FORMAT_VERSION else None
         return cls(p, int(head["num_layers"]), int(head["dim"]), writable=writable, fsync=fsync,
-                   vectors=int(head.get("vectors", 1)))
+                   vectors=int(head.get("vectors", 1)), layers=layers)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
-                       fsync: bool = False, vectors: int = 1) -> EventTable:
+                       fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None) -> EventTable:
+        """The table at ``path``, or a new one storing ``layers``. An existing table must have the shape
+        and store at least ``layers`` (e.g. a format 1 table of every layer); it keeps the ones it has."""
         p = Path(path)
         if (p / HEADER_FILE).exists():
             table = cls.open(p, writable=True, fsync=fsync)
-            if (table.num_layers, table.dim, table.vectors) != (num_layers, dim, vectors):
+            need = _stored_layers(num_layers, layers)
+            if (table.num_layers, table.dim, table.vectors) != (num_layers, dim, vectors) \
+                    or not set(need) <= set(table.layers):
                 table.close()
                 raise EventTableError(
                     f"event table at {p} has {table.num_layers} layers x dim {table.dim} "
-                    f"({table.vectors} vectors), need {num_layers} x {dim} ({vectors} vectors)"
+                    f"({table.vectors} vectors; layers {_span(table.layers)} stored), need {num_layers} x {dim} "
+                    f"({vectors} vectors; layers {_span(need)})"
                 )
             return table
-        return cls.create(p, num_layers, dim, fsync=fsync, vectors=vectors)
+        return cls.create(p, num_layers, dim, fsync=fsync, vectors=vectors, layers=layers)
 
     @property
     def vector_dim(self) -> int:
@@ -159,7 +200,7 @@ class EventTable:
         raw = np.fromfile(rec, dtype="<i8", count=(size // _RECORD) * 2) if size else np.zeros(0, np.int64)
         n = self._valid_prefix(raw.reshape(-1, 2))
         stored = self._read_reps_count()
-        for layer in range(self.num_layers):
+        for layer in self.layers:
             f = self.path / _reps_file(layer)
             rows = (f.stat().st_size if f.exists() else 0) // self._row_bytes
             if stored is None:
@@ -174,7 +215,7 @@ class EventTable:
         os.lseek(fd, 0, os.SEEK_END)
         self._fds[RECORDS_FILE] = fd
         self._capacity = max(_MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())
-        for layer in range(self.num_layers):
+        for layer in self.layers:
             name = _reps_file(layer)
             fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
             if os.fstat(fd).st_size < self._capacity * self._row_bytes:
@@ -213,7 +254,7 @@ class EventTable:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._maps = [None] * self.num_layers
+        self._maps = [None] * len(self.layers)
 
     def __enter__(self) -> EventTable:
         return self
@@ -276,7 +317,7 @@ class EventTable:
 
     # ------------------------------------------------------------------ append (writer)
     def append(self, bounds: Sequence[tuple[int, int]] | np.ndarray, reps: np.ndarray | None) -> int:
-        """Append E events: ``bounds [E, 2]`` (start, end) and ``reps [E, num_layers, dim]``, or None to
+        """Append E events: ``bounds [E, 2]`` (start, end) and ``reps [E, len(layers), dim]``, or None to
         store no representatives (module docstring; then every later append stores none until
         :meth:`write_reps` has filled them in).
 
@@ -287,8 +328,9 @@ class EventTable:
         b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
         e = b.shape[0]
         r = None if reps is None else np.asarray(reps, dtype=np.float32)
-        if r is not None and r.shape != (e, self.num_layers, self.dim):
-            raise EventTableError(f"reps must be [{e}, {self.num_layers}, {self.dim}], got {r.shape}")
+        if r is not None and r.shape != (e, len(self.layers), self.dim):
+            raise EventTableError(f"reps must be [{e}, {len(self.layers)}, {self.dim}] (layers "
+                                  f"{_span(self.layers)}), got {r.shape}")
         if e == 0:
             return len(self)
         prev_end = self.end_offset
@@ -323,24 +365,24 @@ class EventTable:
         if not np.isfinite(r).all():
             raise EventTableError("representatives contain NaN or inf")
         self._reserve(first + r.shape[0])
-        for layer in range(self.num_layers):
-            data = np.ascontiguousarray(r[:, layer, :]).astype("<f4", copy=False)
+        for i, layer in enumerate(self.layers):
+            data = np.ascontiguousarray(r[:, i, :]).astype("<f4", copy=False)
             os.pwrite(self._fds[_reps_file(layer)], data.tobytes(), first * self._row_bytes)
         if self.fsync:
-            for layer in range(self.num_layers):
+            for layer in self.layers:
                 os.fsync(self._fds[_reps_file(layer)])
 
     def write_reps(self, first: int, reps: np.ndarray) -> None:
         """Store the missing representatives of events ``first .. first+E-1`` (``first == reps_count``;
-        ``reps [E, num_layers, dim]``). Once every event has its rows, ``reps.count`` is removed."""
+        ``reps [E, len(layers), dim]``). Once every event has its rows, ``reps.count`` is removed."""
         if not self.writable:
             raise EventTableError(f"event table at {self.path} is open read-only")
         r = np.asarray(reps, dtype=np.float32)
         n = len(self)
-        if first != self.reps_count or r.ndim != 3 or r.shape[1:] != (self.num_layers, self.dim) \
+        if first != self.reps_count or r.ndim != 3 or r.shape[1:] != (len(self.layers), self.dim) \
                 or first + r.shape[0] > n:
             raise EventTableError(f"write_reps({first}, {r.shape}): need rows from {self.reps_count}, "
-                                  f"[E, {self.num_layers}, {self.dim}], within {n} events")
+                                  f"[E, {len(self.layers)}, {self.dim}], within {n} events")
         self._write_rows(first, r)
         done = first + r.shape[0]
         self._write_reps_count(None if done >= n else done)
@@ -351,7 +393,7 @@ class EventTable:
         cap = self._capacity
         while cap < n:
             cap *= 2
-        for layer in range(self.num_layers):
+        for layer in self.layers:
             os.ftruncate(self._fds[_reps_file(layer)], cap * self._row_bytes)
         self._capacity = cap
 
@@ -377,17 +419,21 @@ class EventTable:
 
     def stored_reps(self, layer: int) -> np.ndarray:
         """float32 ``[reps_count, dim]`` read-only view of the representatives on disk."""
+        slot = self._slot.get(layer)
+        if slot is None:
+            raise EventTableError(f"layer {layer} has no representatives in {self.path} (it stores layers "
+                                  f"{_span(self.layers)})")
         n = self.reps_count
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
-        held = self._maps[layer]
+        held = self._maps[slot]
         if held is None or held[1] < n:
             path = self.path / _reps_file(layer)
             rows = os.stat(path).st_size // self._row_bytes
             if rows < n:
                 raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
             held = (map_array(path, "<f4", (rows, self.dim)), rows)
-            self._maps[layer] = held
+            self._maps[slot] = held
         return np.asarray(held[0][:n])
 
     def reps_of(self, layer: int, ids: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -395,6 +441,6 @@ class EventTable:
         return self.reps(layer)[np.asarray(ids, dtype=np.int64)]
 
     def disk_bytes(self) -> int:
-        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [_reps_file(i) for i in range(self.num_layers)]
+        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [_reps_file(i) for i in self.layers]
         # allocated blocks, not apparent size: representative files are preallocated sparsely
         return sum((self.path / n).stat().st_blocks * 512 for n in names if (self.path / n).exists())

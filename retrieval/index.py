@@ -34,8 +34,8 @@ Contract
   Saves happen on :meth:`EventIndex.save` (checkpoint / close) and automatically once the unsaved
   events reach ``max(save_min_events, save_fraction * saved)`` (geometric: O(1) amortised bytes
   written per event; at most that many events are re-added after a crash).
-* Indexed layers: every layer by default; ``layers`` names a subset (a shared selection searches its
-  scoring layers only, so sessions index just those: ``RetrievalConfig.indexed_layers``). A search of
+* Indexed layers: the table's stored layers by default; ``layers`` names a subset of them (a shared
+  selection searches its scoring layers only, so sessions index just those: ``indexed_layers``). A search of
   a layer without an HNSW index is exact. ``index.json`` records the indexed layers; files of other
   layers (an older configuration) are ignored.
 * Threads: one writer per session (adds, saves). Readers may search from other threads: a lock
@@ -162,9 +162,10 @@ class EventIndex:
         self._lock = threading.Lock()
         self._saved = 0
         self.rebuilt_layers: list[int] = []
-        self.layers = tuple(range(self.num_layers)) if layers is None else tuple(sorted({int(x) for x in layers}))
-        if not all(0 <= x < self.num_layers for x in self.layers):
-            raise ConfigError(f"indexed layers must be in 0 .. {self.num_layers - 1}, got {self.layers}")
+        self.layers = table.layers if layers is None else tuple(sorted({int(x) for x in layers}))
+        if not set(self.layers) <= set(table.layers):
+            raise ConfigError(f"indexed layers must be among the table's stored layers {list(table.layers)}, "
+                              f"got {self.layers}")
         self._center: dict[int, np.ndarray | None] = {}
         self._hnsw: dict[int, hnswlib.Index] = {layer: self._load_layer(layer) for layer in self.layers}
         for layer, ix in self._hnsw.items():

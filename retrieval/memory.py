@@ -9,6 +9,9 @@ Contract
   representatives are computed from the log's keys, appended to the table (the commit point), then
   the indexes are synced (``EventIndex.sync``: lazily, once the table is large enough, a bounded
   number of events per call).
+* The table stores the representatives of the layers retrieval reads (``indexed_layers``: every layer
+  for a selection per layer, the scoring layers for a shared one), computed from those layers' keys
+  only; a table made with more layers (format 1: all) is used as it is.
 * Opening checks that the log, the table and the indexes agree: events that end beyond the log (a
   log tail lost in a crash) are dropped, indexes behind the table are caught up, indexes ahead of it
   are rebuilt.
@@ -21,7 +24,7 @@ Contract
   representatives live in device memory only (``DeviceScorer``, ~2.8 KB per token in float16) and the
   table stores the records alone (16 B per event: the session's disk is its KV log). Opening such a
   session recomputes them from the log (``RECOMPUTE_BATCH`` events at a time, progress logged;
-  ``bench/reps_recompute.py``). A CPU writer that opens it first stores the missing rows (all layers),
+  ``bench/reps_recompute.py``). A CPU writer that opens it first stores the missing rows (the table's layers),
   then goes on as usual; a GPU writer that opens a session last written on the CPU copies its rows.
 """
 
@@ -91,7 +94,9 @@ class EpisodicMemory:
         vectors = vectors_per_event(config.repr_proxy, config.repr_topk)
         heads = heads_per_vector(config.repr_proxy, num_heads, layout.num_kv_heads)
         dim = vectors * heads * layout.head_dim
-        self.table = EventTable.open_or_create(self.path, layout.num_layers, dim, fsync=fsync, vectors=vectors)
+        # representatives of the layers retrieval reads only (a shared selection: its scoring layers)
+        self.table = EventTable.open_or_create(self.path, layout.num_layers, dim, fsync=fsync, vectors=vectors,
+                                               layers=config.indexed_layers(layout.num_layers))
         log.refresh()
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
@@ -140,7 +145,7 @@ class EpisodicMemory:
             t1 = time.perf_counter()
             self.scorer.append(first, reps)
         else:
-            reps = self._representatives(ranges, token_scores, None)
+            reps = self._representatives(ranges, token_scores, self.table.layers)
             first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
             t1 = time.perf_counter()
             self.index.sync(limit=self.index.params.catchup_events)
@@ -172,7 +177,7 @@ class EpisodicMemory:
 
     def _store_missing_reps(self) -> None:
         """Write the rows a GPU writer did not store (CPU scoring and HNSW read them from disk)."""
-        self._recompute(self.table.reps_count, None, self.table.write_reps)
+        self._recompute(self.table.reps_count, self.table.layers, self.table.write_reps)
 
     def _mirror_missing_reps(self) -> None:
         """Put the events without rows on disk into the device mirror."""

@@ -467,8 +467,11 @@ class Retriever:
         ids = self.sample_ids()
         if ids is None:
             return None
-        if self._sample is None:
-            self._sample = np.stack([self.table.reps_of(lay, ids) for lay in range(self.index.num_layers)])
+        if self._sample is None:  # the layers this retriever scores (rows of the others stay zero: never read)
+            sample = np.zeros((self.index.num_layers, len(ids), self.table.dim), np.float32)
+            for lay in range(self.index.num_layers) if self.per_layer else self.score_layers:
+                sample[lay] = self.table.reps_of(lay, ids)
+            self._sample = sample
         return self._sample
 
     def encode(self, queries: np.ndarray) -> EncodedQuery:

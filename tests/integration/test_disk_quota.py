@@ -53,7 +53,8 @@ def test_a_session_quota_refuses_the_step_that_would_pass_it(tiny_model_dir: Pat
             e, acked = _refused(c, "a", ids)
             meta = _check_refusal(e, "session_disk", quota)
             n = c.get_session("a").num_tokens
-            assert acked and n == acked[-1] == int(meta["committed_offset"]) > 0  # nothing acknowledged lost
+            # nothing acknowledged lost; a call of several chunks may have committed some before the refused one
+            assert acked and 0 < acked[-1] <= n == int(meta["committed_offset"])
             assert log_tokens(s, "a") == ids[:n]
             assert folder_bytes(_session_folder(s, "a")) <= quota  # the refused step wrote nothing
             assert c.ask("a", [5, 6, 7], max_tokens=3, ignore_eos=True).token_ids  # still answers

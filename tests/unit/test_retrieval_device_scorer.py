@@ -294,7 +294,8 @@ def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device
 
     cpu = _memory_pair(tmp_path / "dev", None)()  # a CPU writer: fills rows 0 .. 99 from the log
     assert cpu.table.reps_count == 100 == len(cpu.table)
-    for lay in range(3):
+    assert cpu.table.layers == ref.table.layers == (0, 1)  # the scoring layers only (2/3 of 3)
+    for lay in cpu.table.layers:
         np.testing.assert_allclose(cpu.table.reps(lay), ref.table.reps(lay)[:100], rtol=1e-6, atol=1e-6)
     cpu.close_events(bounds[100:])
     assert cpu.table.reps_count == len(bounds)
@@ -304,3 +305,21 @@ def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device
     assert mem.scorer.count == len(bounds) and mem.table.reps_count == len(bounds)
     ref.retriever.reset_buffers()
     assert mem.retriever.retrieve(q, 96).layers[0].ids == ref.retriever.retrieve(q, 96).layers[0].ids
+
+
+def test_memory_stores_the_scoring_layers_only_and_selects_as_with_every_layer(tmp_path):
+    """A shared selection reads only its scoring layers: a session's table stores just those (2 of 3
+    here) and selects what a table of every layer (an older session's) selects, at 2/3 of the rows."""
+    bounds = [(s, s + 23) for s in range(16, 2900, 23)]
+    q = np.random.default_rng(3).standard_normal((4, 3, 4, 8)).astype(np.float32)  # 4 query tokens
+    new = _memory_pair(tmp_path / "new", None)()
+    EventTable.create(tmp_path / "old" / "mem", 3, 4 * 2 * 8, vectors=4).close()  # format 1: every layer
+    old = _memory_pair(tmp_path / "old", None)()
+    assert new.table.layers == (0, 1) and old.table.layers == (0, 1, 2)
+    for mem in (new, old):
+        mem.close_events(bounds)
+    for rank in ("mean", "interleave"):
+        a = new.retriever.retrieve(q, 96, rank=rank).layers[0]
+        b = old.retriever.retrieve(q, 96, rank=rank).layers[0]
+        assert a.ids == b.ids and [e.score for e in a.events] == [e.score for e in b.events]
+    assert new.table.disk_bytes() < 0.7 * old.table.disk_bytes()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 
 from emserve.retrieval.errors import EventTableError
-from emserve.retrieval.events import RECORDS_FILE, EventTable
+from emserve.retrieval.events import HEADER_FILE, RECORDS_FILE, EventTable
 
 L, D = 3, 8
 
@@ -125,3 +126,38 @@ def test_truncate_and_open_or_create(tmp_path):
         EventTable.open_or_create(tmp_path, L + 1, D)
     with pytest.raises(EventTableError):
         EventTable.open(tmp_path / "nowhere")
+
+
+def test_a_table_of_some_layers_stores_and_reads_only_those(tmp_path):
+    """Rows of the stored layers only: no file for the others, reading one is an error; the header says
+    which (format 2, which a format-1 reader refuses rather than taking the missing files for a torn table)."""
+    t = EventTable.create(tmp_path, 3, D, layers=[2, 0])
+    assert t.layers == (0, 2)
+    head = json.loads((tmp_path / HEADER_FILE).read_text())
+    assert head["version"] == 2 and head["layers"] == [0, 2]
+    reps = np.random.default_rng(0).standard_normal((4, 2, D)).astype(np.float32)
+    t.append([(0, 3), (3, 5), (5, 9), (9, 10)], reps)
+    with pytest.raises(EventTableError, match=r"reps must be \[1, 2, 8\]"):
+        t.append([(10, 12)], np.zeros((1, 3, D), np.float32))
+    with pytest.raises(EventTableError, match="layer 1 has no representatives"):
+        t.reps(1)
+    assert sorted(f.name for f in tmp_path.glob("reps_*")) == ["reps_000.f32", "reps_002.f32"]
+    t.close()
+    again = EventTable.open(tmp_path, writable=True)  # recovery reads the stored layers' rows
+    assert again.layers == (0, 2) and len(again) == 4
+    np.testing.assert_array_equal(again.reps(2), reps[:, 1])
+    again.close()
+    with pytest.raises(EventTableError, match="need 3 x 8"):  # asks for a layer it does not store
+        EventTable.open_or_create(tmp_path, 3, D, layers=[0, 1])
+    EventTable.open_or_create(tmp_path, 3, D, layers=[2]).close()  # fewer than stored: fine
+
+
+def test_a_table_of_every_layer_stays_format_1_and_serves_a_subset(tmp_path):
+    t = EventTable.create(tmp_path, 3, D)
+    assert t.layers == (0, 1, 2) and json.loads((tmp_path / HEADER_FILE).read_text())["version"] == 1
+    t.close()
+    t = EventTable.open_or_create(tmp_path, 3, D, layers=[0, 1])  # an older session: it keeps every layer
+    assert t.layers == (0, 1, 2)
+    t.close()
+    with pytest.raises(EventTableError, match="non-empty subset"):
+        EventTable.create(tmp_path / "x", 3, D, layers=[3])
