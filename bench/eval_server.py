@@ -27,9 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eval_tasks import Haystack, Question
+
+if TYPE_CHECKING:
+    from emserve.client import IngestProgress
 
 SERVER_SYSTEMS = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank")
 ABLATIONS = ("no-refine", "no-contiguity", "mean-rank")
@@ -237,7 +240,8 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
         t0 = time.perf_counter()
         committed = start
         if start < hs.length:
-            committed = c.ingest_tokens(sid, hs.ids[start:], piece_tokens=2048).committed_offset
+            committed = c.ingest_tokens(sid, hs.ids[start:], piece_tokens=2048,
+                                        on_progress=IngestLog(f"{tag} {sid}", start, hs.length)).committed_offset
         ingest_s = time.perf_counter() - t0
         if committed != hs.length:
             raise RuntimeError(f"{sid}: committed {committed} of {hs.length} tokens")
@@ -258,6 +262,25 @@ def run_job(server: Server, job: Job, memory: dict[str, Any], max_tokens: int, t
     finally:
         if not keep:
             server.delete(sid, disk)
+
+
+class IngestLog:
+    """A long ingest's progress, logged at most every ``every_s`` seconds: tokens committed, rate since the
+    start, events, time left at that rate (a 1M-token session takes hours here)."""
+
+    def __init__(self, label: str, start: int, length: int, every_s: float = 300.0) -> None:
+        self.label, self.start, self.length, self.every_s = label, start, length, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, p: IngestProgress) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = (p.committed_offset - self.start) / (now - self.t0)
+        left = f", about {(self.length - p.committed_offset) / rate / 60:.0f} min left" if rate > 0 else ""
+        log(f"{self.label}: {p.committed_offset} of {self.length} tokens, {rate:.0f} tok/s, "
+            f"{p.num_events} events{left}")
 
 
 def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: int,

@@ -17,6 +17,7 @@ Lifecycle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import signal
@@ -292,9 +293,16 @@ async def create_server(config: ServerConfig, *, engine: Engine | None = None,
     return server, port
 
 
+def announce_line(line: str) -> None:
+    """Print a status line to stdout; a stdout that is gone (a closed pipe: the parent that read it has
+    exited) loses the line instead of stopping the server, at startup or in the middle of its shutdown."""
+    with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: stdout already closed
+        print(line, flush=True)
+
+
 def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None) -> int:
     """Run a server until SIGTERM / SIGINT, then shut down gracefully. Returns the exit status."""
-    say = announce or (lambda line: print(line, flush=True))
+    say = announce or announce_line
 
     async def main() -> int:
         server, port = await create_server(config)

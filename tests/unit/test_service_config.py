@@ -136,3 +136,21 @@ def test_deterministic_mode_reaches_the_engine_admission(tmp_path: Path, tiny_mo
     engine, _ = build_engine(build_config({"backend": "reference", "model": str(tiny_model_dir)}, env=env),
                              lambda line: None)
     assert engine.admission.serial is False
+
+
+def test_a_status_line_to_a_closed_stdout_is_lost_not_raised(monkeypatch):
+    """The server's status lines go to stdout; when the reader of that pipe has exited, printing raises
+    BrokenPipeError. ``announce_line`` loses the line so the server's start or shutdown goes on."""
+    import sys
+
+    from emserve.server.app import announce_line
+
+    class Gone:
+        def write(self, s: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    announce_line("emserve stopped")  # no exception
