@@ -9,9 +9,10 @@ Contract
   ``received`` is a gap (InvalidArgument). The part below ``received`` is already held: it is
   checked against what the session holds (a different token there is InvalidArgument) and skipped.
   This makes re-sending after a reconnect idempotent.
-* Commit rule: every full chunk (``exc_block_size`` tokens) is committed before the next message is
-  read; ``flush``, ``finish`` and the end of the client's stream commit the partial rest too. So a
-  stream buffers at most one chunk plus one message (flow control; HTTP/2 holds back the client).
+* Commit rule (the session's, ``Session.next_chunk``): every full chunk (``exc_block_size`` tokens) is
+  committed before the next message is read; ``flush``, ``finish`` and the end of the client's stream
+  commit the partial rest too. So a stream buffers at most one chunk plus one message (flow control;
+  HTTP/2 holds back the client).
 * Commits are shielded (:meth:`Entry.run_commit`): a client that disconnects mid-commit loses
   nothing that the step produces, and the session stays consistent.
 """
@@ -208,9 +209,8 @@ class _Stream:
         return self.ack(receipt)
 
     async def commit(self, *, force: bool) -> AsyncIterator[Ack]:
-        chunk = self.session.config.retrieval.exc_block_size
-        while len(self.pending) >= chunk or (force and self.pending):
-            take = self.pending[:chunk]
+        while n := self.session.next_chunk(len(self.pending), flush=force):  # the session's chunk rule
+            take = self.pending[:n]
             res = await self.entry.run_commit(lambda take=take: self.session.append(take, flush=True),
                                               tokens=len(take))
             self.committed = res.committed

@@ -363,16 +363,22 @@ class Session:
     def pending_tokens(self) -> int:
         return len(self._pending)
 
-    async def _drain(self, flush: bool, wait_s: float = 0.0) -> list[StepReport]:
+    def next_chunk(self, pending: int, *, flush: bool) -> int:
+        """The chunk rule, for this session and any caller that buffers tokens for it (the ingest stream):
+        of ``pending`` tokens waiting after the last step, how many the next step takes. A full chunk
+        (``exc_block_size``) whenever there is one; with ``flush``, the shorter rest; else 0 (wait)."""
         step = self.config.retrieval.exc_block_size
+        return step if pending >= step else (pending if flush else 0)
+
+    async def _drain(self, flush: bool, wait_s: float = 0.0) -> list[StepReport]:
         reports: list[StepReport] = []
-        while len(self._pending) >= step or (flush and self._pending):
+        while take := self.next_chunk(len(self._pending), flush=flush):
             # a started step finishes (engine, surprise, events, pending trimmed) before a cancellation goes
             # on: half a step would leave the log ahead of the session, or a committed chunk still pending
             clock = PhaseClock()
             if not reports:
                 clock.add("wait", wait_s)  # the lock is taken once for all of this call's steps
-            reports.append(await _to_the_end(self._ingest_chunk(self._pending[:step], clock)))
+            reports.append(await _to_the_end(self._ingest_chunk(self._pending[:take], clock)))
         return reports
 
     @staticmethod

@@ -44,6 +44,8 @@ def test_ingest_builds_events_and_a_bounded_window(engine: ReferenceEngine, tmp_
     ids = _ids(600, 0)
     assert asyncio.run(s.append(ids[:250])).committed == 224  # 7 chunks of 32; 26 tokens wait for more
     assert s.pending_tokens == 26
+    # the chunk rule the ingest stream asks too: full chunks, the rest only when flushed
+    assert [s.next_chunk(n, flush=f) for n, f in ((26, False), (26, True), (40, False), (0, True))] == [0, 26, 32, 0]
     assert asyncio.run(s.append(ids[250:])).committed == 576
     assert asyncio.run(s.flush()).committed == 600
     log = KVLog.open(tmp_path / "s" / "log")
