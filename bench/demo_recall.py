@@ -4,7 +4,7 @@ Builds ``emserve demo``'s documents (``server/cli.demo_document``: ~12k tokens o
 the pass-key sentence at depth ``d``, the key drawn from the seed), streams each into a
 :class:`~emserve.server.session.Session` on the product engine (vLLM, default model) exactly as the
 demo's client does (each text piece tokenized on its own), keeps the sessions, then asks the demo's
-question once per variant: a variant is a set of :class:`~emserve.retrieval.planner.RetrievalConfig`
+question once per variant: a variant is a set of :class:`~emserve.retrieval.config.RetrievalConfig`
 overrides applied to the question only (``question_neighbours``, ``question_contiguity``, ...), on
 the same ingested session, the contiguity buffers restored between variants. Recorded per (document,
 variant): the answer, whether it holds the key, and **coverage**: the share of a copy of the key's digit
@@ -98,13 +98,12 @@ async def ask_variants(engine: Any, tok: Any, path: Path, meta: dict[str, Any],
     s = Session.open(path, engine)
     out: dict[str, Any] = {}
     today = question_defaults()  # a variant overrides these, not those a kept session was saved with
+    planner = s.memory.planner
+    base, base_mc = planner.config, s.config  # put back in `finally`
     try:
-        planner = s.memory.planner
-        base = planner.config
         buffers = copy.deepcopy(planner.retriever.buffers)
         q = tok.encode(QUESTION, add_special_tokens=False)
         digits = set(meta["digits"])
-        base_mc = s.config
         for name, over in variants.items():
             s.config = base_mc.with_settings(**{**today, **over})
             planner.config = s.config.retrieval

@@ -97,11 +97,20 @@ class WindowPlanner:
     def __init__(self, retriever: Retriever, log: str) -> None:
         """Plans with ``retriever``'s config over its event table; ``log`` names the KV log the plans read."""
         _context(retriever.config)
-        self.config = retriever.config
         self.log = log
         self.table = retriever.table
         self.retriever = retriever
         self.last_retrieval: RetrievalResult | None = None
+
+    @property
+    def config(self) -> RetrievalConfig:
+        """The retriever's config: the planner and its retriever always plan with the same settings."""
+        return self.retriever.config
+
+    @config.setter
+    def config(self, config: RetrievalConfig) -> None:
+        _context(config)
+        self.retriever.config = config
 
     def layout(self, offset: int, num_new: int, *, reserve: int = 0, question: bool = False) -> WindowLayout:
         """Where sink, remainder, local window and anchor lie for a step at ``offset``; the memory budget.

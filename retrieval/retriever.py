@@ -399,7 +399,7 @@ class Retriever:
         config = RetrievalConfig() if config is None else config
         if candidate_factor <= 0:
             raise PlanError(f"need candidate_factor > 0, got {candidate_factor}")
-        self.config = config
+        self._config = config
         self.candidate_factor = candidate_factor
         self.index = index
         self.table = index.table
@@ -421,8 +421,23 @@ class Retriever:
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
 
     @property
+    def config(self) -> RetrievalConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: RetrievalConfig) -> None:
+        """Retrieve with other settings from the next step on (a kept session asked with variants). The
+        selection's shape stays: ``per_layer`` (the contiguity buffers) and, with a device scorer, the
+        scoring layers cannot change."""
+        layers = tuple(config.score_layers(self.index.num_layers))
+        if config.per_layer != self._config.per_layer or (self.scorer is not None and layers != self.score_layers):
+            raise PlanError("per_layer (and, on a device, the scoring layers) cannot change on a retriever")
+        self._config, self.score_layers = config, layers
+        self._sample_ids = self._sample = None  # drawn again, by the new query_sample and layers
+
+    @property
     def per_layer(self) -> bool:
-        return self.config.per_layer
+        return self._config.per_layer
 
     def _sync_scorer(self) -> None:
         """The device mirror must hold every event of the table (rows on disk are copied here; the

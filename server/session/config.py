@@ -4,7 +4,7 @@ and old session files give its settings by (:data:`SETTINGS`), and how a saved s
 The tree has three parts, each the config of the code that uses it:
 
 * ``segmenter``: :class:`~emserve.segmenter.SegmenterConfig` (where events begin and end);
-* ``retrieval``: :class:`~emserve.retrieval.planner.RetrievalConfig` (the windows, how events are scored
+* ``retrieval``: :class:`~emserve.retrieval.config.RetrievalConfig` (the windows, how events are scored
   and selected, the indexes);
 * ``question``: :class:`QuestionRules` (a question's query tokens, lexical rules and answer start; only a
   session has them).

@@ -284,3 +284,14 @@ def test_question_memory_last_puts_retrieved_events_right_before_the_question(ev
     assert flat == [t for s, e in retrieved for t in range(s, e)] and len(flat) == 20
     ingest = p.plan_step(offset, [1] * 5, q[None].mean(0))
     assert ingest.anchor is not None and ingest.segments[-1].end == offset - 1
+
+
+def test_the_planner_and_its_retriever_share_one_config(events: EventIndex) -> None:
+    """A variant set on the planner (a kept session asked with other settings) is what its retriever
+    retrieves with; the selection's shape (per_layer) cannot change under a retriever."""
+    p = planner(events, small())
+    variant = dataclasses.replace(p.config, use_contiguity_buffer=False, shared_score_layers=1.0)
+    p.config = variant
+    assert p.retriever.config is variant and p.retriever.score_layers == tuple(range(L))
+    with pytest.raises(PlanError, match="per_layer"):
+        p.config = dataclasses.replace(variant, per_layer=not variant.per_layer)
