@@ -101,7 +101,6 @@ class EpisodicMemory:
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))
         device = None if config.per_layer else resolve_device(score_device)
-        self.score_layers = list(config.score_layers(layout.num_layers))
         if device is None and self.table.reps_count < len(self.table):
             self._store_missing_reps()  # last written by a GPU writer: the CPU paths read rows from disk
         params = config.index_params()
@@ -111,7 +110,7 @@ class EpisodicMemory:
                                      layers=() if device is not None else config.indexed_layers(layout.num_layers))
         self.scorer = None
         if device is not None:
-            self.scorer = DeviceScorer(self.table, self.score_layers, device=device)
+            self.scorer = DeviceScorer(self.table, config.score_layers(layout.num_layers), device=device)
             try:
                 self.scorer.sync()  # rows on disk (a session last written on the CPU)
                 self._mirror_missing_reps()
@@ -140,7 +139,7 @@ class EpisodicMemory:
                                   f"(this table stores {self.table.vectors} vectors per event)")
         t0 = time.perf_counter()
         if self.scorer is not None:  # the table keeps the records only; the device, their representatives
-            reps = self._representatives(ranges, token_scores, self.score_layers)
+            reps = self._representatives(ranges, token_scores, self.scorer.layers)
             first = self.table.append(np.asarray(ranges, dtype=np.int64), None)
             t1 = time.perf_counter()
             self.scorer.append(first, reps)
@@ -183,7 +182,7 @@ class EpisodicMemory:
         """Put the events without rows on disk into the device mirror."""
         assert self.scorer is not None
         try:
-            self._recompute(self.scorer.count, self.score_layers, self.scorer.append, self.scorer.device)
+            self._recompute(self.scorer.count, self.scorer.layers, self.scorer.append, self.scorer.device)
         except torch.OutOfMemoryError as e:
             raise DeviceMemoryError(f"out of memory on {self.scorer.device} recomputing representatives from "
                                     f"the KV log: {str(e).splitlines()[0]}") from e

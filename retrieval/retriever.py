@@ -484,7 +484,7 @@ class Retriever:
             return None
         if self._sample is None:  # the layers this retriever scores (rows of the others stay zero: never read)
             sample = np.zeros((self.index.num_layers, len(ids), self.table.dim), np.float32)
-            for lay in range(self.index.num_layers) if self.per_layer else self.score_layers:
+            for lay in self.config.indexed_layers(self.index.num_layers):
                 sample[lay] = self.table.reps_of(lay, ids)
             self._sample = sample
         return self._sample
