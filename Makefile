@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy segmenter retrieval server client/emserve/client
 
 bench-inject: setup
-	$(PY) bench/inject.py
+	$(PY) -m bench.eval.inject
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -85,7 +85,7 @@ class RetrievalConfig:
     """Bounded rescoring of a shared selection's HNSW candidates (``retriever``): only the best by an
     upper bound, covering this many times the budget (+ contiguity share), are scored exactly; 0 (the
     default): every candidate of the union is. Faster at scale, lower recall vs exact (measured in
-    ``bench/retrieval_index.py``)."""
+    ``bench/eval/retrieval_index.py``)."""
     shared_search_vectors: int = 128
     """HNSW vectors per (layer, query vector) list of the bounded rescoring."""
     center_queries: bool = True

@@ -17,7 +17,7 @@ Contract
   ``"mean"`` ranking. Each layer's query is scaled before the product (``scale > 0``, so the max is
   unchanged); products run in ``dtype`` and are summed over the layers in float32. With float32 they
   match the CPU path to float rounding (tests); float16 is measured against it
-  (``bench/retrieval_device.py``: selection recall).
+  (``bench/eval/retrieval_device.py``: selection recall).
 * Rankings come back as a prefix, not a full sort: the best events (or interleaving rounds) whose
   tokens cover what the selection walk can need (``need``, see ``Retriever._ranked``), doubling until
   they do. Ties at the prefix's edge may fall either way (the CPU path breaks them by id).
@@ -88,7 +88,7 @@ class DeviceScorer:
     def __init__(self, table: EventTable, layers: Sequence[int], *, device: str | torch.device,
                  dtype: torch.dtype = torch.float16, form: str = "rq") -> None:
         """``form``: the product's operand order, ``"rq"`` (representatives x queries) or ``"qr"``
-        (queries x representatives); same scores, different kernels (``bench/retrieval_device.py``)."""
+        (queries x representatives); same scores, different kernels (``bench/eval/retrieval_device.py``)."""
         if form not in ("rq", "qr"):
             raise PlanError(f"form must be 'rq' or 'qr', got {form!r}")
         self.form = form

@@ -24,7 +24,7 @@ Contract
   representatives live in device memory only (``DeviceScorer``, ~2.8 KB per token in float16) and the
   table stores the records alone (16 B per event: the session's disk is its KV log). Opening such a
   session recomputes them from the log (``RECOMPUTE_BATCH`` events at a time, progress logged;
-  ``bench/reps_recompute.py``). A CPU writer that opens it first stores the missing rows (the table's layers),
+  ``bench/lab/reps_recompute.py``). A CPU writer that opens it first stores the missing rows (the table's layers),
   then goes on as usual; a GPU writer that opens a session last written on the CPU copies its rows.
 """
 

@@ -21,7 +21,7 @@ An event is retrievable when it ends at or before the local window's start. When
 ``[ sink | retrieved events | remainder + last question_n_local tokens | anchor ] + question``, where
 an event is retrievable when it ends at or before the question's local window and the remainder is
 what lies between the last such event and that window. Why: SmolLM2-135M reads a pass key from such
-a short window far more often than from the ingestion window (``bench/needle.py
+a short window far more often than from the ingestion window (``bench/lab/needle.py
 --question-windows``). The recent tokens are covered only if their events are already in the table:
 the server's segmenter closes events as soon as their boundaries are final (``close_lag``), not
 when they leave the ingestion's local window; with EM-LLM's closing the older part of the local

@@ -56,7 +56,7 @@ is shared.
   event stands out most go first, :func:`interleave`). A question names what it
   wants in a few of its tokens ("... the special magic number for quiet-harbor ..."): in the mean those
   few are outvoted by the generic rest, while in its own list the key word's token ranks the needle's
-  event first (``bench/question_queries.py``). HNSW lists are then asked for ``1/t`` of the usual
+  event first (``bench/lab/question_queries.py``). HNSW lists are then asked for ``1/t`` of the usual
   length (``t`` tokens share the budget).
 
 Size: the selection rules (ranking, neighbours, contiguity, budget) act on one candidate walk, and

@@ -1,4 +1,4 @@
-"""Smoke test of the evaluation harness (``bench/eval.py``): one command end to end, reduced grid.
+"""Smoke test of the evaluation harness (``bench/eval/eval.py``): one command end to end, reduced grid.
 
 Starts ``emserve serve`` on the real default model, ingests one 4k-token passkey haystack per system
 (emserve, truncation) through the client, asks, stops the server, and writes the results files. Checks
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.timeout(900)
 def test_eval_quick_smoke(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "bench" / "eval.py"), "--quick", "--lengths", "4096", "--depths", "0.5",
+    cmd = [sys.executable, "-m", "bench.eval.eval", "--quick", "--lengths", "4096", "--depths", "0.5",
            "--tasks", "passkey", "--systems", "emserve,truncation", "--results-dir", str(tmp_path), "--out", "smoke",
            "--no-docs"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, cwd=ROOT)

@@ -7,7 +7,7 @@ ask again (the session resumes from its directory), get it again.
 The haystack is the pass-key task as the literature runs it (InfiniteBench passkey, RULER
 niah_single_1: an instruction, then filler sentences repeated; ``emserve.server.provision.corpus.noise_haystack``).
 A key hidden in prose is beyond this 135M model even in a 512-token full-attention context (measured in
-``bench/needle.py --haystack text``), so prose would test the model, not the memory.
+``bench/lab/needle.py --haystack text``), so prose would test the model, not the memory.
 
 Minutes on a 2-core CPU (the ingest runs at ~150-400 tok/s). Marked slow.
 """

@@ -1,4 +1,4 @@
-"""Smoke test of the recall suite (``bench/recall.py --quick``): one command end to end.
+"""Smoke test of the recall suite (``bench/eval/recall.py --quick``): one command end to end.
 
 Starts ``emserve serve`` on the real default model, ingests a 4k-token prose haystack (2 needles of each
 prose task) and a 4k-token pass-key haystack (2 keys), asks every needle with the retrieval trace on,
@@ -29,7 +29,7 @@ TASKS = ("passkey", "passkey-prose", "kv", "split", "after", "twohop")
 
 @pytest.mark.timeout(1200)
 def test_recall_quick_smoke(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "bench" / "recall.py"), "--quick", "--results-dir", str(tmp_path),
+    cmd = [sys.executable, "-m", "bench.eval.recall", "--quick", "--results-dir", str(tmp_path),
            "--out", "smoke"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1140, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_a_stopped_run_is_resumed_where_it_stopped(tmp_path: Path) -> None:
     """``--resume`` takes up a stopped run: its finished haystacks stay as measured, the haystack it
     stopped in continues from the session's committed tokens (here all of them: the run stopped before
     saving that haystack's answers), and the answers are those of an uninterrupted run (greedy)."""
-    base = [sys.executable, str(ROOT / "bench" / "recall.py"), "--quick", "--tasks", "passkey,kv",
+    base = [sys.executable, "-m", "bench.eval.recall", "--quick", "--tasks", "passkey,kv",
             "--reference-lengths", "", "--results-dir", str(tmp_path), "--out", "resumed",
             "--workdir", str(tmp_path / "work")]
     whole = subprocess.run([*base, "--keep"], capture_output=True, text=True, timeout=1080, cwd=ROOT)

@@ -1,4 +1,4 @@
-"""The crash harness's quick mode (bench/crash.py): 10 SIGKILLs of a real `emserve serve` process at random
+"""The crash harness's quick mode (bench/eval/crash.py): 10 SIGKILLs of a real `emserve serve` process at random
 points of ingest, remembering Generate and delete, on the HF reference engine and the tiny model. Nothing
 acknowledged lost, no orphan process, no leftover folder, and the resumed sessions (tokens, events,
 surprise, answers) bit-identical to an uninterrupted run of the same operations. The full run (30 kills,
@@ -6,12 +6,9 @@ vLLM) is recorded in bench/results/crash-vllm.json."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import crash  # noqa: E402
+from bench.eval import crash
 
 
 def test_ten_kills_lose_nothing_and_change_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:

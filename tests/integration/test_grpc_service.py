@@ -895,7 +895,7 @@ def test_an_exchange_cut_by_a_crash_is_completed_by_the_retry(srv: ServerThread,
     """The record is kept before the exchange is appended, and the append runs in steps: a crash after the
     record (before the append, or between two of its steps) leaves the exchange partly stored, and the
     retry appends the rest and answers the recorded exchange: stored once. Before, a cut append was
-    regenerated and stored again after its first step (found by bench/crash.py)."""
+    regenerated and stored again after its first step (found by bench/eval/crash.py)."""
     client.create_session("idem2")
     client.ingest_tokens("idem2", random_ids(100, 9))
     runtime = srv.runtime

@@ -1,6 +1,6 @@
 """Needle check through the full stack (vLLM engine + segmenter + retrieval), default model and config.
 
-A smaller ``bench/needle.py``: a 12k-token stream of ``big`` text with a passkey at 10/50/90% depth
+A smaller ``bench/lab/needle.py``: a 12k-token stream of ``big`` text with a passkey at 10/50/90% depth
 (one trial each), then the passkey question. Asserts the retrieval criterion: the needle has left
 the local window and an event overlapping it is retrieved. The answers are printed, not asserted
 (SmolLM2-135M reads a passkey from a ~2k window only part of the time; the benchmark compares them
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,9 @@ DEPTHS = (0.1, 0.5, 0.9)
 
 
 def _bench() -> Any:
-    path = Path(__file__).resolve().parents[2] / "bench" / "needle.py"
-    spec = importlib.util.spec_from_file_location("bench_needle", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    from bench.lab import needle
+
+    return needle
 
 
 @pytest.fixture(scope="module")

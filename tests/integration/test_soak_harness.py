@@ -1,18 +1,15 @@
-"""The soak harness (bench/soak.py) in a short run: a real `emserve serve` process (HF reference engine, the
+"""The soak harness (bench/eval/soak.py) in a short run: a real `emserve serve` process (HF reference engine, the
 tiny model) under writers that create, grow, ask (remembering half the time) and delete sessions, sampled
 every few seconds. It must finish without a call error and report every sampled quantity and its drift.
 The 30-minute run on vLLM is recorded in bench/results/soak.json."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import soak  # noqa: E402
+from bench.eval import soak
 
 
 @pytest.mark.slow

@@ -258,7 +258,7 @@ def test_generation_streams_and_can_be_cancelled(engines, loop, tmp_path: Path) 
 def test_a_slow_consumer_receives_every_token_once(engines, loop, tmp_path: Path) -> None:
     """The streamed deltas concatenate to the step's final tokens even when the consumer is slower than
     decoding (vLLM's token list grows while the stream waits in ``yield``). Before, the tokens decoded
-    during that wait were counted as sent and never streamed (found by bench/crash.py: an answer with a
+    during that wait were counted as sent and never streamed (found by bench/eval/crash.py: an answer with a
     token missing and its last token repeated by the caller's fix-up)."""
     v, _ = engines
 

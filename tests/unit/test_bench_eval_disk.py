@@ -1,4 +1,4 @@
-"""The evaluation harness's disk estimate (``bench/eval.py``: ``disk_needed``), checked before a run starts.
+"""The evaluation harness's disk estimate (``bench/eval/eval.py``: ``disk_needed``), checked before a run starts.
 
 A small run must not demand the restart headroom meant for long grids: CI machines with ~14 GiB free
 refused the 4k-token smoke run when the estimate added the whole ``--restart-gib`` (16 GiB) to it.
@@ -6,22 +6,13 @@ refused the 4k-token smoke run when the estimate added the whole ``--restart-gib
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")
 def ev():  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")  # eval_report draws the figures
-    sys.path.insert(0, str(BENCH))
-    try:
-        import eval as ev_module  # noqa: PLC0415  (bench/ is a scripts folder, not a package)
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench.eval import eval as ev_module
     return ev_module
 
 

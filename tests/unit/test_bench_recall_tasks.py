@@ -1,17 +1,13 @@
-"""The recall suite's haystacks (``bench/recall_tasks.py``) and its statistics (``bench/recall.py``), on a
+"""The recall suite's haystacks (``bench/eval/recall_tasks.py``) and its statistics (``bench/eval/recall.py``), on a
 character-level tokenizer: exact lengths, every needle where its question says, look-alike labels,
 distinct values, seeded, and the full-attention reference window."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 class CharTok:
@@ -26,17 +22,13 @@ class CharTok:
 
 @pytest.fixture(scope="module")
 def rt():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(BENCH))
-    try:
-        import recall_tasks  # noqa: PLC0415  (bench/ is a scripts folder, not a package)
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench.eval import recall_tasks
     return recall_tasks
 
 
 @pytest.fixture(scope="module")
 def prose(rt):  # type: ignore[no-untyped-def]
-    from eval_tasks import Corpus  # noqa: PLC0415  (imported by recall_tasks from bench/)
+    from bench.eval.eval_tasks import Corpus
 
     tok = CharTok()
     rng = np.random.default_rng(1)
@@ -126,11 +118,7 @@ def test_reference_window_holds_the_needle_and_its_look_alikes(rt, prose) -> Non
 
 
 def test_wilson_interval_and_summary_rows() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import recall  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench.eval import recall
     lo, hi = recall.wilson(8, 10)
     assert (round(lo, 2), round(hi, 2)) == (0.49, 0.94)
     assert recall.wilson(0, 0) == (0.0, 1.0) and recall.wilson(30, 30)[1] == 1.0
@@ -145,12 +133,8 @@ def test_wilson_interval_and_summary_rows() -> None:
 def test_recall_variants_parses_question_overrides_and_measures_window_coverage() -> None:
     import argparse
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import eval_server  # noqa: PLC0415
-        import recall_variants as rv  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench.eval import eval_server
+    from bench.lab import recall_variants as rv
     assert rv.parse_variant('reach 0={"question_reach": 0}') == ("reach 0", {"question_reach": 0})
     for bad in ('{"question_reach": 0}', 'x={"n_mem": 0}', "x=[1]"):
         with pytest.raises(argparse.ArgumentTypeError):
@@ -165,11 +149,7 @@ def test_recall_variants_parses_question_overrides_and_measures_window_coverage(
 
 
 def test_recall_goals_judge_the_newest_run_of_each_cell() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import eval_report as er  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench.eval import eval_report as er
     n = 32768
 
     def answers(system: str, task: str, right: int, inside: int, total: int = 30) -> list[dict[str, Any]]:

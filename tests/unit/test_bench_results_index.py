@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("results_index", ROOT / "bench" / "results_index.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["results_index"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from bench.eval import results_index
+
+    return results_index
 
 
 def test_every_result_is_listed_and_the_index_is_current() -> None:
     ri = _module()
     benchmarks = ri.load()
     ri.owners(benchmarks)
-    assert (ri.RESULTS / ri.INDEX).read_text() == ri.render(benchmarks), "run .venv/bin/python bench/results_index.py"
+    assert (ri.RESULTS / ri.INDEX).read_text() == ri.render(benchmarks), "run python -m bench.eval.results_index"
 
 
 def test_an_unlisted_file_and_an_entry_without_files_are_named(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def links(page: Path) -> list[str]:
 def test_slug_follows_github() -> None:
     assert slug("Recall (question window)") == "recall-question-window"
     assert slug("Fuzz over every RPC") == "fuzz-over-every-rpc"
-    assert slug("Crash harness (`bench/crash.py`)") == "crash-harness-benchcrashpy"
+    assert slug("Crash harness (`bench/eval/crash.py`)") == "crash-harness-benchevalcrashpy"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -136,7 +136,7 @@ def test_a_kill_between_a_steps_query_statistics_and_its_surprise_changes_nothin
     tagged with where the step ends, before its surprise marks it done; a process killed in between (no
     close) leaves them one step ahead, and reopening takes that step back. Before, they were saved after
     the surprise, and a kill in between left them a step behind: the next windows differed (up to 2.2 nats
-    on this model, found by bench/crash.py)."""
+    on this model, found by bench/eval/crash.py)."""
     cfg = CFG.with_settings(n_mem=96, min_block_size=2, max_block_size=8)
     ids = _ids(640, 6)
     a = Session.create(tmp_path / "a", engine, cfg)

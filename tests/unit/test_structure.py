@@ -210,3 +210,24 @@ def test_every_package_folder_is_installed() -> None:
              if path.name == "__init__.py" and not name.startswith(("emserve.client", "emserve.api"))}
     assert found - listed == set(), "add these to [tool.setuptools] packages"
 
+
+
+def test_the_bench_harness_stands_apart_from_the_lab() -> None:
+    """``bench.eval`` (acceptance benchmarks and their harness) imports no ``bench.lab`` module (experiments
+    build on the harness, never the reverse); bench modules import each other as ``bench.*`` (no sibling
+    imported as a top-level name, which works only when that script's folder is on ``sys.path``); nothing
+    under emserve imports bench."""
+    bench = {".".join(f.relative_to(ROOT).with_suffix("").parts): f for f in (ROOT / "bench").rglob("*.py")}
+    siblings = {f.stem for f in bench.values()} - {"__init__"}
+    wrong = {}
+    for name, path in bench.items():
+        imps = _imports(name, path)
+        bad = {i for i in imps if i.split(".")[0] in siblings}
+        if name.startswith("bench.eval"):
+            bad |= {i for i in imps if i.startswith("bench.lab")}
+        if bad:
+            wrong[name] = sorted(bad)
+    assert not wrong, wrong
+    assert {"bench.eval.recall", "bench.eval.eval_server", "bench.lab.needle"} <= set(bench)
+    assert "bench.eval.common" in {i for i in _imports("bench.lab.needle", bench["bench.lab.needle"])}
+    assert not {m: sorted(d) for m, d in GRAPH.items() if any(i.startswith("bench") for i in d)}

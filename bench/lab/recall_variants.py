@@ -1,0 +1,132 @@
+"""The recall suite's questions asked again, under several question-window variants, on kept sessions.
+
+``bench/eval/recall.py --keep`` leaves its sessions (each haystack ingested once) in its work folder and
+names that folder in its results file. This script rebuilds the same haystacks and questions from that
+file, opens each ``emserve`` session in-process on the product engine (vLLM, the run's model), and asks
+every question once per variant: a variant is a set of ``MemoryConfig`` overrides (``question_*``
+fields) applied to today's question defaults. Answers are greedy and the sessions the same, so the
+variants compare question by question, without ingesting again.
+
+    .venv/bin/python -m bench.eval.recall --systems emserve --reference-lengths '' --keep --out lab-32k
+    .venv/bin/python -m bench.lab.recall_variants --from bench/results/lab-32k.json \\
+        --variant 'reach 0={"question_reach": 0}' --variant 'neighbours 3={"question_neighbours": 3}'
+
+Per (variant, haystack, task): questions, the asked sentences wholly in the answer step's window
+(``AskResult.window``, what the trace reports), answers right. Prints a table and writes
+``bench/results/<out>.json`` (every answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.eval.common import machine, question_defaults, table, wilson, write_results
+from bench.eval.eval_server import window_coverage
+from bench.eval.recall import haystacks
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, sep, body = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
+    over = json.loads(body)
+    if not isinstance(over, dict) or not all(k.startswith("question_") for k in over):
+        raise argparse.ArgumentTypeError(f"a variant overrides question_* fields only: {body!r}")
+    return name, over
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from emserve.server.engine.base import SamplingSpec
+    from emserve.server.engine.config import EngineConfig
+    from emserve.server.engine.vllm_engine import VLLMEngine
+    from emserve.server.provision.models import resolve_model
+    from emserve.server.session import Session
+
+    src = json.loads(Path(args.source).read_text())
+    if "workdir" not in src:
+        raise SystemExit(f"{args.source}: no kept work folder (run bench/eval/recall.py with --keep)")
+    cfg = src["config"]
+    spec = resolve_model(src["model"]["name"])
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    hss, _ = haystacks(tok, spec.name, cfg["lengths"], cfg["sources"], cfg["tasks"], cfg["per_task"], cfg["seed"],
+                        cfg.get("phrasings", "suite"))
+    today = question_defaults()
+    engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
+    answers: list[dict[str, Any]] = []
+    try:
+        for hs in hss:
+            found = glob.glob(f"{src['workdir']}/sessions/emserve-{hs.hid}/data-*")
+            if not found:
+                print(f"{hs.hid}: no kept session, skipped", flush=True)
+                continue
+            s = Session.open(Path(found[0]), engine)
+            saved, planner_cfg = s.config, s.memory.planner.config
+            try:
+                for name, over in args.variants.items():
+                    s.config = saved.with_settings(**{**today, **over})
+                    s.memory.planner.config = s.config.retrieval
+                    t0 = time.perf_counter()
+                    for q in hs.questions:
+                        if args.tasks and q.task not in args.tasks.split(","):
+                            continue
+                        r = await s.ask(q.prompt_ids, SamplingSpec(max_tokens=cfg.get("max_tokens", 12)))
+                        text = tok.decode(r.token_ids)
+                        cov = min(window_coverage(sp, r.window) for sp in q.spans)
+                        answers.append({"variant": name, "hid": hs.hid, "task": q.task, "qid": q.qid,
+                                        "expected": q.expected, "answer": text, "correct": q.expected in text,
+                                        "coverage": cov, "in_window": cov >= 1.0})
+                    mine = [a for a in answers if a["variant"] == name and a["hid"] == hs.hid]
+                    print(f"{hs.hid} {name}: in window {sum(a['in_window'] for a in mine)}/{len(mine)}, "
+                          f"right {sum(a['correct'] for a in mine)}/{len(mine)} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            finally:
+                s.config, s.memory.planner.config = saved, planner_cfg
+                s.close()
+    finally:
+        await engine.close()
+    return {"machine": machine(), "from": args.source, "source_git": src.get("git"), "model": spec.name,
+            "variants": args.variants, "answers": answers}
+
+
+def summary(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for a in res["answers"]:
+        cells[(a["variant"], a["task"])].append(a)
+    rows = []
+    for (variant, task), xs in cells.items():
+        k, w = sum(a["correct"] for a in xs), sum(a["in_window"] for a in xs)
+        lo, hi = wilson(k, len(xs))
+        rows.append([variant, task, len(xs), f"{w}/{len(xs)}", f"{k}/{len(xs)}", f"[{lo:.2f}, {hi:.2f}]"])
+    return ["variant", "task", "n", "in window", "right", "Wilson 95%"], rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="source", required=True, help="results file of a bench/eval/recall.py --keep run")
+    ap.add_argument("--variant", action="append", type=parse_variant, default=[],
+                    help="NAME=JSON of question_* overrides (repeatable; today's defaults are always asked)")
+    ap.add_argument("--tasks", default="", help="ask only these tasks, e.g. kv,split (default: every task)")
+    ap.add_argument("--out", default="recall_variants")
+    args = ap.parse_args(argv)
+    args.variants = {"defaults": {}, **dict(args.variant)}
+    res = asyncio.run(run(args))
+    headers, rows = summary(res)
+    res["summary"] = {"headers": headers, "rows": rows}
+    print()
+    print(table(headers, rows))
+    print(f"wrote {write_results(args.out, res)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
