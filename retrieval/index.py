@@ -13,11 +13,10 @@ Contract
   mean vector of the first <= 64 events it received): ``q . (rep - mu) = q . rep - q . mu`` ranks
   events exactly as ``q . rep`` does (the shift is the same for every vector), but keys share a large
   common component that makes inner-product graphs navigate badly for the centered queries retrieval
-  uses (real SmolLM2 events, top-50 recall at ef 64: 0.15-0.75 uncentered, 0.48-0.997 centered; layer
-  0, keys clustered by token identity, is the worst). Searches add ``q . mu`` back, so reported scores
-  are ``q . rep``. ``mu`` is not stored: on load it is recovered as ``rep_0 - stored_0`` (event 0's
-  first vector in the table and in the graph), so it always matches the graph (an index saved before
-  centering recovers ``mu = 0``).
+  uses (measured: ``docs/decisions.md``, "Centered HNSW graphs"). Searches add ``q . mu`` back, so
+  reported scores are ``q . rep``. ``mu`` is not stored: on load it is recovered as
+  ``rep_0 - stored_0`` (event 0's first vector in the table and in the graph), so it always matches
+  the graph (an index saved before centering recovers ``mu = 0``).
 * HNSW indexes are built **lazily**: nothing is added (no graph, no RAM) until the table reaches
   ``build_threshold`` events (default: half the exact-search threshold). From then on each
   :meth:`EventIndex.sync` of a writer adds at most ``catchup_events`` events, oldest first, so the

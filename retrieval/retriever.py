@@ -28,14 +28,13 @@ Why each part is there: ``queries``, ``representatives`` and ``docs/decisions.md
   union of the HNSW top-k of every (scored layer, query vector), asked for enough events to cover
   ``candidate_factor`` (1.5) x ``B + k_c`` tokens (doubling when a walk runs short), then scored
   exactly (one hnswlib call per layer for all the step's query vectors).
-* **Bounded rescoring** (shared selection, ``rescore_factor > 0``; off by default): the union above
-  grows with the memory (80 lists of ~200 events at 20 layers x 4 question tokens: at 1M tokens
-  most of a second of exact scoring per step). Instead, every (layer ``l``, query vector ``i``) list
-  is ``search_vectors`` HNSW vectors long; its last score ``tau_il`` bounds the score of any event it
-  does not hold, so ``UB(e) = sum_il w_il * (s_il(e) if e is in the list else tau_il)``
-  (``w_il = scale_il / n``) is an upper bound of the exact score (up to HNSW misses). Candidates are
-  ranked by ``UB``, and only the best covering ``rescore_factor * (B + k_c)`` tokens are scored
-  exactly and ranked (speed and recall vs exact: ``docs/decisions.md``, "Bounded rescoring").
+* **Bounded rescoring** (shared selection, ``rescore_factor > 0``; off by default): the union above grows with
+  the memory (one list per scoring layer and query vector, all scored exactly). Instead, every (layer ``l``,
+  query vector ``i``) list is ``search_vectors`` HNSW vectors long; its last score ``tau_il`` bounds the score
+  of any event it does not hold, so ``UB(e) = sum_il w_il * (s_il(e) if e is in the list else tau_il)``
+  (``w_il = scale_il / n``) is an upper bound of the exact score (up to HNSW misses). Candidates are ranked by
+  ``UB``, and only the best covering ``rescore_factor * (B + k_c)`` tokens are scored exactly and ranked
+  (speed and recall vs exact: ``docs/decisions.md``, "Bounded rescoring").
 * **On a device** (``scorer``, a shared selection; ``EpisodicMemory`` on a GPU): every event is scored
   exactly at every step from representatives held in device memory
   (:mod:`~emserve.retrieval.device_scorer`), and
