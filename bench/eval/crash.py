@@ -40,13 +40,11 @@ from typing import Any
 import grpc
 import psutil
 
-from bench.eval.common import machine, table, write_results
+from bench.eval.common import ROOT, machine, table, write_results
 from bench.eval.eval import git_rev
 from emserve.client import Client, pb
 from emserve.retrieval.kvlog import KVLog
 from emserve.server.cli import ServerProcess
-
-ROOT = Path(__file__).resolve().parents[2]
 
 SESSIONS = ("s0", "s1")
 MEMORY = dict(n_init=16, n_local=64, n_mem=64, exc_block_size=32, min_block_size=4, max_block_size=24,

@@ -17,9 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.eval.common import RESULTS, table
+from bench.eval.common import RESULTS, ROOT, table
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "results.md"
 TASK_ORDER = ("passkey", "needle", "multikey", "twohop", "labelled")
 SYSTEM_ORDER = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank", "vanilla")

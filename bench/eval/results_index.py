@@ -18,7 +18,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from bench.eval.common import RESULTS
+
 MANIFEST = "manifest.toml"
 INDEX = "INDEX.md"
 KINDS = ("acceptance", "experiment")
