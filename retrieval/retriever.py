@@ -368,6 +368,11 @@ def sample_span(n: int, sample: int) -> int:
     return m
 
 
+def sample_ids_of(span: int, sample: int) -> np.ndarray:
+    """Up to ``sample`` evenly spaced event ids among events ``0 .. span - 1`` (the query sample's events)."""
+    return np.unique(np.linspace(0, span - 1, min(span, sample)).round().astype(np.int64))
+
+
 class Retriever:
     """Per-session retrieval state (the contiguity buffers) over an :class:`EventIndex`."""
 
@@ -470,8 +475,7 @@ class Retriever:
             return None
         m = sample_span(n, self.config.query_sample)
         if self._sample_ids is None or m != self._sample_n:
-            count = min(m, self.config.query_sample)
-            self._sample_ids = np.unique(np.linspace(0, m - 1, count).round().astype(np.int64))
+            self._sample_ids = sample_ids_of(m, self.config.query_sample)
             self._sample_n = m
             self._sample = None
         return self._sample_ids

@@ -41,7 +41,7 @@ import numpy as np
 from bench.eval.common import machine, table, write_results
 from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.queries import QueryMean, encode_queries
-from emserve.retrieval.retriever import interleave, sample_span
+from emserve.retrieval.retriever import interleave, sample_ids_of, sample_span
 
 HEADS, KV_HEADS, HEAD_DIM, VECTORS = 9, 3, 64, 4
 
@@ -259,8 +259,7 @@ def main() -> int:
     print(f"queries in {time.perf_counter() - t0:.0f} s", flush=True)
 
     mean = QueryMean(args.session, num_layers, HEADS * HEAD_DIM).mean
-    m = sample_span(t.n, cfg.query_sample)
-    sample_ids = np.unique(np.linspace(0, m - 1, min(m, cfg.query_sample)).round().astype(np.int64))
+    sample_ids = sample_ids_of(sample_span(t.n, cfg.query_sample), cfg.query_sample)
     rep_sample = np.zeros((num_layers, len(sample_ids), t.reps[0].shape[1]), np.float32)
     for lay in layers:
         rep_sample[lay] = t.reps[lay][sample_ids]
