@@ -3,6 +3,7 @@
 Environment variables (all optional)::
 
     EMSERVE_HOME                 models, texts and (by default) sessions; default ~/.cache/emserve
+    EMSERVE_MODEL_SOURCES        where an embedded model's fetched GGUF is looked for first and fetched to
     EMSERVE_HOST, EMSERVE_PORT   listen address (default 127.0.0.1:50051)
     EMSERVE_SESSIONS_DIR         default $EMSERVE_HOME/sessions
     EMSERVE_MODEL                smollm2-135m (default), qwen2.5-0.5b, or an HF folder

