@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,22 +217,32 @@ def pq_scan(t: Table, enc: list[Any], exact: list[Any], layers: range, args: arg
     return rows, results
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass
+class Setup:
+    """A real session's table, real queries on its text, and their exact selections (the reference)."""
+
+    table: Table
+    layers: range
+    cfg: RetrievalConfig
+    enc: list[Any]  # the first ``chunks`` are ingestion steps, then the questions
+    exact: list[Any]  # chunks: the exact selection's ids; questions: the ids of the first 10 and 30
+    exact_s: list[float]
+    chunks: int
+    questions: int
+    tokens: int
+
+
+def add_data_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments :func:`prepare` reads."""
     ap.add_argument("--session", type=Path, required=True, help="a kept session's log folder")
     ap.add_argument("--haystack", default="narrative-1048576", help="the recall suite's haystack it holds")
     ap.add_argument("--events", type=int, default=None, help="use the first N events (default all)")
     ap.add_argument("--questions", type=int, default=12)
     ap.add_argument("--chunks", type=int, default=16)
-    ap.add_argument("--nlist", type=int, default=1024)
-    ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--probes", default="1,2,4,8,16")
-    ap.add_argument("--pq-m", type=int, default=8, help="PQ bytes per vector (sub-quantizers)")
-    ap.add_argument("--scan-factors", default="1,2,4,8",
-                    help="PQ scan: chunks rescore x times the selection's events; questions each token's best x")
-    ap.add_argument("--out", default="ivf_probe")
-    args = ap.parse_args()
 
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Load the table, compute the real queries and the exact reference (minutes at 1M tokens)."""
     from transformers import AutoTokenizer
 
     from bench.eval.recall_tasks import TASKS, build, source_filler
@@ -280,7 +291,23 @@ def main() -> int:
             exact.append((set(order[:10].tolist()), set(order[:30].tolist())))
         exact_s.append(time.perf_counter() - s0)
     print(f"exact in {time.perf_counter() - t0:.0f} s", flush=True)
+    return Setup(t, layers, cfg, enc, exact, exact_s, args.chunks, len(questions), end)
 
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(ap)
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--probes", default="1,2,4,8,16")
+    ap.add_argument("--pq-m", type=int, default=8, help="PQ bytes per vector (sub-quantizers)")
+    ap.add_argument("--scan-factors", default="1,2,4,8",
+                    help="PQ scan: chunks rescore x times the selection's events; questions each token's best x")
+    ap.add_argument("--out", default="ivf_probe")
+    args = ap.parse_args()
+    d = prepare(args)
+    t, layers, cfg, enc, exact, exact_s = d.table, d.layers, d.cfg, d.enc, d.exact, d.exact_s
+    end = d.tokens
     t0 = time.perf_counter()
     ivf = [IVF(t.reps[lay], args.nlist, args.iters, seed=lay) for lay in layers]
     build_s = time.perf_counter() - t0
@@ -325,7 +352,7 @@ def main() -> int:
                  "ms"], rows))
     pq_rows, pq_results = pq_scan(t, enc, exact, layers, args, cfg)
     info = {"machine": machine(), "session": str(args.session), "events": t.n, "tokens": end,
-            "questions": len(questions), "chunks": args.chunks, "nlist": args.nlist, "iters": args.iters,
+            "questions": d.questions, "chunks": args.chunks, "nlist": args.nlist, "iters": args.iters,
             "build_s": build_s, "exact_chunk_s_p50": float(np.median(exact_s[: args.chunks])),
             "exact_question_s_p50": float(np.median(exact_s[args.chunks:])), "results": results,
             "pq_m": args.pq_m, "pq_results": pq_results}
