@@ -230,6 +230,7 @@ class Setup:
     chunks: int
     questions: int
     tokens: int
+    asked: list[Any]  # the questions (bench.eval.eval_tasks.Question), in the order of their queries
 
 
 def add_data_args(ap: argparse.ArgumentParser) -> None:
@@ -279,7 +280,8 @@ def prepare(args: argparse.Namespace) -> Setup:
            for x in qs]
 
     t0 = time.perf_counter()
-    exact, exact_s = [], []
+    exact: list[Any] = []
+    exact_s: list[float] = []
     for i, q in enumerate(enc):
         s0 = time.perf_counter()
         ts = token_scores(t, q, layers, None)
@@ -291,7 +293,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             exact.append((set(order[:10].tolist()), set(order[:30].tolist())))
         exact_s.append(time.perf_counter() - s0)
     print(f"exact in {time.perf_counter() - t0:.0f} s", flush=True)
-    return Setup(t, layers, cfg, enc, exact, exact_s, args.chunks, len(questions), end)
+    return Setup(t, layers, cfg, enc, exact, exact_s, args.chunks, len(questions), end, questions)
 
 
 def main() -> int:
