@@ -316,7 +316,12 @@ def fetch_sources(model: EmbeddedModel, home: Path, progress: Progress | None = 
     say = _reporter(progress)
     dest = sources_dirs(home)[0] if dest is None else dest
     folder = dest / model.name
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / f".{model.name}.lock").touch()
+    except OSError as e:
+        raise ModelError(f"cannot fetch the sources of {model.name!r} into {dest}: {e} (set EMSERVE_MODEL_SOURCES "
+                         "or EMSERVE_HOME to a writable folder)") from e
     with _locked(dest / f".{model.name}.lock", say):
         found = _fetched_sources(model, folder)
         if found is not None:

