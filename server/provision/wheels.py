@@ -130,7 +130,7 @@ def extract(wheel: Path, top: str, pattern: str, out: Path) -> list[Path]:
             rel = member.relative_to(top)
             if not fnmatch.fnmatchcase(str(rel), pattern):
                 continue
-            if member.is_absolute() or ".." in member.parts:
+            if ".." in rel.parts:
                 raise WheelError(f"{wheel.name} names a member outside its folder: {info.filename!r}")
             target = out / top / Path(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,4 +140,3 @@ def extract(wheel: Path, top: str, pattern: str, out: Path) -> list[Path]:
     if not written:
         raise WheelError(f"{wheel.name} holds no {top}/{pattern}")
     return sorted(written)
-
