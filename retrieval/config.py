@@ -71,7 +71,9 @@ class RetrievalConfig:
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
     repr_proxy: ReprProxy = "topk"
-    """Representative when attention scores are not available (see ``representatives``)."""
+    """Representative when attention scores are not available (see ``representatives``); ``"tokens"``
+    keeps the same tokens in every layer, and a shared selection then scores the best token across the
+    scoring layers (token-level MaxSim)."""
     use_contiguity_buffer: bool = True
     """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
     contiguity_buffer_size: float = 0.3
@@ -148,6 +150,12 @@ class RetrievalConfig:
                 f"n_init + n_mem + n_local + exc_block_size + 1 = {need} exceeds max_window {self.max_window}"
             )
         self.index_params()  # validates the index fields
+
+    @property
+    def token_level(self) -> bool:
+        """A shared selection scores by the token-level MaxSim (``queries``, 4.): ``"tokens"``
+        representatives, more than one per event."""
+        return self.repr_proxy == "tokens" and self.repr_topk > 1 and not self.per_layer
 
     def score_layers(self, num_layers: int) -> range:
         """The layers a shared selection is scored on."""

@@ -14,7 +14,8 @@ Contract
   before a retrieval.
 * Scores are those of :class:`~emserve.retrieval.retriever.Retriever` for a shared selection:
   ``s_i(e) = sum_l scale_il * max_j q_il . rep_lj`` per query token ``i``, their mean for the
-  ``"mean"`` ranking. Each layer's query is scaled before the product (``scale > 0``, so the max is
+  ``"mean"`` ranking; with ``token_level`` (the ``"tokens"`` representatives), ``s_i(e) = max_j sum_l
+  scale_il * q_il . rep_lj``. Each layer's query is scaled before the product (``scale > 0``, so the max is
   unchanged); products run in ``dtype`` and are summed over the layers in float32. With float32 they
   match the CPU path to float rounding (tests); float16 is measured against it
   (``bench/eval/retrieval_device.py``: selection recall).
@@ -86,12 +87,14 @@ class DeviceScorer:
     """Device-resident representatives of ``layers`` of ``table``, scored exactly per step."""
 
     def __init__(self, table: EventTable, layers: Sequence[int], *, device: str | torch.device,
-                 dtype: torch.dtype = torch.float16, form: str = "rq") -> None:
+                 dtype: torch.dtype = torch.float16, form: str = "rq", token_level: bool = False) -> None:
         """``form``: the product's operand order, ``"rq"`` (representatives x queries) or ``"qr"``
-        (queries x representatives); same scores, different kernels (``bench/eval/retrieval_device.py``)."""
+        (queries x representatives); same scores, different kernels (``bench/eval/retrieval_device.py``).
+        ``token_level``: score by the token-level MaxSim (``Retriever.token_level``)."""
         if form not in ("rq", "qr"):
             raise PlanError(f"form must be 'rq' or 'qr', got {form!r}")
         self.form = form
+        self.token_level = token_level
         self.table = table
         self.layers = tuple(int(x) for x in layers)
         if not self.layers or not all(0 <= x < table.num_layers for x in self.layers):
@@ -205,11 +208,17 @@ class DeviceScorer:
             b = min(m, a + step)
             r = reps[:, a:b].reshape(ls, (b - a) * v, d)
             if self.form == "rq":
-                s = torch.bmm(r, qd)  # [Ls, chunk*V, t]
-                out[:, a:b] = s.reshape(ls, b - a, v, t).amax(dim=2).float().sum(dim=0).T
+                s = torch.bmm(r, qd).reshape(ls, b - a, v, t)  # [Ls, chunk, V, t]
+                if self.token_level:
+                    out[:, a:b] = s.float().sum(dim=0).amax(dim=1).T
+                else:
+                    out[:, a:b] = s.amax(dim=2).float().sum(dim=0).T
             else:
-                s = torch.bmm(qd.transpose(1, 2), r.transpose(1, 2))  # [Ls, t, chunk*V]
-                out[:, a:b] = s.reshape(ls, t, b - a, v).amax(dim=3).float().sum(dim=0)
+                s = torch.bmm(qd.transpose(1, 2), r.transpose(1, 2)).reshape(ls, t, b - a, v)  # [Ls, t, chunk, V]
+                if self.token_level:
+                    out[:, a:b] = s.float().sum(dim=0).amax(dim=2)
+                else:
+                    out[:, a:b] = s.amax(dim=3).float().sum(dim=0)
         return out
 
     @_device_memory

@@ -110,7 +110,8 @@ class EpisodicMemory:
                                      layers=() if device is not None else config.indexed_layers(layout.num_layers))
         self.scorer = None
         if device is not None:
-            self.scorer = DeviceScorer(self.table, config.score_layers(layout.num_layers), device=device)
+            self.scorer = DeviceScorer(self.table, config.score_layers(layout.num_layers), device=device,
+                                       token_level=config.token_level)
             try:
                 self.scorer.sync()  # rows on disk (a session last written on the CPU)
                 self._mirror_missing_reps()

@@ -20,7 +20,9 @@ summary (ingestion chunks, ``n = 1``). The score of ``e`` in layer ``l`` is::
    estimated on an evenly spaced sample of the memory's representatives: every query token and every
    layer votes with the same weight (no effect on one query's ranking within one layer).
 4. **Shared selection** (``per_layer=False``) ranks by ``sum_l s_l(e)`` over the *scoring layers*
-   (default: the first 2/3 of the layers).
+   (default: the first 2/3 of the layers). With the ``"tokens"`` representatives (the same tokens in every
+   layer) the max moves outside the sum: ``mean_i max_j sum_l (q_il - q̄_l) . rep_e,l,j / sigma_il``, the
+   best single token of the event across the layers (token-level MaxSim); ``sigma_il`` is the same.
 
 Queries are pre-RoPE (de-rotated to distance 0) and stay so: scoring at a RoPE distance (EM-LLM
 rotates the query by ``n_local``; averaging over a distance range) helped the uncentered mean-key
@@ -153,6 +155,19 @@ class EncodedQuery:
         """Each query token's scaled ``max_j q_i . rep_j`` of ``layer``: float32 ``[n, m]``."""
         s = max_scores(reps, self.tokens[:, layer], vectors)  # [n, m]
         return (s * self.scale[:, layer, None]).astype(np.float32, copy=False)
+
+    def token_level_scores(self, layers: Sequence[int], reps: Sequence[np.ndarray], vectors: int) -> np.ndarray:
+        """Each query token's scaled token-level MaxSim ``max_j sum_l scale_il q_il . rep_l,j`` over ``layers``
+        (``reps[k] [m, vectors * d]``: ``layers[k]``'s rows, vector ``j`` the same token in every layer, as
+        the ``"tokens"`` representatives are): float32 ``[n, m]``."""
+        if len(reps) != len(layers) or not reps:
+            raise PlanError(f"{len(reps)} layers of representatives for layers {list(layers)}")
+        m, d = reps[0].shape[0], self.tokens.shape[-1]
+        acc = np.zeros((m * vectors, self.tokens.shape[0]), np.float32)
+        for lay, r in zip(layers, reps, strict=True):
+            q = self.tokens[:, lay] * self.scale[:, lay, None]  # [n, d]
+            acc += np.asarray(r, np.float32).reshape(m * vectors, d) @ q.T
+        return np.ascontiguousarray(acc.reshape(m, vectors, -1).max(axis=1).T)
 
 
 def encode_queries(

@@ -16,6 +16,15 @@ the GQA-expanded key (``sum_h q_h . k_{h // g} = sum_kv (sum_{h in kv} q_h) . k_
 the storage for SmolLM2 (9 query heads, 3 kv heads). Events shorter than ``repr_topk`` repeat their tokens
 (the max is unchanged). Why a max over a few keys, chosen by norm: ``docs/decisions.md``, "Representatives".
 
+**``"tokens"``: the same tokens in every layer.** As ``"topk"``, but the ``repr_topk`` tokens are chosen
+once per event, by their key norm summed over the layers computed together (a session's stored layers:
+the scoring layers of a shared selection), so vector ``j`` of every layer is the same token. A shared
+selection then scores an event by a *token-level* MaxSim, ``max_j sum_l s_l q_l . rep_{l,j}`` (the best
+single token, its keys across the scoring layers taken together; ``retriever``) instead of
+``sum_l max_j`` (the best key of each layer, possibly a different token in each). The token-level score
+is one maximum inner product per token vector, which one index over token vectors can serve (#19,
+``bench/results/retrieval_index.md``, "Token-level MaxSim").
+
 Keys come from the KV log post-RoPE; they are de-rotated to position 0 (``rotate(k, -positions)``)
 so that representatives and queries are both position-free. ``rotate`` is passed in (the engine's
 ``RopeSpec.rotate``), so this module imports nothing from the server.
@@ -50,19 +59,21 @@ from emserve.retrieval.kvlog import KVLog
 RotateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``rotate(x [n, heads, head_dim], delta [n]) -> x`` rotated by ``delta`` positions (RopeSpec.rotate)."""
 
-ReprProxy = Literal["topk", "mean", "central"]
-REPR_PROXIES: tuple[ReprProxy, ...] = ("topk", "mean", "central")
+ReprProxy = Literal["topk", "tokens", "mean", "central"]
+REPR_PROXIES: tuple[ReprProxy, ...] = ("topk", "tokens", "mean", "central")
+KEY_PROXIES: tuple[ReprProxy, ...] = ("topk", "tokens")
+"""The proxies that keep ``repr_topk`` single keys per event and layer, in kv-head layout."""
 
 
 def vectors_per_event(proxy: ReprProxy, repr_topk: int, *, token_scores: bool = False) -> int:
     """How many vectors one event stores per layer."""
-    return repr_topk if proxy == "topk" and not token_scores else 1
+    return repr_topk if proxy in KEY_PROXIES and not token_scores else 1
 
 
 def heads_per_vector(proxy: ReprProxy, num_heads: int, num_kv_heads: int, *, token_scores: bool = False) -> int:
-    """Heads a vector is laid out for: ``num_kv_heads`` for ``"topk"`` (queries are folded over GQA
-    groups before scoring), ``num_heads`` otherwise."""
-    return num_kv_heads if proxy == "topk" and not token_scores else num_heads
+    """Heads a vector is laid out for: ``num_kv_heads`` for ``"topk"`` and ``"tokens"`` (queries are
+    folded over GQA groups before scoring), ``num_heads`` otherwise."""
+    return num_kv_heads if proxy in KEY_PROXIES and not token_scores else num_heads
 
 
 def representatives_from_keys(
@@ -79,7 +90,8 @@ def representatives_from_keys(
     ``token_scores``: ``[num_layers, num_heads, T]`` attention received per token and query head,
     or None for the proxy. Returns float32 ``[num_layers, V * heads * head_dim]``, ``V`` =
     :func:`vectors_per_event`, ``heads`` = :func:`heads_per_vector` (for ``"topk"``, vector ``j`` is
-    the kv-head key of the token with the ``j``-th largest key norm, ties to the earlier token).
+    the kv-head key of the token with the ``j``-th largest key norm, ties to the earlier token; for
+    ``"tokens"``, largest by the norm summed over the ``num_layers`` layers given).
     """
     t, num_layers, num_kv, head_dim = keys.shape
     if t == 0:
@@ -98,8 +110,8 @@ def representatives_from_keys(
         per_head = k.repeat_interleave(group, dim=2).permute(1, 2, 0, 3)  # [L, H, T, D]
         picked = per_head.gather(2, idx[..., None].expand(num_layers, num_heads, kk, head_dim))
         rep = picked.mean(dim=2)  # [L, H, D]
-    elif proxy == "topk":
-        return topk_representatives(keys, [t], repr_topk)[0]  # one event: the batched function
+    elif proxy in KEY_PROXIES:
+        return topk_representatives(keys, [t], repr_topk, aligned=proxy == "tokens")[0]  # the batched function
     else:
         mean = k.mean(dim=0)  # [L, Hkv, D]
         if proxy == "mean":
@@ -131,7 +143,9 @@ def event_representatives(
 
     Keys of all the events are read once per layer and de-rotated in one ``rotate`` call.
     ``token_scores[i]`` (optional, per event): ``[num_layers, num_heads, T_i]``. ``layers``: the layers
-    to compute (default all; an event's representative of a layer depends on that layer's keys only).
+    to compute (default all; an event's representative of a layer depends on that layer's keys only,
+    except with ``"tokens"``, where the tokens are chosen over all of ``layers``: pass the same layers
+    every time, the table's).
     ``device``: where the keys are de-rotated and the top-k picked (a GPU: a session's open recomputes
     every event; the rows may then differ from the CPU's in the last bits of the de-rotation).
     """
@@ -161,8 +175,8 @@ def event_representatives(
     total = keys.shape[0]
     flat = keys.reshape(total, len(lays) * layout.num_kv_heads, layout.head_dim)
     keys = rotate(flat, -positions).reshape(keys.shape)
-    if token_scores is None and proxy == "topk":
-        return topk_representatives(keys, lengths, repr_topk)
+    if token_scores is None and proxy in KEY_PROXIES:
+        return topk_representatives(keys, lengths, repr_topk, aligned=proxy == "tokens")
     out = np.empty((e, len(lays), dim), np.float32)
     offset = 0
     for i, n in enumerate(lengths):
@@ -181,12 +195,15 @@ def _layers_of(scores: torch.Tensor | None, layers: Sequence[int] | None) -> tor
     return scores if scores is None or layers is None else scores[list(layers)]
 
 
-def topk_representatives(keys: torch.Tensor, lengths: Sequence[int], repr_topk: int) -> np.ndarray:
-    """:func:`representatives_from_keys` (``"topk"``, no attention scores) of back-to-back events at once.
+def topk_representatives(keys: torch.Tensor, lengths: Sequence[int], repr_topk: int, *,
+                         aligned: bool = False) -> np.ndarray:
+    """:func:`representatives_from_keys` (``"topk"``, or ``"tokens"`` with ``aligned``; no attention
+    scores) of back-to-back events at once.
 
     ``keys [sum(lengths), L, Hkv, D]`` (position-free); returns float32 ``[E, L, repr_topk * Hkv * D]``,
     the same rows as the per-event function (same norms, same stable order, short events repeat their
-    tokens), without a Python loop over the events.
+    tokens), without a Python loop over the events. ``aligned``: each token ranked by its key norms
+    summed over the ``L`` layers, so every layer keeps the same tokens in the same order.
     """
     total, num_layers, num_kv, head_dim = keys.shape
     lens = torch.as_tensor(list(lengths), dtype=torch.int64)
@@ -195,6 +212,8 @@ def topk_representatives(keys: torch.Tensor, lengths: Sequence[int], repr_topk: 
     tmax = int(lens.max())
     k = keys.to(torch.float32)
     norms = k.reshape(total, num_layers, -1).norm(dim=-1)  # [T, L]
+    if aligned:
+        norms = norms.sum(dim=1, keepdim=True).expand(total, num_layers)
     pos = torch.arange(tmax)
     valid = pos[None, :] < lens[:, None]  # [E, Tmax]
     tok = (starts[:, None] + pos[None, :]).clamp_max(total - 1)

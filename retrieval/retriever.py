@@ -43,7 +43,8 @@ Why each part is there: ``queries``, ``representatives`` and ``docs/decisions.md
 
 ``per_layer=False`` selects one list for all layers: an event's score is the **sum over the scoring
 layers** (``score_layers``; sessions: the first 2/3) of its per-layer scores; one contiguity buffer
-is shared.
+is shared. With ``repr_proxy="tokens"`` it is the token-level MaxSim instead (``queries``, 4.): HNSW
+candidates and the bounded rescoring's upper bound stay per layer (``sum_l max_j`` bounds ``max_j sum_l``).
 
 **Ranking** (``retrieve(rank=...)``), when a step has several query tokens ``i``:
 
@@ -373,6 +374,10 @@ def sample_ids_of(span: int, sample: int) -> np.ndarray:
     return np.unique(np.linspace(0, span - 1, min(span, sample)).round().astype(np.int64))
 
 
+_TOKEN_LEVEL_BLOCK = 8192
+"""Events scored at once by the token-level MaxSim (bounds its ``events x vectors x tokens`` buffer)."""
+
+
 class Retriever:
     """Per-session retrieval state (the contiguity buffers) over an :class:`EventIndex`."""
 
@@ -421,6 +426,9 @@ class Retriever:
             raise PlanError("a device scorer serves a shared selection (per_layer=False) of the same table "
                             "and scoring layers")
         self.scorer = scorer
+        self.token_level = config.token_level
+        if scorer is not None and scorer.token_level != self.token_level:
+            raise PlanError("the device scorer's MaxSim (token-level or per layer) must be the config's")
         nbuf = n_layers if config.per_layer else 1
         self.buffers: tuple[ContiguityBuffer, ...] = tuple(ContiguityBuffer() for _ in range(nbuf))
 
@@ -436,6 +444,8 @@ class Retriever:
         layers = tuple(config.score_layers(self.index.num_layers))
         if config.per_layer != self._config.per_layer or (self.scorer is not None and layers != self.score_layers):
             raise PlanError("per_layer (and, on a device, the scoring layers) cannot change on a retriever")
+        if (config.repr_proxy, config.repr_topk) != (self._config.repr_proxy, self._config.repr_topk):
+            raise PlanError("the representatives (repr_proxy, repr_topk) are the table's: they cannot change")
         self._config, self.score_layers = config, layers
         self._sample_ids = self._sample = None  # drawn again, by the new query_sample and layers
 
@@ -518,6 +528,8 @@ class Retriever:
         if layer is None and self.scorer is not None and ids is None:
             self._sync_scorer()
             return self.scorer.token_scores(q, len(self.table)).cpu().numpy()
+        if layer is None and self.token_level:
+            return self._token_level_scores(q, ids)
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
         total = np.zeros((q.tokens.shape[0], n), np.float32)
@@ -531,6 +543,8 @@ class Retriever:
         if layer is None and self.scorer is not None:
             self._sync_scorer()
             return self.scorer.scores(q, ids)
+        if layer is None and self.token_level:
+            return self._token_level_scores(q, ids).mean(axis=0)
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
         total = np.zeros(n, np.float32)
@@ -538,6 +552,17 @@ class Retriever:
             reps = self.table.reps(lay) if ids is None else self.table.reps_of(lay, ids)
             total += q.layer_scores(lay, reps, self.index.vectors)
         return total
+
+    def _token_level_scores(self, q: EncodedQuery, ids: np.ndarray | None) -> np.ndarray:
+        """:meth:`token_scores` of the shared selection with the token-level MaxSim, in blocks of events."""
+        n = len(self.table) if ids is None else len(ids)
+        out = np.empty((q.tokens.shape[0], n), np.float32)
+        for a in range(0, n, _TOKEN_LEVEL_BLOCK):
+            b = min(n, a + _TOKEN_LEVEL_BLOCK)
+            reps = [self.table.reps(lay)[a:b] if ids is None else self.table.reps_of(lay, ids[a:b])
+                    for lay in self.score_layers]
+            out[:, a:b] = q.token_level_scores(self.score_layers, reps, self.index.vectors)
+        return out
 
     def retrieve(self, queries: np.ndarray | None, budget: int, *,
                  num_events: int | None = None, rank: Rank = "mean", neighbours: int = 0, reach: int = 0,

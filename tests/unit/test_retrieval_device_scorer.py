@@ -36,12 +36,14 @@ def make_table(path, n=N, seed=0):
     return table
 
 
-def pair(table, device, dtype=torch.float32, form="rq"):
+def pair(table, device, dtype=torch.float32, form="rq", proxy="topk"):
     """A CPU-exact retriever and a device retriever over the same table, centred + standardized."""
     index = EventIndex.open(table.path, table, IndexParams(exact_threshold=NO_GRAPH), layers=())
-    cfg = raw(per_layer=False, shared_score_layers=len(SCORE) / L, standardize_queries=True, query_sample=64)
+    cfg = raw(per_layer=False, shared_score_layers=len(SCORE) / L, standardize_queries=True, query_sample=64,
+              repr_proxy=proxy)
     cpu = Retriever(index, cfg)
-    dev = Retriever(index, cfg, scorer=DeviceScorer(table, SCORE, device=device, dtype=dtype, form=form))
+    dev = Retriever(index, cfg, scorer=DeviceScorer(table, SCORE, device=device, dtype=dtype, form=form,
+                                                     token_level=cfg.token_level))
     return cpu, dev
 
 
@@ -53,9 +55,11 @@ def queries(rng, tokens):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["rq", "qr"])
 @pytest.mark.parametrize("rank,tokens", [("mean", 1), ("mean", 5), ("interleave", 8)])
-def test_device_selects_what_exact_selects(tmp_path, device, form, rank, tokens):
+@pytest.mark.parametrize("proxy", ["topk", "tokens"])
+def test_device_selects_what_exact_selects(tmp_path, device, form, rank, tokens, proxy):
     table = make_table(tmp_path)
-    cpu, dev = pair(table, device, form=form)
+    cpu, dev = pair(table, device, form=form, proxy=proxy)
+    assert dev.token_level == (proxy == "tokens")
     rng = np.random.default_rng(1)
     for _ in range(6):  # consecutive steps: the contiguity buffers evolve the same way
         q = queries(rng, tokens)

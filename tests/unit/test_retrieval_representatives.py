@@ -145,3 +145,28 @@ def test_topk_batch_picks_each_events_largest_norm_keys():
             order = order[torch.arange(4) % order.shape[0]]  # short events repeat their tokens
             np.testing.assert_array_equal(got[i, layer].reshape(4, 2, 4), ev[order, layer].numpy())
         off += n
+
+
+def test_tokens_proxy_keeps_the_same_tokens_in_every_layer():
+    """``"tokens"``: an event's tokens are ranked once, by key norm summed over the layers given, and
+    every layer keeps those tokens' keys in that order (short events repeat, ties to the earlier token);
+    the per-event function and the batched one agree."""
+    from emserve.retrieval.representatives import topk_representatives
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [1, 3, 6, 11]
+    keys = torch.randn(sum(lengths), 3, HKV, HD, generator=g)
+    keys[1, 0] *= 10  # largest in layer 0 alone: "topk" takes it there, "tokens" weighs it over the layers
+    got = topk_representatives(keys, lengths, 4, aligned=True)
+    off = 0
+    for i, n in enumerate(lengths):
+        ev = keys[off:off + n]
+        total = sum(ev[:, layer].reshape(n, -1).norm(dim=-1) for layer in range(3))
+        order = torch.argsort(-total, stable=True)[: min(4, n)]
+        order = order[torch.arange(4) % order.shape[0]]
+        for layer in range(3):
+            np.testing.assert_array_equal(got[i, layer].reshape(4, HKV, HD), ev[order, layer].numpy())
+        np.testing.assert_array_equal(representatives_from_keys(ev, H, repr_topk=4, proxy="tokens"), got[i])
+        off += n
+    # the per-layer proxy differs where one layer's norms disagree with the sum
+    assert not np.array_equal(topk_representatives(keys, lengths, 4), got)

@@ -509,3 +509,39 @@ def test_the_query_sample_span_is_a_function_of_the_table_length_alone() -> None
     assert all(a <= b for a, b in zip(spans, spans[1:], strict=False))  # never shrinks
     assert all(n / 1.25 < m <= n for n, m in zip(range(256, 100_000), spans, strict=True))  # the last 25% at most
     assert len(set(spans)) < 40  # resampled at each 25% of growth, not at every event
+
+
+def test_token_level_maxsim_scores_the_best_token_across_the_scoring_layers(tmp_path):
+    """With ``repr_proxy="tokens"`` a shared selection scores ``mean_i max_j sum_l q_il . rep_l,j``
+    (brute force here, exact and through the HNSW candidates), not ``sum_l max_j``: an event whose
+    best keys are different tokens in each layer loses to one whose single token matches in all."""
+    rng = np.random.default_rng(7)
+    n, v = 400, 4
+    sizes = rng.integers(4, 20, n)
+    starts = 128 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    reps = rng.standard_normal((n, L, v, D)).astype(np.float32)
+    q = rng.standard_normal((5, L, D)).astype(np.float32)
+    reps[10, :, 2] = 2.0 * q.mean(0)  # one token matching in every layer
+    for lay in range(L):  # a different token per layer, each matching in its own layer only (stronger)
+        reps[20, lay, lay] = 2.5 * q.mean(0)[lay]
+    brute = (np.einsum("elvd,tld->tev", reps, q)).max(axis=2).mean(axis=0)  # [n]
+    per_layer = np.einsum("elvd,tld->telv", reps, q).max(axis=3).sum(axis=2).mean(axis=0)
+    assert brute[10] > brute[20] and per_layer[20] > per_layer[10]
+    for name, threshold in (("exact", 10**6), ("hnsw", 0)):
+        table = EventTable.create(tmp_path / name, L, v * D, vectors=v)
+        table.append(np.stack([starts, starts + sizes], 1), reps.reshape(n, L, v * D))
+        ix = EventIndex.open(tmp_path / name, table, IndexParams(exact_threshold=threshold))
+        r = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False, repr_proxy="tokens"))
+        assert r.token_level
+        np.testing.assert_allclose(r.scores(r.encode(q[:, :, None]), None), brute, rtol=1e-4, atol=1e-4)
+        ids = np.array([3, 20, 10, 399])
+        np.testing.assert_allclose(r.scores(r.encode(q[:, :, None]), None, ids), brute[ids], rtol=1e-4, atol=1e-4)
+        res = r.retrieve(q[:, :, None], int(sizes[np.argsort(-brute)[:5]].sum()))
+        assert res.layers[0].events and 10 in res.layers[0].ids and res.exact == (name == "exact")
+        top = [e.id for e in sorted(res.layers[0].events, key=lambda e: -e.score)][:3]
+        assert top == list(np.argsort(-brute)[:3])
+        old = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False))
+        assert not old.token_level
+        np.testing.assert_allclose(old.scores(old.encode(q[:, :, None]), None), per_layer, rtol=1e-4, atol=1e-4)
+        with pytest.raises(PlanError, match="representatives"):
+            r.config = raw(per_layer=False, use_contiguity_buffer=False)
