@@ -13,9 +13,6 @@ Systems (one server, one engine; each system is a per-session ``MemoryConfig`` o
   ``use_contiguity_buffer false`` and ``question_neighbours 0``);
 * ``mean-rank``: emserve with the question ranking before ``question_rank`` (a question's last 4 query
   tokens, events ranked by their mean score).
-* ``token-maxsim``: emserve with the ``"tokens"`` representatives (the same 4 tokens of an event in
-  every layer) scored by the token-level MaxSim (``emserve.retrieval.queries``); a candidate default,
-  run by ``recall.py`` on request, not part of ``eval.py``'s grids.
 
 The full-attention baseline (vanilla vLLM, ``vanilla``) runs in ``eval_vanilla.py`` after the server
 has stopped, so that two engines never compete for the CPU.
@@ -40,8 +37,6 @@ if TYPE_CHECKING:
 SERVER_SYSTEMS = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank")
 ABLATIONS = ("no-refine", "no-contiguity", "mean-rank")
 ALL_SYSTEMS = (*SERVER_SYSTEMS, "vanilla")
-CANDIDATES = ("token-maxsim",)
-"""Server systems that are candidate defaults: ``recall.py`` runs them when named, ``eval.py`` never."""
 
 
 def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,9 +60,7 @@ def overrides(system: str, default: Mapping[str, Any]) -> dict[str, Any]:
         return {"use_contiguity_buffer": False, "question_neighbours": 0, "question_reach": 0}
     if system == "mean-rank":
         return {"question_rank": "mean", "question_query_tokens": 4}
-    if system == "token-maxsim":
-        return {"repr_proxy": "tokens"}
-    raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS + CANDIDATES)}")
+    raise ValueError(f"unknown system {system!r}; known: {', '.join(ALL_SYSTEMS)}")
 
 
 def add_server_args(ap: Any, out: str) -> None:

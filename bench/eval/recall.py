@@ -39,13 +39,11 @@ from typing import Any
 
 from bench.eval.common import RESULTS, machine, sigterm_exits, wilson
 from bench.eval.eval import _ints, git_rev
-from bench.eval.eval_server import ABLATIONS, CANDIDATES, Job, Server, log, overrides, run_jobs
+from bench.eval.eval_server import Job, Server, log, overrides, run_jobs
 from bench.eval.eval_tasks import Haystack
 from bench.eval.recall_tasks import NOISE, PHRASINGS, SOURCES, TASKS, build, reference_prompt, source_filler
 
 SYSTEMS = ("emserve", "truncation", "infllm")
-"""The default systems; an ablation or a candidate default (``eval_server``) runs when named."""
-NAMED = (*SYSTEMS, *ABLATIONS, *CANDIDATES)
 
 
 class Run:
@@ -238,7 +236,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--per-task", type=int, help="needles per task in each prose haystack (default 10; the noise "
                                                  "haystack holds this many per source)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x],
-                    help=f"server systems, of {', '.join(NAMED)}; '' for none (default: {', '.join(SYSTEMS)})")
+                    help=f"server systems, of {', '.join(SYSTEMS)}; '' for none (default all)")
     ap.add_argument("--reference-lengths", type=lambda s: _ints(s) if s else [],
                     help="full-attention reference windows, e.g. 1k,2k,4k (default); '' for none")
     ap.add_argument("--model", default=None, help="smollm2-135m (default), qwen2.5-0.5b, or an HF folder")
@@ -267,7 +265,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.reference_lengths is None:
         args.reference_lengths = [2048] if quick else [1024, 2048, 4096]
     bad = ([s for s in args.sources if s not in SOURCES] + [t for t in args.tasks if t not in TASKS]
-           + [s for s in args.systems if s not in NAMED])
+           + [s for s in args.systems if s not in SYSTEMS])
     if bad:
         ap.error(f"unknown sources / tasks / systems: {bad}")
     if args.out is None:
