@@ -231,6 +231,7 @@ class Setup:
     questions: int
     tokens: int
     asked: list[Any]  # the questions (bench.eval.eval_tasks.Question), in the order of their queries
+    queries: list[np.ndarray]  # ``enc`` before encoding: a chunk's mean ``[layers, 9, 64]``, a question's tokens
 
 
 def add_data_args(ap: argparse.ArgumentParser) -> None:
@@ -242,8 +243,10 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--chunks", type=int, default=16)
 
 
-def prepare(args: argparse.Namespace) -> Setup:
-    """Load the table, compute the real queries and the exact reference (minutes at 1M tokens)."""
+def prepare(args: argparse.Namespace, *, reference: bool = True, cache: Path | None = None) -> Setup:
+    """Load the table, compute the real queries and (``reference``) the exact reference of today's
+    score (minutes at 1M tokens). ``cache``: a folder the queries are kept in, by event count, chunks
+    and questions."""
     from transformers import AutoTokenizer
 
     from bench.eval.recall_tasks import TASKS, build, source_filler
@@ -266,8 +269,16 @@ def prepare(args: argparse.Namespace) -> Setup:
     contexts = [list(t.tokens[p - 1536:p + 512]) for p in chunk_at]
     contexts += [list(t.tokens[end - 1024:end]) + list(q.prompt_ids) for q in questions]
     t0 = time.perf_counter()
-    qs = model_queries(str(spec.path), contexts[: args.chunks], 512, num_layers)
-    qs = [x.mean(0) for x in qs] + model_queries(str(spec.path), contexts[args.chunks:], 64, num_layers)
+    kept = None if cache is None else cache / f"queries-{t.n}-{args.chunks}-{len(questions)}.npz"
+    if kept is not None and kept.exists():
+        with np.load(kept) as f:
+            qs = [f[f"q{i}"] for i in range(len(contexts))]
+    else:
+        qs = model_queries(str(spec.path), contexts[: args.chunks], 512, num_layers)
+        qs = [x.mean(0) for x in qs] + model_queries(str(spec.path), contexts[args.chunks:], 64, num_layers)
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(kept, **{f"q{i}": x for i, x in enumerate(qs)})
     print(f"queries in {time.perf_counter() - t0:.0f} s", flush=True)
 
     mean = QueryMean(args.session, num_layers, HEADS * HEAD_DIM).mean
@@ -282,7 +293,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     t0 = time.perf_counter()
     exact: list[Any] = []
     exact_s: list[float] = []
-    for i, q in enumerate(enc):
+    for i, q in enumerate(enc if reference else []):
         s0 = time.perf_counter()
         ts = token_scores(t, q, layers, None)
         if i < args.chunks:
@@ -293,7 +304,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             exact.append((set(order[:10].tolist()), set(order[:30].tolist())))
         exact_s.append(time.perf_counter() - s0)
     print(f"exact in {time.perf_counter() - t0:.0f} s", flush=True)
-    return Setup(t, layers, cfg, enc, exact, exact_s, args.chunks, len(questions), end, questions)
+    return Setup(t, layers, cfg, enc, exact, exact_s, args.chunks, len(questions), end, questions, qs)
 
 
 def main() -> int:
