@@ -340,15 +340,15 @@ def near_parts(order: np.ndarray, via: np.ndarray, row: np.ndarray, ranked: np.n
     return order[idx][by], first[by], last[by], tail[by], via[idx][by]
 
 
-def interleave(per_token: np.ndarray) -> np.ndarray:
+def interleave(per_token: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Column order of ``per_token [tokens, candidates]``: first the candidate with the best mean
     score (the one the tokens agree on), then every token's best candidate, then every token's second
     best, ... (each candidate at its first appearance; ties: the lower column first).
     Within a round the tokens go by how far their best candidate stands out of their scores
     (``(max - mean) / std``): a key word's sharp match before the flat preferences of "the" or a
-    newline, which matters when the budget holds only a few events."""
-    mu = per_token.mean(axis=1)
-    sd = per_token.std(axis=1)
+    newline, which matters when the budget holds only a few events. ``stats``: each token's
+    ``(mean, std)`` to use there (default: those of ``per_token``)."""
+    mu, sd = (per_token.mean(axis=1), per_token.std(axis=1)) if stats is None else stats
     peak = (per_token.max(axis=1) - mu) / np.where(sd > 0, sd, 1.0)
     rows = per_token[np.argsort(-peak, kind="stable")]
     order = np.argsort(-rows, axis=1, kind="stable")  # [t, c]

@@ -45,13 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from bench.eval.common import machine, table, write_results
 from bench.lab.ivf_probe import HEAD_DIM, HEADS, KV_HEADS, VECTORS, Setup, add_data_args, prepare, top_budget
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.queries import QueryMean, encode_queries
-from emserve.retrieval.representatives import topk_representatives
+from emserve.retrieval.representatives import event_representatives
 from emserve.retrieval.retriever import interleave, sample_ids_of, sample_span
 
 BLOCK = 16384
@@ -59,21 +58,16 @@ WIDTH = KV_HEADS * HEAD_DIM
 
 
 def aligned_vectors(d: Setup, log: KVLog, rotate: Any) -> np.ndarray:
-    """float16 ``[events, 4, layers * 192]``: each event's ``"tokens"`` representatives, concatenated over
-    the scoring layers (the product's ``topk_representatives(aligned=True)``), read in blocks of events."""
+    """float16 ``[events, 4, layers * 192]``: each event's ``"tokens"`` representatives (the product's
+    ``event_representatives``), concatenated over the scoring layers, computed in blocks of events."""
     t, nl = d.table, len(d.layers)
     out = np.empty((t.n, VECTORS, nl * WIDTH), np.float16)
     first = 0
     while first < t.n:
         last = max(first + 1, int(np.searchsorted(t.ends, t.starts[first] + BLOCK, side="right")))
-        a, b = int(t.starts[first]), int(t.ends[last - 1])
-        delta = -torch.from_numpy(log.positions(a, b).astype(np.int64))
-        keys = torch.stack([log.keys(lay, a, b).to(torch.float32) for lay in d.layers], 1)  # [T, L, Hkv, D]
-        keys = rotate(keys.reshape(b - a, nl * KV_HEADS, HEAD_DIM), delta).reshape(b - a, nl, KV_HEADS, HEAD_DIM)
-        lengths = (t.ends[first:last] - t.starts[first:last]).tolist()
-        if t.starts[first + 1:last].tolist() != t.ends[first:last - 1].tolist():
-            raise SystemExit("events are not back to back")
-        reps = topk_representatives(keys, lengths, VECTORS, aligned=True)  # [E, L, V * 192]
+        ranges = list(zip(t.starts[first:last].tolist(), t.ends[first:last].tolist(), strict=True))
+        reps = event_representatives(log, ranges, num_heads=HEADS, rotate=rotate, repr_topk=VECTORS,
+                                     proxy="tokens", layers=d.layers)  # [E, L, V * 192]
         out[first:last] = reps.reshape(last - first, nl, VECTORS, WIDTH).transpose(0, 2, 1, 3).reshape(
             last - first, VECTORS, nl * WIDTH)
         first = last
@@ -83,20 +77,6 @@ def aligned_vectors(d: Setup, log: KVLog, rotate: Any) -> np.ndarray:
 def concat_queries(q: Any, layers: range) -> np.ndarray:
     """``[n, layers * 192]``: each query token's scaled per-layer vectors, concatenated."""
     return np.concatenate([q.tokens[:, lay] * q.scale[:, lay, None] for lay in layers], axis=1).astype(np.float32)
-
-
-def ranked(ts: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """:func:`interleave` of ``ts [tokens, events]``, the tokens ordered by their peak over ``stats``
-    (per-token mean and spread; None: those of ``ts``)."""
-    if stats is None:
-        return interleave(ts)
-    mu, sd = stats
-    peak = (ts.max(axis=1) - mu) / np.where(sd > 0, sd, 1.0)
-    rows = ts[np.argsort(-peak, kind="stable")]
-    order = np.argsort(-rows, axis=1, kind="stable")
-    flat = np.concatenate([[int(np.argmax(ts.mean(axis=0)))], order.T.ravel()])
-    _, first = np.unique(flat, return_index=True)
-    return flat[np.sort(first)].astype(np.int64)
 
 
 def exact_scores(vecs: np.ndarray, qc: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
@@ -176,7 +156,7 @@ def main() -> int:
         if i < d.chunks:
             exact.append(top_budget(np.lexsort((np.arange(t.n), -ts.mean(0))), t.sizes, cfg.n_mem))
         else:
-            order = ranked(ts, stats[i])
+            order = interleave(ts, stats[i])
             exact.append((set(order[:10].tolist()), set(order[:30].tolist())))
         exact_ms.append(1000 * (time.perf_counter() - s0))
     print(f"exact token-level in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -186,7 +166,7 @@ def main() -> int:
         if i < d.chunks:
             got = top_budget(cand[np.lexsort((cand, -ts.mean(0)))], t.sizes, cfg.n_mem)
             return len(got & exact[i]) / len(exact[i])
-        order = cand[ranked(ts, stats[i])]
+        order = cand[interleave(ts, stats[i])]
         e10, e30 = exact[i]
         return len(set(order[:10].tolist()) & e10) / 10, len(set(order[:30].tolist()) & e30) / 30
 
