@@ -21,6 +21,9 @@ from emserve.retrieval.representatives import REPR_PROXIES, ReprProxy
 Rank = Literal["mean", "interleave"]
 """How a question's query tokens rank the events: their mean score, or each token by its own, interleaved."""
 RANKS: tuple[Rank, ...] = ("mean", "interleave")
+InterleaveStats = Literal["scored", "sample"]
+"""Where :func:`~emserve.retrieval.retriever.interleave` takes each query token's score statistics."""
+INTERLEAVE_STATS: tuple[InterleaveStats, ...] = ("scored", "sample")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +52,12 @@ class RetrievalConfig:
     question_rank: Rank = "interleave"
     """How a question's query tokens rank the events (``Retriever.retrieve``): their mean score, or
     each token by its own scores, interleaved. Ingestion steps rank by the mean."""
+    interleave_stats: InterleaveStats = "scored"
+    """How an interleaved ranking orders the query tokens within a round, by how far each token's best
+    event stands out of its scores (``(max - mean) / std``): the mean and spread over the events
+    scored (``"scored"``: every event on the exact path, the HNSW candidates otherwise, so the order
+    moves with the candidates), or over the query sample's events (``"sample"``, ``query_sample``: the
+    same events on every path)."""
     question_neighbours: int = 6
     """A question's similarity hits bring their temporal neighbours, this many events each side,
     before any lower-ranked event (``Retriever.retrieve``; 0: none, EM-LLM)."""
@@ -142,6 +151,8 @@ class RetrievalConfig:
             raise ConfigError(f"question_parts must be >= 0 (0: whole events), got {self.question_parts}")
         if self.question_rank not in RANKS:
             raise ConfigError(f"question_rank must be one of {RANKS}, got {self.question_rank!r}")
+        if self.interleave_stats not in INTERLEAVE_STATS:
+            raise ConfigError(f"interleave_stats must be one of {INTERLEAVE_STATS}, got {self.interleave_stats!r}")
         if not self.contiguity_buffer_size >= 0:
             raise ConfigError(f"contiguity_buffer_size must be >= 0, got {self.contiguity_buffer_size}")
         need = self.n_init + self.n_mem + self.n_local + self.exc_block_size + 1

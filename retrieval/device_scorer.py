@@ -257,14 +257,17 @@ class DeviceScorer:
                 k = min(m, 2 * k)
 
     @_device_memory
-    def ranked_interleave(self, q: EncodedQuery, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
+    def ranked_interleave(self, q: EncodedQuery, m: int, sizes: np.ndarray, need: int,
+                          stats_ids: np.ndarray | None = None) -> np.ndarray:
         """Events ``< m`` in :func:`~emserve.retrieval.retriever.interleave` order of the per-token
-        scores, as many rounds as cover ``need`` tokens."""
+        scores, as many rounds as cover ``need`` tokens; each token's statistics over events
+        ``stats_ids`` (None: all ``m``)."""
         with self._lock:
             ts = self.token_scores(q, m)  # [t, m]
             t = ts.shape[0]
-            sd = ts.std(dim=1, correction=0)
-            peak = (ts.amax(dim=1) - ts.mean(dim=1)) / torch.where(sd > 0, sd, torch.ones_like(sd))
+            ref = ts if stats_ids is None else ts[:, torch.as_tensor(stats_ids, device=ts.device)]
+            sd = ref.std(dim=1, correction=0)
+            peak = (ts.amax(dim=1) - ref.mean(dim=1)) / torch.where(sd > 0, sd, torch.ones_like(sd))
             rows = np.argsort(-peak.cpu().numpy(), kind="stable")
             k = min(m, _first_guess(sizes[:m], need, t))
             while True:

@@ -53,7 +53,8 @@ candidates and the bounded rescoring's upper bound stay per layer (``sum_l max_j
 * ``"interleave"``: every token ranks the events by its own ``s_i``; the rank walk takes the event
   with the best mean score first (what the tokens agree on), then every token's best, then their
   second best, ... (each event once; within a round the tokens whose best
-  event stands out most go first, :func:`interleave`). A question names what it
+  event stands out most go first, :func:`interleave`, measured against the scored events or the query
+  sample's, ``interleave_stats``). A question names what it
   wants in a few of its tokens ("... the special magic number for quiet-harbor ..."): in the mean those
   few are outvoted by the generic rest, while in its own list the key word's token ranks the needle's
   event first (``bench/lab/question_queries.py``). HNSW lists are then asked for ``1/t`` of the usual
@@ -687,7 +688,7 @@ class Retriever:
         if self.scorer is not None:
             self._sync_scorer()
             if rank == "interleave" and q.tokens.shape[0] > 1:
-                ranked = self.scorer.ranked_interleave(q, m, sizes, need)
+                ranked = self.scorer.ranked_interleave(q, m, sizes, need, self._stats_ids(m))
             else:
                 ranked = self.scorer.ranked_mean(q, m, sizes, need)
         elif not exact and self.config.shared_rescore_factor > 0:
@@ -715,10 +716,29 @@ class Retriever:
             if full:
                 sub = None if ids.shape[0] == m else ids  # ids < m are unique: m of them are all of them
                 if rank == "interleave" and q.tokens.shape[0] > 1:
-                    return ids[interleave(self.token_scores(q, layer, sub)[:, :m])]
+                    return ids[interleave(self.token_scores(q, layer, sub)[:, :m], self._interleave_stats(q, layer, m))]
                 scores = self.scores(q, layer, sub)[:m]
                 return ids[np.lexsort((ids, -scores))]
             k = min(n, 2 * k)
+
+    def _stats_ids(self, m: int) -> np.ndarray | None:
+        """The events whose scores give :func:`interleave` its token statistics among events ``< m``:
+        the query sample's (``interleave_stats="sample"``, at least two of them), else None (the scored
+        events' own)."""
+        if self.config.interleave_stats != "sample":
+            return None
+        ids = self.sample_ids()
+        ids = None if ids is None else ids[ids < m]
+        return ids if ids is not None and ids.shape[0] >= 2 else None
+
+    def _interleave_stats(self, q: EncodedQuery, layer: int | None,
+                          m: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each query token's ``(mean, std)`` over the :meth:`_stats_ids` events (None: no such events)."""
+        ids = self._stats_ids(m)
+        if ids is None:
+            return None
+        ts = self.token_scores(q, layer, ids)
+        return ts.mean(axis=1), ts.std(axis=1)
 
     def _candidates(self, q: EncodedQuery, layers: Sequence[int], k: int, *, exact: bool) -> np.ndarray | None:
         """None (score every event) on the exact path; else the union of every (layer, query token)

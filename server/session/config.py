@@ -99,9 +99,10 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
                                             "contiguity_buffer_size", "per_layer", "shared_score_layers",
                                             "center_queries", "standardize_queries")},
     # a question: its window and ranking (retrieval), its query tokens and rules (question)
-    **{n: _places("retrieval", n) for n in ("question_rank", "question_neighbours", "question_reach",
-                                            "question_parts", "question_contiguity", "question_n_init",
-                                            "question_memory_last", "question_n_local", "question_n_mem")},
+    **{n: _places("retrieval", n) for n in ("question_rank", "interleave_stats", "question_neighbours",
+                                            "question_reach", "question_parts", "question_contiguity",
+                                            "question_n_init", "question_memory_last", "question_n_local",
+                                            "question_n_mem")},
     **{f"question_{n}": _places("question", n) for n in ("query_tokens", "content_queries", "lexical", "bridge",
                                                          "contrast", "copy")},
 }

@@ -36,11 +36,11 @@ def make_table(path, n=N, seed=0):
     return table
 
 
-def pair(table, device, dtype=torch.float32, form="rq", proxy="topk"):
+def pair(table, device, dtype=torch.float32, form="rq", proxy="topk", stats="scored"):
     """A CPU-exact retriever and a device retriever over the same table, centred + standardized."""
     index = EventIndex.open(table.path, table, IndexParams(exact_threshold=NO_GRAPH), layers=())
     cfg = raw(per_layer=False, shared_score_layers=len(SCORE) / L, standardize_queries=True, query_sample=64,
-              repr_proxy=proxy)
+              repr_proxy=proxy, interleave_stats=stats)
     cpu = Retriever(index, cfg)
     dev = Retriever(index, cfg, scorer=DeviceScorer(table, SCORE, device=device, dtype=dtype, form=form,
                                                      token_level=cfg.token_level))
@@ -54,11 +54,12 @@ def queries(rng, tokens):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["rq", "qr"])
-@pytest.mark.parametrize("rank,tokens", [("mean", 1), ("mean", 5), ("interleave", 8)])
+@pytest.mark.parametrize("rank,tokens,stats", [("mean", 1, "scored"), ("mean", 5, "scored"),
+                                               ("interleave", 8, "scored"), ("interleave", 8, "sample")])
 @pytest.mark.parametrize("proxy", ["topk", "tokens"])
-def test_device_selects_what_exact_selects(tmp_path, device, form, rank, tokens, proxy):
+def test_device_selects_what_exact_selects(tmp_path, device, form, rank, tokens, stats, proxy):
     table = make_table(tmp_path)
-    cpu, dev = pair(table, device, form=form, proxy=proxy)
+    cpu, dev = pair(table, device, form=form, proxy=proxy, stats=stats)
     assert dev.token_level == (proxy == "tokens")
     rng = np.random.default_rng(1)
     for _ in range(6):  # consecutive steps: the contiguity buffers evolve the same way

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -233,6 +235,38 @@ def test_interleave_takes_each_tokens_best_in_turn():
     assert interleave(per_token).tolist() == [4, 3, 0, 1, 2]
     assert interleave(per_token[[0, 0]]).tolist() == [0, 1, 4, 2, 3]
     assert interleave(np.array([[1.0, 1.0, 2.0]])).tolist() == [2, 0, 1]  # ties: the lower column first
+
+
+def test_interleave_sample_stats_are_the_same_on_every_path(indexes, monkeypatch):
+    """``interleave_stats="sample"``: the token statistics are each token's mean and spread over the query
+    sample's events, whether every event is scored (exact) or only the HNSW candidates; ``"scored"``
+    leaves them to the scored events (``stats=None``)."""
+    from emserve.retrieval import retriever as mod
+
+    seen: list[tuple[np.ndarray, np.ndarray] | None] = []
+    real = mod.interleave
+
+    def spy(per_token, stats=None):
+        seen.append(stats)
+        return real(per_token, stats)
+
+    monkeypatch.setattr(mod, "interleave", spy)
+    q = np.random.default_rng(5).standard_normal((6, L, 1, D)).astype(np.float32)
+    cfg = raw(per_layer=False, use_contiguity_buffer=False, interleave_stats="sample", query_sample=64)
+    for name in ("exact", "hnsw"):
+        r = Retriever(indexes[name], cfg)
+        r.retrieve(q, 300, rank="interleave")
+        ids = r.sample_ids()
+        assert ids is not None and ids.shape[0] == 64
+        ts = r.token_scores(r.encode(q), None, ids)
+        mean, std = seen.pop()
+        np.testing.assert_allclose(mean, ts.mean(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(std, ts.std(axis=1), rtol=1e-6)
+        assert std.min() > 0
+    Retriever(indexes["hnsw"], dataclasses.replace(cfg, interleave_stats="scored")).retrieve(q, 300, rank="interleave")
+    assert seen == [None]
+    with pytest.raises(ConfigError):
+        raw(interleave_stats="candidates")
 
 
 def test_interleave_rank_finds_what_one_token_asks_for(tmp_path):
