@@ -26,12 +26,21 @@ def module_command(module: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", module], env
 
 
+QUESTION_ONLY = ("interleave_stats",)
+"""Settings without the ``question_`` prefix that only a question reads (ingestion ranks by the mean and
+never interleaves): a kept session can be asked with other values without ingesting again."""
+
+
+def is_question_setting(name: str) -> bool:
+    return name.startswith("question_") or name in QUESTION_ONLY
+
+
 def question_defaults() -> dict[str, Any]:
-    """Today's defaults of the ``question_*`` settings: what a question-window variant overrides (a kept
-    session may have been saved with others)."""
+    """Today's defaults of the question settings (:func:`is_question_setting`): what a question-window
+    variant overrides (a kept session may have been saved with others)."""
     from emserve.server.session import SETTINGS, MemoryConfig
 
-    return {name: MemoryConfig().setting(name) for name in SETTINGS if name.startswith("question_")}
+    return {name: MemoryConfig().setting(name) for name in SETTINGS if is_question_setting(name)}
 
 
 def machine() -> dict[str, Any]:

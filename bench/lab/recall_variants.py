@@ -3,9 +3,9 @@
 ``bench/eval/recall.py --keep`` leaves its sessions (each haystack ingested once) in its work folder and
 names that folder in its results file. This script rebuilds the same haystacks and questions from that
 file, opens each ``emserve`` session in-process on the product engine (vLLM, the run's model), and asks
-every question once per variant: a variant is a set of ``MemoryConfig`` overrides (``question_*``
-fields) applied to today's question defaults. Answers are greedy and the sessions the same, so the
-variants compare question by question, without ingesting again.
+every question once per variant: a variant is a set of ``MemoryConfig`` overrides (the question
+settings, ``bench.eval.common.is_question_setting``) applied to today's question defaults. Answers are
+greedy and the sessions the same, so the variants compare question by question, without ingesting again.
 
     .venv/bin/python -m bench.eval.recall --systems emserve --reference-lengths '' --keep --out lab-32k
     .venv/bin/python -m bench.lab.recall_variants --from bench/results/lab-32k.json \\
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.eval.common import machine, question_defaults, table, wilson, write_results
+from bench.eval.common import is_question_setting, machine, question_defaults, table, wilson, write_results
 from bench.eval.eval_server import window_coverage
 from bench.eval.recall import haystacks
 
@@ -38,8 +38,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
     over = json.loads(body)
-    if not isinstance(over, dict) or not all(k.startswith("question_") for k in over):
-        raise argparse.ArgumentTypeError(f"a variant overrides question_* fields only: {body!r}")
+    if not isinstance(over, dict) or not all(is_question_setting(k) for k in over):
+        raise argparse.ArgumentTypeError(f"a variant overrides question settings only (question_*, "
+                                         f"interleave_stats): {body!r}")
     return name, over
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="source", required=True, help="results file of a bench/eval/recall.py --keep run")
     ap.add_argument("--variant", action="append", type=parse_variant, default=[],
-                    help="NAME=JSON of question_* overrides (repeatable; today's defaults are always asked)")
+                    help="NAME=JSON of question-setting overrides (repeatable; today's defaults are always asked)")
     ap.add_argument("--tasks", default="", help="ask only these tasks, e.g. kv,split (default: every task)")
     ap.add_argument("--out", default="recall_variants")
     args = ap.parse_args(argv)
