@@ -18,7 +18,8 @@ Contract
 * The stream's mean query (``query_mean.npz``, see ``queries``) is fed by :meth:`observe_queries`
   after every ingestion step; retrieval centers its queries on it.
 * Resident memory: the table's bounds, the HNSW graphs (of the scoring layers only when one selection
-  serves all layers), the contiguity buffers, and for one call of
+  serves all layers; one graph over token vectors for the token-level MaxSim, ``token_graph``), the
+  contiguity buffers, and for one call of
   :meth:`close_events` the de-rotated keys of the events being closed. KV stays in the log's files.
 * **On a GPU** (``score_device``, shared selection): no HNSW graph; the scoring layers'
   representatives live in device memory only (``DeviceScorer``, ~2.8 KB per token in float16) and the
@@ -55,17 +56,28 @@ from emserve.retrieval.representatives import (
     vectors_per_event,
 )
 from emserve.retrieval.retriever import Retriever
+from emserve.retrieval.token_graph import TokenGraph
 
 logger = logging.getLogger(__name__)
 
 
+GRAPH_CANDIDATE_FACTOR = 8.0
+"""A token graph's lists cover this many times the budget (``Retriever``'s ``candidate_factor``): on 74k
+events of a real 1M session, 8x selected 1.000 of the exact ingestion selection, 2x and 4x missed most
+of it in some steps (``bench/results/retrieval_index.md``, "One index over token vectors")."""
+
+
 def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: QueryMean | None, *, num_heads: int,
-                    head_dim: int, candidate_factor: float = 1.5, scorer: DeviceScorer | None = None) -> Retriever:
+                    head_dim: int, candidate_factor: float | None = None, scorer: DeviceScorer | None = None,
+                    graph: TokenGraph | None = None) -> Retriever:
     """The retriever of a session with ``config`` over ``index`` (what :class:`EpisodicMemory` uses;
     benches build the same one over a kept session). Queries are folded over the GQA groups of the
-    table's vectors (``index.dim // head_dim`` heads per vector)."""
+    table's vectors (``index.dim // head_dim`` heads per vector). ``candidate_factor`` None: 1.5 for the
+    per-layer HNSW indexes, :data:`GRAPH_CANDIDATE_FACTOR` with a token ``graph``."""
+    if candidate_factor is None:
+        candidate_factor = 1.5 if graph is None else GRAPH_CANDIDATE_FACTOR
     return Retriever(index, config, query_mean=query_mean, query_group=num_heads // (index.dim // head_dim),
-                     head_dim=head_dim, candidate_factor=candidate_factor, scorer=scorer)
+                     head_dim=head_dim, candidate_factor=candidate_factor, scorer=scorer, graph=graph)
 
 
 RECOMPUTE_BATCH = 2048
@@ -106,8 +118,13 @@ class EpisodicMemory:
         params = config.index_params()
         if device is not None:  # never searched: no graph (every search is exact), none built
             params = dataclasses.replace(params, exact_threshold=NO_GRAPH)
-        self.index = EventIndex.open(self.path, self.table, params,
-                                     layers=() if device is not None else config.indexed_layers(layout.num_layers))
+        # a token-level selection on the CPU searches one graph over token vectors, not a graph per layer
+        use_graph = device is None and config.token_level
+        self.index = EventIndex.open(self.path, self.table, params, layers=() if device is not None or use_graph
+                                     else config.indexed_layers(layout.num_layers))
+        self.graph = None
+        if use_graph:
+            self.graph = TokenGraph(self.path, self.table, config.score_layers(layout.num_layers), params)
         self.scorer = None
         if device is not None:
             self.scorer = DeviceScorer(self.table, config.score_layers(layout.num_layers), device=device,
@@ -120,7 +137,7 @@ class EpisodicMemory:
                 raise
         self.query_mean = QueryMean(self.path, layout.num_layers, num_heads * layout.head_dim)
         self.retriever = build_retriever(self.index, config, self.query_mean, num_heads=num_heads,
-                                         head_dim=layout.head_dim, scorer=self.scorer)
+                                         head_dim=layout.head_dim, scorer=self.scorer, graph=self.graph)
         self.planner = WindowPlanner(self.retriever, str(log.path))
 
     def close_events(
@@ -149,6 +166,8 @@ class EpisodicMemory:
             first = self.table.append(np.asarray(ranges, dtype=np.int64), reps)
             t1 = time.perf_counter()
             self.index.sync(limit=self.index.params.catchup_events)
+            if self.graph is not None:
+                self.graph.sync(limit=self.index.params.catchup_events)
         if timings is not None:
             timings["close"] = timings.get("close", 0.0) + t1 - t0
             timings["index"] = timings.get("index", 0.0) + time.perf_counter() - t1
@@ -196,14 +215,19 @@ class EpisodicMemory:
     def checkpoint(self) -> None:
         """Persist the indexes now (the table is always persisted)."""
         self.index.save()
+        if self.graph is not None:
+            self.graph.save()
 
     def disk_bytes(self) -> int:
-        return self.table.disk_bytes() + self.index.disk_bytes()
+        graph = 0 if self.graph is None else self.graph.disk_bytes()
+        return self.table.disk_bytes() + self.index.disk_bytes() + graph
 
     def close(self, *, save: bool = True) -> None:
         """Close the files and give the device mirror back. ``save``: persist indexes that changed since
         the last :meth:`checkpoint` first (False writes nothing: a session about to be deleted, a full disk)."""
         self.index.close(save=save)
+        if self.graph is not None:
+            self.graph.close(save=save)
         self.table.close()
         if self.scorer is not None:  # give the device memory back now, not when the object is collected
             self.scorer.release()

@@ -80,6 +80,7 @@ from emserve.retrieval.device_scorer import DeviceScorer
 from emserve.retrieval.errors import PlanError
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.queries import EncodedQuery, QueryMean, encode_queries
+from emserve.retrieval.token_graph import TokenGraph
 
 Source = Literal["similarity", "contiguity", "lexical"]
 
@@ -392,6 +393,7 @@ class Retriever:
         head_dim: int = 0,
         candidate_factor: float = 1.5,
         scorer: DeviceScorer | None = None,
+        graph: TokenGraph | None = None,
     ) -> None:
         """``config``: the session's retrieval settings (None: the defaults); the retriever reads
         ``per_layer``, the contiguity buffer, the query scoring (``center_queries``,
@@ -405,6 +407,9 @@ class Retriever:
         times the budget (+ contiguity share), at the memory's mean event size.
         ``scorer``: score a shared selection exactly on a device (:mod:`~emserve.retrieval.device_scorer`)
         instead of the CPU exact / HNSW paths; its layers must be the scoring layers.
+        ``graph``: the candidates of a token-level shared selection come from this one graph over token
+        vectors (:mod:`~emserve.retrieval.token_graph`, its layers the scoring layers) instead of the
+        per-layer HNSW indexes; search is exact while it lags the table.
         """
         config = RetrievalConfig() if config is None else config
         if candidate_factor <= 0:
@@ -428,6 +433,11 @@ class Retriever:
                             "and scoring layers")
         self.scorer = scorer
         self.token_level = config.token_level
+        if graph is not None and (not self.token_level or scorer is not None
+                                  or tuple(graph.layers) != self.score_layers or graph.table is not self.table):
+            raise PlanError("a token graph serves a token-level shared selection on the CPU, of the same table "
+                            "and scoring layers")
+        self.graph = graph
         if scorer is not None and scorer.token_level != self.token_level:
             raise PlanError("the device scorer's MaxSim (token-level or per layer) must be the config's")
         nbuf = n_layers if config.per_layer else 1
@@ -443,8 +453,10 @@ class Retriever:
         selection's shape stays: ``per_layer`` (the contiguity buffers) and, with a device scorer, the
         scoring layers cannot change."""
         layers = tuple(config.score_layers(self.index.num_layers))
-        if config.per_layer != self._config.per_layer or (self.scorer is not None and layers != self.score_layers):
-            raise PlanError("per_layer (and, on a device, the scoring layers) cannot change on a retriever")
+        fixed = self.scorer is not None or self.graph is not None
+        if config.per_layer != self._config.per_layer or (fixed and layers != self.score_layers):
+            raise PlanError("per_layer (and, on a device or a token graph, the scoring layers) cannot change "
+                            "on a retriever")
         if (config.repr_proxy, config.repr_topk) != (self._config.repr_proxy, self._config.repr_topk):
             raise PlanError("the representatives (repr_proxy, repr_topk) are the table's: they cannot change")
         self._config, self.score_layers = config, layers
@@ -601,7 +613,7 @@ class Retriever:
         sizes = self.table.sizes
         memory = int(sizes[:m].sum())
         # exact also while the HNSW indexes lag the table (catching up, or a reader in another process)
-        exact = self.scorer is not None or self.index.uses_exact(n)
+        exact = self.scorer is not None or self.index.uses_exact(n) or (self.graph is not None and self.graph.lags(n))
         q = None if queries is None else self.encode(queries)
 
         if m == 0 or budget == 0:
@@ -691,7 +703,7 @@ class Retriever:
                 ranked = self.scorer.ranked_interleave(q, m, sizes, need, self._stats_ids(m))
             else:
                 ranked = self.scorer.ranked_mean(q, m, sizes, need)
-        elif not exact and self.config.shared_rescore_factor > 0:
+        elif not exact and self.config.shared_rescore_factor > 0 and self.graph is None:
             ranked = self._ranked_bounded(q, n, m, sizes, need)
         else:
             ranked = self._ranked(partial(self._candidates, q, self.score_layers, exact=exact), q, None,
@@ -743,7 +755,11 @@ class Retriever:
     def _candidates(self, q: EncodedQuery, layers: Sequence[int], k: int, *, exact: bool) -> np.ndarray | None:
         """None (score every event) on the exact path; else the union of every (layer, query token)
         HNSW top-``k`` (the exact scores then rank them)."""
-        if exact or not set(layers) <= set(self.index.layers):  # a layer without an HNSW index: exact
+        if exact:
+            return None
+        if self.graph is not None:
+            return self._graph_candidates(q, k)
+        if not set(layers) <= set(self.index.layers):  # a layer without an HNSW index: exact
             return None
         found = []
         for lay in layers:
@@ -754,6 +770,20 @@ class Retriever:
             for row in ids:  # each row's first k distinct events (as EventIndex.search)
                 _, first = np.unique(row, return_index=True)
                 found.append(row[np.sort(first)[:k]])
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def _graph_candidates(self, q: EncodedQuery, k: int) -> np.ndarray | None:
+        """The union of every query token's first ``k`` distinct events in the token graph (None: it could
+        not return them, score every event)."""
+        assert self.graph is not None
+        try:
+            rows = self.graph.search(self.graph.query_vectors(q.tokens, q.scale), k * self.index.vectors)
+        except RuntimeError:
+            return None
+        found = []
+        for row in rows:
+            _, first = np.unique(row, return_index=True)
+            found.append(row[np.sort(first)[:k]])
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     def _ranked_bounded(self, q: EncodedQuery, n: int, m: int, sizes: np.ndarray, need: int) -> np.ndarray:
