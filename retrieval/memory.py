@@ -61,10 +61,10 @@ from emserve.retrieval.token_graph import TokenGraph
 logger = logging.getLogger(__name__)
 
 
-GRAPH_CANDIDATE_FACTOR = 8.0
+GRAPH_CANDIDATE_FACTOR = 16.0
 """A token graph's lists cover this many times the budget (``Retriever``'s ``candidate_factor``): on 74k
-events of a real 1M session, 8x selected 1.000 of the exact ingestion selection, 2x and 4x missed most
-of it in some steps (``bench/results/retrieval_index.md``, "One index over token vectors")."""
+events of a real 1M session the product's graph kept 0.997 of the exact ingestion selection with 16x, 0.953
+with 8x (``bench/results/retrieval_index.md``, "The product's token graph")."""
 
 
 def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: QueryMean | None, *, num_heads: int,
