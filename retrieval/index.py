@@ -146,6 +146,15 @@ def exact_topk(reps: np.ndarray, query: np.ndarray, k: int, *, vectors: int = 1)
     return order.astype(np.int64), scores[order].astype(np.float32)
 
 
+def graph_fits(ix: hnswlib.Index, events: int, vectors: int) -> bool:
+    """Whether a loaded graph holds whole events ``0 .. count-1`` (labels ``e * vectors + j``, every one of
+    them) and at most ``events`` of them; else it is ahead of its table or damaged, and is rebuilt."""
+    count = ix.get_current_count()
+    labels = np.asarray(ix.get_ids_list(), dtype=np.int64)
+    return (count <= events * vectors and count % vectors == 0 and labels.size == count
+            and (count == 0 or int(labels.max()) == count - 1))
+
+
 class EventIndex:
     """Per-layer similarity search over one session's event table."""
 
@@ -202,13 +211,9 @@ class EventIndex:
                 ix.load_index(str(f), max_elements=capacity)
             except RuntimeError:
                 ix = None
-            if ix is not None:
-                count = ix.get_current_count()
-                labels = np.asarray(ix.get_ids_list(), dtype=np.int64)
-                if (count <= n * v and count % v == 0 and labels.size == count
-                        and (count == 0 or int(labels.max()) == count - 1)):
-                    ix.set_ef(self.params.ef)
-                    return ix
+            if ix is not None and graph_fits(ix, n, v):
+                ix.set_ef(self.params.ef)
+                return ix
         if not self.writable and n >= self.params.build_at:
             raise IndexStoreError(f"index of layer {layer} at {self.path} is missing or ahead of its table")
         if n > 0 and (f.exists() or n >= self.params.build_at):

@@ -44,7 +44,7 @@ import numpy as np
 
 from emserve.retrieval.errors import ConfigError, IndexStoreError
 from emserve.retrieval.events import EventTable
-from emserve.retrieval.index import IndexParams
+from emserve.retrieval.index import IndexParams, graph_fits
 
 GRAPH_FILE = "tokens.hnsw"
 PROJECTION_FILE = "tokens.npz"
@@ -125,10 +125,7 @@ class TokenGraph:
             try:
                 ix.load_index(str(self.path / GRAPH_FILE), max_elements=max(self.params.initial_capacity, 2 * n)
                               * self.vectors)
-                count = ix.get_current_count()
-                labels = np.asarray(ix.get_ids_list(), dtype=np.int64)
-                if count <= n * self.vectors and count % self.vectors == 0 and labels.size == count and (
-                        count == 0 or int(labels.max()) == count - 1):
+                if graph_fits(ix, n, self.vectors):
                     ix.set_ef(self.params.ef)
                     self._graph, self._proj, self._radius = ix, proj, radius
                     return
