@@ -753,35 +753,23 @@ class Retriever:
         return ts.mean(axis=1), ts.std(axis=1)
 
     def _candidates(self, q: EncodedQuery, layers: Sequence[int], k: int, *, exact: bool) -> np.ndarray | None:
-        """None (score every event) on the exact path; else the union of every (layer, query token)
-        HNSW top-``k`` (the exact scores then rank them)."""
+        """None (score every event) on the exact path; else the union of every query token's first ``k``
+        distinct events in the token graph (with one), or in each layer's HNSW index (the exact scores then
+        rank them)."""
         if exact:
             return None
-        if self.graph is not None:
-            return self._graph_candidates(q, k)
-        if not set(layers) <= set(self.index.layers):  # a layer without an HNSW index: exact
-            return None
-        found = []
-        for lay in layers:
-            try:
-                ids, _ = self.index.search_batch(lay, q.tokens[:, lay], k * self.index.vectors)
-            except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
-                return None
-            for row in ids:  # each row's first k distinct events (as EventIndex.search)
-                _, first = np.unique(row, return_index=True)
-                found.append(row[np.sort(first)[:k]])
-        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
-
-    def _graph_candidates(self, q: EncodedQuery, k: int) -> np.ndarray | None:
-        """The union of every query token's first ``k`` distinct events in the token graph (None: it could
-        not return them, score every event)."""
-        assert self.graph is not None
+        kv = k * self.index.vectors
         try:
-            rows = self.graph.search(self.graph.query_vectors(q.tokens, q.scale), k * self.index.vectors)
-        except RuntimeError:
+            if self.graph is not None:
+                rows = list(self.graph.search(self.graph.query_vectors(q.tokens, q.scale), kv))
+            elif set(layers) <= set(self.index.layers):
+                rows = [row for lay in layers for row in self.index.search_batch(lay, q.tokens[:, lay], kv)[0]]
+            else:  # a layer without an HNSW index: exact
+                return None
+        except RuntimeError:  # hnswlib could not find k results (tiny ef / disconnected graph)
             return None
         found = []
-        for row in rows:
+        for row in rows:  # each row's first k distinct events (as EventIndex.search)
             _, first = np.unique(row, return_index=True)
             found.append(row[np.sort(first)[:k]])
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
