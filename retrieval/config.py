@@ -56,8 +56,8 @@ class RetrievalConfig:
     """How an interleaved ranking orders the query tokens within a round, by how far each token's best
     event stands out of its scores (``(max - mean) / std``): the mean and spread over the query sample's
     events (``"sample"``, ``query_sample``: the same events on every path, so an approximate search ranks
-    its candidates as the exact one would), or over the events scored (``"scored"``, the rule before:
-    every event on the exact path, the graph's candidates otherwise, so the order moved with them)."""
+    its candidates as the exact one would), or over the events scored (``"scored"``:
+    every event on the exact path, the graph's candidates otherwise, so the order moves with them)."""
     question_neighbours: int = 6
     """A question's similarity hits bring their temporal neighbours, this many events each side,
     before any lower-ranked event (``Retriever.retrieve``; 0: none, EM-LLM)."""

@@ -62,9 +62,8 @@ logger = logging.getLogger(__name__)
 
 
 GRAPH_CANDIDATE_FACTOR = 16.0
-"""A token graph's lists cover this many times the budget (``Retriever``'s ``candidate_factor``): on 74k
-events of a real 1M session the product's graph kept 0.997 of the exact ingestion selection with 16x, 0.953
-with 8x (``bench/results/retrieval_index.md``, "The product's token graph")."""
+"""A token graph's lists cover this many times the budget (``Retriever``'s ``candidate_factor``; the
+measurements that chose it: ``docs/decisions.md``, "Representatives")."""
 
 
 def build_retriever(index: EventIndex, config: RetrievalConfig, query_mean: QueryMean | None, *, num_heads: int,
