@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.eval.recall --lengths 128k   # the same grid at 128k
     .venv/bin/python -m bench.eval.recall --plan           # the haystacks and questions, nothing run
     .venv/bin/python -m bench.eval.recall --lengths 1m --resume  # go on with a stopped run of that grid
+    .venv/bin/python -m bench.eval.recall --lengths 1m --stop-after 1  # one haystack now, --resume for the next
     .venv/bin/python -m bench.eval.recall --phrasings heldout  # needles and questions in other words (the rules
                                                       #   of docs/recall.md were chosen on the suite's)
 
@@ -57,9 +58,12 @@ class Run:
                                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                                     "git": git_rev(), "machine": machine(), "answers": [], "haystacks": []}
 
-    def resume(self, config: dict[str, Any]) -> Path:
+    def resume(self, config: dict[str, Any], workdir_parent: str | None) -> Path:
         """Take up the saved results of a stopped run of the same grid (``--resume``): its answers and
-        finished haystacks stay, and its work folder (sessions and logs) is used again."""
+        finished haystacks stay, and its work folder (sessions and logs) is used again. Where that folder
+        is gone (another machine, a wiped ``/tmp``), a new one is made under ``workdir_parent`` and the
+        haystack the run stopped in starts again from its first token; the resume entry says so
+        (``workdir_lost``) and names the machine of this part of the run."""
         if not self.path.exists():
             raise SystemExit(f"--resume: no results at {self.path} to resume")
         saved = json.loads(self.path.read_text())
@@ -67,13 +71,15 @@ class Run:
             raise SystemExit(f"--resume: {self.path} is a finished run")
         if saved.get("config") != config:
             raise SystemExit(f"--resume: {self.path} ran another grid: {saved.get('config')}")
-        workdir = Path(saved.get("workdir", ""))
-        if not saved.get("workdir") or not workdir.is_dir():
-            raise SystemExit(f"--resume: the stopped run's work folder {saved.get('workdir')!r} is gone")
+        workdir = Path(saved.get("workdir") or "")
+        lost = not saved.get("workdir") or not workdir.is_dir()
+        if lost:
+            workdir = new_workdir(workdir_parent)
         self.t0 -= float(saved.get("wall_s", 0.0))
         resumed = [*saved.get("resumed", []), {"command": self.res["command"], "git": self.res["git"],
+                                               "machine": self.res["machine"], "workdir_lost": lost,
                                                "haystacks_done": len(saved["haystacks"])}]
-        self.res = {**saved, "resumed": resumed}
+        self.res = {**saved, "resumed": resumed, "workdir": str(workdir)}
         return workdir
 
     def save(self, complete: bool = False) -> Path:
@@ -84,6 +90,12 @@ class Run:
         tmp.write_text(json.dumps(self.res, indent=1, default=str))
         tmp.replace(self.path)
         return self.path
+
+
+def new_workdir(parent: str | None) -> Path:
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="emserve-recall-", dir=parent))
 
 
 def haystacks(tok: Any, model: str, lengths: Sequence[int], sources: Sequence[str], tasks: Sequence[str],
@@ -179,17 +191,19 @@ def main_run(args: argparse.Namespace) -> int:
               "reference_lengths": args.reference_lengths, "max_tokens": args.max_tokens}
     done_jobs: set[tuple[str, str]] = set()
     if args.resume:
-        workdir = run.resume(config)
+        workdir = run.resume(config, args.workdir)
         done_jobs = {(h["system"], h["hid"]) for h in run.res["haystacks"]}
-        log(f"resuming {run.path.name}: {len(done_jobs)} haystacks done, work folder {workdir}")
+        lost = " (the stopped run's was gone: its unfinished haystack starts again)" if run.res["resumed"][-1][
+            "workdir_lost"] else ""
+        log(f"resuming {run.path.name}: {len(done_jobs)} haystacks done, work folder {workdir}{lost}")
+        run.save()
     else:
         run.res.update({"config": config, "haystack_specs": [h.summary() for h in hss]})
-        if args.workdir:
-            Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="emserve-recall-", dir=args.workdir))
+        workdir = new_workdir(args.workdir)
         run.res["workdir"] = str(workdir)  # a stopped run is resumed from it (--resume)
         run.save()
     finished = False
+    left = 0
     try:
         if args.systems:
             server = Server(str(spec.path), workdir, restart_bytes=args.restart_gib * 2**30)
@@ -204,9 +218,14 @@ def main_run(args: argparse.Namespace) -> int:
                     run.save()
 
                 jobs = [Job(s, hs) for hs in hss for s in args.systems if (s, hs.hid) not in done_jobs]
+                if args.stop_after is not None and len(jobs) > args.stop_after:
+                    jobs, left = jobs[:args.stop_after], len(jobs) - args.stop_after
                 run_jobs(server, jobs, args.max_tokens, 1, done, keep=args.keep, resume=args.resume)
             finally:
                 server.stop()
+        if left:
+            log(f"stopped after {args.stop_after} haystacks, {left} left: resume with --resume --out {args.out}")
+            return 0
         if args.reference_lengths and not any(a["system"].startswith("full@") for a in run.res["answers"]):
             run_reference(run, hss, fillers, args.reference_lengths, native, str(spec.path), workdir)
         finished = True
@@ -253,6 +272,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true",
                     help="go on with the stopped run of the same grid and --out: its finished haystacks are kept "
                          "and the session it stopped in continues from its committed tokens")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop, resumable, once N haystacks are done in this invocation (a long grid run in parts)")
     ap.add_argument("--plan", action="store_true", help="print the haystacks and questions, run nothing")
     args = ap.parse_args(argv)
     quick = args.quick

@@ -176,3 +176,31 @@ def test_recall_goals_judge_the_newest_run_of_each_cell() -> None:
     newest["quick"] = True
     older["quick"] = True
     assert all(r[2] == "not measured" for r in er.recall_goals(runs))
+
+
+def test_resume_takes_up_a_stopped_run_whose_work_folder_is_gone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A stopped run's results resume on a machine without its work folder: the finished haystacks stay, a
+    new folder is made, and the resume entry says the old one was lost; another grid or a finished run is
+    refused."""
+    import json
+
+    from bench.eval.recall import Run, parse
+
+    args = parse(["--lengths", "1m", "--results-dir", str(tmp_path), "--out", "r", "--workdir", str(tmp_path / "w")])
+    config = {"lengths": args.lengths}
+    saved = {"name": "r", "complete": False, "config": config, "workdir": str(tmp_path / "gone"), "wall_s": 60.0,
+             "haystacks": [{"system": "emserve", "hid": "a"}], "answers": [{"qid": "a1"}]}
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    run = Run(args)
+    workdir = run.resume(config, args.workdir)
+    assert workdir.is_dir() and workdir.parent == tmp_path / "w" and run.res["workdir"] == str(workdir)
+    assert run.res["haystacks"] == saved["haystacks"] and run.res["answers"] == saved["answers"]
+    (entry,) = run.res["resumed"]
+    assert entry["workdir_lost"] is True and entry["haystacks_done"] == 1 and "cores" in entry["machine"]
+    assert Run(args).resume(config, args.workdir) and json.loads((tmp_path / "r.json").read_text()) == saved
+    with pytest.raises(SystemExit, match="another grid"):
+        Run(args).resume({"lengths": [1]}, args.workdir)
+    (tmp_path / "r.json").write_text(json.dumps({**saved, "complete": True}))
+    with pytest.raises(SystemExit, match="finished run"):
+        Run(args).resume(config, args.workdir)
+
