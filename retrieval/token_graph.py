@@ -33,6 +33,7 @@ Contract
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -224,6 +225,15 @@ class TokenGraph:
             self.save()
 
     # ------------------------------------------------------------------ search (readers)
+    def set_ef(self, ef: int) -> None:
+        """Search breadth from now on (the params' ``ef`` until then); at least the ``k`` asked."""
+        if ef < 1:
+            raise ConfigError(f"need ef >= 1, got {ef}")
+        with self._lock:
+            if self._graph is not None:
+                self._graph.set_ef(int(ef))
+            self.params = dataclasses.replace(self.params, ef=int(ef))
+
     def lags(self, n: int) -> bool:
         """Whether the graph lacks some of the first ``n`` events (a search must then be exact)."""
         return self.count < n

@@ -11,9 +11,17 @@ greedy and the sessions the same, so the variants compare question by question, 
     .venv/bin/python -m bench.lab.recall_variants --from bench/results/lab-32k.json \\
         --variant 'reach 0={"question_reach": 0}' --variant 'neighbours 3={"question_neighbours": 3}'
 
+A variant may also set ``_graph_ef`` (this lab's key, not a setting): its questions search the session's token
+graph at that ``ef`` whatever the session's size (a ``repr_proxy="tokens"`` session on the CPU keeps one from
+half the exact-search threshold on), so a kept session of ~12k events compares the graph path with the exact
+one, question by question:
+
+    .venv/bin/python -m bench.lab.recall_variants --from <a tokens run> --variant 'graph={"_graph_ef": 64}'
+
 Per (variant, haystack, task): questions, the asked sentences wholly in the answer step's window
-(``AskResult.window``, what the trace reports), answers right. Prints a table and writes
-``bench/results/<out>.json`` (every answer).
+(``AskResult.window``, what the trace reports), answers right, and answer windows the same as with today's
+defaults. Prints a table and writes ``bench/results/<out>.json`` (every answer, with its window, whether its
+retrieval was exact and its retrieval time).
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import glob
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +43,42 @@ from bench.eval.common import is_question_setting, machine, question_defaults, t
 from bench.eval.eval_server import window_coverage
 from bench.eval.recall import haystacks
 
+GRAPH_EF = "_graph_ef"
+"""A variant key of this lab, not a setting: ask through the session's token graph at this ``ef``, whatever
+the session's size (its exact-search threshold set to 0 while the variant asks)."""
+
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     name, sep, body = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
     over = json.loads(body)
-    if not isinstance(over, dict) or not all(is_question_setting(k) for k in over):
+    if not isinstance(over, dict) or not all(is_question_setting(k) or k == GRAPH_EF for k in over):
         raise argparse.ArgumentTypeError(f"a variant overrides question settings only (question_*, "
-                                         f"interleave_stats): {body!r}")
+                                         f"interleave_stats) or sets {GRAPH_EF}: {body!r}")
+    if GRAPH_EF in over and not (isinstance(over[GRAPH_EF], int) and over[GRAPH_EF] >= 1):
+        raise argparse.ArgumentTypeError(f"{GRAPH_EF} must be a positive integer: {body!r}")
     return name, over
+
+
+@contextlib.contextmanager
+def through_graph(memory: Any, ef: int | None) -> Iterator[None]:
+    """Searches of ``memory`` go through its token graph at ``ef`` (None: as the session is) while inside."""
+    if ef is None:
+        yield
+        return
+    graph, index = memory.graph, memory.index
+    if graph is None:
+        raise SystemExit(f"{GRAPH_EF}: the session has no token graph (a repr_proxy 'tokens' session on the CPU)")
+    graph.sync()
+    params, ef0 = index.params, graph.params.ef
+    index.params = dataclasses.replace(params, exact_threshold=0)
+    graph.set_ef(ef)
+    try:
+        yield
+    finally:
+        index.params = params
+        graph.set_ef(ef0)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,18 +111,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             saved, planner_cfg = s.config, s.memory.planner.config
             try:
                 for name, over in args.variants.items():
-                    s.config = saved.with_settings(**{**today, **over})
+                    settings = {k: v for k, v in over.items() if k != GRAPH_EF}
+                    s.config = saved.with_settings(**{**today, **settings})
                     s.memory.planner.config = s.config.retrieval
                     t0 = time.perf_counter()
-                    for q in hs.questions:
-                        if args.tasks and q.task not in args.tasks.split(","):
-                            continue
-                        r = await s.ask(q.prompt_ids, SamplingSpec(max_tokens=cfg.get("max_tokens", 12)))
-                        text = tok.decode(r.token_ids)
-                        cov = min(window_coverage(sp, r.window) for sp in q.spans)
-                        answers.append({"variant": name, "hid": hs.hid, "task": q.task, "qid": q.qid,
-                                        "expected": q.expected, "answer": text, "correct": q.expected in text,
-                                        "coverage": cov, "in_window": cov >= 1.0})
+                    with through_graph(s.memory, over.get(GRAPH_EF)):
+                        for q in hs.questions:
+                            if args.tasks and q.task not in args.tasks.split(","):
+                                continue
+                            r = await s.ask(q.prompt_ids, SamplingSpec(max_tokens=cfg.get("max_tokens", 12)))
+                            text = tok.decode(r.token_ids)
+                            cov = min(window_coverage(sp, r.window) for sp in q.spans)
+                            answers.append({"variant": name, "hid": hs.hid, "task": q.task, "qid": q.qid,
+                                            "expected": q.expected, "answer": text, "correct": q.expected in text,
+                                            "coverage": cov, "in_window": cov >= 1.0,
+                                            "exact": None if r.retrieval is None else bool(r.retrieval.exact),
+                                            "retrieval_s": r.timings.get("retrieval_s"),
+                                            "window": [list(w) for w in r.window]})
                     mine = [a for a in answers if a["variant"] == name and a["hid"] == hs.hid]
                     print(f"{hs.hid} {name}: in window {sum(a['in_window'] for a in mine)}/{len(mine)}, "
                           f"right {sum(a['correct'] for a in mine)}/{len(mine)} "
@@ -100,15 +142,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Per (variant, task): questions, asked sentences in the window, right answers with their interval, and
+    how many answer steps attended to the same tokens as with today's defaults (``same window``)."""
     cells: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    base = {(a["hid"], a["qid"]): a.get("window") for a in res["answers"] if a["variant"] == "defaults"}
     for a in res["answers"]:
         cells[(a["variant"], a["task"])].append(a)
     rows = []
     for (variant, task), xs in cells.items():
         k, w = sum(a["correct"] for a in xs), sum(a["in_window"] for a in xs)
+        same = sum(a.get("window") is not None and a.get("window") == base.get((a["hid"], a["qid"])) for a in xs)
         lo, hi = wilson(k, len(xs))
-        rows.append([variant, task, len(xs), f"{w}/{len(xs)}", f"{k}/{len(xs)}", f"[{lo:.2f}, {hi:.2f}]"])
-    return ["variant", "task", "n", "in window", "right", "Wilson 95%"], rows
+        rows.append([variant, task, len(xs), f"{w}/{len(xs)}", f"{k}/{len(xs)}", f"[{lo:.2f}, {hi:.2f}]",
+                     f"{same}/{len(xs)}"])
+    return ["variant", "task", "n", "in window", "right", "Wilson 95%", "same window"], rows
 
 
 def main(argv: list[str] | None = None) -> int:

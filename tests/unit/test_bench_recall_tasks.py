@@ -136,16 +136,20 @@ def test_recall_variants_parses_question_overrides_and_measures_window_coverage(
     from bench.eval import eval_server
     from bench.lab import recall_variants as rv
     assert rv.parse_variant('reach 0={"question_reach": 0}') == ("reach 0", {"question_reach": 0})
-    for bad in ('{"question_reach": 0}', 'x={"n_mem": 0}', "x=[1]"):
+    assert rv.parse_variant('g={"_graph_ef": 128}') == ("g", {"_graph_ef": 128})
+    for bad in ('{"question_reach": 0}', 'x={"n_mem": 0}', "x=[1]", 'g={"_graph_ef": 0}', 'g={"_graph_ef": "a"}'):
         with pytest.raises(argparse.ArgumentTypeError):
             rv.parse_variant(bad)
     window = ((0, 10), (20, 30))
     assert eval_server.window_coverage((2, 8), window) == 1.0
     assert eval_server.window_coverage((5, 25), window) == 0.5  # 5..10 and 20..25 of 20 tokens
     assert eval_server.window_coverage((10, 20), window) == 0.0
-    answers = [{"variant": "defaults", "task": "kv", "correct": i < 2, "in_window": i < 3} for i in range(4)]
+    answers = [{"variant": v, "hid": "h", "qid": i, "task": "kv", "correct": i < 2, "in_window": i < 3,
+                "window": [[0, 10 + (v == "g" and i == 0)]]} for v in ("defaults", "g") for i in range(4)]
     headers, rows = rv.summary({"answers": answers})
-    assert rows == [["defaults", "kv", 4, "3/4", "2/4", rows[0][5]]]
+    assert headers[-1] == "same window"
+    assert rows == [["defaults", "kv", 4, "3/4", "2/4", rows[0][5], "4/4"],
+                    ["g", "kv", 4, "3/4", "2/4", rows[1][5], "3/4"]]
 
 
 def test_recall_goals_judge_the_newest_run_of_each_cell() -> None:

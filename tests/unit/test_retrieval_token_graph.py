@@ -74,6 +74,16 @@ def test_graph_starts_lazily_and_finds_the_exact_best_events(tmp_path):
     lone = np.zeros((1, L * D), np.float32)
     assert graph.search(lone, 4).shape == (1, 4)  # a zero query: any 4, no error
 
+    graph.set_ef(1)  # the narrowest search (ef = k): finds fewer of the exact best than ef 64 did
+    narrow = graph.search(queries, 4)
+    graph.set_ef(400)
+    wide = graph.search(queries, 4)
+    best = [set(np.argsort(-exact[i])[:1].tolist()) for i in range(20)]
+    assert graph.params.ef == 400 and sum(b <= set(w.tolist()) for b, w in zip(best, wide, strict=True)) == 20
+    assert sum(b <= set(x.tolist()) for b, x in zip(best, narrow, strict=True)) < 18
+    with pytest.raises(ConfigError):
+        graph.set_ef(0)
+
 
 def test_graph_persists_and_is_rebuilt_when_it_cannot_be_trusted(tmp_path):
     table, basis = make_table(tmp_path, n=400)
