@@ -71,6 +71,9 @@ def through_graph(memory: Any, ef: int | None) -> Iterator[None]:
     if graph is None:
         raise SystemExit(f"{GRAPH_EF}: the session has no token graph (a repr_proxy 'tokens' session on the CPU)")
     graph.sync()
+    if graph.lags(len(memory.table)):
+        print(f"  the token graph starts at {index.params.build_at} events: this session's questions are asked "
+              "exactly (their 'exact' field says so)", flush=True)
     params, ef0 = index.params, graph.params.ef
     index.params = dataclasses.replace(params, exact_threshold=0)
     graph.set_ef(ef)
