@@ -224,7 +224,7 @@ def main_run(args: argparse.Namespace) -> int:
             finally:
                 server.stop()
         if left:
-            log(f"stopped after {args.stop_after} haystacks, {left} left: resume with --resume --out {args.out}")
+            log(f"stopped after {args.stop_after} haystacks, {left} left")  # the resume hint: below
             return 0
         if args.reference_lengths and not any(a["system"].startswith("full@") for a in run.res["answers"]):
             run_reference(run, hss, fillers, args.reference_lengths, native, str(spec.path), workdir)
@@ -289,6 +289,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
            + [s for s in args.systems if s not in SYSTEMS])
     if bad:
         ap.error(f"unknown sources / tasks / systems: {bad}")
+    if args.stop_after is not None and args.stop_after < 1:
+        ap.error(f"--stop-after needs at least 1 haystack, got {args.stop_after}")
     if args.out is None:
         lens = "-".join(f"{n // 1024}k" if n < 1 << 20 else f"{n >> 20}m" for n in args.lengths)
         args.out = f"recall-{lens}" + ("-quick" if quick else "") + (f"-{args.model}" if args.model else "")

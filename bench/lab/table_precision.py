@@ -51,9 +51,10 @@ def rounded(x: np.ndarray, mode: str, head_dim: int = HEAD_DIM) -> np.ndarray:
 
 
 def copy_session(src: Path, dst: Path, mode: str) -> int:
-    """``src``'s session folder as ``dst``: representatives rounded, everything else hard-linked (a graph, built
-    on the float32 table, only proposes candidates: they are scored on the rounded table). Returns the
-    representative files rounded."""
+    """``src``'s session folder as ``dst``: representatives rounded per kv head (the log's ``head_dim``),
+    everything else hard-linked (a graph, built on the float32 table, only proposes candidates: they are
+    scored on the rounded table). Returns the representative files rounded."""
+    head_dim = int(json.loads((src / "log" / "layout.json").read_text())["head_dim"])
     n = 0
     for root, _dirs, files in os.walk(src):
         rel = Path(root).relative_to(src)
@@ -62,8 +63,8 @@ def copy_session(src: Path, dst: Path, mode: str) -> int:
             s, d = Path(root) / f, dst / rel / f
             if f.startswith("reps_") and f.endswith(".f32"):
                 a = np.fromfile(s, dtype=np.float32)
-                rows = a.reshape(-1, HEAD_DIM)  # any row width that is a multiple of a head
-                rounded(rows, mode).tofile(d)
+                rows = a.reshape(-1, head_dim)  # a row is whole kv heads
+                rounded(rows, mode, head_dim).tofile(d)
                 n += 1
             else:
                 os.link(s, d)

@@ -208,3 +208,11 @@ def test_resume_takes_up_a_stopped_run_whose_work_folder_is_gone(tmp_path) -> No
     with pytest.raises(SystemExit, match="finished run"):
         Run(args).resume(config, args.workdir)
 
+
+
+def test_stop_after_below_one_is_refused(capsys) -> None:  # type: ignore[no-untyped-def]
+    from bench.eval.recall import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--stop-after", "0"])
+    assert "--stop-after needs at least 1" in capsys.readouterr().err

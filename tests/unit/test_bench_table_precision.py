@@ -32,10 +32,11 @@ def test_a_session_copy_rounds_the_representatives_and_links_the_rest(tmp_path) 
     reps = np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)
     reps.tofile(src / "log" / "reps_000.f32")
     (src / "log" / "k_000.bin").write_bytes(b"kv")
+    (src / "log" / "layout.json").write_text('{"num_layers": 1, "num_kv_heads": 2, "head_dim": 64}')
     (src / "session.json").write_text("{}")
     assert copy_session(src, tmp_path / "d", "int8") == 1
     got = np.fromfile(tmp_path / "d" / "log" / "reps_000.f32", dtype=np.float32).reshape(4, 128)
     np.testing.assert_array_equal(got, rounded(reps, "int8"))
-    for f in ("log/k_000.bin", "session.json"):
+    for f in ("log/k_000.bin", "log/layout.json", "session.json"):
         assert (tmp_path / "d" / f).stat().st_ino == (src / f).stat().st_ino
     assert (tmp_path / "d" / "log" / "reps_000.f32").stat().st_ino != (src / "log" / "reps_000.f32").stat().st_ino
