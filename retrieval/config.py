@@ -79,10 +79,12 @@ class RetrievalConfig:
     needs no surprise). False: the ingestion order (retrieved events before the remainder)."""
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
-    repr_proxy: ReprProxy = "topk"
-    """Representative when attention scores are not available (see ``representatives``); ``"tokens"``
-    keeps the same tokens in every layer, and a shared selection then scores the best token across the
-    scoring layers (token-level MaxSim)."""
+    repr_proxy: ReprProxy = "tokens"
+    """Representative when attention scores are not available (see ``representatives``). ``"tokens"``
+    (the default) keeps the same tokens in every layer, and a shared selection then scores the best token
+    across the scoring layers (token-level MaxSim; on the CPU one graph over token vectors serves it);
+    ``"topk"`` keeps each layer's own largest-norm keys, scored per layer and summed (one graph per
+    scoring layer). A session keeps the proxy it was created with."""
     use_contiguity_buffer: bool = True
     """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
     contiguity_buffer_size: float = 0.3

@@ -1,7 +1,8 @@
 """HNSW recall vs exact scoring on real event representatives of the default model (issue #4).
 
 ~6k tokens of ``big`` text go through a :class:`~emserve.server.session.Session` on the vLLM engine
-(default model, default :class:`MemoryConfig`: ``topk`` representatives, shared selection); a few
+(default model, :class:`MemoryConfig` with ``topk`` representatives: the per-layer graphs this test is
+about; shared selection); a few
 questions are probed for their query tokens as ``ask`` does. Then, on the session's own event table,
 an index forced onto HNSW (``exact_threshold=0``) is compared with exact scoring:
 
@@ -49,7 +50,7 @@ async def _ingest_and_probe(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
     start = text.find(" ", len(text) // 3) + 1
     ids = tok(text[start : start + TOKENS * 8])["input_ids"][:TOKENS]
     engine = VLLMEngine(EngineConfig(model=str(model.path), kv_cache_gib=2))
-    cfg = MemoryConfig()
+    cfg = MemoryConfig.of(repr_proxy="topk")
     session = Session.create(tmp_path / "s", engine, cfg)
     try:
         await session.append(ids)
@@ -86,7 +87,7 @@ def test_hnsw_recall_vs_exact_on_real_representatives(tmp_path: Path) -> None:
     table = EventTable.open(log)
     n = len(table)
     assert n > 4 * K, f"only {n} events"
-    cfg = MemoryConfig().bound(8192).retrieval
+    cfg = MemoryConfig.of(repr_proxy="topk").bound(8192).retrieval
     num_layers = table.num_layers
     params = replace(cfg.index_params(), exact_threshold=0)
     layers = cfg.indexed_layers(num_layers)

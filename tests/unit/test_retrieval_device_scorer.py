@@ -243,8 +243,9 @@ def test_a_count_written_before_a_crash_does_not_hide_later_rows(tmp_path):
     np.testing.assert_array_equal(table.reps(1), reps[:, 1])
 
 
-def _memory_pair(tmp_path, device):
-    """A KV log of random keys and the same memory config; ``device`` None: the CPU writer."""
+def _memory_pair(tmp_path, device, **settings):
+    """A KV log of random keys and the same memory config (with ``settings``); ``device`` None: the CPU
+    writer."""
     from emserve.retrieval.config import RetrievalConfig
     from emserve.retrieval.kvlog import KVLayout, KVLog
     from emserve.retrieval.memory import EpisodicMemory
@@ -260,7 +261,7 @@ def _memory_pair(tmp_path, device):
     else:
         log = KVLog.open(path, writable=True)
     cfg = RetrievalConfig(n_init=16, n_local=64, n_mem=96, exc_block_size=16, per_layer=False,
-                          shared_score_layers=2 / 3, max_window=16 + 96 + 64 + 16 + 1 + 64)
+                          shared_score_layers=2 / 3, max_window=16 + 96 + 64 + 16 + 1 + 64, **settings)
     return lambda: EpisodicMemory(log, cfg, num_heads=4, rotate=rope.rotate, path=tmp_path / "mem", score_device=device)
 
 
@@ -314,12 +315,13 @@ def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device
 
 def test_memory_stores_the_scoring_layers_only_and_selects_as_with_every_layer(tmp_path):
     """A shared selection reads only its scoring layers: a session's table stores just those (2 of 3
-    here) and selects what a table of every layer (an older session's) selects, at 2/3 of the rows."""
+    here) and selects what a table of every layer (an older session's: ``topk``, whose keys are chosen
+    per layer) selects, at 2/3 of the rows."""
     bounds = [(s, s + 23) for s in range(16, 2900, 23)]
     q = np.random.default_rng(3).standard_normal((4, 3, 4, 8)).astype(np.float32)  # 4 query tokens
-    new = _memory_pair(tmp_path / "new", None)()
+    new = _memory_pair(tmp_path / "new", None, repr_proxy="topk")()
     EventTable.create(tmp_path / "old" / "mem", 3, 4 * 2 * 8, vectors=4).close()  # format 1: every layer
-    old = _memory_pair(tmp_path / "old", None)()
+    old = _memory_pair(tmp_path / "old", None, repr_proxy="topk")()
     assert new.table.layers == (0, 1) and old.table.layers == (0, 1, 2)
     for mem in (new, old):
         mem.close_events(bounds)

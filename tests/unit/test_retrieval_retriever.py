@@ -574,8 +574,8 @@ def test_token_level_maxsim_scores_the_best_token_across_the_scoring_layers(tmp_
         assert res.layers[0].events and 10 in res.layers[0].ids and res.exact == (name == "exact")
         top = [e.id for e in sorted(res.layers[0].events, key=lambda e: -e.score)][:3]
         assert top == list(np.argsort(-brute)[:3])
-        old = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False))
+        old = Retriever(ix, raw(per_layer=False, use_contiguity_buffer=False, repr_proxy="topk"))
         assert not old.token_level
         np.testing.assert_allclose(old.scores(old.encode(q[:, :, None]), None), per_layer, rtol=1e-4, atol=1e-4)
         with pytest.raises(PlanError, match="representatives"):
-            r.config = raw(per_layer=False, use_contiguity_buffer=False)
+            r.config = raw(per_layer=False, use_contiguity_buffer=False, repr_proxy="topk")

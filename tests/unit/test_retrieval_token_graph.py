@@ -131,7 +131,8 @@ def test_retriever_with_a_token_graph_selects_what_exact_selects(tmp_path):
         usual = Retriever(index, cfg, graph=graph, candidate_factor=8.0).retrieve(q, 200, rank=rank)
         assert len(set(usual.layers[0].ids) & set(want.layers[0].ids)) >= 0.9 * len(want.layers[0].ids)
     with pytest.raises(PlanError):
-        Retriever(index, raw(per_layer=False, use_contiguity_buffer=False), graph=graph)  # not token-level
+        not_token_level = raw(per_layer=False, use_contiguity_buffer=False, repr_proxy="topk")
+        Retriever(index, not_token_level, graph=graph)
     with pytest.raises(PlanError):
         Retriever(index, dataclasses.replace(cfg, shared_score_layers=2 / 3), graph=graph)  # other layers
 
