@@ -24,6 +24,9 @@ RANKS: tuple[Rank, ...] = ("mean", "interleave")
 InterleaveStats = Literal["scored", "sample"]
 """Where :func:`~emserve.retrieval.retriever.interleave` takes each query token's score statistics."""
 INTERLEAVE_STATS: tuple[InterleaveStats, ...] = ("scored", "sample")
+TableDtype = Literal["float32", "int8"]
+"""How the event table stores representatives (``events``)."""
+TABLE_DTYPES: tuple[TableDtype, ...] = ("float32", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +88,10 @@ class RetrievalConfig:
     across the scoring layers (token-level MaxSim; on the CPU one graph over token vectors serves it);
     ``"topk"`` keeps each layer's own largest-norm keys, scored per layer and summed (one graph per
     scoring layer). A session keeps the proxy it was created with."""
+    table_dtype: TableDtype = "float32"
+    """How the event table stores representatives: ``"int8"`` rounds each vector's kv heads to int8 with a
+    scale each (0.27x the table's bytes; ``events``, int8 tables), read back as float32. Only a token-level
+    selection (``token_level``: it reads the table in blocks) may use it. A session keeps its table's."""
     use_contiguity_buffer: bool = True
     """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
     contiguity_buffer_size: float = 0.3
@@ -137,6 +144,11 @@ class RetrievalConfig:
             raise ConfigError(f"repr_topk must be >= 1, got {self.repr_topk}")
         if self.repr_proxy not in REPR_PROXIES:
             raise ConfigError(f"repr_proxy must be one of {REPR_PROXIES}, got {self.repr_proxy!r}")
+        if self.table_dtype not in TABLE_DTYPES:
+            raise ConfigError(f"table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}")
+        if self.table_dtype == "int8" and not self.token_level:
+            raise ConfigError("table_dtype 'int8' needs the token-level selection (repr_proxy 'tokens', "
+                              "repr_topk > 1, per_layer off)")
         if not (self.shared_rescore_factor >= 0 and self.shared_search_vectors >= 1):
             raise ConfigError("need shared_rescore_factor >= 0 and shared_search_vectors >= 1")
         if not 0 < self.shared_score_layers <= 1:

@@ -143,7 +143,7 @@ class DeviceScorer:
             for a in range(self.count, n, rows_per_copy):
                 b = min(n, a + rows_per_copy)
                 for i, lay in enumerate(self.layers):
-                    rows = torch.from_numpy(np.array(self.table.stored_reps(lay)[a:b], dtype=np.float32))
+                    rows = torch.from_numpy(np.array(self.table.stored_rows(lay, a, b), dtype=np.float32))
                     self._reps[i, a:b] = rows.reshape(b - a, self.vectors, self.dim).to(self.device, self.dtype)
             added = n - self.count
             self.count = n
@@ -157,6 +157,7 @@ class DeviceScorer:
         e = r.shape[0]
         if r.shape != (e, len(self.layers), self.vectors * self.dim):
             raise PlanError(f"reps must be [{e}, {len(self.layers)}, {self.vectors * self.dim}], got {r.shape}")
+        r = self.table.quantized(r)  # the values the table will hold once they are written (an int8 table)
         with self._lock:
             if first != self.count:
                 raise PlanError(f"mirror holds {self.count} events, cannot append from {first}")

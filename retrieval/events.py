@@ -24,6 +24,18 @@ Contract
 
       reps.count             int64: events 0 .. k-1 have representatives on disk   (optional)
 
+* **int8 tables** (format 3, header ``"dtype": "int8"``, ``"groups": G``): each row is rounded to int8 in
+  ``G`` equal groups of values (a session's: one per vector and kv head), each with its scale
+  ``max |x| / 127`` (values ``round(x / scale)``, so a group's largest value is exact)::
+
+      reps_LLL.q8            [capacity] rows of: float32 [G] scales, int8 [dim] values (padded to 4 bytes)
+
+  Readers get float32 back (``scale * value``): :meth:`EventTable.rows`, :meth:`EventTable.reps_of` and
+  :meth:`EventTable.reps`. A row is ``4 G + dim`` bytes instead of ``4 dim`` (0.27x for 64-value
+  groups). :meth:`EventTable.quantized` gives what a table returns for rows written to it, so that a copy
+  kept elsewhere (a GPU mirror) holds the same values. Format 3 is refused by builds that know only 1
+  and 2.
+
 * **Representatives are derived data** (a function of the KV log and the event's range). A writer that
   keeps them elsewhere (``append(bounds, None)``: GPU scoring mirrors them in device memory) stores
   only the records; ``reps.count`` then says how many leading events have rows on disk (written once,
@@ -45,7 +57,8 @@ Contract
   the rows are in place, so a reader sees a whole table, before or after an append.
 * Resident memory: the ``(start, end)`` arrays (16 bytes per event). Representatives stay in the
   memory-mapped files (page cache), read per query.
-* Disk: 16 bytes per event, plus ``len(layers) x dim x 4`` bytes per event with representatives.
+* Disk: 16 bytes per event, plus ``len(layers) x dim x 4`` bytes per event with representatives
+  (int8: ``len(layers) x (4 G + dim)``).
 
 Size: one on-disk format (two header versions, the rows kept elsewhere, crash recovery), read and written
 here only; most of the length is its contract and the checks that keep it.
@@ -69,12 +82,40 @@ REPS_COUNT_FILE = "reps.count"
 FORMAT_VERSION = 2
 """Format of a table of a subset of the layers (format 1: every layer, the only one older builds read)."""
 ALL_LAYERS_VERSION = 1
+INT8_VERSION = 3
+"""Format of an int8 table (any layers)."""
+DTYPES = ("float32", "int8")
+"""How a table stores its representatives."""
 _RECORD = 16  # two int64
 _MIN_CAPACITY = 64
 
 
-def _reps_file(layer: int) -> str:
-    return f"reps_{layer:03d}.f32"
+def _reps_file(layer: int, dtype: str = "float32") -> str:
+    return f"reps_{layer:03d}.{'q8' if dtype == 'int8' else 'f32'}"
+
+
+def _pad4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def quantize_rows(x: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x [n, dim]`` float32 as int8 in ``groups`` equal groups per row: (scales float32 ``[n, groups]``,
+    values int8 ``[n, dim]``); a group's scale is ``max |x| / 127`` (0 for an all-zero group)."""
+    n, dim = x.shape
+    g = np.asarray(x, np.float32).reshape(n, groups, dim // groups)
+    scale = (np.abs(g).max(axis=2) / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    values = np.clip(np.rint(g / safe[:, :, None]), -127, 127).astype(np.int8)
+    return scale, values.reshape(n, dim)
+
+
+def dequantize_rows(scales: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The float32 ``[n, dim]`` rows of :func:`quantize_rows`' output."""
+    n, dim = values.shape
+    groups = scales.shape[1]
+    out = values.reshape(n, groups, dim // groups).astype(np.float32)
+    out *= scales[:, :, None]
+    return out.reshape(n, dim)
 
 
 def _stored_layers(num_layers: int, layers: Sequence[int] | None) -> tuple[int, ...]:
@@ -87,6 +128,13 @@ def _stored_layers(num_layers: int, layers: Sequence[int] | None) -> tuple[int, 
     return out
 
 
+def _check_dtype(dim: int, dtype: str, groups: int) -> None:
+    if dtype not in DTYPES:
+        raise EventTableError(f"table dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "int8" and (groups < 1 or dim % groups):
+        raise EventTableError(f"an int8 row of {dim} values cannot have {groups} scale groups")
+
+
 def _span(layers: Sequence[int]) -> str:
     """``0-19`` for a contiguous run, else the list."""
     ls = list(layers)
@@ -97,13 +145,19 @@ class EventTable:
     """Closed events of one session. Not thread-safe for writing; one writer."""
 
     def __init__(self, path: str | os.PathLike[str], num_layers: int, dim: int, *, writable: bool,
-                 fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None) -> None:
+                 fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None,
+                 dtype: str = "float32", groups: int = 1) -> None:
         self.path = Path(path)
         self.num_layers = num_layers
         self.dim = dim
         self.vectors = vectors
         if vectors < 1 or dim % vectors:
             raise EventTableError(f"row width {dim} is not a multiple of {vectors} vectors")
+        _check_dtype(dim, dtype, groups)
+        self.dtype = dtype
+        """``"float32"`` or ``"int8"`` (module docstring)."""
+        self.groups = groups if dtype == "int8" else 1
+        """Scale groups per row of an int8 table (1 for float32)."""
         self.layers: tuple[int, ...] = _stored_layers(num_layers, layers)
         """The layers whose representatives the table stores (ascending)."""
         self._slot = {layer: i for i, layer in enumerate(self.layers)}
@@ -122,23 +176,29 @@ class EventTable:
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
-               fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None) -> EventTable:
-        """A new table storing the representatives of ``layers`` (None: every layer)."""
+               fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None,
+               dtype: str = "float32", groups: int = 1) -> EventTable:
+        """A new table storing the representatives of ``layers`` (None: every layer), as ``dtype``
+        (``"int8"``: in ``groups`` scale groups per row)."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         if (p / HEADER_FILE).exists():
             raise EventTableError(f"an event table already exists at {p}")
         if num_layers <= 0 or dim <= 0 or vectors < 1 or dim % vectors:
             raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}, {vectors} vectors")
+        _check_dtype(dim, dtype, groups)
         stored = _stored_layers(num_layers, layers)
         head: dict[str, object] = {"version": ALL_LAYERS_VERSION, "num_layers": num_layers, "dim": dim,
                                    "vectors": vectors}
-        if len(stored) < num_layers:
+        if dtype == "int8":
+            head.update(version=INT8_VERSION, layers=list(stored), dtype=dtype, groups=groups)
+        elif len(stored) < num_layers:
             head.update(version=FORMAT_VERSION, layers=list(stored))
         tmp = p / (HEADER_FILE + ".tmp")
         tmp.write_text(json.dumps(head))
         os.replace(tmp, p / HEADER_FILE)
-        return cls(p, num_layers, dim, writable=True, fsync=fsync, vectors=vectors, layers=stored)
+        return cls(p, num_layers, dim, writable=True, fsync=fsync, vectors=vectors, layers=stored,
+                   dtype=dtype, groups=groups)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False, fsync: bool = False) -> EventTable:
@@ -147,33 +207,39 @@ class EventTable:
             head = json.loads((p / HEADER_FILE).read_text())
         except FileNotFoundError:
             raise EventTableError(f"no event table at {p}") from None
-        if head.get("version") not in (ALL_LAYERS_VERSION, FORMAT_VERSION):
-            raise EventTableError(
-                f"event table at {p} has format {head.get('version')}, need {ALL_LAYERS_VERSION} or {FORMAT_VERSION}"
-            )
-        layers = head.get("layers") if head["version"] == FORMAT_VERSION else None
+        if head.get("version") not in (ALL_LAYERS_VERSION, FORMAT_VERSION, INT8_VERSION):
+            raise EventTableError(f"event table at {p} has format {head.get('version')}, need "
+                                  f"{ALL_LAYERS_VERSION}, {FORMAT_VERSION} or {INT8_VERSION}")
+        layers = head.get("layers") if head["version"] != ALL_LAYERS_VERSION else None
+        dtype = "int8" if head["version"] == INT8_VERSION else "float32"
+        if head["version"] == INT8_VERSION and head.get("dtype") != "int8":
+            raise EventTableError(f"event table at {p}: format {INT8_VERSION} with dtype {head.get('dtype')!r}")
         return cls(p, int(head["num_layers"]), int(head["dim"]), writable=writable, fsync=fsync,
-                   vectors=int(head.get("vectors", 1)), layers=layers)
+                   vectors=int(head.get("vectors", 1)), layers=layers, dtype=dtype, groups=int(head.get("groups", 1)))
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
-                       fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None) -> EventTable:
-        """The table at ``path``, or a new one storing ``layers``. An existing table must have the shape
-        and store at least ``layers`` (e.g. a format 1 table of every layer); it keeps the ones it has."""
+                       fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None,
+                       dtype: str = "float32", groups: int = 1) -> EventTable:
+        """The table at ``path``, or a new one storing ``layers`` as ``dtype``. An existing table must have
+        the shape and the dtype and store at least ``layers`` (e.g. a format 1 table of every layer); it
+        keeps the ones it has."""
         p = Path(path)
         if (p / HEADER_FILE).exists():
             table = cls.open(p, writable=True, fsync=fsync)
             need = _stored_layers(num_layers, layers)
-            if (table.num_layers, table.dim, table.vectors) != (num_layers, dim, vectors) \
-                    or not set(need) <= set(table.layers):
+            want_groups = groups if dtype == "int8" else 1
+            if (table.num_layers, table.dim, table.vectors, table.dtype, table.groups) \
+                    != (num_layers, dim, vectors, dtype, want_groups) or not set(need) <= set(table.layers):
                 table.close()
                 raise EventTableError(
-                    f"event table at {p} has {table.num_layers} layers x dim {table.dim} "
+                    f"event table at {p} has {table.num_layers} layers x dim {table.dim} {table.dtype} "
                     f"({table.vectors} vectors; layers {_span(table.layers)} stored), need {num_layers} x {dim} "
-                    f"({vectors} vectors; layers {_span(need)})"
+                    f"{dtype} ({vectors} vectors; layers {_span(need)})"
                 )
             return table
-        return cls.create(p, num_layers, dim, fsync=fsync, vectors=vectors, layers=layers)
+        return cls.create(p, num_layers, dim, fsync=fsync, vectors=vectors, layers=layers, dtype=dtype,
+                          groups=groups)
 
     @property
     def vector_dim(self) -> int:
@@ -182,7 +248,10 @@ class EventTable:
 
     @property
     def _row_bytes(self) -> int:
-        return self.dim * 4
+        return 4 * self.groups + _pad4(self.dim) if self.dtype == "int8" else self.dim * 4
+
+    def _file(self, layer: int) -> str:
+        return _reps_file(layer, self.dtype)
 
     def _valid_prefix(self, bounds: np.ndarray) -> int:
         """Length of the longest prefix of records that satisfies the table invariants."""
@@ -201,7 +270,7 @@ class EventTable:
         n = self._valid_prefix(raw.reshape(-1, 2))
         stored = self._read_reps_count()
         for layer in self.layers:
-            f = self.path / _reps_file(layer)
+            f = self.path / self._file(layer)
             rows = (f.stat().st_size if f.exists() else 0) // self._row_bytes
             if stored is None:
                 n = min(n, rows)
@@ -216,7 +285,7 @@ class EventTable:
         self._fds[RECORDS_FILE] = fd
         self._capacity = max(_MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())
         for layer in self.layers:
-            name = _reps_file(layer)
+            name = self._file(layer)
             fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
             if os.fstat(fd).st_size < self._capacity * self._row_bytes:
                 os.ftruncate(fd, self._capacity * self._row_bytes)
@@ -366,11 +435,37 @@ class EventTable:
             raise EventTableError("representatives contain NaN or inf")
         self._reserve(first + r.shape[0])
         for i, layer in enumerate(self.layers):
-            data = np.ascontiguousarray(r[:, i, :]).astype("<f4", copy=False)
-            os.pwrite(self._fds[_reps_file(layer)], data.tobytes(), first * self._row_bytes)
+            data = self._encode(np.ascontiguousarray(r[:, i, :], dtype=np.float32))
+            os.pwrite(self._fds[self._file(layer)], data, first * self._row_bytes)
         if self.fsync:
             for layer in self.layers:
-                os.fsync(self._fds[_reps_file(layer)])
+                os.fsync(self._fds[self._file(layer)])
+
+    def _encode(self, rows: np.ndarray) -> bytes:
+        """``rows [n, dim]`` float32 as the file stores them."""
+        if self.dtype != "int8":
+            return rows.astype("<f4", copy=False).tobytes()
+        scales, values = quantize_rows(rows, self.groups)
+        out = np.zeros((rows.shape[0], self._row_bytes), np.uint8)
+        out[:, : 4 * self.groups] = scales.astype("<f4").view(np.uint8)
+        out[:, 4 * self.groups: 4 * self.groups + self.dim] = values.view(np.uint8)
+        return out.tobytes()
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        """Stored rows (``[n, row_bytes]`` uint8 of an int8 table) as float32 ``[n, dim]``."""
+        g = 4 * self.groups
+        scales = np.ascontiguousarray(raw[:, :g]).view("<f4")
+        values = np.ascontiguousarray(raw[:, g: g + self.dim]).view(np.int8)
+        return dequantize_rows(scales, values)
+
+    def quantized(self, reps: np.ndarray) -> np.ndarray:
+        """The float32 values this table gives back for representatives ``reps [..., dim]`` written to it
+        (``reps`` itself for a float32 table)."""
+        r = np.asarray(reps, np.float32)
+        if self.dtype != "int8":
+            return r
+        flat = r.reshape(-1, self.dim)
+        return dequantize_rows(*quantize_rows(flat, self.groups)).reshape(r.shape)
 
     def write_reps(self, first: int, reps: np.ndarray) -> None:
         """Store the missing representatives of events ``first .. first+E-1`` (``first == reps_count``;
@@ -394,7 +489,7 @@ class EventTable:
         while cap < n:
             cap *= 2
         for layer in self.layers:
-            os.ftruncate(self._fds[_reps_file(layer)], cap * self._row_bytes)
+            os.ftruncate(self._fds[self._file(layer)], cap * self._row_bytes)
         self._capacity = cap
 
     def truncate(self, n: int) -> None:
@@ -411,36 +506,62 @@ class EventTable:
 
     # ------------------------------------------------------------------ representatives (read)
     def reps(self, layer: int) -> np.ndarray:
-        """float32 ``[n, dim]`` read-only view of layer ``layer``'s representatives (memory-mapped)."""
+        """float32 ``[n, dim]``: layer ``layer``'s representatives, a read-only memory-mapped view (an int8
+        table: a decoded copy of the whole layer; read parts of it with :meth:`rows`)."""
+        self._check_rows()
+        return self.stored_reps(layer)
+
+    def rows(self, layer: int, lo: int, hi: int) -> np.ndarray:
+        """float32 ``[hi - lo, dim]``: events ``lo .. hi-1``'s representatives of one layer (a view of the
+        mapping, or a decoded copy for an int8 table)."""
+        self._check_rows()
+        return self.stored_rows(layer, lo, hi)
+
+    def _check_rows(self) -> None:
         if self.reps_count < len(self):
             raise EventTableError(f"events {self.reps_count} .. {len(self) - 1} of {self.path} have no "
                                   "representatives on disk (kept in device memory by their writer)")
-        return self.stored_reps(layer)
 
-    def stored_reps(self, layer: int) -> np.ndarray:
-        """float32 ``[reps_count, dim]`` read-only view of the representatives on disk."""
+    def _mapped(self, layer: int) -> np.ndarray:
+        """The mapped rows on disk, ``[reps_count, dim]`` float32 (``[reps_count, row_bytes]`` uint8: int8)."""
         slot = self._slot.get(layer)
         if slot is None:
             raise EventTableError(f"layer {layer} has no representatives in {self.path} (it stores layers "
                                   f"{_span(self.layers)})")
         n = self.reps_count
+        int8 = self.dtype == "int8"
         if n == 0:
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self._row_bytes if int8 else self.dim), np.uint8 if int8 else np.float32)
         held = self._maps[slot]
         if held is None or held[1] < n:
-            path = self.path / _reps_file(layer)
+            path = self.path / self._file(layer)
             rows = os.stat(path).st_size // self._row_bytes
             if rows < n:
                 raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
-            held = (map_array(path, "<f4", (rows, self.dim)), rows)
+            held = (map_array(path, "u1", (rows, self._row_bytes)) if int8
+                    else map_array(path, "<f4", (rows, self.dim)), rows)
             self._maps[slot] = held
         return np.asarray(held[0][:n])
 
+    def stored_reps(self, layer: int) -> np.ndarray:
+        """float32 ``[reps_count, dim]``: the representatives on disk (as :meth:`reps`)."""
+        m = self._mapped(layer)
+        return self._decode(m) if self.dtype == "int8" else m
+
+    def stored_rows(self, layer: int, lo: int, hi: int) -> np.ndarray:
+        """float32 ``[hi - lo, dim]`` of the representatives on disk (as :meth:`rows`, within ``reps_count``)."""
+        if not 0 <= lo <= hi <= self.reps_count:
+            raise EventTableError(f"rows {lo} .. {hi - 1} outside the {self.reps_count} stored in {self.path}")
+        m = self._mapped(layer)[lo:hi]
+        return self._decode(m) if self.dtype == "int8" else m
+
     def reps_of(self, layer: int, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """float32 ``[len(ids), dim]`` copy of some events' representatives of one layer."""
-        return self.reps(layer)[np.asarray(ids, dtype=np.int64)]
+        self._check_rows()
+        m = self._mapped(layer)[np.asarray(ids, dtype=np.int64)]
+        return self._decode(m) if self.dtype == "int8" else m
 
     def disk_bytes(self) -> int:
-        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [_reps_file(i) for i in self.layers]
+        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [self._file(i) for i in self.layers]
         # allocated blocks, not apparent size: representative files are preallocated sparsely
         return sum((self.path / n).stat().st_blocks * 512 for n in names if (self.path / n).exists())

@@ -572,7 +572,7 @@ class Retriever:
         out = np.empty((q.tokens.shape[0], n), np.float32)
         for a in range(0, n, _TOKEN_LEVEL_BLOCK):
             b = min(n, a + _TOKEN_LEVEL_BLOCK)
-            reps = [self.table.reps(lay)[a:b] if ids is None else self.table.reps_of(lay, ids[a:b])
+            reps = [self.table.rows(lay, a, b) if ids is None else self.table.reps_of(lay, ids[a:b])
                     for lay in self.score_layers]
             out[:, a:b] = q.token_level_scores(self.score_layers, reps, self.index.vectors)
         return out

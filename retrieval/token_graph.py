@@ -140,7 +140,7 @@ class TokenGraph:
     def token_vectors(self, lo: int, hi: int) -> np.ndarray:
         """Events ``lo .. hi-1``'s token vectors, ``[(hi - lo) V, token_dim]`` float32 (row ``(e - lo) V + j``)."""
         n, v, d = hi - lo, self.vectors, self.vector_dim
-        parts = [np.asarray(self.table.reps(lay)[lo:hi], np.float32).reshape(n, v, 1, d) for lay in self.layers]
+        parts = [np.asarray(self.table.rows(lay, lo, hi), np.float32).reshape(n, v, 1, d) for lay in self.layers]
         return np.concatenate(parts, axis=2).reshape(n * v, self.token_dim)
 
     def _lifted(self, vecs: np.ndarray) -> np.ndarray:

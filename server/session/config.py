@@ -95,7 +95,7 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
     **{n: _places("segmenter", n) for n in ("max_block_size", "surprisal_threshold_gamma", "similarity_metric",
                                             "splitter")},
     # scoring and selection
-    **{n: _places("retrieval", n) for n in ("repr_topk", "repr_proxy", "use_contiguity_buffer",
+    **{n: _places("retrieval", n) for n in ("repr_topk", "repr_proxy", "table_dtype", "use_contiguity_buffer",
                                             "contiguity_buffer_size", "per_layer", "shared_score_layers",
                                             "center_queries", "standardize_queries")},
     # a question: its window and ranking (retrieval), its query tokens and rules (question)
@@ -235,11 +235,12 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_copy": 0,
     "question_bridge": False,
     "question_parts": 0,
+    "table_dtype": "float32",
 }
 """Values of the flat settings added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`, layouts 1 and 2)."""
 
-ADDED_TO_TREE: dict[str, dict[str, Any]] = {}
+ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"}}
 """Per part, the values of the fields added after layout 3 (``session.json`` holding the tree) as the
 sessions saved before them behave (:meth:`MemoryConfig.from_saved`). A field added to a part's class
 needs its entry here, or the sessions saved before it do not open."""

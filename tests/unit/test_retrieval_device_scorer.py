@@ -265,23 +265,26 @@ def _memory_pair(tmp_path, device, **settings):
     return lambda: EpisodicMemory(log, cfg, num_heads=4, rotate=rope.rotate, path=tmp_path / "mem", score_device=device)
 
 
+@pytest.mark.parametrize("table_dtype", ["float32", "int8"])
 @pytest.mark.parametrize("device", ["torch-cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device):
+def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device, table_dtype):
     """A device writer stores records only (disk: 16 B per event), recomputes its mirror from the log on
     reopen; a CPU writer reopening the session stores the missing rows (the same a CPU writer writes);
-    each selects what the other would."""
+    each selects what the other would. With an int8 table the mirror holds the rounded values the table
+    gives back, so the writers still agree."""
     bounds = [(s, s + 23) for s in range(16, 2900, 23)]
     q = np.random.default_rng(7).standard_normal((3, 4, 8)).astype(np.float32)
-    ref = _memory_pair(tmp_path / "cpu", None)()  # reference: the CPU writer all along
+    settings = dict(repr_proxy="tokens", table_dtype=table_dtype)
+    ref = _memory_pair(tmp_path / "cpu", None, **settings)()  # reference: the CPU writer all along
     ref.close_events(bounds)
 
-    open_dev = _memory_pair(tmp_path / "dev", device)
+    open_dev = _memory_pair(tmp_path / "dev", device, **settings)
     mem = open_dev()
     assert mem.scorer is not None and mem.index.layers == ()
     mem.close_events(bounds[:50])
     mem.close_events(bounds[50:80])
     assert mem.table.reps_count == 0 and mem.scorer.count == 80
-    assert sum(f.stat().st_blocks for f in (tmp_path / "dev" / "mem").glob("reps_*.f32")) == 0  # no rows
+    assert sum(f.stat().st_blocks for f in (tmp_path / "dev" / "mem").glob("reps_*")) == 0  # no rows
     assert not list((tmp_path / "dev" / "mem").glob("index_*.hnsw"))  # no graphs
     sel = lambda m: m.retriever.retrieve(q, 96, num_events=80).layers[0].ids  # noqa: E731
     expected = ref.retriever.retrieve(q, 96, num_events=80).layers[0].ids
@@ -298,8 +301,8 @@ def test_memory_on_a_device_stores_no_reps_and_switches_writers(tmp_path, device
     mem.close_events(bounds[80:100])
     mem.close()
 
-    cpu = _memory_pair(tmp_path / "dev", None)()  # a CPU writer: fills rows 0 .. 99 from the log
-    assert cpu.table.reps_count == 100 == len(cpu.table)
+    cpu = _memory_pair(tmp_path / "dev", None, **settings)()  # fills rows 0 .. 99 from the log
+    assert cpu.table.reps_count == 100 == len(cpu.table) and cpu.table.dtype == table_dtype
     assert cpu.table.layers == ref.table.layers == (0, 1)  # the scoring layers only (2/3 of 3)
     for lay in cpu.table.layers:
         np.testing.assert_allclose(cpu.table.reps(lay), ref.table.reps(lay)[:100], rtol=1e-6, atol=1e-6)

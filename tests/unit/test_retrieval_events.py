@@ -161,3 +161,73 @@ def test_a_table_of_every_layer_stays_format_1_and_serves_a_subset(tmp_path):
     t.close()
     with pytest.raises(EventTableError, match="non-empty subset"):
         EventTable.create(tmp_path / "x", 3, D, layers=[3])
+
+
+def test_an_int8_table_rounds_each_group_and_reads_float32_back(tmp_path):
+    """int8 rows: a scale per group (``max |x| / 127``), each value within half a step of the original and
+    the largest of a group exact; every read path (reps, rows, reps_of, stored_rows) gives the same floats,
+    which are :meth:`quantized`'s; the header is format 3; a reopen and recovery read the same."""
+    g = 2  # groups of D // g = 4 values
+    t = EventTable.create(tmp_path, L, D, layers=[0, 2], dtype="int8", groups=g)
+    head = json.loads((tmp_path / HEADER_FILE).read_text())
+    assert (head["version"], head["dtype"], head["groups"], head["layers"]) == (3, "int8", g, [0, 2])
+    reps = np.random.default_rng(1).standard_normal((70, 2, D)).astype(np.float32) * 3
+    reps[5, 1, :4] = 0.0  # an all-zero group
+    bounds = [(10 * i, 10 * i + 7) for i in range(70)]  # 70 > the initial capacity: the files grow
+    t.append(bounds[:30], reps[:30])
+    t.append(bounds[30:], reps[30:])
+    got = t.reps(2)
+    assert got.dtype == np.float32 and got.shape == (70, D)
+    np.testing.assert_array_equal(got, t.quantized(reps[:, 1]))
+    groups = reps[:, 1].reshape(70, g, D // g)
+    step = np.abs(groups).max(axis=2, keepdims=True) / 127
+    err = np.abs(got.reshape(70, g, D // g) - groups)
+    assert (err <= step / 2 + 1e-6).all() and not np.array_equal(got, reps[:, 1])
+    top = np.abs(groups).argmax(axis=2)
+    np.testing.assert_allclose(np.take_along_axis(got.reshape(70, g, -1), top[..., None], 2),
+                               np.take_along_axis(groups, top[..., None], 2), rtol=1e-6)
+    assert (got[5, :4] == 0).all()
+    np.testing.assert_array_equal(t.rows(0, 20, 45), t.reps(0)[20:45])
+    np.testing.assert_array_equal(t.stored_rows(0, 20, 45), t.reps(0)[20:45])
+    np.testing.assert_array_equal(t.reps_of(2, [69, 3]), got[[69, 3]])
+    with pytest.raises(EventTableError, match="outside"):
+        t.stored_rows(0, 60, 71)
+    assert sorted(f.name for f in tmp_path.glob("reps_*")) == ["reps_000.q8", "reps_002.q8"]
+    t.close()
+    r = EventTable.open(tmp_path, writable=True)
+    assert (r.dtype, r.groups, len(r)) == ("int8", g, 70)
+    np.testing.assert_array_equal(r.reps(2), got)
+    r.append([(700, 703)], reps[:1])
+    np.testing.assert_array_equal(r.rows(0, 70, 71), t.quantized(reps[:1, 0]))
+
+
+def test_an_int8_table_is_about_a_quarter_of_float32_on_disk(tmp_path):
+    dim, groups, n = 768, 12, 1024  # a SmolLM2 token-level row: 4 vectors x 3 kv heads x 64
+    reps = np.random.default_rng(0).standard_normal((n, 1, dim)).astype(np.float32)
+    sizes = {}
+    for dtype in ("float32", "int8"):
+        t = EventTable.create(tmp_path / dtype, 1, dim, dtype=dtype, groups=groups)
+        t.append([(i, i + 1) for i in range(n)], reps)
+        sizes[dtype] = t.disk_bytes()
+        t.close()
+    assert 0.26 < sizes["int8"] / sizes["float32"] < 0.28  # (4 x 12 + 768) / (4 x 768) = 0.266 + the records
+
+
+def test_an_int8_table_recovers_a_torn_row_and_refuses_another_dtype(tmp_path):
+    t = EventTable.create(tmp_path, L, D, dtype="int8", groups=2)
+    reps = _reps(3)
+    t.append([(0, 5), (5, 9)], reps[:2])
+    t.close()
+    with open(tmp_path / RECORDS_FILE, "ab") as f:
+        f.write(np.array([9, 12], "<i8").tobytes())
+    os.truncate(tmp_path / "reps_001.q8", 2 * (4 * 2 + D))  # layer 1's third row never reached its file
+    w = EventTable.open(tmp_path, writable=True)
+    assert len(w) == 2
+    np.testing.assert_array_equal(w.reps(1), w.quantized(reps[:2, 1]))
+    w.close()
+    with pytest.raises(EventTableError, match="float32"):
+        EventTable.open_or_create(tmp_path, L, D)  # a float32 table asked of an int8 one
+    with pytest.raises(EventTableError, match="scale groups"):
+        EventTable.create(tmp_path / "x", L, D, dtype="int8", groups=3)
+    with pytest.raises(EventTableError, match="dtype"):
+        EventTable.create(tmp_path / "y", L, D, dtype="float16")

@@ -57,14 +57,18 @@ def test_config_defaults_and_validation():
     assert (cfg.n_init, cfg.n_local, cfg.n_mem) == (128, 1024, 1024)  # the product's (EM-LLM: 4096, 2048)
     assert (cfg.exc_block_size, cfg.repr_topk) == (512, 4)
     assert cfg.contiguity_buffer_size == 0.3 and cfg.use_contiguity_buffer and not cfg.per_layer
-    assert cfg.repr_proxy == "tokens" and cfg.token_level
+    assert cfg.repr_proxy == "tokens" and cfg.token_level and cfg.table_dtype == "float32"
     assert cfg.index_params().m == 16 and cfg.index_params().ef == 64
     with pytest.raises(ConfigError):
         RetrievalConfig(max_window=2048)  # 128 + 1024 + 1024 + 512 + 1 > 2048
     for bad in (dict(n_local=0), dict(repr_topk=0), dict(repr_proxy="max"), dict(contiguity_buffer_size=-1),
-                dict(hnsw_m=1), dict(hnsw_ef=0), dict(exc_block_size=0)):
+                dict(hnsw_m=1), dict(hnsw_ef=0), dict(exc_block_size=0), dict(table_dtype="float16")):
         with pytest.raises(ConfigError):
             dataclasses.replace(cfg, **bad)
+    dataclasses.replace(cfg, repr_proxy="tokens", table_dtype="int8")  # the token-level selection: in blocks
+    for per_layer_scores in (dict(repr_proxy="topk"), dict(per_layer=True), dict(repr_topk=1)):
+        with pytest.raises(ConfigError, match="token-level"):
+            dataclasses.replace(cfg, **{"repr_proxy": "tokens", "table_dtype": "int8", **per_layer_scores})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.n_mem = 1  # type: ignore[misc]
 

@@ -177,6 +177,39 @@ def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: Refer
     old.close()
 
 
+def test_a_session_keeps_its_table_dtype_and_older_ones_open_as_float32(engine: ReferenceEngine,
+                                                                         tmp_path: Path) -> None:
+    """An int8 table (``table_dtype``) is the session's: saved with it and reopened as int8, selecting as
+    before the reopen; a session saved before the setting existed opens with the float32 table it has."""
+    import json
+
+    ids = _ids(400, 5)
+    s = Session.create(tmp_path / "q", engine, CFG.with_settings(repr_proxy="tokens", table_dtype="int8"))
+    asyncio.run(s.append(ids, flush=True))
+    assert s.memory.table.dtype == "int8" and len(s.memory.table) > 10
+    assert list((tmp_path / "q").rglob("reps_*.q8")) and not list((tmp_path / "q").rglob("reps_*.f32"))
+    rows = s.memory.table.reps(0).copy()
+    s.close()
+    state = json.loads((tmp_path / "q" / "session.json").read_text())
+    assert state["config"]["retrieval"]["table_dtype"] == "int8"
+    again = Session.open(tmp_path / "q", engine)
+    assert again.memory.table.dtype == "int8"
+    np.testing.assert_array_equal(again.memory.table.reps(0), rows)
+    again.close()
+
+    s = Session.create(tmp_path / "f", engine, CFG)
+    asyncio.run(s.append(ids[:200], flush=True))
+    s.close()
+    state_file = tmp_path / "f" / "session.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["retrieval"]["table_dtype"]  # as a session saved before the setting
+    state_file.write_text(json.dumps(state))
+    old = Session.open(tmp_path / "f", engine)
+    assert old.config.retrieval.table_dtype == "float32" and old.memory.table.dtype == "float32"
+    asyncio.run(old.append(ids[200:], flush=True))
+    old.close()
+
+
 def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEngine, tmp_path: Path) -> None:
     """A session saved today holds its config tree under ``STATE_VERSION``; those written as flat settings
     (layout 2, and 1: no ``"version"``) open with the same config; a newer layout, an unknown or a
