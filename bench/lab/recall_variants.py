@@ -18,6 +18,9 @@ one, question by question:
 
     .venv/bin/python -m bench.lab.recall_variants --from <a tokens run> --variant 'graph={"_graph_ef": 64}'
 
+``_exact`` (``true``) is the other way round: its questions score every event exactly, so a session past the
+exact-search threshold (where today's defaults search the graph) compares the two as well.
+
 Per (variant, haystack, task): questions, the asked sentences wholly in the answer step's window
 (``AskResult.window``, what the trace reports), answers right, and answer windows the same as with today's
 defaults. Prints a table and writes ``bench/results/<out>.json`` (every answer, with its window, whether its
@@ -46,6 +49,9 @@ from bench.eval.recall import haystacks
 GRAPH_EF = "_graph_ef"
 """A variant key of this lab, not a setting: ask through the session's token graph at this ``ef``, whatever
 the session's size (its exact-search threshold set to 0 while the variant asks)."""
+EXACT = "_exact"
+"""A variant key of this lab, not a setting: ``true`` asks by exact scoring of every event, whatever the
+session's size (its exact-search threshold out of reach while the variant asks)."""
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -53,12 +59,29 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
     over = json.loads(body)
-    if not isinstance(over, dict) or not all(is_question_setting(k) or k == GRAPH_EF for k in over):
+    if not isinstance(over, dict) or not all(is_question_setting(k) or k in (GRAPH_EF, EXACT) for k in over):
         raise argparse.ArgumentTypeError(f"a variant overrides question settings only (question_*, "
-                                         f"interleave_stats) or sets {GRAPH_EF}: {body!r}")
+                                         f"interleave_stats) or sets {GRAPH_EF} or {EXACT}: {body!r}")
+    if EXACT in over and (over[EXACT] is not True or GRAPH_EF in over):
+        raise argparse.ArgumentTypeError(f"{EXACT} must be true, and not with {GRAPH_EF}: {body!r}")
     if GRAPH_EF in over and not (isinstance(over[GRAPH_EF], int) and over[GRAPH_EF] >= 1):
         raise argparse.ArgumentTypeError(f"{GRAPH_EF} must be a positive integer: {body!r}")
     return name, over
+
+
+@contextlib.contextmanager
+def exactly(memory: Any, on: bool) -> Iterator[None]:
+    """Searches of ``memory`` score every event exactly while inside (``on``)."""
+    if not on:
+        yield
+        return
+    index = memory.index
+    params = index.params
+    index.params = dataclasses.replace(params, exact_threshold=1 << 62)
+    try:
+        yield
+    finally:
+        index.params = params
 
 
 @contextlib.contextmanager
@@ -114,11 +137,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             saved, planner_cfg = s.config, s.memory.planner.config
             try:
                 for name, over in args.variants.items():
-                    settings = {k: v for k, v in over.items() if k != GRAPH_EF}
+                    settings = {k: v for k, v in over.items() if k not in (GRAPH_EF, EXACT)}
                     s.config = saved.with_settings(**{**today, **settings})
                     s.memory.planner.config = s.config.retrieval
                     t0 = time.perf_counter()
-                    with through_graph(s.memory, over.get(GRAPH_EF)):
+                    with through_graph(s.memory, over.get(GRAPH_EF)), exactly(s.memory, bool(over.get(EXACT))):
                         for q in hs.questions:
                             if args.tasks and q.task not in args.tasks.split(","):
                                 continue

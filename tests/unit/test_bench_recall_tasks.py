@@ -137,7 +137,9 @@ def test_recall_variants_parses_question_overrides_and_measures_window_coverage(
     from bench.lab import recall_variants as rv
     assert rv.parse_variant('reach 0={"question_reach": 0}') == ("reach 0", {"question_reach": 0})
     assert rv.parse_variant('g={"_graph_ef": 128}') == ("g", {"_graph_ef": 128})
-    for bad in ('{"question_reach": 0}', 'x={"n_mem": 0}', "x=[1]", 'g={"_graph_ef": 0}', 'g={"_graph_ef": "a"}'):
+    assert rv.parse_variant('x={"_exact": true}') == ("x", {"_exact": True})
+    for bad in ('{"question_reach": 0}', 'x={"n_mem": 0}', "x=[1]", 'g={"_graph_ef": 0}', 'g={"_graph_ef": "a"}',
+                'x={"_exact": 1}', 'x={"_exact": true, "_graph_ef": 64}'):
         with pytest.raises(argparse.ArgumentTypeError):
             rv.parse_variant(bad)
     window = ((0, 10), (20, 30))
