@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from emserve.retrieval.events import dequantize_rows, quantize_rows
+
 MODES = ("int8", "bf16")
 HEAD_DIM = 64
 
@@ -44,10 +46,8 @@ def rounded(x: np.ndarray, mode: str, head_dim: int = HEAD_DIM) -> np.ndarray:
         return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).float().numpy()
     if mode != "int8":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    g = x.reshape(x.shape[0], -1, head_dim)
-    scale = np.abs(g).max(axis=2, keepdims=True) / 127.0
-    scale[scale == 0] = 1.0
-    return (np.clip(np.rint(g / scale), -127, 127) * scale).astype(np.float32).reshape(x.shape)
+    flat = np.asarray(x, np.float32).reshape(x.shape[0], -1)
+    return dequantize_rows(*quantize_rows(flat, flat.shape[1] // head_dim)).reshape(x.shape)  # an int8 table's
 
 
 def copy_session(src: Path, dst: Path, mode: str) -> int:
