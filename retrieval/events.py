@@ -452,7 +452,10 @@ class EventTable:
         return out.tobytes()
 
     def _decode(self, raw: np.ndarray) -> np.ndarray:
-        """Stored rows (``[n, row_bytes]`` uint8 of an int8 table) as float32 ``[n, dim]``."""
+        """Mapped rows (:meth:`_mapped`) as float32 ``[n, dim]``: decoded from an int8 table's ``[n, row_bytes]``
+        bytes, a float32 table's as they are."""
+        if self.dtype != "int8":
+            return raw
         g = 4 * self.groups
         scales = np.ascontiguousarray(raw[:, :g]).view("<f4")
         values = np.ascontiguousarray(raw[:, g: g + self.dim]).view(np.int8)
@@ -545,21 +548,18 @@ class EventTable:
 
     def stored_reps(self, layer: int) -> np.ndarray:
         """float32 ``[reps_count, dim]``: the representatives on disk (as :meth:`reps`)."""
-        m = self._mapped(layer)
-        return self._decode(m) if self.dtype == "int8" else m
+        return self._decode(self._mapped(layer))
 
     def stored_rows(self, layer: int, lo: int, hi: int) -> np.ndarray:
         """float32 ``[hi - lo, dim]`` of the representatives on disk (as :meth:`rows`, within ``reps_count``)."""
         if not 0 <= lo <= hi <= self.reps_count:
             raise EventTableError(f"rows {lo} .. {hi - 1} outside the {self.reps_count} stored in {self.path}")
-        m = self._mapped(layer)[lo:hi]
-        return self._decode(m) if self.dtype == "int8" else m
+        return self._decode(self._mapped(layer)[lo:hi])
 
     def reps_of(self, layer: int, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """float32 ``[len(ids), dim]`` copy of some events' representatives of one layer."""
         self._check_rows()
-        m = self._mapped(layer)[np.asarray(ids, dtype=np.int64)]
-        return self._decode(m) if self.dtype == "int8" else m
+        return self._decode(self._mapped(layer)[np.asarray(ids, dtype=np.int64)])
 
     def disk_bytes(self) -> int:
         names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [self._file(i) for i in self.layers]

@@ -119,6 +119,17 @@ def session_retrieval_config(log: Path, max_window: int = 8192) -> Any:
     return mem.bound(max_window).retrieval
 
 
+def process_memory() -> dict[str, int]:
+    """This process's resident memory in bytes (``/proc/self/status``): ``VmRSS``, ``RssAnon`` (anonymous:
+    heaps, graphs) and ``RssFile`` (mapped files)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(val.split()[0]) * 1024
+    return out
+
+
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"

@@ -64,7 +64,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
-from bench.eval.common import machine, module_command, table, write_results
+from bench.eval.common import machine, module_command, process_memory, table, write_results
 from emserve.retrieval.buffers import contiguity_tokens
 from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.events import EventTable
@@ -77,15 +77,6 @@ D = KV_HEADS * HEAD_DIM
 RAW_KV_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2
 BUDGET, CHUNK, N_INIT = 1024, 512, 128
 REAL = Path.home() / ".cache" / "emserve" / "bench" / "real16k"
-
-
-def rss() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, val = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(val.split()[0]) * 1024
-    return out
 
 
 def load_real(path: Path) -> dict[str, Any]:
@@ -196,7 +187,7 @@ def one(tokens: int, layers: int, steps: int, workdir: str, concat_dim: int, mul
     path = Path(tempfile.mkdtemp(dir=workdir))
     avg = float((bounds[:, 1] - bounds[:, 0]).mean())
     batch = max(1, round(CHUNK / avg))  # events closed per 512-token chunk
-    base = rss()
+    base = process_memory()
     tbl = EventTable.create(path, layers, V * D, vectors=V)
     ix = EventIndex.open(path, tbl, IndexParams(build_threshold=0))  # measures the adds: grow from event 0
     t_table = t_index = 0.0
@@ -223,7 +214,7 @@ def one(tokens: int, layers: int, steps: int, workdir: str, concat_dim: int, mul
     t0 = time.perf_counter()
     ix.save()
     t_save = time.perf_counter() - t0
-    mem_perlayer = rss()
+    mem_perlayer = process_memory()
 
     # concat index (PCA fitted on the first 2048 events, then every event added in chunk batches)
     cix = ConcatIndex(layers, concat_dim, n)

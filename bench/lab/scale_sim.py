@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.eval.common import RESULTS, machine, table, write_results
+from bench.eval.common import RESULTS, machine, process_memory, table, write_results
 from bench.eval.eval import _ints
 from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.events import EventTable
@@ -166,16 +166,6 @@ def as_queries(keys: np.ndarray, noise: float, rng: np.random.Generator) -> np.n
 
 
 # ---------------------------------------------------------------------------------------------- run
-def memory() -> dict[str, int]:
-    """This process's resident memory (``/proc/self/status``), bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, val = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(val.split()[0]) * 1024
-    return out
-
-
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -232,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
         step_rec: list[float] = []
         ask_rec: list[float] = []
         with_exact = n <= args.exact_upto
+        recent_keys = np.concatenate(recent)
         for _ in range(args.queries):
-            recent_keys = np.concatenate(recent)
             step_q = as_queries(recent_keys[qrng.integers(len(recent_keys), size=8)].mean(axis=0, keepdims=True),
                                 args.noise, qrng)[0]  # [L, H, D]: a step's summary
             target = int(qrng.integers(0, max(1, n - 200)))
@@ -249,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                     exact.reset_buffers()
                     want = set(exact.retrieve(q, budget, rank=rank, contiguity=False).layers[0].ids)  # type: ignore[arg-type]
                     rec.append(len(want & set(got.layers[0].ids)) / max(1, len(want)))
-        mem = memory()
+        mem = process_memory()
         disk = tab.disk_bytes() + graph.disk_bytes()
         tail = add_s[-64:]
         point = {"tokens": tokens, "events": n, "vectors": graph.count * VECTORS, "graph_started": graph.count > 0,
