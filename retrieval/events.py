@@ -268,7 +268,7 @@ class EventTable:
         size = rec.stat().st_size if rec.exists() else 0
         raw = np.fromfile(rec, dtype="<i8", count=(size // _RECORD) * 2) if size else np.zeros(0, np.int64)
         n = self._valid_prefix(raw.reshape(-1, 2))
-        stored = self._read_reps_count()
+        stored = saved = self._read_reps_count()
         for layer in self.layers:
             f = self.path / self._file(layer)
             rows = (f.stat().st_size if f.exists() else 0) // self._row_bytes
@@ -278,7 +278,11 @@ class EventTable:
                 stored = min(stored, rows)
         if stored is not None:
             stored = min(stored, n)
-            self._write_reps_count(None if stored >= n else stored)  # every record has its rows: no file
+            count = None if stored >= n else stored  # every record has its rows: no file
+            if count != saved:  # a reader's open, or one on a full disk, writes nothing it need not
+                self._write_reps_count(count)
+            else:
+                self._reps_count = count
         fd = os.open(rec, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(fd, n * _RECORD)
         os.lseek(fd, 0, os.SEEK_END)

@@ -467,17 +467,27 @@ class SessionManager:
         idle = self._idle(keep)
         excess = len(self._open) - self.max_open
         for entry in idle[: max(0, excess)]:
-            await self._close(entry)
+            await self._close_idle(entry)
         if self.device_budget > 0:
             used = self.device_bytes()
             for entry in idle[max(0, excess):]:
                 if used <= self.device_budget:
                     break
                 used -= entry.session.device_bytes
-                await self._close(entry)
+                await self._close_idle(entry)
             if used > self.device_budget:
                 logger.warning("open sessions hold %.2f GiB of device memory for retrieval, over the budget of "
                                "%.2f GiB, and none of the others is idle", used / 2**30, self.device_budget / 2**30)
+
+    async def _close_idle(self, entry: Entry) -> None:
+        """Close an idle session to make room. Its files are closed even when its checkpoint fails (an
+        ``OSError``, e.g. a full disk): that is logged, not raised to the call that needed the room, since
+        the indexes catch up with the table when the session reopens, as after a crash."""
+        try:
+            await self._close(entry)
+        except OSError as e:
+            logger.warning("session %s closed without its index checkpoint (%s); its indexes catch up when it "
+                           "reopens", entry.session_id, e)
 
     def _idle(self, keep: str | None) -> Sequence[Entry]:  # (`list` is a method here)
         """The idle open sessions but ``keep``, least recently used first."""
