@@ -82,12 +82,12 @@ class RetrievalConfig:
     needs no surprise). False: the ingestion order (retrieved events before the remainder)."""
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
-    repr_proxy: ReprProxy = "topk"
-    """Representative when attention scores are not available (see ``representatives``). ``"topk"`` (the
-    default) keeps each layer's own largest-norm keys, scored per layer and summed (one graph per scoring
-    layer); ``"tokens"`` keeps the same tokens in every layer, and a shared selection then scores the best
-    token across the scoring layers (token-level MaxSim; on the CPU one graph over token vectors serves
-    it). A session keeps the proxy it was created with."""
+    repr_proxy: ReprProxy = "tokens"
+    """Representative when attention scores are not available (see ``representatives``). ``"tokens"``
+    (the default) keeps the same tokens in every layer, and a shared selection then scores the best token
+    across the scoring layers (token-level MaxSim; on the CPU one graph over token vectors serves it);
+    ``"topk"`` keeps each layer's own largest-norm keys, scored per layer and summed (one graph per
+    scoring layer). A session keeps the proxy it was created with."""
     table_dtype: TableDtype = "float32"
     """How the event table stores representatives: ``"int8"`` rounds each vector's kv heads to int8 with a
     scale each (0.27x the table's bytes; ``events``, int8 tables), read back as float32. Only a token-level

@@ -7,7 +7,7 @@ head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``. A step's query su
 of its pre-RoPE queries, concatenated over heads) then scores an event with ``q . rep`` which is
 EM-LLM's ``sum_h q_h . kbar_h``.
 
-**Default here: ``"topk"``, several vectors per event** (``repr_topk`` of them, ``vectors_per_event``):
+**``"topk"``: several vectors per event** (``repr_topk`` of them, ``vectors_per_event``):
 the keys of the event's ``repr_topk`` tokens with the largest key norm in that layer (all kv heads
 of the same token, ``num_kv_heads * head_dim`` values, *not* expanded to the query heads), kept
 *separately*; an event then scores ``max_j q . rep_j`` (late interaction, "MaxSim"; see
@@ -16,7 +16,7 @@ the GQA-expanded key (``sum_h q_h . k_{h // g} = sum_kv (sum_{h in kv} q_h) . k_
 the storage for SmolLM2 (9 query heads, 3 kv heads). Events shorter than ``repr_topk`` repeat their tokens
 (the max is unchanged). Why a max over a few keys, chosen by norm: ``docs/decisions.md``, "Representatives".
 
-**``"tokens"``: the same tokens in every layer.** As ``"topk"``, but the ``repr_topk`` tokens are chosen
+**``"tokens"`` (the default): the same tokens in every layer.** As ``"topk"``, but the ``repr_topk`` tokens are chosen
 once per event, by their key norm summed over the layers computed together (a session's stored layers:
 the scoring layers of a shared selection), so vector ``j`` of every layer is the same token. A shared
 selection then scores an event by a *token-level* MaxSim, ``max_j sum_l s_l q_l . rep_{l,j}`` (the best
@@ -33,7 +33,7 @@ Attention received per token is not reported by our engines yet. ``token_scores`
 is available (one averaged vector per event, as EM-LLM); otherwise a **proxy** computed from the
 event's own keys is used:
 
-* ``"topk"`` (default): ``repr_topk`` separate vectors, the largest-norm keys (above).
+* ``"tokens"`` (default) and ``"topk"``: ``repr_topk`` separate vectors, the largest-norm keys (above).
 * ``"mean"``: the mean of all the event's keys, per kv head. It is the uniform-weight
   limit of EM-LLM's attention-weighted top-k mean, so ``q . rep`` is the event's mean attention
   logit for ``q``: a bag-of-keys summary that does not depend on the event's length and lets every

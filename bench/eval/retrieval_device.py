@@ -124,7 +124,8 @@ def one(tokens: int, real: dict[str, Any], device: str | None, workdir: Path, st
     index = EventIndex.open(tbl.path, tbl, IndexParams(exact_threshold=NO_GRAPH), layers=())
     qm = QueryMean(None, SCORE_LAYERS, HEADS * HEAD_DIM)
     qm.observe(real["mean"][:SCORE_LAYERS], 1)
-    cfg = RetrievalConfig(shared_score_layers=1.0)  # the table holds the scoring layers only
+    # the per-layer score (``topk``) these tables hold; the table holds the scoring layers only
+    cfg = RetrievalConfig(repr_proxy="topk", shared_score_layers=1.0)
     common = dict(query_mean=qm, query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
     cpu = Retriever(index, cfg, **common)  # type: ignore[arg-type]
     qsets = query_sets(real)

@@ -1,4 +1,4 @@
-"""Retrieval index benchmark: the default retrieval path (one shared selection, ``topk`` multi-vector
+"""Retrieval index benchmark: the per-layer retrieval path (one shared selection, ``topk`` multi-vector
 representatives, centered + standardized question queries) at 10k / 100k / 1M tokens.
 
 Data (derived from a real session, ``bench/lab/retrieval_capture.py``: 16k tokens of ``big`` text through
@@ -16,7 +16,7 @@ the product engine, default model and :class:`MemoryConfig`; run it first, ~3 mi
 Paths, per step (budget 1024 tokens = session ``n_mem``, contiguity buffer on, as a session):
 
 * ``exact``: every event scored (``sum_l mean_i max_j``, layers 0..19);
-* ``union`` (the default HNSW path): candidates = union of the per-(layer, query token) HNSW top-k of
+* ``union`` (the `topk` HNSW path): candidates = union of the per-(layer, query token) HNSW top-k of
   the scoring layers (k covering 1.5x the budget), rescored exactly;
 * ``bounded xF`` (opt-in, ``RetrievalConfig.shared_rescore_factor = F``): 128-vector lists per
   (layer, query token), candidates ranked by an upper bound of their score, only those covering F x
@@ -230,7 +230,8 @@ def one(tokens: int, layers: int, steps: int, workdir: str, concat_dim: int, mul
 
     qm = QueryMean(None, layers, HEADS * HEAD_DIM)
     qm.observe(real["mean"][:layers], 1)
-    cfg = RetrievalConfig(shared_score_layers=1.0)  # the table holds the scoring layers only
+    # the per-layer path (``topk``) this bench measures; the table holds the scoring layers only
+    cfg = RetrievalConfig(repr_proxy="topk", shared_score_layers=1.0)
     common = dict(query_mean=qm, query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
     retr = Retriever(ix, cfg, **common)  # type: ignore[arg-type]
     bounded = {f: Retriever(ix, replace(cfg, shared_rescore_factor=f, shared_search_vectors=search_vectors),
@@ -352,7 +353,7 @@ def sweep_real(layers: list[int], k: int = 50) -> dict[str, Any]:
     qm = QueryMean(None, LAYERS, HEADS * HEAD_DIM)
     qm.observe(real["mean"], 1)
     ix = EventIndex.open(path, tbl, IndexParams(), writable=False)
-    cfg = RetrievalConfig(shared_score_layers=SCORE_LAYERS / LAYERS)
+    cfg = RetrievalConfig(repr_proxy="topk", shared_score_layers=SCORE_LAYERS / LAYERS)
     retr = Retriever(ix, cfg, query_mean=qm, query_group=HEADS // KV_HEADS, head_dim=HEAD_DIM)
     enc = [retr.encode(q) for q in real["ask"]]
     out: dict[str, Any] = {"events": n, "k": k, "layers": layers, "rows": []}

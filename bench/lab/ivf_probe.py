@@ -252,7 +252,7 @@ def prepare(args: argparse.Namespace, *, reference: bool = True, cache: Path | N
     from bench.eval.recall_tasks import TASKS, build, source_filler
     from emserve.server.provision.models import resolve_model
 
-    cfg = RetrievalConfig()
+    cfg = RetrievalConfig(repr_proxy="topk")  # the per-layer representatives of the capture
     num_layers = 30
     layers = cfg.score_layers(num_layers)
     t = Table(args.session, len(layers), args.events)

@@ -47,7 +47,7 @@ async def capture(tokens: int, depth: float, asks: int, out: Path) -> dict[str, 
     engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
     if out.exists():
         shutil.rmtree(out)
-    cfg = MemoryConfig()
+    cfg = MemoryConfig.of(repr_proxy="topk")  # per-layer keys: what retrieval_index and ivf_probe model
     session = Session.create(out, engine, cfg)
     chunk_queries: list[np.ndarray] = []
     orig = session._ingest_chunk
