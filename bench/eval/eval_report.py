@@ -24,7 +24,7 @@ TASK_ORDER = ("passkey", "needle", "multikey", "twohop", "labelled")
 SYSTEM_ORDER = ("emserve", "truncation", "infllm", "no-refine", "no-contiguity", "mean-rank", "vanilla")
 NEEDLE_TASKS = ("passkey", "needle", "multikey")
 CSV_FIELDS = ("system", "task", "length", "context_tokens", "depth", "hid", "qid", "expected", "answer", "correct",
-              "coverage", "in_window", "ttft_s", "total_s", "retrieval_s", "decode_tok_s", "window_tokens",
+              "coverage", "in_window", "ttft_s", "total_s", "retrieval_s", "search_s", "decode_tok_s", "window_tokens",
               "retrieved_tokens", "retrieved_events")
 RECALL_RUNS = ("recall-128k-emserve-stems", "recall-128k-emserve", "recall-128k-baselines", "recall-32k-emserve-stems",
                "recall-32k-emserve-labels", "recall-32k-emserve", "recall-32k-baselines", "recall-32k-full-1k-4k",

@@ -204,7 +204,7 @@ def ask(client: Any, sid: str, q: Question, max_tokens: int) -> dict[str, Any]:
         "qid": q.qid, "depth": q.depth, "expected": q.expected, "answer": ans.text,
         "correct": q.expected in ans.text, "coverage": cov, "in_window": cov >= 1.0,
         "ttft_s": t.first_token_s, "total_s": t.total_s, "retrieval_s": t.retrieval_s,
-        "decode_tok_s": t.tokens_per_s, "completion_tokens": u.completion_tokens,
+        "search_s": t.retrieval_s - t.probe_s, "decode_tok_s": t.tokens_per_s, "completion_tokens": u.completion_tokens,
         "window_tokens": u.window_tokens, "retrieved_tokens": u.retrieved_tokens,
         "retrieved_events": len(ans.trace.events) if ans.trace is not None else 0,
     }

@@ -361,7 +361,7 @@ def generate_to_pb(item: Chunk | Completion) -> pb.GenerateResponse:
                        retrieved_tokens=item.retrieved_tokens),
         timings=pb.Timings(wait_s=t.get("wait_s", 0.0), retrieval_s=t.get("retrieval_s", 0.0),
                            first_token_s=t.get("first_token_s", 0.0), total_s=t.get("total_s", 0.0),
-                           tokens_per_s=t.get("tokens_per_s", 0.0)),
+                           tokens_per_s=t.get("tokens_per_s", 0.0), probe_s=t.get("probe_s", 0.0)),
         committed_offset=item.committed_offset,
     )
     if item.trace is not None:

@@ -97,7 +97,8 @@ class AskResult:
     retrieval: RetrievalResult | None
     step: StepResult
     timings: dict[str, float] = field(default_factory=dict)
-    """``wait_s`` (for the session's lock), ``retrieval_s`` (probe step + retrieval + planning)."""
+    """``wait_s`` (for the session's lock), ``retrieval_s`` (probe step + retrieval + planning), ``probe_s``
+    (the probe step alone)."""
     window: tuple[tuple[int, int], ...] = ()
     """The stream's tokens the answer step attended to in every layer, as ``[start, end)`` ranges (the
     question and the answer excluded)."""
@@ -547,7 +548,8 @@ class Session:
             clock.add("wait", clock.elapsed())
             offset = self.num_tokens
             plan, retrieval = await plan_question(self, offset, q, sampling, clock)
-            timings = {"wait_s": clock.phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(clock.phases)}
+            timings = {"wait_s": clock.phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(clock.phases),
+                       "probe_s": clock.phases.get("probe", 0.0)}
             window = plan.log_ranges(self.log_path)
             if on_plan is not None:
                 on_plan(retrieval, timings, window)

@@ -636,6 +636,7 @@ def test_trace_is_set_when_asked_also_when_nothing_was_retrieved(stub: pb_grpc.S
     assert usage.window_tokens == sum(r.end - r.start for r in done.trace.window) - 1  # the anchor is computed
     assert (usage.prompt_tokens, usage.completion_tokens, usage.memory_tokens) == (1, 4, 700)
     assert t.wait_s >= 0 and 0 < t.retrieval_s <= t.first_token_s <= t.total_s and t.tokens_per_s > 0
+    assert 0 <= t.probe_s <= t.retrieval_s  # "of retrieval_s: the probe step"
 
 
 def test_request_id_is_echoed_in_logs_and_makes_remember_idempotent(stub: pb_grpc.SessionServiceStub) -> None:

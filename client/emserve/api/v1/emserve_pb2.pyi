@@ -393,18 +393,20 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., memory_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., retrieved_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("wait_s", "retrieval_s", "first_token_s", "total_s", "tokens_per_s")
+    __slots__ = ("wait_s", "retrieval_s", "first_token_s", "total_s", "tokens_per_s", "probe_s")
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_S_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PROBE_S_FIELD_NUMBER: _ClassVar[int]
     wait_s: float
     retrieval_s: float
     first_token_s: float
     total_s: float
     tokens_per_s: float
-    def __init__(self, wait_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    probe_s: float
+    def __init__(self, wait_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., probe_s: _Optional[float] = ...) -> None: ...
 
 class RetrievalTrace(_message.Message):
     __slots__ = ("budget", "num_events", "memory_tokens", "shared", "exact", "events", "layers", "window")
