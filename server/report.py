@@ -78,6 +78,13 @@ def retrieval_seconds(phases: dict[str, float]) -> float:
     return phases.get("probe", 0.0) + phases.get("retrieve", 0.0)
 
 
+def question_timings(phases: dict[str, float]) -> dict[str, float]:
+    """A question's timings once its window is chosen (``QuestionResult.timings``): ``wait_s``,
+    ``retrieval_s`` (:func:`retrieval_seconds`) and ``probe_s`` (its probe step alone)."""
+    return {"wait_s": phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(phases),
+            "probe_s": phases.get("probe", 0.0)}
+
+
 @dataclass
 class PhaseClock:
     """Collects the phases of one step (:data:`PHASES`); ``with clock("segment"): ...`` adds to a phase."""

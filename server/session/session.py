@@ -60,7 +60,7 @@ from emserve.segmenter import OnlineSegmenter
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.engine.rope import RopeSpec
 from emserve.server.errors import SessionReopening
-from emserve.server.report import Kind, PhaseClock, StepReport, retrieval_seconds
+from emserve.server.report import Kind, PhaseClock, StepReport, question_timings
 
 if TYPE_CHECKING:
     from emserve.retrieval.plan import WindowPlan
@@ -548,8 +548,7 @@ class Session:
             clock.add("wait", clock.elapsed())
             offset = self.num_tokens
             plan, retrieval = await plan_question(self, offset, q, sampling, clock)
-            timings = {"wait_s": clock.phases.get("wait", 0.0), "retrieval_s": retrieval_seconds(clock.phases),
-                       "probe_s": clock.phases.get("probe", 0.0)}
+            timings = question_timings(clock.phases)
             window = plan.log_ranges(self.log_path)
             if on_plan is not None:
                 on_plan(retrieval, timings, window)
