@@ -242,13 +242,11 @@ class Session:
         disk, for a session about to be deleted)."""
         try:
             if self._memory is not None:
-                saved = False
                 try:
                     if checkpoint:
                         self._memory.checkpoint()
-                    saved = checkpoint
-                finally:  # a failed checkpoint is not tried again: the indexes catch up when the session reopens
-                    self._memory.close(save=saved)
+                finally:  # persisted above, or not to be: a failed checkpoint is not tried again (the indexes
+                    self._memory.close(save=False)  # catch up when the session reopens)
         finally:  # the files are closed even when the checkpoint fails (e.g. disk full)
             if self._log is not None:
                 self._log.close()
