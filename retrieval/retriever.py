@@ -536,18 +536,33 @@ class Retriever:
             layers=None if self.per_layer else self.score_layers,
         )
 
-    def token_scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None) -> np.ndarray:
-        """Per query token exact scores ``[n_tokens, len(ids)]`` (their mean over tokens is :meth:`scores`)."""
+    def token_scores(self, q: EncodedQuery, layer: int | None, ids: np.ndarray | None = None, *,
+                     sampled: bool = False) -> np.ndarray:
+        """Per query token exact scores ``[n_tokens, len(ids)]`` (their mean over tokens is :meth:`scores`).
+        ``sampled``: ``ids`` are among :meth:`sample_ids`, whose rows are read from the cached
+        :meth:`rep_sample` instead of the table (the same values, without a gather from the mapping)."""
         if layer is None and self.scorer is not None and ids is None:
             self._sync_scorer()
             return self.scorer.token_scores(q, len(self.table)).cpu().numpy()
+        if sampled:
+            sample, drawn = self.rep_sample(), self._sample_ids
+            assert ids is not None and sample is not None and drawn is not None
+            assert np.isin(ids, drawn).all(), "sampled ids must be among the sample's"
+
+            def rows(lay: int, part: np.ndarray) -> np.ndarray:
+                pos = np.searchsorted(drawn, part)
+                if pos.size and pos[-1] - pos[0] == pos.size - 1:  # sorted and consecutive: a view, no copy
+                    return sample[lay, pos[0]: pos[-1] + 1]
+                return sample[lay, pos]
+        else:
+            rows = self.table.reps_of
         if layer is None and self.token_level:
-            return self._token_level_scores(q, ids)
+            return self._token_level_scores(q, ids, rows)
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
         total = np.zeros((q.tokens.shape[0], n), np.float32)
         for lay in layers:
-            reps = self.table.reps(lay) if ids is None else self.table.reps_of(lay, ids)
+            reps = self.table.reps(lay) if ids is None else rows(lay, ids)
             total += q.token_layer_scores(lay, reps, self.index.vectors)
         return total
 
@@ -566,13 +581,16 @@ class Retriever:
             total += q.layer_scores(lay, reps, self.index.vectors)
         return total
 
-    def _token_level_scores(self, q: EncodedQuery, ids: np.ndarray | None) -> np.ndarray:
-        """:meth:`token_scores` of the shared selection with the token-level MaxSim, in blocks of events."""
+    def _token_level_scores(self, q: EncodedQuery, ids: np.ndarray | None,
+                            rows: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """:meth:`token_scores` of the shared selection with the token-level MaxSim, in blocks of events
+        (``rows(layer, ids)``: where the rows of ``ids`` come from; the table by default)."""
+        rows = self.table.reps_of if rows is None else rows
         n = len(self.table) if ids is None else len(ids)
         out = np.empty((q.tokens.shape[0], n), np.float32)
         for a in range(0, n, _TOKEN_LEVEL_BLOCK):
             b = min(n, a + _TOKEN_LEVEL_BLOCK)
-            reps = [self.table.rows(lay, a, b) if ids is None else self.table.reps_of(lay, ids[a:b])
+            reps = [self.table.rows(lay, a, b) if ids is None else rows(lay, ids[a:b])
                     for lay in self.score_layers]
             out[:, a:b] = q.token_level_scores(self.score_layers, reps, self.index.vectors)
         return out
@@ -749,7 +767,7 @@ class Retriever:
         ids = self._stats_ids(m)
         if ids is None:
             return None
-        ts = self.token_scores(q, layer, ids)
+        ts = self.token_scores(q, layer, ids, sampled=True)
         return ts.mean(axis=1), ts.std(axis=1)
 
     def _candidates(self, q: EncodedQuery, layers: Sequence[int], k: int, *, exact: bool) -> np.ndarray | None:

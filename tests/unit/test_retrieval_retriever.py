@@ -263,6 +263,10 @@ def test_interleave_sample_stats_are_the_same_on_every_path(indexes, monkeypatch
         np.testing.assert_allclose(mean, ts.mean(axis=1), rtol=1e-6)
         np.testing.assert_allclose(std, ts.std(axis=1), rtol=1e-6)
         assert std.min() > 0
+        # the sample's rows come from its cache: the same scores for a prefix (a view) and any subset
+        for some in (ids[:40], ids[::3]):
+            np.testing.assert_array_equal(r.token_scores(r.encode(q), None, some, sampled=True),
+                                          r.token_scores(r.encode(q), None, some))
     Retriever(indexes["hnsw"], dataclasses.replace(cfg, interleave_stats="scored")).retrieve(q, 300, rank="interleave")
     assert seen == [None]
     with pytest.raises(ConfigError):
