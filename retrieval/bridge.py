@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, word_pairs
+from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, unique_pairs, word_pairs
 
 BRIDGE_RARE = 0.75
 """A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
@@ -201,7 +201,7 @@ def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vo
     if not (best > 0)[far].any():
         return None
     word, event = missing_pairs[:, 0], missing_pairs[:, 1]
-    rows = np.unique(np.concatenate([np.stack([word, event - d], 1) for d in range(max(1, span))]), axis=0)
+    rows, _ = unique_pairs(np.concatenate([np.stack([word, event - d], 1) for d in range(max(1, span))]))
     rows = rows[rows[:, 1] >= 0]
     missing = np.zeros(n_events, np.float64)
     np.add.at(missing, rows[:, 1], idf[np.searchsorted(uw, rows[:, 0])])
@@ -225,7 +225,7 @@ def _bridge_passage(pairs: np.ndarray, uw: np.ndarray, idf: np.ndarray, is_bridg
     rows = rows[(rows[:, 1] >= 0) & (np.abs(rows[:, 1] - first) > spacing + 1)]
     if rows.size == 0:
         return None
-    _, once = np.unique(rows[:, :2], axis=0, return_index=True)
+    _, once = unique_pairs(rows[:, :2])
     rows = rows[once]
     p, r = rows[:, 1], rows[:, 2]
     score = np.zeros(n_events, np.float64)

@@ -137,6 +137,20 @@ PASSAGE_EVENTS = 2
 """Consecutive events a question's words are matched in together (module docstring)."""
 
 
+def unique_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of an integer ``[n, 2]`` array, sorted (by the first column, then the second), and
+    the index of each one's first occurrence: ``np.unique(pairs, axis=0, return_index=True)``, on one
+    int64 key per row (a plain sort, many times faster than the row-wise one on a million pairs)."""
+    a = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if a.shape[0] == 0:
+        return a.copy(), np.zeros(0, np.int64)
+    lo = a.min(axis=0)
+    width = int(a[:, 1].max() - lo[1]) + 1
+    key = (a[:, 0] - lo[0]) * width + (a[:, 1] - lo[1])
+    _, first = np.unique(key, return_index=True)
+    return a[first], first
+
+
 def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                     vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(word, event)`` pairs of the question's content words (labels aside:
@@ -161,7 +175,7 @@ def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: 
     ev = np.searchsorted(starts, pos, side="right") - 1
     inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
     ev, word = ev[inside], canon[pos[inside] - base]
-    pairs = np.unique(np.stack([word, ev], 1), axis=0)  # (word, event), each once
+    pairs, _ = unique_pairs(np.stack([word, ev], 1))  # (word, event), each once
     if pairs.size == 0:
         return empty
     uw, df = np.unique(pairs[:, 0], return_counts=True)
@@ -176,7 +190,7 @@ def _passage_scores(pairs: np.ndarray, weight: np.ndarray, n_events: int, span: 
     # passage p = events p .. p+span-1; each (word, passage) once
     rows = np.concatenate([np.stack([word, ev - d, np.arange(ev.shape[0])], 1) for d in range(span)])
     rows = rows[rows[:, 1] >= 0]
-    _, first = np.unique(rows[:, :2], axis=0, return_index=True)
+    _, first = unique_pairs(rows[:, :2])
     rows = rows[first]
     passage = np.zeros(n_events, np.float64)
     np.add.at(passage, rows[:, 1], weight[rows[:, 2]])
@@ -254,7 +268,7 @@ def _discriminating_scores(pairs: np.ndarray, weight: np.ndarray, candidates: np
         free = of_event[at[ok]] < 0
         of_event[at[ok][free]] = place[ok][free]
     where = of_event[pairs[:, 1]]
-    held = np.unique(np.stack([pairs[:, 0], where], 1)[where >= 0], axis=0)  # (word, place), each once
+    held, _ = unique_pairs(np.stack([pairs[:, 0], where], 1)[where >= 0])  # (word, place), each once
     uw, df = np.unique(held[:, 0], return_counts=True)
     local = np.maximum(np.log((places - df + 0.5) / (df + 0.5)), 0.0)
     k = np.clip(np.searchsorted(uw, pairs[:, 0]), 0, max(uw.size - 1, 0))

@@ -321,3 +321,17 @@ def test_inflected_words_match_and_the_copy_stays_verbatim():
     window = [(0, np.array([tid[" the"], tid[" key"], tid[" is"], tid[" 7"]]))]
     assert continuation([tid[" the"], tid[" keys"], tid[" is"]], window, v, 2) is None
     assert continuation([tid[" the"], tid[" key"], tid[" is"]], window, v, 2) == (tid[" 7"], 3, 3)
+
+
+def test_unique_pairs_is_numpys_row_unique():
+    from emserve.retrieval.lexical import unique_pairs
+
+    rng = np.random.default_rng(3)
+    for n, lo, hi in ((0, 0, 1), (1, 0, 1), (500, -5, 7), (2000, 0, 40000)):
+        a = rng.integers(lo, hi, (n, 2))
+        a[:, 1] -= hi // 3  # negative second column too
+        rows, first = unique_pairs(a)
+        want_rows, want_first = np.unique(a, axis=0, return_index=True)
+        np.testing.assert_array_equal(rows, want_rows.reshape(-1, 2))
+        np.testing.assert_array_equal(first, want_first)
+        np.testing.assert_array_equal(a[first], rows)
