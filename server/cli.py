@@ -428,12 +428,14 @@ def _delete(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- demo
 class ServerProcess:
-    """``emserve serve`` in a child process on a free loopback port; its output goes to ``log``."""
+    """``emserve serve`` in a child process on a free loopback port; its output goes to ``log``.
+    ``wrapper``: a command the server runs under (its arguments, then the server's command line: e.g.
+    ``bench.eval.cgroup``'s), which must pass SIGTERM on."""
 
-    def __init__(self, sessions_dir: Path, log: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, sessions_dir: Path, log: Path, extra: Sequence[str] = (), wrapper: Sequence[str] = ()) -> None:
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
-        cmd = [sys.executable, "-m", "emserve.server", "serve", "--host", "127.0.0.1", "--port", "0",
+        cmd = [*wrapper, sys.executable, "-m", "emserve.server", "serve", "--host", "127.0.0.1", "--port", "0",
                "--sessions-dir", str(sessions_dir), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
         self.address = ""

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.eval import eval_report
+from bench.eval.cgroup import parse_bytes
 from bench.eval.common import RESULTS, machine, sigterm_exits
 from bench.eval.eval_server import (
     ABLATIONS,
@@ -302,7 +303,10 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
         return 1
     try:
         if jobs or stream is not None:
-            server = Server(str(spec.path), workdir, restart_bytes=args.restart_gib * 2**30)
+            server = Server(str(spec.path), workdir, extra=args.server_arg, restart_bytes=args.restart_gib * 2**30,
+                            memory_limit=args.server_memory)
+            run.res["server_args"] = list(args.server_arg)
+            run.res["server_memory_limit"] = args.server_memory
             try:
                 info = server.info
                 run.res["model"] = {"name": spec.name, "path": str(spec.path), "max_model_len": info.max_model_len,
@@ -336,6 +340,9 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
                 status = server.stop()
                 if status != 0:
                     log(f"server exited with {status}; log {server.proc.log_path}")
+                if args.server_memory:  # what each server process's cgroup used (bench/eval/cgroup.py)
+                    run.res["cgroups"] = [json.loads(f.read_text()) for f in sorted(workdir.glob("cgroup-*.json"))]
+                    run.save()
         else:
             run.res["model"] = {"name": spec.name, "path": str(spec.path), "max_model_len": native}
         run_vanilla(run, corpus, specs, native, str(spec.path), workdir)
@@ -390,6 +397,11 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--resume", metavar="WORKDIR",
                     help="go on with a stopped --perf / --long-1m stream: its work folder (emserve-eval-*, kept "
                          "with --keep) and results file; points measured before are kept")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="one more argument for `emserve serve` (repeat it), e.g. --server-arg=--kv-cache-gib=0.5")
+    ap.add_argument("--server-memory", type=parse_bytes, default=None,
+                    help="run the server (and its engine) in a memory cgroup of this size, e.g. 4GiB "
+                         "(bench/eval/cgroup.py; its usage goes into the results' cgroups)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work folder (server log, vanilla log) and a long stream's session")
     args = ap.parse_args(argv)

@@ -107,9 +107,10 @@ class Server:
     mapped) add up to ``restart_bytes``.
     """
 
-    def __init__(self, model_path: str, workdir: Path, extra: Sequence[str] = (), restart_bytes: float = 16 * 2**30
-                 ) -> None:
+    def __init__(self, model_path: str, workdir: Path, extra: Sequence[str] = (), restart_bytes: float = 16 * 2**30,
+                 memory_limit: int | None = None) -> None:
         self.args = ["--model", model_path, "--backend", "vllm", *extra]
+        self.memory_limit = memory_limit
         self.workdir = workdir
         self.restart_bytes = restart_bytes
         self.starts = 0
@@ -127,7 +128,11 @@ class Server:
         while (self.workdir / f"server-{n}.log").exists():  # a resumed run's folder keeps its old logs
             n += 1
         logf = self.workdir / f"server-{n}.log"
-        self.proc = ServerProcess(self.workdir / "sessions", logf, self.args)
+        wrapper: list[str] = []
+        if self.memory_limit:  # the server (and its engine) in a memory cgroup of its own: bench/eval/cgroup.py
+            wrapper = [sys.executable, "-m", "bench.eval.cgroup", "--memory", str(self.memory_limit),
+                       "--record", str(self.workdir / f"cgroup-{n}.json"), "--"]
+        self.proc = ServerProcess(self.workdir / "sessions", logf, self.args, wrapper)
         try:
             address = self.proc.wait_listening(timeout=300)
             self.client = Client(address, timeout=600)
