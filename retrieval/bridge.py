@@ -104,21 +104,23 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     return _bridge_passage(pairs, uw, idf, is_bridge, is_missing, n_events, first, spacing, span)
 
 
-def _whole_word_runs(canon: np.ndarray, joins: np.ndarray, seqs: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """Per sequence of canonical words: the positions in ``canon`` where it is said as whole words (it
-    starts a word, and the token after it does not continue one). One pass over the stream."""
-    n = int(canon.shape[0])
+def _whole_word_runs(ids: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Per sequence of canonical words: the positions in the stream ``ids`` (:meth:`Vocabulary.stream_ids`)
+    where it is said as whole words (it starts a word, and the token after it does not continue one).
+    One pass over the stream."""
+    n = int(ids.shape[0])
     if not seqs or n == 0:
         return [np.zeros(0, np.int64) for _ in seqs]
-    at = np.flatnonzero(np.isin(canon, np.unique([s[0] for s in seqs])) & ~joins)
+    at = np.flatnonzero(vocab.holding(np.unique([s[0] for s in seqs]), word_starts=True)[ids])
+    canon, joins = vocab.canonical, vocab.joins
     out = []
     for seq in seqs:
         k = len(seq)
-        pos = at[(canon[at] == seq[0]) & (at + k <= n)]
+        pos = at[(canon[ids[at]] == seq[0]) & (at + k <= n)]
         for j in range(1, k):
-            pos = pos[canon[pos + j] == seq[j]]
+            pos = pos[canon[ids[pos + j]] == seq[j]]
         after = pos + k
-        out.append(pos[(after >= n) | ~joins[np.minimum(after, n - 1)]])
+        out.append(pos[(after >= n) | ~joins[ids[np.minimum(after, n - 1)]]])
     return out
 
 
@@ -168,12 +170,13 @@ def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vo
     uw, idf = weights
     named = asked[idf[np.searchsorted(uw, asked)] >= ASKED_RARE * top]
     lo, hi = max(first - span + 1, 0), min(first + span, n_events)
-    ids = np.clip(np.asarray(tokens, np.int64), 0, vocab.canonical.shape[0] - 1)
-    found = _bridge_phrases(ids[int(starts[lo]) - base : int(ends[hi - 1]) - base], vocab, asked, named)
+    ids = vocab.stream_ids(tokens)
+    found = _bridge_phrases(np.asarray(ids[int(starts[lo]) - base : int(ends[hi - 1]) - base], np.int64), vocab,
+                            asked, named)
     if not found:
         return None
     phrases, others = [p for p, _ in found], [o for _, o in found]
-    runs = _whole_word_runs(vocab.canonical[ids], vocab.joins[ids], [*phrases, *others])
+    runs = _whole_word_runs(ids, vocab, [*phrases, *others])
 
     def events_holding(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # of the first, last token
         at = pos + base

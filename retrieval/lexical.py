@@ -29,7 +29,7 @@ Rules:
   neighbours come with it; the next hit is another place).
 
 Pure numpy, no tokenizer: the caller builds the :class:`Vocabulary` from its tokenizer's texts.
-Cost: one pass over the stream's token ids per question (``np.isin`` on ``[num_tokens]``).
+Cost: one pass over the stream's token ids per question (a lookup of each in a ``[vocab]`` mask).
 """
 
 from __future__ import annotations
@@ -125,6 +125,24 @@ class Vocabulary:
             n += 1
         return n
 
+    def stream_ids(self, tokens: np.ndarray) -> np.ndarray:
+        """A stream's token ids as indices into the per-id arrays: as they are when all are inside the
+        vocabulary, else clipped to it (an id outside it reads as the last id)."""
+        ids = np.asarray(tokens)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.canonical.shape[0]):
+            ids = np.clip(ids.astype(np.int64), 0, self.canonical.shape[0] - 1)
+        return ids
+
+    def holding(self, words: np.ndarray, *, word_starts: bool = False) -> np.ndarray:
+        """bool ``[vocab]``: the token ids whose canonical word is among ``words`` (and, ``word_starts``,
+        that start a word: not :attr:`joins`). Indexed by a stream's ids, one lookup per token finds
+        where the words are (instead of a set-membership test of every token's word)."""
+        want = np.zeros(int(self.canonical.max()) + 1 if self.canonical.size else 0, bool)
+        w = np.asarray(words, np.int64)
+        want[w[(w >= 0) & (w < want.shape[0])]] = True
+        out = want[self.canonical]
+        return out & ~self.joins if word_starts else out
+
     def words(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The distinct canonical words of the content tokens among ``token_ids`` (ids outside the
         vocabulary are skipped)."""
@@ -167,14 +185,13 @@ def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: 
     if n_events == 0 or words.size == 0 or tokens.size == 0:
         return empty
     base = int(starts[0])
-    ids = np.clip(np.asarray(tokens, np.int64), 0, vocab.canonical.shape[0] - 1)
-    canon = vocab.canonical[ids]
-    pos = np.flatnonzero(np.isin(canon, words)) + base
+    ids = vocab.stream_ids(tokens)
+    pos = np.flatnonzero(vocab.holding(words)[ids]) + base
     if pos.size == 0:
         return empty
     ev = np.searchsorted(starts, pos, side="right") - 1
     inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
-    ev, word = ev[inside], canon[pos[inside] - base]
+    ev, word = ev[inside], vocab.canonical[ids[pos[inside] - base]]
     pairs, _ = unique_pairs(np.stack([word, ev], 1))  # (word, event), each once
     if pairs.size == 0:
         return empty

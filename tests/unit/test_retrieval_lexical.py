@@ -287,10 +287,8 @@ def test_bridge_phrase_of_a_word_cut_into_tokens_is_found_as_whole_words():
     events[40], events[41] = hop_ids("The amb"), hop_ids("er chest is locked with the code 51234 .")
     tokens, starts, ends = _stream(events)
     assert bridge_hit(q, tokens, starts, ends, HOP, first=10, spacing=2) == 40
-    canon = HOP.canonical[tokens]
-    joins = HOP.joins[tokens]
     amber = tuple(HOP.canonical[hop_ids("amb er")].tolist())
-    found = _whole_word_runs(canon, joins, [amber, amber[:1]])
+    found = _whole_word_runs(HOP.stream_ids(tokens), HOP, [amber, amber[:1]])
     assert [len(f) for f in found] == [2, 0]  # " amb" alone is never a whole word here
 
 
@@ -335,3 +333,16 @@ def test_unique_pairs_is_numpys_row_unique():
         np.testing.assert_array_equal(rows, want_rows.reshape(-1, 2))
         np.testing.assert_array_equal(first, want_first)
         np.testing.assert_array_equal(a[first], rows)
+
+
+def test_a_vocabulary_finds_words_by_a_lookup_per_token():
+    """``holding``: the token ids whose canonical word is asked (and, for whole words, that start one);
+    ``stream_ids``: a stream's ids as they are, or clipped where some fall outside the vocabulary."""
+    v = Vocabulary.from_texts([" Harbor", "harbor", " harbors", "er", " gate", "\n"])
+    harbor = v.canonical[0]
+    assert v.holding(np.array([harbor])).tolist() == [True, True, True, False, False, False]
+    assert v.holding(np.array([v.canonical[3]]), word_starts=True).tolist() == [False] * 6  # "er" joins a word
+    assert v.holding(np.array([], np.int64)).sum() == 0
+    ids = np.array([0, 4, 2], np.int32)
+    assert v.stream_ids(ids) is ids or np.array_equal(v.stream_ids(ids), ids)
+    assert v.stream_ids(np.array([0, 9, -1])).tolist() == [0, 5, 0]
