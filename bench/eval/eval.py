@@ -72,7 +72,17 @@ from bench.eval.eval_server import (
     run_jobs,
     run_stream,
 )
-from bench.eval.eval_tasks import SHAREABLE, TASKS, Corpus, Haystack, HaystackSpec, build, build_labelled, plan
+from bench.eval.eval_tasks import (
+    SHAREABLE,
+    TASKS,
+    Corpus,
+    Haystack,
+    HaystackSpec,
+    build,
+    build_labelled,
+    plan,
+    sized_question,
+)
 
 DEPTHS_11 = [round(0.1 * i, 1) for i in range(11)]
 LABEL_DEPTHS = (0.1, 0.5, 0.9)
@@ -332,8 +342,10 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
                         run.res["streams"] = [partial]
                         run.save()
 
+                    timing = [sized_question(corpus, q, args.timing_tokens) for q in stream.questions
+                              ] if args.timing_tokens > 0 else []
                     st = run_stream(server, "emserve", stream, stream_checkpoints(stream.length), args.max_tokens,
-                                    on_point=point, keep=args.keep, resume=resume)
+                                    on_point=point, keep=args.keep, resume=resume, timing=timing)
                     run.res["streams"] = [st]
                     run.save()
             finally:
@@ -397,6 +409,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--resume", metavar="WORKDIR",
                     help="go on with a stopped --perf / --long-1m stream: its work folder (emserve-eval-*, kept "
                          "with --keep) and results file; points measured before are kept")
+    ap.add_argument("--timing-tokens", type=int, default=64,
+                    help="long streams: at every checkpoint also ask the stream's questions as prompts of this many "
+                         "tokens (their first-token times at every length; 0: only the probe question)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="one more argument for `emserve serve` (repeat it), e.g. --server-arg=--kv-cache-gib=0.5")
     ap.add_argument("--server-memory", type=parse_bytes, default=None,

@@ -321,7 +321,7 @@ def run_jobs(server: Server, jobs: Sequence[Job], max_tokens: int, concurrency: 
 def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[int], max_tokens: int,
                piece_tokens: int = 4096,
                on_point: Callable[[dict[str, Any]], None] | None = None, keep: bool = False,
-               resume: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               resume: Mapping[str, Any] | None = None, timing: Sequence[Question] = ()) -> dict[str, Any]:
     """One long session: ingest ``hs`` up to each checkpoint, then measure there (ingest tok/s over the
     last segment, time to first token of a question, decode tok/s, retrieval time, RSS, disk bytes
     per token); at the end ask every question of ``hs`` in turn. ``on_point`` gets the stream's
@@ -330,7 +330,9 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
     ``resume``: such a partial result of a stopped run whose session the server still holds: ingestion
     goes on from the session's committed offset, keeping the measured points; the tokens between the
     last saved checkpoint and that offset were ingested unmeasured (``unmeasured`` in the result), and
-    the next point's segment starts at the offset."""
+    the next point's segment starts at the offset. ``timing``: questions also asked at every checkpoint
+    (``timing`` in the point; e.g. of one fixed length, ``eval_tasks.sized_question``), for timings that
+    do not rest on one question."""
     c = server.client
     sid = f"stream-{system}-{hs.hid}"
     series: list[tuple[float, int]] = [(0.0, 0)]  # (ingest seconds, committed tokens), every >= 2048 tokens
@@ -381,10 +383,13 @@ def run_stream(server: Server, system: str, hs: Haystack, checkpoints: Sequence[
                   "ingest_s_total": t_ingest, "disk_bytes": int(info.disk_bytes),
                   "disk_bytes_per_token": info.disk_bytes / max(1, info.num_tokens), "events": int(info.num_events),
                   **server.rss(), "probe": a}
+            pt["timing"] = [ask(c, sid, q, max_tokens) for q in timing]
             points.append(pt)
+            ttfts = sorted(t["ttft_s"] for t in pt["timing"])
             log(f"{system} stream at {cp}: {pt['segment_tok_s']:.0f} tok/s over [{prev}, {cp}), "
-                f"TTFT {a['ttft_s']:.2f} s, RSS {pt['rss_bytes'] / 2**30:.2f} GiB, "
-                f"{pt['disk_bytes_per_token'] / 1024:.1f} KiB/token")
+                f"TTFT {a['ttft_s']:.2f} s" + (f" (timing questions {', '.join(f'{x:.2f}' for x in ttfts)})"
+                                              if ttfts else "")
+                + f", RSS {pt['rss_bytes'] / 2**30:.2f} GiB, {pt['disk_bytes_per_token'] / 1024:.1f} KiB/token")
             prev = cp
             if on_point is not None:
                 on_point(result([], cp, partial=True))

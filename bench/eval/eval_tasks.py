@@ -28,6 +28,7 @@ depth uses the same keys and the same relative text offset at every length.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -225,6 +226,24 @@ def _word(rng: np.random.Generator, taken: set[str]) -> str:
         if w not in taken:
             taken.add(w)
             return w
+
+
+PREAMBLE = ("\n\nThe document above is long. Answer the question below from what it says, with the number only"
+            " and nothing else.")
+
+
+def sized_question(corpus: Corpus, q: Question, tokens: int) -> Question:
+    """``q`` as a prompt of exactly ``tokens`` tokens: its own (its last ``tokens`` when longer) after the
+    end of an instruction (:data:`PREAMBLE`, repeated as needed) that fills the rest. For timings that
+    must not depend on the question's length (a question's first token at two session lengths)."""
+    own = list(q.prompt_ids)[-tokens:]
+    pre = corpus.encode(PREAMBLE)
+    fill: list[int] = []
+    while len(fill) < tokens - len(own):
+        fill = pre + fill
+    fill = fill[len(fill) - (tokens - len(own)):] if tokens > len(own) else []
+    return dataclasses.replace(q, qid=f"{q.qid}-{tokens}t", prompt=corpus.tok.decode(fill + own),
+                               prompt_ids=fill + own)
 
 
 def _question(corpus: Corpus, qid: str, depth: float, prompt: str, expected: str,

@@ -218,3 +218,15 @@ def test_stop_after_below_one_is_refused(capsys) -> None:  # type: ignore[no-unt
     with pytest.raises(SystemExit):
         parse(["--stop-after", "0"])
     assert "--stop-after needs at least 1" in capsys.readouterr().err
+
+
+def test_a_sized_question_has_exactly_its_tokens_and_ends_with_the_question(prose):  # type: ignore[no-untyped-def]
+    from bench.eval.eval_tasks import Question, sized_question
+
+    q = Question("q1", 0.5, "What is the key? The key is", prose.encode("What is the key? The key is"), "1", [(0, 1)])
+    for n in (64, 200, len(q.prompt_ids), 10):
+        s = sized_question(prose, q, n)
+        assert len(s.prompt_ids) == n and s.prompt == CharTok().decode(s.prompt_ids)
+        own = min(n, len(q.prompt_ids))
+        assert s.prompt_ids[-own:] == q.prompt_ids[-own:]
+        assert (s.expected, s.spans) == (q.expected, q.spans) and s.qid == f"q1-{n}t"
