@@ -13,7 +13,7 @@ streamed, its decode rate ``(n - 1) / (last token - first token)`` recorded (the
 rule). vLLM runs with chunked prefill
 in chunks of 512 tokens (emserve's ``exc_block_size``), the job's ``dtype`` (default bfloat16; ``auto``: the
 server's rule, ``EngineConfig``), no prefix caching, eager mode,
-the same KV-cache size as the server (``VLLM_CPU_KVCACHE_SPACE`` 2 GiB).
+the same KV-cache size as the server (2 GiB, ``kv_cache_memory_bytes``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CHUNK = 512
 def run(job: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from emserve.server.engine.config import EngineConfig
+    from emserve.server.engine.config import EngineConfig, gpu_build, kv_cache_bytes
     from emserve.server.engine.vllm_engine import _prepare_env
 
     cfg = EngineConfig(model=job["model"], kv_cache_gib=2, dtype=job.get("dtype", "bfloat16"))
@@ -45,7 +45,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], dtype=cfg.dtype, max_model_len=job["max_model_len"], enforce_eager=True,
               enable_prefix_caching=False, enable_chunked_prefill=True, max_num_batched_tokens=CHUNK,
-              max_num_seqs=16, seed=0)
+              max_num_seqs=16, seed=0,
+              kv_cache_memory_bytes=None if gpu_build() else kv_cache_bytes(cfg.kv_cache_gib))
     start_s = time.perf_counter() - t0
     greedy = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0)
     answers = []

@@ -29,7 +29,9 @@ class EngineConfig:
     """Longest window (tokens). None: the model's native context (max_position_embeddings)."""
 
     kv_cache_gib: float = 2.0
-    """vLLM KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``), GiB."""
+    """vLLM KV-cache size on CPU, GiB (fractions too: :func:`kv_cache_bytes`). It must hold one window of
+    ``max_model_len`` tokens (vLLM refuses to start otherwise); what it holds beyond that is how many
+    steps run at once. Ignored on a GPU (``gpu_memory_utilization`` sizes it there)."""
 
     gpu_memory_utilization: float = 0.85
     """Fraction of GPU memory vLLM may take (CUDA only)."""
@@ -102,6 +104,14 @@ class EngineConfig:
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def kv_cache_bytes(gib: float) -> int:
+    """vLLM's ``kv_cache_memory_bytes`` for a CPU KV cache of ``gib`` GiB (vLLM's own
+    ``VLLM_CPU_KVCACHE_SPACE`` takes whole GiB only)."""
+    if gib <= 0:
+        raise ConfigError(f"kv_cache_gib must be > 0, got {gib}")
+    return int(gib * (1 << 30))
 
 
 def gpu_build() -> bool:

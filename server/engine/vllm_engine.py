@@ -44,7 +44,7 @@ from emserve.server.engine.base import (
     StepResult,
     TokenDelta,
 )
-from emserve.server.engine.config import EngineConfig, gpu_build
+from emserve.server.engine.config import EngineConfig, gpu_build, kv_cache_bytes
 
 if TYPE_CHECKING:
     from emserve.server.engine.scheduler import QuestionCounter
@@ -95,7 +95,6 @@ def _alive(pid: int) -> bool:
 def _prepare_env(config: EngineConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
 
@@ -167,6 +166,9 @@ class VLLMEngine(Engine):
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=False,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            # CPU: the KV cache in bytes (fractions of a GiB too; vLLM's VLLM_CPU_KVCACHE_SPACE, whole GiB,
+            # still wins where the environment sets it); a GPU sizes it by gpu_memory_utilization
+            kv_cache_memory_bytes=None if gpu_build() else kv_cache_bytes(config.kv_cache_gib),
             seed=config.seed,
             disable_log_stats=not config.log_stats,
             scheduler_cls=scheduler_cls,

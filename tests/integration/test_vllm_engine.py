@@ -19,7 +19,7 @@ import torch
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import Anchor, Segment, WindowPlan
 from emserve.server.engine.base import SamplingSpec, StepOptions, TokenDelta
-from emserve.server.engine.config import EngineConfig
+from emserve.server.engine.config import EngineConfig, kv_cache_bytes
 
 vllm = pytest.importorskip("vllm")
 
@@ -40,8 +40,8 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 # per request while others wait (chunked prefill, as the CPU default's 256 / 64; --max-num-batched-tokens /
 # --long-prefill-token-threshold): the connector must inject, capture and report surprise the same way when
 # a step spans iterations.
-ITERATIONS = {"whole": {"max_num_batched_tokens": 0, "long_prefill_token_threshold": 0},
-              "chunked": {"max_num_batched_tokens": 32, "long_prefill_token_threshold": 16}}
+ITERATIONS = {"whole": {"max_num_batched_tokens": 0, "long_prefill_token_threshold": 0, "kv_cache_gib": 1},
+              "chunked": {"max_num_batched_tokens": 32, "long_prefill_token_threshold": 16, "kv_cache_gib": 0.25}}
 
 
 @pytest.fixture(scope="module", params=list(ITERATIONS))
@@ -49,7 +49,7 @@ def engines(
     request: pytest.FixtureRequest, tiny_model_dir: Path, loop: asyncio.AbstractEventLoop
 ) -> Iterator[tuple[VLLMEngine, ReferenceEngine]]:
     cfg = EngineConfig(
-        model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048, kv_cache_gib=1,
+        model=str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=2048,
         **ITERATIONS[request.param],
     )
     v = VLLMEngine(cfg)
@@ -75,6 +75,15 @@ def _ingest(loop: asyncio.AbstractEventLoop, eng: VLLMEngine, log: str, ids: lis
         )
         loop.run_until_complete(eng.step(plan))
         off += len(new)
+
+
+def test_the_kv_cache_has_the_configured_size(engines) -> None:
+    """``kv_cache_gib`` sizes vLLM's CPU KV cache, a fraction of a GiB too (vLLM's own environment
+    setting takes whole GiB only)."""
+    v, _ = engines
+    cache, info = v.llm.vllm_config.cache_config, v.info
+    block_bytes = cache.block_size * info.num_layers * 2 * info.num_kv_heads * info.head_dim * 4  # float32 K and V
+    assert cache.num_gpu_blocks == kv_cache_bytes(v.config.kv_cache_gib) // block_bytes
 
 
 def test_plain_step_equals_oracle(engines, loop, tmp_path: Path) -> None:

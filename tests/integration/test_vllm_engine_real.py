@@ -7,7 +7,6 @@ every range placed at window positions other than those it was computed at (keys
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,12 +142,12 @@ def test_plain_run_equals_vanilla_vllm(model_dir, text_ids, loop) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     prompt = text_ids[:600]
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     vanilla = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
             model=str(model_dir),
             dtype="float32",
             max_model_len=4096,
+            kv_cache_memory_bytes=1 << 30,  # not VLLM_CPU_KVCACHE_SPACE: it would size later engines too
             enforce_eager=True,
             enable_prefix_caching=False,
             disable_log_stats=True,

@@ -154,3 +154,12 @@ def test_a_status_line_to_a_closed_stdout_is_lost_not_raised(monkeypatch):
 
     monkeypatch.setattr(sys, "stdout", Gone())
     announce_line("emserve stopped")  # no exception
+
+
+def test_kv_cache_bytes_takes_fractions_of_a_gib():
+    from emserve.server.engine.config import kv_cache_bytes
+
+    assert kv_cache_bytes(2) == 2 << 30
+    assert kv_cache_bytes(0.25) == 1 << 28
+    with pytest.raises(ConfigError):
+        kv_cache_bytes(0)
