@@ -12,6 +12,11 @@ Lifecycle
    new calls are refused (UNAVAILABLE), ingest streams end after their current commit, in-flight
    calls get ``grace_s`` to finish and are cancelled after it; every commit in flight finishes,
    every open session is checkpointed and closed, then the engine shuts down.
+4. An engine whose processes die (vLLM's worker killed: the OOM killer under a memory limit, a signal)
+   runs no step again: within :data:`ENGINE_WATCH_S` liveness, readiness and the service name turn
+   NOT_SERVING, calls answer UNAVAILABLE (``ENGINE_DEAD``), and :func:`serve` shuts down as in 3 and
+   exits with :data:`EXIT_ENGINE_DEAD`, for a supervisor (Kubernetes, systemd) to start it again. The
+   sessions are on disk; acknowledged tokens are kept, as after any crash.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ from emserve.server.tenants import load_tenants
 logger = logging.getLogger(__name__)
 
 EXIT_WATCHDOG_S = 60.0  # after "emserve stopped": longest wait for asyncio.run to return
+ENGINE_WATCH_S = 1.0
+"""How often a ready server asks its engine whether it died (``Engine.failure``)."""
+EXIT_ENGINE_DEAD = 3
+""":func:`serve`'s exit status after the engine died (lifecycle step 4)."""
 READINESS = "readiness"
 
 
@@ -95,6 +104,10 @@ class EmserveServer:
         self.ready = asyncio.Event()
         self.load_error: BaseException | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.engine_failed = asyncio.Event()
+        """Set when the engine died (lifecycle step 4); ``engine_failure`` says why."""
+        self.engine_failure: str | None = None
         self._stopped = False
         size = config.max_message_bytes
         options = [
@@ -231,7 +244,23 @@ class EmserveServer:
         for name in (READINESS, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
+        self._watcher = asyncio.create_task(self._watch_engine(engine))
         logger.info("ready: %s (%s), sessions in %s", engine.info.name, backend, cfg.sessions_dir)
+
+    async def _watch_engine(self, engine: Engine) -> None:
+        """Lifecycle step 4: every :data:`ENGINE_WATCH_S`, whether the engine died."""
+        while not self._stopped:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            why = engine.failure()
+            if why is None or self._stopped:
+                continue
+            logger.error("the engine died: %s; the server stops (exit status %d) to be started again", why,
+                         EXIT_ENGINE_DEAD)
+            self.engine_failure = why
+            for name in ("", READINESS, SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.engine_failed.set()
+            return
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the engine is loaded (raises its load error, or TimeoutError)."""
@@ -249,6 +278,8 @@ class EmserveServer:
         if self._stopped:
             return
         self._stopped = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         grace = self.config.grace_s if grace is None else grace
         t0 = time.perf_counter()
         await self.health.enter_graceful_shutdown()
@@ -328,14 +359,21 @@ def serve(config: ServerConfig, *, announce: Callable[[str], None] | None = None
                     return 1
                 info = server.engine.info if server.engine is not None else None
                 say(f"emserve ready: model {info.name if info else '?'}, sessions in {config.sessions_dir}")
-                await stopper
+                failed = asyncio.ensure_future(server.engine_failed.wait())
+                await asyncio.wait([stopper, failed], return_when=asyncio.FIRST_COMPLETED)
+                failed.cancel()
+            status = 0
+            if server.engine_failed.is_set():
+                say(f"emserve: the engine died ({server.engine_failure}); shutting down, exit status "
+                    f"{EXIT_ENGINE_DEAD}")
+                status = EXIT_ENGINE_DEAD
             say("emserve shutting down")
             await server.stop()
             say("emserve stopped")
             # asyncio.run still cancels leftover tasks and joins its worker threads: should that hang,
             # the log gets every thread's stack and the process exits (1) instead of waiting forever.
             faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True)
-            return 0
+            return status
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

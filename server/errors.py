@@ -20,8 +20,9 @@ Unauthenticated         UNAUTHENTICATED      ErrorInfo
 
 Errors of the other packages are mapped too: ``PlanError``/``ConfigError``/``SegmenterError`` →
 INVALID_ARGUMENT, ``DeviceMemoryError`` (the retrieval GPU's memory) → RESOURCE_EXHAUSTED, ``SessionError``
-(corrupt session directory) → DATA_LOSS, ``EngineError`` → INTERNAL, anything else → INTERNAL (logged with its
-traceback).
+(corrupt session directory) → DATA_LOSS, ``EngineDead`` (the engine's processes died; the server stops for a
+restart) → UNAVAILABLE with RetryInfo, another ``EngineError`` → INTERNAL, anything else → INTERNAL (logged with
+its traceback).
 """
 
 from __future__ import annotations

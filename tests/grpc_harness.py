@@ -23,7 +23,7 @@ from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import WindowPlan
 from emserve.server.app import EmserveServer, create_server
 from emserve.server.config import ServerConfig, build_config
-from emserve.server.engine.base import Engine, SamplingSpec, StepOptions, StepResult, TokenDelta
+from emserve.server.engine.base import Engine, EngineDead, SamplingSpec, StepOptions, StepResult, TokenDelta
 
 _T = TypeVar("_T")
 
@@ -134,9 +134,12 @@ def check_isolated_sessions(
 
 
 class WatchedEngine(Engine):
-    """Wraps an engine: optional delay per generated token; records streams closed before their end."""
+    """Wraps an engine: optional delay per generated token; records streams closed before their end.
+    ``dead``: set it to a reason to stand for an engine whose processes died (``failure`` says it, a
+    step raises ``EngineDead``)."""
 
     def __init__(self, inner: Engine, token_delay: float = 0.0) -> None:
+        self.dead: str | None = None
         self.inner = inner
         self.info = inner.info
         self.log_dtype = inner.log_dtype
@@ -149,6 +152,8 @@ class WatchedEngine(Engine):
     async def stream(self, plan: WindowPlan, sampling: SamplingSpec | None = None,
                      options: StepOptions = StepOptions()) -> AsyncIterator[TokenDelta | StepResult]:
         self.started += 1
+        if self.dead is not None:
+            raise EngineDead(self.dead)
         gen = self.inner.stream(plan, sampling, options)
         try:
             async for item in gen:
@@ -161,6 +166,9 @@ class WatchedEngine(Engine):
             raise
         finally:
             await gen.aclose()
+
+    def failure(self) -> str | None:
+        return self.dead
 
     def release_log(self, path: str) -> None:
         release = getattr(self.inner, "release_log", None)

@@ -35,6 +35,15 @@ class EngineError(EmserveError):
     """The engine failed to run a step (not the caller's fault)."""
 
 
+class EngineDead(EngineError):
+    """The engine's processes are gone (killed: the OOM killer under a memory limit, a signal): it runs
+    no step again. The server stops and exits for its supervisor to start it again; the sessions are on
+    disk (``emserve.server.app``, "Lifecycle")."""
+
+    reason = "ENGINE_DEAD"
+    retry_after_s = 5.0
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -181,6 +190,11 @@ class Engine(ABC):
     def admission(self, value: Admission) -> None:
         value.listener = self.questions_holding
         self.__dict__["_admission"] = value
+
+    def failure(self) -> str | None:
+        """Why the engine can run no step again (its processes died), else None. Default: None (an
+        in-process engine fails step by step instead)."""
+        return None
 
     def questions_holding(self, n: int) -> None:  # noqa: B027 - a hook; most engines need nothing
         """Hook: ``n`` questions now hold ingestion back (admission rule 1). Default: nothing."""

@@ -37,6 +37,7 @@ from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.plan import Anchor, WindowPlan
 from emserve.server.engine.base import (
     Engine,
+    EngineDead,
     EngineError,
     ModelInfo,
     SamplingSpec,
@@ -302,9 +303,21 @@ class VLLMEngine(Engine):
         except (asyncio.CancelledError, GeneratorExit):
             await self.llm.abort(rid)
             raise
+        except Exception as e:
+            why = self.failure()
+            if why is not None:
+                raise EngineDead(why) from e
+            raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 result_path.unlink()
+
+    def failure(self) -> str | None:
+        llm = getattr(self, "llm", None)
+        if getattr(self, "_closed", True) or llm is None or not llm.errored:
+            return None
+        return ("vLLM's engine core is dead (one of its processes was killed: the OOM killer under a memory "
+                "limit? see the log above)")
 
     def _surprise(self, prompt_logprobs: Any, prompt: list[int], first_new: int) -> np.ndarray:
         if prompt_logprobs is None:

@@ -32,7 +32,7 @@ from emserve.api.v1 import emserve_pb2 as pb
 from emserve.api.v1 import emserve_pb2_grpc as pb_grpc
 from emserve.retrieval.errors import ConfigError, DeviceMemoryError, EmserveError, PlanError
 from emserve.segmenter.errors import SegmenterError
-from emserve.server.engine.base import EngineError, SamplingError, SamplingSpec
+from emserve.server.engine.base import EngineDead, EngineError, SamplingError, SamplingSpec
 from emserve.server.errors import (
     SESSION_RESOURCE,
     InvalidArgument,
@@ -99,7 +99,7 @@ def status_of(exc: BaseException) -> grpc.Status:
         details.append(error_details_pb2.PreconditionFailure(violations=[
             error_details_pb2.PreconditionFailure.Violation(type=exc.kind, subject=exc.resource,
                                                             description=message)]))
-    elif isinstance(exc, NotReady | ShuttingDown | SessionReopening):
+    elif isinstance(exc, NotReady | ShuttingDown | SessionReopening | EngineDead):
         code = code_pb2.UNAVAILABLE
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromMilliseconds(int(exc.retry_after_s * 1000))

@@ -127,6 +127,32 @@ def test_not_ready_until_the_engine_loads(tiny_model_dir: Path, tmp_path: Path) 
         s.stop()
 
 
+def test_an_engine_that_died_turns_the_server_unavailable(tiny_model_dir: Path, tmp_path: Path,
+                                                           engine: WatchedEngine) -> None:
+    """Lifecycle step 4 (``server/app.py``): within a second or two of the engine's death, liveness,
+    readiness and the service name turn NOT_SERVING (a supervisor restarts the server; ``serve`` exits 3,
+    tests/integration/test_engine_orphans.py) and calls answer UNAVAILABLE with a retry delay."""
+    s = _server(tiny_model_dir, tmp_path, engine)
+    try:
+        with Client(s.address, timeout=30) as c:
+            c.create_session("a")
+            c.ingest_tokens("a", random_ids(100, 1))
+            assert c.health("") == "SERVING" and not s.server.engine_failed.is_set()
+            engine.dead = "its worker was killed (test)"
+            deadline = time.monotonic() + 10
+            while c.health("") == "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert [c.health(n) for n in ("", "readiness", "emserve.v1.SessionService")] == ["NOT_SERVING"] * 3
+            assert s.server.engine_failed.is_set() and s.server.engine_failure == engine.dead
+            e = _code(c.ingest_tokens, "a", random_ids(64, 2), retries=0)  # (the client would wait for a restart)
+            assert e.code == grpc.StatusCode.UNAVAILABLE and e.reason in ("ENGINE_DEAD", "SESSION_REOPENING")
+            assert e.detail(E.RetryInfo).retry_delay.ToMilliseconds() > 0
+            assert c.get_session("a").num_tokens == 100  # what was acknowledged stays
+    finally:
+        engine.dead = None
+        s.stop()
+
+
 # ------------------------------------------------------------------------------------------ sessions
 def test_session_lifecycle(client: Client) -> None:
     s = client.create_session("alpha", memory={"n_local": 48, "per_layer": False, "question_n_local": 8},
