@@ -655,10 +655,28 @@ class Retriever:
         pre = np.asarray([c for c, ok in zip(first, inside, strict=True) if ok], np.int64)
         walk = partial(self._walk, num_events=m, budget=budget, kc=kc, neighbours=neighbours, reach=reach,
                        first=pre, joint=sum(inside[:max(1, joint)]), part=max(0, int(part)))
+        led = self._leads_fill(walk, budget) if pre.size and kc == 0 else None
+        if led is not None:  # the lexical matches and their neighbours fill the budget: no search
+            if self.per_layer:
+                layers = tuple(self._layer_selection(q, led, lay) for lay in range(n_layers))
+            else:
+                layers = (self._layer_selection(q, led, None),) * n_layers
+            return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
         layers = self._select(q, walk, rank, exact, m, memory, budget + kc, use_buffers=kc > 0)
         distinct = {id(x): x for x in layers}.values()  # a shared selection is one object
         assert all(sel.tokens == budget for sel in distinct), "every layer must fill the budget exactly"
         return RetrievalResult(layers, budget, m, memory, not self.per_layer, exact)
+
+    @staticmethod
+    def _leads_fill(walk: Callable[[np.ndarray, ContiguityBuffer | None], list[Pick]],
+                    budget: int) -> list[Pick] | None:
+        """The picks of the walk over the ``first`` events alone (no ranked event, no buffer) when they fill
+        ``budget``, else None. Then they are the whole selection whatever the ranking: the walk reads every
+        ``first`` event's entries (hit, neighbours, parts) before any ranked hit's (:func:`neighbour_walk`,
+        :func:`near_parts`: entries go by their hit's place, the ``first`` events at the head), and without a
+        contiguity buffer the picks are a prefix of the entries (:func:`select_ranked`)."""
+        picks = walk(np.zeros(0, np.int64), None)
+        return picks if sum(b - a for _, a, b, _ in picks) >= budget else None
 
     def _layer_selection(self, q: EncodedQuery | None, picks: list[Pick], layer: int | None) -> LayerSelection:
         """``picks`` in temporal order with their exact scores (NaN without queries); an event's parts

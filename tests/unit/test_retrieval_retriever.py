@@ -534,6 +534,43 @@ def test_lead_events_rank_first_with_their_neighbours(tmp_path):
     assert r.retrieve(q, 30, first=[12]).layers[0].ids == [0, 3, 7]  # 12 is not an event: ignored
 
 
+def test_lead_events_that_fill_the_budget_skip_the_search(indexes, monkeypatch):
+    """When the ``first`` events with their neighbours (and parts) fill the budget, the selection is theirs
+    whatever the ranking: ``retrieve`` returns it without searching, the same selection (ids, token ranges,
+    sources, scores) as the full walk, on every path; when they do not fill it the search runs."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((6, L, 1, D)).astype(np.float32)
+    cases = 0
+    for name in ("exact", "hnsw"):
+        for per_layer in (False, True):
+            r = Retriever(indexes[name], raw(per_layer=per_layer, use_contiguity_buffer=False))
+            for _ in range(12):
+                first = rng.choice(N, int(rng.integers(1, 4)), replace=False).tolist()
+                kw = dict(first=first, neighbours=int(rng.integers(0, 3)), reach=int(rng.choice([0, 40])),
+                          part=int(rng.choice([0, 8])), joint=int(rng.integers(1, 3)), contiguity=False,
+                          rank=str(rng.choice(["mean", "interleave"])))
+                budget = int(rng.integers(10, 200))
+                searched: list[int] = []
+                real_select = Retriever._select
+
+                def spy(self, *a, _real=real_select, _log=searched, **k):
+                    _log.append(1)
+                    return _real(self, *a, **k)
+
+                monkeypatch.setattr(Retriever, "_select", spy)
+                got = r.retrieve(q, budget, **kw)
+                skipped = not searched
+                monkeypatch.setattr(Retriever, "_leads_fill", staticmethod(lambda walk, budget: None))
+                full = r.retrieve(q, budget, **kw)
+                monkeypatch.undo()
+                for a, b in zip(got.layers, full.layers, strict=True):
+                    assert [(e.id, e.start, e.end, e.source) for e in a.events] == \
+                        [(e.id, e.start, e.end, e.source) for e in b.events]
+                    np.testing.assert_allclose([e.score for e in a.events], [e.score for e in b.events], rtol=1e-6)
+                cases += skipped
+    assert 0 < cases < 48  # both kinds of case occurred
+
+
 def test_the_query_sample_span_is_a_function_of_the_table_length_alone() -> None:
     """The events that standardize a step's queries are drawn from sample_span(n) events: all below the
     sample size, then spans growing by 25%. A function of n alone, so a session reopened at n samples
