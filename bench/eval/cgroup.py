@@ -132,12 +132,13 @@ def run(cmd: Sequence[str], limit: int, record: Path | None, every: float) -> in
     res: dict[str, Any] = {"command": list(cmd), "limit": limit, "cgroup": str(group.path),
                            "version": 2 if group.v2 else 1, "samples": [], "started": time.time()}
 
-    def save() -> None:
-        if record is None:
-            return
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, record)
+    def record_sample(**final: Any) -> None:
+        res["samples"].append(group.sample())
+        res.update(peak=group.peak(), oom_kills=group.oom_kills(), **final)
+        if record is not None:
+            tmp = record.with_name(record.name + ".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, record)
 
     try:
         child = subprocess.Popen(list(cmd), preexec_fn=group.join_self)  # noqa: PLW1509 - joins before exec
@@ -149,14 +150,8 @@ def run(cmd: Sequence[str], limit: int, record: Path | None, every: float) -> in
                 status = child.wait(timeout=every)
                 break
             except subprocess.TimeoutExpired:
-                res["samples"].append(group.sample())
-                res["peak"], res["oom_kills"] = group.peak(), group.oom_kills()
-                save()
-        res["samples"].append(group.sample())
-        res["peak"], res["oom_kills"] = group.peak(), group.oom_kills()
-        res["exit"] = status if status >= 0 else 128 - status
-        res["wall_s"] = round(time.time() - res["started"], 1)
-        save()
+                record_sample()
+        record_sample(exit=status if status >= 0 else 128 - status, wall_s=round(time.time() - res["started"], 1))
         return int(res["exit"])
     finally:
         group.remove()

@@ -237,11 +237,9 @@ def sized_question(corpus: Corpus, q: Question, tokens: int) -> Question:
     end of an instruction (:data:`PREAMBLE`, repeated as needed) that fills the rest. For timings that
     must not depend on the question's length (a question's first token at two session lengths)."""
     own = list(q.prompt_ids)[-tokens:]
+    need = tokens - len(own)
     pre = corpus.encode(PREAMBLE)
-    fill: list[int] = []
-    while len(fill) < tokens - len(own):
-        fill = pre + fill
-    fill = fill[len(fill) - (tokens - len(own)):] if tokens > len(own) else []
+    fill = (pre * (need // len(pre) + 1))[-need:] if need else []
     return dataclasses.replace(q, qid=f"{q.qid}-{tokens}t", prompt=corpus.tok.decode(fill + own),
                                prompt_ids=fill + own)
 
