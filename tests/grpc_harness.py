@@ -188,6 +188,19 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def scrape_settled(port: int, timeout_s: float = 10.0) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A scrape taken once every RPC the server started is counted as handled. A client sees an RPC's
+    status as soon as the server sends it; the server's interceptor counts it an instant later, so a
+    scrape right after a call may precede the count."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = scrape(port)
+        settled = value(m, "grpc_server_started_total", 0.0) == value(m, "grpc_server_handled_total", 0.0)
+        if settled or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
 def value(samples: dict, name: str, default: float = math.nan, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels`` (none: ``default``)."""
     hits = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from grpc_harness import ServerThread, random_ids, scrape, tiny_config, value
+from grpc_harness import ServerThread, random_ids, scrape, scrape_settled, tiny_config, value
 from prometheus_client import CollectorRegistry
 
 from emserve.client import Client, ClientError
@@ -40,7 +40,7 @@ def test_every_metric_moves_with_the_calls(srv: ServerThread) -> None:
         answer = c.ask("m", random_ids(6, 2), max_tokens=4, ignore_eos=True)
         with pytest.raises(ClientError):
             c.get_session("absent")
-    m = scrape(port)
+    m = scrape_settled(port)
     steps = math.ceil(300 / CHUNK)
     per_token = srv.server.engine.info.kv_layout(srv.server.engine.log_dtype).bytes_per_token
     assert value(m, "emserve_steps_total", kind="ingest") == steps
