@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, unique_pairs, word_pairs
+from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, passage_rows, word_pairs
 
 BRIDGE_RARE = 0.75
 """A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
@@ -203,11 +203,8 @@ def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vo
     far = np.abs(np.arange(n_events) - first) > spacing + 1
     if not (best > 0)[far].any():
         return None
-    word, event = missing_pairs[:, 0], missing_pairs[:, 1]
-    rows, _ = unique_pairs(np.concatenate([np.stack([word, event - d], 1) for d in range(max(1, span))]))
-    rows = rows[rows[:, 1] >= 0]
-    missing = np.zeros(n_events, np.float64)
-    np.add.at(missing, rows[:, 1], idf[np.searchsorted(uw, rows[:, 0])])
+    row, passage = passage_rows(missing_pairs, span)
+    missing = np.bincount(passage, idf[np.searchsorted(uw, missing_pairs[row, 0])], minlength=n_events)
     score = np.where((best > 0) & (missing > 0) & far, best + missing, 0.0)
     if score.max() <= 0.0:
         return None
@@ -223,18 +220,14 @@ def _bridge_passage(pairs: np.ndarray, uw: np.ndarray, idf: np.ndarray, is_bridg
     k = np.searchsorted(uw, pairs[:, 0])
     word_b, word_m, weight = is_bridge[k], is_missing[k], idf[k]
     # passage p = events p .. p+span-1: each (word, passage) once
-    rows = np.concatenate([np.stack([pairs[:, 0], pairs[:, 1] - d, np.arange(pairs.shape[0])], 1)
-                           for d in range(max(1, span))])
-    rows = rows[(rows[:, 1] >= 0) & (np.abs(rows[:, 1] - first) > spacing + 1)]
-    if rows.size == 0:
+    r, p = passage_rows(pairs, span)
+    far = np.abs(p - first) > spacing + 1
+    r, p = r[far], p[far]
+    if p.size == 0:
         return None
-    _, once = unique_pairs(rows[:, :2])
-    rows = rows[once]
-    p, r = rows[:, 1], rows[:, 2]
-    score = np.zeros(n_events, np.float64)
+    score = np.bincount(p, np.where(word_b[r] | word_m[r], weight[r], 0.0), minlength=n_events)
     has_b = np.zeros(n_events, bool)
     has_m = np.zeros(n_events, bool)
-    np.add.at(score, p, np.where(word_b[r] | word_m[r], weight[r], 0.0))
     has_b[p[word_b[r]]] = True
     has_m[p[word_m[r]]] = True
     score[~(has_b & has_m)] = 0.0

@@ -172,8 +172,26 @@ def unique_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                     vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(word, event)`` pairs of the question's content words (labels aside:
-    :meth:`Vocabulary.question_words`) in the events, and each pair's word weight (idf)."""
-    return word_pairs(vocab.question_words(question_ids), tokens, starts, ends, vocab)
+    :meth:`Vocabulary.question_words`) in the events, and each pair's word weight (idf), without the
+    pairs of weight 0 (a word in half the events or more: it adds nothing to any score, and such words
+    make most of the pairs)."""
+    pairs, weight = word_pairs(vocab.question_words(question_ids), tokens, starts, ends, vocab)
+    keep = weight > 0.0
+    return pairs[keep], weight[keep]
+
+
+def _distinct_pairs(word: np.ndarray, ev: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """``unique_pairs`` of ``(word, ev)`` rows whose ``ev`` is non-decreasing and whose words are among
+    ``words`` (sorted, distinct): a stable sort by the word's rank in ``words`` (a radix sort on small
+    ints) keeps each word's events in order, and equal neighbours are dropped."""
+    small = np.uint8 if words.size <= 1 << 8 else np.uint16 if words.size <= 1 << 16 else np.int64
+    rank_of = np.zeros(int(words[-1]) + 1 if words.size else 0, small)
+    rank_of[words] = np.arange(words.size)
+    order = np.argsort(rank_of[word], kind="stable")
+    w, e = word[order], ev[order]
+    new = np.ones(w.shape[0], bool)
+    new[1:] = (w[1:] != w[:-1]) | (e[1:] != e[:-1])
+    return np.stack([w[new], e[new]], 1).astype(np.int64, copy=False)
 
 
 def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -192,25 +210,44 @@ def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: 
     ev = np.searchsorted(starts, pos, side="right") - 1
     inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
     ev, word = ev[inside], vocab.canonical[ids[pos[inside] - base]]
-    pairs, _ = unique_pairs(np.stack([word, ev], 1))  # (word, event), each once
+    pairs = _distinct_pairs(word, ev, np.unique(words))
     if pairs.size == 0:
         return empty
-    uw, df = np.unique(pairs[:, 0], return_counts=True)
+    _, df = np.unique(pairs[:, 0], return_counts=True)
     idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
-    return pairs, idf[np.searchsorted(uw, pairs[:, 0])]
+    return pairs, np.repeat(idf, df)  # the pairs are sorted by word
+
+
+def passage_rows(pairs: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``(word, passage)`` rows of distinct ``(word, event)`` ``pairs`` sorted by word, then
+    event (as :func:`unique_pairs` returns them): passage ``p`` (events ``p .. p+span-1``) holds a word
+    when one of its events does. Returns ``(row, passage)``: each row's index into ``pairs`` (a pair
+    whose word opens the passage's run) and the passage, in the order of ``(word, passage)`` sorted; what
+    ``unique_pairs`` of every ``(word, event - d)``, ``0 <= d < span``, gives, in one pass: a pair adds the
+    passages ``[event - span + 1, event]`` that its word's previous pair did not."""
+    span = max(1, int(span))
+    n = int(pairs.shape[0])
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    word, ev = pairs[:, 0], pairs[:, 1]
+    lo = np.maximum(ev - span + 1, 0)
+    same = np.zeros(n, bool)
+    same[1:] = word[1:] == word[:-1]
+    prev_end = np.where(same, np.concatenate([[-1], ev[:-1]]), -1)
+    lo = np.maximum(lo, prev_end + 1)
+    count = np.maximum(ev - lo + 1, 0)
+    row = np.repeat(np.arange(n, dtype=np.int64), count)
+    first = np.cumsum(count) - count  # where each pair's run starts in ``row``
+    passage = lo[row] + np.arange(row.shape[0], dtype=np.int64) - first[row]
+    return row, passage
 
 
 def _passage_scores(pairs: np.ndarray, weight: np.ndarray, n_events: int, span: int) -> np.ndarray:
-    """Per event: the best score of the ``span``-event passages holding it (``span`` 1: its own)."""
+    """Per event: the best score of the ``span``-event passages holding it (``span`` 1: its own).
+    ``pairs``: distinct ``(word, event)``, sorted by word then event."""
     span = max(1, int(span))
-    word, ev = pairs[:, 0], pairs[:, 1]
-    # passage p = events p .. p+span-1; each (word, passage) once
-    rows = np.concatenate([np.stack([word, ev - d, np.arange(ev.shape[0])], 1) for d in range(span)])
-    rows = rows[rows[:, 1] >= 0]
-    _, first = unique_pairs(rows[:, :2])
-    rows = rows[first]
-    passage = np.zeros(n_events, np.float64)
-    np.add.at(passage, rows[:, 1], weight[rows[:, 2]])
+    row, p = passage_rows(pairs, span)
+    passage = np.bincount(p, weight[row], minlength=n_events)  # summed in row order, as np.add.at would
     best = passage.copy()
     for d in range(1, span):
         best[d:] = np.maximum(best[d:], passage[:-d])

@@ -335,6 +335,38 @@ def test_unique_pairs_is_numpys_row_unique():
         np.testing.assert_array_equal(a[first], rows)
 
 
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 30)), max_size=40), st.integers(1, 4))
+def test_passage_rows_are_the_distinct_word_passage_rows(raw, span):
+    """``passage_rows`` gives what ``unique_pairs`` of every ``(word, event - d)`` gives (passages from 0),
+    in the same order, each row naming a pair of its word whose events reach the passage; the scores
+    summed over it in that order are bit-identical to the sort's."""
+    from emserve.retrieval.lexical import passage_rows, unique_pairs
+
+    pairs, _ = unique_pairs(np.array(raw, np.int64).reshape(-1, 2))
+    row, passage = passage_rows(pairs, span)
+    rows = np.concatenate([pairs - [0, d] for d in range(span)]) if pairs.size else pairs
+    want, _ = unique_pairs(rows[rows[:, 1] >= 0])
+    np.testing.assert_array_equal(np.stack([pairs[row, 0], passage], 1).reshape(-1, 2), want)
+    assert np.all((pairs[row, 1] >= passage) & (pairs[row, 1] < passage + span))
+    weight = np.random.default_rng(span).random(7)[pairs[:, 0]] if pairs.size else np.zeros(0)
+    slow = np.zeros(32)
+    np.add.at(slow, want[:, 1], weight[np.searchsorted(pairs[:, 0], want[:, 0])] if want.size else [])
+    assert np.array_equal(np.bincount(passage, weight[row], minlength=32), slow)
+
+
+def test_distinct_pairs_sort_by_word_and_keep_each_event_once():
+    from emserve.retrieval.lexical import _distinct_pairs, unique_pairs
+
+    rng = np.random.default_rng(5)
+    for n, k in ((0, 1), (50, 3), (3000, 300), (3000, 70000)):
+        words = np.unique(rng.integers(0, 100_000, k))
+        ev = np.sort(rng.integers(0, n // 4 + 1, n))
+        word = words[rng.integers(0, words.size, n)]
+        want, _ = unique_pairs(np.stack([word, ev], 1))
+        np.testing.assert_array_equal(_distinct_pairs(word, ev, words), want)
+
+
 def test_a_vocabulary_finds_words_by_a_lookup_per_token():
     """``holding``: the token ids whose canonical word is asked (and, for whole words, that start one);
     ``stream_ids``: a stream's ids as they are, or clipped where some fall outside the vocabulary."""
