@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, passage_rows, word_pairs
+from emserve.retrieval.postings import WordPostings
 
 BRIDGE_RARE = 0.75
 """A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
@@ -28,7 +29,8 @@ ASKED_RARE = 0.6
 
 
 def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-               vocab: Vocabulary, first: int, spacing: int, span: int = PASSAGE_EVENTS) -> int | None:
+               vocab: Vocabulary, first: int, spacing: int, span: int = PASSAGE_EVENTS,
+               postings: WordPostings | None = None) -> int | None:
     """The second hop of a question whose first lexical hit (event ``first``) names a thing the asked
     fact is stated about elsewhere: "Maria hid the treasure in the cobalt chest" found by "Maria", and
     "The cobalt chest is locked with the code 51234" found by "cobalt chest" with "code". None when
@@ -49,7 +51,8 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
       of the largest); the hop is the passage away from ``first`` holding one and a missing word,
       scored by the sum of the distinct such words' weights, as its event holding a bridge word.
 
-    Same weights and arguments as :func:`~emserve.retrieval.lexical.lexical_hits`. A single-hop
+    Same weights and arguments as :func:`~emserve.retrieval.lexical.lexical_hits` (``postings``: of
+    ``vocab.verbatim``, the words compared here). A single-hop
     question whose first hit holds the asked fact has no passage elsewhere that joins that hit's thing
     to a rare word the question asks for and the hit lacks, or one that does not matter: the rule adds
     one passage.
@@ -76,7 +79,7 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     asked = vocab.question_words(question_ids)
     around = [(p, words_of(p, p + span)) for p in range(first - span + 1, first + 1) if p >= 0]
     pairs, weight = word_pairs(np.union1d(asked, np.concatenate([w for _, w in around])), tokens, starts, ends,
-                                vocab)
+                               vocab, postings)
     if pairs.size == 0:
         return None
     uw, at = np.unique(pairs[:, 0], return_index=True)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emserve.retrieval.postings import WordPostings
+
 LABEL_TOKENS = 3
 """The most tokens of a line-opening label (``Question:``, ``User:``) that :meth:`Vocabulary.question_words` drops."""
 
@@ -170,12 +172,12 @@ def unique_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                    vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+                    vocab: Vocabulary, postings: WordPostings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(word, event)`` pairs of the question's content words (labels aside:
     :meth:`Vocabulary.question_words`) in the events, and each pair's word weight (idf), without the
     pairs of weight 0 (a word in half the events or more: it adds nothing to any score, and such words
     make most of the pairs)."""
-    pairs, weight = word_pairs(vocab.question_words(question_ids), tokens, starts, ends, vocab)
+    pairs, weight = word_pairs(vocab.question_words(question_ids), tokens, starts, ends, vocab, postings)
     keep = weight > 0.0
     return pairs[keep], weight[keep]
 
@@ -195,27 +197,40 @@ def _distinct_pairs(word: np.ndarray, ev: np.ndarray, words: np.ndarray) -> np.n
 
 
 def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+               vocab: Vocabulary, postings: WordPostings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(word, event)`` pairs of ``words`` (canonical content words) in the events, and
-    each pair's word weight (idf)."""
+    each pair's word weight (idf). ``postings`` (of ``vocab.canonical``, covering the events): the pairs
+    come from them instead of a pass over ``tokens`` (the same pairs)."""
     empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
     n_events = int(starts.shape[0])
-    if n_events == 0 or words.size == 0 or tokens.size == 0:
+    if n_events == 0 or words.size == 0:
         return empty
-    base = int(starts[0])
-    ids = vocab.stream_ids(tokens)
-    pos = np.flatnonzero(vocab.holding(words)[ids]) + base
-    if pos.size == 0:
-        return empty
-    ev = np.searchsorted(starts, pos, side="right") - 1
-    inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
-    ev, word = ev[inside], vocab.canonical[ids[pos[inside] - base]]
-    pairs = _distinct_pairs(word, ev, np.unique(words))
+    if postings is not None:
+        if postings.num_events < n_events:
+            raise ValueError(f"the postings cover {postings.num_events} events, not {n_events}")
+        pairs = postings.pairs(words, n_events)
+    else:
+        pairs = _stream_pairs(words, tokens, starts, ends, vocab)
     if pairs.size == 0:
         return empty
     _, df = np.unique(pairs[:, 0], return_counts=True)
     idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
     return pairs, np.repeat(idf, df)  # the pairs are sorted by word
+
+
+def _stream_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                  vocab: Vocabulary) -> np.ndarray:
+    """:func:`word_pairs`'s pairs by one pass over the stream's tokens (a lookup of each in a mask)."""
+    n_events = int(starts.shape[0])
+    if tokens.size == 0:
+        return np.zeros((0, 2), np.int64)
+    base = int(starts[0])
+    ids = vocab.stream_ids(tokens)
+    pos = np.flatnonzero(vocab.holding(words)[ids]) + base
+    ev = np.searchsorted(starts, pos, side="right") - 1
+    inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
+    ev, word = ev[inside], vocab.canonical[ids[pos[inside] - base]]
+    return _distinct_pairs(word, ev, np.unique(words))
 
 
 def passage_rows(pairs: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,15 +270,16 @@ def _passage_scores(pairs: np.ndarray, weight: np.ndarray, n_events: int, span: 
 
 
 def lexical_scores(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                   vocab: Vocabulary, span: int = PASSAGE_EVENTS) -> np.ndarray:
+                   vocab: Vocabulary, span: int = PASSAGE_EVENTS, postings: WordPostings | None = None) -> np.ndarray:
     """float64 ``[E]``: each event's score (module docstring; ``span`` events to a passage) for the
     question ``question_ids``.
 
     ``tokens``: the stream's token ids from ``starts[0]`` on (``tokens[j]`` is token ``starts[0] + j``);
-    ``starts``/``ends``: the retrievable events' bounds, sorted and disjoint.
+    ``starts``/``ends``: the retrievable events' bounds, sorted and disjoint; ``postings`` (of
+    ``vocab.canonical``, covering those events): the words' events come from them, not from ``tokens``.
     """
     n_events = int(starts.shape[0])
-    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab)
+    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab, postings)
     if pairs.size == 0:
         return np.zeros(n_events, np.float64)
     return _passage_scores(pairs, weight, n_events, span)
@@ -271,14 +287,14 @@ def lexical_scores(question_ids: Sequence[int], tokens: np.ndarray, starts: np.n
 
 def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                  vocab: Vocabulary, limit: int, ratio: float = 0.5, spacing: int = 0,
-                 span: int = PASSAGE_EVENTS) -> np.ndarray:
+                 span: int = PASSAGE_EVENTS, postings: WordPostings | None = None) -> np.ndarray:
     """Event indices (into ``starts``) scoring at least ``ratio`` of the best score, best first (ties:
     the better own score, then the later event), each more than ``spacing`` events from the hits
     before it, at most ``limit``; empty when no event holds a weighed question word."""
     n_events = int(starts.shape[0])
     if limit <= 0 or n_events == 0:
         return np.zeros(0, np.int64)
-    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab)
+    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab, postings)
     if pairs.size == 0:
         return np.zeros(0, np.int64)
     scores = _passage_scores(pairs, weight, n_events, span)

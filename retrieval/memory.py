@@ -48,6 +48,7 @@ from emserve.retrieval.events import EventTable
 from emserve.retrieval.index import EventIndex
 from emserve.retrieval.kvlog import KVLog
 from emserve.retrieval.planner import WindowPlanner
+from emserve.retrieval.postings import WordPostings
 from emserve.retrieval.queries import QueryMean
 from emserve.retrieval.representatives import (
     RotateFn,
@@ -98,6 +99,8 @@ class EpisodicMemory:
         index files); a per-layer selection always stays on the CPU."""
         self.log = log
         self.config = config
+        self.word_postings: dict[str, WordPostings] = {}
+        """The question path's word postings over this table's events, by vocabulary (``question.py``)."""
         self.num_heads = num_heads
         self.rotate = rotate
         self.path = Path(path) if path is not None else log.path

@@ -66,6 +66,22 @@ def selection(retrieval: Any) -> tuple[set[int], set[int]]:
     return {e.id for e in events}, {e.id for e in events if e.source == "similarity"}
 
 
+def build_postings(session: Any, model_path: str) -> tuple[float, int]:
+    """The session's word postings built from scratch over its whole table (what its first question pays):
+    seconds and bytes."""
+    from emserve.server.session.question import word_postings
+    from emserve.server.session.words import model_vocabulary
+
+    vocab = model_vocabulary(model_path)
+    table = session.memory.table
+    starts = np.asarray(table.starts[: len(table)], np.int64)
+    ends = starts + np.asarray(table.sizes[: len(table)], np.int64)
+    session.memory.word_postings.clear()
+    t0 = time.perf_counter()
+    built = word_postings(session, vocab, starts, ends)
+    return time.perf_counter() - t0, sum(p.nbytes for p in built)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -93,6 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         index = session.memory.index
         n = len(session.memory.table)
         open_s = time.perf_counter() - t0
+        postings_s, postings_bytes = build_postings(session, spec.path)
         print(f"{hs.hid}: session at {session.num_tokens} tokens, {n} events, opened in {open_s:.1f} s", flush=True)
         rows = []
         default_params = index.params
@@ -112,13 +129,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 session.config = with_leads
             lay = session.memory.planner.layout(session.num_tokens, len(q.prompt_ids), reserve=args.max_tokens,
                                                 question=True)
-            t_lex = time.perf_counter()
-            lexical_leads(session, q.prompt_ids, lay.num_events)
-            lexical_s = time.perf_counter() - t_lex
+            # the product's lexical matching (word postings) and a pass over the stream, in alternating order
+            timed = {}
+            for use in ((True, False) if len(rows) % 2 == 0 else (False, True)):
+                t_lex = time.perf_counter()
+                leads = lexical_leads(session, q.prompt_ids, lay.num_events, postings=use)
+                timed[use] = (time.perf_counter() - t_lex, leads)
+            lexical_s, lexical_stream_s = timed[True][0], timed[False][0]
             (all_d, sim_d), (all_s, sim_s), (all_x, sim_x) = selection(r_def), selection(r_s), selection(r_x)
             row = {"qid": q.qid, "task": q.task, "depth": q.depth,
                    "exact_flags": [None if r is None else bool(r.exact) for r in (r_def, r_x)],
                    "probe_s": ph.get("probe", 0.0), "retrieve_s": ph.get("retrieve", 0.0), "lexical_s": lexical_s,
+                   "lexical_stream_s": lexical_stream_s, "same_leads": timed[True][1] == timed[False][1],
                    "retrieve_cold_s": ph_cold.get("retrieve", 0.0), "search_only_s": ph_s.get("retrieve", 0.0),
                    "retrieve_exact_s": ph_x.get("retrieve", 0.0),
                    "events": len(all_d), "similarity_picks": len(sim_d), "events_search": len(all_s),
@@ -137,6 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.close()
     return {"session": args.session, "haystack": hs.hid, "tokens": hs.length, "events": n, "open_s": open_s,
+            "postings_build_s": postings_s, "postings_bytes": postings_bytes,
             "index": dataclasses.asdict(default_params), "rows": rows}
 
 
@@ -153,6 +176,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "probe_ms_p50": float(np.percentile([r["probe_s"] * 1e3 for r in rows], 50)),
             "lexical_ms_p50": float(np.percentile([r["lexical_s"] * 1e3 for r in rows], 50)),
             "lexical_ms_p99": float(np.percentile([r["lexical_s"] * 1e3 for r in rows], 99)),
+            "lexical_stream_ms_p50": float(np.percentile([r["lexical_stream_s"] * 1e3 for r in rows], 50)),
+            "lexical_stream_ms_p99": float(np.percentile([r["lexical_stream_s"] * 1e3 for r in rows], 99)),
+            "lexical_ratio_median": float(np.median([r["lexical_s"] / r["lexical_stream_s"] for r in rows])),
+            "same_leads": int(sum(r["same_leads"] for r in rows)),
             "search_ms_p50": float(np.percentile(search, 50)), "search_ms_p99": float(np.percentile(search, 99)),
             "exact_ms_p50": float(np.percentile([r["retrieve_exact_s"] * 1e3 for r in rows], 50)),
             "similarity_picks": int(sum(r["similarity_picks"] for r in rows)),
@@ -186,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     sigterm_exits()
     res = asyncio.run(run(args))
     summ = summarize(res["rows"])
-    print(table(["n", "retrieve ms p50 / p99 / max", "lexical ms p50 / p99", "similarity picks", "probe ms p50",
+    print(table(["n", "retrieve ms p50 / p99 / max", "lexical ms p50 / p99", "stream pass ms p50 / p99",
+                 "postings / stream (median)", "same leads", "similarity picks", "probe ms p50",
                  "without leads: search ms p50 / p99", "exact ms p50", "recall mean / min",
                  "similarity recall mean / min", "in window: product / search / exact"],
                 [[summ["n"],
                   f"{summ['retrieve_ms_p50']:.0f} / {summ['retrieve_ms_p99']:.0f} / {summ['retrieve_ms_max']:.0f}",
-                  f"{summ['lexical_ms_p50']:.0f} / {summ['lexical_ms_p99']:.0f}", summ["similarity_picks"],
+                  f"{summ['lexical_ms_p50']:.0f} / {summ['lexical_ms_p99']:.0f}",
+                  f"{summ['lexical_stream_ms_p50']:.0f} / {summ['lexical_stream_ms_p99']:.0f}",
+                  f"{summ['lexical_ratio_median']:.2f}", f"{summ['same_leads']} of {summ['n']}",
+                  summ["similarity_picks"],
                   f"{summ['probe_ms_p50']:.0f}", f"{summ['search_ms_p50']:.0f} / {summ['search_ms_p99']:.0f}",
                   f"{summ['exact_ms_p50']:.0f}", f"{summ['recall_all_mean']:.3f} / {summ['recall_all_min']:.2f}",
                   f"{summ['recall_similarity_mean']:.3f} / {summ['recall_similarity_min']:.2f}",

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from emserve.retrieval.bridge import bridge_hit
-from emserve.retrieval.lexical import continuation, lexical_hits
+from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits
+from emserve.retrieval.postings import WordPostings
 from emserve.retrieval.retriever import RetrievalResult
 from emserve.server.engine.base import SamplingSpec, StepOptions, StepResult
 from emserve.server.logs import current_request_id
@@ -160,23 +161,47 @@ def copy_draft(session: AskedSession, question: list[int], window: Sequence[tupl
     following = ids[at - start : at - start + MAX_COPY]
     return [int(t) for t in following[: vocab.first_word(following)]]
 
-def lexical_leads(session: AskedSession, question_ids: Sequence[int], num_events: int) -> tuple[tuple[int, ...], int]:
+def lexical_leads(session: AskedSession, question_ids: Sequence[int], num_events: int, *,
+                  postings: bool = True) -> tuple[tuple[int, ...], int]:
     """The question's lexical matches among the first ``num_events`` events (``question_lexical``), and
     how many of them are read together: 2 when the first has a second hop (``question_bridge``, right
-    after it: the two halves of one answer get their near text first), else 1."""
+    after it: the two halves of one answer get their near text first), else 1. The words' events come
+    from the session's word postings (``postings`` False: from a pass over the stream, the same leads)."""
     vocab = model_vocabulary(session.engine.info.path)
+    table = session.memory.table
+    n = len(table)
+    num_events = min(num_events, n)
     if vocab is None or num_events <= 0:
         return (), 1
-    table = session.memory.table
-    starts = np.asarray(table.starts[:num_events], np.int64)
-    ends = starts + np.asarray(table.sizes[:num_events], np.int64)
+    starts = np.asarray(table.starts[:n], np.int64)
+    ends = starts + np.asarray(table.sizes[:n], np.int64)
+    stems, words = word_postings(session, vocab, starts, ends) if postings else (None, None)
+    starts, ends = starts[:num_events], ends[:num_events]
     tokens = session.tokens(int(starts[0]), int(ends[-1]))
     # each hit brings its neighbours (question_neighbours): the next hit is another place
     spacing = session.config.retrieval.question_neighbours
     hits = [int(h) for h in lexical_hits(question_ids, tokens, starts, ends, vocab,
-                                         session.config.question.lexical, spacing=spacing)]
+                                         session.config.question.lexical, spacing=spacing, postings=stems)]
     if hits and session.config.question.bridge:  # the second hop goes right after the first hit
-        hop = bridge_hit(question_ids, tokens, starts, ends, vocab, hits[0], spacing)
+        hop = bridge_hit(question_ids, tokens, starts, ends, vocab, hits[0], spacing, postings=words)
         if hop is not None:
             return (hits[0], hop, *(h for h in hits[1:] if h != hop)), 2
     return tuple(hits), 1
+
+
+def word_postings(session: AskedSession, vocab: Vocabulary, starts: np.ndarray,
+                  ends: np.ndarray) -> tuple[WordPostings, WordPostings]:
+    """The session's word postings by stem (``Vocabulary.canonical``, the lexical matches) and by exact word
+    (``Vocabulary.verbatim``, the second hop), over the events ``starts``/``ends`` (the whole table): built
+    at a session's first question, then extended by the events closed since (their tokens only)."""
+    cache = session.memory.word_postings
+    out = []
+    for name, word_of in (("stems", vocab.canonical), ("words", vocab.verbatim)):
+        postings = cache.get(name)
+        if postings is None or postings.word_of is not word_of:
+            postings = cache[name] = WordPostings(word_of)
+        k = postings.needs_from(starts, ends)
+        if k < starts.shape[0]:
+            postings.extend(session.tokens(int(starts[k]), int(ends[-1])), starts, ends)
+        out.append(postings)
+    return out[0], out[1]

@@ -657,6 +657,43 @@ def test_question_lexical_puts_the_events_holding_its_rare_words_in_its_window(
     s.close()
 
 
+def test_word_postings_follow_the_stream_between_questions(engine: ReferenceEngine, tmp_path: Path) -> None:
+    """A session's first question indexes its words; the events closed since are added at the next
+    question (their tokens only): rare words appended after the first question are found by the second,
+    and the leads are those a pass over the whole stream gives."""
+    from emserve.retrieval.lexical import lexical_hits
+    from emserve.server.session.question import lexical_leads
+    from emserve.server.session.words import model_vocabulary
+
+    vocab = model_vocabulary(engine.info.path)
+    assert vocab is not None
+    common = set(vocab.canonical[:500].tolist())
+    rare = [t for t in range(500, engine.info.vocab_size) if vocab.content[t] and vocab.canonical[t] not in common][:4]
+    later = _ids(1200, 10)
+    later[300:304] = rare
+    cfg = CFG.with_settings(question_lexical=1, question_n_mem=32, question_n_local=16)
+    s = Session.create(tmp_path / "s", engine, cfg)
+    asyncio.run(s.append(_ids(1200, 9), flush=True))
+    asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
+    stems = s.memory.word_postings["stems"]
+    first = stems.num_events
+    assert first == len(s.memory.table) > 0
+    asyncio.run(s.append(later, flush=True))
+    res = asyncio.run(s.ask([5, *rare, 6], SamplingSpec(max_tokens=2, ignore_eos=True)))
+    assert s.memory.word_postings["stems"] is stems and stems.num_events == len(s.memory.table) > first
+    assert res.retrieval is not None
+    lexical = [e for e in res.retrieval.layers[0].events if e.source == "lexical"]
+    assert len(lexical) == 1 and any(lexical[0].start <= t < lexical[0].end for t in range(1500, 1504))
+    table = s.memory.table
+    starts = np.asarray(table.starts[: len(table)], np.int64)
+    ends = starts + np.asarray(table.sizes[: len(table)], np.int64)
+    q = [5, *rare, 6]
+    want = lexical_hits(q, s.tokens(int(starts[0]), int(ends[-1])), starts, ends, vocab, 1,
+                        spacing=cfg.retrieval.question_neighbours)
+    assert lexical_leads(s, q, len(table)) == (tuple(want.tolist()), 1)
+    s.close()
+
+
 def test_question_bridge_brings_the_fact_stated_about_a_rare_word_of_the_first_hit(
         engine: ReferenceEngine, tmp_path: Path) -> None:
     """question_bridge: the question names A1 A2 (held at 300 with B) and asks C, which the stream holds

@@ -1,0 +1,119 @@
+"""Word postings of a growing stream: which events hold each word, kept as the events close.
+
+The lexical rules (:mod:`emserve.retrieval.lexical`, :mod:`emserve.retrieval.bridge`) weigh a question's
+words by the events that hold them. Found by a pass over the stream, that costs every token of the
+stream per question; the postings answer it from the pairs of the asked words alone.
+
+Rules:
+
+* A *pair* is ``(word, event)``: the event (its index in the event table) holds a token whose word is
+  ``word`` (``word_of[token id]``: ``Vocabulary.canonical`` or ``Vocabulary.verbatim``; ids outside
+  the vocabulary read as the last id, as ``Vocabulary.stream_ids`` reads them). Tokens outside every
+  event hold nothing.
+* :meth:`WordPostings.pairs` returns the distinct pairs of the asked words among the first ``n``
+  events, sorted by word, then event: what ``word_pairs``'s pass over the stream finds, the same array.
+* Events are added in order (:meth:`WordPostings.extend`) and never change; a table that is not the
+  one the postings were built from (fewer events, or a different last known event) is indexed anew.
+* Storage: the pairs sorted by word (a CSR of ``int32`` events: ~4 bytes per pair, about 3 per token),
+  and the pairs of the events added since, merged into it when they reach a quarter of its size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MERGE_FRACTION = 0.25
+"""The tail (pairs of the events added since the last merge) is merged once it holds this share of the base."""
+
+
+class WordPostings:
+    """The ``(word, event)`` pairs of the events added so far, by word (module docstring)."""
+
+    def __init__(self, word_of: np.ndarray) -> None:
+        self.word_of = np.asarray(word_of, np.int64)
+        self.num_words = int(self.word_of.max()) + 1 if self.word_of.size else 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.num_events = 0
+        self._last: tuple[int, int] | None = None  # (start, end) of the last event indexed
+        self._offsets = np.zeros(self.num_words + 1, np.int64)  # CSR over words of the merged pairs
+        self._events = np.zeros(0, np.int32)
+        self._tail: list[np.ndarray] = []  # [k, 2] (word, event) pairs of later events, each sorted by word
+        self._tail_size = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._offsets.nbytes + self._events.nbytes + sum(t.nbytes for t in self._tail))
+
+    def extend(self, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Index the events of ``starts``/``ends`` (the whole table's, sorted and disjoint) not indexed yet.
+        ``tokens``: the stream's token ids from ``starts[self.num_events]`` on (at least to ``ends[-1]``)
+        once the postings are current, else from ``starts[0]`` on: check :meth:`needs_from` first."""
+        n = int(starts.shape[0])
+        if n <= self.num_events:
+            return
+        first = self.num_events
+        base = int(starts[first])
+        lo, hi = starts[first:] - base, ends[first:] - base
+        sizes = hi - lo
+        tok = np.asarray(tokens)
+        size = self.word_of.shape[0]
+        inside = np.repeat(lo, sizes) + (np.arange(int(sizes.sum()), dtype=np.int64)
+                                         - np.repeat(np.cumsum(sizes) - sizes, sizes))
+        ids = tok[inside].astype(np.int64)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= size):
+            ids = np.clip(ids, 0, size - 1)
+        word = self.word_of[ids]
+        event = np.repeat(np.arange(first, n, dtype=np.int64), sizes)
+        key = word * n + event  # distinct, sorted by word then event
+        key = np.unique(key)
+        pairs = np.stack([key // n, key % n], 1)
+        self._tail.append(pairs)
+        self._tail_size += pairs.shape[0]
+        self.num_events = n
+        self._last = (int(starts[-1]), int(ends[-1]))
+        if self._tail_size >= MERGE_FRACTION * max(self._events.shape[0], 1):
+            self._merge()
+
+    def needs_from(self, starts: np.ndarray, ends: np.ndarray) -> int:
+        """The first event whose tokens :meth:`extend` needs for this table: ``self.num_events``, or 0 when
+        the table is not the one indexed (the postings are then reset)."""
+        k = self.num_events
+        if k and (starts.shape[0] < k or (int(starts[k - 1]), int(ends[k - 1])) != self._last):
+            self._reset()
+        return self.num_events
+
+    def _merge(self) -> None:
+        if not self._tail:
+            return
+        counts = np.diff(self._offsets)
+        words = np.repeat(np.arange(self.num_words, dtype=np.int64), counts)
+        tail = np.concatenate(self._tail)
+        all_words = np.concatenate([words, tail[:, 0]])
+        all_events = np.concatenate([self._events.astype(np.int64), tail[:, 1]])
+        order = np.argsort(all_words, kind="stable")  # the tail's events come after the base's, word by word
+        self._events = all_events[order].astype(np.int32)
+        self._offsets = np.zeros(self.num_words + 1, np.int64)
+        np.cumsum(np.bincount(all_words, minlength=self.num_words), out=self._offsets[1:])
+        self._tail, self._tail_size = [], 0
+
+    def pairs(self, words: np.ndarray, n_events: int) -> np.ndarray:
+        """int64 ``[k, 2]``: the distinct ``(word, event)`` pairs of ``words`` among events ``0 .. n_events-1``,
+        sorted by word, then event."""
+        w = np.unique(np.asarray(words, np.int64))
+        w = w[(w >= 0) & (w < self.num_words)]
+        parts_w, parts_e = [], []
+        tails = [(t, t[:, 0]) for t in self._tail]
+        for word in w.tolist():
+            ev = [self._events[self._offsets[word] : self._offsets[word + 1]].astype(np.int64)]
+            for t, tw in tails:
+                a, b = np.searchsorted(tw, word), np.searchsorted(tw, word, side="right")
+                ev.append(t[a:b, 1])
+            e = np.concatenate(ev)
+            e = e[: np.searchsorted(e, n_events)]
+            parts_w.append(np.full(e.shape[0], word, np.int64))
+            parts_e.append(e)
+        if not parts_e:
+            return np.zeros((0, 2), np.int64)
+        return np.stack([np.concatenate(parts_w), np.concatenate(parts_e)], 1)

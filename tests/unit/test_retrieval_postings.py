@@ -1,0 +1,110 @@
+"""Word postings (``emserve.retrieval.postings``): the pairs a pass over the stream finds, kept as events close."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emserve.retrieval.bridge import bridge_hit
+from emserve.retrieval.lexical import Vocabulary, _stream_pairs, lexical_hits, lexical_scores
+from emserve.retrieval.postings import WordPostings
+
+TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
+         " 42", ".", "\n", " Tender", " glacier", "?", " numbers", " chest", " cobalt", " code", " Maria", " hid"]
+VOCAB = Vocabulary.from_texts(TEXTS)
+
+
+def _events(sizes: list[int], gaps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Events of ``sizes`` from token 7 on, each after a gap of ``gaps[i]`` tokens outside every event."""
+    starts, at = [], 7
+    for size, gap in zip(sizes, gaps, strict=True):
+        at += gap
+        starts.append(at)
+        at += size
+    s = np.array(starts, np.int64)
+    return s, s + np.array(sizes, np.int64)
+
+
+def _grown(word_of: np.ndarray, stream: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+           cuts: list[int]) -> WordPostings:
+    """Postings extended at each cut (events closed so far), reading only the tokens they need."""
+    p = WordPostings(word_of)
+    for c in [*sorted(cuts), len(starts)]:
+        if c == 0:
+            continue
+        k = p.needs_from(starts[:c], ends[:c])
+        if k < c:
+            p.extend(stream[starts[k]:], starts[:c], ends[:c])
+    return p
+
+
+streams = st.integers(1, 40).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 6), min_size=n, max_size=n), st.lists(st.integers(0, 2), min_size=n, max_size=n),
+    st.lists(st.integers(0, n), max_size=6), st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams, st.lists(st.integers(-2, len(TEXTS) + 2), max_size=8))
+def test_postings_give_the_stream_pass_s_pairs(stream_args, words):
+    sizes, gaps, cuts, seed = stream_args
+    starts, ends = _events(sizes, gaps)
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(0, len(TEXTS) + 3, int(ends[-1]) + 5)  # a few ids outside the vocabulary
+    for word_of in (VOCAB.canonical, VOCAB.verbatim):
+        vocab = Vocabulary(word_of, VOCAB.content, VOCAB.joins, VOCAB.breaks, VOCAB.colon, VOCAB.verbatim)
+        p = _grown(word_of, stream, starts, ends, cuts)
+        assert p.num_events == len(starts)
+        w = np.unique(np.asarray([x for x in words if 0 <= x < len(TEXTS)], np.int64))
+        w = np.unique(word_of[w])
+        for n in {1, len(starts) // 2 or 1, len(starts)}:
+            tokens = stream[starts[0]:ends[n - 1]]
+            want = _stream_pairs(w, tokens, starts[:n], ends[:n], vocab)
+            np.testing.assert_array_equal(p.pairs(w, n), want.reshape(-1, 2))
+
+
+def test_lexical_rules_answer_the_same_from_postings():
+    """The lexical hits, scores and the second hop over postings equal those of the pass over the stream."""
+    text = ["The", "cobalt", "chest", "the", "code", "is", "42.", "Maria", "hid", "the", "magic", "number", "for",
+            "the", "proud", "glacier", "in", "the", "cobalt", "chest.", "The", "tender", "glacier", "is", "42.",
+            "the", "number", "is", "the", "code."]
+    tid = {t: i for i, t in enumerate(TEXTS)}
+    rng = np.random.default_rng(1)
+    filler = [tid[" the"], tid[" is"], tid["."]]
+    ids = [tid.get(" " + w.strip(".").lower(), tid["."]) for w in text]
+    stream = np.array(list(rng.choice(filler, 60)) + ids + list(rng.choice(filler, 40)) + ids, np.int64)
+    sizes = np.full(len(stream) // 4, 4)
+    starts = np.arange(0, 4 * len(sizes), 4, dtype=np.int64)
+    ends = starts + sizes
+    stems = _grown(VOCAB.canonical, stream, starts, ends, [3, 10, 20, 21, 40])
+    words = _grown(VOCAB.verbatim, stream, starts, ends, [5, 30])
+    question = [tid[" code"], tid[" for"], tid[" chest"], tid[" Maria"], tid[" hid"], tid["?"]]
+    tokens = stream[: ends[-1]]
+    hits = lexical_hits(question, tokens, starts, ends, VOCAB, 3, spacing=1)
+    assert hits.size and np.array_equal(hits, lexical_hits(question, tokens, starts, ends, VOCAB, 3, spacing=1,
+                                                           postings=stems))
+    assert np.array_equal(lexical_scores(question, tokens, starts, ends, VOCAB),
+                          lexical_scores(question, tokens, starts, ends, VOCAB, postings=stems))
+    for first in range(len(starts)):
+        assert bridge_hit(question, tokens, starts, ends, VOCAB, first, 1) == \
+            bridge_hit(question, tokens, starts, ends, VOCAB, first, 1, postings=words)
+
+
+def test_a_different_table_is_indexed_anew_and_merges_keep_the_pairs():
+    stream = np.random.default_rng(2).integers(0, len(TEXTS), 4000)
+    starts = np.arange(0, 4000, 5, dtype=np.int64)
+    ends = starts + 5
+    p = _grown(VOCAB.canonical, stream, starts, ends, list(range(1, 800, 7)))  # 114 small extends: merged often
+    every = np.unique(VOCAB.canonical)
+    want = _stream_pairs(every, stream[:4000], starts, ends, VOCAB)
+    np.testing.assert_array_equal(p.pairs(every, 800), want)
+    assert p.nbytes < 16 * want.shape[0]
+    # the same table cut short and grown differently (a session reopened after a crash): rebuilt
+    ends2 = ends.copy()
+    ends2[99] -= 2
+    assert p.needs_from(starts[:100], ends2[:100]) == 0 and p.num_events == 0
+    p.extend(stream, starts[:100], ends2[:100])
+    np.testing.assert_array_equal(p.pairs(every, 100), _stream_pairs(every, stream[:ends2[99]], starts[:100],
+                                                                     ends2[:100], VOCAB))
+    with np.testing.assert_raises(ValueError):
+        lexical_hits([1, 3], stream, starts, ends, VOCAB, 2, postings=p)  # covers 100 events, not 800
