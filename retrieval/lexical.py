@@ -297,6 +297,7 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
     pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab, postings)
     if pairs.size == 0:
         return np.zeros(0, np.int64)
+    pairs, weight = _reachable_pairs(pairs, weight, ratio, n_events, span)
     scores = _passage_scores(pairs, weight, n_events, span)
     own = _passage_scores(pairs, weight, n_events, 1)
     top = float(scores.max())
@@ -312,6 +313,34 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
             if len(out) == limit:
                 break
     return np.asarray(out, np.int64)
+
+
+def _reachable_pairs(pairs: np.ndarray, weight: np.ndarray, ratio: float, n_events: int,
+                     span: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs :func:`lexical_hits` needs: those of the events within ``2 * (span - 1)`` of an event
+    holding an *essential* word (MaxScore's pruning, exact). The best score is at least the largest
+    weight (the passage holding that word), so a hit scores at least ``ratio`` of it; the lightest words
+    whose weights sum below that (the *non-essential* ones: "of", "is") cannot make a hit alone, so every
+    hit's passages hold an essential word, and every passage score a hit reads (its own, its passages',
+    and its place's for :func:`_discriminating_scores`) lies within that reach, computed from all its
+    words. Scores outside it come out lower than they are, below the cut either way."""
+    span = max(1, int(span))
+    heads = np.flatnonzero(np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]))
+    idf = weight[heads]  # one weight per word (the pairs are sorted by word)
+    light = np.cumsum(np.sort(idf)) < ratio * float(idf.max()) * (1.0 - 1e-9)
+    if not light.any():
+        return pairs, weight
+    essential_words = np.zeros(heads.shape[0], bool)
+    essential_words[np.argsort(idf, kind="stable")[~light]] = True
+    counts = np.diff(np.concatenate([heads, [pairs.shape[0]]]))
+    events = pairs[np.repeat(essential_words, counts), 1]
+    reach = 2 * (span - 1)
+    mark = np.zeros(n_events + 1, np.int64)
+    np.add.at(mark, np.maximum(events - reach, 0), 1)
+    np.add.at(mark, np.minimum(events + reach + 1, n_events), -1)
+    near = np.cumsum(mark[:n_events]) > 0
+    keep = near[pairs[:, 1]]
+    return pairs[keep], weight[keep]
 
 
 def _discriminating_scores(pairs: np.ndarray, weight: np.ndarray, candidates: np.ndarray, n_events: int,

@@ -378,3 +378,41 @@ def test_a_vocabulary_finds_words_by_a_lookup_per_token():
     ids = np.array([0, 4, 2], np.int32)
     assert v.stream_ids(ids) is ids or np.array_equal(v.stream_ids(ids), ids)
     assert v.stream_ids(np.array([0, 9, -1])).tolist() == [0, 5, 0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(20, 300), st.integers(1, 3), st.integers(1, 4),
+       st.sampled_from([0.0, 0.3, 0.5, 0.9]))
+def test_pruned_hits_are_the_unpruned_ones(seed, n_events, span, limit, ratio):
+    """``_reachable_pairs`` (MaxScore's pruning) leaves every hit and its order as scoring all events does:
+    Zipf-like streams where common words are in most events and rare ones in a few."""
+    import emserve.retrieval.lexical as lexical
+
+    rng = np.random.default_rng(seed)
+    size = len(TEXTS)
+    freq = 1.0 / np.arange(1, size) ** 1.3  # id 0 ("<s>") left out
+    sizes = rng.integers(1, 7, n_events)
+    tokens = 1 + rng.choice(size - 1, int(sizes.sum()), p=freq / freq.sum())
+    starts = 50 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ends = starts + sizes
+    question = list(1 + rng.choice(size - 1, int(rng.integers(1, 8))))
+    got = lexical_hits(question, tokens, starts, ends, VOCAB, limit, ratio=ratio, spacing=1, span=span)
+    real = lexical._reachable_pairs
+    try:
+        lexical._reachable_pairs = lambda pairs, weight, *args: (pairs, weight)
+        want = lexical_hits(question, tokens, starts, ends, VOCAB, limit, ratio=ratio, spacing=1, span=span)
+    finally:
+        lexical._reachable_pairs = real
+    np.testing.assert_array_equal(got, want)
+    # every score a hit reads (its passages', its own, its place's) is the unpruned one, bit for bit
+    pairs, weight = lexical._weighted_pairs(question, tokens, starts, ends, VOCAB)
+    if pairs.size == 0:
+        return
+    scores = lexical._passage_scores(pairs, weight, n_events, span)
+    keep = np.flatnonzero(scores >= ratio * scores.max())
+    cut, w = lexical._reachable_pairs(pairs, weight, ratio, n_events, span)
+    assert np.array_equal(lexical._passage_scores(cut, w, n_events, span)[keep], scores[keep])
+    assert np.array_equal(lexical._passage_scores(cut, w, n_events, 1)[keep],
+                          lexical._passage_scores(pairs, weight, n_events, 1)[keep])
+    assert np.array_equal(lexical._discriminating_scores(cut, w, keep, n_events, span)[keep],
+                          lexical._discriminating_scores(pairs, weight, keep, n_events, span)[keep])
