@@ -95,7 +95,7 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
         return None
     missing_pairs = pairs[np.isin(pairs[:, 0], uw[is_missing])]
     hop = _phrase_passage(tokens, starts, ends, vocab, first, spacing, span, asked[np.isin(asked, uw)],
-                          (uw, idf), missing_pairs)
+                          (uw, idf), missing_pairs, postings)
     if hop is not None:
         return hop
     # the first hit's passage: the one its question words weigh most in (ties: the later, at the hit)
@@ -107,14 +107,17 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     return _bridge_passage(pairs, uw, idf, is_bridge, is_missing, n_events, first, spacing, span)
 
 
-def _whole_word_runs(ids: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+def _whole_word_runs(ids: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]],
+                     among: np.ndarray | None = None) -> list[np.ndarray]:
     """Per sequence of canonical words: the positions in the stream ``ids`` (:meth:`Vocabulary.stream_ids`)
     where it is said as whole words (it starts a word, and the token after it does not continue one).
-    One pass over the stream."""
+    ``among``: the positions where a sequence may start (sorted; a superset of those holding a first
+    word), else every position: one pass over the stream."""
     n = int(ids.shape[0])
     if not seqs or n == 0:
         return [np.zeros(0, np.int64) for _ in seqs]
-    at = np.flatnonzero(vocab.holding(np.unique([s[0] for s in seqs]), word_starts=True)[ids])
+    starting = vocab.holding(np.unique([s[0] for s in seqs]), word_starts=True)
+    at = np.flatnonzero(starting[ids]) if among is None else among[starting[ids[among]]]
     canon, joins = vocab.canonical, vocab.joins
     out = []
     for seq in seqs:
@@ -158,9 +161,24 @@ def _bridge_phrases(ids: np.ndarray, vocab: Vocabulary, asked: np.ndarray,
     return list(found.items())
 
 
+def _event_tokens(starts: np.ndarray, ends: np.ndarray, postings: WordPostings | None,
+                  words: Sequence[int]) -> np.ndarray | None:
+    """The stream positions (from ``starts[0]``) of the tokens of the events holding ``words``, by the
+    postings; None (look everywhere) without postings, or where tokens lie between events (the postings
+    do not see those)."""
+    n_events = int(starts.shape[0])
+    if postings is None or not np.array_equal(starts[1:], ends[:-1]):
+        return None
+    events = np.unique(postings.pairs(np.asarray(words, np.int64), n_events)[:, 1])
+    lo, hi = starts[events] - starts[0], ends[events] - starts[0]
+    sizes = hi - lo
+    return np.repeat(lo, sizes) + np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes,
+                                                                                            sizes)
+
+
 def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vocab: Vocabulary, first: int,
                     spacing: int, span: int, asked: np.ndarray, weights: tuple[np.ndarray, np.ndarray],
-                    missing_pairs: np.ndarray) -> int | None:
+                    missing_pairs: np.ndarray, postings: WordPostings | None = None) -> int | None:
     """:func:`bridge_hit` by its bridge phrases: the best passage away from ``first`` holding a phrase
     and a missing word (``missing_pairs``: their ``(word, event)`` pairs), as its first event where a
     phrase starts; None when none does. ``asked``/``weights``: the question's words found in the
@@ -179,7 +197,8 @@ def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vo
     if not found:
         return None
     phrases, others = [p for p, _ in found], [o for _, o in found]
-    runs = _whole_word_runs(ids, vocab, [*phrases, *others])
+    seqs = [*phrases, *others]
+    runs = _whole_word_runs(ids, vocab, seqs, _event_tokens(starts, ends, postings, [q[0] for q in seqs]))
 
     def events_holding(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # of the first, last token
         at = pos + base

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from emserve.retrieval.bridge import bridge_hit
@@ -108,3 +108,52 @@ def test_a_different_table_is_indexed_anew_and_merges_keep_the_pairs():
                                                                      ends2[:100], VOCAB))
     with np.testing.assert_raises(ValueError):
         lexical_hits([1, 3], stream, starts, ends, VOCAB, 2, postings=p)  # covers 100 events, not 800
+
+
+HOP_TEXTS = ["<s>", " the", "The", " a", " of", ".", " Maria", " Hugo", " hid", " treasure", " in", " cobalt",
+             " teal", " chest", " code", " is", " 51234", " 777", "What", "?", " locked", " with", " where",
+             " gate", " amb", "er"]
+HOP = Vocabulary.from_texts(HOP_TEXTS)
+SENTENCES = ["Maria hid the treasure in the amb er chest .", "Hugo hid the treasure in the teal chest .",
+             "The teal chest is locked with the code 777 .", "The amb er chest is locked with the code 51234 .",
+             "the cobalt gate code is 777 .", "the amb er a .", "the cobalt a .", "Maria hid the cobalt chest ."]
+
+
+def _hop(text: str) -> list[int]:
+    ids = {t: i for i, t in enumerate(HOP_TEXTS)}
+    return [ids[" " + w] if " " + w in ids else ids[w] for w in text.split()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(30, 150), st.booleans())
+def test_the_second_hop_is_the_same_from_postings(seed, n_events, gaps):
+    """``bridge_hit`` over the postings (the words' events; the bridge phrases looked for in those
+    events' tokens only) equals the pass over the stream: two-hop links, facts and look-alikes placed at
+    random among filler, cut into events at random (inside phrases too), with tokens between events or
+    without."""
+    rng = np.random.default_rng(seed)
+    filler = _hop("the a of . of the a . a of the .")
+    text = []
+    for _ in range(n_events // 3):
+        text += _hop(SENTENCES[rng.integers(len(SENTENCES))]) if rng.random() < 0.4 else filler[: rng.integers(2, 9)]
+    sizes = []
+    while sum(sizes) < len(text):
+        sizes.append(int(rng.integers(1, 7)))
+    sizes[-1] -= sum(sizes) - len(text)
+    sizes = [x for x in sizes if x > 0]
+    n = len(sizes)
+    gap = list(rng.integers(0, 3, n)) if gaps else [0] * n
+    starts, ends = _events(sizes, gap)
+    stream = rng.choice(_hop("the amb er chest cobalt code ."), int(ends[-1]) + 3)  # what lies between events
+    for (a, b), chunk in zip(zip(starts, ends, strict=True), np.split(np.array(text), np.cumsum(sizes)[:-1]),
+                             strict=True):
+        stream[a:b] = chunk
+    words = _grown(HOP.verbatim, stream, starts, ends, [n // 2])
+    tokens = stream[starts[0]:ends[-1]]
+    question = _hop("What is the code of the chest where Maria hid the treasure ?")
+    found = 0
+    for first in range(n):
+        want = bridge_hit(question, tokens, starts, ends, HOP, first, 2)
+        assert bridge_hit(question, tokens, starts, ends, HOP, first, 2, postings=words) == want
+        found += want is not None
+    event(f"hops found: {min(found, 3)}")
