@@ -29,7 +29,10 @@ Rules:
   neighbours come with it; the next hit is another place).
 
 Pure numpy, no tokenizer: the caller builds the :class:`Vocabulary` from its tokenizer's texts.
-Cost: one pass over the stream's token ids per question (a lookup of each in a ``[vocab]`` mask).
+Cost: with a session's word postings (:mod:`emserve.retrieval.postings`) the asked words' ``(word, event)``
+pairs, not the stream; without them one pass over the stream's token ids (a lookup of each in a
+``[vocab]`` mask). :func:`lexical_hits` scores only the events near its essential words (MaxScore's
+exact pruning, :func:`_reachable_pairs`).
 """
 
 from __future__ import annotations
@@ -373,44 +376,3 @@ def _discriminating_scores(pairs: np.ndarray, weight: np.ndarray, candidates: np
     k = np.clip(np.searchsorted(uw, pairs[:, 0]), 0, max(uw.size - 1, 0))
     boost = np.where(uw[k] == pairs[:, 0], local[k], 0.0) if uw.size else np.zeros(pairs.shape[0])
     return _passage_scores(pairs, weight * (1.0 + boost), n_events, span)
-
-
-def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.ndarray]], vocab: Vocabulary,
-                 min_match: int) -> tuple[int, int, int] | None:
-    """What followed the question's last words where the window says them verbatim: ``(token id, its
-    stream offset, match length)`` of the token after the longest run of the window that equals the
-    question's last tokens (compared as words: ``Vocabulary.verbatim``), at least ``min_match`` tokens
-    long and followed by a token of the same segment; ties go to the latest run (the most recent
-    statement). None when there is none.
-
-    ``segments``: the window's contiguous runs of the stream, ``(offset of the first token, token ids)``.
-    A question that restates a fact's lead-in ("... The pass key is") finds that fact ("The pass key is
-    27611"); its look-alikes, which name another key, match fewer tokens.
-    """
-    q = np.asarray(question_ids, np.int64)
-    if min_match <= 0 or q.size < min_match:
-        return None
-    size = vocab.verbatim.shape[0]
-    qc = vocab.verbatim[np.clip(q, 0, size - 1)][::-1]  # the question's words, last first
-    best: tuple[int, int, int] | None = None
-    for offset, ids in segments:
-        ids = np.asarray(ids, np.int64)
-        if ids.size < min_match + 1:
-            continue
-        tc = vocab.verbatim[np.clip(ids, 0, size - 1)]
-        ends = np.flatnonzero(tc[:-1] == qc[0])  # a run ends at j, followed by j + 1 in the segment
-        if ends.size == 0:
-            continue
-        length = np.ones(ends.size, np.int64)
-        alive = np.ones(ends.size, bool)
-        for k in range(1, int(qc.size)):
-            pos = ends - k
-            alive &= pos >= 0
-            alive[alive] &= tc[pos[alive]] == qc[k]
-            if not alive.any():
-                break
-            length += alive
-        for j, n in zip(ends.tolist(), length.tolist(), strict=True):
-            if n >= min_match and (best is None or (n, offset + j) >= (best[2], best[1] - 1)):
-                best = (int(ids[j + 1]), offset + j + 1, n)
-    return best

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from emserve.retrieval.bridge import bridge_hit
-from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits
+from emserve.retrieval.lexical import Vocabulary, lexical_hits
 from emserve.retrieval.postings import WordPostings
 from emserve.retrieval.retriever import RetrievalResult
+from emserve.retrieval.verbatim import continuation
 from emserve.server.engine.base import SamplingSpec, StepOptions, StepResult
 from emserve.server.logs import current_request_id
 from emserve.server.report import PhaseClock

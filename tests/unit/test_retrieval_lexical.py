@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emserve.retrieval.bridge import _whole_word_runs, bridge_hit
-from emserve.retrieval.lexical import Vocabulary, continuation, lexical_hits, lexical_scores
+from emserve.retrieval.lexical import Vocabulary, lexical_hits, lexical_scores
+from emserve.retrieval.verbatim import continuation
 
 TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
          " 42", ".", "\n", " Tender", " glacier", "?"]
