@@ -21,7 +21,9 @@ What a run does:
    ingests the haystack as token ids, asks each question (greedy, ``--max-tokens`` 10, retrieval
    trace on), records the answer, timings, window and whether the needed sentences were in the
    answer step's window; deletes the session. Long-stream modes ingest one session checkpoint by
-   checkpoint and measure at each.
+   checkpoint and measure at each; ``--stream-source narrative`` (or reference, dialogue) makes the
+   stream a recall suite haystack (50 needles, each asked at the end), whose kept session
+   ``question_search.py`` can ask again.
 3. Stops the server, then runs vanilla vLLM (``eval_vanilla.py``) in its own process on the same
    model for the lengths that fit its native context (at the native length itself the haystack is
    shortened by the question and answer: ``context_tokens`` in the tables), and times its chunked
@@ -87,6 +89,17 @@ from bench.eval.eval_tasks import (
 DEPTHS_11 = [round(0.1 * i, 1) for i in range(11)]
 LABEL_DEPTHS = (0.1, 0.5, 0.9)
 DISK_PER_TOKEN = 42 * 1024  # a session's bytes per token, default model (KV log bf16 + indexes; measured ~40 KiB)
+
+
+def long_stream(corpus: Corpus, tok: Any, model_name: str, length: int, args: argparse.Namespace) -> Haystack:
+    """The long stream of --perf / --long-1m: three labelled pass keys, or a recall suite haystack
+    (``--stream-source``; the suite's defaults: 10 needles per prose task, its phrasings)."""
+    if args.stream_source == "labelled":
+        return build_labelled(corpus, length, LABEL_DEPTHS, args.seed)
+    from bench.eval.recall_tasks import build as build_recall
+    from bench.eval.recall_tasks import source_filler
+
+    return build_recall(source_filler(tok, model_name, args.stream_source), args.stream_source, length, 10, args.seed)
 
 
 def disk_needed(job_lengths: Sequence[int], stream_length: int, concurrency: int, restart_bytes: float) -> float:
@@ -265,7 +278,7 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
     corpus = Corpus(tok, spec.name)
     specs = plan(mode.tasks, mode.lengths, mode.depths, mode.caps, mode.shared)
     haystacks = [build(corpus, s, args.seed) for s in specs]
-    stream = build_labelled(corpus, mode.stream_length, LABEL_DEPTHS, args.seed) if mode.stream_length else None
+    stream = long_stream(corpus, tok, spec.name, mode.stream_length, args) if mode.stream_length else None
     jobs = jobs_for(mode, haystacks)
     per_sys: dict[str, int] = {}
     for j in jobs:
@@ -342,8 +355,8 @@ def main_run(args: argparse.Namespace, mode: Mode) -> int:
                         run.res["streams"] = [partial]
                         run.save()
 
-                    timing = [sized_question(corpus, q, args.timing_tokens) for q in stream.questions
-                              ] if args.timing_tokens > 0 else []
+                    timing = [sized_question(corpus, q, args.timing_tokens) for q in
+                              stream.questions[: args.timing_questions]] if args.timing_tokens > 0 else []
                     st = run_stream(server, "emserve", stream, stream_checkpoints(stream.length), args.max_tokens,
                                     on_point=point, keep=args.keep, resume=resume, timing=timing)
                     run.res["streams"] = [st]
@@ -412,6 +425,12 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
     ap.add_argument("--timing-tokens", type=int, default=64,
                     help="long streams: at every checkpoint also ask the stream's questions as prompts of this many "
                          "tokens (their first-token times at every length; 0: only the probe question)")
+    ap.add_argument("--timing-questions", type=int, default=6,
+                    help="long streams: how many of the stream's questions --timing-tokens asks (the first ones)")
+    ap.add_argument("--stream-source", choices=["labelled", "narrative", "reference", "dialogue"], default="labelled",
+                    help="long streams: 'labelled' (three labelled pass keys in the corpus text), or a recall suite "
+                         "haystack of this source (bench/eval/recall_tasks.py: 10 needles per prose task, each asked "
+                         "at the end; the kept session then serves bench/eval/question_search.py)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="one more argument for `emserve serve` (repeat it), e.g. --server-arg=--kv-cache-gib=0.5")
     ap.add_argument("--server-memory", type=parse_bytes, default=None,

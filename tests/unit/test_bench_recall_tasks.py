@@ -230,3 +230,23 @@ def test_a_sized_question_has_exactly_its_tokens_and_ends_with_the_question(pros
         own = min(n, len(q.prompt_ids))
         assert s.prompt_ids[-own:] == q.prompt_ids[-own:]
         assert (s.expected, s.spans) == (q.expected, q.spans) and s.qid == f"q1-{n}t"
+
+
+def test_a_long_eval_stream_can_be_a_recall_haystack(rt, prose, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``eval.py --stream-source narrative``: the long stream is the recall suite's haystack of that source
+    (its needles, each asked at the end), the one ``question_search.py`` rebuilds; ``labelled`` (the
+    default) stays the three labelled keys."""
+    import argparse
+
+    from bench.eval import eval as ev
+    from bench.eval.eval_tasks import build_labelled
+
+    monkeypatch.setattr(rt, "source_filler", lambda tok, name, source: prose)
+    args = argparse.Namespace(stream_source="narrative", seed=3)
+    got = ev.long_stream(prose, prose.tok, "m", 30_000, args)
+    want = rt.build(prose, "narrative", 30_000, 10, 3)
+    assert got.hid == want.hid and got.ids == want.ids and len(got.questions) == 50
+    assert [q.qid for q in got.questions] == [q.qid for q in want.questions]
+    args.stream_source = "labelled"
+    labelled = ev.long_stream(prose, prose.tok, "m", 30_000, args)
+    assert labelled.ids == build_labelled(prose, 30_000, ev.LABEL_DEPTHS, 3).ids and len(labelled.questions) == 3
