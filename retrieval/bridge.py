@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, passage_rows, word_pairs
-from emserve.retrieval.postings import WordPostings
+from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, word_weights
+from emserve.retrieval.postings import WordPostings, passage_rows
 
 BRIDGE_RARE = 0.75
 """A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
@@ -78,12 +78,10 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
 
     asked = vocab.question_words(question_ids)
     around = [(p, words_of(p, p + span)) for p in range(first - span + 1, first + 1) if p >= 0]
-    pairs, weight = word_pairs(np.union1d(asked, np.concatenate([w for _, w in around])), tokens, starts, ends,
-                               vocab, postings)
-    if pairs.size == 0:
+    uw, idf, pairs_of = word_weights(np.union1d(asked, np.concatenate([w for _, w in around])), tokens, starts,
+                                     ends, vocab, postings)
+    if uw.size == 0:
         return None
-    uw, at = np.unique(pairs[:, 0], return_index=True)
-    idf = weight[at]
     top = float(np.log((n_events - 0.5) / 1.5))
 
     def weight_of(words: np.ndarray) -> float:
@@ -93,7 +91,7 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     is_missing = np.isin(uw, missing) & (idf >= ASKED_RARE * top)
     if not is_missing.any():
         return None
-    missing_pairs = pairs[np.isin(pairs[:, 0], uw[is_missing])]
+    missing_pairs = pairs_of(uw[is_missing])  # rare words: few pairs
     hop = _phrase_passage(tokens, starts, ends, vocab, first, spacing, span, asked[np.isin(asked, uw)],
                           (uw, idf), missing_pairs, postings)
     if hop is not None:
@@ -103,8 +101,8 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     is_bridge = np.isin(uw, np.setdiff1d(found, asked)) & (idf >= BRIDGE_RARE * top)
     if not is_bridge.any():
         return None
-    pairs = pairs[np.isin(pairs[:, 0], uw[is_bridge | is_missing])]
-    return _bridge_passage(pairs, uw, idf, is_bridge, is_missing, n_events, first, spacing, span)
+    return _bridge_passage(pairs_of(uw[is_bridge | is_missing]), uw, idf, is_bridge, is_missing, n_events, first,
+                           spacing, span)
 
 
 def _whole_word_runs(ids: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]],

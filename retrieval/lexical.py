@@ -32,17 +32,20 @@ Pure numpy, no tokenizer: the caller builds the :class:`Vocabulary` from its tok
 Cost: with a session's word postings (:mod:`emserve.retrieval.postings`) the asked words' ``(word, event)``
 pairs, not the stream; without them one pass over the stream's token ids (a lookup of each in a
 ``[vocab]`` mask). :func:`lexical_hits` scores only the events near its essential words (MaxScore's
-exact pruning, :func:`_reachable_pairs`).
+exact pruning, :func:`_hit_pairs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from emserve.retrieval.postings import WordPostings
+from emserve.retrieval.postings import WordPostings, distinct_pairs, passage_rows, unique_pairs
+
+PairsOf = Callable[..., np.ndarray]
+"""``pairs_of(words, within=None)`` of :func:`word_weights`."""
 
 LABEL_TOKENS = 3
 """The most tokens of a line-opening label (``Question:``, ``User:``) that :meth:`Vocabulary.question_words` drops."""
@@ -160,20 +163,6 @@ PASSAGE_EVENTS = 2
 """Consecutive events a question's words are matched in together (module docstring)."""
 
 
-def unique_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct rows of an integer ``[n, 2]`` array, sorted (by the first column, then the second), and
-    the index of each one's first occurrence: ``np.unique(pairs, axis=0, return_index=True)``, on one
-    int64 key per row (a plain sort, many times faster than the row-wise one on a million pairs)."""
-    a = np.asarray(pairs, np.int64).reshape(-1, 2)
-    if a.shape[0] == 0:
-        return a.copy(), np.zeros(0, np.int64)
-    lo = a.min(axis=0)
-    width = int(a[:, 1].max() - lo[1]) + 1
-    key = (a[:, 0] - lo[0]) * width + (a[:, 1] - lo[1])
-    _, first = np.unique(key, return_index=True)
-    return a[first], first
-
-
 def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                     vocab: Vocabulary, postings: WordPostings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(word, event)`` pairs of the question's content words (labels aside:
@@ -185,40 +174,49 @@ def _weighted_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.
     return pairs[keep], weight[keep]
 
 
-def _distinct_pairs(word: np.ndarray, ev: np.ndarray, words: np.ndarray) -> np.ndarray:
-    """``unique_pairs`` of ``(word, ev)`` rows whose ``ev`` is non-decreasing and whose words are among
-    ``words`` (sorted, distinct): a stable sort by the word's rank in ``words`` (a radix sort on small
-    ints) keeps each word's events in order, and equal neighbours are dropped."""
-    small = np.uint8 if words.size <= 1 << 8 else np.uint16 if words.size <= 1 << 16 else np.int64
-    rank_of = np.zeros(int(words[-1]) + 1 if words.size else 0, small)
-    rank_of[words] = np.arange(words.size)
-    order = np.argsort(rank_of[word], kind="stable")
-    w, e = word[order], ev[order]
-    new = np.ones(w.shape[0], bool)
-    new[1:] = (w[1:] != w[:-1]) | (e[1:] != e[:-1])
-    return np.stack([w[new], e[new]], 1).astype(np.int64, copy=False)
-
-
 def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                vocab: Vocabulary, postings: WordPostings | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ``(word, event)`` pairs of ``words`` (canonical content words) in the events, and
-    each pair's word weight (idf). ``postings`` (of ``vocab.canonical``, covering the events): the pairs
-    come from them instead of a pass over ``tokens`` (the same pairs)."""
-    empty = np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
+    """The distinct ``(word, event)`` pairs of ``words`` (canonical content words) in the events, sorted by
+    word then event, and each pair's word weight (idf). ``postings`` (of ``vocab.canonical``, covering the
+    events): the pairs come from them instead of a pass over ``tokens`` (the same pairs)."""
+    found, idf, pairs_of = word_weights(words, tokens, starts, ends, vocab, postings)
+    pairs = pairs_of(found)
+    return pairs, np.repeat(idf, np.bincount(np.searchsorted(found, pairs[:, 0]), minlength=found.size))
+
+
+def word_weights(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vocab: Vocabulary,
+                 postings: WordPostings | None = None) -> tuple[np.ndarray, np.ndarray, PairsOf]:
+    """``(found, idf, pairs_of)``: the ``words`` some event holds (sorted), their weights, and a function
+    giving the ``(word, event)`` pairs of some of them (sorted by word then event; ``within``: only in
+    these ``[start, end)`` event ranges). With ``postings`` the weights come from their counts and a
+    word's pairs are read only when asked for; without, from one pass over the stream."""
     n_events = int(starts.shape[0])
+    none = np.zeros(0, np.int64)
     if n_events == 0 or words.size == 0:
-        return empty
+        return none, np.zeros(0, np.float64), lambda ws, within=None: np.zeros((0, 2), np.int64)
     if postings is not None:
         if postings.num_events < n_events:
             raise ValueError(f"the postings cover {postings.num_events} events, not {n_events}")
-        pairs = postings.pairs(words, n_events)
+        found, df = postings.count(words, n_events)
+
+        def from_postings(ws: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
+            return postings.pairs(ws, n_events, within)
+
+        pairs_of: PairsOf = from_postings
     else:
-        pairs = _stream_pairs(words, tokens, starts, ends, vocab)
-    if pairs.size == 0:
-        return empty
-    _, df = np.unique(pairs[:, 0], return_counts=True)
+        every = _stream_pairs(words, tokens, starts, ends, vocab)
+        found, df = np.unique(every[:, 0], return_counts=True)
+
+        def from_stream(ws: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
+            rows = every[np.isin(every[:, 0], ws)]
+            if within is not None:
+                at = np.searchsorted(within[:, 0], rows[:, 1], side="right") - 1
+                rows = rows[(at >= 0) & (rows[:, 1] < within[np.maximum(at, 0), 1])]
+            return rows
+
+        pairs_of = from_stream
     idf = np.maximum(np.log((n_events - df + 0.5) / (df + 0.5)), 0.0)
-    return pairs, np.repeat(idf, df)  # the pairs are sorted by word
+    return found, idf, pairs_of
 
 
 def _stream_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -233,31 +231,7 @@ def _stream_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, end
     ev = np.searchsorted(starts, pos, side="right") - 1
     inside = (ev >= 0) & (pos < ends[np.clip(ev, 0, n_events - 1)])
     ev, word = ev[inside], vocab.canonical[ids[pos[inside] - base]]
-    return _distinct_pairs(word, ev, np.unique(words))
-
-
-def passage_rows(pairs: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ``(word, passage)`` rows of distinct ``(word, event)`` ``pairs`` sorted by word, then
-    event (as :func:`unique_pairs` returns them): passage ``p`` (events ``p .. p+span-1``) holds a word
-    when one of its events does. Returns ``(row, passage)``: each row's index into ``pairs`` (a pair
-    whose word opens the passage's run) and the passage, in the order of ``(word, passage)`` sorted; what
-    ``unique_pairs`` of every ``(word, event - d)``, ``0 <= d < span``, gives, in one pass: a pair adds the
-    passages ``[event - span + 1, event]`` that its word's previous pair did not."""
-    span = max(1, int(span))
-    n = int(pairs.shape[0])
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    word, ev = pairs[:, 0], pairs[:, 1]
-    lo = np.maximum(ev - span + 1, 0)
-    same = np.zeros(n, bool)
-    same[1:] = word[1:] == word[:-1]
-    prev_end = np.where(same, np.concatenate([[-1], ev[:-1]]), -1)
-    lo = np.maximum(lo, prev_end + 1)
-    count = np.maximum(ev - lo + 1, 0)
-    row = np.repeat(np.arange(n, dtype=np.int64), count)
-    first = np.cumsum(count) - count  # where each pair's run starts in ``row``
-    passage = lo[row] + np.arange(row.shape[0], dtype=np.int64) - first[row]
-    return row, passage
+    return distinct_pairs(word, ev, np.unique(words))
 
 
 def _passage_scores(pairs: np.ndarray, weight: np.ndarray, n_events: int, span: int) -> np.ndarray:
@@ -297,10 +271,9 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
     n_events = int(starts.shape[0])
     if limit <= 0 or n_events == 0:
         return np.zeros(0, np.int64)
-    pairs, weight = _weighted_pairs(question_ids, tokens, starts, ends, vocab, postings)
+    pairs, weight = _hit_pairs(question_ids, tokens, starts, ends, vocab, postings, ratio, span)
     if pairs.size == 0:
         return np.zeros(0, np.int64)
-    pairs, weight = _reachable_pairs(pairs, weight, ratio, n_events, span)
     scores = _passage_scores(pairs, weight, n_events, span)
     own = _passage_scores(pairs, weight, n_events, 1)
     top = float(scores.max())
@@ -318,32 +291,43 @@ def lexical_hits(question_ids: Sequence[int], tokens: np.ndarray, starts: np.nda
     return np.asarray(out, np.int64)
 
 
-def _reachable_pairs(pairs: np.ndarray, weight: np.ndarray, ratio: float, n_events: int,
-                     span: int) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs :func:`lexical_hits` needs: those of the events within ``2 * (span - 1)`` of an event
-    holding an *essential* word (MaxScore's pruning, exact). The best score is at least the largest
-    weight (the passage holding that word), so a hit scores at least ``ratio`` of it; the lightest words
-    whose weights sum below that (the *non-essential* ones: "of", "is") cannot make a hit alone, so every
-    hit's passages hold an essential word, and every passage score a hit reads (its own, its passages',
-    and its place's for :func:`_discriminating_scores`) lies within that reach, computed from all its
-    words. Scores outside it come out lower than they are, below the cut either way."""
-    span = max(1, int(span))
-    heads = np.flatnonzero(np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]]))
-    idf = weight[heads]  # one weight per word (the pairs are sorted by word)
+def _essential(idf: np.ndarray, ratio: float) -> np.ndarray:
+    """bool per word: MaxScore's *essential* words. The best score is at least the largest weight (the
+    passage holding that word), so a hit scores at least ``ratio`` of it; the lightest words whose
+    weights sum below that ("of", "is") cannot make a hit alone, and the others are essential."""
     light = np.cumsum(np.sort(idf)) < ratio * float(idf.max()) * (1.0 - 1e-9)
-    if not light.any():
-        return pairs, weight
-    essential_words = np.zeros(heads.shape[0], bool)
-    essential_words[np.argsort(idf, kind="stable")[~light]] = True
-    counts = np.diff(np.concatenate([heads, [pairs.shape[0]]]))
-    events = pairs[np.repeat(essential_words, counts), 1]
-    reach = 2 * (span - 1)
-    mark = np.zeros(n_events + 1, np.int64)
-    np.add.at(mark, np.maximum(events - reach, 0), 1)
-    np.add.at(mark, np.minimum(events + reach + 1, n_events), -1)
-    near = np.cumsum(mark[:n_events]) > 0
-    keep = near[pairs[:, 1]]
-    return pairs[keep], weight[keep]
+    essential = np.ones(idf.shape[0], bool)
+    essential[np.argsort(idf, kind="stable")[light]] = False
+    return essential
+
+
+def _hit_pairs(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+               vocab: Vocabulary, postings: WordPostings | None, ratio: float,
+               span: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs :func:`lexical_hits` scores, and their weights: the question words' of weight > 0 within
+    ``2 * (span - 1)`` events of an event holding an essential word (:func:`_essential`; exact pruning).
+    Every hit's passages hold an essential word, so every passage score a hit reads (its own, its
+    passages', its place's for :func:`_discriminating_scores`) lies within that reach, computed from all
+    its words; scores outside it come out lower than they are, below the cut either way. A light word's
+    pairs are read in that reach only."""
+    n_events = int(starts.shape[0])
+    found, idf, pairs_of = word_weights(vocab.question_words(question_ids), tokens, starts, ends, vocab, postings)
+    found, idf = found[idf > 0.0], idf[idf > 0.0]
+    if found.size == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
+    essential = _essential(idf, ratio)
+    heavy = pairs_of(found[essential])
+    light = np.zeros((0, 2), np.int64)
+    if not essential.all():
+        reach = 2 * (max(1, int(span)) - 1)
+        x = np.unique(heavy[:, 1])
+        lo, hi = np.maximum(x - reach, 0), np.minimum(x + reach + 1, n_events)
+        run = np.concatenate([[True], lo[1:] > hi[:-1]])  # a new range where it does not touch the one before
+        last = np.concatenate([np.flatnonzero(run)[1:] - 1, [x.size - 1]])
+        light = pairs_of(found[~essential], within=np.stack([lo[run], hi[last]], 1))
+    both = np.concatenate([heavy, light])
+    pairs = both[np.argsort(both[:, 0], kind="stable")]  # each part is sorted by word then event
+    return pairs, idf[np.searchsorted(found, pairs[:, 0])]
 
 
 def _discriminating_scores(pairs: np.ndarray, weight: np.ndarray, candidates: np.ndarray, n_events: int,

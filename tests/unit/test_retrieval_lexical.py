@@ -323,7 +323,7 @@ def test_inflected_words_match_and_the_copy_stays_verbatim():
 
 
 def test_unique_pairs_is_numpys_row_unique():
-    from emserve.retrieval.lexical import unique_pairs
+    from emserve.retrieval.postings import unique_pairs
 
     rng = np.random.default_rng(3)
     for n, lo, hi in ((0, 0, 1), (1, 0, 1), (500, -5, 7), (2000, 0, 40000)):
@@ -342,7 +342,7 @@ def test_passage_rows_are_the_distinct_word_passage_rows(raw, span):
     """``passage_rows`` gives what ``unique_pairs`` of every ``(word, event - d)`` gives (passages from 0),
     in the same order, each row naming a pair of its word whose events reach the passage; the scores
     summed over it in that order are bit-identical to the sort's."""
-    from emserve.retrieval.lexical import passage_rows, unique_pairs
+    from emserve.retrieval.postings import passage_rows, unique_pairs
 
     pairs, _ = unique_pairs(np.array(raw, np.int64).reshape(-1, 2))
     row, passage = passage_rows(pairs, span)
@@ -357,7 +357,7 @@ def test_passage_rows_are_the_distinct_word_passage_rows(raw, span):
 
 
 def test_distinct_pairs_sort_by_word_and_keep_each_event_once():
-    from emserve.retrieval.lexical import _distinct_pairs, unique_pairs
+    from emserve.retrieval.postings import distinct_pairs, unique_pairs
 
     rng = np.random.default_rng(5)
     for n, k in ((0, 1), (50, 3), (3000, 300), (3000, 70000)):
@@ -365,7 +365,7 @@ def test_distinct_pairs_sort_by_word_and_keep_each_event_once():
         ev = np.sort(rng.integers(0, n // 4 + 1, n))
         word = words[rng.integers(0, words.size, n)]
         want, _ = unique_pairs(np.stack([word, ev], 1))
-        np.testing.assert_array_equal(_distinct_pairs(word, ev, words), want)
+        np.testing.assert_array_equal(distinct_pairs(word, ev, words), want)
 
 
 def test_a_vocabulary_finds_words_by_a_lookup_per_token():
@@ -383,11 +383,13 @@ def test_a_vocabulary_finds_words_by_a_lookup_per_token():
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(20, 300), st.integers(1, 3), st.integers(1, 4),
-       st.sampled_from([0.0, 0.3, 0.5, 0.9]))
-def test_pruned_hits_are_the_unpruned_ones(seed, n_events, span, limit, ratio):
-    """``_reachable_pairs`` (MaxScore's pruning) leaves every hit and its order as scoring all events does:
-    Zipf-like streams where common words are in most events and rare ones in a few."""
+       st.sampled_from([0.0, 0.3, 0.5, 0.9]), st.booleans())
+def test_pruned_hits_are_the_unpruned_ones(seed, n_events, span, limit, ratio, postings):
+    """``_hit_pairs`` (MaxScore's pruning) leaves every hit and its order as scoring all events does, from a
+    pass over the stream and from postings: Zipf-like streams where common words are in most events and
+    rare ones in a few."""
     import emserve.retrieval.lexical as lexical
+    from emserve.retrieval.postings import WordPostings
 
     rng = np.random.default_rng(seed)
     size = len(TEXTS)
@@ -396,14 +398,18 @@ def test_pruned_hits_are_the_unpruned_ones(seed, n_events, span, limit, ratio):
     tokens = 1 + rng.choice(size - 1, int(sizes.sum()), p=freq / freq.sum())
     starts = 50 + np.concatenate([[0], np.cumsum(sizes)[:-1]])
     ends = starts + sizes
+    post = None
+    if postings:
+        post = WordPostings(VOCAB.canonical)
+        post.extend(np.concatenate([np.zeros(50, np.int64), tokens])[starts[0]:], starts, ends)
     question = list(1 + rng.choice(size - 1, int(rng.integers(1, 8))))
-    got = lexical_hits(question, tokens, starts, ends, VOCAB, limit, ratio=ratio, spacing=1, span=span)
-    real = lexical._reachable_pairs
+    got = lexical_hits(question, tokens, starts, ends, VOCAB, limit, ratio=ratio, spacing=1, span=span, postings=post)
+    real = lexical._essential
     try:
-        lexical._reachable_pairs = lambda pairs, weight, *args: (pairs, weight)
+        lexical._essential = lambda idf, ratio: np.ones(idf.shape[0], bool)  # every word essential: no pruning
         want = lexical_hits(question, tokens, starts, ends, VOCAB, limit, ratio=ratio, spacing=1, span=span)
     finally:
-        lexical._reachable_pairs = real
+        lexical._essential = real
     np.testing.assert_array_equal(got, want)
     # every score a hit reads (its passages', its own, its place's) is the unpruned one, bit for bit
     pairs, weight = lexical._weighted_pairs(question, tokens, starts, ends, VOCAB)
@@ -411,7 +417,7 @@ def test_pruned_hits_are_the_unpruned_ones(seed, n_events, span, limit, ratio):
         return
     scores = lexical._passage_scores(pairs, weight, n_events, span)
     keep = np.flatnonzero(scores >= ratio * scores.max())
-    cut, w = lexical._reachable_pairs(pairs, weight, ratio, n_events, span)
+    cut, w = lexical._hit_pairs(question, tokens, starts, ends, VOCAB, post, ratio, span)
     assert np.array_equal(lexical._passage_scores(cut, w, n_events, span)[keep], scores[keep])
     assert np.array_equal(lexical._passage_scores(cut, w, n_events, 1)[keep],
                           lexical._passage_scores(pairs, weight, n_events, 1)[keep])
