@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from emserve.retrieval.lexical import PASSAGE_EVENTS, Vocabulary, word_weights
-from emserve.retrieval.postings import WordPostings, passage_rows
+from emserve.retrieval.postings import WordPostings, passage_rows, range_indices
 
 BRIDGE_RARE = 0.75
 """A bridge word's idf is at least this share of the largest idf (a word in one event): it is found in
@@ -168,10 +168,7 @@ def _event_tokens(starts: np.ndarray, ends: np.ndarray, postings: WordPostings |
     if postings is None or not np.array_equal(starts[1:], ends[:-1]):
         return None
     events = np.unique(postings.pairs(np.asarray(words, np.int64), n_events)[:, 1])
-    lo, hi = starts[events] - starts[0], ends[events] - starts[0]
-    sizes = hi - lo
-    return np.repeat(lo, sizes) + np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes,
-                                                                                            sizes)
+    return range_indices(starts[events] - starts[0], ends[events] - starts[0])
 
 
 def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vocab: Vocabulary, first: int,

@@ -181,7 +181,7 @@ def word_pairs(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: 
     events): the pairs come from them instead of a pass over ``tokens`` (the same pairs)."""
     found, idf, pairs_of = word_weights(words, tokens, starts, ends, vocab, postings)
     pairs = pairs_of(found)
-    return pairs, np.repeat(idf, np.bincount(np.searchsorted(found, pairs[:, 0]), minlength=found.size))
+    return pairs, idf[np.searchsorted(found, pairs[:, 0])]
 
 
 def word_weights(words: np.ndarray, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vocab: Vocabulary,

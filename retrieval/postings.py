@@ -64,9 +64,7 @@ class WordPostings:
         sizes = hi - lo
         tok = np.asarray(tokens)
         size = self.word_of.shape[0]
-        inside = np.repeat(lo, sizes) + (np.arange(int(sizes.sum()), dtype=np.int64)
-                                         - np.repeat(np.cumsum(sizes) - sizes, sizes))
-        ids = tok[inside].astype(np.int64)
+        ids = tok[range_indices(lo, hi)].astype(np.int64)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= size):
             ids = np.clip(ids, 0, size - 1)
         word = self.word_of[ids]
@@ -134,12 +132,8 @@ class WordPostings:
             for part in self._events_of(word, tails):
                 part = part[: np.searchsorted(part, n_events)]
                 if within is not None:
-                    lo, hi = np.searchsorted(part, within[:, 0]), np.searchsorted(part, within[:, 1])
-                    take = hi > lo
-                    lo, hi = lo[take], hi[take]
-                    idx = np.repeat(lo - np.cumsum(np.concatenate([[0], (hi - lo)[:-1]])), hi - lo) + np.arange(
-                        int((hi - lo).sum()))
-                    part = part[idx]
+                    part = part[range_indices(np.searchsorted(part, within[:, 0]),
+                                              np.searchsorted(part, within[:, 1]))]
                 es.append(part.astype(np.int64))
             e = np.concatenate(es)
             parts_w.append(np.full(e.shape[0], word, np.int64))
@@ -150,6 +144,13 @@ class WordPostings:
 
 
 # ------------------------------------------------------------------ sorted (word, event) pairs
+def range_indices(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """int64: the indices of the ranges ``[lo[i], hi[i])`` one after the other (an empty range adds
+    nothing)."""
+    sizes = np.maximum(np.asarray(hi, np.int64) - np.asarray(lo, np.int64), 0)
+    return np.repeat(np.asarray(lo, np.int64) - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+
+
 def unique_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows of an integer ``[n, 2]`` array, sorted (by the first column, then the second), and
     the index of each one's first occurrence: ``np.unique(pairs, axis=0, return_index=True)``, on one
