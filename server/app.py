@@ -50,6 +50,7 @@ from emserve.server.rpc.service import SERVICE_NAME, Limits, Runtime, SessionSer
 from emserve.server.rpc.text import TextCodec
 from emserve.server.session.manager import SessionManager, question_within
 from emserve.server.tenants import load_tenants
+from emserve.server.threads import limit_blas_threads
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ class EmserveServer:
         self.openai_port = int(self._openai.servers[0].sockets[0].getsockname()[1])
 
     async def start(self) -> int:
+        limit_blas_threads(self.config.host_blas_threads)
         address = f"{self.config.host}:{self.config.port}"
         creds = self._credentials()
         self.port = self.server.add_insecure_port(address) if creds is None else self.server.add_secure_port(

@@ -89,6 +89,7 @@ def _serve_config(args: argparse.Namespace, memory: dict[str, Any]) -> ServerCon
         "metrics_port": args.metrics_port, "memory": memory or None, "tls_cert": args.tls_cert,
         "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca, "health_port": args.health_port,
         "tenants_file": args.tenants_file, "openai_port": args.openai_port,
+        "host_blas_threads": args.host_blas_threads,
     })
 
 
@@ -180,6 +181,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="where retrieval scores events: auto (a GPU if torch sees one), cpu, cuda[:N]")
     p.add_argument("--retrieval-device-gib", type=float, default=None,
                    help="GPU memory for open sessions' retrieval mirrors (idle ones closed beyond it; 0: no limit)")
+    p.add_argument("--host-blas-threads", type=int, default=None, metavar="N",
+                   help="BLAS threads of the server process's own numpy work (default 1; 0: the library's "
+                        "default; EMSERVE_HOST_BLAS_THREADS)")
     p.add_argument("--memory", action="append", metavar="KEY=VALUE",
                    help="default memory setting of new sessions, e.g. --memory n_local=2048 (repeatable)")
 

@@ -25,6 +25,7 @@ Environment variables (all optional)::
     EMSERVE_METRICS_PORT         Prometheus /metrics port (default: none, no metrics); 0: any free port
     EMSERVE_LOG_FORMAT           text (default) | json (``emserve.server.logs``)
     EMSERVE_LOG_LEVEL            WARNING (default) | INFO (a line per call) | DEBUG (a line per step)
+    EMSERVE_HOST_BLAS_THREADS    BLAS threads of the server process's own numpy work, default 1; 0: the library's
     EMSERVE_MEMORY_<NAME>        a memory setting's default (its flat name), e.g. EMSERVE_MEMORY_N_LOCAL=2048
 """
 
@@ -136,6 +137,11 @@ class ServerConfig:
     """Serve Prometheus metrics on ``http://host:metrics_port/metrics`` (``emserve.server.metrics``;
     vLLM's engine statistics on too). None: no metrics endpoint; 0: any free port (tests)."""
 
+    host_blas_threads: int = 1
+    """BLAS threads of the server process's own numpy work (retrieval's matrix products; the engine's
+    processes keep theirs): set once at start (:mod:`emserve.server.threads`); 0 leaves the library's
+    default (a thread per core)."""
+
     grace_s: float = 30.0
     """On SIGTERM: stop accepting calls, let in-flight ones finish for this long, then cancel them
     (committing steps always finish), checkpoint every open session and exit."""
@@ -153,6 +159,8 @@ class ServerConfig:
             raise ConfigError("max_inflight_messages must be >= 1")
         if self.max_session_tokens < 0 or self.max_message_tokens < 0 or self.grace_s < 0:
             raise ConfigError("max_session_tokens, max_message_tokens and grace_s must be >= 0")
+        if self.host_blas_threads < 0:
+            raise ConfigError(f"host_blas_threads must be >= 0 (0: the library's), got {self.host_blas_threads}")
         if self.engine.backend not in ("vllm", "reference"):
             raise ConfigError(f"backend must be 'vllm' or 'reference', got {self.engine.backend!r}")
         if self.engine.dtype not in ("bfloat16", "float32", "float16"):
@@ -247,7 +255,8 @@ def build_config(overrides: Mapping[str, Any] | None = None, env: Mapping[str, s
     for name in ("host", "port", "max_sessions", "max_open_sessions", "max_message_bytes", "max_message_tokens",
                  "max_session_tokens", "max_session_disk_gib", "max_disk_gib", "auth_token", "grace_s",
                  "retrieval_device", "retrieval_device_gib",
-                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file", "openai_port"):
+                 "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "health_port", "tenants_file", "openai_port",
+                 "host_blas_threads"):
         key = ENV_PREFIX + name.upper()
         if key in env:
             values[name] = _coerce(env[key], str(server_fields[name].type), key)

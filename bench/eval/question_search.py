@@ -19,7 +19,9 @@ are in the window in 2, 3 and 4. The probe step gives the same queries each time
 is read only (a question changes nothing in it).
 
     .venv/bin/python -m bench.eval.question_search --session DIR/data-XXXX --source narrative --length 1m \
-        [--seed 0] [--phrasings suite] [--per-task 10] [--out question_search-1m]
+        [--seed 0] [--phrasings suite] [--per-task 10] [--blas-threads N] [--out question_search-1m]
+
+It runs its numpy work on the server's BLAS threads (``--host-blas-threads``, default 1) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -205,8 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="the prose haystack's tasks as the run had them (default: all of them)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                    help="BLAS threads of this process, as the server's --host-blas-threads (default: the server's "
+                         "default; 0: the library's)")
     ap.add_argument("--out", default=None, help="results name (default question_search-<source>-<length>)")
     args = ap.parse_args(argv)
+    from emserve.server.config import ServerConfig
+    from emserve.server.threads import blas_threads, limit_blas_threads
+
+    if args.blas_threads is None:
+        args.blas_threads = next(f.default for f in dataclasses.fields(ServerConfig) if f.name == "host_blas_threads")
+    limit_blas_threads(args.blas_threads)
     from bench.eval.eval import _ints
 
     args.length = _ints(args.length)[0]
@@ -229,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summ['in_window'][0]} / {summ['in_window_search'][0]} / {summ['in_window_exact'][0]} "
                   f"of {summ['n']}"]]))
     name = args.out or f"question_search-{args.source}-{args.length // 1024}k"
-    print("wrote", write_results(name, {"machine": machine(), "command": " ".join(sys.argv), "summary": summ, **res}))
+    print("wrote", write_results(name, {"machine": machine(), "command": " ".join(sys.argv), "summary": summ,
+                                        "blas_threads": blas_threads(), **res}))
     return 0
 
 

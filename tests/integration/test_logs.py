@@ -4,6 +4,7 @@ record is one JSON object; records logged while a call runs carry its method, se
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def test_json_logs_carry_session_and_request_ids(tiny_model_dir: Path, tmp_path:
     assert len({r["request_id"] for r in ingested}) == 1  # one Ingest call, one generated request id
     missing = find(method="GetSession", session_id="missing")
     assert [r["message"].split(" in ")[0] for r in missing] == ["GetSession NOT_FOUND"]
+    blas = find(logger="emserve.server.threads")  # the server's own numpy work on one BLAS thread (the default)
+    assert len(blas) == 1 and blas[0]["message"].startswith("BLAS threads of the server process: now {")
+    assert set(ast.literal_eval(blas[0]["message"].split("now ")[1].split(" (were")[0]).values()) == {1}
 
 
 def test_a_server_whose_engine_does_not_load_is_reported_at_once(tmp_path: Path) -> None:

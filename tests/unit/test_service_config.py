@@ -18,6 +18,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.auth_token is None and cfg.max_session_tokens == 0
     assert cfg.memory.retrieval.n_local == 1024
     assert cfg.retrieval_device == "auto"
+    assert cfg.host_blas_threads == 1
 
 
 def test_env_then_flags(tmp_path: Path) -> None:
@@ -26,7 +27,7 @@ def test_env_then_flags(tmp_path: Path) -> None:
         "EMSERVE_MAX_SESSIONS": "7", "EMSERVE_AUTH_TOKEN": "s3cret", "EMSERVE_BACKEND": "reference",
         "EMSERVE_MEMORY_N_LOCAL": "512", "EMSERVE_MEMORY_PER_LAYER": "false", "EMSERVE_MAX_INFLIGHT": "3",
         "EMSERVE_SESSIONS_DIR": str(tmp_path / "elsewhere"), "EMSERVE_MAX_MODEL_LEN": "none",
-        "EMSERVE_RETRIEVAL_DEVICE": "cpu", "EMSERVE_RETRIEVAL_DEVICE_GIB": "6.5",
+        "EMSERVE_RETRIEVAL_DEVICE": "cpu", "EMSERVE_RETRIEVAL_DEVICE_GIB": "6.5", "EMSERVE_HOST_BLAS_THREADS": "0",
     }
     cfg = build_config(env=env)
     assert (cfg.host, cfg.port, cfg.max_sessions, cfg.auth_token) == ("0.0.0.0", 6000, 7, "s3cret")
@@ -34,6 +35,7 @@ def test_env_then_flags(tmp_path: Path) -> None:
     assert cfg.memory.retrieval.n_local == 512 and cfg.memory.retrieval.per_layer is False
     assert cfg.max_inflight_messages == 3 and cfg.sessions_dir == tmp_path / "elsewhere"
     assert cfg.engine.max_model_len is None and cfg.retrieval_device == "cpu" and cfg.retrieval_device_gib == 6.5
+    assert cfg.host_blas_threads == 0
     cfg = build_config({"port": 0, "max_sessions": None, "memory": {"n_mem": 256}, "model": "/m"}, env=env)
     assert cfg.port == 0 and cfg.max_sessions == 7  # None flags do not override
     assert cfg.memory.retrieval.n_mem == 256 and cfg.memory.retrieval.n_local == 512 and cfg.engine.model == "/m"
@@ -52,6 +54,8 @@ def test_env_then_flags(tmp_path: Path) -> None:
         ({"retrieval_device": "gpu"}, {}),
         ({}, {"EMSERVE_RETRIEVAL_DEVICE": "cuda:x"}),
         ({"retrieval_device_gib": -1.0}, {}),
+        ({"host_blas_threads": -1}, {}),
+        ({}, {"EMSERVE_HOST_BLAS_THREADS": "two"}),
     ],
 )
 def test_invalid(tmp_path: Path, overrides: dict, env: dict) -> None:
