@@ -105,26 +105,33 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
                            spacing, span)
 
 
-def _whole_word_runs(ids: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]],
+def _whole_word_runs(tokens: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]],
                      among: np.ndarray | None = None) -> list[np.ndarray]:
-    """Per sequence of canonical words: the positions in the stream ``ids`` (:meth:`Vocabulary.stream_ids`)
-    where it is said as whole words (it starts a word, and the token after it does not continue one).
-    ``among``: the positions where a sequence may start (sorted; a superset of those holding a first
-    word), else every position: one pass over the stream."""
-    n = int(ids.shape[0])
+    """Per sequence of canonical words: the positions in the stream ``tokens`` (token ids) where it is said
+    as whole words (it starts a word, and the token after it does not continue one). ``among``: the
+    positions where a sequence may start (sorted; a superset of those holding a first word): only the
+    tokens there and after them are read; else every position: one pass over the stream."""
+    n = int(tokens.shape[0])
     if not seqs or n == 0:
         return [np.zeros(0, np.int64) for _ in seqs]
+
+    def ids(at: np.ndarray) -> np.ndarray:  # the tokens at these positions, as Vocabulary.stream_ids reads them
+        return vocab.stream_ids(np.asarray(tokens[at]))
+
     starting = vocab.holding(np.unique([s[0] for s in seqs]), word_starts=True)
-    at = np.flatnonzero(starting[ids]) if among is None else among[starting[ids[among]]]
+    if among is None:
+        at = np.flatnonzero(starting[vocab.stream_ids(np.asarray(tokens))])
+    else:
+        at = among[starting[ids(among)]]
     canon, joins = vocab.canonical, vocab.joins
     out = []
     for seq in seqs:
         k = len(seq)
-        pos = at[(canon[ids[at]] == seq[0]) & (at + k <= n)]
+        pos = at[(canon[ids(at)] == seq[0]) & (at + k <= n)]
         for j in range(1, k):
-            pos = pos[canon[ids[pos + j]] == seq[j]]
+            pos = pos[canon[ids(pos + j)] == seq[j]]
         after = pos + k
-        out.append(pos[(after >= n) | ~joins[ids[np.minimum(after, n - 1)]]])
+        out.append(pos[(after >= n) | ~joins[ids(np.minimum(after, n - 1))]])
     return out
 
 
@@ -186,14 +193,13 @@ def _phrase_passage(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, vo
     uw, idf = weights
     named = asked[idf[np.searchsorted(uw, asked)] >= ASKED_RARE * top]
     lo, hi = max(first - span + 1, 0), min(first + span, n_events)
-    ids = vocab.stream_ids(tokens)
-    found = _bridge_phrases(np.asarray(ids[int(starts[lo]) - base : int(ends[hi - 1]) - base], np.int64), vocab,
-                            asked, named)
+    near = vocab.stream_ids(np.asarray(tokens[int(starts[lo]) - base : int(ends[hi - 1]) - base]))
+    found = _bridge_phrases(np.asarray(near, np.int64), vocab, asked, named)
     if not found:
         return None
     phrases, others = [p for p, _ in found], [o for _, o in found]
     seqs = [*phrases, *others]
-    runs = _whole_word_runs(ids, vocab, seqs, _event_tokens(starts, ends, postings, [q[0] for q in seqs]))
+    runs = _whole_word_runs(tokens, vocab, seqs, _event_tokens(starts, ends, postings, [q[0] for q in seqs]))
 
     def events_holding(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # of the first, last token
         at = pos + base

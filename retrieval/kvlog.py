@@ -287,6 +287,15 @@ class KVLog:
             return np.zeros(0, np.int32)
         return np.array(self._map(TOKENS_FILE, np.int32, ())[start:end])
 
+    def token_view(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """:meth:`tokens` without the copy: a read-only view of the mapped file (committed tokens never
+        change; the view keeps its mapping alive). Reading it reads only the pages touched."""
+        end = self._n if end is None else end
+        self._check(start, end)
+        if start == end:
+            return np.zeros(0, np.int32)
+        return self._map(TOKENS_FILE, np.int32, ())[start:end]
+
     def positions(self, start: int = 0, end: int | None = None) -> np.ndarray:
         end = self._n if end is None else end
         self._check(start, end)

@@ -59,6 +59,8 @@ class AskedSession(Protocol):
 
     def tokens(self, start: int, end: int) -> np.ndarray: ...
 
+    def token_view(self, start: int, end: int) -> np.ndarray: ...
+
     async def host(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
 
 
@@ -178,7 +180,7 @@ def lexical_leads(session: AskedSession, question_ids: Sequence[int], num_events
     ends = starts + np.asarray(table.sizes[:n], np.int64)
     stems, words = word_postings(session, vocab, starts, ends) if postings else (None, None)
     starts, ends = starts[:num_events], ends[:num_events]
-    tokens = session.tokens(int(starts[0]), int(ends[-1]))
+    tokens = session.token_view(int(starts[0]), int(ends[-1]))  # read where the rules look, not copied
     # each hit brings its neighbours (question_neighbours): the next hit is another place
     spacing = session.config.retrieval.question_neighbours
     hits = [int(h) for h in lexical_hits(question_ids, tokens, starts, ends, vocab,

@@ -337,6 +337,14 @@ class Session:
             return np.zeros(0, np.int32)
         return np.asarray(self.log.tokens(start, end))
 
+    def token_view(self, start: int, end: int) -> np.ndarray:
+        """:meth:`tokens` as a read-only view of the log's mapped file (no copy: what is not read costs
+        nothing); valid while the session is open."""
+        end = min(end, self.num_tokens)
+        if end <= start:
+            return np.zeros(0, np.int32)
+        return self.log.token_view(start, end)
+
     def stats(self) -> SessionStats:
         return session_stats(self.path)
 

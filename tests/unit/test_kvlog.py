@@ -33,6 +33,11 @@ def test_append_and_read_back(tmp_path: Path, dtype: str) -> None:
     r = KVLog.open(tmp_path)
     assert len(r) == 15
     assert r.tokens().tolist() == list(range(15))
+    view = r.token_view(3, 12)  # the same tokens, not copied, read-only
+    assert view.tolist() == list(range(3, 12)) and not view.flags.writeable and not view.flags.owndata
+    assert r.token_view(4, 4).size == 0
+    with pytest.raises(LogError):
+        r.token_view(10, 16)
     assert r.positions().tolist() == list(range(100, 110)) + list(range(5))
     td = layout.torch_dtype
     for layer in range(3):

@@ -157,3 +157,49 @@ def test_the_second_hop_is_the_same_from_postings(seed, n_events, gaps):
         assert bridge_hit(question, tokens, starts, ends, HOP, first, 2, postings=words) == want
         found += want is not None
     event(f"hops found: {min(found, 3)}")
+
+
+class _Watched:
+    """A stream that records the positions read and refuses to be read whole (``np.asarray`` of it)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.shape, self.size, self.dtype = a, a.shape, a.size, a.dtype
+        self.read = np.zeros(a.shape[0], bool)
+
+    def __len__(self) -> int:
+        return int(self.a.shape[0])
+
+    def __getitem__(self, key):
+        self.read[np.arange(self.a.shape[0])[key]] = True
+        return self.a[key]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole stream was read")
+
+
+def test_with_postings_the_lexical_rules_read_only_the_tokens_near_their_words():
+    """A question's hits and its second hop from the postings read the tokens around the first hit and those
+    of the events holding a bridge phrase's first word, not the stream (a session hands them a view of its
+    mapped log: what is not read costs nothing); the same hits and hop as from the whole stream."""
+    rng = np.random.default_rng(3)
+    filler = _hop("the a of . of the a . a of the .")
+    text = list(rng.choice(filler, 6000))
+    for at, sentence in ((1000, "Maria hid the treasure in the cobalt chest ."),
+                         (2500, "Hugo hid the treasure in the teal chest ."),
+                         (4000, "The cobalt chest is locked with the code 51234 ."),
+                         (5000, "The teal chest is locked with the code 777 .")):
+        words = _hop(sentence)
+        text[at:at + len(words)] = words
+    stream = np.array(text, np.int64)
+    starts = np.arange(0, 6000, 4, dtype=np.int64)
+    ends = starts + 4
+    stems, words = _grown(HOP.canonical, stream, starts, ends, [700]), _grown(HOP.verbatim, stream, starts, ends, [])
+    question = _hop("What is the code of the chest where Maria hid the treasure ?")
+    hits = lexical_hits(question, stream, starts, ends, HOP, 2, spacing=2)
+    first = int(hits[0])
+    want = bridge_hit(question, stream, starts, ends, HOP, first, 2)
+    assert first == 250 and want == 1000  # Maria's link, then the cobalt chest's code
+    watched = _Watched(stream)
+    assert np.array_equal(lexical_hits(question, watched, starts, ends, HOP, 2, spacing=2, postings=stems), hits)
+    assert bridge_hit(question, watched, starts, ends, HOP, first, 2, postings=words) == want
+    assert 0 < watched.read.sum() < 0.05 * stream.size

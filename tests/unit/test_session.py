@@ -691,6 +691,8 @@ def test_word_postings_follow_the_stream_between_questions(engine: ReferenceEngi
     want = lexical_hits(q, s.tokens(int(starts[0]), int(ends[-1])), starts, ends, vocab, 1,
                         spacing=cfg.retrieval.question_neighbours)
     assert lexical_leads(s, q, len(table)) == (tuple(want.tolist()), 1)
+    view = s.token_view(int(starts[0]), int(ends[-1]))  # what the rules read: the log's mapped file, not a copy
+    assert np.array_equal(view, s.tokens(int(starts[0]), int(ends[-1]))) and not view.flags.owndata
     s.close()
 
 
