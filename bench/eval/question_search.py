@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.blas_threads is None:
         args.blas_threads = next(f.default for f in dataclasses.fields(ServerConfig) if f.name == "host_blas_threads")
     limit_blas_threads(args.blas_threads)
-    from bench.eval.eval import _ints
+    from bench.eval.eval import _ints, git_rev
 
     args.length = _ints(args.length)[0]
     sigterm_exits()
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summ['in_window'][0]} / {summ['in_window_search'][0]} / {summ['in_window_exact'][0]} "
                   f"of {summ['n']}"]]))
     name = args.out or f"question_search-{args.source}-{args.length // 1024}k"
-    print("wrote", write_results(name, {"machine": machine(), "command": " ".join(sys.argv), "summary": summ,
-                                        "blas_threads": blas_threads(), **res}))
+    print("wrote", write_results(name, {"machine": machine(), "git": git_rev(), "command": " ".join(sys.argv),
+                                        "summary": summ, "blas_threads": blas_threads(), **res}))
     return 0
 
 
