@@ -115,13 +115,16 @@ def _whole_word_runs(tokens: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple
     if not seqs or n == 0:
         return [np.zeros(0, np.int64) for _ in seqs]
 
+    whole = vocab.stream_ids(np.asarray(tokens)) if among is None else None  # the one pass, read once
+
     def ids(at: np.ndarray) -> np.ndarray:  # the tokens at these positions, as Vocabulary.stream_ids reads them
-        return vocab.stream_ids(np.asarray(tokens[at]))
+        return whole[at] if whole is not None else vocab.stream_ids(np.asarray(tokens[at]))
 
     starting = vocab.holding(np.unique([s[0] for s in seqs]), word_starts=True)
-    if among is None:
-        at = np.flatnonzero(starting[vocab.stream_ids(np.asarray(tokens))])
+    if whole is not None:
+        at = np.flatnonzero(starting[whole])
     else:
+        assert among is not None
         at = among[starting[ids(among)]]
     canon, joins = vocab.canonical, vocab.joins
     out = []

@@ -281,11 +281,7 @@ class KVLog:
                 raise LogError(f"range [{start}, {end}) outside KV log of {self._n} tokens at {self.path}")
 
     def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
-        end = self._n if end is None else end
-        self._check(start, end)
-        if start == end:
-            return np.zeros(0, np.int32)
-        return np.array(self._map(TOKENS_FILE, np.int32, ())[start:end])
+        return np.array(self.token_view(start, end))
 
     def token_view(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """:meth:`tokens` without the copy: a read-only view of the mapped file (committed tokens never

@@ -26,9 +26,8 @@ def limit_blas_threads(threads: int) -> dict[str, int]:
         return {}
     from threadpoolctl import ThreadpoolController
 
-    before = {}
+    before = blas_threads()
     for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
-        before[f"{lib.internal_api}:{lib.prefix}"] = int(lib.num_threads)
         lib.set_num_threads(threads)  # kept (a threadpoolctl limiter would be undone when it ends)
     if before:
         logger.info("BLAS threads of the server process: now %s (were %s)", blas_threads(), before)

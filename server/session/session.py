@@ -332,10 +332,7 @@ class Session:
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Token ids of committed tokens ``[start, end)``."""
-        end = min(end, self.num_tokens)
-        if end <= start:
-            return np.zeros(0, np.int32)
-        return np.asarray(self.log.tokens(start, end))
+        return np.array(self.token_view(start, end))
 
     def token_view(self, start: int, end: int) -> np.ndarray:
         """:meth:`tokens` as a read-only view of the log's mapped file (no copy: what is not read costs
