@@ -46,10 +46,11 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
       starts. A phrase is rarer than either of its words: a colour or a material that the stream uses
       elsewhere ("silver", "slate") still names one chest with the word "chest", and the look-alike
       fact about another thing of the same name ("the crimson gate") does not hold the phrase.
-    * Else the *bridge words*: the words of the first hit's passage (its best-scoring ``span``-event
-      passage) that the question does not name, rare enough to name one thing (idf >= :data:`BRIDGE_RARE`
-      of the largest); the hop is the passage away from ``first`` holding one and a missing word,
-      scored by the sum of the distinct such words' weights, as its event holding a bridge word.
+    * Else the *bridge words*: the whole words of the first hit's passage (its best-scoring ``span``-event
+      passage; :func:`_passage_words`: a number said digit by digit is one word, not ten digits) that the
+      question does not name, rare enough as whole words to name one thing (idf >= :data:`BRIDGE_RARE` of
+      the largest); the hop is the passage away from ``first`` holding one and a missing word, scored by
+      the sum of the distinct such words' weights, as its event holding a bridge word.
 
     Same weights and arguments as :func:`~emserve.retrieval.lexical.lexical_hits` (``postings``: of
     ``vocab.verbatim``, the words compared here). A single-hop
@@ -97,12 +98,112 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     if hop is not None:
         return hop
     # the first hit's passage: the one its question words weigh most in (ties: the later, at the hit)
-    found = max(reversed(around), key=lambda pw: weight_of(np.intersect1d(pw[1], asked)))[1]
-    is_bridge = np.isin(uw, np.setdiff1d(found, asked)) & (idf >= BRIDGE_RARE * top)
-    if not is_bridge.any():
+    p = max(reversed(around), key=lambda pw: weight_of(np.intersect1d(pw[1], asked)))[0]
+    lo, hi = int(starts[p]) - base, int(ends[min(p + span, n_events) - 1]) - base
+    most = _most_events(n_events, BRIDGE_RARE * top)  # rare enough: idf >= BRIDGE_RARE of the largest
+    said = (_word_events(w, tokens, starts, ends, vocab, postings, most)
+            for w in _passage_words(vocab.stream_ids(np.asarray(tokens[lo:hi])), vocab, asked))
+    bridge = [e for e in said if e is not None and e.size]  # per bridge word, the events saying it
+    if not bridge:
         return None
-    return _bridge_passage(pairs_of(uw[is_bridge | is_missing]), uw, idf, is_bridge, is_missing, n_events, first,
-                           spacing, span)
+    return _word_passage(bridge, missing_pairs, uw[is_missing], idf[is_missing], n_events, first, spacing, span,
+                         int(vocab.canonical.max()) + 1)
+
+
+def _word_passage(bridge: list[np.ndarray], missing_pairs: np.ndarray, missing: np.ndarray, missing_idf: np.ndarray,
+                  n_events: int, first: int, spacing: int, span: int, first_id: int) -> int | None:
+    """:func:`bridge_hit` by its bridge words (``bridge``: per word, the events saying it): the missing words
+    (``missing``, sorted, with their ``missing_idf`` and ``(word, event)`` pairs) keep their ids, the bridge
+    words take ids from ``first_id`` on (after every vocabulary word), and :func:`_bridge_passage` scores."""
+    words = np.concatenate([missing, first_id + np.arange(len(bridge), dtype=np.int64)])
+    weights = np.concatenate([missing_idf, [np.log((n_events - e.size + 0.5) / (e.size + 0.5)) for e in bridge]])
+    is_bridge = np.arange(words.size) >= missing.size
+    pairs = np.concatenate([missing_pairs, *(np.stack([np.full(e.size, first_id + j, np.int64), e], 1)
+                                             for j, e in enumerate(bridge))])
+    return _bridge_passage(pairs, words, weights, is_bridge, ~is_bridge, n_events, first, spacing, span)
+
+
+def _most_events(n_events: int, bar: float) -> int:
+    """The most events a word may be in for its idf, ``ln((E - df + 0.5) / (df + 0.5))``, to reach ``bar``."""
+
+    def idf(df: int) -> float:
+        return float(np.log((n_events - df + 0.5) / (df + 0.5)))
+
+    most = int((n_events + 0.5 - 0.5 * np.exp(bar)) / (1.0 + np.exp(bar)))
+    while most + 1 <= n_events and idf(most + 1) >= bar:
+        most += 1
+    while most >= 0 and idf(most) < bar:
+        most -= 1
+    return most
+
+
+def _passage_words(ids: np.ndarray, vocab: Vocabulary, asked: np.ndarray) -> list[tuple[int, ...]]:
+    """The distinct whole words of the stream ids ``ids`` that the question does not name (not every token
+    in ``asked``), each as the canonical words of its tokens. A word is a content token that does not
+    continue a content token before it, and the tokens joining it: " 73247" (" ", "7", "3", "2", "4", "7")
+    is the one word "73247", not five digits; " Qu" "illing" "ham" is one name, not its pieces."""
+    content, joins = vocab.content[ids], vocab.joins[ids]
+    after_content = np.concatenate([[False], content[:-1]])
+    heads = np.flatnonzero(content & ~(joins & after_content))
+    found: dict[tuple[int, ...], None] = {}
+    for h in heads.tolist():
+        end = h + 1
+        while end < ids.shape[0] and joins[end]:
+            end += 1
+        word = vocab.canonical[ids[h:end]]
+        if not np.isin(word, asked).all():
+            found.setdefault(tuple(word.tolist()), None)
+    return list(found)
+
+
+def _word_events(word: tuple[int, ...], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                 vocab: Vocabulary, postings: WordPostings | None, most: int) -> np.ndarray | None:
+    """The events (sorted, distinct) saying ``word`` (canonical words of its tokens, as :func:`_passage_words`
+    gives them), or None when more than ``most`` do. A word of one token: the events holding the token (as
+    the postings count it: a token that starts a word is rarely continued). A word of several tokens:
+    where they are said in order as a whole word (not continuing a content token before them, not
+    continued by a joining token), the event of its first token. With ``postings``, only the events
+    holding its rarest token are read (where tokens lie between events, or without them: the stream)."""
+    n_events, n = int(starts.shape[0]), int(tokens.shape[0])
+    base = int(starts[0])
+    canon = vocab.canonical
+    k = len(word)
+    seq = np.asarray(word, np.int64)
+    if postings is not None and np.array_equal(starts[1:], ends[:-1]):
+        found, df = postings.count(seq, n_events)
+        if found.size < np.unique(seq).size:
+            return None  # a token no event holds
+        rarest = int(found[np.argmin(df)])
+        if k == 1 and int(df.min()) > most:
+            return None
+        events = np.unique(postings.pairs(np.array([rarest]), n_events)[:, 1])
+        if k == 1:
+            return events
+        j = int(np.flatnonzero(seq == rarest)[0])
+        at = range_indices(starts[events] - base, ends[events] - base)
+        at = at[canon[vocab.stream_ids(np.asarray(tokens[at]))] == rarest]
+    else:
+        j = 0
+        at = np.flatnonzero(canon[vocab.stream_ids(np.asarray(tokens))] == seq[0])
+
+    def ids(pos: np.ndarray) -> np.ndarray:
+        return vocab.stream_ids(np.asarray(tokens[pos]))
+
+    pos = at - j
+    pos = pos[(pos >= 0) & (pos + k <= n)]
+    if k > 1:
+        for m in range(k):
+            pos = pos[canon[ids(pos + m)] == seq[m]]
+        if pos.size:
+            here, before = ids(pos), ids(np.maximum(pos - 1, 0))
+            whole = (pos == 0) | ~(vocab.joins[here] & vocab.content[before])
+            after = pos + k
+            whole &= (after >= n) | ~vocab.joins[ids(np.minimum(after, n - 1))]
+            pos = pos[whole]
+    event = np.searchsorted(starts, pos + base, side="right") - 1
+    inside = (event >= 0) & (pos + base < ends[np.maximum(event, 0)])
+    events = np.unique(event[inside])
+    return events if events.size <= most else None
 
 
 def _whole_word_runs(tokens: np.ndarray, vocab: Vocabulary, seqs: Sequence[tuple[int, ...]],

@@ -165,7 +165,7 @@ def test_first_word_is_the_first_token_and_those_that_join_it():
 
 HOP_TEXTS = ["<s>", " the", "The", " a", " of", ".", " Maria", " Hugo", " hid", " treasure", " in", " cobalt",
              " teal", " chest", " code", " is", " 51234", " 777", "What", "?", " locked", " with", " where", " gate",
-             " amb", "er", " box"]
+             " amb", "er", " box", " ", "7", "3", " Qu", "illing", "ham", "een"]
 HOP = Vocabulary.from_texts(HOP_TEXTS)
 HID = {t: i for i, t in enumerate(HOP_TEXTS)}
 
@@ -215,6 +215,31 @@ def test_bridge_hit_is_another_place_than_the_first_hit():
     assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) is None
     assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=1) == 13
     assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=99, spacing=2) is None  # no such event
+
+
+def test_bridge_words_are_whole_words():
+    """A number said as digit tokens (" " "7" "3") is one word, and so is a name cut into pieces (" Qu"
+    "illing" "ham"): a look-alike elsewhere holding the asked "code" and one of the link's digits or name
+    pieces ("the gate code is 37", "the Queen code") is no second hop; a passage saying the whole word is.
+    Seen at 1M tokens of pass-key filler, where digits and function words are rare: the pieces of the
+    asked key's value joined the first hit to other keys' sentences."""
+
+    def ids(text: str) -> list[int]:
+        return [HID[" "] if w == "_" else hop_ids(w)[0] for w in text.split()]
+
+    filler = ["the a of .", "a of the .", "of the a ."]
+
+    def stream(facts: dict[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _stream([ids(facts.get(i, filler[i % 3])) for i in range(60)])
+
+    number = {10: "Maria hid the treasure in the chest _ 7 3 .", 40: "The gate code is _ 3 7 ."}
+    for facts, hop in ((number, None), ({**number, 50: "The box _ 7 3 code is 51234 ."}, 50)):
+        tokens, starts, ends = stream(facts)
+        assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) == hop
+    name = {10: "Maria hid the treasure in Qu illing ham .", 40: "The Qu een code is 777 ."}
+    for facts, hop in ((name, None), ({**name, 50: "Qu illing ham chest code is 51234 ."}, 50)):
+        tokens, starts, ends = stream(facts)
+        assert bridge_hit(TWO_HOP_Q, tokens, starts, ends, HOP, first=10, spacing=2) == hop
 
 
 LABEL_TEXTS = ["<s>", "Question", ":", " Where", " did", " Rosa", " hide", " the", " treasure", "?", "\n", "Answer",
@@ -423,3 +448,16 @@ def test_pruned_hits_are_the_unpruned_ones(seed, n_events, span, limit, ratio, p
                           lexical._passage_scores(pairs, weight, n_events, 1)[keep])
     assert np.array_equal(lexical._discriminating_scores(cut, w, keep, n_events, span)[keep],
                           lexical._discriminating_scores(pairs, weight, keep, n_events, span)[keep])
+
+
+def test_most_events_is_the_largest_count_whose_idf_reaches_the_bar():
+    from emserve.retrieval.bridge import _most_events
+
+    def idf(n: int, df: int) -> float:
+        return float(np.log((n - df + 0.5) / (df + 0.5)))
+
+    for n in (2, 10, 60, 2_000, 62_000, 1_000_000):
+        for share in (0.6, 0.75):
+            bar = share * float(np.log((n - 0.5) / 1.5))
+            most = _most_events(n, bar)
+            assert most == max((df for df in range(0, min(n, 5_000) + 1) if idf(n, df) >= bar), default=-1)

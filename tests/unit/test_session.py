@@ -699,7 +699,8 @@ def test_word_postings_follow_the_stream_between_questions(engine: ReferenceEngi
 def test_question_bridge_brings_the_fact_stated_about_a_rare_word_of_the_first_hit(
         engine: ReferenceEngine, tmp_path: Path) -> None:
     """question_bridge: the question names A1 A2 (held at 300 with B) and asks C, which the stream holds
-    only at 900, next to B: the second hop brings 900 into the window; without it only 300 is there."""
+    only at 900, next to B: the second hop brings 900 into the window; without it only 300 is there. Each
+    of A1 A2 B C is a word of its own (no token continues it: the bridge words are whole words)."""
     from emserve.server.session.words import model_vocabulary
 
     vocab = model_vocabulary(engine.info.path)
@@ -707,14 +708,16 @@ def test_question_bridge_brings_the_fact_stated_about_a_rare_word_of_the_first_h
     common = set(vocab.canonical[:500].tolist())
     rare: list[int] = []
     for t in range(500, engine.info.vocab_size):
-        if vocab.content[t] and vocab.canonical[t] not in common | {vocab.canonical[r] for r in rare}:
+        taken = common | {vocab.canonical[r] for r in rare}
+        if vocab.content[t] and not vocab.joins[t] and vocab.canonical[t] not in taken:
             rare.append(t)
         if len(rare) == 4:
             break
     a1, a2, b, c = rare
     ids = _ids(1200, 8)
-    ids[300:303] = [a1, a2, b]
-    ids[900:902] = [b, c]
+    space = next(t for t in range(3, 500) if not vocab.joins[t])  # no token after B or C continues it
+    ids[300:304] = [a1, a2, b, space]
+    ids[900:903] = [b, c, space]
     cfg = CFG.with_settings(question_lexical=1, question_n_mem=64, question_n_local=16,
                               question_neighbours=1, question_reach=0, question_copy=0)
     s = Session.create(tmp_path / "s", engine, cfg)
