@@ -163,8 +163,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 s.close()
     finally:
         await engine.close()
-    return {"machine": machine(), "from": args.source, "source_git": src.get("git"), "model": spec.name,
-            "variants": args.variants, "answers": answers}
+    from bench.eval.eval import git_rev
+
+    return {"machine": machine(), "git": git_rev(), "from": args.source, "source_git": src.get("git"),
+            "model": spec.name, "variants": args.variants, "answers": answers}
 
 
 def summary(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
