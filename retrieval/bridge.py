@@ -101,7 +101,10 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     p = max(reversed(around), key=lambda pw: weight_of(np.intersect1d(pw[1], asked)))[0]
     lo, hi = int(starts[p]) - base, int(ends[min(p + span, n_events) - 1]) - base
     most = _most_events(n_events, BRIDGE_RARE * top)  # rare enough: idf >= BRIDGE_RARE of the largest
-    said = (_word_events(w, tokens, starts, ends, vocab, postings, most)
+    if postings is not None and not np.array_equal(starts[1:], ends[:-1]):
+        postings = None  # tokens lie between events: the postings do not see those
+    stream = vocab.stream_ids(np.asarray(tokens)) if postings is None else None  # the one pass, read once
+    said = (_word_events(w, tokens, starts, ends, vocab, postings, most, stream)
             for w in _passage_words(vocab.stream_ids(np.asarray(tokens[lo:hi])), vocab, asked))
     bridge = [e for e in said if e is not None and e.size]  # per bridge word, the events saying it
     if not bridge:
@@ -157,19 +160,27 @@ def _passage_words(ids: np.ndarray, vocab: Vocabulary, asked: np.ndarray) -> lis
 
 
 def _word_events(word: tuple[int, ...], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                 vocab: Vocabulary, postings: WordPostings | None, most: int) -> np.ndarray | None:
+                 vocab: Vocabulary, postings: WordPostings | None, most: int,
+                 stream: np.ndarray | None = None) -> np.ndarray | None:
     """The events (sorted, distinct) saying ``word`` (canonical words of its tokens, as :func:`_passage_words`
     gives them), or None when more than ``most`` do. A word of one token: the events holding the token (as
     the postings count it: a token that starts a word is rarely continued). A word of several tokens:
     where they are said in order as a whole word (not continuing a content token before them, not
-    continued by a joining token), the event of its first token. With ``postings``, only the events
-    holding its rarest token are read (where tokens lie between events, or without them: the stream)."""
+    continued by a joining token), the event of its first token. With ``postings`` (of events that tile the
+    stream), only the events holding its rarest token are read; without them, ``stream`` (the stream's ids as
+    ``Vocabulary.stream_ids`` reads them, computed once by the caller; else here)."""
     n_events, n = int(starts.shape[0]), int(tokens.shape[0])
     base = int(starts[0])
     canon = vocab.canonical
     k = len(word)
     seq = np.asarray(word, np.int64)
-    if postings is not None and np.array_equal(starts[1:], ends[:-1]):
+    if postings is None and stream is None:
+        stream = vocab.stream_ids(np.asarray(tokens))
+
+    def ids(pos: np.ndarray) -> np.ndarray:
+        return stream[pos] if stream is not None else vocab.stream_ids(np.asarray(tokens[pos]))
+
+    if postings is not None:
         found, df = postings.count(seq, n_events)
         if found.size < np.unique(seq).size:
             return None  # a token no event holds
@@ -181,14 +192,11 @@ def _word_events(word: tuple[int, ...], tokens: np.ndarray, starts: np.ndarray, 
             return events
         j = int(np.flatnonzero(seq == rarest)[0])
         at = range_indices(starts[events] - base, ends[events] - base)
-        at = at[canon[vocab.stream_ids(np.asarray(tokens[at]))] == rarest]
+        at = at[canon[ids(at)] == rarest]
     else:
+        assert stream is not None
         j = 0
-        at = np.flatnonzero(canon[vocab.stream_ids(np.asarray(tokens))] == seq[0])
-
-    def ids(pos: np.ndarray) -> np.ndarray:
-        return vocab.stream_ids(np.asarray(tokens[pos]))
-
+        at = np.flatnonzero(canon[stream] == seq[0])
     pos = at - j
     pos = pos[(pos >= 0) & (pos + k <= n)]
     if k > 1:
