@@ -100,17 +100,23 @@ def bridge_hit(question_ids: Sequence[int], tokens: np.ndarray, starts: np.ndarr
     # the first hit's passage: the one its question words weigh most in (ties: the later, at the hit)
     p = max(reversed(around), key=lambda pw: weight_of(np.intersect1d(pw[1], asked)))[0]
     lo, hi = int(starts[p]) - base, int(ends[min(p + span, n_events) - 1]) - base
-    most = _most_events(n_events, BRIDGE_RARE * top)  # rare enough: idf >= BRIDGE_RARE of the largest
-    if postings is not None and not np.array_equal(starts[1:], ends[:-1]):
-        postings = None  # tokens lie between events: the postings do not see those
-    stream = vocab.stream_ids(np.asarray(tokens)) if postings is None else None  # the one pass, read once
-    said = (_word_events(w, tokens, starts, ends, vocab, postings, most, stream)
-            for w in _passage_words(vocab.stream_ids(np.asarray(tokens[lo:hi])), vocab, asked))
-    bridge = [e for e in said if e is not None and e.size]  # per bridge word, the events saying it
+    bridge = _bridge_words(_passage_words(vocab.stream_ids(np.asarray(tokens[lo:hi])), vocab, asked), tokens,
+                           starts, ends, vocab, postings, _most_events(n_events, BRIDGE_RARE * top))
     if not bridge:
         return None
     return _word_passage(bridge, missing_pairs, uw[is_missing], idf[is_missing], n_events, first, spacing, span,
                          int(vocab.canonical.max()) + 1)
+
+
+def _bridge_words(words: list[tuple[int, ...]], tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                  vocab: Vocabulary, postings: WordPostings | None, most: int) -> list[np.ndarray]:
+    """Per word of ``words`` (:func:`_passage_words`) said in ``most`` events or fewer (rare enough: idf >=
+    :data:`BRIDGE_RARE` of the largest), the events saying it (:func:`_word_events`)."""
+    if postings is not None and not np.array_equal(starts[1:], ends[:-1]):
+        postings = None  # tokens lie between events: the postings do not see those
+    stream = vocab.stream_ids(np.asarray(tokens)) if postings is None else None  # the one pass, read once
+    said = (_word_events(w, tokens, starts, ends, vocab, postings, most, stream) for w in words)
+    return [e for e in said if e is not None and e.size]
 
 
 def _word_passage(bridge: list[np.ndarray], missing_pairs: np.ndarray, missing: np.ndarray, missing_idf: np.ndarray,
