@@ -88,7 +88,9 @@ from bench.eval.eval_tasks import (
 
 DEPTHS_11 = [round(0.1 * i, 1) for i in range(11)]
 LABEL_DEPTHS = (0.1, 0.5, 0.9)
-DISK_PER_TOKEN = 42 * 1024  # a session's bytes per token, default model (KV log bf16 + indexes; measured ~40 KiB)
+# A session's bytes per token, default model (KV log bf16 + event table + token graph): the 1M narrative
+# session of recall-1m-emserve.json held 32.5 GB (31 KB per token) with repr_proxy tokens; 40 KiB before it.
+DISK_PER_TOKEN = 32 * 1024
 
 
 def long_stream(corpus: Corpus, tok: Any, model_name: str, length: int, args: argparse.Namespace) -> Haystack:
