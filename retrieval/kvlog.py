@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from emserve.retrieval.errors import LogError
-from emserve.retrieval.mapping import map_array
+from emserve.retrieval.mapping import Mapping, map_file
 
 # name -> (torch dtype, numpy storage dtype of the same width)
 _DTYPES: dict[str, tuple[torch.dtype, type[np.generic]]] = {
@@ -106,7 +106,7 @@ class KVLog:
         self.fsync = fsync
         self._n = 0
         self._appended = 0  # committed length after this writer's last append (detects outside truncation)
-        self._maps: dict[str, tuple[np.ndarray, int]] = {}  # file -> (mapping, rows)
+        self._maps: dict[str, tuple[Mapping, int]] = {}  # file -> (mapping, rows)
         self._fds: dict[str, int] = {}
         if writable:
             self._recover()
@@ -264,15 +264,18 @@ class KVLog:
             view = view[written:]
 
     # ------------------------------------------------------------------ read
-    def _map(self, name: str, dtype: type[np.generic], row: tuple[int, ...]) -> np.ndarray:
+    def _mapping(self, name: str, dtype: type[np.generic], row: tuple[int, ...]) -> Mapping:
         n = self._n  # read once: another thread's refresh() may raise it meanwhile
         held = self._maps.get(name)
         if held is None or held[1] < n:
             if n == 0:
                 raise LogError(f"KV log at {self.path} is empty")
-            held = (map_array(self.path / name, dtype, (n, *row), random=True), n)  # see retrieval.mapping
+            held = (map_file(self.path / name, dtype, (n, *row), random=True), n)  # see retrieval.mapping
             self._maps[name] = held
         return held[0]
+
+    def _map(self, name: str, dtype: type[np.generic], row: tuple[int, ...]) -> np.ndarray:
+        return self._mapping(name, dtype, row).array
 
     def _check(self, start: int, end: int) -> None:
         if not (0 <= start <= end <= self._n):
@@ -313,6 +316,27 @@ class KVLog:
 
     def values(self, layer: int, start: int, end: int) -> torch.Tensor:
         return self._rows(_vfile(layer), start, end)
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]], layers: Sequence[int] | None = None) -> None:
+        """Start reading the keys and values of ``ranges`` in ``layers`` (default: all), and their
+        positions, into the page cache, without waiting. A window's gathers read a few KiB per event
+        and layer from all over the log; past the page cache each fault would read one page and wait
+        for it, so a gather that follows this one finds its pages read or in flight. Ranges outside
+        the committed log are clipped; cached pages cost one lookup per range and file."""
+        n = self.refresh()
+        spans = sorted((max(0, s), min(e, n)) for s, e in ranges if min(e, n) > max(0, s))
+        if not spans:
+            return
+        merged = [spans[0]]
+        for s, e in spans[1:]:
+            if s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        self._mapping(POSITIONS_FILE, np.int32, ()).willneed(merged)
+        for layer in range(self.layout.num_layers) if layers is None else layers:
+            for name in (_kfile(layer), _vfile(layer)):
+                self._mapping(name, self.layout.np_dtype, self.layout.row_shape).willneed(merged)
 
     def gather(self, layer: int, ranges: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenated keys, values and stored positions (int64) of several ranges (copies)."""

@@ -331,6 +331,19 @@ class EMConnector(KVConnectorBase_V1):
             angles[key] = self.rope.angles(delta)
         return self.rope.rotate(k.float(), delta, angles[key]), v
 
+    def _prefetch(self, loads: list[LoadSpec]) -> None:
+        """Ask for every page of the logs this step's loads gather (``KVLog.prefetch``) before the
+        first layer's gather waits on one: the kernel reads them all at once, not a page per fault."""
+        want: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
+        for ld in loads:
+            per_layer = [ld.segments] if ld.layer_segments is None else ld.layer_segments
+            for li, segs in enumerate(per_layer):
+                layer = None if ld.layer_segments is None else li
+                for seg in WindowPlan.segments_from_wire(segs):
+                    want.setdefault((seg.log, layer), []).append((seg.start, seg.end))
+        for (log, layer), ranges in want.items():
+            self._reader(log).prefetch(ranges, None if layer is None else [layer])
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, EMConnectorMetadata)
@@ -338,6 +351,7 @@ class EMConnector(KVConnectorBase_V1):
             return
         for r in self._readers.values():
             r.refresh()
+        self._prefetch(meta.loads)
         angles: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, layer in forward_context.no_compile_layers.items():
             impl = getattr(layer, "impl", None)

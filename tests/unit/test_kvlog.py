@@ -117,3 +117,20 @@ def test_validation_errors(tmp_path: Path) -> None:
     with pytest.raises(LogError, match="dtype"):
         KVLayout(1, 1, 32, "int8")
     assert np.array_equal(KVLog.open(tmp_path).tokens(2, 2), np.zeros(0))
+
+
+def test_prefetch_reads_ahead_and_changes_nothing(tmp_path: Path) -> None:
+    """Prefetching any ranges (outside the log, overlapping, empty, some layers) leaves what a gather
+    reads unchanged."""
+    log = KVLog.create(tmp_path, LAYOUT)
+    ks, vs = _kv(40, 3)
+    log.append(range(40), range(40), ks, vs)
+    r = KVLog.open(tmp_path)
+    r.prefetch([(30, 60), (-5, 3), (2, 9), (5, 12), (20, 20)])
+    r.prefetch([(0, 40)], layers=[2])
+    r.prefetch([])
+    k, v, p = r.gather(2, [(35, 40), (2, 12)])
+    td = LAYOUT.torch_dtype
+    torch.testing.assert_close(k, torch.cat([ks[2][35:40], ks[2][2:12]]).to(td), atol=0, rtol=0)
+    torch.testing.assert_close(v, torch.cat([vs[2][35:40], vs[2][2:12]]).to(td), atol=0, rtol=0)
+    assert p.tolist() == [*range(35, 40), *range(2, 12)]
