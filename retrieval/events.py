@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from emserve.retrieval.errors import EventTableError
-from emserve.retrieval.mapping import map_array
+from emserve.retrieval.mapping import Mapping, map_file
 
 HEADER_FILE = "events.json"
 RECORDS_FILE = "events.i64"
@@ -165,7 +165,7 @@ class EventTable:
         self.fsync = fsync
         # (bounds [capacity, 2], n): rows < n valid; replaced as one pair, after the rows are in place
         self._view: tuple[np.ndarray, int] = (np.zeros((0, 2), np.int64), 0)
-        self._maps: list[tuple[np.ndarray, int] | None] = [None] * len(self.layers)  # (mapping, rows) per slot
+        self._maps: list[tuple[Mapping, int] | None] = [None] * len(self.layers)  # (mapping, rows) per slot
         self._fds: dict[str, int] = {}
         self._capacity = 0
         self._reps_count: int | None = None  # events with rows on disk; None: all of them (no reps.count)
@@ -531,24 +531,48 @@ class EventTable:
 
     def _mapped(self, layer: int) -> np.ndarray:
         """The mapped rows on disk, ``[reps_count, dim]`` float32 (``[reps_count, row_bytes]`` uint8: int8)."""
+        held = self._mapping(layer)
+        if held is None:
+            int8 = self.dtype == "int8"
+            return np.zeros((0, self._row_bytes if int8 else self.dim), np.uint8 if int8 else np.float32)
+        return np.asarray(held.array[:self.reps_count])
+
+    def prefetch(self, layers: Sequence[int], ids: np.ndarray | Sequence[int]) -> None:
+        """Start reading the stored rows of events ``ids`` in ``layers`` into the page cache, without
+        waiting (``Mapping.willneed``): a rescoring's reads of candidates scattered over a long session
+        then find their pages read or in flight, not a page (or a readahead window) per fault. Ids past
+        the stored rows are ignored."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = ids[(ids >= 0) & (ids < self.reps_count)]
+        if ids.size == 0:
+            return
+        brk = np.flatnonzero(np.diff(ids) > 1) + 1  # runs of consecutive events: one span each
+        spans = list(zip(ids[np.r_[0, brk]].tolist(), (ids[np.r_[brk - 1, ids.size - 1]] + 1).tolist(), strict=True))
+        for layer in layers:
+            held = self._mapping(layer)
+            if held is not None:
+                held.willneed(spans)
+
+    def _mapping(self, layer: int) -> Mapping | None:
+        """The mapping of ``layer``'s representatives file, covering at least ``reps_count`` rows (None
+        while there are none)."""
         slot = self._slot.get(layer)
         if slot is None:
             raise EventTableError(f"layer {layer} has no representatives in {self.path} (it stores layers "
                                   f"{_span(self.layers)})")
         n = self.reps_count
-        int8 = self.dtype == "int8"
         if n == 0:
-            return np.zeros((0, self._row_bytes if int8 else self.dim), np.uint8 if int8 else np.float32)
+            return None
         held = self._maps[slot]
         if held is None or held[1] < n:
             path = self.path / self._file(layer)
             rows = os.stat(path).st_size // self._row_bytes
             if rows < n:
                 raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
-            held = (map_array(path, "u1", (rows, self._row_bytes)) if int8
-                    else map_array(path, "<f4", (rows, self.dim)), rows)
+            held = (map_file(path, "u1", (rows, self._row_bytes)) if self.dtype == "int8"
+                    else map_file(path, "<f4", (rows, self.dim)), rows)
             self._maps[slot] = held
-        return np.asarray(held[0][:n])
+        return held[0]
 
     def stored_reps(self, layer: int) -> np.ndarray:
         """float32 ``[reps_count, dim]``: the representatives on disk (as :meth:`reps`)."""

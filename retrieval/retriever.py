@@ -575,6 +575,8 @@ class Retriever:
             return self._token_level_scores(q, ids).mean(axis=0)
         layers = self.score_layers if layer is None else (layer,)
         n = len(self.table) if ids is None else len(ids)
+        if ids is not None and len(layers) > 1:
+            self.table.prefetch(layers, ids)
         total = np.zeros(n, np.float32)
         for lay in layers:
             reps = self.table.reps(lay) if ids is None else self.table.reps_of(lay, ids)
@@ -585,7 +587,10 @@ class Retriever:
                             rows: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """:meth:`token_scores` of the shared selection with the token-level MaxSim, in blocks of events
         (``rows(layer, ids)``: where the rows of ``ids`` come from; the table by default)."""
-        rows = self.table.reps_of if rows is None else rows
+        if rows is None:
+            rows = self.table.reps_of
+            if ids is not None:
+                self.table.prefetch(self.score_layers, ids)
         n = len(self.table) if ids is None else len(ids)
         out = np.empty((q.tokens.shape[0], n), np.float32)
         for a in range(0, n, _TOKEN_LEVEL_BLOCK):

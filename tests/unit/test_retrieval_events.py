@@ -231,3 +231,19 @@ def test_an_int8_table_recovers_a_torn_row_and_refuses_another_dtype(tmp_path):
         EventTable.create(tmp_path / "x", L, D, dtype="int8", groups=3)
     with pytest.raises(EventTableError, match="dtype"):
         EventTable.create(tmp_path / "y", L, D, dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_prefetch_changes_no_read(tmp_path, dtype):
+    """Prefetching any ids (unsorted, repeated, runs, past the stored rows, none) leaves every read as it was."""
+    t = EventTable.create(tmp_path, L, D, dtype=dtype)
+    assert t.reps_count == 0
+    t.prefetch([0, 1], [0, 3])  # nothing stored yet: a no-op
+    bounds = [(10 * i, 10 * i + 7) for i in range(70)]
+    t.append(bounds, _reps(70))
+    ids = np.array([69, 3, 4, 5, 3, 40, 0])
+    before = [t.reps_of(lay, ids) for lay in range(L)]
+    t.prefetch(range(L), np.r_[ids, 70, 500, -1])
+    t.prefetch([1], [])
+    for lay in range(L):
+        np.testing.assert_array_equal(t.reps_of(lay, ids), before[lay])
