@@ -39,6 +39,9 @@ COMMANDS = {
     "eval-128k": ".venv/bin/python -m bench.eval.eval --long-128k",
     "eval-128k-b": ".venv/bin/python -m bench.eval.eval --long-128k --tasks passkey --depths 0.7,0.9 --out eval-128k-b",
     "eval-1m": ".venv/bin/python -m bench.eval.eval --long-1m",
+    "eval-2m": "EMSERVE_MEMORY_TABLE_DTYPE=int8 .venv/bin/python -m bench.eval.eval --long-1m --stream-length 2m "
+               "--stream-source narrative --systems emserve --server-memory 4GiB --server-arg=--kv-cache-gib=0.5 "
+               "--keep --out eval-2m --title '2M-token stream (int8 event table, 4 GiB memory cgroup)'",
     "eval-perf": ".venv/bin/python -m bench.eval.eval --perf",
     "eval-qwen2.5-0.5b": ".venv/bin/python -m bench.eval.eval --full --model qwen2.5-0.5b --lengths 32768",
     "eval-rank-needle-32k": ".venv/bin/python -m bench.eval.eval --lengths 32768 --tasks needle "
