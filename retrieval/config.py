@@ -24,9 +24,10 @@ RANKS: tuple[Rank, ...] = ("mean", "interleave")
 InterleaveStats = Literal["scored", "sample"]
 """Where :func:`~emserve.retrieval.retriever.interleave` takes each query token's score statistics."""
 INTERLEAVE_STATS: tuple[InterleaveStats, ...] = ("scored", "sample")
-TableDtype = Literal["float32", "int8"]
-"""How the event table stores representatives (``events``)."""
-TABLE_DTYPES: tuple[TableDtype, ...] = ("float32", "int8")
+TableDtype = Literal["auto", "float32", "int8"]
+"""How the event table stores representatives (``events``); ``"auto"`` resolves per selection
+(:attr:`RetrievalConfig.table_storage`)."""
+TABLE_DTYPES: tuple[TableDtype, ...] = ("auto", "float32", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +89,12 @@ class RetrievalConfig:
     across the scoring layers (token-level MaxSim; on the CPU one graph over token vectors serves it);
     ``"topk"`` keeps each layer's own largest-norm keys, scored per layer and summed (one graph per
     scoring layer). A session keeps the proxy it was created with."""
-    table_dtype: TableDtype = "float32"
+    table_dtype: TableDtype = "auto"
     """How the event table stores representatives: ``"int8"`` rounds each vector's kv heads to int8 with a
     scale each (0.27x the table's bytes; ``events``, int8 tables), read back as float32. Only a token-level
-    selection (``token_level``: it reads the table in blocks) may use it. A session keeps its table's."""
+    selection (``token_level``: it reads the table in blocks) may use it. ``"auto"`` (the default): int8
+    for a token-level selection, float32 otherwise (:attr:`table_storage`; kept as ``"auto"`` so that
+    changing the proxy changes the storage with it). A session keeps its table's."""
     use_contiguity_buffer: bool = True
     """Add temporal neighbours of similarity hits through a per-layer FIFO buffer."""
     contiguity_buffer_size: float = 0.3
@@ -175,6 +178,14 @@ class RetrievalConfig:
                 f"n_init + n_mem + n_local + exc_block_size + 1 = {need} exceeds max_window {self.max_window}"
             )
         self.index_params()  # validates the index fields
+
+    @property
+    def table_storage(self) -> Literal["float32", "int8"]:
+        """The dtype a new event table stores: ``table_dtype``, with ``"auto"`` resolved (int8 for a
+        token-level selection, float32 for the per-layer scores, which read rows one by one)."""
+        if self.table_dtype == "auto":
+            return "int8" if self.token_level else "float32"
+        return self.table_dtype
 
     @property
     def token_level(self) -> bool:

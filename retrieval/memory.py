@@ -111,7 +111,7 @@ class EpisodicMemory:
         # representatives of the layers retrieval reads only (a shared selection: its scoring layers)
         self.table = EventTable.open_or_create(self.path, layout.num_layers, dim, fsync=fsync, vectors=vectors,
                                                layers=config.indexed_layers(layout.num_layers),
-                                               dtype=config.table_dtype, groups=vectors * heads)
+                                               dtype=config.table_storage, groups=vectors * heads)
         log.refresh()
         if self.table.end_offset > len(log):
             self.table.truncate(self.table.count_ending_by(len(log)))

@@ -157,6 +157,8 @@ class Session:
             raise SessionError(f"session already exists at {p}")
         p.mkdir(parents=True, exist_ok=True)
         cfg = config or MemoryConfig()
+        if cfg.retrieval.table_dtype == "auto":  # saved resolved: the session keeps the table it made
+            cfg = cfg.with_settings(table_dtype=cfg.retrieval.table_storage)
         s = cls(p, engine, cfg, OnlineSegmenter(cfg.segmenter), score_device=score_device)  # binds: validates
         s._save_state()
         return s

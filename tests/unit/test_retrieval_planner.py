@@ -57,7 +57,11 @@ def test_config_defaults_and_validation():
     assert (cfg.n_init, cfg.n_local, cfg.n_mem) == (128, 1024, 1024)  # the product's (EM-LLM: 4096, 2048)
     assert (cfg.exc_block_size, cfg.repr_topk) == (512, 4)
     assert cfg.contiguity_buffer_size == 0.3 and cfg.use_contiguity_buffer and not cfg.per_layer
-    assert cfg.repr_proxy == "tokens" and cfg.token_level and cfg.table_dtype == "float32"
+    assert cfg.repr_proxy == "tokens" and cfg.token_level and cfg.table_dtype == "auto"
+    assert cfg.table_storage == "int8"  # "auto": int8 for the token-level selection, float32 for per-layer scores
+    for per_layer_scores in (dict(repr_proxy="topk"), dict(per_layer=True), dict(repr_topk=1)):
+        assert dataclasses.replace(cfg, **per_layer_scores).table_storage == "float32"
+    assert dataclasses.replace(cfg, table_dtype="float32").table_storage == "float32"
     assert cfg.index_params().m == 16 and cfg.index_params().ef == 64
     with pytest.raises(ConfigError):
         RetrievalConfig(max_window=2048)  # 128 + 1024 + 1024 + 512 + 1 > 2048

@@ -197,7 +197,7 @@ def test_a_session_keeps_its_table_dtype_and_older_ones_open_as_float32(engine: 
     np.testing.assert_array_equal(again.memory.table.reps(0), rows)
     again.close()
 
-    s = Session.create(tmp_path / "f", engine, CFG)
+    s = Session.create(tmp_path / "f", engine, CFG.with_settings(table_dtype="float32"))  # as sessions were then
     asyncio.run(s.append(ids[:200], flush=True))
     s.close()
     state_file = tmp_path / "f" / "session.json"
@@ -210,6 +210,27 @@ def test_a_session_keeps_its_table_dtype_and_older_ones_open_as_float32(engine: 
     old.close()
 
 
+def test_the_default_table_is_int8_for_tokens_and_float32_for_per_layer_scores(engine: ReferenceEngine,
+                                                                               tmp_path: Path) -> None:
+    """``table_dtype="auto"`` (the default) is resolved when a session is created and saved resolved: int8
+    for the token-level selection, float32 for ``topk`` (which refuses int8), so reopening never depends
+    on the rule."""
+    import json
+
+    assert CFG.retrieval.table_dtype == "auto"
+    ids = _ids(300, 3)
+    for name, settings, want in (("t", dict(repr_proxy="tokens"), "int8"), ("k", dict(repr_proxy="topk"), "float32")):
+        s = Session.create(tmp_path / name, engine, CFG.with_settings(**settings))
+        asyncio.run(s.append(ids, flush=True))
+        assert s.memory.table.dtype == want and s.config.retrieval.table_dtype == want
+        s.close()
+        state = json.loads((tmp_path / name / "session.json").read_text())
+        assert state["config"]["retrieval"]["table_dtype"] == want
+        again = Session.open(tmp_path / name, engine)
+        assert again.memory.table.dtype == want
+        again.close()
+
+
 def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEngine, tmp_path: Path) -> None:
     """A session saved today holds its config tree under ``STATE_VERSION``; those written as flat settings
     (layout 2, and 1: no ``"version"``) open with the same config; a newer layout, an unknown or a
@@ -220,25 +241,26 @@ def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEng
     from emserve.server.session import STATE_VERSION, needs_recovery, read_state
 
     d = tmp_path / "s"
-    s = Session.create(d, engine, CFG)
+    cfg = CFG.with_settings(table_dtype="int8")  # as saved: "auto" resolved
+    s = Session.create(d, engine, cfg)
     asyncio.run(s.append(_ids(100, 4), flush=True))
     s.close()
     state_file = d / "session.json"
     state = json.loads(state_file.read_text())
     assert state["version"] == STATE_VERSION == 3
     assert set(state["config"]) == {"segmenter", "retrieval", "question"}
-    bound = CFG.bound(engine.info.max_model_len)
+    bound = cfg.bound(engine.info.max_model_len)
     saved = read_state(d)
     assert saved.version == 3 and saved.config == bound and saved.segmenter["seen"] == 100
 
     def write(st: dict[str, Any]) -> None:
         state_file.write_text(json.dumps(st))
 
-    flat = {**state, "version": 2, "config": CFG.settings()}
+    flat = {**state, "version": 2, "config": cfg.settings()}
     v1 = {k: v for k, v in flat.items() if k != "version"}
     for old, version in ((flat, 2), (v1, 1)):
         write(old)
-        assert read_state(d).version == version and read_state(d).config == CFG
+        assert read_state(d).version == version and read_state(d).config == cfg
         reopened = Session.open(d, engine)
         assert reopened.config == bound
         reopened.close()
@@ -278,7 +300,7 @@ def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine,
     from emserve.server.session.manager import SessionManager
 
     async def run() -> None:
-        mgr = SessionManager(tmp_path / "root", engine, CFG)
+        mgr = SessionManager(tmp_path / "root", engine, CFG.with_settings(table_dtype="float32"))  # as then
         await mgr.create("old")
         async with mgr.lease("old") as entry:
             await entry.session.append(_ids(100, 4), flush=True)
