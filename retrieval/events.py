@@ -36,6 +36,18 @@ Contract
   kept elsewhere (a GPU mirror) holds the same values. Format 3 is refused by builds that know only 1
   and 2.
 
+* **Event-major int8 tables** (format 4, header ``"layout": "event"``; what :meth:`EventTable.create`
+  writes for int8 unless told otherwise): the same rows, all stored layers of an event side by side in
+  one file::
+
+      reps.q8                [capacity] records of: [len(layers)] int8 rows (as above)
+
+  A rescoring reads whole events (every scoring layer of a few thousand candidates scattered over the
+  session): one contiguous record per event instead of a row in each layer's file, so a cold read of a
+  candidate is one run of pages, not ``len(layers)`` scattered pages. A layer's rows are a strided view
+  of the file. Format 3 tables (a file per layer) are still read and written. Format 4 is refused by
+  builds that know only 1 to 3.
+
 * **Representatives are derived data** (a function of the KV log and the event's range). A writer that
   keeps them elsewhere (``append(bounds, None)``: GPU scoring mirrors them in device memory) stores
   only the records; ``reps.count`` then says how many leading events have rows on disk (written once,
@@ -58,7 +70,7 @@ Contract
 * Resident memory: the ``(start, end)`` arrays (16 bytes per event). Representatives stay in the
   memory-mapped files (page cache), read per query.
 * Disk: 16 bytes per event, plus ``len(layers) x dim x 4`` bytes per event with representatives
-  (int8: ``len(layers) x (4 G + dim)``).
+  (int8: ``len(layers) x (4 G + dim)``, with ``dim`` padded to 4 bytes).
 
 Size: one on-disk format (two header versions, the rows kept elsewhere, crash recovery), read and written
 here only; most of the length is its contract and the checks that keep it.
@@ -83,7 +95,11 @@ FORMAT_VERSION = 2
 """Format of a table of a subset of the layers (format 1: every layer, the only one older builds read)."""
 ALL_LAYERS_VERSION = 1
 INT8_VERSION = 3
-"""Format of an int8 table (any layers)."""
+"""Format of an int8 table with a file per layer."""
+EVENT_MAJOR_VERSION = 4
+"""Format of an int8 table with one record per event (every stored layer side by side)."""
+EVENT_MAJOR_FILE = "reps.q8"
+VERSIONS = (ALL_LAYERS_VERSION, FORMAT_VERSION, INT8_VERSION, EVENT_MAJOR_VERSION)
 DTYPES = ("float32", "int8")
 """How a table stores its representatives."""
 _RECORD = 16  # two int64
@@ -146,7 +162,7 @@ class EventTable:
 
     def __init__(self, path: str | os.PathLike[str], num_layers: int, dim: int, *, writable: bool,
                  fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None,
-                 dtype: str = "float32", groups: int = 1) -> None:
+                 dtype: str = "float32", groups: int = 1, event_major: bool = False) -> None:
         self.path = Path(path)
         self.num_layers = num_layers
         self.dim = dim
@@ -161,11 +177,15 @@ class EventTable:
         self.layers: tuple[int, ...] = _stored_layers(num_layers, layers)
         """The layers whose representatives the table stores (ascending)."""
         self._slot = {layer: i for i, layer in enumerate(self.layers)}
+        if event_major and dtype != "int8":
+            raise EventTableError("only an int8 table is stored event-major")
+        self.event_major = event_major
+        """Format 4: one record per event holding every stored layer's row (module docstring)."""
         self.writable = writable
         self.fsync = fsync
         # (bounds [capacity, 2], n): rows < n valid; replaced as one pair, after the rows are in place
         self._view: tuple[np.ndarray, int] = (np.zeros((0, 2), np.int64), 0)
-        self._maps: list[tuple[Mapping, int] | None] = [None] * len(self.layers)  # (mapping, rows) per slot
+        self._maps: dict[str, tuple[Mapping, int]] = {}  # (mapping, rows) per representatives file
         self._fds: dict[str, int] = {}
         self._capacity = 0
         self._reps_count: int | None = None  # events with rows on disk; None: all of them (no reps.count)
@@ -177,9 +197,10 @@ class EventTable:
     @classmethod
     def create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
                fsync: bool = False, vectors: int = 1, layers: Sequence[int] | None = None,
-               dtype: str = "float32", groups: int = 1) -> EventTable:
+               dtype: str = "float32", groups: int = 1, event_major: bool | None = None) -> EventTable:
         """A new table storing the representatives of ``layers`` (None: every layer), as ``dtype``
-        (``"int8"``: in ``groups`` scale groups per row)."""
+        (``"int8"``: in ``groups`` scale groups per row). ``event_major``: one record per event (format
+        4); None: for int8 (format 3, a file per layer, is what older builds wrote)."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         if (p / HEADER_FILE).exists():
@@ -188,17 +209,22 @@ class EventTable:
             raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}, {vectors} vectors")
         _check_dtype(dim, dtype, groups)
         stored = _stored_layers(num_layers, layers)
+        event_major = dtype == "int8" if event_major is None else event_major
+        if event_major and dtype != "int8":
+            raise EventTableError("only an int8 table is stored event-major")
         head: dict[str, object] = {"version": ALL_LAYERS_VERSION, "num_layers": num_layers, "dim": dim,
                                    "vectors": vectors}
         if dtype == "int8":
             head.update(version=INT8_VERSION, layers=list(stored), dtype=dtype, groups=groups)
+            if event_major:
+                head.update(version=EVENT_MAJOR_VERSION, layout="event")
         elif len(stored) < num_layers:
             head.update(version=FORMAT_VERSION, layers=list(stored))
         tmp = p / (HEADER_FILE + ".tmp")
         tmp.write_text(json.dumps(head))
         os.replace(tmp, p / HEADER_FILE)
         return cls(p, num_layers, dim, writable=True, fsync=fsync, vectors=vectors, layers=stored,
-                   dtype=dtype, groups=groups)
+                   dtype=dtype, groups=groups, event_major=event_major)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False, fsync: bool = False) -> EventTable:
@@ -207,15 +233,18 @@ class EventTable:
             head = json.loads((p / HEADER_FILE).read_text())
         except FileNotFoundError:
             raise EventTableError(f"no event table at {p}") from None
-        if head.get("version") not in (ALL_LAYERS_VERSION, FORMAT_VERSION, INT8_VERSION):
-            raise EventTableError(f"event table at {p} has format {head.get('version')}, need "
-                                  f"{ALL_LAYERS_VERSION}, {FORMAT_VERSION} or {INT8_VERSION}")
-        layers = head.get("layers") if head["version"] != ALL_LAYERS_VERSION else None
-        dtype = "int8" if head["version"] == INT8_VERSION else "float32"
-        if head["version"] == INT8_VERSION and head.get("dtype") != "int8":
-            raise EventTableError(f"event table at {p}: format {INT8_VERSION} with dtype {head.get('dtype')!r}")
+        version = head.get("version")
+        if version not in VERSIONS:
+            raise EventTableError(f"event table at {p} has format {version}, need one of {VERSIONS}")
+        layers = head.get("layers") if version != ALL_LAYERS_VERSION else None
+        int8 = version in (INT8_VERSION, EVENT_MAJOR_VERSION)
+        if int8 and head.get("dtype") != "int8":
+            raise EventTableError(f"event table at {p}: format {version} with dtype {head.get('dtype')!r}")
+        if (version == EVENT_MAJOR_VERSION) != (head.get("layout") == "event"):
+            raise EventTableError(f"event table at {p}: format {version} with layout {head.get('layout')!r}")
         return cls(p, int(head["num_layers"]), int(head["dim"]), writable=writable, fsync=fsync,
-                   vectors=int(head.get("vectors", 1)), layers=layers, dtype=dtype, groups=int(head.get("groups", 1)))
+                   vectors=int(head.get("vectors", 1)), layers=layers, dtype="int8" if int8 else "float32",
+                   groups=int(head.get("groups", 1)), event_major=version == EVENT_MAJOR_VERSION)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], num_layers: int, dim: int, *,
@@ -250,8 +279,18 @@ class EventTable:
     def _row_bytes(self) -> int:
         return 4 * self.groups + _pad4(self.dim) if self.dtype == "int8" else self.dim * 4
 
+    @property
+    def _stride(self) -> int:
+        """Bytes per event in a representatives file (every stored layer's row in an event-major one)."""
+        return self._row_bytes * (len(self.layers) if self.event_major else 1)
+
     def _file(self, layer: int) -> str:
-        return _reps_file(layer, self.dtype)
+        return EVENT_MAJOR_FILE if self.event_major else _reps_file(layer, self.dtype)
+
+    @property
+    def _files(self) -> list[str]:
+        """The representatives files, each once."""
+        return [EVENT_MAJOR_FILE] if self.event_major else [self._file(layer) for layer in self.layers]
 
     def _valid_prefix(self, bounds: np.ndarray) -> int:
         """Length of the longest prefix of records that satisfies the table invariants."""
@@ -269,9 +308,9 @@ class EventTable:
         raw = np.fromfile(rec, dtype="<i8", count=(size // _RECORD) * 2) if size else np.zeros(0, np.int64)
         n = self._valid_prefix(raw.reshape(-1, 2))
         stored = saved = self._read_reps_count()
-        for layer in self.layers:
-            f = self.path / self._file(layer)
-            rows = (f.stat().st_size if f.exists() else 0) // self._row_bytes
+        for name in self._files:
+            f = self.path / name
+            rows = (f.stat().st_size if f.exists() else 0) // self._stride
             if stored is None:
                 n = min(n, rows)
             else:  # rows are expected below reps.count only
@@ -288,11 +327,10 @@ class EventTable:
         os.lseek(fd, 0, os.SEEK_END)
         self._fds[RECORDS_FILE] = fd
         self._capacity = max(_MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())
-        for layer in self.layers:
-            name = self._file(layer)
+        for name in self._files:
             fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
-            if os.fstat(fd).st_size < self._capacity * self._row_bytes:
-                os.ftruncate(fd, self._capacity * self._row_bytes)
+            if os.fstat(fd).st_size < self._capacity * self._stride:
+                os.ftruncate(fd, self._capacity * self._stride)
             self._fds[name] = fd
 
     def _read_reps_count(self) -> int | None:
@@ -327,7 +365,7 @@ class EventTable:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._maps = [None] * len(self.layers)
+        self._maps = {}
 
     def __enter__(self) -> EventTable:
         return self
@@ -438,12 +476,16 @@ class EventTable:
         if not np.isfinite(r).all():
             raise EventTableError("representatives contain NaN or inf")
         self._reserve(first + r.shape[0])
-        for i, layer in enumerate(self.layers):
-            data = self._encode(np.ascontiguousarray(r[:, i, :], dtype=np.float32))
-            os.pwrite(self._fds[self._file(layer)], data, first * self._row_bytes)
+        if self.event_major:  # [E, layers, dim] -> E records of every layer's row, one write
+            data = self._encode(np.ascontiguousarray(r, dtype=np.float32).reshape(-1, self.dim))
+            os.pwrite(self._fds[EVENT_MAJOR_FILE], data, first * self._stride)
+        else:
+            for i, layer in enumerate(self.layers):
+                data = self._encode(np.ascontiguousarray(r[:, i, :], dtype=np.float32))
+                os.pwrite(self._fds[self._file(layer)], data, first * self._row_bytes)
         if self.fsync:
-            for layer in self.layers:
-                os.fsync(self._fds[self._file(layer)])
+            for name in self._files:
+                os.fsync(self._fds[name])
 
     def _encode(self, rows: np.ndarray) -> bytes:
         """``rows [n, dim]`` float32 as the file stores them."""
@@ -495,8 +537,8 @@ class EventTable:
         cap = self._capacity
         while cap < n:
             cap *= 2
-        for layer in self.layers:
-            os.ftruncate(self._fds[self._file(layer)], cap * self._row_bytes)
+        for name in self._files:
+            os.ftruncate(self._fds[name], cap * self._stride)
         self._capacity = cap
 
     def truncate(self, n: int) -> None:
@@ -535,7 +577,8 @@ class EventTable:
         if held is None:
             int8 = self.dtype == "int8"
             return np.zeros((0, self._row_bytes if int8 else self.dim), np.uint8 if int8 else np.float32)
-        return np.asarray(held.array[:self.reps_count])
+        rows = held.array[:self.reps_count]
+        return np.asarray(rows[:, self._slot[layer]] if self.event_major else rows)  # a layer: strided
 
     def prefetch(self, layers: Sequence[int], ids: np.ndarray | Sequence[int]) -> None:
         """Start reading the stored rows of events ``ids`` in ``layers`` into the page cache, without
@@ -548,30 +591,35 @@ class EventTable:
             return
         brk = np.flatnonzero(np.diff(ids) > 1) + 1  # runs of consecutive events: one span each
         spans = list(zip(ids[np.r_[0, brk]].tolist(), (ids[np.r_[brk - 1, ids.size - 1]] + 1).tolist(), strict=True))
-        for layer in layers:
+        for layer in {self._file(lay): lay for lay in layers}.values():  # each file once
             held = self._mapping(layer)
             if held is not None:
                 held.willneed(spans)
 
     def _mapping(self, layer: int) -> Mapping | None:
-        """The mapping of ``layer``'s representatives file, covering at least ``reps_count`` rows (None
-        while there are none)."""
-        slot = self._slot.get(layer)
-        if slot is None:
+        """The mapping of ``layer``'s representatives file, covering at least ``reps_count`` events (None
+        while there are none): ``[rows, dim]`` float32, ``[rows, row_bytes]`` uint8 (int8), or
+        ``[rows, len(layers), row_bytes]`` (event-major)."""
+        if layer not in self._slot:
             raise EventTableError(f"layer {layer} has no representatives in {self.path} (it stores layers "
                                   f"{_span(self.layers)})")
         n = self.reps_count
         if n == 0:
             return None
-        held = self._maps[slot]
+        name = self._file(layer)
+        held = self._maps.get(name)
         if held is None or held[1] < n:
-            path = self.path / self._file(layer)
-            rows = os.stat(path).st_size // self._row_bytes
+            path = self.path / name
+            rows = os.stat(path).st_size // self._stride
             if rows < n:
                 raise EventTableError(f"{path} holds {rows} rows, table has {n} events")
-            held = (map_file(path, "u1", (rows, self._row_bytes)) if self.dtype == "int8"
-                    else map_file(path, "<f4", (rows, self.dim)), rows)
-            self._maps[slot] = held
+            if self.event_major:
+                held = (map_file(path, "u1", (rows, len(self.layers), self._row_bytes)), rows)
+            elif self.dtype == "int8":
+                held = (map_file(path, "u1", (rows, self._row_bytes)), rows)
+            else:
+                held = (map_file(path, "<f4", (rows, self.dim)), rows)
+            self._maps[name] = held
         return held[0]
 
     def stored_reps(self, layer: int) -> np.ndarray:
@@ -590,6 +638,6 @@ class EventTable:
         return self._decode(self._mapped(layer)[np.asarray(ids, dtype=np.int64)])
 
     def disk_bytes(self) -> int:
-        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE] + [self._file(i) for i in self.layers]
+        names = [HEADER_FILE, RECORDS_FILE, REPS_COUNT_FILE, *self._files]
         # allocated blocks, not apparent size: representative files are preallocated sparsely
         return sum((self.path / n).stat().st_blocks * 512 for n in names if (self.path / n).exists())

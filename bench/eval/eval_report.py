@@ -42,6 +42,9 @@ COMMANDS = {
     "eval-2m": "EMSERVE_MEMORY_TABLE_DTYPE=int8 .venv/bin/python -m bench.eval.eval --long-1m --stream-length 2m "
                "--stream-source narrative --systems emserve --server-memory 4GiB --server-arg=--kv-cache-gib=0.5 "
                "--keep --out eval-2m --title '2M-token stream (int8 event table, 4 GiB memory cgroup)'",
+    "eval-2m-format4": ".venv/bin/python -m bench.eval.eval --long-1m --stream-length 2m --stream-source narrative "
+                       "--systems emserve --server-memory 4GiB --server-arg=--kv-cache-gib=0.5 --keep "
+                       "--out eval-2m-format4 --title '2M-token stream (int8 table, a record per event, 4 GiB cgroup)'",
     "eval-perf": ".venv/bin/python -m bench.eval.eval --perf",
     "eval-qwen2.5-0.5b": ".venv/bin/python -m bench.eval.eval --full --model qwen2.5-0.5b --lengths 32768",
     "eval-rank-needle-32k": ".venv/bin/python -m bench.eval.eval --lengths 32768 --tasks needle "
@@ -312,14 +315,17 @@ def _acc(runs: dict[str, dict[str, Any]], model: str, tasks: Sequence[str], **wh
 
 
 def _longest_stream(runs: dict[str, dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
-    """The emserve stream that reached the most tokens (its run's name), among those with a 16k point."""
+    """The emserve stream that reached the most tokens (its run's name), among those with a 16k point; of
+    streams as long, the latest run's (``machine.time``)."""
     best: tuple[dict[str, Any] | None, str] = (None, "")
+    best_key: tuple[int, str] = (-1, "")
     for name, r in runs.items():
         for st in r.get("streams", []):
             if st["system"] != "emserve" or not any(p["tokens"] == 16384 for p in st["points"]):
                 continue
-            if best[0] is None or st["points"][-1]["tokens"] > best[0]["points"][-1]["tokens"]:
-                best = (st, name)
+            key = (st["points"][-1]["tokens"], str(r.get("machine", {}).get("time", "")))
+            if best[0] is None or key > best_key:
+                best, best_key = (st, name), key
     return best
 
 

@@ -42,3 +42,13 @@ def test_a_stream_short_of_2m_judges_nothing(er) -> None:  # type: ignore[no-unt
     assert [r[2] for r in rows[:3]] == ["not measured"] * 3
     assert "2M not reached" in rows[0][1]
     assert [r[2] for r in er.goals({})[:3]] == ["not measured"] * 3
+
+
+def test_of_two_streams_as_long_the_latest_run_is_judged(er) -> None:  # type: ignore[no-untyped-def]
+    old = {**_run(_point(16384, 700, [0.2], 3.0), _point(1 << 21, 300, [0.2], 3.2)),
+           "machine": {"time": "2026-12-07T08:02:08+0000"}}
+    new = {**_run(_point(16384, 700, [0.2], 3.0), _point(1 << 21, 600, [0.2], 3.2)),
+           "machine": {"time": "2026-12-07T12:00:00+0000"}}
+    for runs in ({"a": old, "b": new}, {"b": new, "a": old}):  # whatever the order the runs are read in
+        ingest = {r[0]: r for r in er.goals(runs)}["ingest tok/s at 2M >= 0.8x at 16k"]
+        assert ingest[2] == "met" and "600 vs 700" in ingest[1] and "(b)" in ingest[1]

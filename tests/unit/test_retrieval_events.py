@@ -163,14 +163,17 @@ def test_a_table_of_every_layer_stays_format_1_and_serves_a_subset(tmp_path):
         EventTable.create(tmp_path / "x", 3, D, layers=[3])
 
 
-def test_an_int8_table_rounds_each_group_and_reads_float32_back(tmp_path):
+@pytest.mark.parametrize("event_major", [True, False])
+def test_an_int8_table_rounds_each_group_and_reads_float32_back(tmp_path, event_major):
     """int8 rows: a scale per group (``max |x| / 127``), each value within half a step of the original and
     the largest of a group exact; every read path (reps, rows, reps_of, stored_rows) gives the same floats,
-    which are :meth:`quantized`'s; the header is format 3; a reopen and recovery read the same."""
+    which are :meth:`quantized`'s; the header is format 4 (one record per event, the default) or 3 (a file
+    per layer, as older builds wrote); a reopen and recovery read the same."""
     g = 2  # groups of D // g = 4 values
-    t = EventTable.create(tmp_path, L, D, layers=[0, 2], dtype="int8", groups=g)
+    t = EventTable.create(tmp_path, L, D, layers=[0, 2], dtype="int8", groups=g, event_major=event_major)
     head = json.loads((tmp_path / HEADER_FILE).read_text())
-    assert (head["version"], head["dtype"], head["groups"], head["layers"]) == (3, "int8", g, [0, 2])
+    version = 4 if event_major else 3
+    assert (head["version"], head["dtype"], head["groups"], head["layers"]) == (version, "int8", g, [0, 2])
     reps = np.random.default_rng(1).standard_normal((70, 2, D)).astype(np.float32) * 3
     reps[5, 1, :4] = 0.0  # an all-zero group
     bounds = [(10 * i, 10 * i + 7) for i in range(70)]  # 70 > the initial capacity: the files grow
@@ -192,10 +195,11 @@ def test_an_int8_table_rounds_each_group_and_reads_float32_back(tmp_path):
     np.testing.assert_array_equal(t.reps_of(2, [69, 3]), got[[69, 3]])
     with pytest.raises(EventTableError, match="outside"):
         t.stored_rows(0, 60, 71)
-    assert sorted(f.name for f in tmp_path.glob("reps_*")) == ["reps_000.q8", "reps_002.q8"]
+    files = ["reps.q8"] if event_major else ["reps_000.q8", "reps_002.q8"]
+    assert sorted(f.name for f in tmp_path.glob("reps*")) == files
     t.close()
     r = EventTable.open(tmp_path, writable=True)
-    assert (r.dtype, r.groups, len(r)) == ("int8", g, 70)
+    assert (r.dtype, r.groups, len(r), r.event_major) == ("int8", g, 70, event_major)
     np.testing.assert_array_equal(r.reps(2), got)
     r.append([(700, 703)], reps[:1])
     np.testing.assert_array_equal(r.rows(0, 70, 71), t.quantized(reps[:1, 0]))
@@ -213,14 +217,19 @@ def test_an_int8_table_is_about_a_quarter_of_float32_on_disk(tmp_path):
     assert 0.26 < sizes["int8"] / sizes["float32"] < 0.28  # (4 x 12 + 768) / (4 x 768) = 0.266 + the records
 
 
-def test_an_int8_table_recovers_a_torn_row_and_refuses_another_dtype(tmp_path):
-    t = EventTable.create(tmp_path, L, D, dtype="int8", groups=2)
+@pytest.mark.parametrize("event_major", [True, False])
+def test_an_int8_table_recovers_a_torn_row_and_refuses_another_dtype(tmp_path, event_major):
+    t = EventTable.create(tmp_path, L, D, dtype="int8", groups=2, event_major=event_major)
     reps = _reps(3)
     t.append([(0, 5), (5, 9)], reps[:2])
     t.close()
     with open(tmp_path / RECORDS_FILE, "ab") as f:
         f.write(np.array([9, 12], "<i8").tobytes())
-    os.truncate(tmp_path / "reps_001.q8", 2 * (4 * 2 + D))  # layer 1's third row never reached its file
+    row = 4 * 2 + D
+    if event_major:  # the third record's first two layers reached the file, its last did not
+        os.truncate(tmp_path / "reps.q8", 2 * L * row + 2 * row)
+    else:
+        os.truncate(tmp_path / "reps_001.q8", 2 * row)  # layer 1's third row never reached its file
     w = EventTable.open(tmp_path, writable=True)
     assert len(w) == 2
     np.testing.assert_array_equal(w.reps(1), w.quantized(reps[:2, 1]))
@@ -231,12 +240,34 @@ def test_an_int8_table_recovers_a_torn_row_and_refuses_another_dtype(tmp_path):
         EventTable.create(tmp_path / "x", L, D, dtype="int8", groups=3)
     with pytest.raises(EventTableError, match="dtype"):
         EventTable.create(tmp_path / "y", L, D, dtype="float16")
+    with pytest.raises(EventTableError, match="event-major"):
+        EventTable.create(tmp_path / "z", L, D, event_major=True)  # float32 tables stay a file per layer
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_prefetch_changes_no_read(tmp_path, dtype):
+def test_an_event_major_record_holds_every_layer_side_by_side(tmp_path):
+    """Format 4 stores event i's rows of every stored layer as one record, in the order of the layers, each
+    row as format 3 stores it; a reader of either layout gets the same floats."""
+    g, layers = 2, [0, 2]
+    reps = np.random.default_rng(3).standard_normal((9, 2, D)).astype(np.float32)
+    bounds = [(5 * i, 5 * i + 4) for i in range(9)]
+    em = EventTable.create(tmp_path / "em", L, D, layers=layers, dtype="int8", groups=g)
+    pl = EventTable.create(tmp_path / "pl", L, D, layers=layers, dtype="int8", groups=g, event_major=False)
+    for t in (em, pl):
+        t.append(bounds, reps)
+    row = 4 * g + D
+    raw = np.fromfile(tmp_path / "em" / "reps.q8", np.uint8)[: 9 * 2 * row].reshape(9, 2, row)
+    for slot, layer in enumerate(layers):
+        own = np.fromfile(tmp_path / "pl" / f"reps_{layer:03d}.q8", np.uint8)[: 9 * row].reshape(9, row)
+        np.testing.assert_array_equal(raw[:, slot], own)
+        np.testing.assert_array_equal(em.reps(layer), pl.reps(layer))
+        np.testing.assert_array_equal(em.reps_of(layer, [8, 0, 4]), pl.reps_of(layer, [8, 0, 4]))
+    assert abs(em.disk_bytes() - pl.disk_bytes()) <= 2 * 4096  # the same rows; files round to blocks
+
+
+@pytest.mark.parametrize(("dtype", "event_major"), [("float32", False), ("int8", False), ("int8", True)])
+def test_prefetch_changes_no_read(tmp_path, dtype, event_major):
     """Prefetching any ids (unsorted, repeated, runs, past the stored rows, none) leaves every read as it was."""
-    t = EventTable.create(tmp_path, L, D, dtype=dtype)
+    t = EventTable.create(tmp_path, L, D, dtype=dtype, event_major=event_major)
     assert t.reps_count == 0
     t.prefetch([0, 1], [0, 3])  # nothing stored yet: a no-op
     bounds = [(10 * i, 10 * i + 7) for i in range(70)]

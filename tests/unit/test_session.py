@@ -187,7 +187,7 @@ def test_a_session_keeps_its_table_dtype_and_older_ones_open_as_float32(engine: 
     s = Session.create(tmp_path / "q", engine, CFG.with_settings(repr_proxy="tokens", table_dtype="int8"))
     asyncio.run(s.append(ids, flush=True))
     assert s.memory.table.dtype == "int8" and len(s.memory.table) > 10
-    assert list((tmp_path / "q").rglob("reps_*.q8")) and not list((tmp_path / "q").rglob("reps_*.f32"))
+    assert list((tmp_path / "q").rglob("reps.q8")) and not list((tmp_path / "q").rglob("reps_*"))  # format 4
     rows = s.memory.table.reps(0).copy()
     s.close()
     state = json.loads((tmp_path / "q" / "session.json").read_text())
