@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         build(f, args.events, em, args.seed).close()
         print(f"built the {name}-major table of {args.events} events in {time.perf_counter() - t0:.0f} s", flush=True)
-    sizes = {name: EventTable.open(f).disk_bytes() for name, f in folders.items()}
+    sizes = {}
+    for name, f in folders.items():
+        with EventTable.open(f) as t:
+            sizes[name] = t.disk_bytes()
     rng = np.random.default_rng(args.seed + 1)
     trials: list[dict[str, Any]] = []
     for i in range(args.trials):
