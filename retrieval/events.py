@@ -144,11 +144,13 @@ def _stored_layers(num_layers: int, layers: Sequence[int] | None) -> tuple[int, 
     return out
 
 
-def _check_dtype(dim: int, dtype: str, groups: int) -> None:
+def _check_dtype(dim: int, dtype: str, groups: int, event_major: bool = False) -> None:
     if dtype not in DTYPES:
         raise EventTableError(f"table dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "int8" and (groups < 1 or dim % groups):
         raise EventTableError(f"an int8 row of {dim} values cannot have {groups} scale groups")
+    if event_major and dtype != "int8":
+        raise EventTableError("only an int8 table is stored event-major")
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -169,7 +171,7 @@ class EventTable:
         self.vectors = vectors
         if vectors < 1 or dim % vectors:
             raise EventTableError(f"row width {dim} is not a multiple of {vectors} vectors")
-        _check_dtype(dim, dtype, groups)
+        _check_dtype(dim, dtype, groups, event_major)
         self.dtype = dtype
         """``"float32"`` or ``"int8"`` (module docstring)."""
         self.groups = groups if dtype == "int8" else 1
@@ -177,8 +179,6 @@ class EventTable:
         self.layers: tuple[int, ...] = _stored_layers(num_layers, layers)
         """The layers whose representatives the table stores (ascending)."""
         self._slot = {layer: i for i, layer in enumerate(self.layers)}
-        if event_major and dtype != "int8":
-            raise EventTableError("only an int8 table is stored event-major")
         self.event_major = event_major
         """Format 4: one record per event holding every stored layer's row (module docstring)."""
         self.writable = writable
@@ -207,11 +207,9 @@ class EventTable:
             raise EventTableError(f"an event table already exists at {p}")
         if num_layers <= 0 or dim <= 0 or vectors < 1 or dim % vectors:
             raise EventTableError(f"bad event table shape: {num_layers} layers, dim {dim}, {vectors} vectors")
-        _check_dtype(dim, dtype, groups)
-        stored = _stored_layers(num_layers, layers)
         event_major = dtype == "int8" if event_major is None else event_major
-        if event_major and dtype != "int8":
-            raise EventTableError("only an int8 table is stored event-major")
+        _check_dtype(dim, dtype, groups, event_major)
+        stored = _stored_layers(num_layers, layers)
         head: dict[str, object] = {"version": ALL_LAYERS_VERSION, "num_layers": num_layers, "dim": dim,
                                    "vectors": vectors}
         if dtype == "int8":
