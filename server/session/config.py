@@ -9,11 +9,14 @@ The tree has three parts, each the config of the code that uses it:
 * ``question``: :class:`QuestionRules` (a question's query tokens, lexical rules and answer start; only a
   session has them).
 
-Every default is defined once, in its part's class. The session's tree differs from those defaults in two
+Every default is defined once, in its part's class. The session's tree differs from those defaults in three
 places only: ``segmenter.close_lag`` (events close as soon as their boundaries are final, so that a
 question with a short local window can retrieve the recent ones; ingestion steps still retrieve only
-events that have left their local window) and ``retrieval.max_window`` (the model's context, set when a
-session binds the config to its engine: :meth:`MemoryConfig.bound`).
+events that have left their local window), ``segmenter.max_event_span`` (``max_block_size``: a stretch with
+no surprise boundary is cut every ``max_block_size`` tokens as it is read, not once 512 tokens have passed,
+so the tokens in no event yet, which a question reads whole, stay few; see :func:`_session_segmenter`)
+and ``retrieval.max_window`` (the model's context, set when a session binds the config to its engine:
+:meth:`MemoryConfig.bound`).
 
 The flat names (``n_local``, ``question_copy``, ...) are the public vocabulary: the proto's
 ``MemoryConfig`` fields, ``EMSERVE_MEMORY_<NAME>``, the benchmarks' overrides and the ``session.json`` of
@@ -90,10 +93,11 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
     "n_init": (("retrieval", "n_init"), ("segmenter", "n_init")),
     "n_local": (("retrieval", "n_local"), ("segmenter", "n_local")),
     **{n: _places("retrieval", n) for n in ("n_mem", "exc_block_size")},
-    # event boundaries; an event closes as soon as its boundaries are final
+    # event boundaries; an event closes as soon as its boundaries are final, and a stretch with no surprise
+    # boundary is cut every max_block_size tokens as it is read
     "min_block_size": (("segmenter", "min_block_size"), ("segmenter", "close_lag")),
-    **{n: _places("segmenter", n) for n in ("max_block_size", "surprisal_threshold_gamma", "similarity_metric",
-                                            "splitter")},
+    "max_block_size": (("segmenter", "max_block_size"), ("segmenter", "max_event_span")),
+    **{n: _places("segmenter", n) for n in ("surprisal_threshold_gamma", "similarity_metric", "splitter")},
     # scoring and selection
     **{n: _places("retrieval", n) for n in ("repr_topk", "repr_proxy", "table_dtype", "use_contiguity_buffer",
                                             "contiguity_buffer_size", "per_layer", "shared_score_layers",
@@ -110,8 +114,20 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 def _session_segmenter() -> SegmenterConfig:
+    """The segmenter's defaults with a session's close lag (``min_block_size``) and event span
+    (``max_block_size``).
+
+    A question's window reads whole the tokens between the last closed event and its local window (the
+    remainder, ``retrieval/planner.py``): they are in no event yet, so nothing else can bring them. In
+    prose that is a few tokens (a surprise boundary every ~10-30); in a stretch with none (filler, a
+    repeated log line) an event waits for a forced boundary, up to ``1.5 * max_event_span`` tokens, and
+    with EM-LLM's 512 a question read up to ~700 tokens of it between the asked fact and itself
+    (SmolLM2-135M then restates the question instead of answering: ``docs/recall.md``, rule 18). The same
+    stretch is cut into ``max_block_size`` pieces anyway (``split_even``); with the span at that size
+    the cuts are made as it is read."""
     retrieval, segmenter = RetrievalConfig(), SegmenterConfig()
-    return SegmenterConfig(n_init=retrieval.n_init, n_local=retrieval.n_local, close_lag=segmenter.min_block_size)
+    return SegmenterConfig(n_init=retrieval.n_init, n_local=retrieval.n_local, close_lag=segmenter.min_block_size,
+                           max_event_span=segmenter.max_block_size)
 
 
 PARTS: dict[str, type] = {"segmenter": SegmenterConfig, "retrieval": RetrievalConfig, "question": QuestionRules}
@@ -193,7 +209,8 @@ class MemoryConfig:
           was saved and takes the value it ran with (:data:`ADDED_TO_TREE`).
         * Layouts 1 and 2: the flat settings. A setting the file lacks was added after the session was
           created and takes the value the session ran with (:data:`SAVED_BEFORE`), not today's default;
-          the fields no flat name sets take their defaults, as they did then.
+          the fields no flat name sets take their defaults, as they did then, but those whose default
+          has changed since (:data:`FLAT_SEGMENTER`).
 
         Raises :class:`ConfigError` naming a field this code does not know (a damaged file, or one a
         newer emserve wrote), or one missing that those tables do not name."""
@@ -220,7 +237,8 @@ class MemoryConfig:
         missing = sorted(set(SETTINGS) - set(saved) - set(SAVED_BEFORE))
         if missing:
             raise ConfigError(f"memory setting(s) {', '.join(missing)} missing")
-        return cls.of(**{**SAVED_BEFORE, **saved})
+        cfg = cls.of(**{**SAVED_BEFORE, **saved})
+        return dataclasses.replace(cfg, segmenter=dataclasses.replace(cfg.segmenter, **FLAT_SEGMENTER))
 
 
 SAVED_BEFORE: dict[str, Any] = {
@@ -239,6 +257,10 @@ SAVED_BEFORE: dict[str, Any] = {
 }
 """Values of the flat settings added after the first sessions were saved, as those sessions behave
 (:meth:`MemoryConfig.from_saved`, layouts 1 and 2)."""
+
+FLAT_SEGMENTER: dict[str, Any] = {"max_event_span": 512}
+"""Segmenter fields no flat name sets whose session default changed after layouts 1 and 2, as those
+sessions ran (:meth:`MemoryConfig.from_saved`): their pending events keep the span they were cut with."""
 
 ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"}}
 """Per part, the values of the fields added after layout 3 (``session.json`` holding the tree) as the

@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from emserve.api.v1 import emserve_pb2 as pb
 from emserve.retrieval.config import RetrievalConfig
 from emserve.retrieval.errors import ConfigError
-from emserve.segmenter import SegmenterConfig
+from emserve.segmenter import OnlineSegmenter, SegmenterConfig
 from emserve.server.config import build_config
 from emserve.server.rpc.service import memory_to_pb
 from emserve.server.session import SETTINGS, MemoryConfig, QuestionRules
@@ -24,16 +26,41 @@ def _changed(part: object, cls: type) -> set[str]:
 
 def test_the_tree_is_the_libraries_defaults() -> None:
     """The session's parts differ from their classes' defaults only in what the session decides: the
-    close lag (events close as soon as their boundaries are final); the model's window is set when a
-    session binds the config (``bound``)."""
+    close lag (events close as soon as their boundaries are final) and the event span (a stretch with no
+    surprise boundary is cut every ``max_block_size`` tokens as it is read); the model's window is set
+    when a session binds the config (``bound``)."""
     cfg = MemoryConfig()
-    assert _changed(cfg.segmenter, SegmenterConfig) == {"close_lag"}
+    assert _changed(cfg.segmenter, SegmenterConfig) == {"close_lag", "max_event_span"}
     assert cfg.segmenter.close_lag == SegmenterConfig().min_block_size
+    assert cfg.segmenter.max_event_span == SegmenterConfig().max_block_size
     assert _changed(cfg.retrieval, RetrievalConfig) == set() and cfg.retrieval.max_window is None
     assert cfg.question == QuestionRules()
     assert cfg.bound(8192).retrieval.max_window == 8192
     for name in ("n_init", "n_local"):  # one setting, two libraries
         assert getattr(SegmenterConfig(), name) == getattr(RetrievalConfig(), name), name
+
+
+def _most_pending(cfg: SegmenterConfig, n: int, step: int) -> int:
+    """The most tokens in no closed event after any step of a stream with no surprise boundary."""
+    seg = OnlineSegmenter(cfg)
+    keys = torch.randn(2, n, 3, 8, generator=torch.Generator().manual_seed(0))
+    most = 0
+    for a in range(0, n, step):
+        seg.feed(np.zeros(min(step, n - a)), lambda s, e: keys[:, s:e])
+        most = max(most, seg.tokens_seen - seg.closed_until)
+    return most
+
+
+def test_a_quiet_stretch_leaves_few_tokens_in_no_event() -> None:
+    """A session cuts a stretch with no surprise boundary every ``max_block_size`` tokens as it is read, so
+    after any ingestion step at most ``1.5 * max_block_size + close_lag`` tokens are in no event (a
+    question's remainder, which it reads whole); with EM-LLM's span of 512 that was up to ~780."""
+    cfg = MemoryConfig().segmenter
+    bound = 3 * cfg.max_block_size // 2 + cfg.lag
+    assert _most_pending(cfg, 4096, 512) <= bound
+    assert _most_pending(dataclasses.replace(cfg, max_event_span=512), 4096, 512) > bound
+    small = MemoryConfig.of(max_block_size=32, min_block_size=4).segmenter  # the flat name sets the span
+    assert small.max_event_span == 32 and _most_pending(small, 1024, 64) <= 3 * 32 // 2 + 4
 
 
 def test_every_flat_setting_names_one_place_and_every_place_is_named_once() -> None:

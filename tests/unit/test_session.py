@@ -18,6 +18,7 @@ from emserve.retrieval.kvlog import KVLog
 from emserve.server.engine.base import Engine, SamplingSpec, StepOptions
 from emserve.server.engine.reference import ReferenceEngine
 from emserve.server.session import MemoryConfig, Session, SessionError
+from emserve.server.session.config import FLAT_SEGMENTER
 
 CFG = MemoryConfig.of(
     n_init=16,
@@ -33,6 +34,12 @@ CFG = MemoryConfig.of(
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> ReferenceEngine:
     return ReferenceEngine(str(tiny_model_dir), dtype="float32", log_dtype="float32", max_model_len=1024)
+
+
+def _as_then(cfg: MemoryConfig) -> MemoryConfig:
+    """``cfg`` as a session saved in layout 1 or 2 ran it (:data:`FLAT_SEGMENTER`): what a test that rewrites
+    a new session's file in an old layout must create it with."""
+    return dataclasses.replace(cfg, segmenter=dataclasses.replace(cfg.segmenter, **FLAT_SEGMENTER))
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -158,7 +165,7 @@ def test_a_kill_between_a_steps_query_statistics_and_its_surprise_changes_nothin
 def test_sessions_saved_before_question_rank_keep_the_mean_ranking(engine: ReferenceEngine, tmp_path: Path) -> None:
     import json
 
-    s = Session.create(tmp_path / "s", engine, CFG)
+    s = Session.create(tmp_path / "s", engine, _as_then(CFG))
     asyncio.run(s.append(_ids(100, 4), flush=True))
     s.close()
     state_file = tmp_path / "s" / "session.json"
@@ -241,7 +248,7 @@ def test_session_json_is_versioned_and_read_by_one_function(engine: ReferenceEng
     from emserve.server.session import STATE_VERSION, needs_recovery, read_state
 
     d = tmp_path / "s"
-    cfg = CFG.with_settings(table_dtype="int8")  # as saved: "auto" resolved
+    cfg = _as_then(CFG.with_settings(table_dtype="int8"))  # as saved: "auto" resolved
     s = Session.create(d, engine, cfg)
     asyncio.run(s.append(_ids(100, 4), flush=True))
     s.close()
@@ -300,7 +307,7 @@ def test_session_info_reports_what_a_saved_session_uses(engine: ReferenceEngine,
     from emserve.server.session.manager import SessionManager
 
     async def run() -> None:
-        mgr = SessionManager(tmp_path / "root", engine, CFG.with_settings(table_dtype="float32"))  # as then
+        mgr = SessionManager(tmp_path / "root", engine, _as_then(CFG.with_settings(table_dtype="float32")))
         await mgr.create("old")
         async with mgr.lease("old") as entry:
             await entry.session.append(_ids(100, 4), flush=True)
