@@ -78,9 +78,10 @@ class RetrievalConfig:
     """A question's sink: the first ``question_n_init`` tokens of the stream (at most ``n_init``; the
     tokens between it and ``n_init`` are then out of the question's window). None: ``n_init`` (EM-LLM)."""
     question_memory_last: bool = False
-    """A question's window puts the retrieved events after the local window, right before the question:
-    ``[ sink | remainder + local + last token | retrieved events ] + question`` (no anchor: a question
-    needs no surprise). False: the ingestion order (retrieved events before the remainder)."""
+    """A question's window puts the retrieved events after the local window, before the stream's last
+    token (the anchor) and the question: ``[ sink | remainder + local | retrieved events | last token ] +
+    question`` (a question's first tokens may need their surprise: ``question_copy``). False: the
+    ingestion order (retrieved events before the remainder)."""
     repr_topk: int = 4
     """Keys per event: kept as separate vectors (``"topk"``) or averaged (EM-LLM, attention top-k)."""
     repr_proxy: ReprProxy = "tokens"

@@ -203,8 +203,7 @@ class WindowPlanner:
                                           first=lead if question else (), joint=lead_joint)
             self.last_retrieval = res
             if question and cfg.question_memory_last:
-                fixed_head, fixed_tail = fixed_head + fixed_tail + [(lay.local[1], offset)], []
-                anchor = None
+                fixed_head, fixed_tail = fixed_head + fixed_tail, []
             first = res.layers[0].ranges
             if res.shared or all(sel.ranges == first for sel in res.layers[1:]):
                 segments = _merge(fixed_head + first + fixed_tail, self.log)

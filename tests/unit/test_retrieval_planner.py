@@ -274,8 +274,9 @@ def test_question_window_keeps_the_last_question_n_local_tokens_and_its_own_budg
 
 
 def test_question_memory_last_puts_retrieved_events_right_before_the_question(events):
-    """Same retrieval, other order: [sink | remainder + local + last token | retrieved] + question, no
-    anchor, the same window length; ingestion steps keep their order."""
+    """Same retrieval, other order: [sink | remainder + local | retrieved | last token] + question, the
+    same anchor (a copied first word's surprise needs it) and window length; ingestion steps keep their
+    order."""
     q = np.random.default_rng(3).standard_normal((L, D)).astype(np.float32)
     offset = 3000
     base = small(per_layer=False, question_n_local=8, question_n_mem=20, use_contiguity_buffer=False)
@@ -283,11 +284,12 @@ def test_question_memory_last_puts_retrieved_events_right_before_the_question(ev
     p = planner(events, dataclasses.replace(base, question_memory_last=True))
     b = p.plan_step(offset, [1] * 5, q, question=True)
     retrieved = [(e.start, e.end) for e in p.last_retrieval.layers[0].events]
-    assert b.anchor is None and a.anchor is not None and b.window_len == a.window_len
+    assert b.anchor == a.anchor and b.anchor is not None and b.anchor.index == offset - 1
+    assert b.window_len == a.window_len
     segs = [(s.start, s.end) for s in b.segments]
     assert segs[0] == (0, 16)
     lay = p.layout(offset, 5, question=True)
-    assert segs[1] == (lay.remainder[0], offset)  # remainder, local window and the last token, merged
+    assert segs[1] == (lay.remainder[0], offset - 1)  # remainder and local window, merged
     tail = segs[2:]
     flat = [t for s, e in tail for t in range(s, e)]
     assert flat == [t for s, e in retrieved for t in range(s, e)] and len(flat) == 20

@@ -903,6 +903,11 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
     s.config = s.config.with_settings(question_copy=3)
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
+    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1e-30)  # retrieved events last: the copy is checked alike
+    s.config = s.config.with_settings(question_memory_last=True)  # (it needs the anchor: was a PlanError)
+    s.memory.planner.config = s.config.retrieval
+    last = asyncio.run(s.ask(question, greedy))
+    assert plans[-1].segments[-1].end != plans[-1].anchor.index and last.token_ids[: len(word)] == word
     s.close()
 
 
