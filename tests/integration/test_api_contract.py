@@ -770,10 +770,16 @@ def test_list_events_and_surprise_describe_the_same_memory(stub: pb_grpc.Session
     assert details(err)["BadRequest"].field_violations[0].field == "end"
 
 
-def test_question_copy_answers_with_what_followed_the_question_words(stub: pb_grpc.SessionServiceStub) -> None:
+def test_question_copy_answers_with_what_followed_the_question_words(stub: pb_grpc.SessionServiceStub,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """MemoryConfig.question_copy: "A greedy answer starts with the word that followed the question's last
     words where its window holds them verbatim (the longest such run, at least question_copy tokens ...),
     token by token while the model gives each at least 0.1% probability; then greedy. 0: off"."""
+    import emserve.server.session.question as question_mod
+
+    # every token plausible (the server runs in this process): the tiny random model gives the copied token
+    # about 1/vocab, around the 0.1% bar, so whether it passes would turn on the window, not on the rule
+    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1e-30)
     lead, value = [41, 42, 43, 44], 45
     ids = random_ids(300, 14)
     ids[250:250] = [*lead, value]  # in the question's local window
@@ -786,6 +792,6 @@ def test_question_copy_answers_with_what_followed_the_question_words(stub: pb_gr
         done = generate(stub, session_id=sid, prompt_tokens=pb.TokenIds(ids=[7, 8, *lead]),
                         sampling=greedy(3))[-1].complete
         answers[copy] = list(done.token_ids)
-    assert answers[3][0] == value and answers[0][0] != value  # the tiny model gives every token > 0.1%
+    assert answers[3][0] == value and answers[0][0] != value
     assert answers[5] == answers[0]  # a 4-token run is shorter than asked for: plain greedy
     assert stub.GetSession(pb.GetSessionRequest(session_id="copy3"), timeout=10).memory.question_copy == 3
