@@ -13,8 +13,8 @@ Every default is defined once, in its part's class. The session's tree differs f
 places only: ``segmenter.close_lag`` (events close as soon as their boundaries are final, so that a
 question with a short local window can retrieve the recent ones; ingestion steps still retrieve only
 events that have left their local window), ``segmenter.max_event_span`` (``max_block_size``: a stretch with
-no surprise boundary is cut every ``max_block_size`` tokens as it is read, not once 512 tokens have passed,
-so the tokens in no event yet, which a question reads whole, stay few; see :func:`_session_segmenter`)
+no surprise boundary is cut every ``max_block_size`` tokens as it is read, so the tokens in no event yet,
+which a question reads whole, stay few; see :func:`_session_segmenter`)
 and ``retrieval.max_window`` (the model's context, set when a session binds the config to its engine:
 :meth:`MemoryConfig.bound`).
 
@@ -118,13 +118,10 @@ def _session_segmenter() -> SegmenterConfig:
     (``max_block_size``).
 
     A question's window reads whole the tokens between the last closed event and its local window (the
-    remainder, ``retrieval/planner.py``): they are in no event yet, so nothing else can bring them. In
-    prose that is a few tokens (a surprise boundary every ~10-30); in a stretch with none (filler, a
-    repeated log line) an event waits for a forced boundary, up to ``1.5 * max_event_span`` tokens, and
-    with EM-LLM's 512 a question read up to ~700 tokens of it between the asked fact and itself
-    (SmolLM2-135M then restates the question instead of answering: ``docs/recall.md``, rule 18). The same
-    stretch is cut into ``max_block_size`` pieces anyway (``split_even``); with the span at that size
-    the cuts are made as it is read."""
+    remainder, ``retrieval/planner.py``): they are in no event yet, so no retrieval can bring them. With
+    the span at ``max_block_size`` a stretch with no surprise boundary is cut as it is read, so at most
+    ``1.5 * max_block_size + close_lag`` tokens are in no event after any step (the pieces are those
+    ``split_even`` would cut the stretch into anyway). Why: ``docs/recall.md``, rule 18."""
     retrieval, segmenter = RetrievalConfig(), SegmenterConfig()
     return SegmenterConfig(n_init=retrieval.n_init, n_local=retrieval.n_local, close_lag=segmenter.min_block_size,
                            max_event_span=segmenter.max_block_size)

@@ -54,7 +54,7 @@ def _most_pending(cfg: SegmenterConfig, n: int, step: int) -> int:
 def test_a_quiet_stretch_leaves_few_tokens_in_no_event() -> None:
     """A session cuts a stretch with no surprise boundary every ``max_block_size`` tokens as it is read, so
     after any ingestion step at most ``1.5 * max_block_size + close_lag`` tokens are in no event (a
-    question's remainder, which it reads whole); with EM-LLM's span of 512 that was up to ~780."""
+    question's remainder, which it reads whole); with EM-LLM's span of 512 it is more."""
     cfg = MemoryConfig().segmenter
     bound = 3 * cfg.max_block_size // 2 + cfg.lag
     assert _most_pending(cfg, 4096, 512) <= bound
