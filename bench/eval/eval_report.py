@@ -26,8 +26,9 @@ NEEDLE_TASKS = ("passkey", "needle", "multikey")
 CSV_FIELDS = ("system", "task", "length", "context_tokens", "depth", "hid", "qid", "expected", "answer", "correct",
               "coverage", "in_window", "ttft_s", "total_s", "retrieval_s", "search_s", "decode_tok_s", "window_tokens",
               "retrieved_tokens", "retrieved_events")
-RECALL_RUNS = ("recall-1m-passkey-span", "recall-32k-span", "recall-1m-emserve", "recall-128k-emserve-stems",
-               "recall-128k-emserve", "recall-128k-baselines", "recall-32k-emserve-stems", "recall-32k-emserve-labels",
+RECALL_RUNS = ("recall-1m-emserve-span", "recall-1m-passkey-span", "recall-32k-span", "recall-1m-emserve",
+               "recall-128k-emserve-stems", "recall-128k-emserve", "recall-128k-baselines", "recall-32k-emserve-stems",
+               "recall-32k-emserve-labels",
                "recall-32k-emserve", "recall-32k-baselines", "recall-32k-full-1k-4k", "recall-128k-qwen2.5-0.5b-stems")
 """The recall suite's runs (``bench/eval/recall.py``) the goals are judged on, newest first: a (model, system,
 task, length) cell comes from the first of them that has it."""

@@ -125,7 +125,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hss, _ = haystacks(tok, spec.name, cfg["lengths"], cfg["sources"], cfg["tasks"], cfg["per_task"], cfg["seed"],
                         cfg.get("phrasings", "suite"))
     today = question_defaults()
-    engine = VLLMEngine(EngineConfig(model=str(spec.path), kv_cache_gib=2))
+    engine_cfg = EngineConfig(model=str(spec.path), kv_cache_gib=2, dtype=args.dtype)
+    engine = VLLMEngine(engine_cfg)
     answers: list[dict[str, Any]] = []
     try:
         for hs in hss:
@@ -166,7 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.eval.eval import git_rev
 
     return {"machine": machine(), "git": git_rev(), "from": args.source, "source_git": src.get("git"),
-            "model": spec.name, "variants": args.variants, "answers": answers}
+            "model": spec.name, "dtype": engine_cfg.dtype, "variants": args.variants, "answers": answers}
 
 
 def summary(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME=JSON of question-setting overrides (repeatable; today's defaults are always asked)")
     ap.add_argument("--tasks", default="", help="ask only these tasks, e.g. kv,split (default: every task)")
     ap.add_argument("--out", default="recall_variants")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="the engine's compute dtype (the sessions' KV logs keep theirs)")
     args = ap.parse_args(argv)
     args.variants = {"defaults": {}, **dict(args.variant)}
     res = asyncio.run(run(args))

@@ -74,9 +74,19 @@ class QuestionRules:
     question that restates a fact's lead-in ("The pass key is") then answers with the fact, not with a
     continuation the model prefers (" the pass key."), and copies its digits as written. 0: off. Costs
     one engine request (the question and the word) when a run is found."""
+    echo: int = 6
+    """A greedy answer whose first this-many content tokens are all words of the question restates it
+    (:func:`emserve.retrieval.verbatim.restates`: " the pass key of the amber door"); it is decided again:
+    the model's next most likely first tokens (:data:`~emserve.server.session.question.ECHO_CHOICES`), each
+    followed greedily, in their order, and the first that the window says in part
+    (:func:`~emserve.retrieval.verbatim.grounded`: a digit, a name it holds) starts the answer instead;
+    none: the answer stays as it was. Answers that name anything else stream as they are; while an
+    answer's first tokens are all question words it is held back (at most this many content tokens).
+    Applies where no other rule chose the first tokens (``copy``, ``contrast``). 0: off. Costs, for an
+    echo only, one one-token request and up to ``ECHO_CHOICES - 1`` short ones."""
 
     def __post_init__(self) -> None:
-        for name in ("query_tokens", "lexical", "copy"):
+        for name in ("query_tokens", "lexical", "copy", "echo"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"question_{name} must be an int >= 0 (0: off), got {value!r}")
@@ -108,7 +118,7 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
                                             "question_n_init", "question_memory_last", "question_n_local",
                                             "question_n_mem")},
     **{f"question_{n}": _places("question", n) for n in ("query_tokens", "content_queries", "lexical", "bridge",
-                                                         "contrast", "copy")},
+                                                         "contrast", "copy", "echo")},
 }
 """Each flat setting name and the places in the tree it sets (the first is where it is read)."""
 
@@ -250,6 +260,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_copy": 0,
     "question_bridge": False,
     "question_parts": 0,
+    "question_echo": 0,
     "table_dtype": "float32",
 }
 """Values of the flat settings added after the first sessions were saved, as those sessions behave
@@ -259,7 +270,7 @@ FLAT_SEGMENTER: dict[str, Any] = {"max_event_span": 512}
 """Segmenter fields no flat name sets whose session default changed after layouts 1 and 2, as those
 sessions ran (:meth:`MemoryConfig.from_saved`): their pending events keep the span they were cut with."""
 
-ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"}}
+ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"}, "question": {"echo": 0}}
 """Per part, the values of the fields added after layout 3 (``session.json`` holding the tree) as the
 sessions saved before them behave (:meth:`MemoryConfig.from_saved`). A field added to a part's class
 needs its entry here, or the sessions saved before it do not open."""

@@ -10,6 +10,8 @@ Contract
   ``question_bridge``) lead the selection; the planner builds the window (``plan_step(question=True)``).
 * :func:`first_tokens`: the answer's first tokens by rule (the copied word, ``question_copy``; else the
   first token by contrast with the model's prior, ``question_contrast``), or None for plain greedy.
+* :func:`answer_stream`: the rest of the answer from the engine; a greedy answer that restates the question
+  is decided again (``question_echo``).
 * Host work (vocabulary reads, lexical search, planning) runs in a worker thread (``host``).
 """
 
@@ -19,7 +21,7 @@ import asyncio
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -28,8 +30,8 @@ from emserve.retrieval.bridge import bridge_hit
 from emserve.retrieval.lexical import Vocabulary, lexical_hits
 from emserve.retrieval.postings import WordPostings
 from emserve.retrieval.retriever import RetrievalResult
-from emserve.retrieval.verbatim import continuation
-from emserve.server.engine.base import SamplingSpec, StepOptions, StepResult
+from emserve.retrieval.verbatim import continuation, grounded, restates
+from emserve.server.engine.base import SamplingSpec, StepOptions, StepResult, TokenDelta
 from emserve.server.logs import current_request_id
 from emserve.server.report import PhaseClock
 from emserve.server.session.words import content_rows, model_vocabulary
@@ -46,6 +48,14 @@ the question and the tokens copied before it). A weak guard on purpose: the verb
 the guard keeps out what the model all but rules out."""
 MAX_COPY = 16
 """The most tokens ``question_copy`` copies (the first word of what followed)."""
+ECHO_CHOICES = 5
+"""``question_echo`` decides again among the model's this-many most likely first tokens (the echo's own
+first token and stop tokens aside)."""
+ECHO_LOOKAHEAD = 8
+"""Tokens each of ``question_echo``'s other first tokens is followed by, greedily, before it is judged."""
+ECHO_GROUND = 3
+"""The shortest run of an answer the window must say for ``question_echo`` to take it
+(:func:`emserve.retrieval.verbatim.grounded`)."""
 
 
 class AskedSession(Protocol):
@@ -208,3 +218,106 @@ def word_postings(session: AskedSession, vocab: Vocabulary, starts: np.ndarray,
             postings.extend(session.tokens(int(starts[k]), int(ends[-1])), starts, ends)
         out.append(postings)
     return out[0], out[1]
+
+
+async def answer_stream(session: AskedSession, plan: WindowPlan, question: list[int], window: Sequence[tuple[int, int]],
+                        sampling: SamplingSpec, options: StepOptions, *,
+                        guard: bool = True) -> AsyncIterator[TokenDelta | StepResult]:
+    """The answer as the engine streams it for ``plan`` (TokenDeltas, then its StepResult), with
+    ``question_echo`` (``guard`` and the setting on, greedy, memory in the window): while the answer's
+    content tokens are all question words it is held back; when ``question_echo`` of them are
+    (:func:`~emserve.retrieval.verbatim.restates`), the stream is stopped and :func:`_decide_again` chooses
+    the answer's start, the engine goes on after it, and the StepResult holds the whole answer (the start's
+    log-probabilities from a surprise of it). Otherwise the engine's stream as it is."""
+    n_echo = session.config.question.echo
+    vocab = None
+    if guard and n_echo > 0 and sampling.temperature == 0 and plan.num_injected > 0 and sampling.max_tokens > 1:
+        vocab = await session.host(model_vocabulary, session.engine.info.path)
+    if vocab is None:
+        async for item in session.engine.stream(plan, sampling, options):
+            yield item
+        return
+    held: list[int] = []
+    watching, echoed = True, False
+    stream = session.engine.stream(plan, sampling, options)
+    try:
+        async for item in stream:
+            if isinstance(item, StepResult):
+                if watching and held:  # the answer ended undecided: it is what it is
+                    yield TokenDelta(tuple(held))
+                yield item
+                return
+            if not watching:
+                yield item
+                continue
+            held.extend(item.token_ids)
+            verdict = restates(held, question, vocab, n_echo)
+            if verdict is None:
+                continue
+            if verdict:
+                echoed = True
+                break
+            watching = False
+            yield TokenDelta(tuple(held))
+    finally:
+        await stream.aclose()  # an echo stops it here (the engine aborts the request)
+    if not echoed:
+        return
+    start, finish = await _decide_again(session, plan, question, window, sampling, options, held, vocab)
+    start = start[: sampling.max_tokens]
+    yield TokenDelta(tuple(start))
+    rid = plan.request_id
+    rest = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, *start),
+                               request_id=None if rid is None else f"{rid}-rest")
+    left = sampling.max_tokens - len(start)
+    stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
+    if finish is None and start[-1] in stops:
+        finish = "stop"
+    if finish is not None or left <= 0:  # the start ended the answer; the surprise step gives its log-probabilities
+        res = await session.engine.step(rest, None, dataclasses.replace(options, surprise=True))
+        lps = (-res.surprise[len(plan.new_token_ids):]).tolist()
+        yield dataclasses.replace(res, output_token_ids=list(start), output_logprobs=lps, top_logprobs=[],
+                                  finish_reason=finish or "length", surprise=np.zeros(0, np.float32))
+        return
+    async for item in session.engine.stream(rest, dataclasses.replace(sampling, max_tokens=left),
+                                            dataclasses.replace(options, surprise=True)):
+        if isinstance(item, StepResult):
+            lps = (-item.surprise[len(plan.new_token_ids):]).tolist()
+            item = dataclasses.replace(item, output_token_ids=[*start, *item.output_token_ids],
+                                       output_logprobs=lps + item.output_logprobs,
+                                       top_logprobs=[], surprise=np.zeros(0, np.float32))
+        yield item
+
+
+async def _decide_again(session: AskedSession, plan: WindowPlan, question: list[int],
+                        window: Sequence[tuple[int, int]], sampling: SamplingSpec, options: StepOptions,
+                        echo: list[int], vocab: Vocabulary) -> tuple[list[int], str | None]:
+    """``question_echo``'s choice for an answer that began with ``echo``: the first of the model's
+    :data:`ECHO_CHOICES` most likely first tokens (in their order; the echo's first token and stop tokens
+    aside) that, followed greedily for :data:`ECHO_LOOKAHEAD` tokens, does not restate the question and
+    is said in part by the window (:func:`~emserve.retrieval.verbatim.grounded`, :data:`ECHO_GROUND`): its
+    tokens and the finish reason of its lookahead (None: the answer goes on). None chosen: ``echo`` and
+    None (the answer goes on as the model began it)."""
+    rid = plan.request_id
+    stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
+    one = dataclasses.replace(sampling, max_tokens=1, top_logprobs=ECHO_CHOICES, stop=())
+    first = await session.engine.step(plan if rid is None else dataclasses.replace(plan, request_id=f"{rid}-echo"),
+                                      one, options)
+    ranked = sorted((first.top_logprobs[0] if first.top_logprobs else {}).items(), key=lambda kv: -kv[1])
+    others = [t for t, _ in ranked if t != echo[0] and t not in stops][: ECHO_CHOICES - 1]
+    if not others:
+        return echo, None
+    look = dataclasses.replace(sampling, max_tokens=min(ECHO_LOOKAHEAD, sampling.max_tokens - 1))
+    steps = await asyncio.gather(*(
+        session.engine.step(dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, t),
+                                                request_id=None if rid is None else f"{rid}-echo{i}"), look, options)
+        for i, t in enumerate(others)))
+    segments = [(a, session.tokens(a, b)) for a, b in window if b > a]
+    for t, res in zip(others, steps, strict=True):
+        answer = [t, *res.output_token_ids]
+        if restates(answer, question, vocab, session.config.question.echo):
+            continue
+        if grounded(answer, segments, question, vocab, ECHO_GROUND):
+            ended = res.finish_reason == "stop" or len(answer) >= sampling.max_tokens  # not the lookahead's cap
+            return answer, ("stop" if res.finish_reason == "stop" else "length") if ended else None
+    return echo, None

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from emserve.retrieval.plan import WindowPlan
 from emserve.server.session.config import MemoryConfig
 from emserve.server.session.keys import RefinementKeys
-from emserve.server.session.question import first_tokens, plan_question
+from emserve.server.session.question import answer_stream, first_tokens, plan_question
 from emserve.server.session.state import (
     EXCHANGES_FILE,
     LEGACY_QUERIES_FILE,
@@ -591,7 +591,7 @@ class Session:
                     run_sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
                 else:
                     run_plan, run_sampling = plan, sampling
-                async for item in self.engine.stream(run_plan, run_sampling, options):
+                async for item in answer_stream(self, run_plan, q, window, run_sampling, options, guard=not first):
                     if isinstance(item, StepResult):
                         clock.engine(item.timings)
                         if first is not None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from emserve.retrieval.bridge import _whole_word_runs, bridge_hit
 from emserve.retrieval.lexical import Vocabulary, lexical_hits, lexical_scores
-from emserve.retrieval.verbatim import continuation
+from emserve.retrieval.verbatim import continuation, grounded, restates
 
 TEXTS = ["<s>", " the", "The", " magic", " number", " for", " tender", " proud", "-", "gl", "ac", "ier", " is",
          " 42", ".", "\n", " Tender", " glacier", "?"]
@@ -152,6 +152,31 @@ def test_continuation_needs_a_following_token_in_the_same_segment_and_prefers_th
     # a run never spans two segments (they are not adjacent in the stream)
     assert continuation(question, [_seg(100, " the", " magic"), _seg(400, " number", " is", " 42")], VOCAB, 3) is None
     assert continuation(question, [], VOCAB, 2) is None and continuation(question, [early], VOCAB, 0) is None
+
+
+def test_restates_needs_enough_question_words_and_nothing_else():
+    question = ids("?", "The", " magic", " number", " for", " tender", "-", "gl", "ac", "ier", " is")
+    echo = ids(" the", " magic", " number", " for", " tender", ".")
+    assert restates(echo, question, VOCAB, 4) is True  # case folded: " the" is the question's "The"
+    assert restates(echo[:3], question, VOCAB, 4) is None  # three question words so far: undecided
+    assert restates(ids(".", "\n", " the", " magic", " number", " is"), question, VOCAB, 4) is True  # no content
+    assert restates(ids(" the", " magic", " 42", " number", " is"), question, VOCAB, 4) is False  # names a value
+    assert restates(ids(" the", " proud", " magic", " number"), question, VOCAB, 4) is False  # a word not asked
+    assert restates(echo, question, VOCAB, 0) is False and restates([], question, VOCAB, 2) is None
+
+
+def test_grounded_needs_a_run_the_window_says_with_a_word_the_question_does_not():
+    question = ids(" magic", " number", " for", " tender", " is")
+    window = [_seg(100, " the", " magic", " number", " for", " tender", " is", " 42", ".")]
+    assert grounded(ids(" 42", ".", "\n"), window, question, VOCAB, 2)  # " 42." is said
+    assert grounded(ids(" is", " 42"), window, question, VOCAB, 2)
+    assert not grounded(ids(" 42", "\n"), window, question, VOCAB, 2)  # " 42\n" is not
+    # the question's own words, even where the window says them, are no evidence
+    assert not grounded(ids(" magic", " number", " for", " tender", " is"), window, question, VOCAB, 3)
+    assert not grounded(ids(" 42", "."), window, question, VOCAB, 3)  # shorter than asked for
+    # a run never spans two segments
+    assert not grounded(ids(" is", " 42"), [_seg(10, " the", " is"), _seg(50, " 42", ".")], question, VOCAB, 2)
+    assert not grounded(ids(" 42", "."), window, question, VOCAB, 0) and not grounded([], window, question, VOCAB, 1)
 
 
 def test_first_word_is_the_first_token_and_those_that_join_it():

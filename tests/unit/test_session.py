@@ -911,6 +911,78 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     s.close()
 
 
+def test_an_answer_that_restates_the_question_is_decided_again(engine: ReferenceEngine, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """question_echo: a greedy answer whose first content tokens are all question words is held back and,
+    when it restates the question, started instead with the first of the model's next choices that the
+    window says in part, the rest greedy after it; none such: the answer is the plain one. The decision's
+    tests (``restates``, ``grounded``) have their own unit tests; here they are replaced by ones this tiny
+    random model can meet."""
+    import emserve.server.session.question as question_mod
+    from emserve.server.engine.base import TokenDelta
+
+    s = Session.create(tmp_path / "s", engine, CFG.with_settings(question_copy=0, question_echo=0))
+    asyncio.run(s.append(_ids(300, 11), flush=True))
+    question = _ids(6, 12)
+    greedy = SamplingSpec(max_tokens=12, ignore_eos=True)  # longer than the lookahead: the engine goes on after it
+    plain = asyncio.run(s.ask(question, greedy))
+    echo_first = plain.token_ids[0]
+    # the plain answer "restates" the question (its first token decides); the window "says" the answers
+    # whose first token is in ``said``
+    monkeypatch.setattr(question_mod, "restates",
+                        lambda answer, q, vocab, n: (answer[0] == echo_first) if answer else None)
+    said: set[int] = set()
+    monkeypatch.setattr(question_mod, "grounded", lambda answer, *a: answer[0] in said)
+    choices: list[tuple[Any, list[int]]] = []  # (the answer's plan, the model's first choices, best first)
+    plans: list[Any] = []
+    real_step, real_stream = engine.step, engine.stream
+
+    async def spy_step(plan, sampling=None, options=StepOptions()):  # type: ignore[no-untyped-def]
+        res = await real_step(plan, sampling, options)
+        if sampling is not None and sampling.top_logprobs:
+            choices.append((plan, [t for t, _ in sorted(res.top_logprobs[0].items(), key=lambda kv: -kv[1])]))
+        return res
+
+    def spy_stream(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        plans.append(plan)
+        return real_stream(plan, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", spy_step)
+    monkeypatch.setattr(engine, "stream", spy_stream)
+
+    def ask() -> tuple[list[int], Any]:
+        async def run() -> tuple[list[int], Any]:
+            got: list[int] = []
+            result = None
+            async for item in s.ask_stream(question, greedy):
+                if isinstance(item, TokenDelta):
+                    got.extend(item.token_ids)
+                else:
+                    result = item
+            return got, result
+        return asyncio.run(run())
+
+    s.config = s.config.with_settings(question_echo=4)
+    got, res = ask()  # no other choice is said by the window: the answer stays the plain one
+    assert res.token_ids == plain.token_ids == got and res.finish_reason == "length"
+    assert choices and choices[-1][1][0] == echo_first  # the model's first choices were asked for
+    others = [t for t in choices[-1][1] if t != echo_first]
+    said.add(others[1])  # the model's third choice: the second is passed over, as the window does not say it
+    n = len(plans)
+    got, res = ask()
+    assert got == res.token_ids and len(res.token_ids) == 12 and res.finish_reason == "length"
+    assert len(res.step.output_logprobs) == 12 and all(lp <= 0 for lp in res.step.output_logprobs)
+    asked = choices[-1][0]  # the answer's window and question
+    start = dataclasses.replace(asked, new_token_ids=(*asked.new_token_ids, others[1]), request_id=None)
+    after = asyncio.run(real_step(start, dataclasses.replace(greedy, max_tokens=11))).output_token_ids
+    assert res.token_ids == [others[1], *after]  # the chosen start, then greedy after it
+    ahead = 1 + question_mod.ECHO_LOOKAHEAD  # the engine went on after the start and its lookahead
+    assert any(p.new_token_ids[-ahead:] == tuple(res.token_ids[:ahead]) for p in plans[n:])
+    s.config = s.config.with_settings(question_echo=0)
+    assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
+    s.close()
+
+
 class _Recording(Engine):
     """Delegates to an engine (with an admission of its own, the base class's) and records when each kind
     of step starts and streams its first token."""
