@@ -60,6 +60,13 @@ def continuation(question_ids: Sequence[int], segments: Sequence[tuple[int, np.n
     return best
 
 
+def _question_words(question_ids: Sequence[int], vocab: Vocabulary) -> np.ndarray:
+    """The ``Vocabulary.verbatim`` words of a question's content tokens (ids outside the vocabulary skipped)."""
+    q = np.asarray(question_ids, np.int64)
+    q = q[(q >= 0) & (q < vocab.verbatim.shape[0])]
+    return vocab.verbatim[q[vocab.content[q]]]
+
+
 def restates(answer_ids: Sequence[int], question_ids: Sequence[int], vocab: Vocabulary, min_words: int) -> bool | None:
     """Whether an answer's start restates its question (``question_echo``): True once ``min_words`` of its
     content tokens (``Vocabulary.content``) are all question tokens, compared as ``Vocabulary.verbatim``
@@ -69,9 +76,7 @@ def restates(answer_ids: Sequence[int], question_ids: Sequence[int], vocab: Voca
     if min_words <= 0:
         return False
     size = vocab.verbatim.shape[0]
-    q = np.asarray(question_ids, np.int64)
-    q = q[(q >= 0) & (q < size)]
-    said = set(vocab.verbatim[q[vocab.content[q]]].tolist())
+    said = set(_question_words(question_ids, vocab).tolist())
     n = 0
     for t in answer_ids:
         if not 0 <= t < size or not vocab.content[t]:
@@ -94,9 +99,7 @@ def grounded(answer_ids: Sequence[int], segments: Sequence[tuple[int, np.ndarray
     a = np.clip(np.asarray(answer_ids, np.int64), 0, size - 1)
     if min_run <= 0 or a.size < min_run:
         return False
-    q = np.asarray(question_ids, np.int64)
-    q = q[(q >= 0) & (q < size)]
-    said = np.isin(vocab.verbatim[a], vocab.verbatim[q[vocab.content[q]]])
+    said = np.isin(vocab.verbatim[a], _question_words(question_ids, vocab))
     news = vocab.content[a] & ~said  # the answer's tokens that are evidence when the window says them
     ac = vocab.verbatim[a]
     for _, ids in segments:

@@ -123,7 +123,7 @@ async def first_tokens(session: AskedSession, plan: WindowPlan, question: list[i
     if sampling.temperature > 0 or plan.num_injected == 0 or sampling.max_tokens < 1:
         return None
     rid = plan.request_id
-    stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
+    stops = _stop_ids(session, sampling)
     draft = await session.host(copy_draft, session, question, window) if session.config.question.copy > 0 else []
     draft = draft[: sampling.max_tokens]
     if draft:
@@ -158,6 +158,11 @@ async def first_tokens(session: AskedSession, plan: WindowPlan, question: list[i
     lp = mem.top_logprobs[0][token]  # contrast_choice picks among the window's listed tokens
     return [token], dataclasses.replace(mem, output_token_ids=[token], output_logprobs=[lp], finish_reason=finish,
                                         top_logprobs=[])
+
+def _stop_ids(session: AskedSession, sampling: SamplingSpec) -> set[int]:
+    """The token ids that end an answer: the sampling's stop tokens and, unless ``ignore_eos``, the model's EOS."""
+    return set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
+
 
 def copy_draft(session: AskedSession, question: list[int], window: Sequence[tuple[int, int]]) -> list[int]:
     """``question_copy``'s draft: the word that followed the question's last words in the window, as
@@ -270,7 +275,7 @@ async def answer_stream(session: AskedSession, plan: WindowPlan, question: list[
     rest = dataclasses.replace(plan, new_token_ids=(*plan.new_token_ids, *start),
                                request_id=None if rid is None else f"{rid}-rest")
     left = sampling.max_tokens - len(start)
-    stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
+    stops = _stop_ids(session, sampling)
     if finish is None and start[-1] in stops:
         finish = "stop"
     if finish is not None or left <= 0:  # the start ended the answer; the surprise step gives its log-probabilities
@@ -299,7 +304,7 @@ async def _decide_again(session: AskedSession, plan: WindowPlan, question: list[
     tokens and the finish reason of its lookahead (None: the answer goes on). None chosen: ``echo`` and
     None (the answer goes on as the model began it)."""
     rid = plan.request_id
-    stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(session.engine.info.eos_token_ids))
+    stops = _stop_ids(session, sampling)
     one = dataclasses.replace(sampling, max_tokens=1, top_logprobs=ECHO_CHOICES, stop=())
     first = await session.engine.step(plan if rid is None else dataclasses.replace(plan, request_id=f"{rid}-echo"),
                                       one, options)
