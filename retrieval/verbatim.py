@@ -4,7 +4,7 @@ restates its question, whether the window says part of an answer).
 
 A question that restates a fact's lead-in ("... The pass key is") ends with words the window may hold
 verbatim ("The pass key is 27611"); the token after the longest such run is the answer's draft
-(``server/session/question.py``, docs/recall.md rule 8). Words are compared by
+(``server/session/answer.py``, docs/recall.md rule 8). Words are compared by
 ``Vocabulary.verbatim`` (lowercased, stripped text, no stemming): a copy is only as good as its match.
 An answer that restates the question (" the pass key of the amber door.") is decided again among the
 model's next choices, for one the window says (:func:`restates`, :func:`grounded`; docs/recall.md rule 19).

@@ -37,7 +37,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from emserve.server.quota import allocated_files
-from emserve.server.report import PHASES, Kind, StepReport
+from emserve.server.report import ANSWER_STARTS, PHASES, Kind, StepReport
 
 if TYPE_CHECKING:
     from emserve.server.session.manager import SessionManager
@@ -83,6 +83,9 @@ class Metrics:
                                      "A question's generation rate after its first token", buckets=RATE, registry=None)
         self.output_tokens = Counter("emserve_question_output_tokens", "Tokens generated for questions",
                                      registry=None)
+        self.answer_starts = Counter("emserve_question_answer_starts",
+                                     "Questions whose first answer tokens a rule chose, by rule", ["rule"],
+                                     registry=None)
         self.errors = Counter("emserve_errors", "Calls that ended with an error, by gRPC code",
                               ["grpc_code"], registry=None)
         self.stored = stored = Gauge("emserve_sessions", "Sessions stored on disk", registry=None)
@@ -118,6 +121,8 @@ class Metrics:
             self.retrieved_tokens.labels(kind)
             for phase in PHASES:
                 self.phase_seconds.labels(kind, phase)
+        for rule in ANSWER_STARTS:
+            self.answer_starts.labels(rule)
 
     def bind(self, manager: SessionManager) -> None:
         self._manager = manager
@@ -161,6 +166,8 @@ class Metrics:
                 self.ttft.observe(r.ttft_s)
             if r.output_tokens > 1 and r.decode_s > 0:
                 self.decode_rate.observe((r.output_tokens - 1) / r.decode_s)
+            if r.answer_start is not None:
+                self.answer_starts.labels(r.answer_start).inc()
 
 
 class _DiskCollector(Collector):

@@ -13,7 +13,8 @@ Contract
   logs (and their bytes read), the retrieved events and tokens (one layer's count; every layer
   retrieves as many tokens), the bytes appended to the log, the events closed and their sizes.
 * A question adds ``ttft_s`` (from the call to its first generated token, lock wait included),
-  ``output_tokens`` and ``decode_s`` (from the first generated token to the last).
+  ``output_tokens``, ``decode_s`` (from the first generated token to the last) and ``answer_start``
+  (the rule that chose the answer's first tokens, if one did).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ PHASES = ("wait", "admit", "probe", "retrieve", "inject", "compute", "write", "s
 """
 
 Kind = Literal["ingest", "question"]
+ANSWER_STARTS = ("copy", "contrast", "lookahead", "echo")
+"""The rules that may choose a question's first answer tokens (``StepReport.answer_start``)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class StepReport:
     ttft_s: float | None = None
     output_tokens: int = 0
     decode_s: float = 0.0
+    answer_start: str | None = None
+    """The rule that chose a question's first answer tokens where one did (``copy``, ``contrast``, and where
+    the start is not the model's greedy one, ``lookahead`` or ``echo``; docs/recall.md rules 8, 19, 20);
+    None: the model's own start."""
 
     @property
     def retrieval_s(self) -> float:

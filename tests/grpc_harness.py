@@ -170,6 +170,10 @@ class WatchedEngine(Engine):
     def failure(self) -> str | None:
         return self.dead
 
+    def running(self) -> int:
+        """Engine requests started and neither finished nor aborted."""
+        return self.started - self.finished - self.aborted
+
     def release_log(self, path: str) -> None:
         release = getattr(self.inner, "release_log", None)
         if release is not None:

@@ -42,7 +42,8 @@ MAX_CONTRAST = 10.0
 @dataclass(frozen=True, kw_only=True)
 class QuestionRules:
     """How a session asks its memory a question and starts the answer, beyond the window the retrieval
-    part plans (:mod:`emserve.server.session.question`). Validated on construction."""
+    part plans (:mod:`emserve.server.session.question`, :mod:`emserve.server.session.answer`). Validated on
+    construction."""
 
     query_tokens: int = 64
     """A question retrieves with the queries of its last this-many tokens, each scored on its own
@@ -50,7 +51,7 @@ class QuestionRules:
     its mean query summary."""
     content_queries: bool = False
     """A question ranks the events with the query tokens whose text holds a letter or a digit only
-    (:func:`~emserve.server.session.question.content_rows`): a newline or a question mark names nothing
+    (:func:`~emserve.server.session.words.content_rows`): a newline or a question mark names nothing
     to look up."""
     lexical: int = 2
     """A question's best lexical matches (events holding the rare words it names, at least half the best
@@ -70,23 +71,34 @@ class QuestionRules:
     """A greedy answer starts with the word that followed the question's last words where its window says
     them verbatim (:func:`emserve.retrieval.lexical.continuation`: the longest such run, at least this
     many tokens), token by token as long as the model gives each at least
-    :data:`~emserve.server.session.question.COPY_PLAUSIBLE`; the answer goes on greedily after it. A
+    :data:`~emserve.server.session.answer.COPY_PLAUSIBLE`; the answer goes on greedily after it. A
     question that restates a fact's lead-in ("The pass key is") then answers with the fact, not with a
     continuation the model prefers (" the pass key."), and copies its digits as written. 0: off. Costs
     one engine request (the question and the word) when a run is found."""
+    lookahead: int = 6
+    """A greedy answer starts with the one of the model's most likely first tokens
+    (:data:`~emserve.server.session.answer.LOOKAHEAD_CHOICES`; stop tokens aside) whose first this-many
+    tokens, the token and its greedy continuation, have the highest mean log-probability; the answer goes
+    on greedily after them. A start the model reads on with confidence (a value copied from the window)
+    wins over a first token it slightly prefers but cannot continue (a paragraph break, " the ..." said
+    again from the question). 0 or 1: plain greedy. Applies where ``copy`` did not choose the first tokens
+    and ``contrast`` is off; ``echo`` then watches the answer it starts. Costs, before the first token, a
+    request of this-many tokens (the greedy start) and, run together after it, one of this-many less one
+    for each other first token that could still win
+    (:func:`~emserve.server.session.answer.lookahead_start`)."""
     echo: int = 6
     """A greedy answer whose first this-many content tokens are all words of the question restates it
     (:func:`emserve.retrieval.verbatim.restates`: " the pass key of the amber door"); it is decided again:
-    the model's next most likely first tokens (:data:`~emserve.server.session.question.ECHO_CHOICES`), each
+    the model's next most likely first tokens (:data:`~emserve.server.session.answer.ECHO_CHOICES`), each
     followed greedily, in their order, and the first that the window says in part
     (:func:`~emserve.retrieval.verbatim.grounded`: a digit, a name it holds) starts the answer instead;
     none: the answer stays as it was. Answers that name anything else stream as they are; while an
     answer's first tokens are all question words it is held back (at most this many content tokens).
-    Applies where no other rule chose the first tokens (``copy``, ``contrast``). 0: off. Costs, for an
+    Applies where no other rule chose the first tokens (``copy``, ``lookahead``, ``contrast``). 0: off. Costs, for an
     echo only, one one-token request and up to ``ECHO_CHOICES - 1`` short ones."""
 
     def __post_init__(self) -> None:
-        for name in ("query_tokens", "lexical", "copy", "echo"):
+        for name in ("query_tokens", "lexical", "copy", "lookahead", "echo"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"question_{name} must be an int >= 0 (0: off), got {value!r}")
@@ -118,7 +130,7 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
                                             "question_n_init", "question_memory_last", "question_n_local",
                                             "question_n_mem")},
     **{f"question_{n}": _places("question", n) for n in ("query_tokens", "content_queries", "lexical", "bridge",
-                                                         "contrast", "copy", "echo")},
+                                                         "contrast", "copy", "lookahead", "echo")},
 }
 """Each flat setting name and the places in the tree it sets (the first is where it is read)."""
 
@@ -261,6 +273,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_bridge": False,
     "question_parts": 0,
     "question_echo": 0,
+    "question_lookahead": 0,
     "table_dtype": "float32",
 }
 """Values of the flat settings added after the first sessions were saved, as those sessions behave
@@ -270,7 +283,8 @@ FLAT_SEGMENTER: dict[str, Any] = {"max_event_span": 512}
 """Segmenter fields no flat name sets whose session default changed after layouts 1 and 2, as those
 sessions ran (:meth:`MemoryConfig.from_saved`): their pending events keep the span they were cut with."""
 
-ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"}, "question": {"echo": 0}}
+ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"},
+                                            "question": {"echo": 0, "lookahead": 0}}
 """Per part, the values of the fields added after layout 3 (``session.json`` holding the tree) as the
 sessions saved before them behave (:meth:`MemoryConfig.from_saved`). A field added to a part's class
 needs its entry here, or the sessions saved before it do not open."""

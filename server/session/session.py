@@ -64,9 +64,10 @@ from emserve.server.report import Kind, PhaseClock, StepReport, question_timings
 
 if TYPE_CHECKING:
     from emserve.retrieval.plan import WindowPlan
+from emserve.server.session.answer import answer_stream, first_tokens
 from emserve.server.session.config import MemoryConfig
 from emserve.server.session.keys import RefinementKeys
-from emserve.server.session.question import answer_stream, first_tokens, plan_question
+from emserve.server.session.question import plan_question
 from emserve.server.session.state import (
     EXCHANGES_FILE,
     LEGACY_QUERIES_FILE,
@@ -545,8 +546,7 @@ class Session:
         first token (a caller that stops early still learns what was retrieved). ``on_report`` is
         called once with the question's :class:`StepReport` when its step ends, also when the caller
         stops early (then ``output_tokens`` counts what was streamed). Holding the session, it holds
-        all ingestion back from the engine until its first token (:mod:`.engine.admission`).
-        """
+        all ingestion back from the engine until its first token (:mod:`.engine.admission`)."""
         q, clock = [int(t) for t in question_ids], PhaseClock()
         async with self.lock, self.engine.admission.question() as hold:
             self._check_usable()
@@ -558,12 +558,12 @@ class Session:
             if on_plan is not None:
                 on_plan(retrieval, timings, window)
             ttft: float | None = None
-            streamed, done, t_engine = 0, False, clock.elapsed()
+            streamed, done, t_engine, chosen = 0, False, clock.elapsed(), dict[str, str]()
 
             def report(output_tokens: int) -> StepReport:
                 decode_s = 0.0 if ttft is None else clock.elapsed() - ttft
                 return self._report("question", offset, plan, retrieval, clock, ttft_s=ttft,
-                                    output_tokens=output_tokens, decode_s=decode_s)
+                                    output_tokens=output_tokens, decode_s=decode_s, answer_start=chosen.get("by"))
 
             def finish(output_tokens: int) -> StepReport:  # the step ended: reported once
                 nonlocal done
@@ -575,7 +575,7 @@ class Session:
 
             options = StepOptions(surprise=False, queries=False)
             try:
-                first = await first_tokens(self, plan, q, window, sampling, options)
+                first = await first_tokens(self, plan, q, window, sampling, options, chosen)
                 if first is not None:  # the answer goes on after its first tokens (question_copy, _contrast)
                     tokens, step = first
                     ttft = clock.elapsed()
@@ -591,7 +591,8 @@ class Session:
                     run_sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
                 else:
                     run_plan, run_sampling = plan, sampling
-                async for item in answer_stream(self, run_plan, q, window, run_sampling, options, guard=not first):
+                async for item in answer_stream(self, run_plan, q, window, run_sampling, options, chosen,
+                                                guard=not first):
                     if isinstance(item, StepResult):
                         clock.engine(item.timings)
                         if first is not None:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from emserve.client import Client, ClientError
 from emserve.retrieval.device_scorer import resolve_device
 from emserve.server.engine.reference import ReferenceEngine
+from emserve.server.report import ANSWER_STARTS
 
 CHUNK = 32  # exc_block_size of the tiny memory config
 
@@ -69,6 +70,10 @@ def test_every_metric_moves_with_the_calls(srv: ServerThread) -> None:
     assert 0 < value(m, "emserve_question_ttft_seconds_sum") <= answer.complete.timings.total_s + 1
     assert value(m, "emserve_question_decode_tokens_per_second_count") == 1
     assert value(m, "emserve_question_output_tokens_total") == 4
+    # every rule's series exists from the start; this one question's start was chosen by one rule at most
+    starts = [value(m, "emserve_question_answer_starts_total", rule=rule) for rule in ANSWER_STARTS]
+    assert value(before, "emserve_question_answer_starts_total", default=-1) == 0
+    assert all(v in (0, 1) for v in starts) and sum(starts) <= 1
     assert value(m, "emserve_sessions") == 1 and value(m, "emserve_sessions_open") == 1
     assert value(m, "emserve_sessions_active") == 0
     # the open session's mirror: retrieval_device "auto" scores on a GPU where torch sees one

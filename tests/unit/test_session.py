@@ -826,7 +826,7 @@ def test_the_first_answer_token_is_chosen_by_contrast_with_the_prior(engine: Ref
 
     # a window (2 neighbours, reach 24, whole events) on which the rule changes some first tokens of this random stream
     cfg = CFG.with_settings(question_contrast=0.0, question_neighbours=2, question_reach=24,
-                              question_parts=0)
+                              question_parts=0, question_lookahead=0)
     s = Session.create(tmp_path / "s", engine, cfg)
     asyncio.run(s.append(ids, flush=True))
     greedy = SamplingSpec(max_tokens=6, ignore_eos=True)
@@ -866,7 +866,7 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     """question_copy: a greedy answer starts with the word that followed the question's last words where
     the window holds them verbatim, token by token while the model finds each plausible; the rest is
     greedy after it (the same tokens as a greedy answer to the question followed by the copied ones)."""
-    import emserve.server.session.question as question_mod
+    import emserve.server.session.answer as answer_mod
     from emserve.retrieval.plan import WindowPlan
     from emserve.server.session.words import model_vocabulary
 
@@ -891,19 +891,20 @@ def test_the_answer_starts_with_the_word_that_followed_the_question_end(engine: 
     monkeypatch.setattr(engine, "stream", spying)
     plain = asyncio.run(s.ask(question, greedy))
     assert plain.token_ids[: len(word)] != word  # (else the rule shows nothing here)
-    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1e-30)  # every token plausible: the copy decides
+    monkeypatch.setattr(answer_mod, "COPY_PLAUSIBLE", 1e-30)  # every token plausible: the copy decides
     s.config = s.config.with_settings(question_copy=3)
     copied = asyncio.run(s.ask(question, greedy))
     assert copied.token_ids[: len(word)] == word and len(copied.token_ids) == 6
+    assert copied.report is not None and copied.report.answer_start == "copy"
     rest = asyncio.run(engine.step(plans[-1], dataclasses.replace(greedy, max_tokens=6 - len(word)),
                                    StepOptions(surprise=False, queries=False)))
     assert plans[-1].new_token_ids[-len(word):] == tuple(word) and copied.token_ids[len(word):] == rest.output_token_ids
     s.config = s.config.with_settings(question_copy=5)  # the run is 4 tokens: nothing to copy
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
-    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
+    monkeypatch.setattr(answer_mod, "COPY_PLAUSIBLE", 1.0)  # no token is that likely: nothing copied
     s.config = s.config.with_settings(question_copy=3)
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
-    monkeypatch.setattr(question_mod, "COPY_PLAUSIBLE", 1e-30)  # retrieved events last: the copy is checked alike
+    monkeypatch.setattr(answer_mod, "COPY_PLAUSIBLE", 1e-30)  # retrieved events last: the copy is checked alike
     s.config = s.config.with_settings(question_memory_last=True)  # (it needs the anchor: was a PlanError)
     s.memory.planner.config = s.config.retrieval
     last = asyncio.run(s.ask(question, greedy))
@@ -918,10 +919,11 @@ def test_an_answer_that_restates_the_question_is_decided_again(engine: Reference
     window says in part, the rest greedy after it; none such: the answer is the plain one. The decision's
     tests (``restates``, ``grounded``) have their own unit tests; here they are replaced by ones this tiny
     random model can meet."""
-    import emserve.server.session.question as question_mod
+    import emserve.server.session.answer as answer_mod
     from emserve.server.engine.base import TokenDelta
 
-    s = Session.create(tmp_path / "s", engine, CFG.with_settings(question_copy=0, question_echo=0))
+    off = dict(question_copy=0, question_echo=0, question_lookahead=0)
+    s = Session.create(tmp_path / "s", engine, CFG.with_settings(**off))
     asyncio.run(s.append(_ids(300, 11), flush=True))
     question = _ids(6, 12)
     greedy = SamplingSpec(max_tokens=12, ignore_eos=True)  # longer than the lookahead: the engine goes on after it
@@ -929,10 +931,10 @@ def test_an_answer_that_restates_the_question_is_decided_again(engine: Reference
     echo_first = plain.token_ids[0]
     # the plain answer "restates" the question (its first token decides); the window "says" the answers
     # whose first token is in ``said``
-    monkeypatch.setattr(question_mod, "restates",
+    monkeypatch.setattr(answer_mod, "restates",
                         lambda answer, q, vocab, n: (answer[0] == echo_first) if answer else None)
     said: set[int] = set()
-    monkeypatch.setattr(question_mod, "grounded", lambda answer, *a: answer[0] in said)
+    monkeypatch.setattr(answer_mod, "grounded", lambda answer, *a: answer[0] in said)
     choices: list[tuple[Any, list[int]]] = []  # (the answer's plan, the model's first choices, best first)
     plans: list[Any] = []
     real_step, real_stream = engine.step, engine.stream
@@ -965,6 +967,7 @@ def test_an_answer_that_restates_the_question_is_decided_again(engine: Reference
     s.config = s.config.with_settings(question_echo=4)
     got, res = ask()  # no other choice is said by the window: the answer stays the plain one
     assert res.token_ids == plain.token_ids == got and res.finish_reason == "length"
+    assert res.report is not None and res.report.answer_start is None
     assert choices and choices[-1][1][0] == echo_first  # the model's first choices were asked for
     others = [t for t in choices[-1][1] if t != echo_first]
     said.add(others[1])  # the model's third choice: the second is passed over, as the window does not say it
@@ -976,11 +979,110 @@ def test_an_answer_that_restates_the_question_is_decided_again(engine: Reference
     start = dataclasses.replace(asked, new_token_ids=(*asked.new_token_ids, others[1]), request_id=None)
     after = asyncio.run(real_step(start, dataclasses.replace(greedy, max_tokens=11))).output_token_ids
     assert res.token_ids == [others[1], *after]  # the chosen start, then greedy after it
-    ahead = 1 + question_mod.ECHO_LOOKAHEAD  # the engine went on after the start and its lookahead
+    assert res.report is not None and res.report.answer_start == "echo"
+    ahead = 1 + answer_mod.ECHO_LOOKAHEAD  # the engine went on after the start and its lookahead
     assert any(p.new_token_ids[-ahead:] == tuple(res.token_ids[:ahead]) for p in plans[n:])
     s.config = s.config.with_settings(question_echo=0)
     assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
     s.close()
+
+
+def test_an_answer_starts_with_the_choice_the_model_reads_on_best(engine: ReferenceEngine, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """question_lookahead: a greedy answer starts with the one of the model's most likely first tokens whose
+    first ``question_lookahead`` tokens (the token, then greedy) have the highest mean log-probability,
+    and goes on greedily after them; another first token is followed only where its log-probability over
+    the lookahead's length beats the greedy start's mean (the others cannot win); with one choice, or the
+    setting off, it is the plain answer."""
+    import emserve.server.session.answer as answer_mod
+
+    off = dict(question_copy=0, question_echo=0, question_lookahead=0)
+    s = Session.create(tmp_path / "s", engine, CFG.with_settings(**off))
+    asyncio.run(s.append(_ids(300, 11), flush=True))
+    question = _ids(6, 12)
+    greedy = SamplingSpec(max_tokens=12, ignore_eos=True)
+    plain = asyncio.run(s.ask(question, greedy))
+    firsts: list[tuple[Any, dict[int, float]]] = []  # (the answer's plan, the model's first choices)
+    followed: list[int] = []  # the first tokens followed besides the greedy one
+    real_step = engine.step
+
+    async def spy_step(plan, sampling=None, options=StepOptions()):  # type: ignore[no-untyped-def]
+        res = await real_step(plan, sampling, options)
+        if sampling is not None and sampling.top_logprobs:
+            firsts.append((plan, res.top_logprobs[0]))
+        elif sampling is not None and firsts and len(plan.new_token_ids) == len(firsts[-1][0].new_token_ids) + 1:
+            followed.append(plan.new_token_ids[-1])
+        return res
+
+    monkeypatch.setattr(engine, "step", spy_step)
+    n = 4
+    s.config = s.config.with_settings(question_lookahead=n)
+    res = asyncio.run(s.ask(question, greedy))
+    assert len(firsts) == 1 and len(firsts[0][1]) == answer_mod.LOOKAHEAD_CHOICES
+    asked, choices = firsts[0]
+    asked = dataclasses.replace(asked, request_id=None)
+
+    def follow(start: list[int], k: int) -> Any:
+        return asyncio.run(real_step(dataclasses.replace(asked, new_token_ids=(*asked.new_token_ids, *start)),
+                                     dataclasses.replace(greedy, max_tokens=k)))
+
+    scored = []
+    for t, lp in sorted(choices.items(), key=lambda kv: -kv[1]):
+        ahead = follow([t], n - 1)
+        scored.append((float(np.mean([lp, *ahead.output_logprobs])), [t, *ahead.output_token_ids], lp))
+    best = max(scored, key=lambda x: x[0])[1]
+    assert sorted(followed) == sorted(t for _, (t, *_), lp in scored[1:] if lp / n > scored[0][0])
+    assert res.token_ids[:n] == best and len(res.token_ids) == 12 and res.finish_reason == "length"
+    top = max(choices, key=lambda t: choices[t])
+    assert top == plain.token_ids[0] != best[0]  # (else the rule shows nothing here)
+    assert res.report is not None and res.report.answer_start == "lookahead"
+    assert res.token_ids[n:] == follow(best, 12 - n).output_token_ids  # greedy after the start
+    assert len(res.step.output_logprobs) == 12 and all(lp <= 0 for lp in res.step.output_logprobs)
+    monkeypatch.setattr(answer_mod, "LOOKAHEAD_CHOICES", 1)
+    assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids
+    monkeypatch.setattr(answer_mod, "LOOKAHEAD_CHOICES", 5)
+    s.config = s.config.with_settings(question_lookahead=0)
+    calls = len(firsts)
+    assert asyncio.run(s.ask(question, greedy)).token_ids == plain.token_ids and len(firsts) == calls
+    s.close()
+
+
+def test_the_lookahead_follows_only_the_first_tokens_that_can_win() -> None:
+    """lookahead_start follows the greedy start, then only the other first tokens whose log-probability over
+    the lookahead's length beats the greedy start's mean (a start's mean is at most its first token's
+    log-probability over its length), and takes the best; stop tokens are never a start."""
+    from types import SimpleNamespace
+
+    from emserve.retrieval.plan import WindowPlan
+    from emserve.server.engine.base import StepResult
+    from emserve.server.session.answer import lookahead_start
+
+    calls: list[tuple[tuple[int, ...], int]] = []
+
+    async def step(plan, sampling, options):  # type: ignore[no-untyped-def]
+        calls.append((plan.new_token_ids, sampling.max_tokens))
+        if len(plan.new_token_ids) == 2:  # the question alone: the greedy start, its first choices
+            firsts = {10: -0.1, 30: -0.3, 20: -2.5, 40: -5.0, 50: -6.0}
+            return StepResult("g", None, np.zeros(0, np.float32), None, [10, 11, 12, 13], [-0.1] * 4,
+                              [firsts, {}, {}, {}], "length")
+        t = plan.new_token_ids[-1]
+        return StepResult(str(t), None, np.zeros(0, np.float32), None, [t + 1, t + 2, t + 3], [-0.01] * 3, [],
+                          "length")
+
+    session = SimpleNamespace(config=CFG.with_settings(question_lookahead=4), engine=SimpleNamespace(step=step))
+    plan, sampling = WindowPlan.build([1, 2]), SamplingSpec(max_tokens=12)
+    chosen: dict[str, str] = {}
+    got = asyncio.run(lookahead_start(session, plan, sampling, StepOptions(), set(), chosen))  # type: ignore[arg-type]
+    assert got is not None
+    tokens, res = got
+    assert calls == [((1, 2), 4), ((1, 2, 30), 3)]  # 20, 40, 50: log p / 4 <= -0.1, the greedy start's mean
+    assert tokens == [30, 31, 32, 33] and res.output_logprobs == [-0.3, -0.01, -0.01, -0.01]  # mean -0.0825
+    assert chosen == {"by": "lookahead"} and res.finish_reason is None and res.top_logprobs == []
+    calls.clear()
+    chosen.clear()
+    got = asyncio.run(lookahead_start(session, plan, sampling, StepOptions(), {30}, chosen))  # type: ignore[arg-type]
+    assert got is not None and got[0] == [10, 11, 12, 13] and calls == [((1, 2), 4)] and chosen == {}
+    assert asyncio.run(lookahead_start(session, plan, sampling, StepOptions(), {10}, chosen)) is None  # type: ignore[arg-type]
 
 
 class _Recording(Engine):
