@@ -107,34 +107,54 @@ def through_graph(memory: Any, ef: int | None) -> Iterator[None]:
         graph.set_ef(ef0)
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+def kept_run(source: str) -> tuple[dict[str, Any], Any, Any, list[Any]]:
+    """A ``recall.py --keep`` results file: its contents, the model's spec and tokenizer, and the run's
+    haystacks rebuilt (their questions; the sessions are in the file's ``workdir``)."""
     from transformers import AutoTokenizer
 
-    from emserve.server.engine.base import SamplingSpec
-    from emserve.server.engine.config import EngineConfig
-    from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.provision.models import resolve_model
-    from emserve.server.session import Session
 
-    src = json.loads(Path(args.source).read_text())
+    src = json.loads(Path(source).read_text())
     if "workdir" not in src:
-        raise SystemExit(f"{args.source}: no kept work folder (run bench/eval/recall.py with --keep)")
+        raise SystemExit(f"{source}: no kept work folder (run bench/eval/recall.py with --keep)")
     cfg = src["config"]
     spec = resolve_model(src["model"]["name"])
     tok = AutoTokenizer.from_pretrained(spec.path)
     hss, _ = haystacks(tok, spec.name, cfg["lengths"], cfg["sources"], cfg["tasks"], cfg["per_task"], cfg["seed"],
-                        cfg.get("phrasings", "suite"))
+                       cfg.get("phrasings", "suite"))
+    return src, spec, tok, hss
+
+
+def kept_sessions(src: dict[str, Any], hss: list[Any], engine: Any) -> Iterator[tuple[Any, Any]]:
+    """Each haystack of a kept run with its session opened on ``engine`` (closed when the caller moves on);
+    a haystack without a kept session is said and skipped."""
+    from emserve.server.session import Session
+
+    for hs in hss:
+        found = glob.glob(f"{src['workdir']}/sessions/emserve-{hs.hid}/data-*")
+        if not found:
+            print(f"{hs.hid}: no kept session, skipped", flush=True)
+            continue
+        s = Session.open(Path(found[0]), engine)
+        try:
+            yield hs, s
+        finally:
+            s.close()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from emserve.server.engine.base import SamplingSpec
+    from emserve.server.engine.config import EngineConfig
+    from emserve.server.engine.vllm_engine import VLLMEngine
+
+    src, spec, tok, hss = kept_run(args.source)
+    cfg = src["config"]
     today = question_defaults()
     engine_cfg = EngineConfig(model=str(spec.path), kv_cache_gib=2, dtype=args.dtype)
     engine = VLLMEngine(engine_cfg)
     answers: list[dict[str, Any]] = []
     try:
-        for hs in hss:
-            found = glob.glob(f"{src['workdir']}/sessions/emserve-{hs.hid}/data-*")
-            if not found:
-                print(f"{hs.hid}: no kept session, skipped", flush=True)
-                continue
-            s = Session.open(Path(found[0]), engine)
+        for hs, s in kept_sessions(src, hss, engine):
             saved, planner_cfg = s.config, s.memory.planner.config
             try:
                 for name, over in args.variants.items():
@@ -154,6 +174,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                             "coverage": cov, "in_window": cov >= 1.0,
                                             "exact": None if r.retrieval is None else bool(r.retrieval.exact),
                                             "retrieval_s": r.timings.get("retrieval_s"),
+                                            "ttft_s": None if r.report is None else r.report.ttft_s,
+                                            "total_s": None if r.report is None else r.report.seconds,
                                             "window": [list(w) for w in r.window]})
                     mine = [a for a in answers if a["variant"] == name and a["hid"] == hs.hid]
                     print(f"{hs.hid} {name}: in window {sum(a['in_window'] for a in mine)}/{len(mine)}, "
@@ -161,7 +183,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
             finally:
                 s.config, s.memory.planner.config = saved, planner_cfg
-                s.close()
     finally:
         await engine.close()
     from bench.eval.eval import git_rev

@@ -250,3 +250,22 @@ def test_a_long_eval_stream_can_be_a_recall_haystack(rt, prose, monkeypatch) -> 
     args.stream_source = "labelled"
     labelled = ev.long_stream(prose, prose.tok, "m", 30_000, args)
     assert labelled.ids == build_labelled(prose, 30_000, ev.LABEL_DEPTHS, 3).ids and len(labelled.questions) == 3
+
+
+def test_answer_starts_scores_each_start_rule_against_the_asked_answers() -> None:
+    """bench/lab/answer_starts.py: a rule picks the choice of highest mean (or sum) log-probability over its
+    first L tokens; where the asked answer is not the greedy one (another rule chose it) it stays."""
+    from bench.lab.answer_starts import pick, summary
+
+    greedy = {"text": " the key of", "logprobs": [-0.5, -0.1, -0.1, -3.0], "correct": False}
+    value = {"text": " 12345.", "logprobs": [-1.0, -0.05, -0.05, -0.05], "correct": True}
+    row = {"task": "kv", "asked": " the key of", "asked_correct": False, "choices": [greedy, value]}
+    assert not pick(row, None)  # plain greedy
+    assert not pick(row, ("mean", 2)) and not pick(row, ("sum", 2))  # -0.3 vs -0.525; -0.6 vs -1.05
+    assert pick(row, ("mean", 4)) and pick(row, ("sum", 4))  # -0.925 vs -0.2875
+    copied = {**row, "asked": " 12345 (copied)", "asked_correct": True}
+    assert pick(copied, ("mean", 2))  # another rule chose the start: it stays
+    headers, rows = summary({"questions": [row, copied]})
+    by = dict(zip(headers, next(r for r in rows if r[0] == "all"), strict=True))
+    assert by["n"] == 2 and by["asked"] == 1 and by["greedy"] == 0 and by["mean 4"] == "2 (+1 -0)"
+    assert by["mean 2"] == "1 (+0 -0)" and by["any"] == 2
