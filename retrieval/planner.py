@@ -214,6 +214,7 @@ class WindowPlanner:
                 segments = ()
         plan = WindowPlan.build(new_token_ids, segments, layer_segments=layer_segments, anchor=anchor,
                                 capture_log=self.log, request_id=request_id)
+        plan.extra["recent"] = (lay.sink[1], lay.remainder[0])  # what is not memory: [0, a) and [b, offset)
         assert plan.window_len + reserve + 1 <= _context(self.config), "window exceeds max_window"
         return plan
 

@@ -122,14 +122,17 @@ async def lookahead_start(session: AskedSession, plan: WindowPlan, sampling: Sam
                           stops: set[int], chosen: dict[str, str]) -> tuple[list[int], StepResult] | None:
     """``question_lookahead``'s start: of the model's :data:`LOOKAHEAD_CHOICES` most likely first tokens (stop
     tokens aside), each followed greedily to ``question_lookahead`` tokens (fewer where the answer ends
-    sooner), the one whose tokens have the highest mean log-probability (ties: the model's order); its
-    tokens and a StepResult of them, ``finish_reason`` set when they end the answer. None: the setting off
-    (below 2), ``max_tokens`` below 2, or the model's first choice ends the answer (the plain answer).
-    ``chosen["by"]`` is set to ``lookahead`` where the start is not the model's first choice.
+    sooner), the one whose tokens have the highest mean log-probability (ties: the model's order) among
+    those the retrieved memory supports (``question_lookahead_support``; :func:`supported`), or among all
+    where none is or the setting is off; its tokens and a StepResult of them, ``finish_reason`` set when
+    they end the answer. None: the setting off (below 2), ``max_tokens`` below 2, or the model's first choice
+    ends the answer (the plain answer). ``chosen["by"]`` is set to ``lookahead`` where the start is not the
+    model's first choice.
 
-    The greedy start is followed first. Another first token ``t`` is followed only if ``log p(t) / n``
-    exceeds the greedy start's mean (``n`` the lookahead): its tokens' mean is at most ``log p(t) / k`` for
-    its ``k <= n`` tokens, so no other can win; a confident answer costs one request."""
+    The greedy start is followed first. Where it is weighed (supported, or the support off), another first
+    token ``t`` is followed only if ``log p(t) / n`` exceeds its mean (``n`` the lookahead): a start's mean is
+    at most ``log p(t) / k`` for its ``k <= n`` tokens, so no other can win; a confident answer costs one
+    request (and the support's one short one)."""
     n = min(session.config.question.lookahead, sampling.max_tokens)
     if n < 2:
         return None
@@ -138,21 +141,80 @@ async def lookahead_start(session: AskedSession, plan: WindowPlan, sampling: Sam
                                        options)
     if not greedy.output_token_ids or greedy.output_token_ids[0] in stops:
         return None
+    delta = session.config.question.lookahead_support
+    recent = recent_window(plan) if delta > 0 else None
+    starts = [(greedy.output_token_ids[:n], greedy.output_logprobs[:n], greedy)]
+    ok = [True]
+    if recent is not None:
+        ok = await supported(session, recent, [starts[0][:2]], delta)
     top = greedy.output_token_ids[0]
-    best = (float(np.mean(greedy.output_logprobs[:n])), greedy.output_token_ids[:n], greedy.output_logprobs[:n], greedy)
     others = [(t, lp) for t, lp in _ranked(greedy) if t != top and t not in stops][: LOOKAHEAD_CHOICES - 1]
-    others = [(t, lp) for t, lp in others if lp / n > best[0]]
+    if ok[0]:
+        others = [(t, lp) for t, lp in others if lp / n > float(np.mean(starts[0][1]))]
     steps = await _follow_each(session, plan, [t for t, _ in others], dataclasses.replace(sampling, max_tokens=n - 1),
                                options, "ahead")
-    for (t, lp), res in zip(others, steps, strict=True):  # in the model's order: an earlier one keeps a tie
-        lps = [lp, *res.output_logprobs[: n - 1]]
-        if float(np.mean(lps)) > best[0]:
-            best = (float(np.mean(lps)), [t, *res.output_token_ids], [lp, *res.output_logprobs], res)
-            chosen["by"] = "lookahead"
-    _, tokens, logprobs, res = best
+    more = [([t, *res.output_token_ids][:n], [lp, *res.output_logprobs][:n], res)
+            for (t, lp), res in zip(others, steps, strict=True)]
+    if recent is not None and more:
+        ok += await supported(session, recent, [(tokens, lps) for tokens, lps, _ in more], delta)
+    else:
+        ok += [True] * len(more)
+    starts += more
+    weighed = [i for i, good in enumerate(ok) if good] or list(range(len(starts)))
+    best = max(weighed, key=lambda i: (float(np.mean(starts[i][1])), -i))  # ties: the model's order
+    if best > 0:
+        chosen["by"] = "lookahead"
+    tokens, logprobs, res = starts[best]
     finish = "stop" if res.finish_reason == "stop" else ("length" if len(tokens) >= sampling.max_tokens else None)
     return tokens, dataclasses.replace(res, output_token_ids=tokens, output_logprobs=logprobs, top_logprobs=[],
                                        finish_reason=finish)
+
+
+async def supported(session: AskedSession, recent: WindowPlan, starts: Sequence[tuple[Sequence[int], Sequence[float]]],
+                    delta: float) -> list[bool]:
+    """Whether the retrieved memory supports each start (its tokens and their log-probabilities in the
+    question's window): their mean log-probability exceeds by more than ``delta`` their mean after
+    ``recent`` (:func:`recent_window`; one prompt-only request each, run together)."""
+    recent_lps = await prior_logprobs(session, recent, [tokens for tokens, _ in starts])
+    return [float(np.mean(lps)) - float(np.mean(r)) > delta for (_, lps), r in zip(starts, recent_lps, strict=True)]
+
+
+def recent_window(plan: WindowPlan) -> WindowPlan | None:
+    """``plan`` without its retrieved events: of its injected tokens only the sink and the remainder and
+    local tail (``plan.extra["recent"]``, the planner's ``(sink end, remainder start)``), in every layer, in
+    their window order; the anchor and the new tokens as they are. None: the plan does not say where they
+    lie, or nothing lies between them (no memory to leave out)."""
+    from emserve.retrieval.plan import Segment
+
+    recent = plan.extra.get("recent")
+    if not isinstance(recent, tuple):
+        return None
+    sink_end, tail_start = int(recent[0]), int(recent[1])
+    if sink_end >= tail_start:
+        return None
+
+    def keep(segs: Sequence[Segment]) -> tuple[Segment, ...]:
+        out = []
+        for s in segs:
+            if s.start < sink_end:
+                out.append(Segment(s.log, s.start, min(s.end, sink_end)))
+            if s.end > tail_start:
+                out.append(Segment(s.log, max(s.start, tail_start), s.end))
+        return tuple(out)
+    if plan.layer_segments is not None:
+        return dataclasses.replace(plan, layer_segments=tuple(keep(segs) for segs in plan.layer_segments))
+    return dataclasses.replace(plan, segments=keep(plan.segments))
+
+
+async def prior_logprobs(session: AskedSession, prior: WindowPlan,
+                         starts: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Each of ``starts``' tokens' log-probabilities after ``prior`` (one prompt-only request each, run
+    together)."""
+    k = len(prior.new_token_ids)
+    res = await asyncio.gather(*(session.engine.step(_after(prior, tokens, f"prior{i}"), None,
+                                                     StepOptions(surprise=True, queries=False))
+                                 for i, tokens in enumerate(starts)))
+    return [(-r.surprise[k : k + len(tokens)]).tolist() for r, tokens in zip(res, starts, strict=True)]
 
 
 def _stop_ids(session: AskedSession, sampling: SamplingSpec) -> set[int]:

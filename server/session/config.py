@@ -37,6 +37,8 @@ from emserve.segmenter import SegmenterConfig
 
 MAX_CONTRAST = 10.0
 """The largest ``QuestionRules.contrast``."""
+MAX_SUPPORT = 20.0
+"""The largest ``QuestionRules.lookahead_support`` (nats per token)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +88,15 @@ class QuestionRules:
     request of this-many tokens (the greedy start) and, run together after it, one of this-many less one
     for each other first token that could still win
     (:func:`~emserve.server.session.answer.lookahead_start`)."""
+    lookahead_support: float = 2.0
+    """A start of ``lookahead`` is weighed only if the retrieved memory supports it: its tokens' mean
+    log-probability in the question's window exceeds, by more than this many nats, their mean
+    log-probability in the window without its retrieved events (the sink, the local tail and the question:
+    what the recent text alone says); where no start is, all are weighed. A continuation of the local tail
+    (" one of the top ten global health threats", the document's last sentence) or the question said again
+    is then not the answer while a start the memory holds is. 0: off. Costs, before the first token, one
+    short request for the greedy start (the window without memory), and where that start is not supported,
+    each other first token followed and weighed the same way."""
     echo: int = 6
     """A greedy answer whose first this-many content tokens are all words of the question restates it
     (:func:`emserve.retrieval.verbatim.restates`: " the pass key of the amber door"); it is decided again:
@@ -102,6 +113,9 @@ class QuestionRules:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"question_{name} must be an int >= 0 (0: off), got {value!r}")
+        if not 0 <= self.lookahead_support <= MAX_SUPPORT:  # NaN fails too
+            raise ConfigError(f"question_lookahead_support must be in [0, {MAX_SUPPORT:g}], "
+                              f"got {self.lookahead_support}")
         if not 0 <= self.contrast <= MAX_CONTRAST:  # NaN fails too
             raise ConfigError(f"question_contrast must be in [0, {MAX_CONTRAST:g}], got {self.contrast}")
 
@@ -130,7 +144,8 @@ SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
                                             "question_n_init", "question_memory_last", "question_n_local",
                                             "question_n_mem")},
     **{f"question_{n}": _places("question", n) for n in ("query_tokens", "content_queries", "lexical", "bridge",
-                                                         "contrast", "copy", "lookahead", "echo")},
+                                                         "contrast", "copy", "lookahead", "lookahead_support",
+                                                         "echo")},
 }
 """Each flat setting name and the places in the tree it sets (the first is where it is read)."""
 
@@ -274,6 +289,7 @@ SAVED_BEFORE: dict[str, Any] = {
     "question_parts": 0,
     "question_echo": 0,
     "question_lookahead": 0,
+    "question_lookahead_support": 0.0,
     "table_dtype": "float32",
 }
 """Values of the flat settings added after the first sessions were saved, as those sessions behave
@@ -284,7 +300,7 @@ FLAT_SEGMENTER: dict[str, Any] = {"max_event_span": 512}
 sessions ran (:meth:`MemoryConfig.from_saved`): their pending events keep the span they were cut with."""
 
 ADDED_TO_TREE: dict[str, dict[str, Any]] = {"retrieval": {"table_dtype": "float32"},
-                                            "question": {"echo": 0, "lookahead": 0}}
+                                            "question": {"echo": 0, "lookahead": 0, "lookahead_support": 0.0}}
 """Per part, the values of the fields added after layout 3 (``session.json`` holding the tree) as the
 sessions saved before them behave (:meth:`MemoryConfig.from_saved`). A field added to a part's class
 needs its entry here, or the sessions saved before it do not open."""

@@ -269,3 +269,11 @@ def test_answer_starts_scores_each_start_rule_against_the_asked_answers() -> Non
     by = dict(zip(headers, next(r for r in rows if r[0] == "all"), strict=True))
     assert by["n"] == 2 and by["asked"] == 1 and by["greedy"] == 0 and by["mean 4"] == "2 (+1 -0)"
     assert by["mean 2"] == "1 (+0 -0)" and by["any"] == 2
+    # support d: mean 6 among the choices the memory supports (gain over the window without it > d), else all
+    tail = {"text": " the end of", "logprobs": [-0.1] * 4, "prior_logprobs": [-0.2] * 4, "correct": False}
+    held = {"text": " 12345.", "logprobs": [-0.5] * 4, "prior_logprobs": [-3.0] * 4, "correct": True}
+    row = {"task": "kv", "asked": " the end of", "asked_correct": False, "choices": [tail, held]}
+    assert pick(row, ("support", 2.0)) and not pick(row, ("mean", 6))  # gains 0.1 and 2.5
+    assert not pick(row, ("support", 3.0))  # none supported: all weighed
+    assert not pick({**row, "choices": [{k: v for k, v in c.items() if k != "prior_logprobs"} for c in (tail, held)]},
+                    ("support", 2.0))  # no --prior: mean 6

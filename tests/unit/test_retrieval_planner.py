@@ -261,6 +261,7 @@ def test_question_window_keeps_the_last_question_n_local_tokens_and_its_own_budg
     segs = [(s.start, s.end) for s in plan.segments]
     assert segs[0] == (0, 16) and segs[-1][1] == offset - 1 and segs[-1][1] - segs[-1][0] >= 7
     assert plan.window_len == 16 + 20 + (lay.remainder[1] - lay.remainder[0]) + 7 + 1 + 5
+    assert plan.extra["recent"] == (16, lay.remainder[0])  # what is not memory: the sink, remainder and local
     # no retrievable events yet: a question sees everything, as a step would
     early = p.layout(40, 5, question=True)
     assert early == p.layout(40, 5)

@@ -413,8 +413,9 @@ def test_a_question_with_nothing_to_select_skips_the_probe_step(engine: Referenc
     real_step = engine.step
 
     async def counting_step(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if (args[0] if args else kwargs.get("sampling")) is None:  # a probe generates nothing
-            steps.append(plan)
+        options = args[1] if len(args) > 1 else kwargs.get("options")
+        if (args[0] if args else kwargs.get("sampling")) is None and not (options and options.surprise):
+            steps.append(plan)  # a probe generates nothing and reads no surprise (a prompt-only read does)
         return await real_step(plan, *args, **kwargs)
 
     for cfg, probes in ((CFG, 1), (CFG.with_settings(n_mem=0), 0)):
@@ -1085,6 +1086,76 @@ def test_the_lookahead_follows_only_the_first_tokens_that_can_win() -> None:
     assert asyncio.run(lookahead_start(session, plan, sampling, StepOptions(), {10}, chosen)) is None  # type: ignore[arg-type]
 
 
+def test_a_window_without_memory_keeps_the_sink_and_the_recent_tail() -> None:
+    """recent_window: the question's plan without its retrieved events, by the planner's ``recent`` bounds
+    (sink end, remainder start), a segment merged across a bound cut at it, per layer alike; None where the
+    plan does not say its bounds or nothing lies between them."""
+    from emserve.retrieval.plan import Segment, WindowPlan
+    from emserve.server.session.answer import recent_window
+
+    segs = [Segment("L", 0, 4), Segment("L", 100, 120), Segment("L", 280, 364)]  # an event merged into the tail
+    plan = WindowPlan.build([7, 8], segs)
+    assert recent_window(plan) is None
+    plan.extra["recent"] = (4, 300)
+    got = recent_window(plan)
+    assert got is not None and got.segments == (Segment("L", 0, 4), Segment("L", 300, 364))
+    assert got.new_token_ids == (7, 8) and plan.segments == tuple(segs)
+    layered = WindowPlan.build([7], layer_segments=[segs, [Segment("L", 0, 4), Segment("L", 50, 70),
+                                                          Segment("L", 280, 364)]])
+    layered.extra["recent"] = (4, 300)
+    got = recent_window(layered)
+    assert got is not None and got.layer_segments == ((Segment("L", 0, 4), Segment("L", 300, 364)),) * 2
+    small = WindowPlan.build([7], [Segment("L", 0, 40)])
+    small.extra["recent"] = (4, 4)
+    assert recent_window(small) is None
+
+
+def test_the_lookahead_weighs_only_the_starts_the_memory_supports() -> None:
+    """question_lookahead_support: a start whose mean log-probability in the window exceeds its mean in the
+    window without memory by no more than the setting is not weighed (the local tail's continuation, the
+    question said again); the greedy start unsupported, every other first token is followed (no bound);
+    none supported: all are weighed, as without the setting."""
+    from types import SimpleNamespace
+
+    from emserve.retrieval.plan import Segment, WindowPlan
+    from emserve.server.engine.base import StepResult
+    from emserve.server.session.answer import lookahead_start
+
+    recent_lp = {10: -0.2, 20: -4.0, 30: -0.3, 40: -6.0}  # the recent text predicts 10 and 30 as the memory does
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    async def step(plan, sampling, options):  # type: ignore[no-untyped-def]
+        ids = plan.new_token_ids
+        calls.append((len(plan.segments), ids))
+        if sampling is None:  # a prompt-only request: the start's surprise after the window without memory
+            return StepResult("p", None, np.asarray([0.0, 0.0] + [-recent_lp[ids[2]]] * (len(ids) - 2), np.float32),
+                              None, [], [], [], "length")
+        if len(ids) == 2:
+            firsts = {10: -0.1, 30: -0.3, 20: -2.5, 40: -5.0}
+            return StepResult("g", None, np.zeros(0, np.float32), None, [10, 11, 12, 13], [-0.1] * 4,
+                              [firsts, {}, {}, {}], "length")
+        t = ids[-1]
+        return StepResult(str(t), None, np.zeros(0, np.float32), None, [t + 1, t + 2, t + 3], [-0.2] * 3, [],
+                          "length")
+
+    session = SimpleNamespace(config=CFG.with_settings(question_lookahead=4, question_lookahead_support=1.0),
+                              engine=SimpleNamespace(step=step))
+    plan = WindowPlan.build([1, 2], [Segment("L", 0, 4), Segment("L", 100, 120), Segment("L", 300, 364)])
+    plan.extra["recent"] = (4, 300)
+    sampling = SamplingSpec(max_tokens=12)
+    chosen: dict[str, str] = {}
+    got = asyncio.run(lookahead_start(session, plan, sampling, StepOptions(), set(), chosen))  # type: ignore[arg-type]
+    assert got is not None and got[0] == [20, 21, 22, 23] and chosen == {"by": "lookahead"}  # mean -0.775 < -0.1
+    followed = sorted(ids[-1] for n_seg, ids in calls if n_seg == 3 and len(ids) == 3)
+    assert followed == [20, 30, 40]  # no bound: the greedy start is not supported
+    assert all(n_seg == 2 for n_seg, ids in calls if len(ids) > 3)  # the support is read without the memory
+    recent_lp.update({20: -0.6, 40: -1.0})  # none supported: the plain lookahead (30: -0.225 < -0.1, greedy)
+    calls.clear()
+    chosen.clear()
+    got = asyncio.run(lookahead_start(session, plan, sampling, StepOptions(), set(), chosen))  # type: ignore[arg-type]
+    assert got is not None and got[0] == [10, 11, 12, 13] and chosen == {}
+
+
 class _Recording(Engine):
     """Delegates to an engine (with an admission of its own, the base class's) and records when each kind
     of step starts and streams its first token."""
@@ -1102,7 +1173,8 @@ class _Recording(Engine):
     async def stream(self, plan: Any, sampling: SamplingSpec | None = None,
                      options: StepOptions = StepOptions()) -> Any:
         gen = sampling is not None and sampling.max_tokens > 0
-        kind = "answer" if gen else "ingest" if options.surprise else "probe"
+        # a prompt-only read of an answer's start (its surprise, nothing captured) is the question's too
+        kind = "answer" if gen else ("ingest" if plan.capture_log else "read") if options.surprise else "probe"
         self.events.append(("start", kind))
         async for item in self.inner.stream(plan, sampling, options):
             if getattr(item, "token_ids", None):

@@ -31,7 +31,7 @@ CONTIGUITY: Source
 LEXICAL: Source
 
 class MemoryConfig(_message.Message):
-    __slots__ = ("n_init", "n_local", "n_mem", "exc_block_size", "min_block_size", "max_block_size", "surprisal_threshold_gamma", "similarity_metric", "splitter", "repr_topk", "use_contiguity_buffer", "contiguity_buffer_size", "per_layer", "question_n_local", "question_n_mem", "question_query_tokens", "question_rank", "question_n_init", "question_neighbours", "question_contiguity", "question_lexical", "question_reach", "question_contrast", "question_copy", "question_bridge", "question_parts", "question_echo", "question_lookahead")
+    __slots__ = ("n_init", "n_local", "n_mem", "exc_block_size", "min_block_size", "max_block_size", "surprisal_threshold_gamma", "similarity_metric", "splitter", "repr_topk", "use_contiguity_buffer", "contiguity_buffer_size", "per_layer", "question_n_local", "question_n_mem", "question_query_tokens", "question_rank", "question_n_init", "question_neighbours", "question_contiguity", "question_lexical", "question_reach", "question_contrast", "question_copy", "question_bridge", "question_parts", "question_echo", "question_lookahead", "question_lookahead_support")
     N_INIT_FIELD_NUMBER: _ClassVar[int]
     N_LOCAL_FIELD_NUMBER: _ClassVar[int]
     N_MEM_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class MemoryConfig(_message.Message):
     QUESTION_PARTS_FIELD_NUMBER: _ClassVar[int]
     QUESTION_ECHO_FIELD_NUMBER: _ClassVar[int]
     QUESTION_LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_LOOKAHEAD_SUPPORT_FIELD_NUMBER: _ClassVar[int]
     n_init: int
     n_local: int
     n_mem: int
@@ -88,7 +89,8 @@ class MemoryConfig(_message.Message):
     question_parts: int
     question_echo: int
     question_lookahead: int
-    def __init__(self, n_init: _Optional[int] = ..., n_local: _Optional[int] = ..., n_mem: _Optional[int] = ..., exc_block_size: _Optional[int] = ..., min_block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., surprisal_threshold_gamma: _Optional[float] = ..., similarity_metric: _Optional[str] = ..., splitter: _Optional[str] = ..., repr_topk: _Optional[int] = ..., use_contiguity_buffer: _Optional[bool] = ..., contiguity_buffer_size: _Optional[float] = ..., per_layer: _Optional[bool] = ..., question_n_local: _Optional[int] = ..., question_n_mem: _Optional[int] = ..., question_query_tokens: _Optional[int] = ..., question_rank: _Optional[str] = ..., question_n_init: _Optional[int] = ..., question_neighbours: _Optional[int] = ..., question_contiguity: _Optional[bool] = ..., question_lexical: _Optional[int] = ..., question_reach: _Optional[int] = ..., question_contrast: _Optional[float] = ..., question_copy: _Optional[int] = ..., question_bridge: _Optional[bool] = ..., question_parts: _Optional[int] = ..., question_echo: _Optional[int] = ..., question_lookahead: _Optional[int] = ...) -> None: ...
+    question_lookahead_support: float
+    def __init__(self, n_init: _Optional[int] = ..., n_local: _Optional[int] = ..., n_mem: _Optional[int] = ..., exc_block_size: _Optional[int] = ..., min_block_size: _Optional[int] = ..., max_block_size: _Optional[int] = ..., surprisal_threshold_gamma: _Optional[float] = ..., similarity_metric: _Optional[str] = ..., splitter: _Optional[str] = ..., repr_topk: _Optional[int] = ..., use_contiguity_buffer: _Optional[bool] = ..., contiguity_buffer_size: _Optional[float] = ..., per_layer: _Optional[bool] = ..., question_n_local: _Optional[int] = ..., question_n_mem: _Optional[int] = ..., question_query_tokens: _Optional[int] = ..., question_rank: _Optional[str] = ..., question_n_init: _Optional[int] = ..., question_neighbours: _Optional[int] = ..., question_contiguity: _Optional[bool] = ..., question_lexical: _Optional[int] = ..., question_reach: _Optional[int] = ..., question_contrast: _Optional[float] = ..., question_copy: _Optional[int] = ..., question_bridge: _Optional[bool] = ..., question_parts: _Optional[int] = ..., question_echo: _Optional[int] = ..., question_lookahead: _Optional[int] = ..., question_lookahead_support: _Optional[float] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
