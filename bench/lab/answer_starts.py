@@ -11,8 +11,10 @@ engine (vLLM, the run's model), with today's question settings but ``question_lo
 
 Scored offline, per task: plain greedy (the first choice), and each start rule ``mean L`` / ``sum L``: the
 choice whose first ``L`` tokens have the highest mean / sum log-probability, for ``L`` in 2, 4, 6, 8, 12.
-Where the asked answer is not the greedy one (a copy chose it), the rule leaves it (rule 20 applies where
-no other rule chose the first tokens). ``any`` counts questions where some choice is right.
+With ``--prior``, also ``support d`` (rule 21, ``question_lookahead_support``): ``mean 6`` among the
+choices the retrieved memory supports by more than ``d`` nats per token. Where the asked answer is not the
+greedy one (a copy chose it), the rule leaves it (rules 20 and 21 apply where no other rule chose the first
+tokens). ``any`` counts questions where some choice is right.
 
     .venv/bin/python -m bench.lab.answer_starts --from bench/results/lab-32k.json --out answer_starts-32k
 
@@ -33,7 +35,9 @@ from bench.eval.common import machine, question_defaults, table, write_results
 from bench.lab.recall_variants import kept_run, kept_sessions
 
 LENGTHS = (2, 4, 6, 8, 12)
-RULES = tuple((kind, n) for kind in ("mean", "sum") for n in LENGTHS)
+SUPPORTS = (1.0, 2.0, 2.5, 3.0)
+RULES: tuple[tuple[str, float], ...] = (*((kind, n) for kind in ("mean", "sum") for n in LENGTHS),
+                                        *(("support", d) for d in SUPPORTS))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +45,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from emserve.server.engine.config import EngineConfig
     from emserve.server.engine.vllm_engine import VLLMEngine
     from emserve.server.report import PhaseClock
+    from emserve.server.session.answer import prior_logprobs, recent_window
     from emserve.server.session.question import plan_question
 
     src, spec, tok, hss = kept_run(args.source)
@@ -70,7 +75,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for (t, lp), st in zip(ranked, steps, strict=True):
                     text = tok.decode([t, *st.output_token_ids])
                     choices.append({"text": text, "logprobs": [lp, *st.output_logprobs],
-                                    "correct": q.expected in text})
+                                    "correct": q.expected in text, "ids": [t, *st.output_token_ids]})
+                recent = recent_window(plan) if args.prior else None
+                if recent is not None:  # each choice's tokens in the window without its retrieved events
+                    lps = await prior_logprobs(s, recent, [c["ids"] for c in choices])
+                    for c, r in zip(choices, lps, strict=True):
+                        c["prior_logprobs"] = r
                 rows.append({"hid": hs.hid, "task": q.task, "qid": q.qid, "expected": q.expected,
                              "asked": asked, "asked_correct": q.expected in asked, "choices": choices})
                 print(rows[-1]["asked_correct"], repr(asked), flush=True)
@@ -82,18 +92,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": spec.name, "choices": args.choices, "questions": rows}
 
 
-def pick(row: dict[str, Any], rule: tuple[str, int] | None) -> bool:
-    """Whether the answer a start rule gives is right (None: plain greedy, the first choice)."""
+def pick(row: dict[str, Any], rule: tuple[str, float] | None) -> bool:
+    """Whether the answer a start rule gives is right (None: plain greedy, the first choice). ``support d``:
+    ``mean 6`` among the choices whose mean over 6 tokens exceeds by more than ``d`` their mean without the
+    retrieved events (``--prior``; none such, or no ``--prior``: among all), rule 21."""
     choices = row["choices"]
     if rule is None:
         return bool(choices[0]["correct"])
     if row["asked"] != choices[0]["text"]:  # another rule (the copy) chose the start
         return bool(row["asked_correct"])
-    kind, n = rule
+    kind, x = rule
+    n = 6 if kind == "support" else int(x)
 
     def score(c: dict[str, Any]) -> float:
         lps = c["logprobs"][:n]
-        return sum(lps) / (len(lps) if kind == "mean" else 1)
+        return sum(lps) / (len(lps) if kind != "sum" else 1)
+
+    def gain(c: dict[str, Any]) -> float:
+        prior = c["prior_logprobs"][:n]
+        return score(c) - sum(prior) / len(prior)
+    if kind == "support" and all("prior_logprobs" in c for c in choices):
+        choices = [c for c in choices if gain(c) > x] or choices
     return bool(max(choices, key=score)["correct"])
 
 
@@ -114,7 +133,7 @@ def summary(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             row.append(f"{sum(got)} (+{plus} -{minus})")
         row.append(sum(any(c["correct"] for c in r["choices"]) for r in xs))
         rows.append(row)
-    return ["task", "n", "asked", "greedy", *(f"{k} {n}" for k, n in RULES), "any"], rows
+    return ["task", "n", "asked", "greedy", *(f"{k} {n:g}" for k, n in RULES), "any"], rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", required=True, help="results file of a bench/eval/recall.py --keep run")
     ap.add_argument("--tasks", default="", help="ask only these tasks, e.g. kv,split (default: every task)")
     ap.add_argument("--choices", type=int, default=5, help="the model's most likely first tokens weighed")
+    ap.add_argument("--prior", action="store_true",
+                    help="also each choice's log-probabilities in the window without its retrieved events")
     ap.add_argument("--out", default="answer_starts")
     args = ap.parse_args(argv)
     res = asyncio.run(run(args))
