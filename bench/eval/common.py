@@ -137,6 +137,19 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return out
 
 
+def report_results(name: str, res: dict[str, Any],
+                   summarize: Callable[[dict[str, Any]], tuple[list[str], list[list[Any]]]]) -> Path:
+    """``res`` with its summary table (``summarize(res)``: headers and rows) stored under ``summary`` and
+    printed, written as ``bench/results/<name>.json`` (:func:`write_results`); the path."""
+    headers, rows = summarize(res)
+    res["summary"] = {"headers": headers, "rows": rows}
+    print()
+    print(table(headers, rows))
+    out = write_results(name, res)
+    print(f"wrote {out}")
+    return out
+
+
 def sigterm_exits() -> None:
     """Turn SIGTERM into ``SystemExit`` so that ``finally`` blocks and exit handlers run: a benchmark
     that owns an in-process vLLM engine and dies of a plain SIGTERM leaves the engine-core processes

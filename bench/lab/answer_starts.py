@@ -31,7 +31,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from bench.eval.common import machine, question_defaults, table, write_results
+from bench.eval.common import machine, question_defaults, report_results
 from bench.lab.recall_variants import kept_run, kept_sessions
 
 LENGTHS = (2, 4, 6, 8, 12)
@@ -145,12 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also each choice's log-probabilities in the window without its retrieved events")
     ap.add_argument("--out", default="answer_starts")
     args = ap.parse_args(argv)
-    res = asyncio.run(run(args))
-    headers, rows = summary(res)
-    res["summary"] = {"headers": headers, "rows": rows}
-    print()
-    print(table(headers, rows))
-    print(f"wrote {write_results(args.out, res)}")
+    report_results(args.out, asyncio.run(run(args)), summary)
     return 0
 
 

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.eval.common import is_question_setting, machine, question_defaults, table, wilson, write_results
+from bench.eval.common import is_question_setting, machine, question_defaults, report_results, wilson
 from bench.eval.eval_server import window_coverage
 from bench.eval.recall import haystacks
 
@@ -219,12 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the engine's compute dtype (the sessions' KV logs keep theirs)")
     args = ap.parse_args(argv)
     args.variants = {"defaults": {}, **dict(args.variant)}
-    res = asyncio.run(run(args))
-    headers, rows = summary(res)
-    res["summary"] = {"headers": headers, "rows": rows}
-    print()
-    print(table(headers, rows))
-    print(f"wrote {write_results(args.out, res)}")
+    report_results(args.out, asyncio.run(run(args)), summary)
     return 0
 
 
