@@ -86,19 +86,17 @@ async def first_tokens(session: AskedSession, plan: WindowPlan, question: list[i
     draft = await session.host(copy_draft, session, question, window) if session.config.question.copy > 0 else []
     draft = draft[: sampling.max_tokens]
     if draft:
-        res = await session.engine.step(_after(plan, draft, "copy"), None, StepOptions(surprise=True, queries=False))
-        nats = res.surprise[len(plan.new_token_ids):].tolist()
-        limit = -math.log(COPY_PLAUSIBLE)
+        res, lps = await _read_after(session, plan, draft, "copy")
+        floor = math.log(COPY_PLAUSIBLE)
         kept: list[int] = []
-        for token, s_k in zip(draft, nats, strict=True):
-            if s_k > limit or token in stops:
+        for token, lp in zip(draft, lps, strict=True):
+            if lp < floor or token in stops:
                 break
             kept.append(token)
         if kept:
             chosen["by"] = "copy"
             finish = "length" if len(kept) >= sampling.max_tokens else None
-            logprobs = [-x for x in nats[: len(kept)]]
-            return kept, dataclasses.replace(res, output_token_ids=kept, output_logprobs=logprobs,
+            return kept, dataclasses.replace(res, output_token_ids=kept, output_logprobs=lps[: len(kept)],
                                              finish_reason=finish, surprise=np.zeros(0, np.float32))
     alpha = session.config.question.contrast
     if alpha <= 0:
@@ -210,11 +208,17 @@ async def prior_logprobs(session: AskedSession, prior: WindowPlan,
                          starts: Sequence[Sequence[int]]) -> list[list[float]]:
     """Each of ``starts``' tokens' log-probabilities after ``prior`` (one prompt-only request each, run
     together)."""
-    k = len(prior.new_token_ids)
-    res = await asyncio.gather(*(session.engine.step(_after(prior, tokens, f"prior{i}"), None,
-                                                     StepOptions(surprise=True, queries=False))
-                                 for i, tokens in enumerate(starts)))
-    return [(-r.surprise[k : k + len(tokens)]).tolist() for r, tokens in zip(res, starts, strict=True)]
+    reads = await asyncio.gather(*(_read_after(session, prior, tokens, f"prior{i}") for i, tokens in enumerate(starts)))
+    return [lps for _, lps in reads]
+
+
+async def _read_after(session: AskedSession, plan: WindowPlan, tokens: Sequence[int],
+                      tag: str) -> tuple[StepResult, list[float]]:
+    """A prompt-only request of ``tokens`` after ``plan`` (nothing generated, nothing captured): its
+    StepResult and each of ``tokens``' log-probabilities there."""
+    res = await session.engine.step(_after(plan, tokens, tag), None, StepOptions(surprise=True, queries=False))
+    k = len(plan.new_token_ids)
+    return res, (-res.surprise[k : k + len(tokens)]).tolist()
 
 
 def _stop_ids(session: AskedSession, sampling: SamplingSpec) -> set[int]:
